@@ -1,0 +1,5 @@
+/* dsmoe/moe.h — (being written) */
+#ifndef DSMOE_MOE_H
+#define DSMOE_MOE_H
+#include "router.h"
+#endif

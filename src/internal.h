@@ -1,0 +1,50 @@
+/*
+ * internal.h — declarations shared by the library's translation units; not installed.
+ * Internal non-static symbols use the dsmoe__ prefix.
+ */
+#ifndef DSMOE_INTERNAL_H
+#define DSMOE_INTERNAL_H
+
+#include "dsmoe.h"
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__GNUC__)
+#define DSMOE__PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define DSMOE__PRINTF(a, b)
+#endif
+
+/* Records a formatted detail for dsmoe_last_error() and returns `status`. */
+dsmoe_status dsmoe__error(dsmoe_status status, const char *fmt, ...) DSMOE__PRINTF(2, 3);
+
+/* Resolves a thread-count argument (<= 0 means the default). */
+int dsmoe__threads(int n_threads);
+
+/* Rounds up to a multiple of 64 bytes (workspace carving). */
+static inline size_t dsmoe__align64(size_t n) { return (n + 63u) & ~(size_t)63u; }
+
+/* Bump allocator over a caller's workspace: returns NULL when it runs out. */
+typedef struct dsmoe__carver {
+    char *base;
+    size_t size;
+    size_t used;
+} dsmoe__carver;
+static inline void *dsmoe__carve(dsmoe__carver *c, size_t nbytes) {
+    size_t need = dsmoe__align64(nbytes);
+    if (c->used > c->size || need > c->size - c->used) return NULL;
+    void *p = c->base + c->used;
+    c->used += need;
+    return p;
+}
+
+/* Checked size arithmetic: returns 0 and leaves *out untouched on overflow. */
+static inline int dsmoe__mul_size(size_t a, size_t b, size_t *out) {
+    if (a != 0 && b > SIZE_MAX / a) return 0;
+    *out = a * b;
+    return 1;
+}
+
+#endif /* DSMOE_INTERNAL_H */

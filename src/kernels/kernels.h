@@ -1,0 +1,72 @@
+/*
+ * kernels.h — vectorised element-wise kernels with a scalar reference.
+ *
+ * The scalar functions in ref.c are the specification. The AVX2 and AVX-512
+ * variants perform the same IEEE operations in the same order (same polynomial,
+ * same fused multiply-adds, same 16-lane summation tree), so every ISA gives
+ * bit-identical results. The set is chosen once from the CPU features;
+ * DSMOE_FORCE_REF=1 forces the reference.
+ *
+ * exp(x): Cody–Waite reduction x = n·ln2 + r, |r| <= ln2/2, degree-7 minimax
+ * polynomial (Cephes expf coefficients), 2^n applied as two factors so that
+ * subnormal results are handled. Max error about 1 ulp on [-103.97, 88.72];
+ * 0 below, +inf above. Inputs must not be NaN.
+ *
+ * Canonical summation order ("16-lane tree"): element i is added to partial
+ * sum i mod 16 in index order; the 16 partials are then combined as
+ * p[j] += p[j+8], p[j] += p[j+4], p[j] += p[j+2], p[0] += p[1].
+ */
+#ifndef DSMOE_KERNELS_H
+#define DSMOE_KERNELS_H
+
+#include <stdint.h>
+
+typedef struct dsmoe__kernel_table {
+    const char *name;
+    /* out[i] = 1 / (1 + exp(-in[i])) */
+    void (*sigmoid)(float *out, const float *in, int64_t n);
+    /* out = softmax(in) over n elements: exp(in - max) / (16-lane-tree sum) */
+    void (*softmax)(float *out, const float *in, int64_t n);
+    /* out[i] = bf16 word in[i] widened to fp32 (exact) */
+    void (*bf16_to_f32)(float *out, const uint16_t *in, int64_t n);
+    /* 16-lane-tree sum of fmaf(x[i], w[i]) with w bf16 */
+    float (*dot_bf16)(const float *x, const uint16_t *w, int64_t n);
+    /* h[i] = silu(g[i]) * u[i], silu(g) = g / (1 + exp(-g)) */
+    void (*swiglu)(float *h, const float *g, const float *u, int64_t n);
+    /* SwiGLU backward, accumulating: dg[i] += dh·u·σ(g)(1 + g(1 − σ(g))), du[i] += dh·silu(g).
+     * Either dg or du may alias nothing else. */
+    void (*swiglu_backward)(float *dg, float *du, const float *dh, const float *g,
+                            const float *u, int64_t n);
+} dsmoe__kernel_table;
+
+/* The active table (resolved once; thread-safe after the first call). */
+const dsmoe__kernel_table *dsmoe__kernels(void);
+/* A specific table, or NULL if unavailable on this CPU/build: "ref", "avx2", "avx512". */
+const dsmoe__kernel_table *dsmoe__kernels_named(const char *name);
+
+extern const dsmoe__kernel_table dsmoe__kernels_ref;
+#if defined(DSMOE_HAVE_AVX2)
+extern const dsmoe__kernel_table dsmoe__kernels_avx2;
+#endif
+#if defined(DSMOE_HAVE_AVX512)
+extern const dsmoe__kernel_table dsmoe__kernels_avx512;
+#endif
+
+/* Scalar building blocks shared with the router (identical to the reference). */
+float dsmoe__expf(float x);
+float dsmoe__sigmoidf(float x);
+
+/* Constants of the exp kernel, shared by every ISA file. */
+#define DSMOE__EXP_HI 88.72283935546875f     /* above: +inf */
+#define DSMOE__EXP_LO (-103.97208404541016f) /* below: 0 */
+#define DSMOE__LOG2E 1.44269502162933349609375f
+#define DSMOE__LN2_HI 0.693359375f
+#define DSMOE__LN2_LO (-2.12194440e-4f)
+#define DSMOE__EXP_C0 1.9875691500e-4f
+#define DSMOE__EXP_C1 1.3981999507e-3f
+#define DSMOE__EXP_C2 8.3334519073e-3f
+#define DSMOE__EXP_C3 4.1665795894e-2f
+#define DSMOE__EXP_C4 1.6666665459e-1f
+#define DSMOE__EXP_C5 5.0000001201e-1f
+
+#endif /* DSMOE_KERNELS_H */

@@ -1,0 +1,167 @@
+/*
+ * simd_body.h — the vector kernels, written once over a small set of macros and
+ * included by avx2.c (8 lanes) and avx512.c (16 lanes). Every function performs
+ * exactly the operations of ref.c in the same order; tails fall back to the
+ * scalar reference, and reductions store their 16 partial sums and finish with
+ * the reference's tree, so all ISAs agree bit for bit.
+ *
+ * Required macros: VF (float vector), VI (int vector), W (lanes), V_LOAD, V_STORE,
+ * V_SET1, V_ADD, V_SUB, V_MUL, V_DIV, V_FMA(a,b,c)=a*b+c, V_MIN, V_MAX, V_RINT,
+ * V_CVT_I, V_I_SRAI1, V_I_SUB, V_I_EXP2(n) (float 2^n from ints), V_SEL_GT(x,t,a,b)
+ * (x>t ? b : a), V_SEL_LT(x,t,a,b) (x<t ? b : a), V_NEG, V_LOAD_BF16(ptr), and SFX.
+ */
+#include <math.h>
+#include <string.h>
+
+#define DSMOE__CAT2(a, b) a##b
+#define DSMOE__CAT(a, b) DSMOE__CAT2(a, b)
+#define FN(name) DSMOE__CAT(name, SFX)
+
+static inline VF FN(v_exp)(VF x) {
+    VF xc = V_MIN(V_MAX(x, V_SET1(DSMOE__EXP_LO)), V_SET1(DSMOE__EXP_HI));
+    VF n = V_RINT(V_MUL(xc, V_SET1(DSMOE__LOG2E)));
+    VF r = V_FMA(n, V_SET1(-DSMOE__LN2_HI), xc);
+    r = V_FMA(n, V_SET1(-DSMOE__LN2_LO), r);
+    VF z = V_MUL(r, r);
+    VF p = V_SET1(DSMOE__EXP_C0);
+    p = V_FMA(p, r, V_SET1(DSMOE__EXP_C1));
+    p = V_FMA(p, r, V_SET1(DSMOE__EXP_C2));
+    p = V_FMA(p, r, V_SET1(DSMOE__EXP_C3));
+    p = V_FMA(p, r, V_SET1(DSMOE__EXP_C4));
+    p = V_FMA(p, r, V_SET1(DSMOE__EXP_C5));
+    p = V_FMA(p, z, r);
+    p = V_ADD(p, V_SET1(1.0f));
+    VI ni = V_CVT_I(n);
+    VI n1 = V_I_SRAI1(ni);
+    VI n2 = V_I_SUB(ni, n1);
+    VF res = V_MUL(V_MUL(p, V_I_EXP2(n1)), V_I_EXP2(n2));
+    res = V_SEL_GT(x, V_SET1(DSMOE__EXP_HI), res, V_SET1(INFINITY));
+    res = V_SEL_LT(x, V_SET1(DSMOE__EXP_LO), res, V_SET1(0.0f));
+    return res;
+}
+
+static void FN(k_sigmoid)(float *out, const float *in, int64_t n) {
+    int64_t i = 0;
+    const VF one = V_SET1(1.0f);
+    for (; i + W <= n; i += W) {
+        VF x = V_LOAD(in + i);
+        V_STORE(out + i, V_DIV(one, V_ADD(one, FN(v_exp)(V_NEG(x)))));
+    }
+    for (; i < n; i++) out[i] = dsmoe__sigmoidf(in[i]);
+}
+
+static float FN(tree16)(float *p) {
+    for (int s = 8; s >= 1; s >>= 1)
+        for (int j = 0; j < s; j++) p[j] += p[j + s];
+    return p[0];
+}
+
+static void FN(k_softmax)(float *out, const float *in, int64_t n) {
+    if (n <= 0) return;
+    float m = in[0];
+    for (int64_t i = 1; i < n; i++) m = in[i] > m ? in[i] : m;
+    const VF vm = V_SET1(m);
+    float p[16];
+    VF acc0 = V_SET1(0.0f);
+#if W == 8
+    VF acc1 = V_SET1(0.0f);
+#endif
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        VF e0 = FN(v_exp)(V_SUB(V_LOAD(in + i), vm));
+        V_STORE(out + i, e0);
+        acc0 = V_ADD(acc0, e0);
+#if W == 8
+        VF e1 = FN(v_exp)(V_SUB(V_LOAD(in + i + 8), vm));
+        V_STORE(out + i + 8, e1);
+        acc1 = V_ADD(acc1, e1);
+#endif
+    }
+    V_STORE(p, acc0);
+#if W == 8
+    V_STORE(p + 8, acc1);
+#endif
+    for (; i < n; i++) {
+        float e = dsmoe__expf(in[i] - m);
+        out[i] = e;
+        p[i & 15] += e;
+    }
+    float s = FN(tree16)(p);
+    const VF vs = V_SET1(s);
+    i = 0;
+    for (; i + W <= n; i += W) V_STORE(out + i, V_DIV(V_LOAD(out + i), vs));
+    for (; i < n; i++) out[i] = out[i] / s;
+}
+
+static void FN(k_bf16_to_f32)(float *out, const uint16_t *in, int64_t n) {
+    int64_t i = 0;
+    for (; i + W <= n; i += W) V_STORE(out + i, V_LOAD_BF16(in + i));
+    for (; i < n; i++) {
+        uint32_t b = (uint32_t)in[i] << 16;
+        memcpy(&out[i], &b, 4);
+    }
+}
+
+static float FN(k_dot_bf16)(const float *x, const uint16_t *w, int64_t n) {
+    float p[16];
+    VF acc0 = V_SET1(0.0f);
+#if W == 8
+    VF acc1 = V_SET1(0.0f);
+#endif
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = V_FMA(V_LOAD(x + i), V_LOAD_BF16(w + i), acc0);
+#if W == 8
+        acc1 = V_FMA(V_LOAD(x + i + 8), V_LOAD_BF16(w + i + 8), acc1);
+#endif
+    }
+    V_STORE(p, acc0);
+#if W == 8
+    V_STORE(p + 8, acc1);
+#endif
+    for (; i < n; i++) {
+        uint32_t b = (uint32_t)w[i] << 16;
+        float wf;
+        memcpy(&wf, &b, 4);
+        p[i & 15] = fmaf(x[i], wf, p[i & 15]);
+    }
+    return FN(tree16)(p);
+}
+
+static void FN(k_swiglu)(float *h, const float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+    const VF one = V_SET1(1.0f);
+    for (; i + W <= n; i += W) {
+        VF gv = V_LOAD(g + i);
+        VF silu = V_DIV(gv, V_ADD(one, FN(v_exp)(V_NEG(gv))));
+        V_STORE(h + i, V_MUL(silu, V_LOAD(u + i)));
+    }
+    for (; i < n; i++) {
+        float e = dsmoe__expf(-g[i]);
+        float silu = g[i] / (1.0f + e);
+        h[i] = silu * u[i];
+    }
+}
+
+static void FN(k_swiglu_backward)(float *dg, float *du, const float *dh, const float *g,
+                                  const float *u, int64_t n) {
+    int64_t i = 0;
+    const VF one = V_SET1(1.0f);
+    for (; i + W <= n; i += W) {
+        VF gv = V_LOAD(g + i), uv = V_LOAD(u + i), dhv = V_LOAD(dh + i);
+        VF sg = V_DIV(one, V_ADD(one, FN(v_exp)(V_NEG(gv))));
+        VF silu = V_MUL(gv, sg);
+        VF dsilu = V_MUL(sg, V_ADD(one, V_MUL(gv, V_SUB(one, sg))));
+        VF t = V_MUL(dhv, uv);
+        V_STORE(dg + i, V_ADD(V_LOAD(dg + i), V_MUL(t, dsilu)));
+        V_STORE(du + i, V_ADD(V_LOAD(du + i), V_MUL(dhv, silu)));
+    }
+    for (; i < n; i++) {
+        float sg = 1.0f / (1.0f + dsmoe__expf(-g[i]));
+        float silu = g[i] * sg;
+        float dsilu = sg * (1.0f + g[i] * (1.0f - sg));
+        float t = dh[i] * u[i];
+        dg[i] = dg[i] + t * dsilu;
+        du[i] = du[i] + dh[i] * silu;
+    }
+}

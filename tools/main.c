@@ -1,0 +1,47 @@
+/* main.c — `dsmoe <command> [options]`: dispatch to the subcommands. */
+#include "cli.h"
+
+#include <string.h>
+
+typedef struct {
+    const char *name;
+    int (*fn)(int, char **);
+    const char *summary;
+} cli_command;
+
+static const cli_command commands[] = {
+    {"route", cmd_route, "route tokens: logits or hidden states -> expert indices and weights"},
+    {"simulate", cmd_simulate, "drive the router and a load balancer with synthetic or recorded traffic"},
+    {"layer", cmd_layer, "run one MoE layer from a safetensors file on .npy hidden states"},
+    {"bench", cmd_bench, "benchmarks (bench route)"},
+};
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: dsmoe <command> [options]\n\n"
+               "DeepSeek-V3 Mixture-of-Experts routing, load balancing and MoE layers.\n\n"
+               "commands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
+    fprintf(f, "\n`dsmoe <command> --help` explains each option. `dsmoe --version` prints the version.\n"
+               "Exit codes: 0 success, 1 runtime error, 2 bad usage.\n");
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        usage(stderr);
+        return CLI_USAGE;
+    }
+    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
+        usage(stdout);
+        return CLI_OK;
+    }
+    if (strcmp(argv[1], "--version") == 0) {
+        printf("dsmoe %s (kernels: %s)\n", dsmoe_version(), dsmoe_isa());
+        return CLI_OK;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (strcmp(argv[1], commands[i].name) == 0) return commands[i].fn(argc - 1, argv + 1);
+    fprintf(stderr, "dsmoe: unknown command '%s'\n\n", argv[1]);
+    usage(stderr);
+    return CLI_USAGE;
+}
