@@ -1,0 +1,643 @@
+/*
+ * router.c — DeepSeek-V3 MoE routing: affinities, bias-corrected group-limited
+ * top-k, weights, normalisation, scaling; and the backward pass.
+ *
+ * Implements DeepSeek-V3 report eqs. 15–16 (s = sigmoid(u), selection on s + b,
+ * g = s / Σ s over the selected) with the official inference code's group stage
+ * (node-limited routing: group score = sum of the top-2 biased scores, or the
+ * max without a bias), its −inf exclusion of dropped groups, and the routed
+ * scaling factor applied after normalisation (SPEC-routing §2). Softmax scoring
+ * covers DeepSeek-V2 and Mixtral/Qwen-style routers.
+ *
+ * Every token is routed independently by route_token(); the batch drivers split
+ * tokens over OpenMP threads, so the bits never depend on the thread count. The
+ * element-wise math comes from the kernel table (bit-identical across ISAs);
+ * selection is scalar and exact.
+ */
+#include "internal.h"
+#include "kernels/kernels.h"
+
+#include <cblas.h>
+#include <float.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define DSMOE__MAX_EXPERTS 65536
+#define DSMOE__MAX_TOPK 256
+/* Tokens per SGEMM call in the projection: fixed so that results never depend on
+ * the number of threads, large enough to amortise OpenBLAS's packing of W. */
+#define DSMOE__PROJ_BLOCK 512
+/* At most this many tokens use the per-token (GEMV / bf16 dot) projection. */
+#define DSMOE__SMALL_T 8
+
+/* ------------------------------------------------------------------ presets -- */
+
+static const char *const preset_names[] = {"deepseek-v3", "deepseek-v3-hf", "deepseek-v2",
+                                           "moonlight",   "mixtral",        "qwen-moe",
+                                           NULL};
+
+const char *const *dsmoe_router_preset_names(void) { return preset_names; }
+
+static void config_base(dsmoe_router_config *c) {
+    memset(c, 0, sizeof *c);
+    c->n_experts = 256;
+    c->n_groups = 8;
+    c->topk_groups = 4;
+    c->top_k = 8;
+    c->score_func = DSMOE_SCORE_FUNC_SIGMOID;
+    c->group_score = DSMOE_GROUP_SCORE_TOPSUM;
+    c->group_topm = 2;
+    c->group_mask = DSMOE_GROUP_MASK_EXCLUDE;
+    c->normalize = 1;
+    c->norm_eps = 0.0f;
+    c->scale = 2.5f;
+    c->use_bias = 1;
+    c->precision = DSMOE_PRECISION_FP32;
+    c->nonfinite = DSMOE_NONFINITE_ERROR;
+}
+
+dsmoe_status dsmoe_router_preset(const char *name, dsmoe_router_config *cfg) {
+    if (!cfg) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_router_preset: cfg is NULL");
+    if (!name) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_router_preset: name is NULL");
+    dsmoe_router_config c;
+    config_base(&c);
+    if (strcmp(name, "deepseek-v3") == 0) {
+        /* base is V3: 256 experts, 8 groups, keep 4, top-8, sigmoid, top-2 sum, 2.5, bias */
+    } else if (strcmp(name, "deepseek-v3-hf") == 0) {
+        c.group_mask = DSMOE_GROUP_MASK_ZERO;
+        c.norm_eps = 1e-20f;
+    } else if (strcmp(name, "deepseek-v2") == 0) {
+        c.n_experts = 160;
+        c.n_groups = 8;
+        c.topk_groups = 3;
+        c.top_k = 6;
+        c.score_func = DSMOE_SCORE_FUNC_SOFTMAX;
+        c.group_score = DSMOE_GROUP_SCORE_MAX;
+        c.group_topm = 1;
+        c.normalize = 0;
+        c.scale = 16.0f;
+        c.use_bias = 0;
+    } else if (strcmp(name, "moonlight") == 0) {
+        c.n_experts = 64;
+        c.n_groups = 1;
+        c.topk_groups = 1;
+        c.top_k = 6;
+        c.scale = 2.446f;
+    } else if (strcmp(name, "mixtral") == 0) {
+        c.n_experts = 8;
+        c.n_groups = 1;
+        c.topk_groups = 1;
+        c.top_k = 2;
+        c.score_func = DSMOE_SCORE_FUNC_SOFTMAX;
+        c.group_score = DSMOE_GROUP_SCORE_MAX;
+        c.group_topm = 1;
+        c.scale = 1.0f;
+        c.use_bias = 0;
+    } else if (strcmp(name, "qwen-moe") == 0) {
+        c.n_experts = 64;
+        c.n_groups = 1;
+        c.topk_groups = 1;
+        c.top_k = 8;
+        c.score_func = DSMOE_SCORE_FUNC_SOFTMAX;
+        c.group_score = DSMOE_GROUP_SCORE_MAX;
+        c.group_topm = 1;
+        c.scale = 1.0f;
+        c.use_bias = 0;
+    } else {
+        return dsmoe__error(DSMOE_STATUS_NOT_FOUND,
+                            "unknown router preset '%s' (known: deepseek-v3, deepseek-v3-hf, "
+                            "deepseek-v2, moonlight, mixtral, qwen-moe)",
+                            name);
+    }
+    *cfg = c;
+    return DSMOE_OK;
+}
+
+/* --------------------------------------------------------------- validation -- */
+
+#define BAD(...) return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG, __VA_ARGS__)
+
+dsmoe_status dsmoe_router_config_validate(const dsmoe_router_config *c) {
+    if (!c) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "router config is NULL");
+    if (c->n_experts < 1 || c->n_experts > DSMOE__MAX_EXPERTS)
+        BAD("n_experts = %d: must be in 1..%d", (int)c->n_experts, DSMOE__MAX_EXPERTS);
+    if (c->n_groups < 1 || c->n_groups > c->n_experts)
+        BAD("n_groups = %d: must be in 1..n_experts (%d)", (int)c->n_groups, (int)c->n_experts);
+    if (c->n_experts % c->n_groups != 0)
+        BAD("n_experts = %d is not divisible by n_groups = %d", (int)c->n_experts, (int)c->n_groups);
+    if (c->topk_groups < 1 || c->topk_groups > c->n_groups)
+        BAD("topk_groups = %d: must be in 1..n_groups (%d)", (int)c->topk_groups, (int)c->n_groups);
+    int32_t gsize = c->n_experts / c->n_groups;
+    int32_t reach = c->topk_groups * gsize;
+    if (c->top_k < 1 || c->top_k > reach || c->top_k > DSMOE__MAX_TOPK)
+        BAD("top_k = %d: must be in 1..topk_groups*n_experts/n_groups (%d) and at most %d",
+            (int)c->top_k, (int)reach, DSMOE__MAX_TOPK);
+    if (c->score_func != DSMOE_SCORE_FUNC_SIGMOID && c->score_func != DSMOE_SCORE_FUNC_SOFTMAX)
+        BAD("score_func = %d: must be sigmoid (0) or softmax (1)", (int)c->score_func);
+    if (c->group_score != DSMOE_GROUP_SCORE_MAX && c->group_score != DSMOE_GROUP_SCORE_TOPSUM)
+        BAD("group_score = %d: must be max (0) or topsum (1)", (int)c->group_score);
+    if (c->group_score == DSMOE_GROUP_SCORE_TOPSUM && (c->group_topm < 1 || c->group_topm > gsize))
+        BAD("group_topm = %d: must be in 1..group size (%d) for the top-m sum group score",
+            (int)c->group_topm, (int)gsize);
+    if (c->group_mask != DSMOE_GROUP_MASK_EXCLUDE && c->group_mask != DSMOE_GROUP_MASK_ZERO)
+        BAD("group_mask = %d: must be exclude (0) or zero (1)", (int)c->group_mask);
+    if (c->normalize != 0 && c->normalize != 1) BAD("normalize = %d: must be 0 or 1", (int)c->normalize);
+    if (!isfinite(c->norm_eps) || c->norm_eps < 0.0f)
+        BAD("norm_eps = %g: must be finite and >= 0", (double)c->norm_eps);
+    if (!isfinite(c->scale) || c->scale <= 0.0f)
+        BAD("scale = %g: must be finite and > 0", (double)c->scale);
+    if (c->use_bias != 0 && c->use_bias != 1) BAD("use_bias = %d: must be 0 or 1", (int)c->use_bias);
+    if (c->precision != DSMOE_PRECISION_FP32 && c->precision != DSMOE_PRECISION_BF16)
+        BAD("precision = %d: must be fp32 (0) or bf16 (1)", (int)c->precision);
+    if (c->nonfinite != DSMOE_NONFINITE_ERROR && c->nonfinite != DSMOE_NONFINITE_SANITIZE)
+        BAD("nonfinite = %d: must be error (0) or sanitize (1)", (int)c->nonfinite);
+    return DSMOE_OK;
+}
+
+#undef BAD
+
+int dsmoe_router_config_json(const dsmoe_router_config *c, char *buf, size_t size) {
+    return snprintf(buf, size,
+                    "{\"n_experts\": %d, \"n_groups\": %d, \"topk_groups\": %d, \"top_k\": %d, "
+                    "\"score_func\": \"%s\", \"group_score\": \"%s\", \"group_topm\": %d, "
+                    "\"group_mask\": \"%s\", \"normalize\": %s, \"norm_eps\": %.9g, \"scale\": %.9g, "
+                    "\"use_bias\": %s, \"precision\": \"%s\", \"nonfinite\": \"%s\"}",
+                    (int)c->n_experts, (int)c->n_groups, (int)c->topk_groups, (int)c->top_k,
+                    c->score_func == DSMOE_SCORE_FUNC_SOFTMAX ? "softmax" : "sigmoid",
+                    c->group_score == DSMOE_GROUP_SCORE_TOPSUM ? "topsum" : "max",
+                    (int)c->group_topm,
+                    c->group_mask == DSMOE_GROUP_MASK_ZERO ? "zero" : "exclude",
+                    c->normalize ? "true" : "false", (double)c->norm_eps, (double)c->scale,
+                    c->use_bias ? "true" : "false",
+                    c->precision == DSMOE_PRECISION_BF16 ? "bf16" : "fp32",
+                    c->nonfinite == DSMOE_NONFINITE_SANITIZE ? "sanitize" : "error");
+}
+
+/* ---------------------------------------------------------------- workspace -- */
+
+/* Scratch for one token on one thread. */
+typedef struct token_scratch {
+    float *s;       /* (E) affinities, when the caller does not want them */
+    float *c;       /* (E) selection scores */
+    float *u;       /* (E) sanitised / bf16-rounded logits */
+    float *gs;      /* (G) group scores */
+    uint8_t *keep;  /* (G) kept-group flags */
+    float *topv;    /* (max(K, m)) running top values */
+    int32_t *topi;  /* (max(K, m)) running top indices */
+} token_scratch;
+
+static size_t scratch_bytes(const dsmoe_router_config *c) {
+    size_t E = (size_t)c->n_experts, G = (size_t)c->n_groups;
+    size_t m = (size_t)(c->top_k > c->group_topm ? c->top_k : c->group_topm);
+    return 3 * dsmoe__align64(E * 4) + dsmoe__align64(G * 4) + dsmoe__align64(G) +
+           2 * dsmoe__align64(m * 4);
+}
+
+static void scratch_carve(const dsmoe_router_config *c, dsmoe__carver *cv, token_scratch *ts) {
+    size_t E = (size_t)c->n_experts, G = (size_t)c->n_groups;
+    size_t m = (size_t)(c->top_k > c->group_topm ? c->top_k : c->group_topm);
+    ts->s = (float *)dsmoe__carve(cv, E * 4);
+    ts->c = (float *)dsmoe__carve(cv, E * 4);
+    ts->u = (float *)dsmoe__carve(cv, E * 4);
+    ts->gs = (float *)dsmoe__carve(cv, G * 4);
+    ts->keep = (uint8_t *)dsmoe__carve(cv, G);
+    ts->topv = (float *)dsmoe__carve(cv, m * 4);
+    ts->topi = (int32_t *)dsmoe__carve(cv, m * 4);
+}
+
+static int needs_w32(const dsmoe_router_config *c, int64_t T, dsmoe_dtype gate_dtype) {
+    if (c->precision == DSMOE_PRECISION_BF16 && gate_dtype == DSMOE_DTYPE_F32) return 1;
+    if (gate_dtype == DSMOE_DTYPE_BF16 && T > DSMOE__SMALL_T) return 1;
+    return 0;
+}
+
+static size_t hidden_extra_bytes(const dsmoe_router_config *c, int64_t T, int32_t D,
+                                 dsmoe_dtype gate_dtype, int nt) {
+    size_t E = (size_t)c->n_experts, bytes = 0, t;
+    if (dsmoe__mul_size((size_t)T, E * 4, &t)) bytes += dsmoe__align64(t); /* logits (T, E) */
+    if (needs_w32(c, T, gate_dtype)) bytes += dsmoe__align64(E * (size_t)D * 4);
+    if (c->precision == DSMOE_PRECISION_BF16) /* bf16-rounded x block per thread */
+        bytes += (size_t)nt * dsmoe__align64((size_t)DSMOE__PROJ_BLOCK * (size_t)D * 4);
+    return bytes;
+}
+
+size_t dsmoe_router_workspace_size(const dsmoe_router_config *cfg, int64_t T, int32_t D,
+                                   dsmoe_dtype gate_dtype, int n_threads) {
+    if (!cfg || dsmoe_router_config_validate(cfg) != DSMOE_OK || T < 0 || D < 0) return 0;
+    int nt = dsmoe__threads(n_threads);
+    size_t bytes = (size_t)nt * scratch_bytes(cfg) + 64;
+    if (D > 0) bytes += hidden_extra_bytes(cfg, T, D, gate_dtype, nt);
+    return bytes;
+}
+
+/* ------------------------------------------------------------ one token -- */
+
+static inline float round_bf16(float x) { return dsmoe_bf16_to_f32(dsmoe_f32_to_bf16(x)); }
+
+static inline float sanitize(float x) {
+    if (x != x) return -FLT_MAX;
+    if (x == INFINITY) return FLT_MAX;
+    if (x == -INFINITY) return -FLT_MAX;
+    return x;
+}
+
+/* Inserts (v, i) into the descending list (vals, ids) of length *n (capacity cap).
+ * Candidates arrive in increasing index order, so a strict comparison keeps the
+ * lower index first among equal values. */
+static inline void topk_push(float *vals, int32_t *ids, int32_t *n, int32_t cap, float v,
+                             int32_t i) {
+    int32_t len = *n;
+    if (len == cap) {
+        if (!(v > vals[cap - 1])) return;
+        len = cap - 1;
+    }
+    int32_t p = len;
+    while (p > 0 && v > vals[p - 1]) {
+        vals[p] = vals[p - 1];
+        ids[p] = ids[p - 1];
+        p--;
+    }
+    vals[p] = v;
+    ids[p] = i;
+    *n = len + 1;
+}
+
+/* Routes one token. u: (E) logits; s: (E) affinities written here; idx, w: (K). */
+static void route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
+                        const float *u_in, const float *bias, float *s, int32_t *idx, float *w,
+                        token_scratch *ts) {
+    const int32_t E = cfg->n_experts, G = cfg->n_groups, K = cfg->top_k;
+    const int32_t gsize = E / G;
+    const int bf16 = cfg->precision == DSMOE_PRECISION_BF16;
+    const float *u = u_in;
+
+    if (cfg->nonfinite == DSMOE_NONFINITE_SANITIZE || bf16) {
+        for (int32_t e = 0; e < E; e++) {
+            float x = cfg->nonfinite == DSMOE_NONFINITE_SANITIZE ? sanitize(u_in[e]) : u_in[e];
+            ts->u[e] = bf16 ? round_bf16(x) : x;
+        }
+        u = ts->u;
+    }
+
+    /* 1. affinities */
+    if (cfg->score_func == DSMOE_SCORE_FUNC_SOFTMAX) {
+        k->softmax(s, u, E);
+    } else if (bf16) {
+        /* official bf16 path: fp32 sigmoid of the bf16 logit, rounded to bf16 (the fp32
+         * value is the correctly rounded one, computed via double) */
+        for (int32_t e = 0; e < E; e++)
+            s[e] = round_bf16((float)(1.0 / (1.0 + exp(-(double)u[e]))));
+    } else {
+        k->sigmoid(s, u, E);
+    }
+
+    /* 2. selection scores */
+    const float *c = s;
+    if (bias) {
+        for (int32_t e = 0; e < E; e++) ts->c[e] = s[e] + bias[e];
+        c = ts->c;
+    }
+
+    /* 3. group stage */
+    int32_t n;
+    if (G > 1) {
+        for (int32_t g = 0; g < G; g++) {
+            const float *cg = c + (size_t)g * gsize;
+            float score;
+            if (cfg->group_score == DSMOE_GROUP_SCORE_MAX || cfg->group_topm == 1) {
+                score = cg[0];
+                for (int32_t j = 1; j < gsize; j++) score = cg[j] > score ? cg[j] : score;
+            } else {
+                n = 0;
+                for (int32_t j = 0; j < gsize; j++)
+                    topk_push(ts->topv, ts->topi, &n, cfg->group_topm, cg[j], j);
+                score = ts->topv[0];
+                for (int32_t j = 1; j < n; j++) score += ts->topv[j];
+            }
+            ts->gs[g] = score;
+        }
+        n = 0;
+        for (int32_t g = 0; g < G; g++) topk_push(ts->topv, ts->topi, &n, cfg->topk_groups, ts->gs[g], g);
+        memset(ts->keep, 0, (size_t)G);
+        for (int32_t j = 0; j < n; j++) ts->keep[ts->topi[j]] = 1;
+    }
+
+    /* 4. expert selection: K largest selection scores among eligible experts */
+    n = 0;
+    if (G == 1) {
+        for (int32_t e = 0; e < E; e++) topk_push(ts->topv, idx, &n, K, c[e], e);
+    } else if (cfg->group_mask == DSMOE_GROUP_MASK_EXCLUDE) {
+        for (int32_t g = 0; g < G; g++) {
+            if (!ts->keep[g]) continue;
+            for (int32_t e = g * gsize; e < (g + 1) * gsize; e++) topk_push(ts->topv, idx, &n, K, c[e], e);
+        }
+    } else {
+        for (int32_t g = 0; g < G; g++)
+            for (int32_t e = g * gsize; e < (g + 1) * gsize; e++)
+                topk_push(ts->topv, idx, &n, K, ts->keep[g] ? c[e] : 0.0f, e);
+    }
+
+    /* 5. weights from the raw affinities, normalised, scaled */
+    for (int32_t j = 0; j < K; j++) w[j] = s[idx[j]];
+    if (!bf16) {
+        if (cfg->normalize) {
+            float sum = w[0];
+            for (int32_t j = 1; j < K; j++) sum += w[j];
+            float denom = sum + cfg->norm_eps;
+            if (denom > 0.0f) {
+                for (int32_t j = 0; j < K; j++) w[j] = w[j] / denom;
+            } else {
+                for (int32_t j = 0; j < K; j++) w[j] = 1.0f / (float)K;
+            }
+        }
+        for (int32_t j = 0; j < K; j++) w[j] = w[j] * cfg->scale;
+    } else {
+        if (cfg->normalize) {
+            float sum = w[0];
+            for (int32_t j = 1; j < K; j++) sum += w[j];
+            float denom = round_bf16(sum) + cfg->norm_eps;
+            if (denom > 0.0f) {
+                for (int32_t j = 0; j < K; j++) w[j] = round_bf16(w[j] / denom);
+            } else {
+                for (int32_t j = 0; j < K; j++) w[j] = round_bf16(1.0f / (float)K);
+            }
+        }
+        for (int32_t j = 0; j < K; j++) w[j] = round_bf16(w[j] * cfg->scale);
+    }
+}
+
+/* ------------------------------------------------------------ batch driver -- */
+
+static dsmoe_status check_common(const dsmoe_router_config *cfg, const dsmoe_router_output *out,
+                                 const float *bias, int64_t T, const char *fn) {
+    dsmoe_status st = dsmoe_router_config_validate(cfg);
+    if (st != DSMOE_OK) return st;
+    if (!out) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: out is NULL", fn);
+    if (T < 0) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: T = %lld < 0", fn, (long long)T);
+    if (T > 0 && (!out->indices || !out->weights))
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: out->indices and out->weights are required", fn);
+    if (cfg->use_bias && !bias)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "%s: config has use_bias = 1 but bias is NULL", fn);
+    if (!cfg->use_bias && bias)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "%s: a bias was given but config has use_bias = 0", fn);
+    if (bias)
+        for (int32_t e = 0; e < cfg->n_experts; e++)
+            if (!isfinite(bias[e]))
+                return dsmoe__error(DSMOE_STATUS_NON_FINITE, "%s: bias[%d] = %g is not finite", fn,
+                                    (int)e, (double)bias[e]);
+    return DSMOE_OK;
+}
+
+/* Returns 1 if any of x[0..n) is NaN or infinite (branch-free bit test). */
+static int any_nonfinite(const float *x, int64_t n) {
+    uint32_t bad = 0;
+    const uint32_t *b = (const uint32_t *)(const void *)x;
+    for (int64_t i = 0; i < n; i++) bad |= ((b[i] & 0x7f800000u) == 0x7f800000u);
+    return bad != 0;
+}
+
+static dsmoe_status report_nonfinite(const float *logits, int64_t T, int32_t E, const char *fn,
+                                     const char *what) {
+    for (int64_t t = 0; t < T; t++)
+        for (int32_t e = 0; e < E; e++) {
+            float x = logits[(size_t)t * (size_t)E + (size_t)e];
+            if (!isfinite(x))
+                return dsmoe__error(DSMOE_STATUS_NON_FINITE,
+                                    "%s: %s of token %lld, expert %d is %s", fn, what, (long long)t,
+                                    (int)e, x != x ? "NaN" : (x > 0 ? "+Inf" : "-Inf"));
+        }
+    return DSMOE_OK;
+}
+
+static dsmoe_status route_batch(const dsmoe_router_config *cfg, const dsmoe_router_output *out,
+                                const float *logits, const float *bias, int64_t T,
+                                dsmoe__carver *cv, int nt) {
+    const int32_t E = cfg->n_experts, K = cfg->top_k;
+    const dsmoe__kernel_table *k = dsmoe__kernels();
+    size_t per = scratch_bytes(cfg);
+    char *base = (char *)dsmoe__carve(cv, (size_t)nt * per);
+    if (!base) return dsmoe__error(DSMOE_STATUS_INTERNAL, "router: workspace carving failed");
+
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        dsmoe__carver mine = {base + (size_t)tid * per, per, 0};
+        token_scratch ts;
+        scratch_carve(cfg, &mine, &ts);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            float *s = out->scores ? out->scores + (size_t)t * (size_t)E : ts.s;
+            route_token(cfg, k, logits + (size_t)t * (size_t)E, bias, s,
+                        out->indices + (size_t)t * (size_t)K, out->weights + (size_t)t * (size_t)K,
+                        &ts);
+        }
+    }
+    if (out->counts) {
+        memset(out->counts, 0, (size_t)E * sizeof(int64_t));
+        const int32_t *idx = out->indices;
+        for (int64_t i = 0; i < T * (int64_t)K; i++) out->counts[idx[i]]++;
+    }
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_router_forward(const dsmoe_router_config *cfg, const dsmoe_router_output *out,
+                                  const float *logits, const float *bias, int64_t T,
+                                  void *workspace, size_t workspace_size, int n_threads) {
+    static const char fn[] = "dsmoe_router_forward";
+    dsmoe_status st = check_common(cfg, out, bias, T, fn);
+    if (st != DSMOE_OK) return st;
+    if (T > 0 && !logits) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: logits is NULL", fn);
+    int nt = dsmoe__threads(n_threads);
+    if (T < nt) nt = T > 0 ? (int)T : 1;
+    size_t need = (size_t)nt * scratch_bytes(cfg) + 64;
+    if (!workspace || workspace_size < need)
+        return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
+                            "%s: workspace of %zu bytes given, %zu needed (dsmoe_router_workspace_size)",
+                            fn, workspace ? workspace_size : (size_t)0, need);
+    if (cfg->nonfinite == DSMOE_NONFINITE_ERROR &&
+        any_nonfinite(logits, T * (int64_t)cfg->n_experts))
+        return report_nonfinite(logits, T, cfg->n_experts, fn, "logit");
+    dsmoe__carver cv = {(char *)workspace, workspace_size, 0};
+    /* align the first carve */
+    cv.used = (size_t)((64 - ((uintptr_t)workspace & 63)) & 63);
+    return route_batch(cfg, out, logits, bias, T, &cv, nt);
+}
+
+/* --------------------------------------------------------- projection path -- */
+
+dsmoe_status dsmoe_router_forward_hidden(const dsmoe_router_config *cfg,
+                                         const dsmoe_router_output *out, const float *hidden,
+                                         const void *gate_weight, dsmoe_dtype gate_dtype, int32_t D,
+                                         const float *bias, int64_t T, void *workspace,
+                                         size_t workspace_size, int n_threads) {
+    static const char fn[] = "dsmoe_router_forward_hidden";
+    dsmoe_status st = check_common(cfg, out, bias, T, fn);
+    if (st != DSMOE_OK) return st;
+    if (D < 1) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: hidden size D = %d < 1", fn, (int)D);
+    if (gate_dtype != DSMOE_DTYPE_F32 && gate_dtype != DSMOE_DTYPE_BF16)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: gate weight dtype %s is not F32 or BF16",
+                            fn, dsmoe_dtype_name(gate_dtype));
+    if (!gate_weight) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: gate_weight is NULL", fn);
+    if (T > 0 && !hidden) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: hidden is NULL", fn);
+    const int32_t E = cfg->n_experts;
+    const int bf16 = cfg->precision == DSMOE_PRECISION_BF16;
+    int nt = dsmoe__threads(n_threads);
+    size_t need = (size_t)nt * scratch_bytes(cfg) + 64 + hidden_extra_bytes(cfg, T, D, gate_dtype, nt);
+    if (!workspace || workspace_size < need)
+        return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
+                            "%s: workspace of %zu bytes given, %zu needed (dsmoe_router_workspace_size)",
+                            fn, workspace ? workspace_size : (size_t)0, need);
+    if (T > 0 && any_nonfinite(hidden, T * (int64_t)D) && cfg->nonfinite == DSMOE_NONFINITE_ERROR) {
+        for (int64_t t = 0; t < T; t++)
+            for (int32_t d = 0; d < D; d++)
+                if (!isfinite(hidden[(size_t)t * (size_t)D + (size_t)d]))
+                    return dsmoe__error(DSMOE_STATUS_NON_FINITE,
+                                        "%s: hidden state of token %lld, feature %d is not finite", fn,
+                                        (long long)t, (int)d);
+    }
+    const dsmoe__kernel_table *k = dsmoe__kernels();
+    dsmoe__carver cv = {(char *)workspace, workspace_size, 0};
+    cv.used = (size_t)((64 - ((uintptr_t)workspace & 63)) & 63);
+    float *logits = (float *)dsmoe__carve(&cv, (size_t)T * (size_t)E * 4);
+    if (out->logits) logits = out->logits;
+    if (!logits) return dsmoe__error(DSMOE_STATUS_INTERNAL, "%s: workspace carving failed", fn);
+    const float *W = NULL;              /* fp32 (E, D) used by SGEMM, or NULL */
+    const uint16_t *Wb = NULL;          /* bf16 (E, D) used by the dot kernel, or NULL */
+    if (needs_w32(cfg, T, gate_dtype)) {
+        float *w32 = (float *)dsmoe__carve(&cv, (size_t)E * (size_t)D * 4);
+        if (!w32) return dsmoe__error(DSMOE_STATUS_INTERNAL, "%s: workspace carving failed", fn);
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int32_t e = 0; e < E; e++) {
+            float *dst = w32 + (size_t)e * (size_t)D;
+            if (gate_dtype == DSMOE_DTYPE_BF16) {
+                k->bf16_to_f32(dst, (const uint16_t *)gate_weight + (size_t)e * (size_t)D, D);
+            } else {
+                const float *src = (const float *)gate_weight + (size_t)e * (size_t)D;
+                for (int32_t d = 0; d < D; d++) dst[d] = round_bf16(src[d]);
+            }
+        }
+        W = w32;
+    } else if (gate_dtype == DSMOE_DTYPE_BF16) {
+        Wb = (const uint16_t *)gate_weight;
+    } else {
+        W = (const float *)gate_weight;
+    }
+    float *xbuf = NULL;
+    size_t xper = dsmoe__align64((size_t)DSMOE__PROJ_BLOCK * (size_t)D * 4);
+    if (bf16) {
+        xbuf = (float *)dsmoe__carve(&cv, (size_t)nt * xper);
+        if (!xbuf) return dsmoe__error(DSMOE_STATUS_INTERNAL, "%s: workspace carving failed", fn);
+    }
+
+    /* logits = x · Wᵀ, in fixed blocks of tokens (or per token for tiny T) */
+    int64_t nblk = (T + DSMOE__PROJ_BLOCK - 1) / DSMOE__PROJ_BLOCK;
+    int small = T <= DSMOE__SMALL_T;
+    if (small) {
+        for (int64_t t = 0; t < T; t++) {
+            const float *x = hidden + (size_t)t * (size_t)D;
+            float *lt = logits + (size_t)t * (size_t)E;
+            if (bf16) {
+                for (int32_t d = 0; d < D; d++) xbuf[d] = round_bf16(x[d]);
+                x = xbuf;
+            }
+            if (Wb) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+                for (int32_t e = 0; e < E; e++) lt[e] = k->dot_bf16(x, Wb + (size_t)e * (size_t)D, D);
+            } else {
+                cblas_sgemv(CblasRowMajor, CblasNoTrans, E, D, 1.0f, W, D, x, 1, 0.0f, lt, 1);
+            }
+        }
+    } else {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        for (int64_t b = 0; b < nblk; b++) {
+            int64_t t0 = b * DSMOE__PROJ_BLOCK;
+            int64_t rows = T - t0 < DSMOE__PROJ_BLOCK ? T - t0 : DSMOE__PROJ_BLOCK;
+            const float *x = hidden + (size_t)t0 * (size_t)D;
+            if (bf16) {
+                int tid = 0;
+#ifdef _OPENMP
+                tid = omp_get_thread_num();
+#endif
+                float *xb = (float *)(void *)((char *)xbuf + (size_t)tid * xper);
+                for (size_t i = 0; i < (size_t)rows * (size_t)D; i++) xb[i] = round_bf16(x[i]);
+                x = xb;
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, E, D, 1.0f, x, D, W, D,
+                        0.0f, logits + (size_t)t0 * (size_t)E, E);
+        }
+    }
+    if (bf16)
+        for (size_t i = 0; i < (size_t)T * (size_t)E; i++) logits[i] = round_bf16(logits[i]);
+    if (cfg->nonfinite == DSMOE_NONFINITE_ERROR && any_nonfinite(logits, T * (int64_t)E))
+        return report_nonfinite(logits, T, E, fn, "projected logit");
+    int nr = nt;
+    if (T < nr) nr = T > 0 ? (int)T : 1;
+    return route_batch(cfg, out, logits, bias, T, &cv, nr);
+}
+
+/* ---------------------------------------------------------------- backward -- */
+
+dsmoe_status dsmoe_router_backward(const dsmoe_router_config *cfg, float *dlogits,
+                                   const float *dweights, const int32_t *indices,
+                                   const float *scores, int64_t T, int n_threads) {
+    static const char fn[] = "dsmoe_router_backward";
+    dsmoe_status st = dsmoe_router_config_validate(cfg);
+    if (st != DSMOE_OK) return st;
+    if (T < 0) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: T = %lld < 0", fn, (long long)T);
+    if (T > 0 && (!dlogits || !dweights || !indices || !scores))
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "%s: dlogits, dweights, indices and scores are required", fn);
+    const int32_t E = cfg->n_experts, K = cfg->top_k;
+    for (int64_t i = 0; i < T * (int64_t)K; i++)
+        if (indices[i] < 0 || indices[i] >= E)
+            return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: indices[%lld] = %d is out of range 0..%d",
+                                fn, (long long)i, (int)indices[i], (int)E - 1);
+    int nt = dsmoe__threads(n_threads);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const float *s = scores + (size_t)t * (size_t)E;
+        const float *dw = dweights + (size_t)t * (size_t)K;
+        const int32_t *idx = indices + (size_t)t * (size_t)K;
+        float *du = dlogits + (size_t)t * (size_t)E;
+        /* ds_k = dL/ds at the selected experts (fp64 accumulation, fixed order) */
+        double ds[DSMOE__MAX_TOPK];
+        double scale = (double)cfg->scale;
+        if (cfg->normalize) {
+            double sum = 0.0, dot = 0.0;
+            for (int32_t j = 0; j < K; j++) sum += (double)s[idx[j]];
+            double denom = sum + (double)cfg->norm_eps;
+            if (denom > 0.0) {
+                for (int32_t j = 0; j < K; j++) dot += (double)dw[j] * (double)s[idx[j]];
+                for (int32_t j = 0; j < K; j++)
+                    ds[j] = scale * ((double)dw[j] / denom - dot / (denom * denom));
+            } else {
+                for (int32_t j = 0; j < K; j++) ds[j] = 0.0;
+            }
+        } else {
+            for (int32_t j = 0; j < K; j++) ds[j] = scale * (double)dw[j];
+        }
+        if (cfg->score_func == DSMOE_SCORE_FUNC_SIGMOID) {
+            for (int32_t j = 0; j < K; j++) {
+                double sv = (double)s[idx[j]];
+                du[idx[j]] += (float)(ds[j] * sv * (1.0 - sv));
+            }
+        } else {
+            /* du_i = s_i (ds_i − Σ_j ds_j s_j), ds zero off the selection */
+            double dot = 0.0;
+            for (int32_t j = 0; j < K; j++) dot += ds[j] * (double)s[idx[j]];
+            for (int32_t e = 0; e < E; e++) du[e] += (float)(-(double)s[e] * dot);
+            for (int32_t j = 0; j < K; j++) du[idx[j]] += (float)((double)s[idx[j]] * ds[j]);
+        }
+    }
+    return DSMOE_OK;
+}
