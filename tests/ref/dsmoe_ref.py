@@ -29,12 +29,13 @@ Two precisions:
   * route_bf16()  — bit-exact emulation of the official bf16 inference path (SPEC §3):
     logits rounded to bf16; s = bf16(fp32(sigmoid)); c = fp32(s) + fp32(b) in fp32;
     group scores and selection in fp32; sum = bf16(fp32 sequential sum of the selected
-    s in selection order); q = bf16(fp32(s) / fp32(sum)); w = bf16(q * bf16(scale)).
-    The scale is rounded to bf16 first: torch multiplies a bf16 tensor by a Python
-    float as bf16 × bf16(scalar) (checked against torch in gen_router_golden.py; it
-    matters for scales that are not bf16 numbers, e.g. Moonlight's 2.446 -> 2.4375).
-    The product of two bf16 numbers is exact in fp32, so only one rounding happens.
-    Without normalisation: w = bf16(s * bf16(scale)).
+    s in selection order); q = bf16(fp32(s) / fp32(sum)); w = bf16(fp32(q * fp32(scale))).
+    The scale stays fp32: torch's CUDA kernels (the official deployment) and current
+    CPU kernels multiply a bf16 tensor by a Python float in fp32 ("opmath"). torch 1.13
+    on CPU rounded the scalar to bf16 first; `torch113_cpu_scale=True` reproduces that
+    for the cross-check (it matters only for scales that are not bf16 numbers, e.g.
+    Moonlight's 2.446, which 1.13 applies as 2.4375).
+    Without normalisation: w = bf16(fp32(s * fp32(scale))).
     Softmax: p = fp32 softmax of the bf16 logits, w = bf16(fp32(p * fp32(scale)))
     (the official code scales the fp32 probabilities, then casts). With normalize on
     (not an official combination) the same bf16 steps as sigmoid are applied to p.
@@ -302,7 +303,7 @@ def sigmoid_bf16(ub):
     return bf16(sigmoid64(ub).astype(np.float32))
 
 
-def route_token_bf16(u, bias, cfg):
+def route_token_bf16(u, bias, cfg, torch113_cpu_scale=False):
     ub = bf16(np.asarray(u, dtype=np.float32))
     if cfg.score == "sigmoid":
         s = sigmoid_bf16(ub)                                  # bf16 values in fp32
@@ -312,7 +313,7 @@ def route_token_bf16(u, bias, cfg):
     sel = select(c, cfg, np.float32)
     idx = np.array(sel.indices, dtype=np.int64)
     K = len(idx)
-    scale_b = bf16(f32(cfg.scale))
+    scale_b = bf16(f32(cfg.scale)) if torch113_cpu_scale else f32(cfg.scale)
     s_sel = s[idx]
     if cfg.normalize:
         acc = f32(0.0)
