@@ -184,27 +184,38 @@ int dsmoe_router_config_json(const dsmoe_router_config *c, char *buf, size_t siz
 typedef struct token_scratch {
     float *s;       /* (E) affinities, when the caller does not want them */
     float *c;       /* (E) selection scores */
-    float *u;       /* (E) sanitised / bf16-rounded logits */
+    float *u;       /* (E) sanitised / bf16-rounded logits, then the candidate scores */
+    float *sv;      /* (E + 16) selection-kernel scratch values */
+    int32_t *si;    /* (E + 16) selection-kernel scratch positions */
     float *gs;      /* (G) group scores */
     uint8_t *keep;  /* (G) kept-group flags */
-    float *topv;    /* (max(K, m)) running top values */
-    int32_t *topi;  /* (max(K, m)) running top indices */
+    int32_t *gl;    /* (G) kept groups in increasing id order */
+    float *topv;    /* (max(K, m, TG)) top values */
+    int32_t *topi;  /* (max(K, m, TG)) top positions */
 } token_scratch;
 
+static size_t top_cap(const dsmoe_router_config *c) {
+    int32_t m = c->top_k;
+    if (c->group_topm > m) m = c->group_topm;
+    if (c->topk_groups > m) m = c->topk_groups;
+    return (size_t)m;
+}
+
 static size_t scratch_bytes(const dsmoe_router_config *c) {
-    size_t E = (size_t)c->n_experts, G = (size_t)c->n_groups;
-    size_t m = (size_t)(c->top_k > c->group_topm ? c->top_k : c->group_topm);
-    return 3 * dsmoe__align64(E * 4) + dsmoe__align64(G * 4) + dsmoe__align64(G) +
-           2 * dsmoe__align64(m * 4);
+    size_t E = (size_t)c->n_experts, G = (size_t)c->n_groups, m = top_cap(c);
+    return 3 * dsmoe__align64(E * 4) + 2 * dsmoe__align64((E + 16) * 4) + 2 * dsmoe__align64(G * 4) +
+           dsmoe__align64(G) + 2 * dsmoe__align64(m * 4);
 }
 
 static void scratch_carve(const dsmoe_router_config *c, dsmoe__carver *cv, token_scratch *ts) {
-    size_t E = (size_t)c->n_experts, G = (size_t)c->n_groups;
-    size_t m = (size_t)(c->top_k > c->group_topm ? c->top_k : c->group_topm);
+    size_t E = (size_t)c->n_experts, G = (size_t)c->n_groups, m = top_cap(c);
     ts->s = (float *)dsmoe__carve(cv, E * 4);
     ts->c = (float *)dsmoe__carve(cv, E * 4);
     ts->u = (float *)dsmoe__carve(cv, E * 4);
+    ts->sv = (float *)dsmoe__carve(cv, (E + 16) * 4);
+    ts->si = (int32_t *)dsmoe__carve(cv, (E + 16) * 4);
     ts->gs = (float *)dsmoe__carve(cv, G * 4);
+    ts->gl = (int32_t *)dsmoe__carve(cv, G * 4);
     ts->keep = (uint8_t *)dsmoe__carve(cv, G);
     ts->topv = (float *)dsmoe__carve(cv, m * 4);
     ts->topi = (int32_t *)dsmoe__carve(cv, m * 4);
@@ -246,27 +257,6 @@ static inline float sanitize(float x) {
     return x;
 }
 
-/* Inserts (v, i) into the descending list (vals, ids) of length *n (capacity cap).
- * Candidates arrive in increasing index order, so a strict comparison keeps the
- * lower index first among equal values. */
-static inline void topk_push(float *vals, int32_t *ids, int32_t *n, int32_t cap, float v,
-                             int32_t i) {
-    int32_t len = *n;
-    if (len == cap) {
-        if (!(v > vals[cap - 1])) return;
-        len = cap - 1;
-    }
-    int32_t p = len;
-    while (p > 0 && v > vals[p - 1]) {
-        vals[p] = vals[p - 1];
-        ids[p] = ids[p - 1];
-        p--;
-    }
-    vals[p] = v;
-    ids[p] = i;
-    *n = len + 1;
-}
-
 /* Routes one token. u: (E) logits; s: (E) affinities written here; idx, w: (K). */
 static void route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
                         const float *u_in, const float *bias, float *s, int32_t *idx, float *w,
@@ -293,53 +283,47 @@ static void route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_tabl
         for (int32_t e = 0; e < E; e++)
             s[e] = round_bf16((float)(1.0 / (1.0 + exp(-(double)u[e]))));
     } else {
-        k->sigmoid(s, u, E);
+        k->sigmoid_bias(s, ts->c, u, bias, E); /* also c = s + b when biased */
     }
 
     /* 2. selection scores */
     const float *c = s;
     if (bias) {
-        for (int32_t e = 0; e < E; e++) ts->c[e] = s[e] + bias[e];
+        if (cfg->score_func == DSMOE_SCORE_FUNC_SOFTMAX || bf16)
+            for (int32_t e = 0; e < E; e++) ts->c[e] = s[e] + bias[e];
         c = ts->c;
     }
 
-    /* 3. group stage */
-    int32_t n;
+    /* 3. group stage: score each group, keep the TG best (lower id wins ties) */
     if (G > 1) {
-        for (int32_t g = 0; g < G; g++) {
-            const float *cg = c + (size_t)g * gsize;
-            float score;
-            if (cfg->group_score == DSMOE_GROUP_SCORE_MAX || cfg->group_topm == 1) {
-                score = cg[0];
-                for (int32_t j = 1; j < gsize; j++) score = cg[j] > score ? cg[j] : score;
-            } else {
-                n = 0;
-                for (int32_t j = 0; j < gsize; j++)
-                    topk_push(ts->topv, ts->topi, &n, cfg->group_topm, cg[j], j);
-                score = ts->topv[0];
-                for (int32_t j = 1; j < n; j++) score += ts->topv[j];
-            }
-            ts->gs[g] = score;
-        }
-        n = 0;
-        for (int32_t g = 0; g < G; g++) topk_push(ts->topv, ts->topi, &n, cfg->topk_groups, ts->gs[g], g);
+        int32_t m = cfg->group_score == DSMOE_GROUP_SCORE_MAX ? 1 : cfg->group_topm;
+        k->group_scores(ts->gs, c, G, gsize, m, ts->sv, ts->si);
+        k->topk(ts->topi, ts->topv, ts->gs, G, cfg->topk_groups, ts->sv, ts->si);
         memset(ts->keep, 0, (size_t)G);
-        for (int32_t j = 0; j < n; j++) ts->keep[ts->topi[j]] = 1;
+        for (int32_t j = 0; j < cfg->topk_groups; j++) ts->keep[ts->topi[j]] = 1;
     }
 
-    /* 4. expert selection: K largest selection scores among eligible experts */
-    n = 0;
+    /* 4. expert selection: the K largest selection scores among the candidates */
     if (G == 1) {
-        for (int32_t e = 0; e < E; e++) topk_push(ts->topv, idx, &n, K, c[e], e);
+        ts->gl[0] = 0;
+        k->topk_blocks(idx, ts->topv, c, E, ts->gl, 1, K, ts->sv, ts->si);
     } else if (cfg->group_mask == DSMOE_GROUP_MASK_EXCLUDE) {
-        for (int32_t g = 0; g < G; g++) {
-            if (!ts->keep[g]) continue;
-            for (int32_t e = g * gsize; e < (g + 1) * gsize; e++) topk_push(ts->topv, idx, &n, K, c[e], e);
-        }
-    } else {
+        /* candidates: the kept groups, in increasing id */
+        int32_t ng = 0;
         for (int32_t g = 0; g < G; g++)
-            for (int32_t e = g * gsize; e < (g + 1) * gsize; e++)
-                topk_push(ts->topv, idx, &n, K, ts->keep[g] ? c[e] : 0.0f, e);
+            if (ts->keep[g]) ts->gl[ng++] = g;
+        k->topk_blocks(idx, ts->topv, c, gsize, ts->gl, ng, K, ts->sv, ts->si);
+    } else {
+        /* Hugging Face: dropped groups' scores become 0.0 and stay candidates */
+        for (int32_t g = 0; g < G; g++) {
+            float *dst = ts->u + (size_t)g * (size_t)gsize;
+            if (ts->keep[g])
+                memcpy(dst, c + (size_t)g * (size_t)gsize, (size_t)gsize * sizeof(float));
+            else
+                for (int32_t j = 0; j < gsize; j++) dst[j] = 0.0f;
+        }
+        ts->gl[0] = 0;
+        k->topk_blocks(idx, ts->topv, ts->u, E, ts->gl, 1, K, ts->sv, ts->si);
     }
 
     /* 5. weights from the raw affinities, normalised, scaled */
@@ -387,20 +371,12 @@ static dsmoe_status check_common(const dsmoe_router_config *cfg, const dsmoe_rou
     if (!cfg->use_bias && bias)
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
                             "%s: a bias was given but config has use_bias = 0", fn);
-    if (bias)
+    if (bias && dsmoe__kernels()->any_nonfinite(bias, cfg->n_experts))
         for (int32_t e = 0; e < cfg->n_experts; e++)
             if (!isfinite(bias[e]))
                 return dsmoe__error(DSMOE_STATUS_NON_FINITE, "%s: bias[%d] = %g is not finite", fn,
                                     (int)e, (double)bias[e]);
     return DSMOE_OK;
-}
-
-/* Returns 1 if any of x[0..n) is NaN or infinite (branch-free bit test). */
-static int any_nonfinite(const float *x, int64_t n) {
-    uint32_t bad = 0;
-    const uint32_t *b = (const uint32_t *)(const void *)x;
-    for (int64_t i = 0; i < n; i++) bad |= ((b[i] & 0x7f800000u) == 0x7f800000u);
-    return bad != 0;
 }
 
 static dsmoe_status report_nonfinite(const float *logits, int64_t T, int32_t E, const char *fn,
@@ -416,6 +392,21 @@ static dsmoe_status report_nonfinite(const float *logits, int64_t T, int32_t E, 
     return DSMOE_OK;
 }
 
+/* Routes tokens [t0, t1) with one thread's scratch. */
+static void route_range(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
+                        const dsmoe_router_output *out, const float *logits, const float *bias,
+                        int64_t t0, int64_t t1, char *scratch, size_t per) {
+    const int32_t E = cfg->n_experts, K = cfg->top_k;
+    dsmoe__carver mine = {scratch, per, 0};
+    token_scratch ts;
+    scratch_carve(cfg, &mine, &ts);
+    for (int64_t t = t0; t < t1; t++) {
+        float *s = out->scores ? out->scores + (size_t)t * (size_t)E : ts.s;
+        route_token(cfg, k, logits + (size_t)t * (size_t)E, bias, s,
+                    out->indices + (size_t)t * (size_t)K, out->weights + (size_t)t * (size_t)K, &ts);
+    }
+}
+
 static dsmoe_status route_batch(const dsmoe_router_config *cfg, const dsmoe_router_output *out,
                                 const float *logits, const float *bias, int64_t T,
                                 dsmoe__carver *cv, int nt) {
@@ -425,21 +416,22 @@ static dsmoe_status route_batch(const dsmoe_router_config *cfg, const dsmoe_rout
     char *base = (char *)dsmoe__carve(cv, (size_t)nt * per);
     if (!base) return dsmoe__error(DSMOE_STATUS_INTERNAL, "router: workspace carving failed");
 
+    /* at least 16 tokens per thread; one thread runs without a parallel region.
+     * Tokens are independent, so the split never changes a bit. */
+    if ((int64_t)nt > (T + 15) / 16) nt = (int)((T + 15) / 16);
+    if (nt <= 1) {
+        route_range(cfg, k, out, logits, bias, 0, T, base, per);
+    } else {
 #pragma omp parallel num_threads(nt)
-    {
-        int tid = 0;
+        {
+            int tid = 0, n = 1;
 #ifdef _OPENMP
-        tid = omp_get_thread_num();
+            tid = omp_get_thread_num();
+            n = omp_get_num_threads();
 #endif
-        dsmoe__carver mine = {base + (size_t)tid * per, per, 0};
-        token_scratch ts;
-        scratch_carve(cfg, &mine, &ts);
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
-            float *s = out->scores ? out->scores + (size_t)t * (size_t)E : ts.s;
-            route_token(cfg, k, logits + (size_t)t * (size_t)E, bias, s,
-                        out->indices + (size_t)t * (size_t)K, out->weights + (size_t)t * (size_t)K,
-                        &ts);
+            int64_t chunk = (T + n - 1) / n;
+            int64_t t0 = (int64_t)tid * chunk, t1 = t0 + chunk < T ? t0 + chunk : T;
+            if (t0 < t1) route_range(cfg, k, out, logits, bias, t0, t1, base + (size_t)tid * per, per);
         }
     }
     if (out->counts) {
@@ -465,7 +457,7 @@ dsmoe_status dsmoe_router_forward(const dsmoe_router_config *cfg, const dsmoe_ro
                             "%s: workspace of %zu bytes given, %zu needed (dsmoe_router_workspace_size)",
                             fn, workspace ? workspace_size : (size_t)0, need);
     if (cfg->nonfinite == DSMOE_NONFINITE_ERROR &&
-        any_nonfinite(logits, T * (int64_t)cfg->n_experts))
+        dsmoe__kernels()->any_nonfinite(logits, T * (int64_t)cfg->n_experts))
         return report_nonfinite(logits, T, cfg->n_experts, fn, "logit");
     dsmoe__carver cv = {(char *)workspace, workspace_size, 0};
     /* align the first carve */
@@ -497,7 +489,7 @@ dsmoe_status dsmoe_router_forward_hidden(const dsmoe_router_config *cfg,
         return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
                             "%s: workspace of %zu bytes given, %zu needed (dsmoe_router_workspace_size)",
                             fn, workspace ? workspace_size : (size_t)0, need);
-    if (T > 0 && any_nonfinite(hidden, T * (int64_t)D) && cfg->nonfinite == DSMOE_NONFINITE_ERROR) {
+    if (T > 0 && dsmoe__kernels()->any_nonfinite(hidden, T * (int64_t)D) && cfg->nonfinite == DSMOE_NONFINITE_ERROR) {
         for (int64_t t = 0; t < T; t++)
             for (int32_t d = 0; d < D; d++)
                 if (!isfinite(hidden[(size_t)t * (size_t)D + (size_t)d]))
@@ -578,7 +570,7 @@ dsmoe_status dsmoe_router_forward_hidden(const dsmoe_router_config *cfg,
     }
     if (bf16)
         for (size_t i = 0; i < (size_t)T * (size_t)E; i++) logits[i] = round_bf16(logits[i]);
-    if (cfg->nonfinite == DSMOE_NONFINITE_ERROR && any_nonfinite(logits, T * (int64_t)E))
+    if (cfg->nonfinite == DSMOE_NONFINITE_ERROR && k->any_nonfinite(logits, T * (int64_t)E))
         return report_nonfinite(logits, T, E, fn, "projected logit");
     int nr = nt;
     if (T < nr) nr = T > 0 ? (int)T : 1;

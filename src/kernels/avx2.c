@@ -30,7 +30,137 @@
 
 #include "simd_body.h"
 
+/* Selection kernels (same algorithms as avx512.c, 8 lanes). */
+static inline float hmax8(__m256 x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+static void group_scores_avx2(float *gs, const float *c, int32_t G, int32_t gsize, int32_t m,
+                              float *sv, int32_t *si) {
+    if ((m != 1 && m != 2) || gsize % 8 != 0) {
+        dsmoe__group_scores_ref(gs, c, G, gsize, m, sv, si);
+        return;
+    }
+    const int32_t V = gsize / 8;
+    for (int32_t g = 0; g < G; g++) {
+        const float *cg = c + (size_t)g * (size_t)gsize;
+        __m256 hi = _mm256_loadu_ps(cg);
+        if (m == 1) {
+            for (int32_t j = 1; j < V; j++) hi = _mm256_max_ps(hi, _mm256_loadu_ps(cg + 8 * j));
+            gs[g] = hmax8(hi);
+            continue;
+        }
+        __m256 lo = _mm256_set1_ps(-INFINITY);
+        for (int32_t j = 1; j < V; j++) {
+            __m256 x = _mm256_loadu_ps(cg + 8 * j);
+            lo = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
+            hi = _mm256_max_ps(hi, x);
+        }
+        float top1 = hmax8(hi);
+        int eq = _mm256_movemask_ps(_mm256_cmp_ps(hi, _mm256_set1_ps(top1), _CMP_EQ_OQ));
+        int lane = __builtin_ctz((unsigned)eq);
+        float h[8], l[8];
+        _mm256_storeu_ps(h, hi);
+        _mm256_storeu_ps(l, lo);
+        h[lane] = l[lane];
+        float top2 = hmax8(_mm256_loadu_ps(h));
+        gs[g] = top1 + top2;
+    }
+}
+
+static void topk_avx2(int32_t *pos, float *val, const float *v, int32_t n, int32_t K, float *sv,
+                      int32_t *si) {
+    if (K > 8 || n < 16 || n % 8 != 0) {
+        dsmoe__topk_ref(pos, val, v, n, K, sv, si);
+        return;
+    }
+    const int32_t V = n / 8;
+    __m256 mx = _mm256_loadu_ps(v);
+    for (int32_t j = 1; j < V; j++) mx = _mm256_max_ps(mx, _mm256_loadu_ps(v + 8 * j));
+    float lm[8], tv[8];
+    int32_t ti[8], len = 0;
+    _mm256_storeu_ps(lm, mx);
+    for (int32_t i = 0; i < 8; i++) dsmoe__topk_push(tv, ti, &len, K, lm[i], i);
+    const __m256 t = _mm256_set1_ps(tv[K - 1]);
+    int32_t cnt = 0;
+    for (int32_t j = 0; j < V; j++) {
+        unsigned bits = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + 8 * j), t, _CMP_GE_OQ));
+        while (bits) {
+            int b = __builtin_ctz(bits);
+            sv[cnt] = v[8 * j + b];
+            si[cnt] = 8 * j + b;
+            cnt++;
+            bits &= bits - 1;
+        }
+    }
+    len = 0;
+    for (int32_t i = 0; i < cnt; i++) dsmoe__topk_push(val, pos, &len, K, sv[i], si[i]);
+}
+
+static void topk_blocks_avx2(int32_t *ids, float *val, const float *v, int32_t gsize,
+                             const int32_t *groups, int32_t ng, int32_t K, float *sv, int32_t *si) {
+    const int32_t n = ng * gsize;
+    if (K > 8 || gsize % 8 != 0 || n < 16) {
+        dsmoe__topk_blocks_ref(ids, val, v, gsize, groups, ng, K, sv, si);
+        return;
+    }
+    const int32_t V = gsize / 8;
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int32_t q = 0; q < ng; q++) {
+        const float *b = v + (size_t)groups[q] * (size_t)gsize;
+        for (int32_t j = 0; j < V; j++) mx = _mm256_max_ps(mx, _mm256_loadu_ps(b + 8 * j));
+    }
+    float lm[8], tv[8];
+    int32_t ti[8], len = 0;
+    _mm256_storeu_ps(lm, mx);
+    for (int32_t i = 0; i < 8; i++) dsmoe__topk_push(tv, ti, &len, K, lm[i], i);
+    const __m256 t = _mm256_set1_ps(tv[K - 1]);
+    int32_t cnt = 0;
+    for (int32_t q = 0; q < ng; q++) {
+        const int32_t e0 = groups[q] * gsize;
+        for (int32_t j = 0; j < V; j++) {
+            unsigned bits = (unsigned)_mm256_movemask_ps(
+                _mm256_cmp_ps(_mm256_loadu_ps(v + e0 + 8 * j), t, _CMP_GE_OQ));
+            while (bits) {
+                int b = __builtin_ctz(bits);
+                sv[cnt] = v[e0 + 8 * j + b];
+                si[cnt] = e0 + 8 * j + b;
+                cnt++;
+                bits &= bits - 1;
+            }
+        }
+    }
+    len = 0;
+    for (int32_t i = 0; i < cnt; i++) dsmoe__topk_push(val, ids, &len, K, sv[i], si[i]);
+}
+
+static int any_nonfinite_avx2(const float *x, int64_t n) {
+    const __m256i expo = _mm256_set1_epi32(0x7f800000);
+    __m256i bad = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i b = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(const void *)(x + i)), expo);
+        bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(b, expo));
+    }
+    int any = !_mm256_testz_si256(bad, bad);
+    for (; i < n; i++) any |= !isfinite(x[i]);
+    return any;
+}
+
 const dsmoe__kernel_table dsmoe__kernels_avx2 = {
-    "avx2", k_sigmoid_avx2, k_softmax_avx2, k_bf16_to_f32_avx2, k_dot_bf16_avx2,
-    k_swiglu_avx2, k_swiglu_backward_avx2,
+    .name = "avx2",
+    .sigmoid = k_sigmoid_avx2,
+    .sigmoid_bias = k_sigmoid_bias_avx2,
+    .any_nonfinite = any_nonfinite_avx2,
+    .softmax = k_softmax_avx2,
+    .bf16_to_f32 = k_bf16_to_f32_avx2,
+    .dot_bf16 = k_dot_bf16_avx2,
+    .swiglu = k_swiglu_avx2,
+    .swiglu_backward = k_swiglu_backward_avx2,
+    .group_scores = group_scores_avx2,
+    .topk = topk_avx2,
+    .topk_blocks = topk_blocks_avx2,
 };

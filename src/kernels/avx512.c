@@ -30,7 +30,204 @@
 
 #include "simd_body.h"
 
+/* Selection kernels. Comparisons only, so exactness is by construction; the shapes
+ * they do not cover fall back to the scalar reference. */
+
+/* Per lane: hi = largest, lo = second largest of the group's vectors; the group's
+ * top-2 sum is max(hi) + max(hi with its first maximal lane replaced by lo). */
+static void group_scores_avx512(float *gs, const float *c, int32_t G, int32_t gsize, int32_t m,
+                                float *sv, int32_t *si) {
+    if ((m != 1 && m != 2) || gsize % 16 != 0) {
+        dsmoe__group_scores_ref(gs, c, G, gsize, m, sv, si);
+        return;
+    }
+    const int32_t V = gsize / 16;
+    for (int32_t g = 0; g < G; g++) {
+        const float *cg = c + (size_t)g * (size_t)gsize;
+        __m512 hi = _mm512_loadu_ps(cg);
+        if (m == 1) {
+            for (int32_t j = 1; j < V; j++) hi = _mm512_max_ps(hi, _mm512_loadu_ps(cg + 16 * j));
+            gs[g] = _mm512_reduce_max_ps(hi);
+            continue;
+        }
+        __m512 lo = _mm512_set1_ps(-INFINITY);
+        for (int32_t j = 1; j < V; j++) {
+            __m512 x = _mm512_loadu_ps(cg + 16 * j);
+            lo = _mm512_max_ps(lo, _mm512_min_ps(hi, x));
+            hi = _mm512_max_ps(hi, x);
+        }
+        float top1 = _mm512_reduce_max_ps(hi);
+        __mmask16 eq = _mm512_cmp_ps_mask(hi, _mm512_set1_ps(top1), _CMP_EQ_OQ);
+        __mmask16 first = (__mmask16)(eq & (__mmask16)(-(int)eq));
+        float top2 = _mm512_reduce_max_ps(_mm512_mask_blend_ps(first, hi, lo));
+        gs[g] = top1 + top2;
+    }
+}
+
+/* Branch-free selection among m <= 16 finite candidates by rank counting: the rank
+ * of candidate i is the number of candidates that beat it (larger, or equal with a
+ * lower position), computed for all lanes at once by comparing the vector with its
+ * 15 rotations; candidates of rank < K land at their rank. Equivalent to the
+ * reference's stable insertion. v, ids: m entries in increasing position order. */
+static void rank_select16(int32_t *pos, float *val, const float *v, const int32_t *ids, int32_t m,
+                          int32_t K) {
+    const __mmask16 live = (__mmask16)(m >= 16 ? 0xffffu : ((1u << m) - 1u));
+    const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, v);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512i rank = _mm512_setzero_si512();
+    for (int s = 1; s < 16; s++) {
+        /* lane i sees lane (i + s) mod 16, which has a lower position iff i + s >= 16 */
+        __m512i src = _mm512_and_si512(_mm512_add_epi32(lane, _mm512_set1_epi32(s)), _mm512_set1_epi32(15));
+        __m512 y = _mm512_permutexvar_ps(src, x);
+        __mmask16 wrap = (__mmask16)(0xffffu << (16 - s));
+        __mmask16 beat = _mm512_cmp_ps_mask(y, x, _CMP_GT_OQ) |
+                         (_mm512_cmp_ps_mask(y, x, _CMP_EQ_OQ) & wrap);
+        rank = _mm512_mask_add_epi32(rank, beat, rank, one);
+    }
+    /* invert the permutation for the K output slots (scatters are slow on some CPUs) */
+    int32_t inv[16] = {0};
+    for (int32_t r = 0; r < K; r++) {
+        unsigned at = _mm512_mask_cmpeq_epi32_mask(live, rank, _mm512_set1_epi32(r));
+        inv[r] = __builtin_ctz(at | 0x10000u) & 15;
+    }
+    const __m512i iv = _mm512_loadu_si512((const void *)inv);
+    const __m512i id = ids ? _mm512_mask_loadu_epi32(lane, live, ids) : lane;
+    const __mmask16 outk = (__mmask16)((1u << K) - 1u);
+    _mm512_mask_storeu_ps(val, outk, _mm512_permutexvar_ps(iv, x));
+    _mm512_mask_storeu_epi32(pos, outk, _mm512_permutexvar_epi32(iv, id));
+}
+
+/* The K-th largest (1-based) of 16 finite values (ties counted), by rank counting. */
+static float kth_largest16(const float *v, int32_t K) {
+    const __m512 x = _mm512_loadu_ps(v);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512i rank = _mm512_setzero_si512();
+    for (int s = 1; s < 16; s++) {
+        __m512i src = _mm512_and_si512(_mm512_add_epi32(lane, _mm512_set1_epi32(s)), _mm512_set1_epi32(15));
+        __m512 y = _mm512_permutexvar_ps(src, x);
+        __mmask16 wrap = (__mmask16)(0xffffu << (16 - s));
+        __mmask16 beat = _mm512_cmp_ps_mask(y, x, _CMP_GT_OQ) |
+                         (_mm512_cmp_ps_mask(y, x, _CMP_EQ_OQ) & wrap);
+        rank = _mm512_mask_add_epi32(rank, beat, rank, one);
+    }
+    __mmask16 at = _mm512_cmp_epi32_mask(rank, _mm512_set1_epi32(K - 1), _MM_CMPINT_EQ);
+    return _mm512_cvtss_f32(_mm512_maskz_compress_ps(at, x));
+}
+
+/* Threshold selection: the K-th largest of the 16 lane maxima is a lower bound of the
+ * K-th largest value (the lane maxima are 16 distinct elements), so only elements at
+ * or above it can be chosen; they are compressed in index order and ranked. More
+ * than 16 survivors (many ties) fall back to the scalar reference. */
+static void topk_avx512(int32_t *pos, float *val, const float *v, int32_t n, int32_t K, float *sv,
+                        int32_t *si) {
+    if (K > 16 || n < K) {
+        dsmoe__topk_ref(pos, val, v, n, K, sv, si);
+        return;
+    }
+    if (n <= 16) {
+        rank_select16(pos, val, v, NULL, n, K);
+        return;
+    }
+    if (n % 16 != 0) {
+        dsmoe__topk_ref(pos, val, v, n, K, sv, si);
+        return;
+    }
+    const int32_t V = n / 16;
+    __m512 mx = _mm512_loadu_ps(v);
+    for (int32_t j = 1; j < V; j++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(v + 16 * j));
+    float lm[16];
+    _mm512_storeu_ps(lm, mx);
+    const __m512 t = _mm512_set1_ps(kth_largest16(lm, K));
+    __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i step = _mm512_set1_epi32(16);
+    int32_t cnt = 0;
+    for (int32_t j = 0; j < V; j++) {
+        __m512 x = _mm512_loadu_ps(v + 16 * j);
+        __mmask16 k = _mm512_cmp_ps_mask(x, t, _CMP_GE_OQ);
+        /* register compress + full store (scratch has 16 entries of slack) */
+        _mm512_storeu_ps(sv + cnt, _mm512_maskz_compress_ps(k, x));
+        _mm512_storeu_si512((void *)(si + cnt), _mm512_maskz_compress_epi32(k, idx));
+        cnt += __builtin_popcount((unsigned)k);
+        idx = _mm512_add_epi32(idx, step);
+    }
+    if (cnt <= 16) {
+        rank_select16(pos, val, sv, si, cnt, K);
+    } else {
+        int32_t len = 0;
+        for (int32_t i = 0; i < cnt; i++) dsmoe__topk_push(val, pos, &len, K, sv[i], si[i]);
+    }
+}
+
+/* topk over kept blocks without gathering them: the same threshold argument over
+ * the lane maxima of every kept vector. */
+static void topk_blocks_avx512(int32_t *ids, float *val, const float *v, int32_t gsize,
+                               const int32_t *groups, int32_t ng, int32_t K, float *sv,
+                               int32_t *si) {
+    const int32_t n = ng * gsize;
+    if (K > 16 || gsize % 16 != 0 || n < 32) {
+        dsmoe__topk_blocks_ref(ids, val, v, gsize, groups, ng, K, sv, si);
+        return;
+    }
+    const int32_t V = gsize / 16;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int32_t q = 0; q < ng; q++) {
+        const float *b = v + (size_t)groups[q] * (size_t)gsize;
+        for (int32_t j = 0; j < V; j++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(b + 16 * j));
+    }
+    float lm[16];
+    _mm512_storeu_ps(lm, mx);
+    const __m512 t = _mm512_set1_ps(kth_largest16(lm, K));
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int32_t cnt = 0;
+    for (int32_t q = 0; q < ng; q++) {
+        const int32_t e0 = groups[q] * gsize;
+        for (int32_t j = 0; j < V; j++) {
+            __m512 x = _mm512_loadu_ps(v + e0 + 16 * j);
+            __mmask16 k = _mm512_cmp_ps_mask(x, t, _CMP_GE_OQ);
+            if (!k) continue;
+            __m512i id = _mm512_add_epi32(lane, _mm512_set1_epi32(e0 + 16 * j));
+            _mm512_storeu_ps(sv + cnt, _mm512_maskz_compress_ps(k, x));
+            _mm512_storeu_si512((void *)(si + cnt), _mm512_maskz_compress_epi32(k, id));
+            cnt += __builtin_popcount((unsigned)k);
+        }
+    }
+    if (cnt <= 16) {
+        rank_select16(ids, val, sv, si, cnt, K);
+    } else {
+        int32_t len = 0;
+        for (int32_t i = 0; i < cnt; i++) dsmoe__topk_push(val, ids, &len, K, sv[i], si[i]);
+    }
+}
+
+static int any_nonfinite_avx512(const float *x, int64_t n) {
+    const __m512i expo = _mm512_set1_epi32(0x7f800000);
+    __mmask16 bad = 0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i b = _mm512_and_si512(_mm512_loadu_si512((const void *)(x + i)), expo);
+        bad |= _mm512_cmpeq_epi32_mask(b, expo);
+    }
+    if (i < n) {
+        __mmask16 live = (__mmask16)((1u << (n - i)) - 1u);
+        __m512i b = _mm512_and_si512(_mm512_maskz_loadu_epi32(live, x + i), expo);
+        bad |= _mm512_mask_cmpeq_epi32_mask(live, b, expo);
+    }
+    return bad != 0;
+}
+
 const dsmoe__kernel_table dsmoe__kernels_avx512 = {
-    "avx512", k_sigmoid_avx512, k_softmax_avx512, k_bf16_to_f32_avx512, k_dot_bf16_avx512,
-    k_swiglu_avx512, k_swiglu_backward_avx512,
+    .name = "avx512",
+    .sigmoid = k_sigmoid_avx512,
+    .sigmoid_bias = k_sigmoid_bias_avx512,
+    .any_nonfinite = any_nonfinite_avx512,
+    .softmax = k_softmax_avx512,
+    .bf16_to_f32 = k_bf16_to_f32_avx512,
+    .dot_bf16 = k_dot_bf16_avx512,
+    .swiglu = k_swiglu_avx512,
+    .swiglu_backward = k_swiglu_backward_avx512,
+    .group_scores = group_scores_avx512,
+    .topk = topk_avx512,
+    .topk_blocks = topk_blocks_avx512,
 };

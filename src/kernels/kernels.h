@@ -25,6 +25,10 @@ typedef struct dsmoe__kernel_table {
     const char *name;
     /* out[i] = 1 / (1 + exp(-in[i])) */
     void (*sigmoid)(float *out, const float *in, int64_t n);
+    /* s[i] = sigmoid(u[i]); if b: c[i] = s[i] + b[i] (one pass) */
+    void (*sigmoid_bias)(float *s, float *c, const float *u, const float *b, int64_t n);
+    /* 1 if any of x[0..n) is NaN or ±Inf, else 0 */
+    int (*any_nonfinite)(const float *x, int64_t n);
     /* out = softmax(in) over n elements: exp(in - max) / (16-lane-tree sum) */
     void (*softmax)(float *out, const float *in, int64_t n);
     /* out[i] = bf16 word in[i] widened to fp32 (exact) */
@@ -37,6 +41,21 @@ typedef struct dsmoe__kernel_table {
      * Either dg or du may alias nothing else. */
     void (*swiglu_backward)(float *dg, float *du, const float *dh, const float *g,
                             const float *u, int64_t n);
+    /* Group scores of the selection scores c (G groups of gsize): the max (m = 1) or
+     * the sum of the m largest, added in descending order (largest first). */
+    void (*group_scores)(float *gs, const float *c, int32_t G, int32_t gsize, int32_t m,
+                         float *scratch_v, int32_t *scratch_i);
+    /* The K largest of v[0..n) (finite values): positions into pos (K) and values into
+     * val (K), by descending value, the lower position first among equal values.
+     * scratch_v / scratch_i hold n entries each. */
+    void (*topk)(int32_t *pos, float *val, const float *v, int32_t n, int32_t K,
+                 float *scratch_v, int32_t *scratch_i);
+    /* The K largest among the blocks v[g*gsize .. (g+1)*gsize) for g in groups[0..ng)
+     * (increasing g): expert ids g*gsize + j into ids (K), values into val (K), by
+     * descending value, lower id first among equal values. Scratch: ng*gsize + 16. */
+    void (*topk_blocks)(int32_t *ids, float *val, const float *v, int32_t gsize,
+                        const int32_t *groups, int32_t ng, int32_t K, float *scratch_v,
+                        int32_t *scratch_i);
 } dsmoe__kernel_table;
 
 /* The active table (resolved once; thread-safe after the first call). */
@@ -52,8 +71,39 @@ extern const dsmoe__kernel_table dsmoe__kernels_avx2;
 extern const dsmoe__kernel_table dsmoe__kernels_avx512;
 #endif
 
+/* Inserts (v, i) into the descending list (vals, ids) of length *n (capacity cap).
+ * Candidates must arrive in increasing index order: the strict comparison then keeps
+ * the lower index first among equal values. */
+static inline void dsmoe__topk_push(float *vals, int32_t *ids, int32_t *n, int32_t cap, float v,
+                                    int32_t i) {
+    int32_t len = *n;
+    if (len == cap) {
+        if (!(v > vals[cap - 1])) return;
+        len = cap - 1;
+    }
+    int32_t p = len;
+    while (p > 0 && v > vals[p - 1]) {
+        vals[p] = vals[p - 1];
+        ids[p] = ids[p - 1];
+        p--;
+    }
+    vals[p] = v;
+    ids[p] = i;
+    *n = len + 1;
+}
+
+/* Scalar reference selection kernels (also the fallback of the SIMD versions). */
+void dsmoe__group_scores_ref(float *gs, const float *c, int32_t G, int32_t gsize, int32_t m,
+                             float *scratch_v, int32_t *scratch_i);
+void dsmoe__topk_ref(int32_t *pos, float *val, const float *v, int32_t n, int32_t K,
+                     float *scratch_v, int32_t *scratch_i);
+void dsmoe__topk_blocks_ref(int32_t *ids, float *val, const float *v, int32_t gsize,
+                            const int32_t *groups, int32_t ng, int32_t K, float *scratch_v,
+                            int32_t *scratch_i);
+
 /* Scalar building blocks shared with the router (identical to the reference). */
 float dsmoe__expf(float x);
+float dsmoe__expf_sig(float y);
 float dsmoe__sigmoidf(float x);
 
 /* Constants of the exp kernel, shared by every ISA file. */

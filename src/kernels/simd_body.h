@@ -40,14 +40,46 @@ static inline VF FN(v_exp)(VF x) {
     return res;
 }
 
+/* exp for 1/(1 + exp(y)): see dsmoe__expf_sig in ref.c */
+static inline VF FN(v_exp_sig)(VF y) {
+    VF xc = V_MAX(V_MIN(y, V_SET1(DSMOE__EXP_HI)), V_SET1(-87.0f));
+    VF n = V_RINT(V_MUL(xc, V_SET1(DSMOE__LOG2E)));
+    VF r = V_FMA(n, V_SET1(-DSMOE__LN2_HI), xc);
+    r = V_FMA(n, V_SET1(-DSMOE__LN2_LO), r);
+    VF z = V_MUL(r, r);
+    VF p = V_SET1(DSMOE__EXP_C0);
+    p = V_FMA(p, r, V_SET1(DSMOE__EXP_C1));
+    p = V_FMA(p, r, V_SET1(DSMOE__EXP_C2));
+    p = V_FMA(p, r, V_SET1(DSMOE__EXP_C3));
+    p = V_FMA(p, r, V_SET1(DSMOE__EXP_C4));
+    p = V_FMA(p, r, V_SET1(DSMOE__EXP_C5));
+    p = V_FMA(p, z, r);
+    p = V_ADD(p, V_SET1(1.0f));
+    return V_MUL(p, V_I_EXP2(V_CVT_I(n)));
+}
+
 static void FN(k_sigmoid)(float *out, const float *in, int64_t n) {
     int64_t i = 0;
     const VF one = V_SET1(1.0f);
     for (; i + W <= n; i += W) {
         VF x = V_LOAD(in + i);
-        V_STORE(out + i, V_DIV(one, V_ADD(one, FN(v_exp)(V_NEG(x)))));
+        V_STORE(out + i, V_DIV(one, V_ADD(one, FN(v_exp_sig)(V_NEG(x)))));
     }
     for (; i < n; i++) out[i] = dsmoe__sigmoidf(in[i]);
+}
+
+static void FN(k_sigmoid_bias)(float *s, float *c, const float *u, const float *b, int64_t n) {
+    int64_t i = 0;
+    const VF one = V_SET1(1.0f);
+    for (; i + W <= n; i += W) {
+        VF sv = V_DIV(one, V_ADD(one, FN(v_exp_sig)(V_NEG(V_LOAD(u + i)))));
+        V_STORE(s + i, sv);
+        if (b) V_STORE(c + i, V_ADD(sv, V_LOAD(b + i)));
+    }
+    for (; i < n; i++) {
+        s[i] = dsmoe__sigmoidf(u[i]);
+        if (b) c[i] = s[i] + b[i];
+    }
 }
 
 static float FN(tree16)(float *p) {
@@ -133,11 +165,11 @@ static void FN(k_swiglu)(float *h, const float *g, const float *u, int64_t n) {
     const VF one = V_SET1(1.0f);
     for (; i + W <= n; i += W) {
         VF gv = V_LOAD(g + i);
-        VF silu = V_DIV(gv, V_ADD(one, FN(v_exp)(V_NEG(gv))));
+        VF silu = V_DIV(gv, V_ADD(one, FN(v_exp_sig)(V_NEG(gv))));
         V_STORE(h + i, V_MUL(silu, V_LOAD(u + i)));
     }
     for (; i < n; i++) {
-        float e = dsmoe__expf(-g[i]);
+        float e = dsmoe__expf_sig(-g[i]);
         float silu = g[i] / (1.0f + e);
         h[i] = silu * u[i];
     }
@@ -149,7 +181,7 @@ static void FN(k_swiglu_backward)(float *dg, float *du, const float *dh, const f
     const VF one = V_SET1(1.0f);
     for (; i + W <= n; i += W) {
         VF gv = V_LOAD(g + i), uv = V_LOAD(u + i), dhv = V_LOAD(dh + i);
-        VF sg = V_DIV(one, V_ADD(one, FN(v_exp)(V_NEG(gv))));
+        VF sg = V_DIV(one, V_ADD(one, FN(v_exp_sig)(V_NEG(gv))));
         VF silu = V_MUL(gv, sg);
         VF dsilu = V_MUL(sg, V_ADD(one, V_MUL(gv, V_SUB(one, sg))));
         VF t = V_MUL(dhv, uv);
@@ -157,7 +189,7 @@ static void FN(k_swiglu_backward)(float *dg, float *du, const float *dh, const f
         V_STORE(du + i, V_ADD(V_LOAD(du + i), V_MUL(dhv, silu)));
     }
     for (; i < n; i++) {
-        float sg = 1.0f / (1.0f + dsmoe__expf(-g[i]));
+        float sg = 1.0f / (1.0f + dsmoe__expf_sig(-g[i]));
         float silu = g[i] * sg;
         float dsilu = sg * (1.0f + g[i] * (1.0f - sg));
         float t = dh[i] * u[i];
