@@ -248,6 +248,8 @@ size_t dsmoe_router_workspace_size(const dsmoe_router_config *cfg, int64_t T, in
 
 /* ------------------------------------------------------------ one token -- */
 
+#define DSMOE__BF16_MAX 3.38953138925153547590470800371487866880e+38f /* 0x7f7f */
+
 static inline float round_bf16(float x) { return dsmoe_bf16_to_f32(dsmoe_f32_to_bf16(x)); }
 
 static inline float sanitize(float x) {
@@ -269,7 +271,13 @@ static void route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_tabl
     if (cfg->nonfinite == DSMOE_NONFINITE_SANITIZE || bf16) {
         for (int32_t e = 0; e < E; e++) {
             float x = cfg->nonfinite == DSMOE_NONFINITE_SANITIZE ? sanitize(u_in[e]) : u_in[e];
-            ts->u[e] = bf16 ? round_bf16(x) : x;
+            if (bf16) {
+                /* values beyond the bf16 range saturate instead of rounding to ±Inf */
+                x = round_bf16(x);
+                if (x == INFINITY) x = DSMOE__BF16_MAX;
+                if (x == -INFINITY) x = -DSMOE__BF16_MAX;
+            }
+            ts->u[e] = x;
         }
         u = ts->u;
     }
@@ -281,7 +289,8 @@ static void route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_tabl
         /* official bf16 path: fp32 sigmoid of the bf16 logit, rounded to bf16 (the fp32
          * value is the correctly rounded one, computed via double) */
         for (int32_t e = 0; e < E; e++)
-            s[e] = round_bf16((float)(1.0 / (1.0 + exp(-(double)u[e]))));
+            s[e] = u[e] < -DSMOE__EXP_HI ? 0.0f /* exp(-u) overflows fp32: torch gives 0 */
+                                         : round_bf16((float)(1.0 / (1.0 + exp(-(double)u[e]))));
     } else {
         k->sigmoid_bias(s, ts->c, u, bias, E); /* also c = s + b when biased */
     }
