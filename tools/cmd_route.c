@@ -22,6 +22,8 @@ static const char *const route_usage =
     "  --out-indices I.npy    expert indices (T, K) int32, by descending selection score\n"
     "  --out-weights W.npy    routing weights (T, K) float32\n"
     "  --out-scores S.npy     affinities (T, E) float32 (sigmoid or softmax, before the bias)\n"
+    "  --out-logits L.npy     the logits routed (T, E) float32: projected from --hidden, or the\n"
+    "                         synthetic ones of --random\n"
     "  --json                 print a JSON summary (tokens, per-expert counts, MaxVio) on stdout\n"
     "other:\n"
     "  --threads N            threads (default: all; results identical for any N)\n"
@@ -47,7 +49,7 @@ int cmd_route(int argc, char **argv) {
     const char *cmd = "route";
     cli_router_flags rf;
     const char *logits_path = NULL, *hidden_path = NULL, *gate_path = NULL;
-    const char *out_idx = NULL, *out_w = NULL, *out_s = NULL;
+    const char *out_idx = NULL, *out_w = NULL, *out_s = NULL, *out_l = NULL;
     long long random_T = -1, seed = 1, threads = 0;
     int json = 0;
     for (int i = 1; i < argc; i++)
@@ -68,6 +70,7 @@ int cmd_route(int argc, char **argv) {
         else if (cli_opt(argc, argv, &i, "--out-indices", &v, &missing)) out_idx = v;
         else if (cli_opt(argc, argv, &i, "--out-weights", &v, &missing)) out_w = v;
         else if (cli_opt(argc, argv, &i, "--out-scores", &v, &missing)) out_s = v;
+        else if (cli_opt(argc, argv, &i, "--out-logits", &v, &missing)) out_l = v;
         else if (cli_opt(argc, argv, &i, "--random", &v, &missing)) {
             if (!missing && !cli_parse_int(v, 0, 100000000, &random_T))
                 return cli_fail(CLI_USAGE, cmd, "--random expects a token count, got '%s'", v);
@@ -96,7 +99,7 @@ int cmd_route(int argc, char **argv) {
     const int64_t E = cfg->n_experts, K = cfg->top_k;
     int rc = CLI_RUNTIME;
     dsmoe_array logits = {0}, hidden = {0}, gate = {0}, bias = {0};
-    float *zero_bias = NULL, *weights = NULL, *scores = NULL;
+    float *zero_bias = NULL, *weights = NULL, *scores = NULL, *proj = NULL;
     int32_t *indices = NULL;
     int64_t *counts = NULL;
     void *ws = NULL;
@@ -160,7 +163,14 @@ int cmd_route(int argc, char **argv) {
         cli_fail(CLI_RUNTIME, cmd, "out of memory for %lld tokens", (long long)T);
         goto done;
     }
-    dsmoe_router_output out = {indices, weights, scores, NULL, counts};
+    if (out_l && hidden_path) {
+        proj = malloc((size_t)(T * E > 0 ? T * E : 1) * sizeof(float));
+        if (!proj) {
+            cli_fail(CLI_RUNTIME, cmd, "out of memory for %lld tokens", (long long)T);
+            goto done;
+        }
+    }
+    dsmoe_router_output out = {indices, weights, scores, proj, counts};
     size_t ws_size = dsmoe_router_workspace_size(cfg, T, (int32_t)D, gate.dtype, (int)threads);
     ws = dsmoe_malloc(ws_size);
     if (!ws) {
@@ -182,6 +192,8 @@ int cmd_route(int argc, char **argv) {
     if (out_idx && cli_save_npy(cmd, out_idx, DSMOE_DTYPE_I32, 2, shape_k, indices)) goto done;
     if (out_w && cli_save_npy(cmd, out_w, DSMOE_DTYPE_F32, 2, shape_k, weights)) goto done;
     if (out_s && cli_save_npy(cmd, out_s, DSMOE_DTYPE_F32, 2, shape_e, scores)) goto done;
+    if (out_l && cli_save_npy(cmd, out_l, DSMOE_DTYPE_F32, 2, shape_e, hidden_path ? proj : logits.data))
+        goto done;
 
     int64_t maxc = 0, dead = 0;
     for (int64_t e = 0; e < E; e++) {
@@ -198,7 +210,7 @@ int cmd_route(int argc, char **argv) {
                (long long)T, (long long)E, (long long)K, maxvio, (long long)dead, dsmoe_isa(), cfgjson);
         for (int64_t e = 0; e < E; e++) printf("%s%lld", e ? ", " : "", (long long)counts[e]);
         printf("]}\n");
-    } else if (!out_idx && !out_w && !out_s) {
+    } else if (!out_idx && !out_w && !out_s && !out_l) {
         printf("routed %lld tokens to %lld experts (top-%lld): MaxVio(batch) %.4f, %lld experts unused\n",
                (long long)T, (long long)E, (long long)K, maxvio, (long long)dead);
         if (T > 0) {
@@ -217,6 +229,7 @@ done:
     free(indices);
     free(weights);
     free(scores);
+    free(proj);
     free(counts);
     dsmoe_free(ws);
     return rc;
