@@ -74,7 +74,7 @@ static double time_calls(const bench_ctx *c, int what, int repeat, double min_ti
     } while (now_s() - t0 < min_time / 4);
     double per = (now_s() - t0) / (double)iters;
     long n = (long)(min_time / (per > 1e-9 ? per : 1e-9)) + 1;
-    double times[64];
+    double times[64] = {0};
     if (repeat > 64) repeat = 64;
     for (int r = 0; r < repeat; r++) {
         double a = now_s();
