@@ -73,7 +73,8 @@ static const char *const simulate_usage =
     "The router always routes with the strategy's bias (presets without a bias get one).\n"
     "MaxVio = (max load - mean load) / mean load. Summary: MaxVio of the counts summed over\n"
     "the run and over the last steps, the mean of the per-step MaxVio_batch over the last\n"
-    "steps, the first step below --threshold, and max - min of the final bias.\n"
+    "steps, the first step (from 0) below --threshold, max - min of the final bias, the\n"
+    "mean seq_aux over the last steps, and what storing the final bias in bf16 would do.\n"
     "\n";
 
 #define MAX_STRATEGIES 8
@@ -90,6 +91,7 @@ typedef struct strategy {
     int64_t first_below;  /* step index, -1 never */
     dsmoe_load_stats final_run, final_last;
     double maxvio_batch_last_mean, seq_aux_last_mean, bias_spread, gpt_sum;
+    dsmoe_bias_bf16_report bf16, bf16_centred; /* storing the final bias in bf16 */
 } strategy;
 
 /* ------------------------------------------------------------ traffic -- */
@@ -516,7 +518,7 @@ int cmd_simulate(int argc, char **argv) {
             if (trace) {
                 dsmoe_balancer_info info;
                 dsmoe_balancer_get_info(sg->bal, &info);
-                fprintf(trace, "{\"step\":%lld,\"strategy\":\"%s\",\"gamma\":%.9g,\"tokens\":%lld,\"counts\":",
+                fprintf(trace, "{\"step\":%lld,\"strategy\":\"%s\",\"gamma\":%.6g,\"tokens\":%lld,\"counts\":",
                         (long long)st, sg->label, (double)info.last_gamma, (long long)T);
                 print_json_array_i64(trace, counts, E);
                 fprintf(trace,
@@ -568,6 +570,21 @@ int cmd_simulate(int argc, char **argv) {
             if (b[i] > hi) hi = b[i];
         }
         sg->bias_spread = (double)hi - (double)lo;
+        /* what bf16 storage would do to the final bias, as is and mean-centred */
+        float *cb = malloc(sizeof(float) * (size_t)E);
+        if (!cb || dsmoe_bias_bf16_check(b, E, (float)sg->gamma, &sg->bf16) != DSMOE_OK) {
+            free(cb);
+            cli_fail(CLI_RUNTIME, cmd, "bf16 check: %s", dsmoe_last_error());
+            goto done;
+        }
+        memcpy(cb, b, sizeof(float) * (size_t)E);
+        dsmoe_bias_center(cb, E);
+        dsmoe_status bst = dsmoe_bias_bf16_check(cb, E, (float)sg->gamma, &sg->bf16_centred);
+        free(cb);
+        if (bst != DSMOE_OK) {
+            cli_fail(CLI_RUNTIME, cmd, "bf16 check: %s", dsmoe_last_error());
+            goto done;
+        }
     }
     char cfgjson[1024];
     dsmoe_router_config_json(cfg, cfgjson, sizeof cfgjson);
@@ -589,13 +606,18 @@ int cmd_simulate(int argc, char **argv) {
                    "\"maxvio_last\":%.9g,\"maxvio_batch_last_mean\":%.9g,\"first_step_below\":%lld,"
                    "\"bias_spread\":%.9g,\"seq_aux_last_mean\":%.9g,\"cv_last\":%.9g,"
                    "\"entropy_last\":%.9g,\"dead_last\":%d,\"group_maxvio_last\":%.9g,"
-                   "\"groups_per_token_last\":%.9g}",
+                   "\"groups_per_token_last\":%.9g,\"bias_mean\":%.9g,\"bf16_distinct\":%d,"
+                   "\"bf16_collapsed\":%d,\"bf16_step_lost\":%d,\"bf16_centred_collapsed\":%d,"
+                   "\"bf16_centred_step_lost\":%d}",
                    s ? "," : "", sg->label,
                    sg->none ? "none" : (sg->rule == DSMOE_BALANCE_RULE_SIGN ? "sign" : "proportional"),
                    sg->gamma, sg->final_run.maxvio, sg->final_last.maxvio,
                    sg->maxvio_batch_last_mean, (long long)sg->first_below, sg->bias_spread,
                    sg->seq_aux_last_mean, sg->final_last.cv, sg->final_last.entropy,
-                   (int)sg->final_last.dead, sg->final_last.group_maxvio, sg->gpt_sum);
+                   (int)sg->final_last.dead, sg->final_last.group_maxvio, sg->gpt_sum,
+                   (double)sg->bf16.mean, (int)sg->bf16.distinct_bf16, (int)sg->bf16.collapsed,
+                   (int)sg->bf16.step_lost, (int)sg->bf16_centred.collapsed,
+                   (int)sg->bf16_centred.step_lost);
         }
         printf("]}\n");
     } else {
@@ -632,6 +654,16 @@ int cmd_simulate(int argc, char **argv) {
                 else snprintf(h, sizeof h, " %.1fx |", ratio);
             }
             printf("| %s | %s | %s | %s | %s | %s | %s | %s |%s\n", sg->label, g, a, b, c, d, e, f, h);
+        }
+        printf("\nfinal bias stored in bf16 (collapsed: experts whose distinct fp32 values merge; "
+               "step lost: a +-gamma update would round away):\n");
+        for (int s = 0; s < n_strat; s++) {
+            strategy *sg = &strat[s];
+            if (sg->none) continue;
+            printf("  %-16s mean %+.4f: %d collapsed, %d step lost; mean-centred: %d collapsed, "
+                   "%d step lost\n",
+                   sg->label, (double)sg->bf16.mean, (int)sg->bf16.collapsed, (int)sg->bf16.step_lost,
+                   (int)sg->bf16_centred.collapsed, (int)sg->bf16_centred.step_lost);
         }
     }
     rc = CLI_OK;
