@@ -90,7 +90,7 @@ static const char *tl_current = "";
 
 /* |a-b| <= atol + rtol*|ref| elementwise; prints up to 5 mismatches and the max error.
  * NaN anywhere is a mismatch. Returns 1 when all match. */
-static int tl_allclose(const char *what, const float *got, const double *ref, int64_t n,
+static inline int tl_allclose(const char *what, const float *got, const double *ref, int64_t n,
                        double atol, double rtol) {
     int bad = 0;
     double maxerr = 0;
@@ -115,7 +115,7 @@ static int tl_allclose(const char *what, const float *got, const double *ref, in
 }
 
 /* Bitwise equality of two float arrays. */
-static int tl_same_bits(const char *what, const float *a, const float *b, int64_t n) {
+static inline int tl_same_bits(const char *what, const float *a, const float *b, int64_t n) {
     tl_checks++;
     for (int64_t i = 0; i < n; i++) {
         if (memcmp(&a[i], &b[i], 4) != 0) {
@@ -144,14 +144,14 @@ static inline double tl_normal(void) {
 }
 
 /* Path of a golden file: DSMOE_TEST_DATA_DIR "/" rel. */
-static const char *tl_golden(const char *rel) {
+static inline const char *tl_golden(const char *rel) {
     static char buf[4096];
     snprintf(buf, sizeof buf, "%s/%s", DSMOE_TEST_DATA_DIR, rel);
     return buf;
 }
 
 /* Scratch folder for files written by tests (ctest sets DSMOE_TMP). */
-static const char *tl_tmp(const char *name) {
+static inline const char *tl_tmp(const char *name) {
     static char buf[4096];
     const char *d = getenv("DSMOE_TMP");
     snprintf(buf, sizeof buf, "%s/%s", d && d[0] ? d : "/tmp", name);
@@ -160,14 +160,14 @@ static const char *tl_tmp(const char *name) {
 
 /* Guarded buffers: 64 bytes of 0xA5 before and after; tl_guard_ok checks them. */
 #define TL_GUARD 64
-static void *tl_guarded_alloc(size_t nbytes) {
+static inline void *tl_guarded_alloc(size_t nbytes) {
     unsigned char *p = (unsigned char *)malloc(TL_GUARD * 2 + nbytes);
     if (!p) abort();
     memset(p, 0xA5, TL_GUARD * 2 + nbytes);
     memcpy(p, &nbytes, sizeof nbytes);
     return p + TL_GUARD;
 }
-static int tl_guard_ok(void *buf) {
+static inline int tl_guard_ok(void *buf) {
     unsigned char *base = (unsigned char *)buf - TL_GUARD;
     size_t nbytes;
     memcpy(&nbytes, base, sizeof nbytes);
@@ -177,7 +177,7 @@ static int tl_guard_ok(void *buf) {
         if (base[TL_GUARD + nbytes + i] != 0xA5) return 0;
     return 1;
 }
-static void tl_guarded_free(void *buf) {
+static inline void tl_guarded_free(void *buf) {
     if (buf) free((unsigned char *)buf - TL_GUARD);
 }
 
