@@ -499,6 +499,42 @@ static void test_hidden_threads_and_isas(void) {
     }
 }
 
+/* The projection runs fixed blocks of tokens on several threads at once; repeated
+ * runs must keep giving the one-thread bits (catches a BLAS that is not safe to call
+ * concurrently, which shows up only now and then). */
+static void test_hidden_repeatable(void) {
+    dsmoe_router_config cfg;
+    ASSERT_OK(dsmoe_router_preset("deepseek-v3", &cfg));
+    cfg.n_experts = 64;
+    cfg.topk_groups = 3;
+    cfg.top_k = 6;
+    const int32_t E = 64, D = 67;
+    const int64_t T = 600; /* two blocks of tokens, started together */
+    tl_seed(450);
+    float *x = rand_logits(T, D, 1.0);
+    float *W = rand_logits(E, D, 1.5 / sqrt((double)D));
+    float *bias = rand_bias(E, 0.05);
+    routed one, many;
+    routed_alloc(&one, T, E, cfg.top_k);
+    routed_alloc(&many, T, E, cfg.top_k);
+    ASSERT_OK(route_hidden(&cfg, &one, x, W, DSMOE_DTYPE_F32, D, bias, 1));
+    int differ = 0, reps = 400;
+    for (int i = 0; i < reps; i++) {
+        ASSERT_OK(route_hidden(&cfg, &many, x, W, DSMOE_DTYPE_F32, D, bias, 2));
+        if (memcmp(one.l, many.l, (size_t)(T * E) * sizeof(float)) != 0) differ++;
+    }
+    tl_checks++;
+    if (differ)
+        TL_FAIL("forward_hidden with 2 threads: projected logits differ from 1 thread in %d of %d "
+                "repeated runs (T = %lld, D = %d)",
+                differ, reps, (long long)T, (int)D);
+    routed_free(&one);
+    routed_free(&many);
+    free(x);
+    free(W);
+    free(bias);
+}
+
 static void test_isas_identical(void) {
     dsmoe_router_config cfgs[32];
     int n = all_configs(cfgs, 32);
@@ -925,6 +961,7 @@ int main(void) {
     RUN(test_threads_identical);
     RUN(test_isas_identical);
     RUN(test_hidden_threads_and_isas);
+    RUN(test_hidden_repeatable);
     RUN(test_backward_accumulates);
     RUN(test_sanitize);
     return TEST_SUMMARY();
