@@ -91,24 +91,19 @@ dsmoe_status dsmoe_balancer_create(const dsmoe_balancer_config *cfg, dsmoe_balan
     dsmoe_status st = dsmoe_balancer_config_validate(cfg);
     if (st != DSMOE_OK) return st;
     size_t E = (size_t)cfg->n_experts;
-    size_t off_counts = dsmoe__align64(E * sizeof(float));
-    size_t off_reduce = off_counts + dsmoe__align64(3 * E * sizeof(int64_t));
-    size_t off_delta = off_reduce + dsmoe__align64((E + 1) * sizeof(int64_t));
-    size_t total = off_delta + dsmoe__align64(E * sizeof(double));
     dsmoe_balancer *b = (dsmoe_balancer *)calloc(1, sizeof *b);
-    char *mem = (char *)dsmoe_malloc(total);
-    if (!b || !mem) {
-        free(b);
-        dsmoe_free(mem);
-        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "balancer: cannot allocate %zu bytes",
-                            total);
+    if (b) {
+        b->bias = (float *)calloc(E, sizeof(float));
+        b->counts = (int64_t *)calloc(3 * E, sizeof(int64_t));
+        b->reduce = (int64_t *)calloc(E + 1, sizeof(int64_t));
+        b->delta = (double *)calloc(E, sizeof(double));
     }
-    memset(mem, 0, total);
+    if (!b || !b->bias || !b->counts || !b->reduce || !b->delta) {
+        dsmoe_balancer_free(b);
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "balancer: cannot allocate state for %zu experts",
+                            E);
+    }
     b->cfg = *cfg;
-    b->bias = (float *)mem;
-    b->counts = (int64_t *)(mem + off_counts);
-    b->reduce = (int64_t *)(mem + off_reduce);
-    b->delta = (double *)(mem + off_delta);
     b->state[ST_FORMAT] = BALANCER_FORMAT;
     b->state[ST_EXPERTS] = cfg->n_experts;
     b->state[ST_RULE] = cfg->rule;
@@ -123,7 +118,10 @@ dsmoe_status dsmoe_balancer_create(const dsmoe_balancer_config *cfg, dsmoe_balan
 
 void dsmoe_balancer_free(dsmoe_balancer *b) {
     if (!b) return;
-    dsmoe_free(b->bias);
+    free(b->bias);
+    free(b->counts);
+    free(b->reduce);
+    free(b->delta);
     free(b);
 }
 
@@ -420,7 +418,7 @@ dsmoe_status dsmoe_balancer_read(const dsmoe_safetensors *sf, const char *prefix
 
     dsmoe_balancer *b = NULL;
     st = dsmoe_balancer_create(&cfg, &b);
-    if (st != DSMOE_OK) return st;
+    if (st != DSMOE_OK || !b) return st;
     memcpy(b->bias, vb.data, (size_t)E * sizeof(float));
     memcpy(b->counts, vc.data, 3 * (size_t)E * sizeof(int64_t));
     for (int64_t i = 0; i < E; i++) {
@@ -512,15 +510,19 @@ dsmoe_status dsmoe_bias_bf16_check(const float *bias, int32_t E, float gamma,
     report->mean = (float)(sum / (double)E);
     /* Rounding is monotone, so rounding the sorted fp32 values gives the sorted bf16
      * values, and each run of equal bf16 values holds exactly the fp32 values that
-     * round to it. An expert has collapsed if its run holds more than one fp32 value. */
+     * round to it. */
     qsort(f, (size_t)E, sizeof(float), cmp_float);
     for (int32_t i = 0; i < E; i++) h[i] = dsmoe_bf16_to_f32(dsmoe_f32_to_bf16(f[i]));
     report->distinct_f32 = count_distinct(f, E);
     report->distinct_bf16 = count_distinct(h, E);
+    /* Within a run, an expert has collapsed if some other value of the run is more than
+     * tol away from its own (tol = gamma/2: fp32 noise below half a step is not a loss). */
+    const float tol = gamma > 0.0f ? 0.5f * gamma : 0.0f;
     for (int32_t i = 0; i < E;) {
         int32_t j = i;
         while (j < E && h[j] == h[i]) j++;
-        if (count_distinct(f + i, j - i) > 1) report->collapsed += j - i;
+        for (int32_t k = i; k < j; k++)
+            if (f[k] - f[i] > tol || f[j - 1] - f[k] > tol) report->collapsed++;
         i = j;
     }
     free(tmp);

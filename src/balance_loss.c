@@ -299,9 +299,9 @@ static double logsumexp(const float *u, int32_t E) {
         if (!isfinite(u[j])) return NAN;
         if ((double)u[j] > m) m = (double)u[j];
     }
-    double z = 0.0;
+    double z = 0.0; /* >= 1: the maximum contributes exp(0) */
     for (int32_t j = 0; j < E; j++) z += exp((double)u[j] - m);
-    return m + log(z);
+    return m + log(z); // cppcheck-suppress invalidFunctionArg
 }
 
 static dsmoe_status zloss(const dsmoe_balance_loss_config *lc, const loss_dims *d, double *loss,
@@ -361,13 +361,16 @@ dsmoe_status dsmoe_balance_loss(const dsmoe_balance_loss_config *lc,
                             "balance loss: workspace of %zu bytes, %zu needed", workspace_size,
                             need);
     const int nt = dsmoe__threads(n_threads);
-    double *ws = (double *)(((uintptr_t)workspace + 63u) & ~(uintptr_t)63u);
+    /* 64-byte aligned start inside the caller's workspace (64 spare bytes reserved) */
+    void *wsv = (char *)workspace + ((64u - ((uintptr_t)workspace & 63u)) & 63u);
+    double *ws = (double *)wsv;
     if (is_z) return zloss(lc, &d, loss, dlogits, logits, ws, nt);
 
     const int64_t n_seq = d.n_seq;
     const size_t E = (size_t)d.E, per = 2 * E + (size_t)d.D + 1;
     /* Per sequence q: w (E), P (E), dev (D), loss; then flags (n_seq, 3). */
-    int64_t *flags = (int64_t *)(ws + per * (size_t)n_seq);
+    void *flags_v = ws + per * (size_t)n_seq;
+    int64_t *flags = (int64_t *)flags_v;
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n_seq > 1)
     for (int64_t q = 0; q < n_seq; q++) {
         double *base = ws + (size_t)q * per;

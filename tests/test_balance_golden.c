@@ -90,7 +90,7 @@ static void run_variant(const variant *v) {
     size_t wsn = dsmoe_router_workspace_size(&rc, T, 0, DSMOE_DTYPE_F32, 1);
     void *ws = malloc(wsn);
     int32_t step_idx[T * K]; /* the step's choices, both micro-batches */
-    float w[T * K];
+    float w[T * K] = {0};
     int64_t mbc[E], step_counts[E];
     const float *L = (const float *)logits.data;
     const uint8_t *mk = (const uint8_t *)mask.data;

@@ -86,7 +86,7 @@ static void check(dsmoe_score_func f, dsmoe_balance_loss_kind kind, dsmoe_balanc
     memset(dl, 0, sizeof dl);
     eval(&lc, &rc, u, idx, dl);
     double gmax = 0;
-    for (int i = 0; i < T * E; i++) gmax = fmax(gmax, fabs(dl[i]));
+    for (int i = 0; i < T * E; i++) gmax = fmax(gmax, fabs((double)dl[i]));
     const double h = 1e-2;
     float s0[T * E], sp[T * E];
     affinities(s0, u, f);

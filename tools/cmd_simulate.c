@@ -129,7 +129,7 @@ static int traffic_init(traffic *tr) {
     const int32_t E = tr->E;
     tr->n_perm = (int32_t)ceil(tr->drift) + 1;
     tr->profile = malloc(sizeof(float) * (size_t)E);
-    tr->perm = malloc(sizeof(int32_t) * (size_t)E * (size_t)tr->n_domains * (size_t)tr->n_perm);
+    tr->perm = calloc((size_t)E * (size_t)tr->n_domains * (size_t)tr->n_perm, sizeof(int32_t));
     tr->mu = malloc(sizeof(float) * (size_t)E * (size_t)tr->n_domains);
     if (!tr->profile || !tr->perm || !tr->mu) return 0;
     double mean = 0.0;
@@ -276,12 +276,12 @@ int cmd_simulate(int argc, char **argv) {
 #define OPT(name) cli_opt(argc, argv, &i, name, &v, &missing)
 #define INT_ARG(var, lo, hi, what)                                                              \
     do {                                                                                        \
-        if (!missing && !cli_parse_int(v, lo, hi, &var))                                        \
+        if (!missing && !cli_parse_int(v, lo, hi, &(var)))                                      \
             return cli_fail(CLI_USAGE, cmd, "%s expects %s, got '%s'", argv[i - 1], what, v);   \
     } while (0)
 #define FLOAT_ARG(var, cond, what)                                                              \
     do {                                                                                        \
-        if (!missing && (!cli_parse_float(v, &var) || !(cond)))                                 \
+        if (!missing && (!cli_parse_float(v, &(var)) || !(cond)))                               \
             return cli_fail(CLI_USAGE, cmd, "%s expects %s, got '%s'", argv[i - 1], what, v);   \
     } while (0)
         if (OPT("--logits")) logits_path = v;
@@ -655,8 +655,8 @@ int cmd_simulate(int argc, char **argv) {
             }
             printf("| %s | %s | %s | %s | %s | %s | %s | %s |%s\n", sg->label, g, a, b, c, d, e, f, h);
         }
-        printf("\nfinal bias stored in bf16 (collapsed: experts whose distinct fp32 values merge; "
-               "step lost: a +-gamma update would round away):\n");
+        printf("\nfinal bias stored in bf16 (collapsed: experts now equal to an expert more than "
+               "gamma/2 away in fp32; step lost: a +-gamma update would round away):\n");
         for (int s = 0; s < n_strat; s++) {
             strategy *sg = &strat[s];
             if (sg->none) continue;

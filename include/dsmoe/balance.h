@@ -167,14 +167,16 @@ DSMOE_API dsmoe_status dsmoe_balancer_read(const dsmoe_safetensors *st, const ch
 typedef struct dsmoe_bias_bf16_report {
     int32_t distinct_f32;   /* distinct fp32 values */
     int32_t distinct_bf16;  /* distinct values after rounding to bf16 */
-    int32_t collapsed;      /* experts whose value now equals another expert's although
-                               it differed in fp32 */
+    int32_t collapsed;      /* experts whose bf16 value equals that of another expert
+                               whose fp32 value differed by more than gamma/2 (by
+                               anything when gamma = 0) */
     int32_t step_lost;      /* experts for which a ±gamma update would round back to the
                                same bf16 value (0 when gamma <= 0) */
     float max_abs_error;    /* max |bf16(b_i) − b_i| */
     float mean;             /* mean of the bias */
 } dsmoe_bias_bf16_report;
-/* Fills the report for bias (E). gamma: the update step to test (0 to skip).
+/* Fills the report for bias (E). gamma: the update step (0: none); it also sets the
+ * resolution of "collapsed", so that fp32 noise far below a step does not count.
  * Allocates a temporary sorted copy (OUT_OF_MEMORY possible). */
 DSMOE_API dsmoe_status dsmoe_bias_bf16_check(const float *bias /* (E) */, int32_t E,
                                              float gamma, dsmoe_bias_bf16_report *report);
