@@ -238,7 +238,7 @@ DSMOE_API dsmoe_status dsmoe_balance_loss_kind_parse(const char *name,
                                                      dsmoe_balance_loss_kind *kind);
 DSMOE_API const char *dsmoe_balance_loss_kind_name(dsmoe_balance_loss_kind kind);
 
-/* Workspace bytes for dsmoe_balance_loss over T tokens. */
+/* Workspace bytes for dsmoe_balance_loss over T tokens (0 if lc or rc is invalid). */
 DSMOE_API size_t dsmoe_balance_loss_workspace_size(const dsmoe_balance_loss_config *lc,
                                                    const dsmoe_router_config *rc, int64_t T);
 
