@@ -1,0 +1,1252 @@
+/*
+ * moe.c — the DeepSeekMoE layer (DeepSeek-V3 report eq. 12, SPEC-routing §2 step 9):
+ * gate projection and routing (router.c), a stable counting-sort dispatch, routed
+ * SwiGLU experts as OpenBLAS products on gathered rows, the weighted combine and the
+ * shared experts; the backward pass; checkpoint tensors in the Hugging Face names.
+ *
+ * Per expert e with gathered rows X (n, D):
+ *   GU = X · W1ᵀ         W1 = [gate_proj; up_proj] (2F, D), GU = [G | U] (n, 2F)
+ *   H  = silu(G) ⊙ U     (n, F)
+ *   Y  = H · W2ᵀ         W2 = down_proj (D, F), Y (n, D)
+ * and y_t = Σ_k w_tk · Y[slot(t,k)] (k ascending) + Y_shared[t].
+ *
+ * Backward (for each expert, rows r of the expert, dY_r = w_r · dy_t):
+ *   dw_tk = dy_t · Y_r          dH = dY · W2        dGU = swiglu'(dH; G, U)
+ *   dX = dGU · W1               dW2 += dYᵀ · H      dW1 += dGUᵀ · X
+ *   du = router_backward(dw) + du_extra;   dWg += duᵀ · x;   dx += Σ_k dX_r + dX_shared + du · Wg
+ *
+ * Bit reproducibility: every parallel loop is over a task list whose boundaries depend
+ * only on the routing (never on the thread count); each task calls single-threaded
+ * OpenBLAS or fixed-order loops, and writes outputs no other task writes.
+ */
+#include "moe_internal.h"
+#include "kernels/kernels.h"
+
+#include <cblas.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Weight rows per block in the weight-gradient products and the bf16 conversion,
+ * and per chunk of the matrix-vector (decode) path. */
+#define MOE_WROW_BLOCK 256
+#define MOE_GEMV_CHUNK 512
+
+/* A unit of parallel work: expert e (E = the shared expert), rows [r0, r0 + n). */
+typedef struct moe_task {
+    int32_t e;
+    int32_t n;
+    int64_t r0;
+} moe_task;
+
+/* Workspace pointers, carved for max_T tokens and max_threads threads. */
+typedef struct moe_ws {
+    void *router;
+    size_t router_size;
+    int32_t *indices;  /* (T, K) */
+    float *weights;    /* (T, K) */
+    float *scores;     /* (T, E) */
+    float *logits;     /* (T, E) */
+    int64_t *counts;   /* (E) before drops */
+    int64_t *kept;     /* (E) after drops */
+    int64_t *offsets;  /* (E + 1) first slot row of each expert */
+    int32_t *slot;     /* (T, K) slot row of (t, k), -1 if dropped */
+    int32_t *row_tok;  /* (T·K) token of each slot row */
+    int32_t *row_tk;   /* (T·K) t·K + k of each slot row */
+    moe_task *tasks;   /* routed and shared row-block tasks */
+    moe_task *wtasks;  /* weight-row-block tasks (backward) / decode chunks */
+    float *Xg;         /* (T·K, D) gathered inputs */
+    float *GU;         /* (T·K, 2F) */
+    float *H;          /* (T·K, F) */
+    float *Ye;         /* (T·K, D) */
+    float *GUs;        /* (T, 2Fs) shared */
+    float *Hs;         /* (T, Fs) */
+    float *Ys;         /* (T, D) */
+    float *scratch;    /* (threads, MOE_WROW_BLOCK · max(D, Fs)) bf16 widening */
+    size_t scratch_stride;
+    /* train */
+    float *dYe;        /* (T·K, D) */
+    float *dH;         /* (T·K, F) */
+    float *dGU;        /* (T·K, 2F) */
+    float *dXg;        /* (T·K, D) */
+    float *dHs;        /* (T, Fs) */
+    float *dGUs;       /* (T, 2Fs) */
+    float *dXs;        /* (T, D) */
+    float *dlogits;    /* (T, E) */
+    float *dweights;   /* (T, K) */
+    float *dxtmp;      /* (T, D) */
+} moe_ws;
+
+struct dsmoe_moe {
+    dsmoe_moe_config cfg;
+    int32_t D, F, E, K, Fs;
+    size_t esz;          /* bytes per stored weight element */
+    /* parameter layout, in elements */
+    size_t off_gate;     /* (E, D) */
+    size_t off_exp;      /* expert 0's W1 (2F, D), then its W2 (D, F) */
+    size_t exp_w2;       /* offset of W2 inside an expert block */
+    size_t exp_stride;   /* elements between experts */
+    size_t off_sw1;      /* shared W1 (2Fs, D) */
+    size_t off_sw2;      /* shared W2 (D, Fs) */
+    size_t n_params;
+    void *params;
+    float *grads;
+    float *bias;         /* (E) */
+    /* workspace */
+    char *ws_mem;
+    size_t ws_size;
+    moe_ws ws;
+    int64_t n_tasks, n_shared_tasks;
+    /* last forward */
+    int have_fwd;
+    dsmoe_moe_routing routing;
+};
+
+static size_t pad16(size_t n) { return (n + 15u) & ~(size_t)15u; }
+
+static int moe_nthreads(const dsmoe_moe *m, int n_threads) {
+    int nt = dsmoe__threads(n_threads);
+    if (nt > m->cfg.n_threads) nt = m->cfg.n_threads;
+    return nt < 1 ? 1 : nt;
+}
+
+/* Threads for loops whose tasks call OpenBLAS. A sequential OpenBLAS build (e.g.
+ * Debian's libopenblas-serial 0.3.21, "SINGLE_THREADED") shares its packing buffers
+ * between concurrent callers without a lock, so concurrent SGEMMs corrupt each other;
+ * with such a build these loops run on one thread. The task split never depends on
+ * the thread count, so the bits are the same either way. */
+static int moe_blas_threads(int nt) { return openblas_get_parallel() == 0 ? 1 : nt; }
+
+static int moe_thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* ---------------------------------------------------------------- config -- */
+
+void dsmoe_moe_config_default(dsmoe_moe_config *cfg) {
+    if (!cfg) return;
+    memset(cfg, 0, sizeof *cfg);
+    dsmoe_router_preset("deepseek-v3", &cfg->router);
+    cfg->weight_dtype = DSMOE_DTYPE_F32;
+    cfg->max_tokens = 512;
+}
+
+dsmoe_status dsmoe_moe_preset(const char *name, dsmoe_moe_config *cfg) {
+    if (!name || !cfg)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_preset: NULL argument");
+    static const struct { const char *name; int32_t D, F, ns; } presets[] = {
+        {"deepseek-v3", 7168, 2048, 1},
+        {"deepseek-v2", 5120, 1536, 2},
+        {"moonlight", 2048, 1408, 2},
+    };
+    for (size_t i = 0; i < sizeof presets / sizeof presets[0]; i++) {
+        if (strcmp(name, presets[i].name) != 0) continue;
+        dsmoe_moe_config c;
+        dsmoe_moe_config_default(&c);
+        dsmoe_status st = dsmoe_router_preset(name, &c.router);
+        if (st != DSMOE_OK) return st;
+        c.hidden_size = presets[i].D;
+        c.expert_size = presets[i].F;
+        c.n_shared = presets[i].ns;
+        *cfg = c;
+        return DSMOE_OK;
+    }
+    return dsmoe__error(DSMOE_STATUS_NOT_FOUND,
+                        "unknown MoE preset '%s' (known: deepseek-v3, deepseek-v2, moonlight)",
+                        name);
+}
+
+dsmoe_status dsmoe_moe_config_validate(const dsmoe_moe_config *cfg) {
+    if (!cfg) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "moe config: NULL");
+    dsmoe_status st = dsmoe_router_config_validate(&cfg->router);
+    if (st != DSMOE_OK) return st;
+    if (cfg->hidden_size < 1 || cfg->hidden_size > (1 << 20))
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "moe config: hidden_size %d out of range 1..1048576",
+                            (int)cfg->hidden_size);
+    if (cfg->expert_size < 1 || cfg->expert_size > (1 << 20))
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "moe config: expert_size %d out of range 1..1048576",
+                            (int)cfg->expert_size);
+    if (cfg->n_shared < 0 || cfg->n_shared > 64)
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "moe config: n_shared %d out of range 0..64", (int)cfg->n_shared);
+    if (cfg->weight_dtype != DSMOE_DTYPE_F32 && cfg->weight_dtype != DSMOE_DTYPE_BF16)
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "moe config: weight_dtype %s not supported (F32 or BF16)",
+                            dsmoe_dtype_name(cfg->weight_dtype));
+    if (cfg->train && cfg->weight_dtype != DSMOE_DTYPE_F32)
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "moe config: train needs weight_dtype F32 (BF16 is inference only)");
+    if (cfg->max_tokens < 1 || cfg->max_tokens > ((int64_t)1 << 31) / 256)
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "moe config: max_tokens %lld out of range 1..8388608",
+                            (long long)cfg->max_tokens);
+    if (!(cfg->capacity_factor >= 0.0f) || !isfinite(cfg->capacity_factor))
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "moe config: capacity_factor %g must be finite and >= 0 (0 = no limit)",
+                            (double)cfg->capacity_factor);
+    return DSMOE_OK;
+}
+
+int dsmoe_moe_config_json(const dsmoe_moe_config *cfg, char *buf, size_t size) {
+    char r[1024];
+    dsmoe_router_config_json(&cfg->router, r, sizeof r);
+    return snprintf(buf, size,
+                    "{\"hidden_size\":%d,\"moe_intermediate_size\":%d,\"n_routed_experts\":%d,"
+                    "\"num_experts_per_tok\":%d,\"n_shared_experts\":%d,\"weight_dtype\":\"%s\","
+                    "\"capacity_factor\":%.9g,\"router\":%s}",
+                    (int)cfg->hidden_size, (int)cfg->expert_size, (int)cfg->router.n_experts,
+                    (int)cfg->router.top_k, (int)cfg->n_shared,
+                    dsmoe_dtype_name(cfg->weight_dtype), (double)cfg->capacity_factor, r);
+}
+
+/* ---------------------------------------------------------------- create -- */
+
+static int moe_sizes_ok(const dsmoe_moe_config *c) {
+    /* every product below fits comfortably in size_t on a 64-bit build */
+    double n = (double)c->router.n_experts * 3.0 * c->expert_size * c->hidden_size +
+               (double)c->router.n_experts * c->hidden_size +
+               3.0 * c->n_shared * c->expert_size * (double)c->hidden_size;
+    return n < 1e15 && (double)2 * c->expert_size * c->n_shared < (double)INT_MAX;
+}
+
+/* Carves the workspace for T tokens and nt threads; base NULL only measures. */
+static size_t moe_ws_layout(const dsmoe_moe *m, int64_t T, int nt, char *base, moe_ws *w) {
+    size_t used = 0;
+    const size_t D = (size_t)m->D, F = (size_t)m->F, E = (size_t)m->E, K = (size_t)m->K;
+    const size_t Fs = (size_t)m->Fs, R = (size_t)T * K, Tz = (size_t)T;
+    moe_ws tmp;
+    if (!w) w = &tmp;
+    memset(w, 0, sizeof *w);
+#define CARVE(ptr, type, count)                                                    \
+    do {                                                                           \
+        size_t nb_ = dsmoe__align64((size_t)(count) * sizeof(type));               \
+        w->ptr = base ? (type *)(void *)(base + used) : NULL;                      \
+        used += nb_;                                                               \
+    } while (0)
+    dsmoe_dtype gd = m->cfg.weight_dtype;
+    w->router_size = dsmoe_router_workspace_size(&m->cfg.router, T, m->D, gd, nt);
+    w->router = base ? base + used : NULL;
+    used += dsmoe__align64(w->router_size);
+    CARVE(indices, int32_t, R);
+    CARVE(weights, float, R);
+    CARVE(scores, float, Tz * E);
+    CARVE(logits, float, Tz * E);
+    CARVE(counts, int64_t, E);
+    CARVE(kept, int64_t, E);
+    CARVE(offsets, int64_t, E + 1);
+    CARVE(slot, int32_t, R);
+    CARVE(row_tok, int32_t, R);
+    CARVE(row_tk, int32_t, R);
+    size_t max_tasks = E + R / DSMOE_MOE_ROW_BLOCK + 2 + Tz / DSMOE_MOE_ROW_BLOCK + 2;
+    CARVE(tasks, moe_task, max_tasks);
+    /* weight-row tasks: per expert ceil(2F/B) + ceil(D/B), shared, gate; decode chunks */
+    size_t wt = (E + 1) * ((2 * F + Fs * 2) / MOE_WROW_BLOCK + D / MOE_WROW_BLOCK + 4) +
+                E / MOE_WROW_BLOCK + 2;
+    size_t dec = (DSMOE_MOE_DECODE_MAX_T * (K + 1)) *
+                 ((2 * (F > Fs ? F : Fs) + D) / MOE_GEMV_CHUNK + 3);
+    CARVE(wtasks, moe_task, wt > dec ? wt : dec);
+    CARVE(Xg, float, R * D);
+    CARVE(GU, float, R * 2 * F);
+    CARVE(H, float, R * F);
+    CARVE(Ye, float, R * D);
+    if (Fs) {
+        CARVE(GUs, float, Tz * 2 * Fs);
+        CARVE(Hs, float, Tz * Fs);
+        CARVE(Ys, float, Tz * D);
+    }
+    if (m->cfg.weight_dtype == DSMOE_DTYPE_BF16) {
+        size_t row = D > Fs ? D : Fs;
+        if (F > row) row = F;
+        w->scratch_stride = pad16((size_t)MOE_WROW_BLOCK * row);
+        CARVE(scratch, float, w->scratch_stride * (size_t)nt);
+    }
+    if (m->cfg.train) {
+        CARVE(dYe, float, R * D);
+        CARVE(dH, float, R * F);
+        CARVE(dGU, float, R * 2 * F);
+        CARVE(dXg, float, R * D);
+        if (Fs) {
+            CARVE(dHs, float, Tz * Fs);
+            CARVE(dGUs, float, Tz * 2 * Fs);
+            CARVE(dXs, float, Tz * D);
+        }
+        CARVE(dlogits, float, Tz * E);
+        CARVE(dweights, float, R);
+        CARVE(dxtmp, float, Tz * D);
+    }
+#undef CARVE
+    return used;
+}
+
+dsmoe_status dsmoe_moe_reserve(dsmoe_moe *m, int64_t max_tokens, int n_threads) {
+    if (!m) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_reserve: NULL layer");
+    if (max_tokens < 1 || max_tokens > ((int64_t)1 << 31) / 256)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_moe_reserve: max_tokens %lld out of range 1..8388608",
+                            (long long)max_tokens);
+    if (max_tokens * m->K > INT32_MAX)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_moe_reserve: max_tokens·K = %lld exceeds 2^31 - 1",
+                            (long long)max_tokens * m->K);
+    int nt = dsmoe__threads(n_threads);
+    int64_t T = max_tokens > m->cfg.max_tokens ? max_tokens : m->cfg.max_tokens;
+    if (m->ws_mem && nt <= m->cfg.n_threads && T == m->cfg.max_tokens) return DSMOE_OK;
+    if (nt < m->cfg.n_threads) nt = m->cfg.n_threads;
+    size_t need = moe_ws_layout(m, T, nt, NULL, NULL);
+    char *mem = (char *)dsmoe_malloc(need);
+    if (!mem)
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY,
+                            "moe workspace: %zu bytes for %lld tokens, %d threads", need,
+                            (long long)T, nt);
+    dsmoe_free(m->ws_mem);
+    m->ws_mem = mem;
+    m->ws_size = need;
+    moe_ws_layout(m, T, nt, mem, &m->ws);
+    m->cfg.max_tokens = T;
+    m->cfg.n_threads = nt;
+    m->have_fwd = 0;
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_moe_create(const dsmoe_moe_config *cfg, dsmoe_moe **out) {
+    if (!out) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_create: NULL out");
+    *out = NULL;
+    dsmoe_status st = dsmoe_moe_config_validate(cfg);
+    if (st != DSMOE_OK) return st;
+    if (!moe_sizes_ok(cfg))
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "moe config: layer too large (E·3·F·D parameters)");
+    (void)dsmoe__kernels(); /* resolves the kernels and pins OpenBLAS before any BLAS call */
+    dsmoe_moe *m = (dsmoe_moe *)calloc(1, sizeof *m);
+    if (!m) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "moe layer object");
+    m->cfg = *cfg;
+    m->D = cfg->hidden_size;
+    m->F = cfg->expert_size;
+    m->E = cfg->router.n_experts;
+    m->K = cfg->router.top_k;
+    m->Fs = cfg->n_shared * cfg->expert_size;
+    m->esz = dsmoe_dtype_size(cfg->weight_dtype);
+    const size_t D = (size_t)m->D, F = (size_t)m->F, E = (size_t)m->E, Fs = (size_t)m->Fs;
+    m->off_gate = 0;
+    m->off_exp = pad16(E * D);
+    m->exp_w2 = pad16(2 * F * D);
+    m->exp_stride = m->exp_w2 + pad16(D * F);
+    m->off_sw1 = m->off_exp + E * m->exp_stride;
+    m->off_sw2 = m->off_sw1 + pad16(2 * Fs * D);
+    m->n_params = m->off_sw2 + pad16(D * Fs);
+    m->params = dsmoe_malloc(m->n_params * m->esz);
+    m->bias = (float *)dsmoe_malloc(E * sizeof(float));
+    if (cfg->train) m->grads = (float *)dsmoe_malloc(m->n_params * sizeof(float));
+    if (!m->params || !m->bias || (cfg->train && !m->grads)) {
+        dsmoe_moe_free(m);
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "moe parameters: %zu elements",
+                            m->n_params);
+    }
+    memset(m->params, 0, m->n_params * m->esz);
+    memset(m->bias, 0, E * sizeof(float));
+    if (m->grads) memset(m->grads, 0, m->n_params * sizeof(float));
+    int nt = dsmoe__threads(cfg->n_threads);
+    m->cfg.n_threads = 0;
+    int64_t T = cfg->max_tokens;
+    m->cfg.max_tokens = 0;
+    st = dsmoe_moe_reserve(m, T, nt);
+    if (st != DSMOE_OK) {
+        dsmoe_moe_free(m);
+        return st;
+    }
+    *out = m;
+    return DSMOE_OK;
+}
+
+void dsmoe_moe_free(dsmoe_moe *m) {
+    if (!m) return;
+    dsmoe_free(m->params);
+    dsmoe_free(m->grads);
+    dsmoe_free(m->bias);
+    dsmoe_free(m->ws_mem);
+    free(m);
+}
+
+const dsmoe_moe_config *dsmoe_moe_get_config(const dsmoe_moe *m) { return m ? &m->cfg : NULL; }
+
+size_t dsmoe_moe_memory_size(const dsmoe_moe *m) {
+    if (!m) return 0;
+    return m->n_params * m->esz + (m->grads ? m->n_params * sizeof(float) : 0) + m->ws_size +
+           (size_t)m->E * sizeof(float) + sizeof *m;
+}
+
+/* ---------------------------------------------------------------- tensors -- */
+
+static uint64_t moe_splitmix(uint64_t *s) {
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+int64_t dsmoe_moe_tensor_count(const dsmoe_moe *m) {
+    if (!m) return 0;
+    return 1 + (m->cfg.router.use_bias ? 1 : 0) + 3 * (int64_t)m->E + (m->Fs ? 3 : 0);
+}
+
+dsmoe_status dsmoe_moe_tensor_at(const dsmoe_moe *m, int64_t i, dsmoe_moe_tensor *out) {
+    if (!m || !out)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_tensor_at: NULL argument");
+    int64_t n = dsmoe_moe_tensor_count(m);
+    if (i < 0 || i >= n)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_moe_tensor_at: index %lld out of range 0..%lld", (long long)i,
+                            (long long)n - 1);
+    memset(out, 0, sizeof *out);
+    const size_t D = (size_t)m->D, F = (size_t)m->F;
+    size_t off = 0;
+    out->dtype = m->cfg.weight_dtype;
+    out->ndim = 2;
+    out->trainable = 1;
+    if (i == 0) {
+        snprintf(out->name, sizeof out->name, "gate.weight");
+        out->shape[0] = m->E;
+        out->shape[1] = m->D;
+        off = m->off_gate;
+    } else if (i == 1 && m->cfg.router.use_bias) {
+        snprintf(out->name, sizeof out->name, "gate.e_score_correction_bias");
+        out->dtype = DSMOE_DTYPE_F32;
+        out->ndim = 1;
+        out->shape[0] = m->E;
+        out->data = m->bias;
+        out->trainable = 0;
+        return DSMOE_OK;
+    } else {
+        int64_t j = i - 1 - (m->cfg.router.use_bias ? 1 : 0);
+        int64_t e = j / 3, part = j % 3;
+        static const char *const parts[3] = {"gate_proj", "up_proj", "down_proj"};
+        size_t f = F, base;
+        if (e < m->E) {
+            snprintf(out->name, sizeof out->name, "experts.%lld.%s.weight", (long long)e,
+                     parts[part]);
+            base = m->off_exp + (size_t)e * m->exp_stride;
+            off = part == 0 ? base : part == 1 ? base + F * D : base + m->exp_w2;
+        } else {
+            snprintf(out->name, sizeof out->name, "shared_experts.%s.weight", parts[part]);
+            f = (size_t)m->Fs;
+            off = part == 0 ? m->off_sw1 : part == 1 ? m->off_sw1 + f * D : m->off_sw2;
+        }
+        out->shape[0] = part == 2 ? m->D : (int64_t)f;
+        out->shape[1] = part == 2 ? (int64_t)f : m->D;
+    }
+    out->data = (char *)m->params + off * m->esz;
+    out->grad = m->grads ? m->grads + off : NULL;
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_moe_tensor_get(const dsmoe_moe *m, const char *name, dsmoe_moe_tensor *out) {
+    if (!m || !name || !out)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_tensor_get: NULL argument");
+    int64_t n = dsmoe_moe_tensor_count(m);
+    for (int64_t i = 0; i < n; i++) {
+        dsmoe_moe_tensor t;
+        dsmoe_moe_tensor_at(m, i, &t);
+        if (strcmp(t.name, name) == 0) {
+            *out = t;
+            return DSMOE_OK;
+        }
+    }
+    return dsmoe__error(DSMOE_STATUS_NOT_FOUND, "moe layer has no tensor '%s'", name);
+}
+
+void dsmoe_moe_init_random(dsmoe_moe *m, uint64_t seed) {
+    if (!m) return;
+    uint64_t s = seed * 0x2545f4914f6cdd1dull + 0x632be59bd9b4e019ull;
+    int64_t n = dsmoe_moe_tensor_count(m);
+    for (int64_t i = 0; i < n; i++) {
+        dsmoe_moe_tensor t;
+        dsmoe_moe_tensor_at(m, i, &t);
+        if (!t.trainable) continue;
+        size_t cnt = (size_t)(t.shape[0] * t.shape[1]);
+        float bound = 1.0f / sqrtf((float)t.shape[1]);
+        for (size_t j = 0; j < cnt; j++) {
+            float u = (float)((double)(moe_splitmix(&s) >> 40) * 0x1.0p-24) * 2.0f - 1.0f;
+            float v = u * bound;
+            if (t.dtype == DSMOE_DTYPE_F32)
+                ((float *)t.data)[j] = v;
+            else
+                ((uint16_t *)t.data)[j] = dsmoe_f32_to_bf16(v);
+        }
+    }
+    memset(m->bias, 0, (size_t)m->E * sizeof(float));
+}
+
+float *dsmoe_moe_params(dsmoe_moe *m, size_t *n) {
+    if (!m || m->cfg.weight_dtype != DSMOE_DTYPE_F32) {
+        if (n) *n = 0;
+        return NULL;
+    }
+    if (n) *n = m->n_params;
+    return (float *)m->params;
+}
+
+float *dsmoe_moe_grads(dsmoe_moe *m, size_t *n) {
+    if (!m || !m->grads) {
+        if (n) *n = 0;
+        return NULL;
+    }
+    if (n) *n = m->n_params;
+    return m->grads;
+}
+
+void dsmoe_moe_zero_grad(dsmoe_moe *m) {
+    if (m && m->grads) memset(m->grads, 0, m->n_params * sizeof(float));
+}
+
+dsmoe_status dsmoe_moe_set_bias(dsmoe_moe *m, const float *bias) {
+    if (!m || !bias)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_set_bias: NULL argument");
+    if (!m->cfg.router.use_bias)
+        return dsmoe__error(DSMOE_STATUS_UNSUPPORTED,
+                            "dsmoe_moe_set_bias: the layer's router has use_bias = 0");
+    for (int32_t e = 0; e < m->E; e++)
+        if (!isfinite(bias[e]))
+            return dsmoe__error(DSMOE_STATUS_NON_FINITE,
+                                "dsmoe_moe_set_bias: bias of expert %d is %g", (int)e,
+                                (double)bias[e]);
+    memcpy(m->bias, bias, (size_t)m->E * sizeof(float));
+    return DSMOE_OK;
+}
+
+const float *dsmoe_moe_bias(const dsmoe_moe *m) {
+    return m && m->cfg.router.use_bias ? m->bias : NULL;
+}
+
+const dsmoe_moe_routing *dsmoe_moe_last_routing(const dsmoe_moe *m) {
+    return m && m->have_fwd ? &m->routing : NULL;
+}
+
+/* ---------------------------------------------------------------- kernels -- */
+
+/* Weight matrix W (rows, cols) of expert e (e == E: shared): pointer to element 0. */
+static const void *moe_w1(const dsmoe_moe *m, int32_t e) {
+    size_t off = e < m->E ? m->off_exp + (size_t)e * m->exp_stride : m->off_sw1;
+    return (const char *)m->params + off * m->esz;
+}
+static const void *moe_w2(const dsmoe_moe *m, int32_t e) {
+    size_t off = e < m->E ? m->off_exp + (size_t)e * m->exp_stride + m->exp_w2 : m->off_sw2;
+    return (const char *)m->params + off * m->esz;
+}
+static float *moe_dw1(const dsmoe_moe *m, int32_t e) {
+    return m->grads + (e < m->E ? m->off_exp + (size_t)e * m->exp_stride : m->off_sw1);
+}
+static float *moe_dw2(const dsmoe_moe *m, int32_t e) {
+    return m->grads +
+           (e < m->E ? m->off_exp + (size_t)e * m->exp_stride + m->exp_w2 : m->off_sw2);
+}
+
+/* C (n, nout) [ldc] = A (n, k) · W(nout, k)ᵀ, W stored in the layer's dtype. BF16 is
+ * widened in blocks of MOE_WROW_BLOCK rows into `scratch`. */
+static void moe_matmul_wt(const dsmoe_moe *m, float *C, int ldc, const float *A, int n,
+                          const void *W, int nout, int k, float *scratch) {
+    if (n <= 0) return;
+    if (m->cfg.weight_dtype == DSMOE_DTYPE_F32) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nout, k, 1.0f, A, k,
+                    (const float *)W, k, 0.0f, C, ldc);
+        return;
+    }
+    const dsmoe__kernel_table *kt = dsmoe__kernels();
+    for (int r0 = 0; r0 < nout; r0 += MOE_WROW_BLOCK) {
+        int nr = nout - r0 < MOE_WROW_BLOCK ? nout - r0 : MOE_WROW_BLOCK;
+        kt->bf16_to_f32(scratch, (const uint16_t *)W + (size_t)r0 * k, (int64_t)nr * k);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nr, k, 1.0f, A, k, scratch, k,
+                    0.0f, C + r0, ldc);
+    }
+}
+
+/* y (nr) = W[r0 : r0 + nr] (·, k) · x (k): one chunk of a matrix-vector product. */
+static void moe_gemv_rows(const dsmoe_moe *m, float *y, const void *W, int r0, int nr, int k,
+                          const float *x) {
+    if (m->cfg.weight_dtype == DSMOE_DTYPE_F32) {
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, nr, k, 1.0f, (const float *)W + (size_t)r0 * k,
+                    k, x, 1, 0.0f, y, 1);
+        return;
+    }
+    const dsmoe__kernel_table *kt = dsmoe__kernels();
+    const uint16_t *w = (const uint16_t *)W + (size_t)r0 * k;
+    for (int r = 0; r < nr; r++) y[r] = kt->dot_bf16(x, w + (size_t)r * k, k);
+}
+
+/* One expert on n rows: GU = X·W1ᵀ, H = swiglu, Y = H·W2ᵀ. */
+static void moe_expert_forward(const dsmoe_moe *m, int32_t e, const float *X, int n, float *GU,
+                               float *H, float *Y, float *scratch) {
+    const int D = m->D, f = e < m->E ? m->F : m->Fs;
+    const dsmoe__kernel_table *kt = dsmoe__kernels();
+    moe_matmul_wt(m, GU, 2 * f, X, n, moe_w1(m, e), 2 * f, D, scratch);
+    for (int i = 0; i < n; i++)
+        kt->swiglu(H + (size_t)i * f, GU + (size_t)i * 2 * f, GU + (size_t)i * 2 * f + f, f);
+    moe_matmul_wt(m, Y, D, H, n, moe_w2(m, e), D, f, scratch);
+}
+
+/* Rows of expert e in the routed buffers (e < E) or the shared buffers (e == E). */
+static void moe_rows(const dsmoe_moe *m, int32_t e, int64_t r0, float **GU, float **H,
+                     float **Y) {
+    const moe_ws *w = &m->ws;
+    if (e < m->E) {
+        *GU = w->GU + (size_t)r0 * 2 * m->F;
+        *H = w->H + (size_t)r0 * m->F;
+        *Y = w->Ye + (size_t)r0 * m->D;
+    } else {
+        *GU = w->GUs + (size_t)r0 * 2 * m->Fs;
+        *H = w->Hs + (size_t)r0 * m->Fs;
+        *Y = w->Ys + (size_t)r0 * m->D;
+    }
+}
+
+/* ---------------------------------------------------------------- dispatch -- */
+
+int64_t dsmoe__moe_dispatch(int64_t *counts, int64_t *kept, int64_t *offsets, int32_t *slot,
+                            int32_t *row_tok, int32_t *row_tk, const int32_t *indices,
+                            int64_t T, int32_t K, int32_t E, int64_t capacity) {
+    memset(counts, 0, (size_t)E * sizeof(int64_t));
+    for (int64_t i = 0; i < T * K; i++) counts[indices[i]]++;
+    int64_t dropped = 0;
+    offsets[0] = 0;
+    for (int32_t e = 0; e < E; e++) {
+        int64_t c = counts[e];
+        if (capacity >= 0 && c > capacity) {
+            dropped += c - capacity;
+            c = capacity;
+        }
+        offsets[e + 1] = offsets[e] + c;
+        kept[e] = 0; /* fill cursor below; ends equal to the kept count */
+    }
+    for (int64_t t = 0; t < T; t++) {
+        for (int32_t k = 0; k < K; k++) {
+            int64_t i = t * K + k;
+            int32_t e = indices[i];
+            int64_t pos = offsets[e] + kept[e];
+            if (pos >= offsets[e + 1]) {
+                slot[i] = -1;
+                continue;
+            }
+            kept[e]++;
+            slot[i] = (int32_t)pos;
+            row_tok[pos] = (int32_t)t;
+            row_tk[pos] = (int32_t)i;
+        }
+    }
+    return dropped;
+}
+
+/* Dispatch with the layer's capacity policy, then the row tasks. */
+static void moe_dispatch(dsmoe_moe *m, int64_t T) {
+    moe_ws *w = &m->ws;
+    const int32_t E = m->E, K = m->K;
+    int64_t cap = -1;
+    if (m->cfg.capacity_factor > 0.0f && T > 0) {
+        cap = (int64_t)ceil((double)m->cfg.capacity_factor * (double)T * K / E);
+        if (cap < 1) cap = 1;
+    }
+    int64_t dropped = dsmoe__moe_dispatch(w->counts, w->kept, w->offsets, w->slot, w->row_tok,
+                                          w->row_tk, w->indices, T, K, E, cap);
+    /* tasks: routed experts in fixed row blocks, then the shared expert's token blocks */
+    int64_t nt = 0;
+    for (int32_t e = 0; e < E; e++) {
+        for (int64_t r = 0; r < w->kept[e]; r += DSMOE_MOE_ROW_BLOCK) {
+            int64_t n = w->kept[e] - r < DSMOE_MOE_ROW_BLOCK ? w->kept[e] - r : DSMOE_MOE_ROW_BLOCK;
+            w->tasks[nt].e = e;
+            w->tasks[nt].r0 = w->offsets[e] + r;
+            w->tasks[nt].n = (int32_t)n;
+            nt++;
+        }
+    }
+    int64_t ns = 0;
+    if (m->Fs) {
+        for (int64_t t0 = 0; t0 < T; t0 += DSMOE_MOE_ROW_BLOCK) {
+            int64_t n = T - t0 < DSMOE_MOE_ROW_BLOCK ? T - t0 : DSMOE_MOE_ROW_BLOCK;
+            w->tasks[nt + ns].e = E;
+            w->tasks[nt + ns].r0 = t0;
+            w->tasks[nt + ns].n = (int32_t)n;
+            ns++;
+        }
+    }
+    m->n_tasks = nt;
+    m->n_shared_tasks = ns;
+    m->routing.n_dropped = dropped;
+    m->routing.capacity = cap;
+}
+
+/* ---------------------------------------------------------------- forward -- */
+
+/* Batched path: gather and run every row-block task. */
+static void moe_forward_batched(dsmoe_moe *m, const float *x, int nt) {
+    moe_ws *w = &m->ws;
+    nt = moe_blas_threads(nt);
+    const int64_t ntask = m->n_tasks + m->n_shared_tasks;
+    const size_t D = (size_t)m->D;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t i = 0; i < ntask; i++) {
+        const moe_task tk = w->tasks[i];
+        float *scratch = w->scratch ? w->scratch + w->scratch_stride * (size_t)moe_thread_id() : NULL;
+        float *GU, *H, *Y;
+        moe_rows(m, tk.e, tk.r0, &GU, &H, &Y);
+        const float *X;
+        if (tk.e < m->E) {
+            float *Xg = w->Xg + (size_t)tk.r0 * D;
+            for (int r = 0; r < tk.n; r++)
+                memcpy(Xg + (size_t)r * D, x + (size_t)w->row_tok[tk.r0 + r] * D,
+                       D * sizeof(float));
+            X = Xg;
+        } else {
+            X = x + (size_t)tk.r0 * D;
+        }
+        moe_expert_forward(m, tk.e, X, tk.n, GU, H, Y, scratch);
+    }
+}
+
+/* Decode path (T <= DSMOE_MOE_DECODE_MAX_T): matrix-vector products per (token,
+ * expert) in fixed chunks of weight rows; no gather (except for training). */
+static void moe_forward_decode(dsmoe_moe *m, const float *x, int64_t T, int nt) {
+    moe_ws *w = &m->ws;
+    if (m->cfg.weight_dtype == DSMOE_DTYPE_F32) nt = moe_blas_threads(nt);
+    const int D = m->D;
+    const dsmoe__kernel_table *kt = dsmoe__kernels();
+    /* pairs: every kept slot row (token row_tok[r]), then shared rows t */
+    int64_t R = w->offsets[m->E];
+    int64_t npairs = R + (m->Fs ? T : 0);
+    if (m->cfg.train) {
+        for (int64_t r = 0; r < R; r++)
+            memcpy(w->Xg + (size_t)r * D, x + (size_t)w->row_tok[r] * D, (size_t)D * sizeof(float));
+    }
+    /* phase 1: GU rows, chunked over W1 rows */
+    int64_t nc = 0;
+    for (int64_t p = 0; p < npairs; p++) {
+        int f = p < R ? m->F : m->Fs;
+        for (int c = 0; c < 2 * f; c += MOE_GEMV_CHUNK) {
+            w->wtasks[nc].e = (int32_t)p;
+            w->wtasks[nc].r0 = c;
+            w->wtasks[nc].n = 2 * f - c < MOE_GEMV_CHUNK ? 2 * f - c : MOE_GEMV_CHUNK;
+            nc++;
+        }
+    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t i = 0; i < nc; i++) {
+        const moe_task tk = w->wtasks[i];
+        int64_t p = tk.e;
+        int32_t e;
+        int64_t row, tok;
+        if (p < R) {
+            row = p;
+            tok = w->row_tok[p];
+            e = w->indices[w->row_tk[p]];
+        } else {
+            row = p - R;
+            tok = row;
+            e = m->E;
+        }
+        float *GU, *H, *Y;
+        moe_rows(m, e, row, &GU, &H, &Y);
+        moe_gemv_rows(m, GU + tk.r0, moe_w1(m, e), (int)tk.r0, tk.n, D, x + (size_t)tok * D);
+    }
+    for (int64_t p = 0; p < npairs; p++) {
+        int32_t e = p < R ? 0 : m->E;
+        int64_t row = p < R ? p : p - R;
+        float *GU, *H, *Y;
+        moe_rows(m, e, row, &GU, &H, &Y);
+        int f = p < R ? m->F : m->Fs;
+        kt->swiglu(H, GU, GU + f, f);
+    }
+    /* phase 2: Y rows, chunked over W2 rows (D) */
+    nc = 0;
+    for (int64_t p = 0; p < npairs; p++) {
+        for (int c = 0; c < D; c += MOE_GEMV_CHUNK) {
+            w->wtasks[nc].e = (int32_t)p;
+            w->wtasks[nc].r0 = c;
+            w->wtasks[nc].n = D - c < MOE_GEMV_CHUNK ? D - c : MOE_GEMV_CHUNK;
+            nc++;
+        }
+    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t i = 0; i < nc; i++) {
+        const moe_task tk = w->wtasks[i];
+        int64_t p = tk.e;
+        int32_t e = p < R ? w->indices[w->row_tk[p]] : m->E;
+        int64_t row = p < R ? p : p - R;
+        float *GU, *H, *Y;
+        moe_rows(m, e, row, &GU, &H, &Y);
+        int f = e < m->E ? m->F : m->Fs;
+        moe_gemv_rows(m, Y + tk.r0, moe_w2(m, e), (int)tk.r0, tk.n, f, H);
+    }
+}
+
+/* y_t = Σ_k w_tk · Ye[slot(t,k)] (k ascending) + Ys_t, over independent tokens. */
+static void moe_combine(dsmoe_moe *m, float *y, int64_t T, int nt) {
+    const moe_ws *w = &m->ws;
+    const size_t D = (size_t)m->D;
+    const int32_t K = m->K;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t t = 0; t < T; t++) {
+        float *yt = y + (size_t)t * D;
+        for (size_t d = 0; d < D; d++) yt[d] = 0.0f;
+        for (int32_t k = 0; k < K; k++) {
+            int32_t r = w->slot[t * K + k];
+            if (r < 0) continue;
+            const float wk = w->weights[t * K + k];
+            const float *ye = w->Ye + (size_t)r * D;
+            for (size_t d = 0; d < D; d++) yt[d] = yt[d] + wk * ye[d];
+        }
+        if (m->Fs) {
+            const float *ys = w->Ys + (size_t)t * D;
+            for (size_t d = 0; d < D; d++) yt[d] = yt[d] + ys[d];
+        }
+    }
+}
+
+dsmoe_status dsmoe_moe_forward(dsmoe_moe *m, float *y, const float *x, int64_t T,
+                               int n_threads) {
+    if (!m) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_forward: NULL layer");
+    m->have_fwd = 0;
+    if (T < 0)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_forward: T = %lld < 0",
+                            (long long)T);
+    if (T > 0 && (!y || !x))
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_moe_forward: NULL %s", !y ? "y" : "x");
+    if (T > m->cfg.max_tokens)
+        return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
+                            "dsmoe_moe_forward: T = %lld exceeds the layer's max_tokens = %lld "
+                            "(call dsmoe_moe_reserve)",
+                            (long long)T, (long long)m->cfg.max_tokens);
+    const int nt = moe_nthreads(m, n_threads);
+    moe_ws *w = &m->ws;
+    dsmoe_router_output ro;
+    memset(&ro, 0, sizeof ro);
+    ro.indices = w->indices;
+    ro.weights = w->weights;
+    ro.scores = w->scores;
+    ro.logits = w->logits;
+    if (T > 0) {
+        dsmoe_status st = dsmoe_router_forward_hidden(
+            &m->cfg.router, &ro, x, (const char *)m->params + m->off_gate * m->esz,
+            m->cfg.weight_dtype, m->D, m->cfg.router.use_bias ? m->bias : NULL, T, w->router,
+            w->router_size, nt);
+        if (st != DSMOE_OK) return st;
+    }
+    moe_dispatch(m, T);
+    if (T > 0) {
+        if (T <= DSMOE_MOE_DECODE_MAX_T)
+            moe_forward_decode(m, x, T, nt);
+        else
+            moe_forward_batched(m, x, nt);
+        moe_combine(m, y, T, nt);
+    }
+    m->routing.T = T;
+    m->routing.indices = w->indices;
+    m->routing.weights = w->weights;
+    m->routing.scores = w->scores;
+    m->routing.logits = w->logits;
+    m->routing.counts = w->counts;
+    m->have_fwd = 1;
+    return DSMOE_OK;
+}
+
+/* ---------------------------------------------------------------- backward -- */
+
+/* Phase A for one row block: dH = dY·W2, dGU = swiglu'(dH), dX = dGU·W1. */
+static void moe_expert_backward_rows(const dsmoe_moe *m, int32_t e, int n, const float *dY,
+                                     const float *GU, float *dH, float *dGU, float *dX) {
+    const int D = m->D, f = e < m->E ? m->F : m->Fs;
+    const dsmoe__kernel_table *kt = dsmoe__kernels();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, f, D, 1.0f, dY, D,
+                (const float *)moe_w2(m, e), f, 0.0f, dH, f);
+    memset(dGU, 0, (size_t)n * 2 * f * sizeof(float));
+    for (int i = 0; i < n; i++) {
+        const float *gu = GU + (size_t)i * 2 * f;
+        float *dgu = dGU + (size_t)i * 2 * f;
+        kt->swiglu_backward(dgu, dgu + f, dH + (size_t)i * f, gu, gu + f, f);
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, D, 2 * f, 1.0f, dGU, 2 * f,
+                (const float *)moe_w1(m, e), D, 0.0f, dX, D);
+}
+
+dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const float *x,
+                                const float *dlogits_extra, int64_t T, int n_threads) {
+    if (!m) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_backward: NULL layer");
+    if (!m->cfg.train || !m->grads)
+        return dsmoe__error(DSMOE_STATUS_UNSUPPORTED,
+                            "dsmoe_moe_backward: the layer was created without train = 1");
+    if (!m->have_fwd)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_moe_backward: no successful forward to differentiate");
+    if (T != m->routing.T)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_moe_backward: T = %lld but the last forward had T = %lld",
+                            (long long)T, (long long)m->routing.T);
+    if (T == 0) return DSMOE_OK;
+    if (!dy || !x)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_backward: NULL %s",
+                            !dy ? "dy" : "x");
+    const int nt = moe_nthreads(m, n_threads), ntb = moe_blas_threads(nt);
+    moe_ws *w = &m->ws;
+    const int32_t E = m->E, K = m->K, D = m->D, F = m->F, Fs = m->Fs;
+    const size_t Dz = (size_t)D;
+
+    /* 0. dweights and the scaled output gradients of the routed rows */
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t t = 0; t < T; t++) {
+        const float *dyt = dy + (size_t)t * Dz;
+        for (int32_t k = 0; k < K; k++) {
+            int32_t r = w->slot[t * K + k];
+            if (r < 0) {
+                w->dweights[t * K + k] = 0.0f;
+                continue;
+            }
+            const float *ye = w->Ye + (size_t)r * Dz;
+            float *dye = w->dYe + (size_t)r * Dz;
+            const float wk = w->weights[t * K + k];
+            float s = 0.0f;
+            for (size_t d = 0; d < Dz; d++) {
+                s = s + dyt[d] * ye[d];
+                dye[d] = wk * dyt[d];
+            }
+            w->dweights[t * K + k] = s;
+        }
+    }
+    /* 1. router: dlogits = router_backward(dweights) + extra */
+    memset(w->dlogits, 0, (size_t)T * E * sizeof(float));
+    dsmoe_status st = dsmoe_router_backward(&m->cfg.router, w->dlogits, w->dweights, w->indices,
+                                            w->scores, T, nt);
+    if (st != DSMOE_OK) return st;
+    if (dlogits_extra) {
+        const size_t n = (size_t)T * E;
+        for (size_t i = 0; i < n; i++) w->dlogits[i] = w->dlogits[i] + dlogits_extra[i];
+    }
+
+    /* 2. phase A over row blocks: dH, dGU, dX */
+    const int64_t ntask = m->n_tasks + m->n_shared_tasks;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(ntb)
+    for (int64_t i = 0; i < ntask; i++) {
+        const moe_task tk = w->tasks[i];
+        if (tk.e < E) {
+            size_t r0 = (size_t)tk.r0;
+            moe_expert_backward_rows(m, tk.e, tk.n, w->dYe + r0 * Dz, w->GU + r0 * 2 * F,
+                                     w->dH + r0 * F, w->dGU + r0 * 2 * F, w->dXg + r0 * Dz);
+        } else {
+            size_t t0 = (size_t)tk.r0;
+            moe_expert_backward_rows(m, E, tk.n, dy + t0 * Dz, w->GUs + t0 * 2 * Fs,
+                                     w->dHs + t0 * Fs, w->dGUs + t0 * 2 * Fs, w->dXs + t0 * Dz);
+        }
+    }
+
+    /* 3. phase B over weight-row blocks: dW1 += dGUᵀ·X, dW2 += dYᵀ·H, dWg += duᵀ·x.
+     * Task e: expert (or E: shared, E+1: gate); n: 0 = W1 rows, 1 = W2 rows. */
+    int64_t nw = 0;
+    for (int32_t e = 0; e <= E + 1; e++) {
+        int64_t rows1, rows2;
+        if (e < E) {
+            if (w->kept[e] == 0) continue;
+            rows1 = 2 * (int64_t)F;
+            rows2 = D;
+        } else if (e == E) {
+            if (!Fs) continue;
+            rows1 = 2 * (int64_t)Fs;
+            rows2 = D;
+        } else {
+            rows1 = E;
+            rows2 = 0;
+        }
+        for (int64_t r = 0; r < rows1; r += MOE_WROW_BLOCK) {
+            w->wtasks[nw].e = e;
+            w->wtasks[nw].n = 0;
+            w->wtasks[nw].r0 = r;
+            nw++;
+        }
+        for (int64_t r = 0; r < rows2; r += MOE_WROW_BLOCK) {
+            w->wtasks[nw].e = e;
+            w->wtasks[nw].n = 1;
+            w->wtasks[nw].r0 = r;
+            nw++;
+        }
+    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(ntb)
+    for (int64_t i = 0; i < nw; i++) {
+        const moe_task tk = w->wtasks[i];
+        const int r0 = (int)tk.r0;
+        if (tk.e == E + 1) {
+            int nr = E - r0 < MOE_WROW_BLOCK ? E - r0 : MOE_WROW_BLOCK;
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nr, D, (int)T, 1.0f,
+                        w->dlogits + r0, E, x, D, 1.0f, m->grads + m->off_gate + (size_t)r0 * Dz,
+                        D);
+            continue;
+        }
+        const int32_t e = tk.e;
+        const int f = e < E ? F : Fs;
+        int n;
+        const float *X, *dY, *H, *dGU;
+        if (e < E) {
+            size_t o = (size_t)w->offsets[e];
+            n = (int)w->kept[e];
+            X = w->Xg + o * Dz;
+            dY = w->dYe + o * Dz;
+            H = w->H + o * (size_t)F;
+            dGU = w->dGU + o * 2 * (size_t)F;
+        } else {
+            n = (int)T;
+            X = x;
+            dY = dy;
+            H = w->Hs;
+            dGU = w->dGUs;
+        }
+        if (tk.n == 0) {
+            int nr = 2 * f - r0 < MOE_WROW_BLOCK ? 2 * f - r0 : MOE_WROW_BLOCK;
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nr, D, n, 1.0f, dGU + r0, 2 * f,
+                        X, D, 1.0f, moe_dw1(m, e) + (size_t)r0 * Dz, D);
+        } else {
+            int nr = D - r0 < MOE_WROW_BLOCK ? D - r0 : MOE_WROW_BLOCK;
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nr, f, n, 1.0f, dY + r0, D, H, f,
+                        1.0f, moe_dw2(m, e) + (size_t)r0 * f, f);
+        }
+    }
+
+    /* 4. dx += du·Wg + Σ_k dXg[slot(t,k)] + dXs, over token blocks */
+    if (dx) {
+        const float *Wg = (const float *)m->params + m->off_gate;
+        const int64_t nb = (T + DSMOE_MOE_ROW_BLOCK - 1) / DSMOE_MOE_ROW_BLOCK;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(ntb)
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t t0 = b * DSMOE_MOE_ROW_BLOCK;
+            int n = (int)(T - t0 < DSMOE_MOE_ROW_BLOCK ? T - t0 : DSMOE_MOE_ROW_BLOCK);
+            float *tmp = w->dxtmp + (size_t)t0 * Dz;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, D, E, 1.0f,
+                        w->dlogits + (size_t)t0 * E, E, Wg, D, 0.0f, tmp, D);
+            for (int64_t t = t0; t < t0 + n; t++) {
+                float *acc = w->dxtmp + (size_t)t * Dz;
+                for (int32_t k = 0; k < K; k++) {
+                    int32_t r = w->slot[t * K + k];
+                    if (r < 0) continue;
+                    const float *g = w->dXg + (size_t)r * Dz;
+                    for (size_t d = 0; d < Dz; d++) acc[d] = acc[d] + g[d];
+                }
+                if (Fs) {
+                    const float *g = w->dXs + (size_t)t * Dz;
+                    for (size_t d = 0; d < Dz; d++) acc[d] = acc[d] + g[d];
+                }
+                float *dxt = dx + (size_t)t * Dz;
+                for (size_t d = 0; d < Dz; d++) dxt[d] = dxt[d] + acc[d];
+            }
+        }
+    }
+    return DSMOE_OK;
+}
+
+/* ---------------------------------------------------------------- checkpoints -- */
+
+static int moe_name(char *buf, size_t size, const char *prefix, const char *name) {
+    int n = snprintf(buf, size, "%s%s", prefix ? prefix : "", name);
+    return n >= 0 && (size_t)n < size;
+}
+
+dsmoe_status dsmoe_moe_config_from_safetensors(dsmoe_moe_config *cfg,
+                                               const dsmoe_safetensors *st,
+                                               const char *prefix) {
+    if (!cfg || !st)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_moe_config_from_safetensors: NULL argument");
+    char name[512];
+    const char *ver = dsmoe_safetensors_metadata(st, "dsmoe.format_version");
+    if (ver) {
+        char *end = NULL;
+        long v = strtol(ver, &end, 10);
+        if (end == ver || *end != '\0' || v < 1)
+            return dsmoe__error(DSMOE_STATUS_FORMAT,
+                                "__metadata__ dsmoe.format_version '%s' is not a positive integer",
+                                ver);
+        if (v > DSMOE_MOE_FORMAT_VERSION)
+            return dsmoe__error(DSMOE_STATUS_FORMAT,
+                                "file written in dsmoe format version %ld, this library reads up "
+                                "to %d: upgrade dsmoe (%s)",
+                                v, DSMOE_MOE_FORMAT_VERSION, dsmoe_version());
+    }
+    dsmoe_tensor_view g, e0, sg;
+    if (!moe_name(name, sizeof name, prefix, "gate.weight"))
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "tensor prefix too long");
+    dsmoe_status s = dsmoe_safetensors_get(st, name, &g);
+    if (s != DSMOE_OK)
+        return dsmoe__error(s, "gate weight '%s' not found in the file", name);
+    if (g.ndim != 2 || g.shape[0] < 1 || g.shape[1] < 1 || g.shape[0] > 65536 ||
+        g.shape[1] > (1 << 20))
+        return dsmoe__error(DSMOE_STATUS_SHAPE_MISMATCH,
+                            "tensor '%s': expected shape (E, D), got %d dims (%lld, %lld)", name,
+                            (int)g.ndim, (long long)g.shape[0],
+                            (long long)(g.ndim > 1 ? g.shape[1] : 0));
+    int64_t E = g.shape[0], D = g.shape[1];
+    moe_name(name, sizeof name, prefix, "experts.0.gate_proj.weight");
+    s = dsmoe_safetensors_get(st, name, &e0);
+    if (s != DSMOE_OK)
+        return dsmoe__error(s, "expert weight '%s' not found in the file", name);
+    if (e0.ndim != 2 || e0.shape[1] != D || e0.shape[0] < 1 || e0.shape[0] > (1 << 20))
+        return dsmoe__error(DSMOE_STATUS_SHAPE_MISMATCH,
+                            "tensor '%s': expected shape (F, %lld), got %d dims (%lld, %lld)",
+                            name, (long long)D, (int)e0.ndim, (long long)e0.shape[0],
+                            (long long)(e0.ndim > 1 ? e0.shape[1] : 0));
+    int64_t F = e0.shape[0];
+    int32_t ns = cfg->n_shared;
+    moe_name(name, sizeof name, prefix, "shared_experts.gate_proj.weight");
+    s = dsmoe_safetensors_get(st, name, &sg);
+    if (s == DSMOE_OK) {
+        if (sg.ndim != 2 || sg.shape[1] != D || sg.shape[0] % F != 0 || sg.shape[0] < F)
+            return dsmoe__error(DSMOE_STATUS_SHAPE_MISMATCH,
+                                "tensor '%s': expected shape (N_s·%lld, %lld), got %d dims "
+                                "(%lld, %lld)",
+                                name, (long long)F, (long long)D, (int)sg.ndim,
+                                (long long)sg.shape[0], (long long)(sg.ndim > 1 ? sg.shape[1] : 0));
+        int64_t inferred = sg.shape[0] / F;
+        if (ns < 0)
+            ns = (int32_t)(inferred > 64 ? 65 : inferred);
+        else if (ns != inferred)
+            return dsmoe__error(DSMOE_STATUS_SHAPE_MISMATCH,
+                                "tensor '%s' has %lld rows = %lld shared experts of size %lld, "
+                                "but %d shared experts were requested",
+                                name, (long long)sg.shape[0], (long long)inferred, (long long)F,
+                                (int)ns);
+    } else {
+        if (ns < 0) ns = 0;
+        if (ns > 0)
+            return dsmoe__error(DSMOE_STATUS_NOT_FOUND,
+                                "%d shared experts requested but tensor '%s' is not in the file",
+                                (int)ns, name);
+    }
+    dsmoe_clear_error();
+    cfg->hidden_size = (int32_t)D;
+    cfg->expert_size = (int32_t)F;
+    cfg->router.n_experts = (int32_t)E;
+    cfg->n_shared = ns;
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_moe_load_safetensors(dsmoe_moe *m, const dsmoe_safetensors *st,
+                                        const char *prefix) {
+    if (!m || !st)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_moe_load_safetensors: NULL argument");
+    const int64_t n = dsmoe_moe_tensor_count(m);
+    char name[512];
+    /* pass 1: check every tensor */
+    for (int64_t i = 0; i < n; i++) {
+        dsmoe_moe_tensor t;
+        dsmoe_moe_tensor_at(m, i, &t);
+        if (!moe_name(name, sizeof name, prefix, t.name))
+            return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "tensor prefix too long");
+        dsmoe_tensor_view v;
+        dsmoe_status s = dsmoe_safetensors_get(st, name, &v);
+        if (s != DSMOE_OK)
+            return dsmoe__error(DSMOE_STATUS_NOT_FOUND, "tensor '%s' is missing from the file",
+                                name);
+        if (v.dtype != DSMOE_DTYPE_F32 && v.dtype != DSMOE_DTYPE_BF16 &&
+            v.dtype != DSMOE_DTYPE_F16)
+            return dsmoe__error(DSMOE_STATUS_FORMAT,
+                                "tensor '%s' has dtype %s; expected F32, BF16 or F16", name,
+                                dsmoe_dtype_name(v.dtype));
+        int ok = v.ndim == t.ndim;
+        for (int32_t d = 0; ok && d < t.ndim; d++) ok = v.shape[d] == t.shape[d];
+        if (!ok) {
+            char got[128] = "", want[64];
+            size_t used = 0;
+            for (int32_t d = 0; d < v.ndim && used < sizeof got; d++)
+                used += (size_t)snprintf(got + used, sizeof got - used, "%s%lld", d ? ", " : "",
+                                         (long long)v.shape[d]);
+            if (t.ndim == 1)
+                snprintf(want, sizeof want, "%lld", (long long)t.shape[0]);
+            else
+                snprintf(want, sizeof want, "%lld, %lld", (long long)t.shape[0],
+                         (long long)t.shape[1]);
+            return dsmoe__error(DSMOE_STATUS_SHAPE_MISMATCH,
+                                "tensor '%s' has shape (%s); the layer expects (%s)", name, got,
+                                want);
+        }
+        if (!t.trainable) {
+            for (int64_t j = 0; j < v.shape[0]; j++) {
+                float b;
+                dsmoe_tensor_view one = v;
+                one.ndim = 1;
+                one.shape[0] = 1;
+                one.data = (const char *)v.data + (size_t)j * dsmoe_dtype_size(v.dtype);
+                one.nbytes = dsmoe_dtype_size(v.dtype);
+                dsmoe_tensor_to_f32(&one, &b);
+                if (!isfinite(b))
+                    return dsmoe__error(DSMOE_STATUS_NON_FINITE,
+                                        "tensor '%s': element %lld is %g (the bias must be finite)",
+                                        name, (long long)j, (double)b);
+            }
+        }
+    }
+    /* pass 2: copy / convert */
+    for (int64_t i = 0; i < n; i++) {
+        dsmoe_moe_tensor t;
+        dsmoe_moe_tensor_at(m, i, &t);
+        moe_name(name, sizeof name, prefix, t.name);
+        dsmoe_tensor_view v;
+        dsmoe_safetensors_get(st, name, &v);
+        size_t cnt = (size_t)t.shape[0] * (size_t)(t.ndim == 2 ? t.shape[1] : 1);
+        if (t.dtype == DSMOE_DTYPE_F32) {
+            dsmoe_status s = dsmoe_tensor_to_f32(&v, (float *)t.data);
+            if (s != DSMOE_OK) return s;
+        } else if (v.dtype == DSMOE_DTYPE_BF16) {
+            memcpy(t.data, v.data, cnt * 2);
+        } else {
+            uint16_t *dst = (uint16_t *)t.data;
+            const size_t es = dsmoe_dtype_size(v.dtype);
+            for (size_t j = 0; j < cnt; j++) {
+                float f;
+                dsmoe_tensor_view one = v;
+                one.ndim = 1;
+                one.shape[0] = 1;
+                one.data = (const char *)v.data + j * es;
+                one.nbytes = es;
+                dsmoe_tensor_to_f32(&one, &f);
+                dst[j] = dsmoe_f32_to_bf16(f);
+            }
+        }
+    }
+    dsmoe_clear_error();
+    m->have_fwd = 0;
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_moe_save(const dsmoe_moe *m, const char *path, const char *prefix) {
+    if (!m || !path)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_save: NULL argument");
+    const int64_t n = dsmoe_moe_tensor_count(m);
+    const size_t plen = prefix ? strlen(prefix) : 0, stride = plen + 64;
+    if (plen > 400)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_save: prefix too long");
+    char *names = (char *)malloc((size_t)n * stride);
+    if (!names) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "dsmoe_moe_save: names");
+    dsmoe_safetensors_writer *wr = NULL;
+    dsmoe_status s = dsmoe_safetensors_writer_create(&wr);
+    char json[2048], ver[16];
+    dsmoe_moe_config_json(&m->cfg, json, sizeof json);
+    snprintf(ver, sizeof ver, "%d", DSMOE_MOE_FORMAT_VERSION);
+    if (s == DSMOE_OK) s = dsmoe_safetensors_writer_set_metadata(wr, "format", "pt");
+    if (s == DSMOE_OK) s = dsmoe_safetensors_writer_set_metadata(wr, "dsmoe.format_version", ver);
+    if (s == DSMOE_OK) s = dsmoe_safetensors_writer_set_metadata(wr, "dsmoe.moe_config", json);
+    for (int64_t i = 0; i < n && s == DSMOE_OK; i++) {
+        dsmoe_moe_tensor t;
+        dsmoe_moe_tensor_at(m, i, &t);
+        char *nm = names + (size_t)i * stride;
+        moe_name(nm, stride, prefix, t.name);
+        s = dsmoe_safetensors_writer_add(wr, nm, t.dtype, t.ndim, t.shape, t.data);
+    }
+    if (s == DSMOE_OK) s = dsmoe_safetensors_writer_save(wr, path);
+    dsmoe_safetensors_writer_free(wr);
+    free(names);
+    return s;
+}
