@@ -1,8 +1,272 @@
-/* cmd_layer.c — `dsmoe layer` (being written). */
+/* cmd_layer.c — `dsmoe layer`: runs one DeepSeekMoE layer from a checkpoint-format
+ * safetensors file (Hugging Face DeepseekV3 tensor names) on hidden states from a
+ * .npy file, writing the layer output and optionally the routing. The tool an engine
+ * author uses to check an MoE implementation against dsmoe. */
 #include "cli.h"
 
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const layer_usage =
+    "usage: dsmoe layer --weights L.safetensors --input X.npy --output Y.npy [options]\n"
+    "\n"
+    "Runs one DeepSeek-V3 MoE layer: gate projection, routing, the routed SwiGLU experts,\n"
+    "the weighted combine and the shared experts, y = sum_k w_k expert_k(x) + shared(x).\n"
+    "Hidden size, expert size and expert count come from the tensor shapes of\n"
+    "  PREFIXgate.weight (E, D), PREFIXgate.e_score_correction_bias (E),\n"
+    "  PREFIXexperts.<e>.{gate_proj,up_proj,down_proj}.weight, PREFIXshared_experts.*\n"
+    "(F32, BF16 or F16). The routing rule comes from the router options below.\n"
+    "\n"
+    "files:\n"
+    "  --weights L.safetensors  the layer's tensors\n"
+    "  --prefix P             tensor name prefix, e.g. model.layers.3.mlp. (default: found\n"
+    "                         automatically when the file holds exactly one MoE layer)\n"
+    "  --input X.npy          hidden states (T, D) float32\n"
+    "  --output Y.npy         layer output (T, D) float32\n"
+    "  --out-indices I.npy    chosen experts (T, K) int32, by descending selection score\n"
+    "  --out-weights W.npy    routing weights (T, K) float32\n"
+    "  --out-logits U.npy     gate logits (T, E) float32\n"
+    "layer:\n"
+    "  --shared-experts N     shared experts (default: from the shape of\n"
+    "                         shared_experts.gate_proj.weight, 0 if absent)\n"
+    "  --dtype f32|bf16       weight storage: f32 (default) or bf16 (bf16 tensors kept as\n"
+    "                         they are, f32 ones rounded; compute is fp32 either way)\n"
+    "  --capacity-factor C    per-expert capacity ceil(C*T*K/E), later tokens dropped\n"
+    "                         (default 0: no limit, as DeepSeek-V3)\n"
+    "  --json                 print a JSON summary (shapes, per-expert counts) on stdout\n"
+    "  --threads N            threads (default: all; results identical for any N)\n"
+    "  --help                 this text\n"
+    "The checkpoint's gate.e_score_correction_bias is used when the router config uses a\n"
+    "bias (--bias B.npy replaces it; --no-bias routes without it). Inputs of more than\n"
+    "8192 tokens are processed in chunks of 8192 (a capacity limit applies per chunk).\n"
+    "\n";
+
+#define LAYER_CHUNK 8192
+
+/* Finds the unique prefix P such that P"gate.weight" and P"experts.0.gate_proj.weight"
+ * exist. Returns 0 and fills buf, or prints an error and returns the exit code. */
+static int find_prefix(const char *cmd, const dsmoe_safetensors *st, char *buf, size_t size) {
+    int64_t n = dsmoe_safetensors_count(st), found = 0;
+    char first[512] = "", second[512] = "";
+    for (int64_t i = 0; i < n; i++) {
+        dsmoe_tensor_view v;
+        if (dsmoe_safetensors_at(st, i, &v) != DSMOE_OK) continue;
+        size_t len = strlen(v.name), sl = strlen("gate.weight");
+        if (len < sl || strcmp(v.name + len - sl, "gate.weight") != 0) continue;
+        size_t pl = len - sl;
+        if (pl > 0 && v.name[pl - 1] != '.') continue; /* e.g. "...mlp.gate.weight" */
+        if (pl >= sizeof first) continue;
+        char cand[512], probe[600];
+        memcpy(cand, v.name, pl);
+        cand[pl] = '\0';
+        snprintf(probe, sizeof probe, "%sexperts.0.gate_proj.weight", cand);
+        dsmoe_tensor_view e0;
+        if (dsmoe_safetensors_get(st, probe, &e0) != DSMOE_OK) continue;
+        if (found == 0) snprintf(first, sizeof first, "%s", cand);
+        else if (found == 1) snprintf(second, sizeof second, "%s", cand);
+        found++;
+    }
+    dsmoe_clear_error();
+    if (found == 1) {
+        snprintf(buf, size, "%s", first);
+        return 0;
+    }
+    if (found == 0)
+        return cli_fail(CLI_RUNTIME, cmd,
+                        "no MoE layer in the file: no tensor pair <prefix>gate.weight and "
+                        "<prefix>experts.0.gate_proj.weight");
+    return cli_fail(CLI_USAGE, cmd,
+                    "the file holds %lld MoE layers ('%s', '%s', ...): choose one with --prefix",
+                    (long long)found, first, second);
+}
+
 int cmd_layer(int argc, char **argv) {
-    (void)argc;
-    (void)argv;
-    return cli_fail(CLI_RUNTIME, "layer", "not available in this build yet");
+    const char *cmd = "layer";
+    cli_router_flags rf;
+    const char *weights_path = NULL, *prefix_arg = NULL, *in_path = NULL, *out_path = NULL;
+    const char *out_idx = NULL, *out_w = NULL, *out_l = NULL, *dtype_arg = NULL;
+    long long threads = 0, n_shared = -1;
+    double capacity = 0.0;
+    int json = 0, experts_given = 0;
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            printf("%s%s", layer_usage, cli_router_help);
+            return CLI_OK;
+        }
+    if (cli_router_begin(cmd, argc, argv, &rf) < 0) return CLI_USAGE;
+    for (int i = 1; i < argc; i++) {
+        const char *v = NULL;
+        int missing = 0;
+        if (strcmp(argv[i], "--experts") == 0) experts_given = 1;
+        int r = cli_router_flag(cmd, argc, argv, &i, &rf);
+        if (r < 0) return CLI_USAGE;
+        if (r > 0) continue;
+        if (cli_opt(argc, argv, &i, "--weights", &v, &missing)) weights_path = v;
+        else if (cli_opt(argc, argv, &i, "--prefix", &v, &missing)) prefix_arg = v;
+        else if (cli_opt(argc, argv, &i, "--input", &v, &missing)) in_path = v;
+        else if (cli_opt(argc, argv, &i, "--output", &v, &missing)) out_path = v;
+        else if (cli_opt(argc, argv, &i, "--out-indices", &v, &missing)) out_idx = v;
+        else if (cli_opt(argc, argv, &i, "--out-weights", &v, &missing)) out_w = v;
+        else if (cli_opt(argc, argv, &i, "--out-logits", &v, &missing)) out_l = v;
+        else if (cli_opt(argc, argv, &i, "--dtype", &v, &missing)) dtype_arg = v;
+        else if (cli_opt(argc, argv, &i, "--shared-experts", &v, &missing)) {
+            if (!missing && !cli_parse_int(v, 0, 64, &n_shared))
+                return cli_fail(CLI_USAGE, cmd, "--shared-experts expects 0..64, got '%s'", v);
+        } else if (cli_opt(argc, argv, &i, "--capacity-factor", &v, &missing)) {
+            if (!missing && (!cli_parse_float(v, &capacity) || capacity < 0))
+                return cli_fail(CLI_USAGE, cmd, "--capacity-factor expects a number >= 0, got '%s'", v);
+        } else if (cli_opt(argc, argv, &i, "--threads", &v, &missing)) {
+            if (!missing && !cli_parse_int(v, 1, 1024, &threads))
+                return cli_fail(CLI_USAGE, cmd, "--threads expects 1..1024, got '%s'", v);
+        } else if (strcmp(argv[i], "--json") == 0) {
+            json = 1;
+        } else {
+            return cli_fail(CLI_USAGE, cmd, "unknown option '%s' (see dsmoe layer --help)", argv[i]);
+        }
+        if (missing) return cli_fail(CLI_USAGE, cmd, "%s needs a value", argv[i]);
+    }
+    if (!weights_path) return cli_fail(CLI_USAGE, cmd, "--weights L.safetensors is required");
+    if (!in_path) return cli_fail(CLI_USAGE, cmd, "--input X.npy is required");
+    if (!out_path && !out_idx && !out_w && !out_l && !json)
+        return cli_fail(CLI_USAGE, cmd, "nothing to write: give --output (or --out-indices, "
+                                        "--out-weights, --out-logits, --json)");
+    dsmoe_dtype storage = DSMOE_DTYPE_F32;
+    if (dtype_arg) {
+        if (strcmp(dtype_arg, "f32") == 0) storage = DSMOE_DTYPE_F32;
+        else if (strcmp(dtype_arg, "bf16") == 0) storage = DSMOE_DTYPE_BF16;
+        else return cli_fail(CLI_USAGE, cmd, "--dtype expects f32 or bf16, got '%s'", dtype_arg);
+    }
+
+    int rc = CLI_RUNTIME;
+    dsmoe_safetensors *st = NULL;
+    dsmoe_moe *moe = NULL;
+    dsmoe_array x = {0}, bias = {0};
+    float *y = NULL, *w = NULL, *lg = NULL;
+    int32_t *idx = NULL;
+    int64_t *counts = NULL;
+    char prefix[512];
+    dsmoe_status s = dsmoe_safetensors_open(weights_path, &st);
+    if (s != DSMOE_OK) {
+        cli_fail(CLI_RUNTIME, cmd, "%s: %s", weights_path, dsmoe_last_error());
+        goto done;
+    }
+    if (prefix_arg) {
+        snprintf(prefix, sizeof prefix, "%s", prefix_arg);
+    } else if ((rc = find_prefix(cmd, st, prefix, sizeof prefix)) != CLI_OK) {
+        goto done;
+    }
+    rc = CLI_RUNTIME;
+
+    dsmoe_moe_config cfg;
+    dsmoe_moe_config_default(&cfg);
+    cfg.router = rf.cfg;
+    cfg.n_shared = (int32_t)n_shared;
+    cfg.weight_dtype = storage;
+    cfg.capacity_factor = (float)capacity;
+    cfg.n_threads = (int32_t)threads;
+    const int32_t E_flag = rf.cfg.n_experts;
+    s = dsmoe_moe_config_from_safetensors(&cfg, st, prefix);
+    if (s != DSMOE_OK) {
+        cli_fail(CLI_RUNTIME, cmd, "%s: %s", weights_path, dsmoe_last_error());
+        goto done;
+    }
+    if (experts_given && E_flag != cfg.router.n_experts) {
+        cli_fail(CLI_RUNTIME, cmd, "--experts %d but %sgate.weight has %d rows", (int)E_flag, prefix,
+                 (int)cfg.router.n_experts);
+        goto done;
+    }
+    if (dsmoe_moe_config_validate(&cfg) != DSMOE_OK) {
+        cli_fail(CLI_USAGE, cmd, "%s (with E = %d experts from %s)", dsmoe_last_error(),
+                 (int)cfg.router.n_experts, weights_path);
+        rc = CLI_USAGE;
+        goto done;
+    }
+    const int32_t D = cfg.hidden_size, E = cfg.router.n_experts, K = cfg.router.top_k;
+    cfg.max_tokens = 1; /* reserved for the input's T below */
+    s = dsmoe_moe_create(&cfg, &moe);
+    if (s != DSMOE_OK) {
+        cli_fail_status(cmd, "creating the layer", s);
+        goto done;
+    }
+    s = dsmoe_moe_load_safetensors(moe, st, prefix);
+    if (s != DSMOE_OK) {
+        cli_fail(CLI_RUNTIME, cmd, "%s: %s%s", weights_path, dsmoe_last_error(),
+                 s == DSMOE_STATUS_NOT_FOUND && strstr(dsmoe_last_error(), "e_score_correction_bias")
+                     ? " (route without a bias: --no-bias)"
+                     : "");
+        goto done;
+    }
+    if (rf.bias_set) {
+        int64_t wb[1] = {E};
+        if (cli_load_npy(cmd, rf.bias_path, DSMOE_DTYPE_F32, 1, wb, &bias)) goto done;
+        s = dsmoe_moe_set_bias(moe, (const float *)bias.data);
+        if (s != DSMOE_OK) {
+            cli_fail(CLI_RUNTIME, cmd, "%s: %s", rf.bias_path, dsmoe_last_error());
+            goto done;
+        }
+    }
+    int64_t want[2] = {-1, D};
+    if (cli_load_npy(cmd, in_path, DSMOE_DTYPE_F32, 2, want, &x)) goto done;
+    const int64_t T = x.shape[0];
+    s = dsmoe_moe_reserve(moe, T < 1 ? 1 : (T < LAYER_CHUNK ? T : LAYER_CHUNK), (int)threads);
+    if (s != DSMOE_OK) {
+        cli_fail_status(cmd, "reserving the workspace", s);
+        goto done;
+    }
+    size_t nTD = (size_t)(T > 0 ? T : 1) * (size_t)D, nTK = (size_t)(T > 0 ? T : 1) * (size_t)K;
+    y = (float *)malloc(nTD * sizeof(float));
+    idx = (int32_t *)malloc(nTK * sizeof(int32_t));
+    w = (float *)malloc(nTK * sizeof(float));
+    counts = (int64_t *)calloc((size_t)E, sizeof(int64_t));
+    if (out_l) lg = (float *)malloc((size_t)(T > 0 ? T : 1) * (size_t)E * sizeof(float));
+    if (!y || !idx || !w || !counts || (out_l && !lg)) {
+        cli_fail(CLI_RUNTIME, cmd, "out of memory for %lld tokens", (long long)T);
+        goto done;
+    }
+    int64_t dropped = 0;
+    const float *xs = (const float *)x.data;
+    for (int64_t t0 = 0; t0 < T; t0 += LAYER_CHUNK) {
+        int64_t n = T - t0 < LAYER_CHUNK ? T - t0 : LAYER_CHUNK;
+        s = dsmoe_moe_forward(moe, y + (size_t)t0 * D, xs + (size_t)t0 * D, n, (int)threads);
+        if (s != DSMOE_OK) {
+            if (s == DSMOE_STATUS_NON_FINITE && t0 > 0)
+                cli_fail(CLI_RUNTIME, cmd, "%s (token numbers within the chunk starting at %lld)",
+                         dsmoe_last_error(), (long long)t0);
+            else
+                cli_fail_status(cmd, "forward", s);
+            goto done;
+        }
+        const dsmoe_moe_routing *r = dsmoe_moe_last_routing(moe);
+        memcpy(idx + (size_t)t0 * K, r->indices, (size_t)n * K * sizeof(int32_t));
+        memcpy(w + (size_t)t0 * K, r->weights, (size_t)n * K * sizeof(float));
+        if (lg) memcpy(lg + (size_t)t0 * E, r->logits, (size_t)n * E * sizeof(float));
+        for (int32_t e = 0; e < E; e++) counts[e] += r->counts[e];
+        dropped += r->n_dropped;
+    }
+    int64_t shd[2] = {T, D}, shk[2] = {T, K}, she[2] = {T, E};
+    if (out_path && cli_save_npy(cmd, out_path, DSMOE_DTYPE_F32, 2, shd, y)) goto done;
+    if (out_idx && cli_save_npy(cmd, out_idx, DSMOE_DTYPE_I32, 2, shk, idx)) goto done;
+    if (out_w && cli_save_npy(cmd, out_w, DSMOE_DTYPE_F32, 2, shk, w)) goto done;
+    if (out_l && cli_save_npy(cmd, out_l, DSMOE_DTYPE_F32, 2, she, lg)) goto done;
+    if (json) {
+        char cj[2048];
+        dsmoe_moe_config_json(dsmoe_moe_get_config(moe), cj, sizeof cj);
+        printf("{\"tokens\": %lld, \"prefix\": \"%s\", \"dropped\": %lld, \"isa\": \"%s\", "
+               "\"config\": %s, \"counts\": [",
+               (long long)T, prefix, (long long)dropped, dsmoe_isa(), cj);
+        for (int32_t e = 0; e < E; e++) printf("%s%lld", e ? ", " : "", (long long)counts[e]);
+        printf("]}\n");
+    }
+    rc = CLI_OK;
+done:
+    free(y);
+    free(idx);
+    free(w);
+    free(lg);
+    free(counts);
+    dsmoe_array_free(&x);
+    dsmoe_array_free(&bias);
+    dsmoe_moe_free(moe);
+    dsmoe_safetensors_close(st);
+    return rc;
 }
