@@ -53,11 +53,11 @@ dsmoe_status dsmoe__error(dsmoe_status status, const char *fmt, ...) {
 
 size_t dsmoe_dtype_size(dsmoe_dtype dtype) {
     switch (dtype) {
-    case DSMOE_DTYPE_F32: return 4;
+    case DSMOE_DTYPE_F32:
     case DSMOE_DTYPE_I32: return 4;
-    case DSMOE_DTYPE_BF16: return 2;
+    case DSMOE_DTYPE_BF16:
     case DSMOE_DTYPE_F16: return 2;
-    case DSMOE_DTYPE_F64: return 8;
+    case DSMOE_DTYPE_F64:
     case DSMOE_DTYPE_I64: return 8;
     case DSMOE_DTYPE_U8: return 1;
     default: return 0;

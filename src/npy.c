@@ -233,8 +233,8 @@ static dsmoe_status npy_dict(npy_cursor *c, npy_header *h) {
     for (;;) {
         if (npy_peek(c) == '}') break;
         size_t at = c->pos;
-        const unsigned char *key;
-        size_t klen;
+        const unsigned char *key = NULL;
+        size_t klen = 0;
         if ((s = npy_string(c, &key, &klen)) != DSMOE_OK) return s;
         int k = -1;
         for (int i = 0; i < 3; i++)
@@ -400,7 +400,9 @@ dsmoe_status dsmoe_npy_write_raw(const char *path, dsmoe_dtype dtype, int32_t nd
     size_t pad = NPY_ALIGN - (10 + hlen + 1) % NPY_ALIGN; /* 1..64 spaces, as NumPy */
     hlen += pad + 1;
     unsigned char head[512]; /* 10 + hlen <= 10 + 255 + 21 + 64 + 1 */
-    memcpy(head, NPY_MAGIC "\x01\x00", 8);
+    memcpy(head, NPY_MAGIC, NPY_MAGIC_LEN);
+    head[6] = 1; /* format version 1.0 */
+    head[7] = 0;
     head[8] = (unsigned char)(hlen & 0xff);
     head[9] = (unsigned char)(hlen >> 8);
     memcpy(head + 10, dict, (size_t)n);

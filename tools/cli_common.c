@@ -131,7 +131,7 @@ int cli_router_flag(const char *cmd, int argc, char **argv, int *i, cli_router_f
         r = 1;
         long long m;
         char num[32];
-        size_t len = v ? strlen(v) : 0;
+        size_t len = missing ? 0 : strlen(v);
         if (missing) {
         } else if (strcmp(v, "max") == 0) {
             c->group_score = DSMOE_GROUP_SCORE_MAX;

@@ -54,7 +54,7 @@ DSMOE_API int dsmoe_version_number(void);
     X(INTERNAL, 11, "internal error")
 
 typedef enum dsmoe_status {
-#define DSMOE__STATUS_ENUM(name, value, text) DSMOE_STATUS_##name = value,
+#define DSMOE__STATUS_ENUM(name, value, text) DSMOE_STATUS_##name = (value),
     DSMOE_STATUS_LIST(DSMOE__STATUS_ENUM)
 #undef DSMOE__STATUS_ENUM
 } dsmoe_status;

@@ -73,14 +73,14 @@ static void group_scores_avx2(float *gs, const float *c, int32_t G, int32_t gsiz
 
 static void topk_avx2(int32_t *pos, float *val, const float *v, int32_t n, int32_t K, float *sv,
                       int32_t *si) {
-    if (K > 8 || n < 16 || n % 8 != 0) {
+    if (K < 1 || K > 8 || n < 16 || n % 8 != 0) {
         dsmoe__topk_ref(pos, val, v, n, K, sv, si);
         return;
     }
     const int32_t V = n / 8;
     __m256 mx = _mm256_loadu_ps(v);
     for (int32_t j = 1; j < V; j++) mx = _mm256_max_ps(mx, _mm256_loadu_ps(v + 8 * j));
-    float lm[8], tv[8];
+    float lm[8], tv[8] = {0};
     int32_t ti[8], len = 0;
     _mm256_storeu_ps(lm, mx);
     for (int32_t i = 0; i < 8; i++) dsmoe__topk_push(tv, ti, &len, K, lm[i], i);
@@ -103,7 +103,7 @@ static void topk_avx2(int32_t *pos, float *val, const float *v, int32_t n, int32
 static void topk_blocks_avx2(int32_t *ids, float *val, const float *v, int32_t gsize,
                              const int32_t *groups, int32_t ng, int32_t K, float *sv, int32_t *si) {
     const int32_t n = ng * gsize;
-    if (K > 8 || gsize % 8 != 0 || n < 16) {
+    if (K < 1 || K > 8 || gsize % 8 != 0 || n < 16) {
         dsmoe__topk_blocks_ref(ids, val, v, gsize, groups, ng, K, sv, si);
         return;
     }
@@ -113,7 +113,7 @@ static void topk_blocks_avx2(int32_t *ids, float *val, const float *v, int32_t g
         const float *b = v + (size_t)groups[q] * (size_t)gsize;
         for (int32_t j = 0; j < V; j++) mx = _mm256_max_ps(mx, _mm256_loadu_ps(b + 8 * j));
     }
-    float lm[8], tv[8];
+    float lm[8], tv[8] = {0};
     int32_t ti[8], len = 0;
     _mm256_storeu_ps(lm, mx);
     for (int32_t i = 0; i < 8; i++) dsmoe__topk_push(tv, ti, &len, K, lm[i], i);
