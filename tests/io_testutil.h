@@ -47,10 +47,15 @@ static unsigned char *io_read_file(const char *path, size_t *len) {
     unsigned char *buf = (unsigned char *)malloc(cap);
     for (size_t got; buf && (got = fread(buf + n, 1, cap - n, f)) > 0;) {
         n += got;
-        if (n == cap) buf = (unsigned char *)realloc(buf, cap *= 2);
+        if (n == cap) {
+            cap *= 2;
+            unsigned char *grown = (unsigned char *)realloc(buf, cap);
+            if (!grown) free(buf);
+            buf = grown;
+        }
     }
     fclose(f);
-    *len = n;
+    *len = buf ? n : 0;
     return buf;
 }
 

@@ -309,12 +309,13 @@ static void run_case(const char *name) {
     ASSERT_OK(dsmoe_router_config_validate(cfg));
     if (gc.preset[0]) check_preset(&gc);
     const int32_t E = cfg->n_experts, K = cfg->top_k, D = gc.D;
+    const int hidden = gc.hidden;
     const int bf16 = cfg->precision == DSMOE_PRECISION_BF16;
 
     dsmoe_array in = {0}, gate = {0}, proj = {0}, bias = {0}, idx = {0}, w = {0}, s = {0}, dw = {0},
                 dl = {0};
     int ok = 1;
-    if (gc.hidden) {
+    if (hidden) {
         ok &= load_npy(dir, "hidden.npy", DSMOE_DTYPE_F32, 2, -1, D, &in);
         ok &= load_npy(dir, "gate_weight.npy", gc.gate_dtype, 2, E, D, &gate);
         if (ok) ok &= load_npy(dir, "proj_logits.npy", DSMOE_DTYPE_F64, 2, in.shape[0], E, &proj);
@@ -339,16 +340,16 @@ static void run_case(const char *name) {
         int64_t *o_c = tl_guarded_alloc((size_t)E * sizeof(int64_t));
         float *o_dl = tl_guarded_alloc((size_t)(T * E) * sizeof(float));
         float *s32 = malloc((size_t)(T * E) * sizeof(float));
-        dsmoe_router_output out = {o_idx, o_w, o_s, gc.hidden ? o_l : NULL, o_c};
+        dsmoe_router_output out = {o_idx, o_w, o_s, hidden ? o_l : NULL, o_c};
         const int nt = 2;
         size_t ws_size =
-            dsmoe_router_workspace_size(cfg, T, gc.hidden ? D : 0, gc.gate_dtype, nt);
+            dsmoe_router_workspace_size(cfg, T, hidden ? D : 0, gc.gate_dtype, nt);
         ASSERT_TRUE(ws_size > 0);
         void *ws = tl_guarded_alloc(ws_size);
         const float *b = cfg->use_bias ? (const float *)bias.data : NULL;
         dsmoe_status st;
         int fail_before = tl_failures;
-        if (gc.hidden)
+        if (hidden)
             st = dsmoe_router_forward_hidden(cfg, &out, in.data, gate.data, gc.gate_dtype, D, b, T,
                                              ws, ws_size, nt);
         else
@@ -359,12 +360,12 @@ static void run_case(const char *name) {
         } else {
             const double *wref = w.data;
             compare_indices(name, o_idx, idx.data, T, K, o_w, wref);
-            double wr = gc.hidden ? 2e-5 : 2e-6;
+            double wr = hidden ? 2e-5 : 2e-6;
             compare_rows(name, "weights", o_w, wref, T, K, wr, 1e-30, 0, bf16);
             /* scores: bf16 sigmoid affinities are bf16 numbers (exact); softmax
              * probabilities are fp32 in either precision */
             int sbits = bf16 && cfg->score_func == DSMOE_SCORE_FUNC_SIGMOID;
-            compare_rows(name, "scores", o_s, s.data, T, E, wr, gc.hidden ? 1e-7 : 1e-30, 0, sbits);
+            compare_rows(name, "scores", o_s, s.data, T, E, wr, hidden ? 1e-7 : 1e-30, 0, sbits);
             /* counts: histogram of the chosen experts */
             int cbad = 0;
             int64_t total = 0;
@@ -378,7 +379,7 @@ static void run_case(const char *name) {
             if (cbad || total != T * K)
                 TL_FAIL("%s: counts disagree with the indices at %d experts (total %lld, want %lld)",
                         name, cbad, (long long)total, (long long)(T * K));
-            if (gc.hidden) {
+            if (hidden) {
                 /* projected logits: fp32 GEMM vs fp64; bf16 precision rounds them to bf16,
                  * exactly (the generator keeps them away from rounding midpoints) */
                 const double *pr = proj.data;
