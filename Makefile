@@ -5,6 +5,7 @@
 #   make         build build/dsmoe and libdsmoe (Release)
 #   make install [PREFIX=/usr/local]
 #   make bench   benchmarks against PyTorch / NumPy / OpenBLAS (installs python3-torch)
+#   make lint    clang-tidy + cppcheck over src/, tools/, tests/ (prints "lint: clean")
 BUILD ?= build
 PREFIX ?= /usr/local
 JOBS ?= 2
@@ -39,7 +40,7 @@ bench: build
 	bash bench/run_all.sh $(BUILD)
 
 lint:
-	bash scripts/lint.sh
+	bash scripts/lint.sh $(BUILD)
 
 clean:
 	rm -rf build build-asan build-clang build-fuzz
