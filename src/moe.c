@@ -571,28 +571,41 @@ static void moe_matmul_wt(const dsmoe_moe *m, float *C, int ldc, const float *A,
     }
 }
 
-/* y (nr) = W[r0 : r0 + nr] (·, k) · x (k): one chunk of a matrix-vector product. */
-static void moe_gemv_rows(const dsmoe_moe *m, float *y, const void *W, int r0, int nr, int k,
-                          const float *x) {
-    if (m->cfg.weight_dtype == DSMOE_DTYPE_F32) {
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, nr, k, 1.0f, (const float *)W + (size_t)r0 * k,
-                    k, x, 1, 0.0f, y, 1);
+/* Rows up to which dsmoe__moe_gemm_nt beats SGEMM, by kernel set: with AVX-512 it
+ * always does (OpenBLAS 0.3.21 runs its AVX2 kernels on such CPUs), with AVX2 up to 16
+ * rows; the scalar code only serves the matrix-vector (decode) path. */
+static int moe_skinny_max(void) {
+    const char *k = dsmoe__kernels()->name;
+    if (strcmp(k, "avx512") == 0) return INT_MAX;
+    if (strcmp(k, "avx2") == 0) return 16;
+    return DSMOE_MOE_DECODE_MAX_T;
+}
+
+/* C (n, nout) [ldc] = X (n, k) · W (nout, k)ᵀ: dsmoe__moe_gemm_nt in panels of
+ * DSMOE__MOE_SKINNY_N rows when it is the faster product, else SGEMM. */
+static void moe_product(const dsmoe_moe *m, float *C, int ldc, const float *X, int n,
+                        const void *W, int nout, int k, float *scratch, int skinny_max) {
+    if (n > skinny_max) {
+        moe_matmul_wt(m, C, ldc, X, n, W, nout, k, scratch);
         return;
     }
-    const dsmoe__kernel_table *kt = dsmoe__kernels();
-    const uint16_t *w = (const uint16_t *)W + (size_t)r0 * k;
-    for (int r = 0; r < nr; r++) y[r] = kt->dot_bf16(x, w + (size_t)r * k, k);
+    const float *rows[DSMOE__MOE_SKINNY_N];
+    for (int p0 = 0; p0 < n; p0 += DSMOE__MOE_SKINNY_N) {
+        const int np = n - p0 < DSMOE__MOE_SKINNY_N ? n - p0 : DSMOE__MOE_SKINNY_N;
+        for (int i = 0; i < np; i++) rows[i] = X + (size_t)(p0 + i) * k;
+        dsmoe__moe_gemm_nt(C + (size_t)p0 * ldc, ldc, rows, np, W, m->cfg.weight_dtype, 0, nout, k);
+    }
 }
 
 /* One expert on n rows: GU = X·W1ᵀ, H = swiglu, Y = H·W2ᵀ. */
 static void moe_expert_forward(const dsmoe_moe *m, int32_t e, const float *X, int n, float *GU,
                                float *H, float *Y, float *scratch) {
-    const int D = m->D, f = e < m->E ? m->F : m->Fs;
+    const int D = m->D, f = e < m->E ? m->F : m->Fs, sk = moe_skinny_max();
     const dsmoe__kernel_table *kt = dsmoe__kernels();
-    moe_matmul_wt(m, GU, 2 * f, X, n, moe_w1(m, e), 2 * f, D, scratch);
+    moe_product(m, GU, 2 * f, X, n, moe_w1(m, e), 2 * f, D, scratch, sk);
     for (int i = 0; i < n; i++)
         kt->swiglu(H + (size_t)i * f, GU + (size_t)i * 2 * f, GU + (size_t)i * 2 * f + f, f);
-    moe_matmul_wt(m, Y, D, H, n, moe_w2(m, e), D, f, scratch);
+    moe_product(m, Y, D, H, n, moe_w2(m, e), D, f, scratch, sk);
 }
 
 /* Rows of expert e in the routed buffers (e < E) or the shared buffers (e == E). */
@@ -712,78 +725,81 @@ static void moe_forward_batched(dsmoe_moe *m, const float *x, int nt) {
     }
 }
 
-/* Decode path (T <= DSMOE_MOE_DECODE_MAX_T): matrix-vector products per (token,
- * expert) in fixed chunks of weight rows; no gather (except for training). */
+/* Decode path (T <= DSMOE_MOE_DECODE_MAX_T): no gather (except for training); every
+ * active expert (and the shared one) streams its weights once for its n <= 8 rows with
+ * dsmoe__moe_gemm_nt, in fixed chunks of weight rows so that threads share even one
+ * expert. Phase 1: GU = X·W1ᵀ; SwiGLU; phase 2: Y = H·W2ᵀ. wtasks: e, r0 = weight row,
+ * n = rows in the chunk. */
+static void moe_decode_rows(const dsmoe_moe *m, int32_t e, const float *x, const float **X,
+                            int *n) {
+    const moe_ws *w = &m->ws;
+    if (e < m->E) {
+        int64_t o = w->offsets[e];
+        *n = (int)w->kept[e];
+        for (int i = 0; i < *n; i++) X[i] = x + (size_t)w->row_tok[o + i] * (size_t)m->D;
+    } else {
+        *n = (int)m->routing.T;
+        for (int i = 0; i < *n; i++) X[i] = x + (size_t)i * (size_t)m->D;
+    }
+}
+
+static int64_t moe_decode_tasks(dsmoe_moe *m, int phase) {
+    moe_ws *w = &m->ws;
+    int64_t nc = 0;
+    for (int32_t e = 0; e <= m->E; e++) {
+        if (e < m->E ? w->kept[e] == 0 : m->Fs == 0) continue;
+        int rows = phase == 1 ? 2 * (e < m->E ? m->F : m->Fs) : m->D;
+        for (int c = 0; c < rows; c += MOE_GEMV_CHUNK) {
+            w->wtasks[nc].e = e;
+            w->wtasks[nc].r0 = c;
+            w->wtasks[nc].n = rows - c < MOE_GEMV_CHUNK ? rows - c : MOE_GEMV_CHUNK;
+            nc++;
+        }
+    }
+    return nc;
+}
+
 static void moe_forward_decode(dsmoe_moe *m, const float *x, int64_t T, int nt) {
     moe_ws *w = &m->ws;
-    if (m->cfg.weight_dtype == DSMOE_DTYPE_F32) nt = moe_blas_threads(nt);
     const int D = m->D;
     const dsmoe__kernel_table *kt = dsmoe__kernels();
-    /* pairs: every kept slot row (token row_tok[r]), then shared rows t */
-    int64_t R = w->offsets[m->E];
-    int64_t npairs = R + (m->Fs ? T : 0);
-    if (m->cfg.train) {
+    const int64_t R = w->offsets[m->E];
+    if (m->cfg.train)
         for (int64_t r = 0; r < R; r++)
             memcpy(w->Xg + (size_t)r * D, x + (size_t)w->row_tok[r] * D, (size_t)D * sizeof(float));
-    }
-    /* phase 1: GU rows, chunked over W1 rows */
-    int64_t nc = 0;
-    for (int64_t p = 0; p < npairs; p++) {
-        int f = p < R ? m->F : m->Fs;
-        for (int c = 0; c < 2 * f; c += MOE_GEMV_CHUNK) {
-            w->wtasks[nc].e = (int32_t)p;
-            w->wtasks[nc].r0 = c;
-            w->wtasks[nc].n = 2 * f - c < MOE_GEMV_CHUNK ? 2 * f - c : MOE_GEMV_CHUNK;
-            nc++;
-        }
-    }
+    int64_t nc = moe_decode_tasks(m, 1);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t i = 0; i < nc; i++) {
         const moe_task tk = w->wtasks[i];
-        int64_t p = tk.e;
-        int32_t e;
-        int64_t row, tok;
-        if (p < R) {
-            row = p;
-            tok = w->row_tok[p];
-            e = w->indices[w->row_tk[p]];
-        } else {
-            row = p - R;
-            tok = row;
-            e = m->E;
-        }
+        const float *X[DSMOE__MOE_SKINNY_N];
+        int n;
+        moe_decode_rows(m, tk.e, x, X, &n);
         float *GU, *H, *Y;
-        moe_rows(m, e, row, &GU, &H, &Y);
-        moe_gemv_rows(m, GU + tk.r0, moe_w1(m, e), (int)tk.r0, tk.n, D, x + (size_t)tok * D);
+        moe_rows(m, tk.e, tk.e < m->E ? w->offsets[tk.e] : 0, &GU, &H, &Y);
+        const int f = tk.e < m->E ? m->F : m->Fs;
+        dsmoe__moe_gemm_nt(GU, 2 * f, X, n, moe_w1(m, tk.e), m->cfg.weight_dtype, (int)tk.r0,
+                              (int)tk.r0 + tk.n, D);
     }
-    for (int64_t p = 0; p < npairs; p++) {
-        int32_t e = p < R ? 0 : m->E;
-        int64_t row = p < R ? p : p - R;
-        float *GU, *H, *Y;
-        moe_rows(m, e, row, &GU, &H, &Y);
-        int f = p < R ? m->F : m->Fs;
-        kt->swiglu(H, GU, GU + f, f);
-    }
-    /* phase 2: Y rows, chunked over W2 rows (D) */
-    nc = 0;
-    for (int64_t p = 0; p < npairs; p++) {
-        for (int c = 0; c < D; c += MOE_GEMV_CHUNK) {
-            w->wtasks[nc].e = (int32_t)p;
-            w->wtasks[nc].r0 = c;
-            w->wtasks[nc].n = D - c < MOE_GEMV_CHUNK ? D - c : MOE_GEMV_CHUNK;
-            nc++;
-        }
-    }
+    for (int64_t r = 0; r < R; r++)
+        kt->swiglu(w->H + (size_t)r * m->F, w->GU + (size_t)r * 2 * m->F,
+                   w->GU + (size_t)r * 2 * m->F + m->F, m->F);
+    if (m->Fs)
+        for (int64_t t = 0; t < T; t++)
+            kt->swiglu(w->Hs + (size_t)t * m->Fs, w->GUs + (size_t)t * 2 * m->Fs,
+                       w->GUs + (size_t)t * 2 * m->Fs + m->Fs, m->Fs);
+    nc = moe_decode_tasks(m, 2);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t i = 0; i < nc; i++) {
         const moe_task tk = w->wtasks[i];
-        int64_t p = tk.e;
-        int32_t e = p < R ? w->indices[w->row_tk[p]] : m->E;
-        int64_t row = p < R ? p : p - R;
+        const int32_t e = tk.e;
+        const int f = e < m->E ? m->F : m->Fs;
         float *GU, *H, *Y;
-        moe_rows(m, e, row, &GU, &H, &Y);
-        int f = e < m->E ? m->F : m->Fs;
-        moe_gemv_rows(m, Y + tk.r0, moe_w2(m, e), (int)tk.r0, tk.n, f, H);
+        moe_rows(m, e, e < m->E ? w->offsets[e] : 0, &GU, &H, &Y);
+        const int n = e < m->E ? (int)w->kept[e] : (int)T;
+        const float *Hr[DSMOE__MOE_SKINNY_N];
+        for (int j = 0; j < n; j++) Hr[j] = H + (size_t)j * f;
+        dsmoe__moe_gemm_nt(Y, D, Hr, n, moe_w2(m, e), m->cfg.weight_dtype, (int)tk.r0,
+                              (int)tk.r0 + tk.n, f);
     }
 }
 
@@ -841,6 +857,7 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe *m, float *y, const float *x, int64_t T
         if (st != DSMOE_OK) return st;
     }
     moe_dispatch(m, T);
+    m->routing.T = T;
     if (T > 0) {
         if (T <= DSMOE_MOE_DECODE_MAX_T)
             moe_forward_decode(m, x, T, nt);

@@ -19,4 +19,18 @@ int64_t dsmoe__moe_dispatch(int64_t *counts, int64_t *kept, int64_t *offsets, in
                             int32_t *row_tok, int32_t *row_tk, const int32_t *indices,
                             int64_t T, int32_t K, int32_t E, int64_t capacity);
 
+/* Rows of an expert up to which the layer uses dsmoe__moe_gemm_nt instead of SGEMM. */
+#define DSMOE__MOE_SKINNY_N 64
+
+/* C[i][r] (row stride ldc) = X[i] · W[r] for rows i < n (0..DSMOE__MOE_SKINNY_N) of X,
+ * given as n row pointers of D floats, and weight rows r0 <= r < r1 of W (R, D), F32 or
+ * BF16 (wdt). Streams each weight row once; fixed 16-lane fma summation, identical bits
+ * on every ISA and for any n (see moe_gemm.c). */
+void dsmoe__moe_gemm_nt(float *C, int64_t ldc, const float *const *X, int n, const void *W,
+                        dsmoe_dtype wdt, int r0, int r1, int D);
+/* The same with the variant for kernel set `isa` ("ref", "avx2", "avx512"); returns 0
+ * (doing nothing) if the build or the CPU lacks it, or n is out of range. For tests. */
+int dsmoe__moe_gemm_nt_isa(const char *isa, float *C, int64_t ldc, const float *const *X, int n,
+                           const void *W, dsmoe_dtype wdt, int r0, int r1, int D);
+
 #endif /* DSMOE_MOE_INTERNAL_H */

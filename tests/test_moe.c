@@ -234,6 +234,67 @@ static void test_dispatch_roundtrip(void) {
     check_dispatch(0, 4, 8, -1);
 }
 
+/* ------------------------------------------------------------ skinny GEMM -- */
+
+/* dsmoe__moe_gemm_nt: every ISA variant gives the same bits (and the same bits for a
+ * row whatever n and the row range), close to an fp64 product; odd D (tails), odd R,
+ * n up to DSMOE__MOE_SKINNY_N, fp32 and bf16 weights. */
+static void test_skinny_gemm(void) {
+    tl_seed(41);
+    static const int Ds[] = {1, 15, 16, 17, 40, 131};
+    static const int ns[] = {1, 3, 4, 5, 9, 64};
+    const char *isas[] = {"ref", "avx2", "avx512"};
+    for (int di = 0; di < 6; di++) {
+        for (int ni = 0; ni < 6; ni++) {
+            const int D = Ds[di], n = ns[ni], R = 11;
+            float *W = (float *)malloc(sizeof(float) * R * D), *X = (float *)malloc(sizeof(float) * n * D);
+            uint16_t *Wb = (uint16_t *)malloc(sizeof(uint16_t) * R * D);
+            for (int i = 0; i < R * D; i++) {
+                W[i] = (float)tl_normal();
+                Wb[i] = dsmoe_f32_to_bf16(W[i]);
+            }
+            for (int i = 0; i < n * D; i++) X[i] = (float)tl_normal();
+            const float *rows[DSMOE__MOE_SKINNY_N];
+            for (int i = 0; i < n; i++) rows[i] = X + (size_t)i * D;
+            for (int bf = 0; bf < 2; bf++) {
+                const void *w = bf ? (const void *)Wb : (const void *)W;
+                dsmoe_dtype dt = bf ? DSMOE_DTYPE_BF16 : DSMOE_DTYPE_F32;
+                float C0[64 * 11], C1[64 * 11];
+                double ref[64 * 11];
+                for (int i = 0; i < n; i++)
+                    for (int r = 0; r < R; r++) {
+                        double acc = 0;
+                        for (int d = 0; d < D; d++)
+                            acc += (double)(bf ? dsmoe_bf16_to_f32(Wb[r * D + d]) : W[r * D + d]) * X[i * D + d];
+                        ref[i * R + r] = acc;
+                    }
+                ASSERT_TRUE(dsmoe__moe_gemm_nt_isa("ref", C0, R, rows, n, w, dt, 0, R, D));
+                tl_allclose("skinny gemm vs fp64", C0, ref, n * R, 1e-5 * sqrt((double)D), 1e-5);
+                for (int v = 1; v < 3; v++) {
+                    memset(C1, 0, sizeof C1);
+                    if (!dsmoe__moe_gemm_nt_isa(isas[v], C1, R, rows, n, w, dt, 0, R, D)) continue;
+                    tl_same_bits(isas[v], C0, C1, n * R);
+                }
+                /* a sub-range of rows and a single row of X give the same bits */
+                memset(C1, 0, sizeof C1);
+                dsmoe__moe_gemm_nt(C1, R, rows, n, w, dt, 3, 8, D);
+                int ok = 1;
+                for (int i = 0; i < n; i++)
+                    for (int r = 3; r < 8; r++) ok &= memcmp(&C1[i * R + r], &C0[i * R + r], 4) == 0;
+                ASSERT_TRUE(ok);
+                float one[11];
+                dsmoe__moe_gemm_nt(one, R, rows + n - 1, 1, w, dt, 0, R, D);
+                tl_same_bits("last row alone", one, C0 + (size_t)(n - 1) * R, R);
+            }
+            free(W);
+            free(Wb);
+            free(X);
+        }
+    }
+    ASSERT_EQ_INT(dsmoe__moe_gemm_nt_isa("ref", NULL, 1, NULL, DSMOE__MOE_SKINNY_N + 1, NULL,
+                                         DSMOE_DTYPE_F32, 0, 0, 1), 0);
+}
+
 /* ------------------------------------------------------ paths and threads -- */
 
 /* A layer whose experts see several row blocks (> DSMOE_MOE_ROW_BLOCK rows each):
@@ -661,6 +722,7 @@ int main(void) {
     RUN(test_config_validation);
     RUN(test_tensor_table);
     RUN(test_dispatch_roundtrip);
+    RUN(test_skinny_gemm);
     RUN(test_paths_and_threads);
     RUN(test_bf16_storage);
     RUN(test_errors_and_bias);

@@ -31,10 +31,11 @@
  * Each expert runs on its gathered rows as two OpenBLAS SGEMMs, in fixed blocks of
  * at most DSMOE_MOE_ROW_BLOCK rows. The combine adds, for each token, w_0·y_0, w_1·y_1,
  * ... in k order (the router's order, descending selection score), then the shared
- * expert's output. For T <= DSMOE_MOE_DECODE_MAX_T tokens the layer skips the gather
- * and runs every (token, expert) pair as matrix-vector products (SGEMV, or a bf16
- * dot kernel), which streams each active weight once; this path rounds differently
- * from the batched one (same math, different summation order).
+ * expert's output. An expert with at most 64 rows skips SGEMM (which packs the whole
+ * weight matrix first) for a product that streams each weight row once for all its
+ * rows; for T <= DSMOE_MOE_DECODE_MAX_T tokens the layer also skips the gather and
+ * splits each active expert's weights into fixed chunks of rows across threads. The
+ * paths round differently (same math, different summation order).
  *
  * Capacity (for studies; off by default). With capacity_factor c > 0 each expert
  * takes at most C = ceil(c · T · K / E) assignments per forward. Drop policy: the
