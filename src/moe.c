@@ -121,7 +121,7 @@ static int moe_nthreads(const dsmoe_moe *m, int n_threads) {
  * between concurrent callers without a lock, so concurrent SGEMMs corrupt each other;
  * with such a build these loops run on one thread. The task split never depends on
  * the thread count, so the bits are the same either way. */
-static int moe_blas_threads(int nt) { return openblas_get_parallel() == 0 ? 1 : nt; }
+static inline int moe_blas_threads(int nt) { return openblas_get_parallel() == 0 ? 1 : nt; }
 
 static int moe_thread_id(void) {
 #ifdef _OPENMP
@@ -702,10 +702,10 @@ static void moe_dispatch(dsmoe_moe *m, int64_t T) {
 /* Batched path: gather and run every row-block task. */
 static void moe_forward_batched(dsmoe_moe *m, const float *x, int nt) {
     moe_ws *w = &m->ws;
-    nt = moe_blas_threads(nt);
     const int64_t ntask = m->n_tasks + m->n_shared_tasks;
     const size_t D = (size_t)m->D;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    (void)nt;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(moe_blas_threads(nt))
     for (int64_t i = 0; i < ntask; i++) {
         const moe_task tk = w->tasks[i];
         float *scratch = w->scratch ? w->scratch + w->scratch_stride * (size_t)moe_thread_id() : NULL;
@@ -762,6 +762,7 @@ static int64_t moe_decode_tasks(dsmoe_moe *m, int phase) {
 static void moe_forward_decode(dsmoe_moe *m, const float *x, int64_t T, int nt) {
     moe_ws *w = &m->ws;
     const int D = m->D;
+    (void)nt;
     const dsmoe__kernel_table *kt = dsmoe__kernels();
     const int64_t R = w->offsets[m->E];
     if (m->cfg.train)
@@ -807,6 +808,7 @@ static void moe_forward_decode(dsmoe_moe *m, const float *x, int64_t T, int nt) 
 static void moe_combine(dsmoe_moe *m, float *y, int64_t T, int nt) {
     const moe_ws *w = &m->ws;
     const size_t D = (size_t)m->D;
+    (void)nt;
     const int32_t K = m->K;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t t = 0; t < T; t++) {
@@ -911,7 +913,7 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
     if (!dy || !x)
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_backward: NULL %s",
                             !dy ? "dy" : "x");
-    const int nt = moe_nthreads(m, n_threads), ntb = moe_blas_threads(nt);
+    const int nt = moe_nthreads(m, n_threads);
     moe_ws *w = &m->ws;
     const int32_t E = m->E, K = m->K, D = m->D, F = m->F, Fs = m->Fs;
     const size_t Dz = (size_t)D;
@@ -949,7 +951,7 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
 
     /* 2. phase A over row blocks: dH, dGU, dX */
     const int64_t ntask = m->n_tasks + m->n_shared_tasks;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(ntb)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(moe_blas_threads(nt))
     for (int64_t i = 0; i < ntask; i++) {
         const moe_task tk = w->tasks[i];
         if (tk.e < E) {
@@ -993,7 +995,7 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
             nw++;
         }
     }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(ntb)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(moe_blas_threads(nt))
     for (int64_t i = 0; i < nw; i++) {
         const moe_task tk = w->wtasks[i];
         const int r0 = (int)tk.r0;
@@ -1037,7 +1039,7 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
     if (dx) {
         const float *Wg = (const float *)m->params + m->off_gate;
         const int64_t nb = (T + DSMOE_MOE_ROW_BLOCK - 1) / DSMOE_MOE_ROW_BLOCK;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(ntb)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(moe_blas_threads(nt))
         for (int64_t b = 0; b < nb; b++) {
             int64_t t0 = b * DSMOE_MOE_ROW_BLOCK;
             int n = (int)(T - t0 < DSMOE_MOE_ROW_BLOCK ? T - t0 : DSMOE_MOE_ROW_BLOCK);

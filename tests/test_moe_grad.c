@@ -32,6 +32,7 @@ static int64_t g_T;
 static double loss_at(int *same, float *dlogits_out) {
     const dsmoe_moe_config *c = dsmoe_moe_get_config(g_m);
     const int D = c->hidden_size, K = c->router.top_k;
+    if (same) *same = 0;
     if (dsmoe_moe_forward(g_m, g_y, g_x, g_T, 1) != DSMOE_OK) {
         TL_FAIL("forward: %s", dsmoe_last_error());
         return 0;
@@ -57,7 +58,7 @@ static void check_fd(const char *what, float *p, int64_t n, const float *grad, i
         int64_t i = n <= max_checks ? j : (int64_t)(tl_uniform() * (double)n);
         float v = p[i];
         const float h = 1e-2f;
-        int s1, s2;
+        int s1 = 0, s2 = 0;
         p[i] = v + h;
         double lp = loss_at(&s1, NULL);
         p[i] = v - h;
