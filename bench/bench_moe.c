@@ -1,0 +1,278 @@
+/*
+ * bench_moe.c — times dsmoe's MoE layer forward and backward at a Moonlight-like shape
+ * (D 2048, F 1408, E 64, K 6, two shared experts) and at DeepSeek-V3's routing shape
+ * (E 256 in 8 groups keeping 4, K 8, one shared expert) with D and F scaled by 1/4 to
+ * fit memory, next to the references measured in the same run: the OpenBLAS SGEMM rate
+ * (one large cblas_sgemm with the FLOPs of the T = 512 forward) and the machine's memory
+ * read bandwidth (a streaming read of a buffer far larger than the caches). Prints one
+ * JSON line per measurement; bench/bench_moe.sh turns them, with moe_torch.py's, into a
+ * table.
+ *
+ *   bench_moe [--shape moonlight|v3-quarter|all] [--tokens 1,32,512] [--backward 512]
+ *             [--repeat 5] [--threads 1] [--bf16]
+ *
+ * Every repetition uses different tokens (so different experts); the median is reported
+ * after one warm-up. FLOPs count the expert products and the gate projection
+ * (2 per multiply-add); the backward counts its four expert products and the gate's two.
+ */
+#include "dsmoe.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct shape {
+    const char *name;
+    int D, F, E, K, G, TG, ns;
+    float scale;
+} shape;
+
+static const shape shapes[] = {
+    {"moonlight", 2048, 1408, 64, 6, 1, 1, 2, 2.446f},
+    {"v3-quarter", 1792, 512, 256, 8, 8, 4, 1, 2.5f},
+};
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static uint64_t rng = 0x1234567;
+static float randn(void) {
+    double u1, u2;
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    u1 = ((double)(rng >> 11) + 0.5) * 0x1.0p-53;
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    u2 = (double)(rng >> 11) * 0x1.0p-53;
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+static void *xmalloc(size_t n) {
+    void *p = dsmoe_malloc(n);
+    if (!p) {
+        fprintf(stderr, "bench_moe: out of memory (%zu bytes)\n", n);
+        exit(1);
+    }
+    return p;
+}
+
+/* Memory read bandwidth: sum of a 1 GiB buffer (16 independent lanes), best of 5. */
+typedef float v16 __attribute__((vector_size(64)));
+static double read_bandwidth(void) {
+    const size_t n = (size_t)1 << 28; /* floats */
+    float *buf = (float *)xmalloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) buf[i] = (float)(i & 7);
+    double best = 0;
+    volatile float sink = 0;
+    for (int rep = 0; rep < 5; rep++) {
+        v16 a = {0}, b = {0}, c = {0}, d = {0};
+        double t = now();
+        for (size_t i = 0; i < n; i += 64) {
+            v16 x, y, z, w;
+            memcpy(&x, buf + i, 64);
+            memcpy(&y, buf + i + 16, 64);
+            memcpy(&z, buf + i + 32, 64);
+            memcpy(&w, buf + i + 48, 64);
+            a += x;
+            b += y;
+            c += z;
+            d += w;
+        }
+        t = now() - t;
+        v16 s = a + b + c + d;
+        sink = sink + s[0];
+        double bw = (double)n * 4 / t;
+        if (bw > best) best = bw;
+    }
+    (void)sink;
+    dsmoe_free(buf);
+    return best;
+}
+
+/* SGEMM rate: C (M, N) = A (M, K) · B (N, K)ᵀ with N = 2F, K = D and M set to give
+ * `flops`; best of 3. */
+static double sgemm_rate(double flops, int N, int K) {
+    int M = (int)ceil(flops / (2.0 * N * K));
+    if (M < 1) M = 1;
+    float *A = (float *)xmalloc((size_t)M * K * 4), *B = (float *)xmalloc((size_t)N * K * 4);
+    float *C = (float *)xmalloc((size_t)M * N * 4);
+    for (size_t i = 0; i < (size_t)M * K; i++) A[i] = randn();
+    for (size_t i = 0; i < (size_t)N * K; i++) B[i] = randn();
+    double best = 1e30;
+    for (int rep = 0; rep < 3; rep++) {
+        double t = now();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, A, K, B, K, 0.0f, C, N);
+        t = now() - t;
+        if (t < best) best = t;
+    }
+    dsmoe_free(A);
+    dsmoe_free(B);
+    dsmoe_free(C);
+    return 2.0 * M * N * (double)K / best;
+}
+
+static dsmoe_moe *make_layer(const shape *s, int train, int bf16, int64_t maxT, int threads) {
+    dsmoe_moe_config c;
+    dsmoe_moe_config_default(&c);
+    dsmoe_router_preset(s->G > 1 ? "deepseek-v3" : "moonlight", &c.router);
+    c.router.n_experts = s->E;
+    c.router.n_groups = s->G;
+    c.router.topk_groups = s->TG;
+    c.router.top_k = s->K;
+    c.router.scale = s->scale;
+    c.hidden_size = s->D;
+    c.expert_size = s->F;
+    c.n_shared = s->ns;
+    c.train = train;
+    c.weight_dtype = bf16 ? DSMOE_DTYPE_BF16 : DSMOE_DTYPE_F32;
+    c.max_tokens = maxT;
+    c.n_threads = threads;
+    dsmoe_moe *m = NULL;
+    if (dsmoe_moe_create(&c, &m) != DSMOE_OK) {
+        fprintf(stderr, "bench_moe: %s\n", dsmoe_last_error());
+        exit(1);
+    }
+    dsmoe_moe_init_random(m, 42);
+    return m;
+}
+
+static void run_shape(const shape *s, const int *Ts, int nT, int Tb, int repeat, int threads,
+                      int bf16, double bw) {
+    const double esz = bf16 ? 2.0 : 4.0;
+    const double expert_flops = 3.0 * s->F * s->D, shared_flops = 3.0 * s->ns * s->F * s->D;
+    const double fwd512 = 2.0 * 512 * (s->K * expert_flops + shared_flops + (double)s->E * s->D);
+    const double peak = sgemm_rate(fwd512, 2 * s->F, s->D);
+    printf("{\"impl\": \"sgemm\", \"shape\": \"%s\", \"gflops_per_s\": %.3f}\n", s->name, peak / 1e9);
+    fflush(stdout);
+    int64_t maxT = 1;
+    for (int i = 0; i < nT; i++) maxT = Ts[i] > maxT ? Ts[i] : maxT;
+    dsmoe_moe *m = make_layer(s, 0, bf16, maxT, threads);
+    for (int i = 0; i < nT; i++) {
+        const int T = Ts[i];
+        const int reps = T > 32 ? repeat : T > 8 ? (2 * repeat > 10 ? 2 * repeat : 10) : (2 * repeat > 50 ? 2 * repeat : 50);
+        float *x = (float *)xmalloc((size_t)T * s->D * 4 * (size_t)(reps + 1));
+        float *y = (float *)xmalloc((size_t)T * s->D * 4);
+        for (size_t j = 0; j < (size_t)T * s->D * (size_t)(reps + 1); j++) x[j] = randn();
+        double *times = (double *)malloc(sizeof(double) * (size_t)reps), active = 0;
+        for (int r = 0; r <= reps; r++) {
+            const float *xr = x + (size_t)r * T * s->D;
+            double t = now();
+            if (dsmoe_moe_forward(m, y, xr, T, threads) != DSMOE_OK) {
+                fprintf(stderr, "bench_moe: %s\n", dsmoe_last_error());
+                exit(1);
+            }
+            t = now() - t;
+            if (r == 0) continue;
+            times[r - 1] = t;
+            const dsmoe_moe_routing *ro = dsmoe_moe_last_routing(m);
+            int used = 0;
+            for (int e = 0; e < s->E; e++) used += ro->counts[e] > 0;
+            active += (used * expert_flops + shared_flops + (double)s->E * s->D) * esz / reps;
+        }
+        double sec = median(times, reps);
+        double flops = 2.0 * T * (s->K * expert_flops + shared_flops + (double)s->E * s->D);
+        printf("{\"impl\": \"dsmoe\", \"shape\": \"%s\", \"pass\": \"forward\", \"T\": %d, "
+               "\"seconds\": %.6g, \"gflops_per_s\": %.3f, \"sgemm_fraction\": %.4f, "
+               "\"active_bytes\": %.6g, \"read_gb_per_s\": %.3f, \"bandwidth_fraction\": %.4f, "
+               "\"dtype\": \"%s\", \"threads\": %d, \"reps\": %d}\n",
+               s->name, T, sec, flops / sec / 1e9, flops / sec / peak, active, active / sec / 1e9,
+               active / sec / bw, bf16 ? "bf16" : "f32", threads, reps);
+        fflush(stdout);
+        free(times);
+        dsmoe_free(x);
+        dsmoe_free(y);
+    }
+    dsmoe_moe_free(m);
+    if (Tb > 0 && !bf16) {
+        m = make_layer(s, 1, 0, Tb, threads);
+        const int reps = repeat < 3 ? repeat : 3;
+        float *x = (float *)xmalloc((size_t)Tb * s->D * 4), *y = (float *)xmalloc((size_t)Tb * s->D * 4);
+        float *dy = (float *)xmalloc((size_t)Tb * s->D * 4), *dx = (float *)xmalloc((size_t)Tb * s->D * 4);
+        double *times = (double *)malloc(sizeof(double) * (size_t)reps);
+        for (int r = 0; r <= reps; r++) {
+            for (size_t j = 0; j < (size_t)Tb * s->D; j++) {
+                x[j] = randn();
+                dy[j] = randn();
+                dx[j] = 0;
+            }
+            dsmoe_moe_zero_grad(m);
+            if (dsmoe_moe_forward(m, y, x, Tb, threads) != DSMOE_OK) exit(1);
+            double t = now();
+            if (dsmoe_moe_backward(m, dx, dy, x, NULL, Tb, threads) != DSMOE_OK) {
+                fprintf(stderr, "bench_moe: %s\n", dsmoe_last_error());
+                exit(1);
+            }
+            t = now() - t;
+            if (r) times[r - 1] = t;
+        }
+        double sec = median(times, reps);
+        double flops = 2.0 * 2.0 * Tb * (s->K * expert_flops + shared_flops) + 2.0 * 2.0 * Tb * s->E * s->D;
+        printf("{\"impl\": \"dsmoe\", \"shape\": \"%s\", \"pass\": \"backward\", \"T\": %d, "
+               "\"seconds\": %.6g, \"gflops_per_s\": %.3f, \"sgemm_fraction\": %.4f, "
+               "\"dtype\": \"f32\", \"threads\": %d, \"reps\": %d}\n",
+               s->name, Tb, sec, flops / sec / 1e9, flops / sec / peak, threads, reps);
+        fflush(stdout);
+        free(times);
+        dsmoe_free(x);
+        dsmoe_free(y);
+        dsmoe_free(dy);
+        dsmoe_free(dx);
+        dsmoe_moe_free(m);
+    }
+}
+
+int main(int argc, char **argv) {
+    const char *which = "all", *tokens = "1,32,512";
+    int Tb = 512, repeat = 5, threads = 1, bf16 = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--shape") == 0 && v) which = argv[++i];
+        else if (strcmp(a, "--tokens") == 0 && v) tokens = argv[++i];
+        else if (strcmp(a, "--backward") == 0 && v) Tb = atoi(argv[++i]);
+        else if (strcmp(a, "--repeat") == 0 && v) repeat = atoi(argv[++i]);
+        else if (strcmp(a, "--threads") == 0 && v) threads = atoi(argv[++i]);
+        else if (strcmp(a, "--bf16") == 0) bf16 = 1;
+        else {
+            fprintf(stderr, "usage: bench_moe [--shape moonlight|v3-quarter|all] [--tokens 1,32,512]\n"
+                            "                 [--backward T] [--repeat N] [--threads N] [--bf16]\n");
+            return 2;
+        }
+    }
+    if (repeat < 1) repeat = 1;
+    int Ts[16], nT = 0;
+    for (const char *p = tokens; *p && nT < 16;) {
+        Ts[nT++] = atoi(p);
+        p = strchr(p, ',');
+        if (!p) break;
+        p++;
+    }
+    double bw = read_bandwidth();
+    printf("{\"impl\": \"memory\", \"read_gb_per_s\": %.3f, \"isa\": \"%s\", \"version\": \"%s\"}\n",
+           bw / 1e9, dsmoe_isa(), dsmoe_version());
+    fflush(stdout);
+    int found = 0;
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        if (strcmp(which, "all") != 0 && strcmp(which, shapes[i].name) != 0) continue;
+        found = 1;
+        run_shape(&shapes[i], Ts, nT, Tb, repeat, threads, bf16, bw);
+    }
+    if (!found) {
+        fprintf(stderr, "bench_moe: unknown shape '%s'\n", which);
+        return 2;
+    }
+    return 0;
+}

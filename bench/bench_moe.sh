@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# bench_moe.sh — the MoE layer benchmark: dsmoe (bench_moe) and the Hugging Face-style
+# PyTorch loop (moe_torch.py) at the same shapes, one thread each, in one run, with the
+# OpenBLAS SGEMM rate and the memory read bandwidth measured alongside; prints a table
+# of ratios. Usage: bash bench/bench_moe.sh [BUILD_DIR] [--quick]
+#   BUILD_DIR   a configured build (default: build); bench_moe is taken from it, or
+#               compiled against its libdsmoe.a when the build has no bench target
+#   --quick     fewer repetitions, Moonlight-like shape only
+# Needs Debian's /usr/bin/python3 with python3-torch (make bench installs it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=${1:-build}
+quick=0
+[ "${2:-}" = "--quick" ] && quick=1
+py=/usr/bin/python3
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+bin="$build/bench_moe"
+if [ ! -x "$bin" ]; then
+  # no bench target in this build: compile it against the build's library
+  blas=$(sed -n 's/^DSMOE_BLAS_LIB:[A-Z]*=//p' "$build/CMakeCache.txt")
+  inc=$(sed -n 's/^DSMOE_CBLAS_INCLUDE:[A-Z]*=//p' "$build/CMakeCache.txt")
+  [ -f "$build/libdsmoe.a" ] || { echo "bench_moe: build $build first (make)" >&2; exit 2; }
+  cc -O2 -std=c11 -D_POSIX_C_SOURCE=200809L -fopenmp -Iinclude -I"$inc" bench/bench_moe.c \
+    "$build/libdsmoe.a" "$blas" -lm -Wl,-rpath,"$(dirname "$blas")" -o "$out/bench_moe"
+  bin="$out/bench_moe"
+fi
+
+shapes="moonlight v3-quarter"
+repeat=5
+if [ $quick = 1 ]; then
+  shapes=moonlight
+  repeat=3
+fi
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+for s in $shapes; do
+  echo "bench_moe: dsmoe, $s ..." >&2
+  "$bin" --shape "$s" --tokens 1,32,512 --backward 512 --repeat $repeat >>"$out/results.jsonl"
+  echo "bench_moe: dsmoe bf16 weights, $s ..." >&2
+  "$bin" --shape "$s" --tokens 1,32 --backward 0 --repeat $repeat --bf16 | grep '"dsmoe"' >>"$out/results.jsonl"
+  echo "bench_moe: PyTorch, $s ..." >&2
+  "$py" bench/moe_torch.py --shape "$s" --tokens 1,32,512 --backward 512 --repeat $repeat >>"$out/results.jsonl"
+done
+
+"$py" - "$out/results.jsonl" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+bw = [r["read_gb_per_s"] for r in rows if r["impl"] == "memory"]
+sgemm = {}
+for r in rows:
+    if r["impl"] == "sgemm":
+        sgemm.setdefault(r["shape"], []).append(r["gflops_per_s"])
+torch = {(r["shape"], r["pass"], r["T"]): r["seconds"] for r in rows if r["impl"] == "torch"}
+print("Memory read bandwidth: %.1f GB/s (best of the runs' measurements); OpenBLAS SGEMM: %s"
+      % (max(bw), ", ".join("%s %.1f GFLOP/s" % (s, max(v)) for s, v in sgemm.items())))
+print()
+print("| shape | pass | T | weights | dsmoe ms | GFLOP/s | % of SGEMM | weights read GB/s (% of bandwidth) | PyTorch ms | dsmoe speed-up |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    if r["impl"] != "dsmoe":
+        continue
+    key = (r["shape"], r["pass"], r["T"])
+    t = torch.get(key) if r.get("dtype", "f32") == "f32" else None
+    peak = max(sgemm[r["shape"]])
+    rd = ("%.1f (%.0f%%)" % (r["read_gb_per_s"], 100 * r["read_gb_per_s"] / max(bw))
+          if "read_gb_per_s" in r and r["T"] <= 32 else "")
+    print("| %s | %s | %d | %s | %.2f | %.1f | %.0f%% | %s | %s | %s |" % (
+        r["shape"], r["pass"], r["T"], r.get("dtype", "f32"), 1e3 * r["seconds"], r["gflops_per_s"],
+        100 * r["gflops_per_s"] / peak, rd, "%.2f" % (1e3 * t) if t else "",
+        "%.2fx" % (t / r["seconds"]) if t else ""))
+EOF
