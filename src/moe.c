@@ -58,7 +58,6 @@ typedef struct moe_ws {
     int64_t *offsets;  /* (E + 1) first slot row of each expert */
     int32_t *slot;     /* (T, K) slot row of (t, k), -1 if dropped */
     int32_t *row_tok;  /* (T·K) token of each slot row */
-    int32_t *row_tk;   /* (T·K) t·K + k of each slot row */
     moe_task *tasks;   /* routed and shared row-block tasks */
     moe_task *wtasks;  /* weight-row-block tasks (backward) / decode chunks */
     float *Xg;         /* (T·K, D) gathered inputs */
@@ -248,7 +247,6 @@ static size_t moe_ws_layout(const dsmoe_moe *m, int64_t T, int nt, char *base, m
     CARVE(offsets, int64_t, E + 1);
     CARVE(slot, int32_t, R);
     CARVE(row_tok, int32_t, R);
-    CARVE(row_tk, int32_t, R);
     size_t max_tasks = E + R / DSMOE_MOE_ROW_BLOCK + 2 + Tz / DSMOE_MOE_ROW_BLOCK + 2;
     CARVE(tasks, moe_task, max_tasks);
     /* weight-row tasks: per expert ceil(2F/B) + ceil(D/B), shared, gate; decode chunks */
@@ -626,7 +624,7 @@ static void moe_rows(const dsmoe_moe *m, int32_t e, int64_t r0, float **GU, floa
 /* ---------------------------------------------------------------- dispatch -- */
 
 int64_t dsmoe__moe_dispatch(int64_t *counts, int64_t *kept, int64_t *offsets, int32_t *slot,
-                            int32_t *row_tok, int32_t *row_tk, const int32_t *indices,
+                            int32_t *row_tok, const int32_t *indices,
                             int64_t T, int32_t K, int32_t E, int64_t capacity) {
     memset(counts, 0, (size_t)E * sizeof(int64_t));
     for (int64_t i = 0; i < T * K; i++) counts[indices[i]]++;
@@ -653,7 +651,6 @@ int64_t dsmoe__moe_dispatch(int64_t *counts, int64_t *kept, int64_t *offsets, in
             kept[e]++;
             slot[i] = (int32_t)pos;
             row_tok[pos] = (int32_t)t;
-            row_tk[pos] = (int32_t)i;
         }
     }
     return dropped;
@@ -669,7 +666,7 @@ static void moe_dispatch(dsmoe_moe *m, int64_t T) {
         if (cap < 1) cap = 1;
     }
     int64_t dropped = dsmoe__moe_dispatch(w->counts, w->kept, w->offsets, w->slot, w->row_tok,
-                                          w->row_tk, w->indices, T, K, E, cap);
+                                          w->indices, T, K, E, cap);
     /* tasks: routed experts in fixed row blocks, then the shared expert's token blocks */
     int64_t nt = 0;
     for (int32_t e = 0; e < E; e++) {
@@ -867,7 +864,6 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe *m, float *y, const float *x, int64_t T
             moe_forward_batched(m, x, nt);
         moe_combine(m, y, T, nt);
     }
-    m->routing.T = T;
     m->routing.indices = w->indices;
     m->routing.weights = w->weights;
     m->routing.scores = w->scores;

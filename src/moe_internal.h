@@ -13,11 +13,11 @@
  *   kept (E)        after drops
  *   offsets (E + 1) first row of each expert; offsets[E] = rows in use
  *   slot (T, K)     row of each assignment, -1 if dropped
- *   row_tok (T·K)   token of each row, row_tk (T·K) its t·K + k
+ *   row_tok (T·K)   token of each row
  * Returns the number of dropped assignments. */
 int64_t dsmoe__moe_dispatch(int64_t *counts, int64_t *kept, int64_t *offsets, int32_t *slot,
-                            int32_t *row_tok, int32_t *row_tk, const int32_t *indices,
-                            int64_t T, int32_t K, int32_t E, int64_t capacity);
+                            int32_t *row_tok, const int32_t *indices, int64_t T, int32_t K,
+                            int32_t E, int64_t capacity);
 
 /* Rows of an expert up to which the layer uses dsmoe__moe_gemm_nt instead of SGEMM. */
 #define DSMOE__MOE_SKINNY_N 64
