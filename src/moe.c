@@ -1,8 +1,9 @@
 /*
  * moe.c — the DeepSeekMoE layer (DeepSeek-V3 report eq. 12, SPEC-routing §2 step 9):
  * gate projection and routing (router.c), a stable counting-sort dispatch, routed
- * SwiGLU experts as OpenBLAS products on gathered rows, the weighted combine and the
- * shared experts; the backward pass; checkpoint tensors in the Hugging Face names.
+ * SwiGLU experts as products on gathered rows (moe_gemm.c's weight-streaming product,
+ * or OpenBLAS SGEMM), the weighted combine and the shared experts; the backward pass
+ * (OpenBLAS); checkpoint tensors in the Hugging Face names.
  *
  * Per expert e with gathered rows X (n, D):
  *   GU = X · W1ᵀ         W1 = [gate_proj; up_proj] (2F, D), GU = [G | U] (n, 2F)
@@ -17,7 +18,7 @@
  *
  * Bit reproducibility: every parallel loop is over a task list whose boundaries depend
  * only on the routing (never on the thread count); each task calls single-threaded
- * OpenBLAS or fixed-order loops, and writes outputs no other task writes.
+ * OpenBLAS, moe_gemm.c or fixed-order loops, and writes outputs no other task writes.
  */
 #include "moe_internal.h"
 #include "kernels/kernels.h"
