@@ -85,14 +85,8 @@ static double time_calls(const bench_ctx *c, int what, int repeat, double min_ti
     return times[repeat / 2];
 }
 
-static uint64_t bstate = 12345;
-static float brand(void) {
-    uint64_t z = (bstate += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return (float)((double)(z >> 11) * 0x1.0p-53 * 2.0 - 1.0);
-}
+/* uniform in [-1, 1) */
+static float brand(cli_rng *r) { return (float)(cli_rng_uniform(r) * 2.0 - 1.0); }
 
 static int bench_route(int argc, char **argv) {
     const char *cmd = "bench route";
@@ -156,11 +150,13 @@ static int bench_route(int argc, char **argv) {
         cli_fail(CLI_RUNTIME, cmd, "out of memory");
         goto done;
     }
-    for (size_t i = 0; i < nl; i++) logits[i] = 3.0f * brand();
-    for (int64_t e = 0; e < E; e++) bias[e] = 0.01f * brand();
-    for (size_t i = 0; i < nh; i++) hidden[i] = brand();
+    cli_rng rng;
+    cli_rng_seed(&rng, 12345);
+    for (size_t i = 0; i < nl; i++) logits[i] = 3.0f * brand(&rng);
+    for (int64_t e = 0; e < E; e++) bias[e] = 0.01f * brand(&rng);
+    for (size_t i = 0; i < nh; i++) hidden[i] = brand(&rng);
     for (size_t i = 0; i < nw; i++) {
-        gate32[i] = 0.02f * brand();
+        gate32[i] = 0.02f * brand(&rng);
         gate16[i] = dsmoe_f32_to_bf16(gate32[i]);
     }
     dsmoe_router_output out = {indices, weights, NULL, NULL, NULL};

@@ -31,20 +31,6 @@ static const char *const route_usage =
     "  --help                 this text\n"
     "\n";
 
-static uint64_t rng_state;
-static double rng_normal(void) {
-    uint64_t z1 = (rng_state += 0x9e3779b97f4a7c15ull), z2 = (rng_state += 0x9e3779b97f4a7c15ull);
-    uint64_t r[2] = {z1, z2};
-    for (int i = 0; i < 2; i++) {
-        uint64_t z = r[i];
-        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-        r[i] = z ^ (z >> 31);
-    }
-    double u1 = ((double)(r[0] >> 11) + 0.5) * 0x1.0p-53, u2 = (double)(r[1] >> 11) * 0x1.0p-53;
-    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
-}
-
 int cmd_route(int argc, char **argv) {
     const char *cmd = "route";
     cli_router_flags rf;
@@ -115,9 +101,10 @@ int cmd_route(int argc, char **argv) {
             cli_fail_status(cmd, "allocating logits", DSMOE_STATUS_OUT_OF_MEMORY);
             goto done;
         }
-        rng_state = (uint64_t)seed * 0x2545f4914f6cdd1dull + 7;
+        cli_rng rng;
+        cli_rng_seed(&rng, (uint64_t)seed);
         float *l = (float *)logits.data;
-        for (int64_t i = 0; i < random_T * E; i++) l[i] = (float)rng_normal();
+        for (int64_t i = 0; i < random_T * E; i++) l[i] = (float)cli_rng_normal(&rng);
         T = random_T;
     } else {
         int64_t want_h[2] = {-1, -1};

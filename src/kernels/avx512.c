@@ -64,6 +64,24 @@ static void group_scores_avx512(float *gs, const float *c, int32_t G, int32_t gs
     }
 }
 
+/* For each lane i of x, the number of lanes that beat it: larger, or equal with a lower
+ * lane number. Computed for all lanes at once by comparing x with its 15 rotations. */
+static inline __m512i rank16(__m512 x) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512i rank = _mm512_setzero_si512();
+    for (int s = 1; s < 16; s++) {
+        /* lane i sees lane (i + s) mod 16, which has a lower number iff i + s >= 16 */
+        __m512i src = _mm512_and_si512(_mm512_add_epi32(lane, _mm512_set1_epi32(s)), _mm512_set1_epi32(15));
+        __m512 y = _mm512_permutexvar_ps(src, x);
+        __mmask16 wrap = (__mmask16)(0xffffu << (16 - s));
+        __mmask16 beat = _mm512_cmp_ps_mask(y, x, _CMP_GT_OQ) |
+                         (_mm512_cmp_ps_mask(y, x, _CMP_EQ_OQ) & wrap);
+        rank = _mm512_mask_add_epi32(rank, beat, rank, one);
+    }
+    return rank;
+}
+
 /* Branch-free selection among m <= 16 finite candidates by rank counting: the rank
  * of candidate i is the number of candidates that beat it (larger, or equal with a
  * lower position), computed for all lanes at once by comparing the vector with its
@@ -74,17 +92,7 @@ static void rank_select16(int32_t *pos, float *val, const float *v, const int32_
     const __mmask16 live = (__mmask16)(m >= 16 ? 0xffffu : ((1u << m) - 1u));
     const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, v);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i one = _mm512_set1_epi32(1);
-    __m512i rank = _mm512_setzero_si512();
-    for (int s = 1; s < 16; s++) {
-        /* lane i sees lane (i + s) mod 16, which has a lower position iff i + s >= 16 */
-        __m512i src = _mm512_and_si512(_mm512_add_epi32(lane, _mm512_set1_epi32(s)), _mm512_set1_epi32(15));
-        __m512 y = _mm512_permutexvar_ps(src, x);
-        __mmask16 wrap = (__mmask16)(0xffffu << (16 - s));
-        __mmask16 beat = _mm512_cmp_ps_mask(y, x, _CMP_GT_OQ) |
-                         (_mm512_cmp_ps_mask(y, x, _CMP_EQ_OQ) & wrap);
-        rank = _mm512_mask_add_epi32(rank, beat, rank, one);
-    }
+    const __m512i rank = rank16(x);
     /* invert the permutation for the K output slots (scatters are slow on some CPUs) */
     int32_t inv[16] = {0};
     for (int32_t r = 0; r < K; r++) {
@@ -101,17 +109,7 @@ static void rank_select16(int32_t *pos, float *val, const float *v, const int32_
 /* The K-th largest (1-based) of 16 finite values (ties counted), by rank counting. */
 static float kth_largest16(const float *v, int32_t K) {
     const __m512 x = _mm512_loadu_ps(v);
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i one = _mm512_set1_epi32(1);
-    __m512i rank = _mm512_setzero_si512();
-    for (int s = 1; s < 16; s++) {
-        __m512i src = _mm512_and_si512(_mm512_add_epi32(lane, _mm512_set1_epi32(s)), _mm512_set1_epi32(15));
-        __m512 y = _mm512_permutexvar_ps(src, x);
-        __mmask16 wrap = (__mmask16)(0xffffu << (16 - s));
-        __mmask16 beat = _mm512_cmp_ps_mask(y, x, _CMP_GT_OQ) |
-                         (_mm512_cmp_ps_mask(y, x, _CMP_EQ_OQ) & wrap);
-        rank = _mm512_mask_add_epi32(rank, beat, rank, one);
-    }
+    const __m512i rank = rank16(x);
     __mmask16 at = _mm512_cmp_epi32_mask(rank, _mm512_set1_epi32(K - 1), _MM_CMPINT_EQ);
     return _mm512_cvtss_f32(_mm512_maskz_compress_ps(at, x));
 }

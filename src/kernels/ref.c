@@ -7,10 +7,9 @@
 #include <math.h>
 #include <string.h>
 
-float dsmoe__expf(float x) {
-    if (x != x) return x;
-    if (x > DSMOE__EXP_HI) return INFINITY;
-    if (x < DSMOE__EXP_LO) return 0.0f;
+/* exp(r)·... core: with n = rint(x·log2 e), returns (exp(x − n·ln 2), n), the reduced
+ * argument r = x − n·ln2 (Cody–Waite, two fused steps) through the polynomial. */
+static inline float exp_reduced(float x, float *n_out) {
     float n = rintf(x * DSMOE__LOG2E);
     float r = fmaf(n, -DSMOE__LN2_HI, x);
     r = fmaf(n, -DSMOE__LN2_LO, r);
@@ -22,15 +21,26 @@ float dsmoe__expf(float x) {
     p = fmaf(p, r, DSMOE__EXP_C4);
     p = fmaf(p, r, DSMOE__EXP_C5);
     p = fmaf(p, z, r);
-    p = p + 1.0f;
+    *n_out = n;
+    return p + 1.0f;
+}
+
+static inline float pow2i(int32_t n) {
+    uint32_t b = (uint32_t)(n + 127) << 23;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+float dsmoe__expf(float x) {
+    if (x != x) return x;
+    if (x > DSMOE__EXP_HI) return INFINITY;
+    if (x < DSMOE__EXP_LO) return 0.0f;
+    float n;
+    float p = exp_reduced(x, &n);
     int32_t ni = (int32_t)n;
     int32_t n1 = ni >> 1; /* floor(n/2), arithmetic shift as in the SIMD code */
-    int32_t n2 = ni - n1;
-    uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
-    float f1, f2;
-    memcpy(&f1, &b1, 4);
-    memcpy(&f2, &b2, 4);
-    return (p * f1) * f2;
+    return (p * pow2i(n1)) * pow2i(ni - n1);
 }
 
 /* exp for 1/(1 + exp(y)) forms: y is clamped to [-87, EXP_HI], where results below
@@ -40,22 +50,9 @@ float dsmoe__expf_sig(float y) {
     if (y != y) return y;
     y = y > DSMOE__EXP_HI ? DSMOE__EXP_HI : y;
     y = y < -87.0f ? -87.0f : y;
-    float n = rintf(y * DSMOE__LOG2E);
-    float r = fmaf(n, -DSMOE__LN2_HI, y);
-    r = fmaf(n, -DSMOE__LN2_LO, r);
-    float z = r * r;
-    float p = DSMOE__EXP_C0;
-    p = fmaf(p, r, DSMOE__EXP_C1);
-    p = fmaf(p, r, DSMOE__EXP_C2);
-    p = fmaf(p, r, DSMOE__EXP_C3);
-    p = fmaf(p, r, DSMOE__EXP_C4);
-    p = fmaf(p, r, DSMOE__EXP_C5);
-    p = fmaf(p, z, r);
-    p = p + 1.0f;
-    uint32_t b = (uint32_t)((int32_t)n + 127) << 23;
-    float f;
-    memcpy(&f, &b, 4);
-    return p * f;
+    float n;
+    float p = exp_reduced(y, &n);
+    return p * pow2i((int32_t)n);
 }
 
 float dsmoe__sigmoidf(float x) { return 1.0f / (1.0f + dsmoe__expf_sig(-x)); }

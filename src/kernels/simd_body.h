@@ -17,10 +17,11 @@
 #define DSMOE__CAT(a, b) DSMOE__CAT2(a, b)
 #define FN(name) DSMOE__CAT(name, SFX)
 
-static inline VF FN(v_exp)(VF x) {
-    VF xc = V_MIN(V_MAX(x, V_SET1(DSMOE__EXP_LO)), V_SET1(DSMOE__EXP_HI));
-    VF n = V_RINT(V_MUL(xc, V_SET1(DSMOE__LOG2E)));
-    VF r = V_FMA(n, V_SET1(-DSMOE__LN2_HI), xc);
+/* exp of an in-range argument before the 2^n scaling: returns the polynomial of the
+ * reduced argument and n (see exp_reduced in ref.c). */
+static inline VF FN(v_exp_reduced)(VF x, VF *n_out) {
+    VF n = V_RINT(V_MUL(x, V_SET1(DSMOE__LOG2E)));
+    VF r = V_FMA(n, V_SET1(-DSMOE__LN2_HI), x);
     r = V_FMA(n, V_SET1(-DSMOE__LN2_LO), r);
     VF z = V_MUL(r, r);
     VF p = V_SET1(DSMOE__EXP_C0);
@@ -30,7 +31,14 @@ static inline VF FN(v_exp)(VF x) {
     p = V_FMA(p, r, V_SET1(DSMOE__EXP_C4));
     p = V_FMA(p, r, V_SET1(DSMOE__EXP_C5));
     p = V_FMA(p, z, r);
-    p = V_ADD(p, V_SET1(1.0f));
+    *n_out = n;
+    return V_ADD(p, V_SET1(1.0f));
+}
+
+static inline VF FN(v_exp)(VF x) {
+    VF xc = V_MIN(V_MAX(x, V_SET1(DSMOE__EXP_LO)), V_SET1(DSMOE__EXP_HI));
+    VF n;
+    VF p = FN(v_exp_reduced)(xc, &n);
     VI ni = V_CVT_I(n);
     VI n1 = V_I_SRAI1(ni);
     VI n2 = V_I_SUB(ni, n1);
@@ -43,18 +51,8 @@ static inline VF FN(v_exp)(VF x) {
 /* exp for 1/(1 + exp(y)): see dsmoe__expf_sig in ref.c */
 static inline VF FN(v_exp_sig)(VF y) {
     VF xc = V_MAX(V_MIN(y, V_SET1(DSMOE__EXP_HI)), V_SET1(-87.0f));
-    VF n = V_RINT(V_MUL(xc, V_SET1(DSMOE__LOG2E)));
-    VF r = V_FMA(n, V_SET1(-DSMOE__LN2_HI), xc);
-    r = V_FMA(n, V_SET1(-DSMOE__LN2_LO), r);
-    VF z = V_MUL(r, r);
-    VF p = V_SET1(DSMOE__EXP_C0);
-    p = V_FMA(p, r, V_SET1(DSMOE__EXP_C1));
-    p = V_FMA(p, r, V_SET1(DSMOE__EXP_C2));
-    p = V_FMA(p, r, V_SET1(DSMOE__EXP_C3));
-    p = V_FMA(p, r, V_SET1(DSMOE__EXP_C4));
-    p = V_FMA(p, r, V_SET1(DSMOE__EXP_C5));
-    p = V_FMA(p, z, r);
-    p = V_ADD(p, V_SET1(1.0f));
+    VF n;
+    VF p = FN(v_exp_reduced)(xc, &n);
     return V_MUL(p, V_I_EXP2(V_CVT_I(n)));
 }
 
