@@ -11,8 +11,9 @@
  *   bench_moe [--shape moonlight|v3-quarter|all] [--tokens 1,32,512] [--backward 512]
  *             [--repeat 5] [--threads 1] [--bf16]
  *
- * Every repetition uses different tokens (so different experts); the median is reported
- * after one warm-up. FLOPs count the expert products and the gate projection
+ * Every repetition uses different tokens (so different experts); the best (shortest)
+ * repetition is reported after one warm-up, as moe_torch.py does: on a shared machine
+ * the minimum is the least disturbed measure of what each implementation can do. FLOPs count the expert products and the gate projection
  * (2 per multiply-add); the backward counts its four expert products and the gate's two.
  */
 #include "dsmoe.h"
@@ -42,13 +43,10 @@ static double now(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-static double median(double *v, int n) {
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+static double best(const double *v, int n) {
+    double b = v[0];
+    for (int i = 1; i < n; i++) b = v[i] < b ? v[i] : b;
+    return b;
 }
 
 static uint64_t rng = 0x1234567;
@@ -158,11 +156,12 @@ static void run_shape(const shape *s, const int *Ts, int nT, int Tb, int repeat,
     const double peak = sgemm_rate(fwd512, 2 * s->F, s->D);
     printf("{\"impl\": \"sgemm\", \"shape\": \"%s\", \"gflops_per_s\": %.3f}\n", s->name, peak / 1e9);
     fflush(stdout);
-    int64_t maxT = 1;
+    int64_t maxT = 0;
     for (int i = 0; i < nT; i++) maxT = Ts[i] > maxT ? Ts[i] : maxT;
-    dsmoe_moe *m = make_layer(s, 0, bf16, maxT, threads);
+    dsmoe_moe *m = maxT > 0 ? make_layer(s, 0, bf16, maxT, threads) : NULL;
     for (int i = 0; i < nT; i++) {
         const int T = Ts[i];
+        if (T < 1) continue;
         const int reps = T > 32 ? repeat : T > 8 ? (2 * repeat > 10 ? 2 * repeat : 10) : (2 * repeat > 50 ? 2 * repeat : 50);
         float *x = (float *)xmalloc((size_t)T * s->D * 4 * (size_t)(reps + 1));
         float *y = (float *)xmalloc((size_t)T * s->D * 4);
@@ -183,7 +182,7 @@ static void run_shape(const shape *s, const int *Ts, int nT, int Tb, int repeat,
             for (int e = 0; e < s->E; e++) used += ro->counts[e] > 0;
             active += (used * expert_flops + shared_flops + (double)s->E * s->D) * esz / reps;
         }
-        double sec = median(times, reps);
+        double sec = best(times, reps);
         double flops = 2.0 * T * (s->K * expert_flops + shared_flops + (double)s->E * s->D);
         printf("{\"impl\": \"dsmoe\", \"shape\": \"%s\", \"pass\": \"forward\", \"T\": %d, "
                "\"seconds\": %.6g, \"gflops_per_s\": %.3f, \"sgemm_fraction\": %.4f, "
@@ -219,7 +218,7 @@ static void run_shape(const shape *s, const int *Ts, int nT, int Tb, int repeat,
             t = now() - t;
             if (r) times[r - 1] = t;
         }
-        double sec = median(times, reps);
+        double sec = best(times, reps);
         double flops = 2.0 * 2.0 * Tb * (s->K * expert_flops + shared_flops) + 2.0 * 2.0 * Tb * s->E * s->D;
         printf("{\"impl\": \"dsmoe\", \"shape\": \"%s\", \"pass\": \"backward\", \"T\": %d, "
                "\"seconds\": %.6g, \"gflops_per_s\": %.3f, \"sgemm_fraction\": %.4f, "
@@ -254,7 +253,7 @@ int main(int argc, char **argv) {
     }
     if (repeat < 1) repeat = 1;
     int Ts[16], nT = 0;
-    for (const char *p = tokens; *p && nT < 16;) {
+    for (const char *p = tokens; *p && nT < 16;) { /* "" or "0": no forward timings */
         Ts[nT++] = atoi(p);
         p = strchr(p, ',');
         if (!p) break;

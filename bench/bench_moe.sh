@@ -34,13 +34,18 @@ if [ $quick = 1 ]; then
   repeat=3
 fi
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+# dsmoe and PyTorch alternate per token count, so that both see the same machine state
 for s in $shapes; do
-  echo "bench_moe: dsmoe, $s ..." >&2
-  "$bin" --shape "$s" --tokens 1,32,512 --backward 512 --repeat $repeat >>"$out/results.jsonl"
-  echo "bench_moe: dsmoe bf16 weights, $s ..." >&2
+  for T in 1 32 512; do
+    echo "bench_moe: $s, forward, T = $T: dsmoe, PyTorch ..." >&2
+    "$bin" --shape "$s" --tokens $T --backward 0 --repeat $repeat >>"$out/results.jsonl"
+    "$py" bench/moe_torch.py --shape "$s" --tokens $T --backward 0 --repeat $repeat >>"$out/results.jsonl"
+  done
+  echo "bench_moe: $s, backward, T = 512: dsmoe, PyTorch ..." >&2
+  "$bin" --shape "$s" --tokens 0 --backward 512 --repeat $repeat >>"$out/results.jsonl"
+  "$py" bench/moe_torch.py --shape "$s" --tokens "" --backward 512 --repeat $repeat >>"$out/results.jsonl"
+  echo "bench_moe: $s, bf16 weights ..." >&2
   "$bin" --shape "$s" --tokens 1,32 --backward 0 --repeat $repeat --bf16 | grep '"dsmoe"' >>"$out/results.jsonl"
-  echo "bench_moe: PyTorch, $s ..." >&2
-  "$py" bench/moe_torch.py --shape "$s" --tokens 1,32,512 --backward 512 --repeat $repeat >>"$out/results.jsonl"
 done
 
 "$py" - "$out/results.jsonl" <<'EOF'
@@ -52,8 +57,8 @@ for r in rows:
     if r["impl"] == "sgemm":
         sgemm.setdefault(r["shape"], []).append(r["gflops_per_s"])
 torch = {(r["shape"], r["pass"], r["T"]): r["seconds"] for r in rows if r["impl"] == "torch"}
-print("Memory read bandwidth: %.1f GB/s (best of the runs' measurements); OpenBLAS SGEMM: %s"
-      % (max(bw), ", ".join("%s %.1f GFLOP/s" % (s, max(v)) for s, v in sgemm.items())))
+print("Memory read bandwidth: %.1f GB/s; OpenBLAS SGEMM (one thread): %s (best of the run's "
+      "measurements)" % (max(bw), ", ".join("%s %.1f GFLOP/s" % (s, max(v)) for s, v in sgemm.items())))
 print()
 print("| shape | pass | T | weights | dsmoe ms | GFLOP/s | % of SGEMM | weights read GB/s (% of bandwidth) | PyTorch ms | dsmoe speed-up |")
 print("|---|---|---|---|---|---|---|---|---|---|")

@@ -8,8 +8,8 @@ line per measurement, for bench/bench_moe.sh.
 
   moe_torch.py --shape moonlight --tokens 1,32,512 [--backward 512] [--repeat 5]
 
-Timing: every repetition uses different tokens (so different experts); the median of
-the repetitions is reported, after one warm-up.
+Timing: every repetition uses different tokens (so different experts); the best
+(shortest) repetition is reported after one warm-up, as bench_moe does.
 """
 import argparse
 import json
@@ -85,12 +85,6 @@ class MoE:
         return out
 
 
-def median(v):
-    v = sorted(v)
-    n = len(v)
-    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="moonlight", choices=sorted(SHAPES))
@@ -113,7 +107,7 @@ def main():
                 if i:
                     times.append(time.perf_counter() - t0)
         print(json.dumps({"impl": "torch", "shape": args.shape, "pass": "forward", "T": T,
-                          "seconds": median(times), "reps": len(times)}), flush=True)
+                          "seconds": min(times), "reps": len(times)}), flush=True)
     if args.backward > 0:
         T = args.backward
         times = []
@@ -129,7 +123,7 @@ def main():
             if i:
                 times.append(time.perf_counter() - t0)
         print(json.dumps({"impl": "torch", "shape": args.shape, "pass": "backward", "T": T,
-                          "seconds": median(times), "reps": len(times)}), flush=True)
+                          "seconds": min(times), "reps": len(times)}), flush=True)
 
 
 if __name__ == "__main__":
