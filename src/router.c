@@ -34,6 +34,8 @@
 #define DSMOE__PROJ_BLOCK 512
 /* At most this many tokens use the per-token (GEMV / bf16 dot) projection. */
 #define DSMOE__SMALL_T 8
+/* Threads used for routing at most (more are simply not used). */
+#define DSMOE__MAX_THREADS 256
 
 /* ------------------------------------------------------------------ presets -- */
 
@@ -388,49 +390,59 @@ static dsmoe_status check_common(const dsmoe_router_config *cfg, const dsmoe_rou
     return DSMOE_OK;
 }
 
-static dsmoe_status report_nonfinite(const float *logits, int64_t T, int32_t E, const char *fn,
+static dsmoe_status report_nonfinite(const float *row, int64_t t, int32_t E, const char *fn,
                                      const char *what) {
-    for (int64_t t = 0; t < T; t++)
-        for (int32_t e = 0; e < E; e++) {
-            float x = logits[(size_t)t * (size_t)E + (size_t)e];
-            if (!isfinite(x))
-                return dsmoe__error(DSMOE_STATUS_NON_FINITE,
-                                    "%s: %s of token %lld, expert %d is %s", fn, what, (long long)t,
-                                    (int)e, x != x ? "NaN" : (x > 0 ? "+Inf" : "-Inf"));
-        }
-    return DSMOE_OK;
+    for (int32_t e = 0; e < E; e++) {
+        float x = row[e];
+        if (!isfinite(x))
+            return dsmoe__error(DSMOE_STATUS_NON_FINITE, "%s: %s of token %lld, expert %d is %s", fn,
+                                what, (long long)t, (int)e,
+                                x != x ? "NaN" : (x > 0 ? "+Inf" : "-Inf"));
+    }
+    return dsmoe__error(DSMOE_STATUS_INTERNAL, "%s: non-finite %s of token %lld not found", fn, what,
+                        (long long)t);
 }
 
-/* Routes tokens [t0, t1) with one thread's scratch. */
-static void route_range(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
-                        const dsmoe_router_output *out, const float *logits, const float *bias,
-                        int64_t t0, int64_t t1, char *scratch, size_t per) {
+/* Routes tokens [t0, t1) with one thread's scratch. With `check`, each token's logits
+ * are tested for NaN/Inf just before it is routed (while they are in cache); the range
+ * stops at the first bad token, whose index is returned (-1 if none). */
+static int64_t route_range(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
+                           const dsmoe_router_output *out, const float *logits,
+                           const float *bias, int64_t t0, int64_t t1, char *scratch, size_t per,
+                           int check) {
     const int32_t E = cfg->n_experts, K = cfg->top_k;
     dsmoe__carver mine = {scratch, per, 0};
     token_scratch ts;
     scratch_carve(cfg, &mine, &ts);
     for (int64_t t = t0; t < t1; t++) {
+        const float *u = logits + (size_t)t * (size_t)E;
+        if (check && k->any_nonfinite(u, E)) return t;
         float *s = out->scores ? out->scores + (size_t)t * (size_t)E : ts.s;
-        route_token(cfg, k, logits + (size_t)t * (size_t)E, bias, s,
-                    out->indices + (size_t)t * (size_t)K, out->weights + (size_t)t * (size_t)K, &ts);
+        route_token(cfg, k, u, bias, s, out->indices + (size_t)t * (size_t)K,
+                    out->weights + (size_t)t * (size_t)K, &ts);
     }
+    return -1;
 }
 
-static dsmoe_status route_batch(const dsmoe_router_config *cfg, const dsmoe_router_output *out,
-                                const float *logits, const float *bias, int64_t T,
-                                dsmoe__carver *cv, int nt) {
+/* Routes T tokens; returns the first token with a non-finite logit (when checking), or
+ * -1. Each thread takes one contiguous range and stops at its first bad token, so the
+ * minimum over threads is the first bad token overall, whatever the thread count. */
+static int64_t route_batch(const dsmoe_router_config *cfg, const dsmoe_router_output *out,
+                           const float *logits, const float *bias, int64_t T, char *base,
+                           size_t per, int nt) {
     const int32_t E = cfg->n_experts, K = cfg->top_k;
     const dsmoe__kernel_table *k = dsmoe__kernels();
-    size_t per = scratch_bytes(cfg);
-    char *base = (char *)dsmoe__carve(cv, (size_t)nt * per);
-    if (!base) return dsmoe__error(DSMOE_STATUS_INTERNAL, "router: workspace carving failed");
+    const int check = cfg->nonfinite == DSMOE_NONFINITE_ERROR;
+    int64_t bad = -1;
 
     /* at least 16 tokens per thread; one thread runs without a parallel region.
      * Tokens are independent, so the split never changes a bit. */
     if ((int64_t)nt > (T + 15) / 16) nt = (int)((T + 15) / 16);
+    if (nt > DSMOE__MAX_THREADS) nt = DSMOE__MAX_THREADS;
     if (nt <= 1) {
-        route_range(cfg, k, out, logits, bias, 0, T, base, per);
+        bad = route_range(cfg, k, out, logits, bias, 0, T, base, per, check);
     } else {
+        int64_t first[DSMOE__MAX_THREADS];
 #pragma omp parallel num_threads(nt)
         {
             int tid = 0, n = 1;
@@ -440,14 +452,35 @@ static dsmoe_status route_batch(const dsmoe_router_config *cfg, const dsmoe_rout
 #endif
             int64_t chunk = (T + n - 1) / n;
             int64_t t0 = (int64_t)tid * chunk, t1 = t0 + chunk < T ? t0 + chunk : T;
-            if (t0 < t1) route_range(cfg, k, out, logits, bias, t0, t1, base + (size_t)tid * per, per);
+            first[tid] = t0 < t1 ? route_range(cfg, k, out, logits, bias, t0, t1,
+                                               base + (size_t)tid * per, per, check)
+                                 : -1;
+#pragma omp barrier
+#pragma omp single
+            for (int i = 0; i < n; i++)
+                if (first[i] >= 0 && (bad < 0 || first[i] < bad)) bad = first[i];
         }
     }
+    if (bad >= 0) return bad;
     if (out->counts) {
         memset(out->counts, 0, (size_t)E * sizeof(int64_t));
         const int32_t *idx = out->indices;
         for (int64_t i = 0; i < T * (int64_t)K; i++) out->counts[idx[i]]++;
     }
+    return -1;
+}
+
+/* Carves the per-thread scratch and routes; reports a non-finite logit as an error. */
+static dsmoe_status route_checked(const dsmoe_router_config *cfg, const dsmoe_router_output *out,
+                                  const float *logits, const float *bias, int64_t T,
+                                  dsmoe__carver *cv, int nt, const char *fn, const char *what) {
+    size_t per = scratch_bytes(cfg);
+    char *base = (char *)dsmoe__carve(cv, (size_t)nt * per);
+    if (!base) return dsmoe__error(DSMOE_STATUS_INTERNAL, "%s: workspace carving failed", fn);
+    int64_t bad = route_batch(cfg, out, logits, bias, T, base, per, nt);
+    if (bad >= 0)
+        return report_nonfinite(logits + (size_t)bad * (size_t)cfg->n_experts, bad, cfg->n_experts,
+                                fn, what);
     return DSMOE_OK;
 }
 
@@ -465,13 +498,10 @@ dsmoe_status dsmoe_router_forward(const dsmoe_router_config *cfg, const dsmoe_ro
         return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
                             "%s: workspace of %zu bytes given, %zu needed (dsmoe_router_workspace_size)",
                             fn, workspace ? workspace_size : (size_t)0, need);
-    if (cfg->nonfinite == DSMOE_NONFINITE_ERROR &&
-        dsmoe__kernels()->any_nonfinite(logits, T * (int64_t)cfg->n_experts))
-        return report_nonfinite(logits, T, cfg->n_experts, fn, "logit");
     dsmoe__carver cv = {(char *)workspace, workspace_size, 0};
     /* align the first carve */
     cv.used = (size_t)((64 - ((uintptr_t)workspace & 63)) & 63);
-    return route_batch(cfg, out, logits, bias, T, &cv, nt);
+    return route_checked(cfg, out, logits, bias, T, &cv, nt, fn, "logit");
 }
 
 /* --------------------------------------------------------- projection path -- */
@@ -579,11 +609,9 @@ dsmoe_status dsmoe_router_forward_hidden(const dsmoe_router_config *cfg,
     }
     if (bf16)
         for (size_t i = 0; i < (size_t)T * (size_t)E; i++) logits[i] = round_bf16(logits[i]);
-    if (cfg->nonfinite == DSMOE_NONFINITE_ERROR && k->any_nonfinite(logits, T * (int64_t)E))
-        return report_nonfinite(logits, T, E, fn, "projected logit");
     int nr = nt;
     if (T < nr) nr = T > 0 ? (int)T : 1;
-    return route_batch(cfg, out, logits, bias, T, &cv, nr);
+    return route_checked(cfg, out, logits, bias, T, &cv, nr, fn, "projected logit");
 }
 
 /* ---------------------------------------------------------------- backward -- */

@@ -117,8 +117,11 @@ DSMOE_API size_t dsmoe_router_workspace_size(const dsmoe_router_config *cfg, int
 
 /* Routes T tokens from logits (T, E). bias: (E) fp32, required iff cfg->use_bias
  * (finite; checked). Errors: INVALID_CONFIG, INVALID_ARGUMENT (NULL pointers, T < 0),
- * NON_FINITE (message names token and expert), WORKSPACE_TOO_SMALL. On error the
- * outputs are unspecified but no memory outside them is written. */
+ * NON_FINITE (message names the first bad token and its expert), WORKSPACE_TOO_SMALL.
+ * Arguments are checked before anything is written; logits are checked token by token
+ * as they are routed (one pass over memory), so after a NON_FINITE error the output
+ * arrays hold partial results and `counts` is untouched. No memory outside the outputs
+ * and the workspace is ever written. */
 DSMOE_API dsmoe_status dsmoe_router_forward(const dsmoe_router_config *cfg,
                                             const dsmoe_router_output *out,
                                             const float *logits, /* (T, E) */
