@@ -20,22 +20,25 @@
  * table; the gradients (train = 1) use the same layout, so an optimizer is one flat
  * pass (dsmoe_moe_params / dsmoe_moe_grads). Each expert's gate_proj and up_proj are
  * stored concatenated as one (2F, D) matrix, followed by its down_proj (D, F), so that
- * the first product is one SGEMM. The correction bias is a buffer, not a parameter:
- * it has no gradient and is changed only by dsmoe_moe_set_bias (e.g. from a balancer).
- * weight_dtype BF16 keeps every weight matrix in bf16 (inference only, half the
- * memory and bandwidth); bf16 rows are widened to fp32 on the fly, in fixed chunks
- * of at most 256 weight rows, into a per-thread scratch of the layer.
+ * the first product is one pass over the weights. The correction bias is a buffer, not
+ * a parameter: it has no gradient and is changed only by dsmoe_moe_set_bias (e.g. from
+ * a balancer). weight_dtype BF16 keeps every weight matrix in bf16 (inference only,
+ * half the memory and bandwidth); the products widen bf16 exactly to fp32 as they read
+ * it (where SGEMM runs instead, in chunks of 256 weight rows into a per-thread scratch
+ * of the layer).
  *
  * Dispatch. The (token, k) assignments are grouped by expert with a counting sort
  * that is stable (tokens ascending, then k ascending), so the order is deterministic.
- * Each expert runs on its gathered rows as two OpenBLAS SGEMMs, in fixed blocks of
- * at most DSMOE_MOE_ROW_BLOCK rows. The combine adds, for each token, w_0·y_0, w_1·y_1,
- * ... in k order (the router's order, descending selection score), then the shared
- * expert's output. An expert with at most 64 rows skips SGEMM (which packs the whole
- * weight matrix first) for a product that streams each weight row once for all its
- * rows; for T <= DSMOE_MOE_DECODE_MAX_T tokens the layer also skips the gather and
- * splits each active expert's weights into fixed chunks of rows across threads. The
- * paths round differently (same math, different summation order).
+ * Each expert runs on its gathered rows as two products (X·W1ᵀ, SwiGLU, H·W2ᵀ), in
+ * fixed blocks of at most DSMOE_MOE_ROW_BLOCK rows: the layer's own product, which
+ * streams each weight row once for 4 rows of X at a time in registers (with AVX-512
+ * for any number of rows, with AVX2 up to 16), or OpenBLAS SGEMM (which packs the
+ * whole weight matrix first). The combine adds, for each token, w_0·y_0, w_1·y_1, ...
+ * in k order (the router's order, descending selection score), then the shared
+ * expert's output. For T <= DSMOE_MOE_DECODE_MAX_T tokens the layer skips the gather
+ * and splits each active expert's weights into fixed chunks of rows across threads.
+ * The paths round differently (same math, different summation order); the bits depend
+ * on the kernel set (dsmoe_isa()) but never on the thread count.
  *
  * Capacity (for studies; off by default). With capacity_factor c > 0 each expert
  * takes at most C = ceil(c · T · K / E) assignments per forward. Drop policy: the
@@ -45,7 +48,7 @@
  * before the drops; dsmoe_moe_last_routing() also reports how many were dropped.
  *
  * Threads. OpenMP over experts × row blocks, token blocks and weight-row blocks whose
- * boundaries never depend on the thread count; OpenBLAS is single-threaded inside
+ * boundaries never depend on the thread count; OpenBLAS runs single-threaded inside
  * each task. Results are bit-identical for any n_threads (n_threads <= 0 means
  * dsmoe_default_threads(); it is capped at the count reserved for the layer).
  *
