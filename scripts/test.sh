@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: a Release build with gcc and its tests, the
 # same tests under AddressSanitizer + UndefinedBehaviorSanitizer, a clang build with
-# -Werror, a short libFuzzer run of every file parser, and the installed-package check.
+# -Werror, a short libFuzzer run of every file parser, the installed-package check and
+# clang-tidy + cppcheck.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${JOBS:-2}
@@ -30,5 +31,8 @@ fi
 
 step "install + find_package / pkg-config consumer"
 bash scripts/check-install.sh build
+
+step "static analysis (clang-tidy, cppcheck)"
+bash scripts/lint.sh build-lint
 
 step "all test stages passed"

@@ -387,7 +387,8 @@ static void test_kernel_sets(void) {
     dsmoe_moe_init_random(m, 3);
     dsmoe_moe_init_random(mb, 3);
     float *x = random_x(T, D);
-    float y0[8 * 36], y1[8 * 36], b0[48 * 36], b1[48 * 36], bb0[48 * 36], bb1[48 * 36];
+    float y0[8 * 36] = {0}, y1[8 * 36] = {0}, b0[48 * 36] = {0}, b1[48 * 36] = {0};
+    float bb0[48 * 36] = {0}, bb1[48 * 36] = {0};
     double ref[48 * 36];
     const char *isas[] = {"ref", "avx2", "avx512"};
     int first = 1;
