@@ -5,7 +5,7 @@
 #   scripts/install-deps.sh ref      also python3-numpy / python3-torch for the golden generators
 set -euo pipefail
 
-pkgs=(gcc make cmake pkg-config libc6-dev libopenblas-openmp-dev clang libclang-rt-14-dev libomp-dev)
+pkgs=(gcc make cmake pkg-config libc6-dev libopenblas-openmp-dev clang libclang-rt-14-dev libomp-dev clang-tidy cppcheck)
 case "${1:-}" in
   bench|ref) pkgs+=(python3 python3-numpy python3-torch) ;;
   "") ;;
