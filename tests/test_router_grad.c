@@ -27,28 +27,6 @@ typedef struct grad_case {
     int tokens;
 } grad_case;
 
-static dsmoe_router_config cfg_of(int32_t E, int32_t G, int32_t TG, int32_t K,
-                                  dsmoe_score_func sf, dsmoe_group_score gsc, int32_t m,
-                                  dsmoe_group_mask mask, int32_t norm, float eps, float scale,
-                                  int32_t bias) {
-    dsmoe_router_config c;
-    memset(&c, 0, sizeof c);
-    c.n_experts = E;
-    c.n_groups = G;
-    c.topk_groups = TG;
-    c.top_k = K;
-    c.score_func = sf;
-    c.group_score = gsc;
-    c.group_topm = m;
-    c.group_mask = mask;
-    c.normalize = norm;
-    c.norm_eps = eps;
-    c.scale = scale;
-    c.use_bias = bias;
-    c.precision = DSMOE_PRECISION_FP32;
-    c.nonfinite = DSMOE_NONFINITE_ERROR;
-    return c;
-}
 
 /* One-token router with its own workspace. */
 typedef struct one {
@@ -181,17 +159,17 @@ static void check_case(const grad_case *gc, uint64_t seed) {
 
 static void test_finite_differences(void) {
     grad_case cases[] = {
-        {"sigmoid normalize", cfg_of(16, 4, 2, 4, SIG, GSUM, 2, EXCL, 1, 0.0f, 2.5f, 1), 1.5, 0, 0.1, 4},
-        {"sigmoid no normalize", cfg_of(12, 3, 2, 3, SIG, GSUM, 2, EXCL, 0, 0.0f, 1.7f, 1), 1.5, 0, 0.1, 4},
-        {"sigmoid eps 0.05", cfg_of(16, 4, 2, 4, SIG, GSUM, 2, EXCL, 1, 0.05f, 2.5f, 0), 1.5, 0, 0, 4},
-        {"sigmoid G=1 K=E", cfg_of(7, 1, 1, 7, SIG, GSUM, 2, EXCL, 1, 0.0f, 1.0f, 1), 1.5, 0, 0.2, 4},
-        {"sigmoid top-3 sum", cfg_of(30, 5, 2, 4, SIG, GSUM, 3, EXCL, 1, 0.0f, 2.0f, 1), 1.5, 0, 0.1, 3},
-        {"sigmoid mask zero neg bias", cfg_of(16, 4, 2, 3, SIG, GSUM, 2, ZERO, 1, 0.0f, 2.5f, 1), 1.5, -1.0, 0.3, 4},
-        {"softmax normalize", cfg_of(8, 1, 1, 2, SOFT, GMAX, 1, EXCL, 1, 0.0f, 1.0f, 0), 1.5, 0, 0, 6},
-        {"softmax normalize K=6", cfg_of(24, 1, 1, 6, SOFT, GMAX, 1, EXCL, 1, 0.0f, 1.0f, 0), 1.5, 0, 0, 4},
-        {"softmax no normalize", cfg_of(20, 4, 2, 3, SOFT, GMAX, 1, EXCL, 0, 0.0f, 4.0f, 0), 1.5, 0, 0, 4},
-        {"softmax eps 0.1", cfg_of(12, 3, 2, 3, SOFT, GSUM, 2, EXCL, 1, 0.1f, 1.0f, 1), 1.5, 0, 0.05, 4},
-        {"softmax mask zero", cfg_of(24, 4, 2, 4, SOFT, GMAX, 1, ZERO, 1, 0.0f, 1.0f, 1), 1.5, -0.2, 0.05, 4},
+        {"sigmoid normalize", tl_router_cfg(16, 4, 2, 4, SIG, GSUM, 2, EXCL, 1, 0.0f, 2.5f, 1), 1.5, 0, 0.1, 4},
+        {"sigmoid no normalize", tl_router_cfg(12, 3, 2, 3, SIG, GSUM, 2, EXCL, 0, 0.0f, 1.7f, 1), 1.5, 0, 0.1, 4},
+        {"sigmoid eps 0.05", tl_router_cfg(16, 4, 2, 4, SIG, GSUM, 2, EXCL, 1, 0.05f, 2.5f, 0), 1.5, 0, 0, 4},
+        {"sigmoid G=1 K=E", tl_router_cfg(7, 1, 1, 7, SIG, GSUM, 2, EXCL, 1, 0.0f, 1.0f, 1), 1.5, 0, 0.2, 4},
+        {"sigmoid top-3 sum", tl_router_cfg(30, 5, 2, 4, SIG, GSUM, 3, EXCL, 1, 0.0f, 2.0f, 1), 1.5, 0, 0.1, 3},
+        {"sigmoid mask zero neg bias", tl_router_cfg(16, 4, 2, 3, SIG, GSUM, 2, ZERO, 1, 0.0f, 2.5f, 1), 1.5, -1.0, 0.3, 4},
+        {"softmax normalize", tl_router_cfg(8, 1, 1, 2, SOFT, GMAX, 1, EXCL, 1, 0.0f, 1.0f, 0), 1.5, 0, 0, 6},
+        {"softmax normalize K=6", tl_router_cfg(24, 1, 1, 6, SOFT, GMAX, 1, EXCL, 1, 0.0f, 1.0f, 0), 1.5, 0, 0, 4},
+        {"softmax no normalize", tl_router_cfg(20, 4, 2, 3, SOFT, GMAX, 1, EXCL, 0, 0.0f, 4.0f, 0), 1.5, 0, 0, 4},
+        {"softmax eps 0.1", tl_router_cfg(12, 3, 2, 3, SOFT, GSUM, 2, EXCL, 1, 0.1f, 1.0f, 1), 1.5, 0, 0.05, 4},
+        {"softmax mask zero", tl_router_cfg(24, 4, 2, 4, SOFT, GMAX, 1, ZERO, 1, 0.0f, 1.0f, 1), 1.5, -0.2, 0.05, 4},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) check_case(&cases[i], 1000 + i);
     const char *presets[] = {"deepseek-v3", "deepseek-v2", "deepseek-v3-hf", "moonlight"};
@@ -207,9 +185,9 @@ static void test_finite_differences(void) {
  * depend on it. */
 static void test_bias_has_no_gradient(void) {
     dsmoe_router_config cfgs[3] = {
-        cfg_of(16, 4, 2, 4, SIG, GSUM, 2, EXCL, 1, 0.0f, 2.5f, 1),
-        cfg_of(24, 4, 2, 4, SOFT, GMAX, 1, ZERO, 1, 0.0f, 1.0f, 1),
-        cfg_of(12, 3, 2, 3, SIG, GSUM, 2, EXCL, 0, 0.0f, 1.7f, 1),
+        tl_router_cfg(16, 4, 2, 4, SIG, GSUM, 2, EXCL, 1, 0.0f, 2.5f, 1),
+        tl_router_cfg(24, 4, 2, 4, SOFT, GMAX, 1, ZERO, 1, 0.0f, 1.0f, 1),
+        tl_router_cfg(12, 3, 2, 3, SIG, GSUM, 2, EXCL, 0, 0.0f, 1.7f, 1),
     };
     for (int ci = 0; ci < 3; ci++) {
         const dsmoe_router_config *cfg = &cfgs[ci];
@@ -266,7 +244,7 @@ static void test_bias_has_no_gradient(void) {
 
 /* The all-underflow fallback (uniform weights) has zero gradient. */
 static void test_fallback_zero_gradient(void) {
-    dsmoe_router_config cfg = cfg_of(16, 4, 2, 4, SIG, GSUM, 2, EXCL, 1, 0.0f, 2.5f, 1);
+    dsmoe_router_config cfg = tl_router_cfg(16, 4, 2, 4, SIG, GSUM, 2, EXCL, 1, 0.0f, 2.5f, 1);
     float u[16], b[16], dw[4] = {0.3f, -1.0f, 2.0f, 0.7f}, du[16] = {0};
     for (int e = 0; e < 16; e++) {
         u[e] = -100.0f;

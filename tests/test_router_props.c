@@ -20,28 +20,6 @@
 
 /* ----------------------------------------------------------------- configs -- */
 
-static dsmoe_router_config make_cfg(int32_t E, int32_t G, int32_t TG, int32_t K,
-                                    dsmoe_score_func sf, dsmoe_group_score gsc, int32_t m,
-                                    dsmoe_group_mask mask, int32_t norm, float eps, float scale,
-                                    int32_t bias) {
-    dsmoe_router_config c;
-    memset(&c, 0, sizeof c);
-    c.n_experts = E;
-    c.n_groups = G;
-    c.topk_groups = TG;
-    c.top_k = K;
-    c.score_func = sf;
-    c.group_score = gsc;
-    c.group_topm = m;
-    c.group_mask = mask;
-    c.normalize = norm;
-    c.norm_eps = eps;
-    c.scale = scale;
-    c.use_bias = bias;
-    c.precision = DSMOE_PRECISION_FP32;
-    c.nonfinite = DSMOE_NONFINITE_ERROR;
-    return c;
-}
 
 #define SIG DSMOE_SCORE_FUNC_SIGMOID
 #define SOFT DSMOE_SCORE_FUNC_SOFTMAX
@@ -58,17 +36,17 @@ static int all_configs(dsmoe_router_config *out, int cap) {
         if (dsmoe_router_preset(names[i], &out[n]) == DSMOE_OK) n++;
     }
     dsmoe_router_config odd[] = {
-        make_cfg(24, 4, 2, 3, SIG, GSUM, 2, EXCL, 1, 0.0f, 2.5f, 1),
-        make_cfg(12, 3, 2, 3, SIG, GSUM, 2, EXCL, 1, 0.0f, 1.5f, 1),
-        make_cfg(30, 5, 2, 4, SIG, GSUM, 3, EXCL, 1, 0.0f, 2.0f, 1),
-        make_cfg(7, 1, 1, 7, SIG, GSUM, 2, EXCL, 1, 0.0f, 1.0f, 1),
-        make_cfg(48, 6, 3, 5, SOFT, GMAX, 1, EXCL, 0, 0.0f, 16.0f, 0),
-        make_cfg(20, 4, 4, 20, SIG, GSUM, 2, EXCL, 1, 0.0f, 1.0f, 1),
-        make_cfg(64, 8, 3, 6, SIG, GSUM, 2, ZERO, 1, 1e-20f, 2.5f, 1),
-        make_cfg(16, 16, 4, 4, SIG, GMAX, 1, EXCL, 1, 0.0f, 1.0f, 0),
-        make_cfg(33, 11, 3, 5, SOFT, GSUM, 3, ZERO, 1, 0.0f, 1.0f, 1),
-        make_cfg(40, 8, 2, 6, SIG, GSUM, 1, EXCL, 0, 0.0f, 0.7f, 1),
-        make_cfg(256, 8, 4, 8, SIG, GSUM, 2, EXCL, 1, 0.0f, 2.5f, 1),
+        tl_router_cfg(24, 4, 2, 3, SIG, GSUM, 2, EXCL, 1, 0.0f, 2.5f, 1),
+        tl_router_cfg(12, 3, 2, 3, SIG, GSUM, 2, EXCL, 1, 0.0f, 1.5f, 1),
+        tl_router_cfg(30, 5, 2, 4, SIG, GSUM, 3, EXCL, 1, 0.0f, 2.0f, 1),
+        tl_router_cfg(7, 1, 1, 7, SIG, GSUM, 2, EXCL, 1, 0.0f, 1.0f, 1),
+        tl_router_cfg(48, 6, 3, 5, SOFT, GMAX, 1, EXCL, 0, 0.0f, 16.0f, 0),
+        tl_router_cfg(20, 4, 4, 20, SIG, GSUM, 2, EXCL, 1, 0.0f, 1.0f, 1),
+        tl_router_cfg(64, 8, 3, 6, SIG, GSUM, 2, ZERO, 1, 1e-20f, 2.5f, 1),
+        tl_router_cfg(16, 16, 4, 4, SIG, GMAX, 1, EXCL, 1, 0.0f, 1.0f, 0),
+        tl_router_cfg(33, 11, 3, 5, SOFT, GSUM, 3, ZERO, 1, 0.0f, 1.0f, 1),
+        tl_router_cfg(40, 8, 2, 6, SIG, GSUM, 1, EXCL, 0, 0.0f, 0.7f, 1),
+        tl_router_cfg(256, 8, 4, 8, SIG, GSUM, 2, EXCL, 1, 0.0f, 2.5f, 1),
     };
     for (size_t i = 0; i < sizeof odd / sizeof odd[0] && n < cap; i++) out[n++] = odd[i];
     /* bf16 precision variants of a few */
@@ -685,7 +663,7 @@ static void expect_bad_field(const dsmoe_router_config *c, const char *field, co
 }
 
 static void test_validation(void) {
-    dsmoe_router_config base = make_cfg(16, 4, 2, 3, SIG, GSUM, 2, EXCL, 1, 0.0f, 2.5f, 1);
+    dsmoe_router_config base = tl_router_cfg(16, 4, 2, 3, SIG, GSUM, 2, EXCL, 1, 0.0f, 2.5f, 1);
     ASSERT_OK(dsmoe_router_config_validate(&base));
     dsmoe_router_config c;
 #define BAD(field_name, stmt)                          \
@@ -733,7 +711,7 @@ static void test_validation(void) {
 }
 
 static void test_bad_arguments(void) {
-    dsmoe_router_config cfg = make_cfg(16, 4, 2, 3, SIG, GSUM, 2, EXCL, 1, 0.0f, 2.5f, 1);
+    dsmoe_router_config cfg = tl_router_cfg(16, 4, 2, 3, SIG, GSUM, 2, EXCL, 1, 0.0f, 2.5f, 1);
     const int64_t T = 5;
     const int32_t E = 16, K = 3;
     routed r;

@@ -143,6 +143,30 @@ static inline double tl_normal(void) {
     return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
 }
 
+/* A router config with every field given (fp32, non-finite input is an error). */
+static inline dsmoe_router_config tl_router_cfg(int32_t E, int32_t G, int32_t TG, int32_t K,
+                                                dsmoe_score_func sf, dsmoe_group_score gsc,
+                                                int32_t m, dsmoe_group_mask mask, int32_t norm,
+                                                float eps, float scale, int32_t bias) {
+    dsmoe_router_config c;
+    memset(&c, 0, sizeof c);
+    c.n_experts = E;
+    c.n_groups = G;
+    c.topk_groups = TG;
+    c.top_k = K;
+    c.score_func = sf;
+    c.group_score = gsc;
+    c.group_topm = m;
+    c.group_mask = mask;
+    c.normalize = norm;
+    c.norm_eps = eps;
+    c.scale = scale;
+    c.use_bias = bias;
+    c.precision = DSMOE_PRECISION_FP32;
+    c.nonfinite = DSMOE_NONFINITE_ERROR;
+    return c;
+}
+
 /* Path of a golden file: DSMOE_TEST_DATA_DIR "/" rel. */
 static inline const char *tl_golden(const char *rel) {
     static char buf[4096];
