@@ -261,6 +261,42 @@ static inline float sanitize(float x) {
     return x;
 }
 
+/* Stages 3 and 4 from the separate kernels: score each group and keep the TG best
+ * (lower id wins ties); then the K largest selection scores among the candidates. */
+static void select_experts(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
+                           const float *c, int32_t *idx, token_scratch *ts) {
+    const int32_t E = cfg->n_experts, G = cfg->n_groups, K = cfg->top_k;
+    const int32_t gsize = E / G;
+    if (G > 1) {
+        int32_t m = cfg->group_score == DSMOE_GROUP_SCORE_MAX ? 1 : cfg->group_topm;
+        k->group_scores(ts->gs, c, G, gsize, m, ts->sv, ts->si);
+        k->topk(ts->topi, ts->topv, ts->gs, G, cfg->topk_groups, ts->sv, ts->si);
+        memset(ts->keep, 0, (size_t)G);
+        for (int32_t j = 0; j < cfg->topk_groups; j++) ts->keep[ts->topi[j]] = 1;
+    }
+    if (G == 1) {
+        ts->gl[0] = 0;
+        k->topk_blocks(idx, ts->topv, c, E, ts->gl, 1, K, ts->sv, ts->si);
+    } else if (cfg->group_mask == DSMOE_GROUP_MASK_EXCLUDE) {
+        /* candidates: the kept groups, in increasing id */
+        int32_t ng = 0;
+        for (int32_t g = 0; g < G; g++)
+            if (ts->keep[g]) ts->gl[ng++] = g;
+        k->topk_blocks(idx, ts->topv, c, gsize, ts->gl, ng, K, ts->sv, ts->si);
+    } else {
+        /* Hugging Face: dropped groups' scores become 0.0 and stay candidates */
+        for (int32_t g = 0; g < G; g++) {
+            float *dst = ts->u + (size_t)g * (size_t)gsize;
+            if (ts->keep[g])
+                memcpy(dst, c + (size_t)g * (size_t)gsize, (size_t)gsize * sizeof(float));
+            else
+                for (int32_t j = 0; j < gsize; j++) dst[j] = 0.0f;
+        }
+        ts->gl[0] = 0;
+        k->topk_blocks(idx, ts->topv, ts->u, E, ts->gl, 1, K, ts->sv, ts->si);
+    }
+}
+
 /* Routes one token. u: (E) logits; s: (E) affinities written here; idx, w: (K). */
 static void route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
                         const float *u_in, const float *bias, float *s, int32_t *idx, float *w,
@@ -305,36 +341,13 @@ static void route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_tabl
         c = ts->c;
     }
 
-    /* 3. group stage: score each group, keep the TG best (lower id wins ties) */
-    if (G > 1) {
-        int32_t m = cfg->group_score == DSMOE_GROUP_SCORE_MAX ? 1 : cfg->group_topm;
-        k->group_scores(ts->gs, c, G, gsize, m, ts->sv, ts->si);
-        k->topk(ts->topi, ts->topv, ts->gs, G, cfg->topk_groups, ts->sv, ts->si);
-        memset(ts->keep, 0, (size_t)G);
-        for (int32_t j = 0; j < cfg->topk_groups; j++) ts->keep[ts->topi[j]] = 1;
-    }
-
-    /* 4. expert selection: the K largest selection scores among the candidates */
-    if (G == 1) {
-        ts->gl[0] = 0;
-        k->topk_blocks(idx, ts->topv, c, E, ts->gl, 1, K, ts->sv, ts->si);
-    } else if (cfg->group_mask == DSMOE_GROUP_MASK_EXCLUDE) {
-        /* candidates: the kept groups, in increasing id */
-        int32_t ng = 0;
-        for (int32_t g = 0; g < G; g++)
-            if (ts->keep[g]) ts->gl[ng++] = g;
-        k->topk_blocks(idx, ts->topv, c, gsize, ts->gl, ng, K, ts->sv, ts->si);
+    /* 3.+4. group stage and expert choice, in one kernel where the ISA has one */
+    const int32_t m = cfg->group_score == DSMOE_GROUP_SCORE_MAX ? 1 : cfg->group_topm;
+    if (G > 1 && cfg->group_mask == DSMOE_GROUP_MASK_EXCLUDE && k->select_grouped &&
+        k->select_grouped(idx, ts->topv, c, G, gsize, m, cfg->topk_groups, K)) {
+        /* done: idx holds the K experts */
     } else {
-        /* Hugging Face: dropped groups' scores become 0.0 and stay candidates */
-        for (int32_t g = 0; g < G; g++) {
-            float *dst = ts->u + (size_t)g * (size_t)gsize;
-            if (ts->keep[g])
-                memcpy(dst, c + (size_t)g * (size_t)gsize, (size_t)gsize * sizeof(float));
-            else
-                for (int32_t j = 0; j < gsize; j++) dst[j] = 0.0f;
-        }
-        ts->gl[0] = 0;
-        k->topk_blocks(idx, ts->topv, ts->u, E, ts->gl, 1, K, ts->sv, ts->si);
+        select_experts(cfg, k, c, idx, ts);
     }
 
     /* 5. weights from the raw affinities, normalised, scaled */

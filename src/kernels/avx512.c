@@ -199,6 +199,234 @@ static void topk_blocks_avx512(int32_t *ids, float *val, const float *v, int32_t
     }
 }
 
+/* ------------------------------------------------- fused group-limited selection -- */
+
+/* Per lane (top1, top2) pairs of two sets merged: the two largest of four values. */
+#define SEL_MERGE(h, l, ah, al, bh, bl)                                                   \
+    do {                                                                                  \
+        __m512 h_ = _mm512_max_ps((ah), (bh));                                            \
+        (l) = _mm512_max_ps(_mm512_min_ps((ah), (bh)), _mm512_max_ps((al), (bl)));        \
+        (h) = h_;                                                                         \
+    } while (0)
+
+/* The lanes o .. o+n-1 (o + n <= 16). */
+#define SEL_SPAN(o, n) ((__mmask16)(((1u << (n)) - 1u) << (o)))
+
+/* The number of lanes that beat each of the first 8 lanes (larger, or equal with a lower
+ * lane number), counting lanes 0..7 only; lanes 8..15 of the result are meaningless. */
+static inline __m512i rank8(__m512 x) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512i ra = _mm512_setzero_si512(), rb = _mm512_setzero_si512();
+    for (int s = 1; s < 8; s++) {
+        __m512i src = _mm512_and_si512(_mm512_add_epi32(lane, _mm512_set1_epi32(s)), _mm512_set1_epi32(7));
+        __m512 y = _mm512_permutexvar_ps(src, x);
+        __mmask16 wrap = (__mmask16)((0xffu << (8 - s)) & 0xffu);
+        __mmask16 beat = _mm512_cmp_ps_mask(y, x, _CMP_GT_OQ) |
+                         (_mm512_cmp_ps_mask(y, x, _CMP_EQ_OQ) & wrap);
+        if (s & 1)
+            ra = _mm512_mask_add_epi32(ra, beat, ra, one);
+        else
+            rb = _mm512_mask_add_epi32(rb, beat, rb, one);
+    }
+    return _mm512_add_epi32(ra, rb);
+}
+
+/* rank16 with two independent accumulators (shorter dependency chain). */
+static inline __m512i rank16_2(__m512 x) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512i ra = _mm512_setzero_si512(), rb = _mm512_setzero_si512();
+    for (int s = 1; s < 16; s++) {
+        __m512i src = _mm512_and_si512(_mm512_add_epi32(lane, _mm512_set1_epi32(s)), _mm512_set1_epi32(15));
+        __m512 y = _mm512_permutexvar_ps(src, x);
+        __mmask16 wrap = (__mmask16)(0xffffu << (16 - s));
+        __mmask16 beat = _mm512_cmp_ps_mask(y, x, _CMP_GT_OQ) |
+                         (_mm512_cmp_ps_mask(y, x, _CMP_EQ_OQ) & wrap);
+        if (s & 1)
+            ra = _mm512_mask_add_epi32(ra, beat, ra, one);
+        else
+            rb = _mm512_mask_add_epi32(rb, beat, rb, one);
+    }
+    return _mm512_add_epi32(ra, rb);
+}
+
+/* Group-limited selection for 2 <= G <= 8 groups of 16·V (V <= 16) experts, m = 1 or 2,
+ * K <= 16: everything stays in registers except the final placement.
+ *  1. per group, per lane: the two largest of its V vectors; the 8 groups' pairs are
+ *     then reduced across lanes together by a transposing butterfly (each merge keeps
+ *     the two largest of four), leaving group g's (top1, top2) in lane g;
+ *  2. group scores top1 (+ top2), ranked with lane rotations: keep rank < TG;
+ *  3. a lower bound θ of the K-th largest candidate: with K = 2·TG and m = 2, the least
+ *     top2 of a kept group (the 2·TG values top1/top2 of the kept groups are distinct
+ *     candidates); otherwise (or when more than 16 candidates reach it) also the K-th
+ *     largest of the 16 lane maxima over the kept groups;
+ *  4. the candidates >= θ, in increasing id, packed into one register (compress, then
+ *     expand at the running count), ranked, and placed by rank.
+ * Comparisons and one exact addition (top1 + top2) only, so the result equals the
+ * reference's composition bit for bit. */
+static int select_grouped_avx512(int32_t *ids, float *val, const float *c, int32_t G,
+                                 int32_t gsize, int32_t m, int32_t TG, int32_t K) {
+    if (G < 2 || G > 8 || gsize % 16 != 0 || gsize > 256 || (m != 1 && m != 2) || K > 16 ||
+        TG < 1 || TG > G || K < 1 || K > TG * gsize)
+        return 0;
+    const int32_t V = gsize / 16;
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+
+    /* 1. per group and lane: top1 (h) and top2 (l) */
+    __m512 h[8], l[8];
+    for (int32_t g = 0; g < 8; g++) {
+        h[g] = ninf;
+        l[g] = ninf;
+    }
+    for (int32_t g = 0; g < G; g++) {
+        const float *cg = c + (size_t)g * (size_t)gsize;
+        __m512 hi = _mm512_loadu_ps(cg), lo = ninf;
+        for (int32_t j = 1; j < V; j++) {
+            __m512 x = _mm512_loadu_ps(cg + 16 * j);
+            lo = _mm512_max_ps(lo, _mm512_min_ps(hi, x));
+            hi = _mm512_max_ps(hi, x);
+        }
+        h[g] = hi;
+        l[g] = lo;
+    }
+    /* butterfly: 8 groups x 16 lanes -> group g in lane 4(g mod 4) + g/4 */
+    __m512 ph[4], pl[4];
+    for (int p = 0; p < 4; p++) {
+        __m512 ah = _mm512_shuffle_f32x4(h[2 * p], h[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512 bh = _mm512_shuffle_f32x4(h[2 * p], h[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2));
+        __m512 al = _mm512_shuffle_f32x4(l[2 * p], l[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512 bl = _mm512_shuffle_f32x4(l[2 * p], l[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2));
+        SEL_MERGE(ph[p], pl[p], ah, al, bh, bl); /* group 2p: lanes 0-7, 2p+1: 8-15 */
+    }
+    __m512 qh[2], ql[2];
+    for (int p = 0; p < 2; p++) {
+        __m512 ah = _mm512_shuffle_f32x4(ph[2 * p], ph[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0));
+        __m512 bh = _mm512_shuffle_f32x4(ph[2 * p], ph[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1));
+        __m512 al = _mm512_shuffle_f32x4(pl[2 * p], pl[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0));
+        __m512 bl = _mm512_shuffle_f32x4(pl[2 * p], pl[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1));
+        SEL_MERGE(qh[p], ql[p], ah, al, bh, bl); /* quad j: group 4p + j */
+    }
+    __m512 rh, rl;
+    {
+        __m512 ah = _mm512_shuffle_ps(qh[0], qh[1], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512 bh = _mm512_shuffle_ps(qh[0], qh[1], _MM_SHUFFLE(3, 2, 3, 2));
+        __m512 al = _mm512_shuffle_ps(ql[0], ql[1], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512 bl = _mm512_shuffle_ps(ql[0], ql[1], _MM_SHUFFLE(3, 2, 3, 2));
+        SEL_MERGE(rh, rl, ah, al, bh, bl); /* quad j: g_j, g_j, g_4+j, g_4+j */
+    }
+    __m512 sh, sl;
+    {
+        __m512 ah = _mm512_shuffle_ps(rh, rh, _MM_SHUFFLE(2, 0, 2, 0));
+        __m512 bh = _mm512_shuffle_ps(rh, rh, _MM_SHUFFLE(3, 1, 3, 1));
+        __m512 al = _mm512_shuffle_ps(rl, rl, _MM_SHUFFLE(2, 0, 2, 0));
+        __m512 bl = _mm512_shuffle_ps(rl, rl, _MM_SHUFFLE(3, 1, 3, 1));
+        SEL_MERGE(sh, sl, ah, al, bh, bl); /* quad j: g_j, g_4+j, g_j, g_4+j */
+    }
+    /* lane g <- group g (lanes 8..15: -inf) */
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512 t1 = _mm512_mask_permutexvar_ps(ninf, 0x00ff, order, sh);
+    const __m512 t2 = _mm512_mask_permutexvar_ps(ninf, 0x00ff, order, sl);
+
+    /* 2. group scores and the TG best groups */
+    const __m512 gs = m == 2 ? _mm512_add_ps(t1, t2) : t1;
+    const __mmask16 live = (__mmask16)((1u << G) - 1u);
+    const unsigned keep = _mm512_mask_cmplt_epi32_mask(live, rank8(gs), _mm512_set1_epi32(TG));
+
+    /* 3./4. threshold, candidates, ranking */
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int32_t vid[128], nv = 0; /* the kept groups' vectors (first expert id), increasing */
+    for (unsigned kb = keep; kb; kb &= kb - 1)
+        for (int32_t j = 0; j < V; j++) vid[nv++] = __builtin_ctz(kb) * gsize + 16 * j;
+    float theta = -INFINITY;
+    int pass = 0;
+    if (m == 2 && K == 2 * TG) theta = _mm512_mask_reduce_min_ps((__mmask16)keep, t2);
+    else pass = 1;
+    for (;; pass++) {
+        if (pass == 1) {
+            /* the K-th largest of the lane maxima over the kept groups (16 distinct
+             * candidates when the kept groups hold at least 16 experts each lane) */
+            __m512 mx = ninf;
+            for (unsigned kb = keep; kb; kb &= kb - 1) {
+                const float *cg = c + (size_t)__builtin_ctz(kb) * (size_t)gsize;
+                for (int32_t j = 0; j < V; j++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(cg + 16 * j));
+            }
+            const __m512i r = rank16_2(mx);
+            __mmask16 at = _mm512_cmpeq_epi32_mask(r, _mm512_set1_epi32(K - 1));
+            float tb = _mm512_cvtss_f32(_mm512_maskz_compress_ps(at, mx));
+            if (tb > theta) theta = tb;
+        }
+        if (pass == 2) {
+            /* more than 16 candidates reach both bounds (many ties): scalar insertion
+             * over the candidates at or above θ, in increasing id */
+            float tv[16];
+            int32_t ti[16];
+            int32_t len = 0;
+            for (unsigned kb = keep; kb; kb &= kb - 1) {
+                const int32_t e0 = __builtin_ctz(kb) * gsize;
+                for (int32_t j = 0; j < gsize; j++)
+                    if (c[e0 + j] >= theta) dsmoe__topk_push(tv, ti, &len, K, c[e0 + j], e0 + j);
+            }
+            memcpy(ids, ti, (size_t)K * sizeof(int32_t));
+            memcpy(val, tv, (size_t)K * sizeof(float));
+            return 1;
+        }
+        const __m512 th = _mm512_set1_ps(theta);
+        /* the candidates' masks first: their total decides whether one register holds them */
+        __mmask16 km[128];
+        int32_t total = 0;
+        for (int32_t q = 0; q < nv; q++) {
+            km[q] = _mm512_cmp_ps_mask(_mm512_loadu_ps(c + vid[q]), th, _CMP_GE_OQ);
+            total += __builtin_popcount((unsigned)km[q]);
+        }
+        if (total > 16) continue;
+        /* pack: each quad of vectors by a two-level tree of compress + expand, then the
+         * quads one after the other (short dependency chains) */
+        __m512 accv = ninf;
+        __m512i acci = _mm512_setzero_si512();
+        int32_t cnt = 0;
+        for (int32_t q = 0; q < nv; q += 4) {
+            __m512 xv[4];
+            __m512i xi[4];
+            int32_t n[4];
+            for (int r = 0; r < 4; r++) {
+                const int32_t at = q + r < nv ? q + r : q;
+                const __mmask16 k = q + r < nv ? km[at] : 0;
+                xv[r] = _mm512_maskz_compress_ps(k, _mm512_loadu_ps(c + vid[at]));
+                xi[r] = _mm512_maskz_compress_epi32(k, _mm512_add_epi32(lane, _mm512_set1_epi32(vid[at])));
+                n[r] = __builtin_popcount((unsigned)k);
+            }
+            const __mmask16 b1 = SEL_SPAN(n[0], n[1]), b3 = SEL_SPAN(n[2], n[3]);
+            const __mmask16 b13 = SEL_SPAN(n[0] + n[1], n[2] + n[3]);
+            const __mmask16 bq = SEL_SPAN(cnt, n[0] + n[1] + n[2] + n[3]);
+            __m512 v01 = _mm512_mask_expand_ps(xv[0], b1, xv[1]);
+            __m512 v23 = _mm512_mask_expand_ps(xv[2], b3, xv[3]);
+            __m512i i01 = _mm512_mask_expand_epi32(xi[0], b1, xi[1]);
+            __m512i i23 = _mm512_mask_expand_epi32(xi[2], b3, xi[3]);
+            v01 = _mm512_mask_expand_ps(v01, b13, v23);
+            i01 = _mm512_mask_expand_epi32(i01, b13, i23);
+            accv = _mm512_mask_expand_ps(accv, bq, v01);
+            acci = _mm512_mask_expand_epi32(acci, bq, i01);
+            cnt += n[0] + n[1] + n[2] + n[3];
+        }
+        accv = _mm512_mask_mov_ps(accv, (__mmask16)~((1u << cnt) - 1u), ninf);
+        /* cnt >= K candidates in lanes 0..cnt-1, -inf after: ranks form a permutation */
+        int32_t pid[16];
+        float pv[16];
+        const __m512i rank = rank16_2(accv);
+        _mm512_storeu_ps(pv, accv);
+        _mm512_storeu_si512((void *)pid, acci);
+        for (int32_t r = 0; r < K; r++) {
+            /* the lane of rank r (exactly one: the ranks are a permutation) */
+            unsigned at = _mm512_cmpeq_epi32_mask(rank, _mm512_set1_epi32(r));
+            int i = __builtin_ctz(at | 0x10000u) & 15;
+            ids[r] = pid[i];
+            val[r] = pv[i];
+        }
+        return 1;
+    }
+}
+
 static int any_nonfinite_avx512(const float *x, int64_t n) {
     const __m512i expo = _mm512_set1_epi32(0x7f800000);
     __mmask16 bad = 0;
@@ -228,4 +456,5 @@ const dsmoe__kernel_table dsmoe__kernels_avx512 = {
     .group_scores = group_scores_avx512,
     .topk = topk_avx512,
     .topk_blocks = topk_blocks_avx512,
+    .select_grouped = select_grouped_avx512,
 };
