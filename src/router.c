@@ -184,20 +184,23 @@ int dsmoe_router_config_json(const dsmoe_router_config *c, char *buf, size_t siz
 
 /* Scratch for one token on one thread. */
 typedef struct token_scratch {
-    float *s;       /* (E) affinities, when the caller does not want them */
-    float *c;       /* (E) selection scores */
+    float *s;       /* (B, E) affinities, when the caller does not want them */
+    float *c;       /* (B, E) selection scores */
     float *u;       /* (E) sanitised / bf16-rounded logits, then the candidate scores */
     float *sv;      /* (E + 16) selection-kernel scratch values */
     int32_t *si;    /* (E + 16) selection-kernel scratch positions */
     float *gs;      /* (G) group scores */
     uint8_t *keep;  /* (G) kept-group flags */
     int32_t *gl;    /* (G) kept groups in increasing id order */
-    float *topv;    /* (max(K, m, TG)) top values */
+    float *topv;    /* (max(B·K, m, TG)) top values */
     int32_t *topi;  /* (max(K, m, TG)) top positions */
 } token_scratch;
 
+/* Tokens routed together by the fused path (their affinities stay in L1). */
+#define DSMOE__ROUTE_BLOCK 8
+
 static size_t top_cap(const dsmoe_router_config *c) {
-    int32_t m = c->top_k;
+    int32_t m = c->top_k * DSMOE__ROUTE_BLOCK;
     if (c->group_topm > m) m = c->group_topm;
     if (c->topk_groups > m) m = c->topk_groups;
     return (size_t)m;
@@ -205,14 +208,15 @@ static size_t top_cap(const dsmoe_router_config *c) {
 
 static size_t scratch_bytes(const dsmoe_router_config *c) {
     size_t E = (size_t)c->n_experts, G = (size_t)c->n_groups, m = top_cap(c);
-    return 3 * dsmoe__align64(E * 4) + 2 * dsmoe__align64((E + 16) * 4) + 2 * dsmoe__align64(G * 4) +
+    return 2 * dsmoe__align64((size_t)DSMOE__ROUTE_BLOCK * E * 4) + dsmoe__align64(E * 4) +
+           2 * dsmoe__align64((E + 16) * 4) + 2 * dsmoe__align64(G * 4) +
            dsmoe__align64(G) + 2 * dsmoe__align64(m * 4);
 }
 
 static void scratch_carve(const dsmoe_router_config *c, dsmoe__carver *cv, token_scratch *ts) {
     size_t E = (size_t)c->n_experts, G = (size_t)c->n_groups, m = top_cap(c);
-    ts->s = (float *)dsmoe__carve(cv, E * 4);
-    ts->c = (float *)dsmoe__carve(cv, E * 4);
+    ts->s = (float *)dsmoe__carve(cv, (size_t)DSMOE__ROUTE_BLOCK * E * 4);
+    ts->c = (float *)dsmoe__carve(cv, (size_t)DSMOE__ROUTE_BLOCK * E * 4);
     ts->u = (float *)dsmoe__carve(cv, E * 4);
     ts->sv = (float *)dsmoe__carve(cv, (E + 16) * 4);
     ts->si = (int32_t *)dsmoe__carve(cv, (E + 16) * 4);
@@ -259,6 +263,24 @@ static inline float sanitize(float x) {
     if (x == INFINITY) return FLT_MAX;
     if (x == -INFINITY) return -FLT_MAX;
     return x;
+}
+
+/* Stage 5 in fp32: the chosen affinities, normalised (sum in k order), scaled. */
+static inline void weights_fp32(const dsmoe_router_config *cfg, const float *s, const int32_t *idx,
+                                float *w) {
+    const int32_t K = cfg->top_k;
+    for (int32_t j = 0; j < K; j++) w[j] = s[idx[j]];
+    if (cfg->normalize) {
+        float sum = w[0];
+        for (int32_t j = 1; j < K; j++) sum += w[j];
+        float denom = sum + cfg->norm_eps;
+        if (denom > 0.0f) {
+            for (int32_t j = 0; j < K; j++) w[j] = w[j] / denom;
+        } else {
+            for (int32_t j = 0; j < K; j++) w[j] = 1.0f / (float)K;
+        }
+    }
+    for (int32_t j = 0; j < K; j++) w[j] = w[j] * cfg->scale;
 }
 
 /* Stages 3 and 4 from the separate kernels: score each group and keep the TG best
@@ -344,27 +366,17 @@ static void route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_tabl
     /* 3.+4. group stage and expert choice, in one kernel where the ISA has one */
     const int32_t m = cfg->group_score == DSMOE_GROUP_SCORE_MAX ? 1 : cfg->group_topm;
     if (G > 1 && cfg->group_mask == DSMOE_GROUP_MASK_EXCLUDE && k->select_grouped &&
-        k->select_grouped(idx, ts->topv, c, G, gsize, m, cfg->topk_groups, K)) {
+        k->select_grouped(idx, ts->topv, c, 1, G, gsize, m, cfg->topk_groups, K)) {
         /* done: idx holds the K experts */
     } else {
         select_experts(cfg, k, c, idx, ts);
     }
 
     /* 5. weights from the raw affinities, normalised, scaled */
-    for (int32_t j = 0; j < K; j++) w[j] = s[idx[j]];
     if (!bf16) {
-        if (cfg->normalize) {
-            float sum = w[0];
-            for (int32_t j = 1; j < K; j++) sum += w[j];
-            float denom = sum + cfg->norm_eps;
-            if (denom > 0.0f) {
-                for (int32_t j = 0; j < K; j++) w[j] = w[j] / denom;
-            } else {
-                for (int32_t j = 0; j < K; j++) w[j] = 1.0f / (float)K;
-            }
-        }
-        for (int32_t j = 0; j < K; j++) w[j] = w[j] * cfg->scale;
+        weights_fp32(cfg, s, idx, w);
     } else {
+        for (int32_t j = 0; j < K; j++) w[j] = s[idx[j]];
         if (cfg->normalize) {
             float sum = w[0];
             for (int32_t j = 1; j < K; j++) sum += w[j];
@@ -416,6 +428,53 @@ static dsmoe_status report_nonfinite(const float *row, int64_t t, int32_t E, con
                         (long long)t);
 }
 
+/* Whether the ISA's fused selection covers this config on the fp32 sigmoid path. */
+static int fused_path(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k) {
+    const int32_t G = cfg->n_groups;
+    if (cfg->score_func != DSMOE_SCORE_FUNC_SIGMOID || cfg->precision != DSMOE_PRECISION_FP32 ||
+        cfg->nonfinite == DSMOE_NONFINITE_SANITIZE || G < 2 ||
+        cfg->group_mask != DSMOE_GROUP_MASK_EXCLUDE || !k->select_grouped)
+        return 0;
+    const int32_t m = cfg->group_score == DSMOE_GROUP_SCORE_MAX ? 1 : cfg->group_topm;
+    /* n = 0 asks only whether the shape is covered */
+    return k->select_grouped(NULL, NULL, NULL, 0, G, cfg->n_experts / G, m, cfg->topk_groups,
+                             cfg->top_k);
+}
+
+/* route_range for the fused path: blocks of DSMOE__ROUTE_BLOCK tokens go through the
+ * affinities, then the selection together (the kernel overlaps two tokens' dependency
+ * chains), then the weights. Same bits as route_token. */
+static int64_t route_range_fused(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
+                                 const dsmoe_router_output *out, const float *logits,
+                                 const float *bias, int64_t t0, int64_t t1, token_scratch *ts,
+                                 int check) {
+    const int32_t E = cfg->n_experts, K = cfg->top_k, G = cfg->n_groups;
+    const int32_t m = cfg->group_score == DSMOE_GROUP_SCORE_MAX ? 1 : cfg->group_topm;
+    for (int64_t t = t0; t < t1; t += DSMOE__ROUTE_BLOCK) {
+        int64_t nb = t1 - t < DSMOE__ROUTE_BLOCK ? t1 - t : DSMOE__ROUTE_BLOCK, bad = -1;
+        float *s = out->scores ? out->scores + (size_t)t * (size_t)E : ts->s;
+        for (int64_t i = 0; i < nb; i++) {
+            const float *u = logits + (size_t)(t + i) * (size_t)E;
+            if (check && k->any_nonfinite(u, E)) {
+                bad = t + i; /* route the tokens before it, then stop */
+                nb = i;
+                break;
+            }
+            k->sigmoid_bias(s + (size_t)i * (size_t)E, ts->c + (size_t)i * (size_t)E, u, bias, E);
+        }
+        int32_t *idx = out->indices + (size_t)t * (size_t)K;
+        float *w = out->weights + (size_t)t * (size_t)K;
+        if (nb > 0) {
+            k->select_grouped(idx, ts->topv, bias ? ts->c : s, nb, G, E / G, m, cfg->topk_groups, K);
+            for (int64_t i = 0; i < nb; i++)
+                weights_fp32(cfg, s + (size_t)i * (size_t)E, idx + (size_t)i * (size_t)K,
+                             w + (size_t)i * (size_t)K);
+        }
+        if (bad >= 0) return bad;
+    }
+    return -1;
+}
+
 /* Routes tokens [t0, t1) with one thread's scratch. With `check`, each token's logits
  * are tested for NaN/Inf just before it is routed (while they are in cache); the range
  * stops at the first bad token, whose index is returned (-1 if none). */
@@ -427,6 +486,7 @@ static int64_t route_range(const dsmoe_router_config *cfg, const dsmoe__kernel_t
     dsmoe__carver mine = {scratch, per, 0};
     token_scratch ts;
     scratch_carve(cfg, &mine, &ts);
+    if (t1 - t0 >= 2 && fused_path(cfg, k)) return route_range_fused(cfg, k, out, logits, bias, t0, t1, &ts, check);
     for (int64_t t = t0; t < t1; t++) {
         const float *u = logits + (size_t)t * (size_t)E;
         if (check && k->any_nonfinite(u, E)) return t;

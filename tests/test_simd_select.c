@@ -76,7 +76,7 @@ static void test_select_matches_reference(void) {
             float v0[16], v1[16];
             reference(ids0, v0, c, G, gsize, m, TG, K);
             tl_checks++;
-            if (!k->select_grouped(ids1, v1, c, G, gsize, m, TG, K)) {
+            if (!k->select_grouped(ids1, v1, c, 1, G, gsize, m, TG, K)) {
                 TL_FAIL("%s: shape G %d gsize %d m %d TG %d K %d refused", names[ni], (int)G,
                         (int)gsize, (int)m, (int)TG, (int)K);
                 bad++;
@@ -124,7 +124,7 @@ static void test_select_refuses(void) {
             float v[32];
             memset(ids, 0x5a, sizeof ids);
             memset(v, 0x5a, sizeof v);
-            ASSERT_EQ_INT(k->select_grouped(ids, v, c, cases[i].G, cases[i].gsize, cases[i].m,
+            ASSERT_EQ_INT(k->select_grouped(ids, v, c, 1, cases[i].G, cases[i].gsize, cases[i].m,
                                             cases[i].TG, cases[i].K),
                           0);
             for (int j = 0; j < 32; j++) {

@@ -252,7 +252,7 @@ static inline __m512i rank16_2(__m512 x) {
 }
 
 /* Group-limited selection for 2 <= G <= 8 groups of 16·V (V <= 16) experts, m = 1 or 2,
- * K <= 16: everything stays in registers except the final placement.
+ * K <= 16, in registers except the final placement:
  *  1. per group, per lane: the two largest of its V vectors; the 8 groups' pairs are
  *     then reduced across lanes together by a transposing butterfly (each merge keeps
  *     the two largest of four), leaving group g's (top1, top2) in lane g;
@@ -260,29 +260,30 @@ static inline __m512i rank16_2(__m512 x) {
  *  3. a lower bound θ of the K-th largest candidate: with K = 2·TG and m = 2, the least
  *     top2 of a kept group (the 2·TG values top1/top2 of the kept groups are distinct
  *     candidates); otherwise (or when more than 16 candidates reach it) also the K-th
- *     largest of the 16 lane maxima over the kept groups;
+ *     largest of the 16 lane maxima over the kept groups; past that (many ties), a
+ *     scalar insertion over the candidates >= θ;
  *  4. the candidates >= θ, in increasing id, packed into one register (compress, then
- *     expand at the running count), ranked, and placed by rank.
+ *     expand into place by a tree), ranked, and placed by rank.
  * Comparisons and one exact addition (top1 + top2) only, so the result equals the
- * reference's composition bit for bit. */
-static int select_grouped_avx512(int32_t *ids, float *val, const float *c, int32_t G,
-                                 int32_t gsize, int32_t m, int32_t TG, int32_t K) {
-    if (G < 2 || G > 8 || gsize % 16 != 0 || gsize > 256 || (m != 1 && m != 2) || K > 16 ||
-        TG < 1 || TG > G || K < 1 || K > TG * gsize)
-        return 0;
-    const int32_t V = gsize / 16;
-    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+ * reference's composition bit for bit. Tokens go two at a time through the common
+ * path, so that the two dependency chains overlap. */
 
-    /* 1. per group and lane: top1 (h) and top2 (l) */
+typedef struct sel_shape {
+    int32_t G, gsize, V, m, TG, K;
+} sel_shape;
+
+/* Stages 1-2: group g's top1/top2 in lane g of t1/t2; the kept groups as a bit set. */
+static inline __attribute__((always_inline)) unsigned sel_groups(const float *c, const sel_shape *sp, __m512 *t1, __m512 *t2) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
     __m512 h[8], l[8];
     for (int32_t g = 0; g < 8; g++) {
         h[g] = ninf;
         l[g] = ninf;
     }
-    for (int32_t g = 0; g < G; g++) {
-        const float *cg = c + (size_t)g * (size_t)gsize;
+    for (int32_t g = 0; g < sp->G; g++) {
+        const float *cg = c + (size_t)g * (size_t)sp->gsize;
         __m512 hi = _mm512_loadu_ps(cg), lo = ninf;
-        for (int32_t j = 1; j < V; j++) {
+        for (int32_t j = 1; j < sp->V; j++) {
             __m512 x = _mm512_loadu_ps(cg + 16 * j);
             lo = _mm512_max_ps(lo, _mm512_min_ps(hi, x));
             hi = _mm512_max_ps(hi, x);
@@ -325,35 +326,100 @@ static int select_grouped_avx512(int32_t *ids, float *val, const float *c, int32
     }
     /* lane g <- group g (lanes 8..15: -inf) */
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512 t1 = _mm512_mask_permutexvar_ps(ninf, 0x00ff, order, sh);
-    const __m512 t2 = _mm512_mask_permutexvar_ps(ninf, 0x00ff, order, sl);
+    *t1 = _mm512_mask_permutexvar_ps(ninf, 0x00ff, order, sh);
+    *t2 = _mm512_mask_permutexvar_ps(ninf, 0x00ff, order, sl);
+    const __m512 gs = sp->m == 2 ? _mm512_add_ps(*t1, *t2) : *t1;
+    const __mmask16 live = (__mmask16)((1u << sp->G) - 1u);
+    return _mm512_mask_cmplt_epi32_mask(live, rank8(gs), _mm512_set1_epi32(sp->TG));
+}
 
-    /* 2. group scores and the TG best groups */
-    const __m512 gs = m == 2 ? _mm512_add_ps(t1, t2) : t1;
-    const __mmask16 live = (__mmask16)((1u << G) - 1u);
-    const unsigned keep = _mm512_mask_cmplt_epi32_mask(live, rank8(gs), _mm512_set1_epi32(TG));
-
-    /* 3./4. threshold, candidates, ranking */
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    int32_t vid[128], nv = 0; /* the kept groups' vectors (first expert id), increasing */
+/* The kept groups' vectors (first expert id of each), in increasing id; their count. */
+static inline __attribute__((always_inline)) int32_t sel_vectors(unsigned keep, const sel_shape *sp, int32_t *vid) {
+    int32_t nv = 0;
     for (unsigned kb = keep; kb; kb &= kb - 1)
-        for (int32_t j = 0; j < V; j++) vid[nv++] = __builtin_ctz(kb) * gsize + 16 * j;
-    float theta = -INFINITY;
-    int pass = 0;
-    if (m == 2 && K == 2 * TG) theta = _mm512_mask_reduce_min_ps((__mmask16)keep, t2);
-    else pass = 1;
+        for (int32_t j = 0; j < sp->V; j++) vid[nv++] = __builtin_ctz(kb) * sp->gsize + 16 * j;
+    return nv;
+}
+
+/* The K-th largest of the lane maxima over the kept vectors: 16 distinct candidates
+ * (every lane holds one of each kept vector), so a lower bound of the K-th largest. */
+static inline float sel_theta_lanemax(const float *c, const int32_t *vid, int32_t nv, int32_t K) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int32_t q = 0; q < nv; q++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(c + vid[q]));
+    const __m512i r = rank16_2(mx);
+    __mmask16 at = _mm512_cmpeq_epi32_mask(r, _mm512_set1_epi32(K - 1));
+    return _mm512_cvtss_f32(_mm512_maskz_compress_ps(at, mx));
+}
+
+/* Masks of the candidates >= theta; returns their number. */
+static inline __attribute__((always_inline)) int32_t sel_masks(const float *c, const int32_t *vid, int32_t nv, float theta,
+                                __mmask16 *km) {
+    const __m512 th = _mm512_set1_ps(theta);
+    int32_t total = 0;
+    for (int32_t q = 0; q < nv; q++) {
+        km[q] = _mm512_cmp_ps_mask(_mm512_loadu_ps(c + vid[q]), th, _CMP_GE_OQ);
+        total += __builtin_popcount((unsigned)km[q]);
+    }
+    return total;
+}
+
+/* Packs the (at most 16) masked candidates into one register in increasing id: each quad
+ * of vectors by a two-level tree of compress + expand, then the quads in turn; ranks
+ * them and writes the K best by rank. */
+static inline __attribute__((always_inline)) void sel_finish(const float *c, const int32_t *vid, const __mmask16 *km, int32_t nv,
+                              int32_t K, int32_t *ids, float *val) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 accv = _mm512_setzero_ps();
+    __m512i acci = _mm512_setzero_si512();
+    int32_t cnt = 0;
+    for (int32_t q = 0; q < nv; q += 4) {
+        __m512 xv[4];
+        __m512i xi[4];
+        int32_t n[4];
+        for (int r = 0; r < 4; r++) {
+            const int32_t at = q + r < nv ? q + r : q;
+            const __mmask16 k = q + r < nv ? km[at] : 0;
+            xv[r] = _mm512_maskz_compress_ps(k, _mm512_loadu_ps(c + vid[at]));
+            xi[r] = _mm512_maskz_compress_epi32(k, _mm512_add_epi32(lane, _mm512_set1_epi32(vid[at])));
+            n[r] = __builtin_popcount((unsigned)k);
+        }
+        const __mmask16 b1 = SEL_SPAN(n[0], n[1]), b3 = SEL_SPAN(n[2], n[3]);
+        const __mmask16 b13 = SEL_SPAN(n[0] + n[1], n[2] + n[3]);
+        const __mmask16 bq = SEL_SPAN(cnt, n[0] + n[1] + n[2] + n[3]);
+        __m512 v01 = _mm512_mask_expand_ps(xv[0], b1, xv[1]);
+        __m512 v23 = _mm512_mask_expand_ps(xv[2], b3, xv[3]);
+        __m512i i01 = _mm512_mask_expand_epi32(xi[0], b1, xi[1]);
+        __m512i i23 = _mm512_mask_expand_epi32(xi[2], b3, xi[3]);
+        v01 = _mm512_mask_expand_ps(v01, b13, v23);
+        i01 = _mm512_mask_expand_epi32(i01, b13, i23);
+        accv = _mm512_mask_expand_ps(accv, bq, v01);
+        acci = _mm512_mask_expand_epi32(acci, bq, i01);
+        cnt += n[0] + n[1] + n[2] + n[3];
+    }
+    /* lanes past the candidates: -inf, so that the ranks form a permutation */
+    accv = _mm512_mask_mov_ps(accv, (__mmask16)~((1u << cnt) - 1u), _mm512_set1_ps(-INFINITY));
+    int32_t pid[16];
+    float pv[16];
+    const __m512i rank = rank16_2(accv);
+    _mm512_storeu_ps(pv, accv);
+    _mm512_storeu_si512((void *)pid, acci);
+    for (int32_t r = 0; r < K; r++) {
+        /* the lane of rank r (exactly one) */
+        unsigned at = _mm512_cmpeq_epi32_mask(rank, _mm512_set1_epi32(r));
+        int i = __builtin_ctz(at | 0x10000u) & 15;
+        ids[r] = pid[i];
+        val[r] = pv[i];
+    }
+}
+
+/* One token from its kept groups onwards, starting at the given bound (pass 0: the top-2
+ * bound theta; pass 1: theta is raised to the lane-maximum bound). */
+static void sel_rest(const float *c, const sel_shape *sp, const int32_t *vid, int32_t nv,
+                     float theta, int pass, int32_t *ids, float *val) {
+    __mmask16 km[128];
     for (;; pass++) {
         if (pass == 1) {
-            /* the K-th largest of the lane maxima over the kept groups (16 distinct
-             * candidates when the kept groups hold at least 16 experts each lane) */
-            __m512 mx = ninf;
-            for (unsigned kb = keep; kb; kb &= kb - 1) {
-                const float *cg = c + (size_t)__builtin_ctz(kb) * (size_t)gsize;
-                for (int32_t j = 0; j < V; j++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(cg + 16 * j));
-            }
-            const __m512i r = rank16_2(mx);
-            __mmask16 at = _mm512_cmpeq_epi32_mask(r, _mm512_set1_epi32(K - 1));
-            float tb = _mm512_cvtss_f32(_mm512_maskz_compress_ps(at, mx));
+            float tb = sel_theta_lanemax(c, vid, nv, sp->K);
             if (tb > theta) theta = tb;
         }
         if (pass == 2) {
@@ -362,69 +428,75 @@ static int select_grouped_avx512(int32_t *ids, float *val, const float *c, int32
             float tv[16];
             int32_t ti[16];
             int32_t len = 0;
-            for (unsigned kb = keep; kb; kb &= kb - 1) {
-                const int32_t e0 = __builtin_ctz(kb) * gsize;
-                for (int32_t j = 0; j < gsize; j++)
-                    if (c[e0 + j] >= theta) dsmoe__topk_push(tv, ti, &len, K, c[e0 + j], e0 + j);
-            }
-            memcpy(ids, ti, (size_t)K * sizeof(int32_t));
-            memcpy(val, tv, (size_t)K * sizeof(float));
-            return 1;
+            for (int32_t q = 0; q < nv; q++)
+                for (int32_t j = 0; j < 16; j++) {
+                    float x = c[vid[q] + j];
+                    if (x >= theta) dsmoe__topk_push(tv, ti, &len, sp->K, x, vid[q] + j);
+                }
+            memcpy(ids, ti, (size_t)sp->K * sizeof(int32_t));
+            memcpy(val, tv, (size_t)sp->K * sizeof(float));
+            return;
         }
-        const __m512 th = _mm512_set1_ps(theta);
-        /* the candidates' masks first: their total decides whether one register holds them */
-        __mmask16 km[128];
-        int32_t total = 0;
-        for (int32_t q = 0; q < nv; q++) {
-            km[q] = _mm512_cmp_ps_mask(_mm512_loadu_ps(c + vid[q]), th, _CMP_GE_OQ);
-            total += __builtin_popcount((unsigned)km[q]);
+        if (sel_masks(c, vid, nv, theta, km) <= 16) {
+            sel_finish(c, vid, km, nv, sp->K, ids, val);
+            return;
         }
-        if (total > 16) continue;
-        /* pack: each quad of vectors by a two-level tree of compress + expand, then the
-         * quads one after the other (short dependency chains) */
-        __m512 accv = ninf;
-        __m512i acci = _mm512_setzero_si512();
-        int32_t cnt = 0;
-        for (int32_t q = 0; q < nv; q += 4) {
-            __m512 xv[4];
-            __m512i xi[4];
-            int32_t n[4];
-            for (int r = 0; r < 4; r++) {
-                const int32_t at = q + r < nv ? q + r : q;
-                const __mmask16 k = q + r < nv ? km[at] : 0;
-                xv[r] = _mm512_maskz_compress_ps(k, _mm512_loadu_ps(c + vid[at]));
-                xi[r] = _mm512_maskz_compress_epi32(k, _mm512_add_epi32(lane, _mm512_set1_epi32(vid[at])));
-                n[r] = __builtin_popcount((unsigned)k);
-            }
-            const __mmask16 b1 = SEL_SPAN(n[0], n[1]), b3 = SEL_SPAN(n[2], n[3]);
-            const __mmask16 b13 = SEL_SPAN(n[0] + n[1], n[2] + n[3]);
-            const __mmask16 bq = SEL_SPAN(cnt, n[0] + n[1] + n[2] + n[3]);
-            __m512 v01 = _mm512_mask_expand_ps(xv[0], b1, xv[1]);
-            __m512 v23 = _mm512_mask_expand_ps(xv[2], b3, xv[3]);
-            __m512i i01 = _mm512_mask_expand_epi32(xi[0], b1, xi[1]);
-            __m512i i23 = _mm512_mask_expand_epi32(xi[2], b3, xi[3]);
-            v01 = _mm512_mask_expand_ps(v01, b13, v23);
-            i01 = _mm512_mask_expand_epi32(i01, b13, i23);
-            accv = _mm512_mask_expand_ps(accv, bq, v01);
-            acci = _mm512_mask_expand_epi32(acci, bq, i01);
-            cnt += n[0] + n[1] + n[2] + n[3];
-        }
-        accv = _mm512_mask_mov_ps(accv, (__mmask16)~((1u << cnt) - 1u), ninf);
-        /* cnt >= K candidates in lanes 0..cnt-1, -inf after: ranks form a permutation */
-        int32_t pid[16];
-        float pv[16];
-        const __m512i rank = rank16_2(accv);
-        _mm512_storeu_ps(pv, accv);
-        _mm512_storeu_si512((void *)pid, acci);
-        for (int32_t r = 0; r < K; r++) {
-            /* the lane of rank r (exactly one: the ranks are a permutation) */
-            unsigned at = _mm512_cmpeq_epi32_mask(rank, _mm512_set1_epi32(r));
-            int i = __builtin_ctz(at | 0x10000u) & 15;
-            ids[r] = pid[i];
-            val[r] = pv[i];
-        }
-        return 1;
     }
+}
+
+/* One token, start to end. */
+static __attribute__((noinline)) void sel_one(const float *ct, const sel_shape *sp, int top2,
+                                              int32_t *it, float *vt) {
+    __m512 t1, t2;
+    int32_t vid[128];
+    const unsigned keep = sel_groups(ct, sp, &t1, &t2);
+    const int32_t nv = sel_vectors(keep, sp, vid);
+    if (!top2) {
+        sel_rest(ct, sp, vid, nv, -INFINITY, 1, it, vt);
+        return;
+    }
+    __mmask16 km[128];
+    const float theta = _mm512_mask_reduce_min_ps((__mmask16)keep, t2);
+    if (sel_masks(ct, vid, nv, theta, km) <= 16)
+        sel_finish(ct, vid, km, nv, sp->K, it, vt);
+    else
+        sel_rest(ct, sp, vid, nv, theta, 1, it, vt);
+}
+
+static int select_grouped_avx512(int32_t *ids, float *val, const float *c, int64_t n, int32_t G,
+                                 int32_t gsize, int32_t m, int32_t TG, int32_t K) {
+    if (G < 2 || G > 8 || gsize % 16 != 0 || gsize > 256 || (m != 1 && m != 2) || K > 16 ||
+        TG < 1 || TG > G || K < 1 || K > TG * gsize)
+        return 0;
+    if (n <= 0) return 1;
+    const sel_shape sp = {G, gsize, gsize / 16, m, TG, K};
+    const size_t E = (size_t)G * (size_t)gsize;
+    const int top2 = m == 2 && K == 2 * TG;
+    int64_t t = 0;
+    if (top2) {
+        for (; t + 2 <= n; t += 2) {
+            const float *ca = c + (size_t)t * E, *cb = ca + E;
+            int32_t *ia = ids + (size_t)t * (size_t)K, *ib = ia + K;
+            float *va = val + (size_t)t * (size_t)K, *vb = va + K;
+            __m512 a1, a2, b1, b2;
+            __mmask16 ka[128], kb[128];
+            int32_t vida[128], vidb[128];
+            const unsigned keepa = sel_groups(ca, &sp, &a1, &a2);
+            const unsigned keepb = sel_groups(cb, &sp, &b1, &b2);
+            const int32_t nva = sel_vectors(keepa, &sp, vida), nvb = sel_vectors(keepb, &sp, vidb);
+            const float tha = _mm512_mask_reduce_min_ps((__mmask16)keepa, a2);
+            const float thb = _mm512_mask_reduce_min_ps((__mmask16)keepb, b2);
+            const int32_t na = sel_masks(ca, vida, nva, tha, ka);
+            const int32_t nb = sel_masks(cb, vidb, nvb, thb, kb);
+            if (na <= 16) sel_finish(ca, vida, ka, nva, K, ia, va);
+            if (nb <= 16) sel_finish(cb, vidb, kb, nvb, K, ib, vb);
+            if (na > 16) sel_rest(ca, &sp, vida, nva, tha, 1, ia, va);
+            if (nb > 16) sel_rest(cb, &sp, vidb, nvb, thb, 1, ib, vb);
+        }
+    }
+    for (; t < n; t++)
+        sel_one(c + (size_t)t * E, &sp, top2, ids + (size_t)t * (size_t)K, val + (size_t)t * (size_t)K);
+    return 1;
 }
 
 static int any_nonfinite_avx512(const float *x, int64_t n) {

@@ -56,13 +56,13 @@ typedef struct dsmoe__kernel_table {
     void (*topk_blocks)(int32_t *ids, float *val, const float *v, int32_t gsize,
                         const int32_t *groups, int32_t ng, int32_t K, float *scratch_v,
                         int32_t *scratch_i);
-    /* Optional (NULL when the table has none): the whole group-limited selection in one
-     * call, giving exactly what group_scores (max for m = 1, top-2 sum for m = 2), topk
-     * of the TG best groups and topk_blocks over the kept groups (increasing id) give:
-     * expert ids (K) and their values (K). Returns 1 when done, 0 (nothing written)
-     * for a shape it does not cover. c must hold finite values. */
-    int (*select_grouped)(int32_t *ids, float *val, const float *c, int32_t G, int32_t gsize,
-                          int32_t m, int32_t TG, int32_t K);
+    /* Optional (NULL when the table has none): the whole group-limited selection for n
+     * tokens (rows of c, G·gsize each), giving exactly what group_scores (max for m = 1,
+     * top-2 sum for m = 2), topk of the TG best groups and topk_blocks over the kept
+     * groups (increasing id) give: expert ids (n, K) and their values (n, K). Returns 1
+     * when done, 0 (nothing written) for a shape it does not cover. c must be finite. */
+    int (*select_grouped)(int32_t *ids, float *val, const float *c, int64_t n, int32_t G,
+                          int32_t gsize, int32_t m, int32_t TG, int32_t K);
 } dsmoe__kernel_table;
 
 /* The active table (resolved once; thread-safe after the first call). */
