@@ -320,9 +320,9 @@ static void select_experts(const dsmoe_router_config *cfg, const dsmoe__kernel_t
 }
 
 /* Routes one token. u: (E) logits; s: (E) affinities written here; idx, w: (K). */
-static void route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
-                        const float *u_in, const float *bias, float *s, int32_t *idx, float *w,
-                        token_scratch *ts) {
+static int route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
+                       const float *u_in, const float *bias, float *s, int32_t *idx, float *w,
+                       token_scratch *ts) {
     const int32_t E = cfg->n_experts, G = cfg->n_groups, K = cfg->top_k;
     const int32_t gsize = E / G;
     const int bf16 = cfg->precision == DSMOE_PRECISION_BF16;
@@ -352,7 +352,9 @@ static void route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_tabl
             s[e] = u[e] < -DSMOE__EXP_HI ? 0.0f /* exp(-u) overflows fp32: torch gives 0 */
                                          : round_bf16((float)(1.0 / (1.0 + exp(-(double)u[e]))));
     } else {
-        k->sigmoid_bias(s, ts->c, u, bias, E); /* also c = s + b when biased */
+        /* also c = s + b when biased; tests u for NaN/Inf on the way (error policy: the
+         * sanitised u is finite) */
+        if (k->sigmoid_bias(s, ts->c, u, bias, E)) return 1;
     }
 
     /* 2. selection scores */
@@ -389,6 +391,7 @@ static void route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_tabl
         }
         for (int32_t j = 0; j < K; j++) w[j] = round_bf16(w[j] * cfg->scale);
     }
+    return 0;
 }
 
 /* ------------------------------------------------------------ batch driver -- */
@@ -442,12 +445,12 @@ static int fused_path(const dsmoe_router_config *cfg, const dsmoe__kernel_table 
 }
 
 /* route_range for the fused path: blocks of DSMOE__ROUTE_BLOCK tokens go through the
- * affinities, then the selection together (the kernel overlaps two tokens' dependency
- * chains), then the weights. Same bits as route_token. */
+ * affinities (which also test the logits for NaN/Inf: this path runs only with the
+ * error policy), then the selection together (the kernel overlaps two tokens'
+ * dependency chains), then the weights. Same bits as route_token. */
 static int64_t route_range_fused(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
                                  const dsmoe_router_output *out, const float *logits,
-                                 const float *bias, int64_t t0, int64_t t1, token_scratch *ts,
-                                 int check) {
+                                 const float *bias, int64_t t0, int64_t t1, token_scratch *ts) {
     const int32_t E = cfg->n_experts, K = cfg->top_k, G = cfg->n_groups;
     const int32_t m = cfg->group_score == DSMOE_GROUP_SCORE_MAX ? 1 : cfg->group_topm;
     for (int64_t t = t0; t < t1; t += DSMOE__ROUTE_BLOCK) {
@@ -455,12 +458,11 @@ static int64_t route_range_fused(const dsmoe_router_config *cfg, const dsmoe__ke
         float *s = out->scores ? out->scores + (size_t)t * (size_t)E : ts->s;
         for (int64_t i = 0; i < nb; i++) {
             const float *u = logits + (size_t)(t + i) * (size_t)E;
-            if (check && k->any_nonfinite(u, E)) {
+            if (k->sigmoid_bias(s + (size_t)i * (size_t)E, ts->c + (size_t)i * (size_t)E, u, bias, E)) {
                 bad = t + i; /* route the tokens before it, then stop */
                 nb = i;
                 break;
             }
-            k->sigmoid_bias(s + (size_t)i * (size_t)E, ts->c + (size_t)i * (size_t)E, u, bias, E);
         }
         int32_t *idx = out->indices + (size_t)t * (size_t)K;
         float *w = out->weights + (size_t)t * (size_t)K;
@@ -486,13 +488,16 @@ static int64_t route_range(const dsmoe_router_config *cfg, const dsmoe__kernel_t
     dsmoe__carver mine = {scratch, per, 0};
     token_scratch ts;
     scratch_carve(cfg, &mine, &ts);
-    if (t1 - t0 >= 2 && fused_path(cfg, k)) return route_range_fused(cfg, k, out, logits, bias, t0, t1, &ts, check);
+    if (t1 - t0 >= 2 && fused_path(cfg, k)) return route_range_fused(cfg, k, out, logits, bias, t0, t1, &ts);
+    /* the fp32 sigmoid tests the logits itself */
+    const int sig32 = cfg->score_func == DSMOE_SCORE_FUNC_SIGMOID && cfg->precision == DSMOE_PRECISION_FP32;
     for (int64_t t = t0; t < t1; t++) {
         const float *u = logits + (size_t)t * (size_t)E;
-        if (check && k->any_nonfinite(u, E)) return t;
+        if (check && !sig32 && k->any_nonfinite(u, E)) return t;
         float *s = out->scores ? out->scores + (size_t)t * (size_t)E : ts.s;
-        route_token(cfg, k, u, bias, s, out->indices + (size_t)t * (size_t)K,
-                    out->weights + (size_t)t * (size_t)K, &ts);
+        if (route_token(cfg, k, u, bias, s, out->indices + (size_t)t * (size_t)K,
+                        out->weights + (size_t)t * (size_t)K, &ts))
+            return t;
     }
     return -1;
 }

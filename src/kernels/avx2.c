@@ -22,6 +22,11 @@
 #define V_CVT_I _mm256_cvtps_epi32
 #define V_I_SRAI1(v) _mm256_srai_epi32((v), 1)
 #define V_I_SUB _mm256_sub_epi32
+#define V_I_SET1 _mm256_set1_epi32
+#define V_I_AND _mm256_and_si256
+#define V_I_MAXU _mm256_max_epu32
+#define V_CAST_I _mm256_castps_si256
+#define V_I_STORE(p, v) _mm256_storeu_si256((__m256i *)(void *)(p), (v))
 #define V_I_EXP2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32((n), _mm256_set1_epi32(127)), 23))
 #define V_SEL_GT(x, t, a, b) _mm256_blendv_ps((a), (b), _mm256_cmp_ps((x), (t), _CMP_GT_OQ))
 #define V_SEL_LT(x, t, a, b) _mm256_blendv_ps((a), (b), _mm256_cmp_ps((x), (t), _CMP_LT_OQ))

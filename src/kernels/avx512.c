@@ -22,6 +22,11 @@
 #define V_CVT_I _mm512_cvtps_epi32
 #define V_I_SRAI1(v) _mm512_srai_epi32((v), 1)
 #define V_I_SUB _mm512_sub_epi32
+#define V_I_SET1 _mm512_set1_epi32
+#define V_I_AND _mm512_and_si512
+#define V_I_MAXU _mm512_max_epu32
+#define V_CAST_I _mm512_castps_si512
+#define V_I_STORE(p, v) _mm512_storeu_si512((void *)(p), (v))
 #define V_I_EXP2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32((n), _mm512_set1_epi32(127)), 23))
 #define V_SEL_GT(x, t, a, b) _mm512_mask_blend_ps(_mm512_cmp_ps_mask((x), (t), _CMP_GT_OQ), (a), (b))
 #define V_SEL_LT(x, t, a, b) _mm512_mask_blend_ps(_mm512_cmp_ps_mask((x), (t), _CMP_LT_OQ), (a), (b))
@@ -212,41 +217,29 @@ static void topk_blocks_avx512(int32_t *ids, float *val, const float *v, int32_t
 /* The lanes o .. o+n-1 (o + n <= 16). */
 #define SEL_SPAN(o, n) ((__mmask16)(((1u << (n)) - 1u) << (o)))
 
-/* The number of lanes that beat each of the first 8 lanes (larger, or equal with a lower
- * lane number), counting lanes 0..7 only; lanes 8..15 of the result are meaningless. */
-static inline __m512i rank8(__m512 x) {
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+/* rank16 of x (stored at px) without shuffles: each lane j, broadcast from memory,
+ * beats the lanes after it when >= and the lanes up to it when >. */
+static inline __m512i rank16_bcast(__m512 x, const float *px) {
     const __m512i one = _mm512_set1_epi32(1);
     __m512i ra = _mm512_setzero_si512(), rb = _mm512_setzero_si512();
-    for (int s = 1; s < 8; s++) {
-        __m512i src = _mm512_and_si512(_mm512_add_epi32(lane, _mm512_set1_epi32(s)), _mm512_set1_epi32(7));
-        __m512 y = _mm512_permutexvar_ps(src, x);
-        __mmask16 wrap = (__mmask16)((0xffu << (8 - s)) & 0xffu);
-        __mmask16 beat = _mm512_cmp_ps_mask(y, x, _CMP_GT_OQ) |
-                         (_mm512_cmp_ps_mask(y, x, _CMP_EQ_OQ) & wrap);
-        if (s & 1)
-            ra = _mm512_mask_add_epi32(ra, beat, ra, one);
-        else
-            rb = _mm512_mask_add_epi32(rb, beat, rb, one);
+    for (int j = 0; j < 16; j++) {
+        const __m512 y = _mm512_set1_ps(px[j]);
+        const __mmask16 after = (__mmask16)(0xfffeu << j);
+        ra = _mm512_mask_add_epi32(ra, _mm512_mask_cmp_ps_mask(after, y, x, _CMP_GE_OQ), ra, one);
+        rb = _mm512_mask_add_epi32(rb, _mm512_mask_cmp_ps_mask((__mmask16)~after, y, x, _CMP_GT_OQ), rb, one);
     }
     return _mm512_add_epi32(ra, rb);
 }
 
-/* rank16 with two independent accumulators (shorter dependency chain). */
-static inline __m512i rank16_2(__m512 x) {
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+/* The same for the first 8 lanes (lanes 8..15 of the result are meaningless). */
+static inline __m512i rank8_bcast(__m512 x, const float *px) {
     const __m512i one = _mm512_set1_epi32(1);
     __m512i ra = _mm512_setzero_si512(), rb = _mm512_setzero_si512();
-    for (int s = 1; s < 16; s++) {
-        __m512i src = _mm512_and_si512(_mm512_add_epi32(lane, _mm512_set1_epi32(s)), _mm512_set1_epi32(15));
-        __m512 y = _mm512_permutexvar_ps(src, x);
-        __mmask16 wrap = (__mmask16)(0xffffu << (16 - s));
-        __mmask16 beat = _mm512_cmp_ps_mask(y, x, _CMP_GT_OQ) |
-                         (_mm512_cmp_ps_mask(y, x, _CMP_EQ_OQ) & wrap);
-        if (s & 1)
-            ra = _mm512_mask_add_epi32(ra, beat, ra, one);
-        else
-            rb = _mm512_mask_add_epi32(rb, beat, rb, one);
+    for (int j = 0; j < 8; j++) {
+        const __m512 y = _mm512_set1_ps(px[j]);
+        const __mmask16 after = (__mmask16)((0xfeu << j) & 0xffu);
+        ra = _mm512_mask_add_epi32(ra, _mm512_mask_cmp_ps_mask(after, y, x, _CMP_GE_OQ), ra, one);
+        rb = _mm512_mask_add_epi32(rb, _mm512_mask_cmp_ps_mask((__mmask16)(~after & 0xffu), y, x, _CMP_GT_OQ), rb, one);
     }
     return _mm512_add_epi32(ra, rb);
 }
@@ -330,7 +323,9 @@ static inline __attribute__((always_inline)) unsigned sel_groups(const float *c,
     *t2 = _mm512_mask_permutexvar_ps(ninf, 0x00ff, order, sl);
     const __m512 gs = sp->m == 2 ? _mm512_add_ps(*t1, *t2) : *t1;
     const __mmask16 live = (__mmask16)((1u << sp->G) - 1u);
-    return _mm512_mask_cmplt_epi32_mask(live, rank8(gs), _mm512_set1_epi32(sp->TG));
+    float pg[16];
+    _mm512_storeu_ps(pg, gs);
+    return _mm512_mask_cmplt_epi32_mask(live, rank8_bcast(gs, pg), _mm512_set1_epi32(sp->TG));
 }
 
 /* The kept groups' vectors (first expert id of each), in increasing id; their count. */
@@ -346,7 +341,7 @@ static inline __attribute__((always_inline)) int32_t sel_vectors(unsigned keep, 
 static inline float sel_theta_lanemax(const float *c, const int32_t *vid, int32_t nv, int32_t K) {
     __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int32_t q = 0; q < nv; q++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(c + vid[q]));
-    const __m512i r = rank16_2(mx);
+    const __m512i r = rank16(mx);
     __mmask16 at = _mm512_cmpeq_epi32_mask(r, _mm512_set1_epi32(K - 1));
     return _mm512_cvtss_f32(_mm512_maskz_compress_ps(at, mx));
 }
@@ -400,9 +395,9 @@ static inline __attribute__((always_inline)) void sel_finish(const float *c, con
     accv = _mm512_mask_mov_ps(accv, (__mmask16)~((1u << cnt) - 1u), _mm512_set1_ps(-INFINITY));
     int32_t pid[16];
     float pv[16];
-    const __m512i rank = rank16_2(accv);
     _mm512_storeu_ps(pv, accv);
     _mm512_storeu_si512((void *)pid, acci);
+    const __m512i rank = rank16_bcast(accv, pv);
     for (int32_t r = 0; r < K; r++) {
         /* the lane of rank r (exactly one) */
         unsigned at = _mm512_cmpeq_epi32_mask(rank, _mm512_set1_epi32(r));

@@ -25,8 +25,9 @@ typedef struct dsmoe__kernel_table {
     const char *name;
     /* out[i] = 1 / (1 + exp(-in[i])) */
     void (*sigmoid)(float *out, const float *in, int64_t n);
-    /* s[i] = sigmoid(u[i]); if b: c[i] = s[i] + b[i] (one pass) */
-    void (*sigmoid_bias)(float *s, float *c, const float *u, const float *b, int64_t n);
+    /* s[i] = sigmoid(u[i]); if b: c[i] = s[i] + b[i] (one pass). Returns 1 if any u[i]
+     * is NaN or ±Inf (s and c are then unspecified), else 0. */
+    int (*sigmoid_bias)(float *s, float *c, const float *u, const float *b, int64_t n);
     /* 1 if any of x[0..n) is NaN or ±Inf, else 0 */
     int (*any_nonfinite)(const float *x, int64_t n);
     /* out = softmax(in) over n elements: exp(in - max) / (16-lane-tree sum) */

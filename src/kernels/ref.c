@@ -61,11 +61,13 @@ static void ref_sigmoid(float *out, const float *in, int64_t n) {
     for (int64_t i = 0; i < n; i++) out[i] = dsmoe__sigmoidf(in[i]);
 }
 
-static void ref_sigmoid_bias(float *s, float *c, const float *u, const float *b, int64_t n) {
+static int ref_sigmoid_bias(float *s, float *c, const float *u, const float *b, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
+        if (!isfinite(u[i])) return 1;
         s[i] = dsmoe__sigmoidf(u[i]);
         if (b) c[i] = s[i] + b[i];
     }
+    return 0;
 }
 
 static int ref_any_nonfinite(const float *x, int64_t n) {

@@ -7,7 +7,8 @@
  *
  * Required macros: VF (float vector), VI (int vector), W (lanes), V_LOAD, V_STORE,
  * V_SET1, V_ADD, V_SUB, V_MUL, V_DIV, V_FMA(a,b,c)=a*b+c, V_MIN, V_MAX, V_RINT,
- * V_CVT_I, V_I_SRAI1, V_I_SUB, V_I_EXP2(n) (float 2^n from ints), V_SEL_GT(x,t,a,b)
+ * V_CVT_I, V_I_SRAI1, V_I_SUB, V_I_EXP2(n) (float 2^n from ints), V_I_SET1, V_I_AND,
+ * V_I_MAXU (unsigned max), V_CAST_I (float bits as ints), V_I_STORE, V_SEL_GT(x,t,a,b)
  * (x>t ? b : a), V_SEL_LT(x,t,a,b) (x<t ? b : a), V_NEG, V_LOAD_BF16(ptr), and SFX.
  */
 #include <math.h>
@@ -66,18 +67,28 @@ static void FN(k_sigmoid)(float *out, const float *in, int64_t n) {
     for (; i < n; i++) out[i] = dsmoe__sigmoidf(in[i]);
 }
 
-static void FN(k_sigmoid_bias)(float *s, float *c, const float *u, const float *b, int64_t n) {
+static int FN(k_sigmoid_bias)(float *s, float *c, const float *u, const float *b, int64_t n) {
     int64_t i = 0;
     const VF one = V_SET1(1.0f);
+    const VI expo = V_I_SET1(0x7f800000);
+    VI nf = V_I_SET1(0); /* lane-wise max of the exponent fields: all ones = NaN/Inf */
     for (; i + W <= n; i += W) {
-        VF sv = V_DIV(one, V_ADD(one, FN(v_exp_sig)(V_NEG(V_LOAD(u + i)))));
+        VF x = V_LOAD(u + i);
+        nf = V_I_MAXU(nf, V_I_AND(V_CAST_I(x), expo));
+        VF sv = V_DIV(one, V_ADD(one, FN(v_exp_sig)(V_NEG(x))));
         V_STORE(s + i, sv);
         if (b) V_STORE(c + i, V_ADD(sv, V_LOAD(b + i)));
     }
+    int32_t e[W];
+    V_I_STORE(e, nf);
+    int bad = 0;
+    for (int j = 0; j < W; j++) bad |= e[j] == 0x7f800000;
     for (; i < n; i++) {
+        if (!isfinite(u[i])) return 1;
         s[i] = dsmoe__sigmoidf(u[i]);
         if (b) c[i] = s[i] + b[i];
     }
+    return bad;
 }
 
 static float FN(tree16)(float *p) {
