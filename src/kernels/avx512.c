@@ -420,8 +420,8 @@ static void sel_rest(const float *c, const sel_shape *sp, const int32_t *vid, in
         if (pass == 2) {
             /* more than 16 candidates reach both bounds (many ties): scalar insertion
              * over the candidates at or above θ, in increasing id */
-            float tv[16];
-            int32_t ti[16];
+            float tv[16] = {0};
+            int32_t ti[16] = {0};
             int32_t len = 0;
             for (int32_t q = 0; q < nv; q++)
                 for (int32_t j = 0; j < 16; j++) {
