@@ -23,7 +23,7 @@
 #include "moe_internal.h"
 #include "kernels/kernels.h"
 
-#include <cblas.h>
+#include "blas.h"
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -116,12 +116,6 @@ static int moe_nthreads(const dsmoe_moe *m, int n_threads) {
     return nt < 1 ? 1 : nt;
 }
 
-/* Threads for loops whose tasks call OpenBLAS. A sequential OpenBLAS build (e.g.
- * Debian's libopenblas-serial 0.3.21, "SINGLE_THREADED") shares its packing buffers
- * between concurrent callers without a lock, so concurrent SGEMMs corrupt each other;
- * with such a build these loops run on one thread. The task split never depends on
- * the thread count, so the bits are the same either way. */
-static inline int moe_blas_threads(int nt) { return openblas_get_parallel() == 0 ? 1 : nt; }
 
 static int moe_thread_id(void) {
 #ifdef _OPENMP
@@ -557,7 +551,7 @@ static void moe_matmul_wt(const dsmoe_moe *m, float *C, int ldc, const float *A,
                           const void *W, int nout, int k, float *scratch) {
     if (n <= 0) return;
     if (m->cfg.weight_dtype == DSMOE_DTYPE_F32) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nout, k, 1.0f, A, k,
+        dsmoe__sgemm(CblasNoTrans, CblasTrans, n, nout, k, 1.0f, A, k,
                     (const float *)W, k, 0.0f, C, ldc);
         return;
     }
@@ -565,7 +559,7 @@ static void moe_matmul_wt(const dsmoe_moe *m, float *C, int ldc, const float *A,
     for (int r0 = 0; r0 < nout; r0 += MOE_WROW_BLOCK) {
         int nr = nout - r0 < MOE_WROW_BLOCK ? nout - r0 : MOE_WROW_BLOCK;
         kt->bf16_to_f32(scratch, (const uint16_t *)W + (size_t)r0 * k, (int64_t)nr * k);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nr, k, 1.0f, A, k, scratch, k,
+        dsmoe__sgemm(CblasNoTrans, CblasTrans, n, nr, k, 1.0f, A, k, scratch, k,
                     0.0f, C + r0, ldc);
     }
 }
@@ -703,7 +697,7 @@ static void moe_forward_batched(dsmoe_moe *m, const float *x, int nt) {
     const int64_t ntask = m->n_tasks + m->n_shared_tasks;
     const size_t D = (size_t)m->D;
     (void)nt;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(moe_blas_threads(nt))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t i = 0; i < ntask; i++) {
         const moe_task tk = w->tasks[i];
         float *scratch = w->scratch ? w->scratch + w->scratch_stride * (size_t)moe_thread_id() : NULL;
@@ -881,7 +875,7 @@ static void moe_expert_backward_rows(const dsmoe_moe *m, int32_t e, int n, const
                                      const float *GU, float *dH, float *dGU, float *dX) {
     const int D = m->D, f = e < m->E ? m->F : m->Fs;
     const dsmoe__kernel_table *kt = dsmoe__kernels();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, f, D, 1.0f, dY, D,
+    dsmoe__sgemm(CblasNoTrans, CblasNoTrans, n, f, D, 1.0f, dY, D,
                 (const float *)moe_w2(m, e), f, 0.0f, dH, f);
     memset(dGU, 0, (size_t)n * 2 * f * sizeof(float));
     for (int i = 0; i < n; i++) {
@@ -889,7 +883,7 @@ static void moe_expert_backward_rows(const dsmoe_moe *m, int32_t e, int n, const
         float *dgu = dGU + (size_t)i * 2 * f;
         kt->swiglu_backward(dgu, dgu + f, dH + (size_t)i * f, gu, gu + f, f);
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, D, 2 * f, 1.0f, dGU, 2 * f,
+    dsmoe__sgemm(CblasNoTrans, CblasNoTrans, n, D, 2 * f, 1.0f, dGU, 2 * f,
                 (const float *)moe_w1(m, e), D, 0.0f, dX, D);
 }
 
@@ -948,7 +942,7 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
 
     /* 2. phase A over row blocks: dH, dGU, dX */
     const int64_t ntask = m->n_tasks + m->n_shared_tasks;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(moe_blas_threads(nt))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t i = 0; i < ntask; i++) {
         const moe_task tk = w->tasks[i];
         if (tk.e < E) {
@@ -992,13 +986,13 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
             nw++;
         }
     }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(moe_blas_threads(nt))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t i = 0; i < nw; i++) {
         const moe_task tk = w->wtasks[i];
         const int r0 = (int)tk.r0;
         if (tk.e == E + 1) {
             int nr = E - r0 < MOE_WROW_BLOCK ? E - r0 : MOE_WROW_BLOCK;
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nr, D, (int)T, 1.0f,
+            dsmoe__sgemm(CblasTrans, CblasNoTrans, nr, D, (int)T, 1.0f,
                         w->dlogits + r0, E, x, D, 1.0f, m->grads + m->off_gate + (size_t)r0 * Dz,
                         D);
             continue;
@@ -1023,11 +1017,11 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
         }
         if (tk.n == 0) {
             int nr = 2 * f - r0 < MOE_WROW_BLOCK ? 2 * f - r0 : MOE_WROW_BLOCK;
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nr, D, n, 1.0f, dGU + r0, 2 * f,
+            dsmoe__sgemm(CblasTrans, CblasNoTrans, nr, D, n, 1.0f, dGU + r0, 2 * f,
                         X, D, 1.0f, moe_dw1(m, e) + (size_t)r0 * Dz, D);
         } else {
             int nr = D - r0 < MOE_WROW_BLOCK ? D - r0 : MOE_WROW_BLOCK;
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nr, f, n, 1.0f, dY + r0, D, H, f,
+            dsmoe__sgemm(CblasTrans, CblasNoTrans, nr, f, n, 1.0f, dY + r0, D, H, f,
                         1.0f, moe_dw2(m, e) + (size_t)r0 * f, f);
         }
     }
@@ -1036,12 +1030,12 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
     if (dx) {
         const float *Wg = (const float *)m->params + m->off_gate;
         const int64_t nb = (T + DSMOE_MOE_ROW_BLOCK - 1) / DSMOE_MOE_ROW_BLOCK;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(moe_blas_threads(nt))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
         for (int64_t b = 0; b < nb; b++) {
             int64_t t0 = b * DSMOE_MOE_ROW_BLOCK;
             int n = (int)(T - t0 < DSMOE_MOE_ROW_BLOCK ? T - t0 : DSMOE_MOE_ROW_BLOCK);
             float *tmp = w->dxtmp + (size_t)t0 * Dz;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, D, E, 1.0f,
+            dsmoe__sgemm(CblasNoTrans, CblasNoTrans, n, D, E, 1.0f,
                         w->dlogits + (size_t)t0 * E, E, Wg, D, 0.0f, tmp, D);
             for (int64_t t = t0; t < t0 + n; t++) {
                 float *acc = w->dxtmp + (size_t)t * Dz;

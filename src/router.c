@@ -17,7 +17,7 @@
 #include "internal.h"
 #include "kernels/kernels.h"
 
-#include <cblas.h>
+#include "blas.h"
 #include <float.h>
 #include <math.h>
 #include <stdio.h>
@@ -663,7 +663,7 @@ dsmoe_status dsmoe_router_forward_hidden(const dsmoe_router_config *cfg,
 #pragma omp parallel for num_threads(nt) schedule(static)
                 for (int32_t e = 0; e < E; e++) lt[e] = k->dot_bf16(x, Wb + (size_t)e * (size_t)D, D);
             } else {
-                cblas_sgemv(CblasRowMajor, CblasNoTrans, E, D, 1.0f, W, D, x, 1, 0.0f, lt, 1);
+                dsmoe__sgemv(E, D, W, D, x, lt);
             }
         }
     } else {
@@ -681,7 +681,7 @@ dsmoe_status dsmoe_router_forward_hidden(const dsmoe_router_config *cfg,
                 for (size_t i = 0; i < (size_t)rows * (size_t)D; i++) xb[i] = round_bf16(x[i]);
                 x = xb;
             }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, E, D, 1.0f, x, D, W, D,
+            dsmoe__sgemm(CblasNoTrans, CblasTrans, (int)rows, E, D, 1.0f, x, D, W, D,
                         0.0f, logits + (size_t)t0 * (size_t)E, E);
         }
     }

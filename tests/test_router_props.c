@@ -537,6 +537,8 @@ static void test_isas_identical(void) {
             logits[E + e] = -80.0f;
             logits[2 * E + e] = (float)(e % 3);
             logits[3 * E + e] = -100.0f;
+            /* where exp(-u) reaches 2^128 (the sigmoid's overflow edge) */
+            logits[4 * E + e] = -87.5f - 1.5f * (float)e / (float)E;
         }
         float *bias = cfg->use_bias ? rand_bias(E, 0.1) : NULL;
         float *dw = rand_logits(T, K, 1.0);
