@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fuzz smoke test of the file parsers: builds the libFuzzer targets with clang
+# Fuzz smoke test of the file parsers (and the layer's load path on top of the
+# safetensors reader): builds the libFuzzer targets with clang
 # (DSMOE_FUZZ=ON) in the build folder $1 (default build-fuzz), then runs each one
 # for $FUZZ_SECONDS seconds (default 30) on a fresh copy of its seed corpus
 # (fuzz/seeds/<format>/) with its dictionary. Fails on any crash, sanitizer
@@ -14,10 +15,10 @@ jobs=${JOBS:-2}
 
 cmake -S "$root" -B "$build" -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DDSMOE_FUZZ=ON -DDSMOE_TESTS=OFF -DDSMOE_OPENMP=OFF >/dev/null
-cmake --build "$build" -j "$jobs" --target fuzz_npy fuzz_safetensors >/dev/null
+cmake --build "$build" -j "$jobs" --target fuzz_npy fuzz_safetensors fuzz_layer >/dev/null
 
 status=0
-for fmt in npy safetensors; do
+for fmt in npy safetensors layer; do
   corpus="$build/corpus-$fmt"
   log="$build/fuzz_$fmt.log"
   rm -rf "$corpus"

@@ -308,6 +308,7 @@ static dsmoe_status zloss(const dsmoe_balance_loss_config *lc, const loss_dims *
                           float *dlogits, const float *logits, double *lse, int nt) {
     const int32_t E = d->E;
     const int64_t T = d->T;
+    (void)nt; /* used by OpenMP only */
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int64_t t = 0; t < T; t++) lse[t] = logsumexp(logits + (size_t)t * E, E);
     double sum = 0.0;

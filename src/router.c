@@ -710,6 +710,7 @@ dsmoe_status dsmoe_router_backward(const dsmoe_router_config *cfg, float *dlogit
             return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: indices[%lld] = %d is out of range 0..%d",
                                 fn, (long long)i, (int)indices[i], (int)E - 1);
     int nt = dsmoe__threads(n_threads);
+    (void)nt; /* used by OpenMP only */
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int64_t t = 0; t < T; t++) {
         const float *s = scores + (size_t)t * (size_t)E;

@@ -760,6 +760,66 @@ done:
     dsmoe_moe_free(m);
 }
 
+/* The fuzz seeds of fuzz_layer are complete layers (and balancer states) that load and
+ * run: a fuzzer that starts from broken seeds explores only the early error paths. Sizes
+ * are inferred from the shapes, the forward output is finite, and the balancer's bias
+ * (the seeds' (e - E/2)·0.01) reads back. */
+static void test_fuzz_seeds_load(void) {
+    const struct {
+        const char *file, *prefix;
+        int32_t D, F, E, shared, bias;
+    } seeds[] = {
+        {"layer_f32_shared.safetensors", "", 8, 4, 4, 1, 1},
+        {"layer_bf16_prefix.safetensors", "model.layers.1.mlp.", 8, 2, 4, 0, 0},
+        {"layer_f16_two_shared.safetensors", "", 4, 2, 2, 2, 1},
+    };
+    for (size_t i = 0; i < sizeof seeds / sizeof seeds[0]; i++) {
+        char rel[256];
+        snprintf(rel, sizeof rel, "../../fuzz/seeds/layer/%s", seeds[i].file);
+        dsmoe_safetensors *st = NULL;
+        ASSERT_OK(dsmoe_safetensors_open(tl_golden(rel), &st));
+        if (!st) continue;
+        dsmoe_moe_config c;
+        dsmoe_moe_config_default(&c);
+        c.n_shared = -1;
+        ASSERT_OK(dsmoe_moe_config_from_safetensors(&c, st, seeds[i].prefix));
+        ASSERT_EQ_INT(c.hidden_size, seeds[i].D);
+        ASSERT_EQ_INT(c.expert_size, seeds[i].F);
+        ASSERT_EQ_INT(c.router.n_experts, seeds[i].E);
+        ASSERT_EQ_INT(c.n_shared, seeds[i].shared);
+        c.router.n_groups = 1;
+        c.router.topk_groups = 1;
+        c.router.top_k = 1;
+        c.router.use_bias = seeds[i].bias;
+        c.max_tokens = 2;
+        dsmoe_moe *m = NULL;
+        ASSERT_OK(dsmoe_moe_create(&c, &m));
+        if (!m) {
+            dsmoe_safetensors_close(st);
+            continue;
+        }
+        ASSERT_OK(dsmoe_moe_load_safetensors(m, st, seeds[i].prefix));
+        float x[16], y[16];
+        for (int d = 0; d < seeds[i].D; d++) x[d] = 0.25f * (float)(d % 5) - 0.5f;
+        ASSERT_OK(dsmoe_moe_forward(m, y, x, 1, 1));
+        int finite = 1;
+        for (int d = 0; d < seeds[i].D; d++) finite &= isfinite(y[d]) != 0;
+        ASSERT_TRUE(finite);
+        if (seeds[i].bias) {
+            char pre[64];
+            snprintf(pre, sizeof pre, "%sgate.", seeds[i].prefix);
+            dsmoe_balancer *b = NULL;
+            ASSERT_OK(dsmoe_balancer_read(st, pre, &b));
+            if (b) {
+                ASSERT_NEAR(dsmoe_balancer_bias(b)[0], -0.01 * seeds[i].E / 2, 1e-6);
+                dsmoe_balancer_free(b);
+            }
+        }
+        dsmoe_moe_free(m);
+        dsmoe_safetensors_close(st);
+    }
+}
+
 int main(void) {
     RUN(test_config_validation);
     RUN(test_tensor_table);
@@ -772,5 +832,6 @@ int main(void) {
     RUN(test_capacity);
     RUN(test_save_load_roundtrip);
     RUN(test_load_errors);
+    RUN(test_fuzz_seeds_load);
     return TEST_SUMMARY();
 }

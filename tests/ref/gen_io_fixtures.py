@@ -4,8 +4,8 @@ tests/test_safetensors.c, and the fuzzing seed corpora.
 
     /usr/bin/python3 tests/ref/gen_io_fixtures.py     # from the repository root
 
-Writes tests/golden/io/*.npy and *.safetensors, fuzz/seeds/npy/* and
-fuzz/seeds/safetensors/*. Needs only NumPy and the standard library; the outputs
+Writes tests/golden/io/*.npy and *.safetensors, fuzz/seeds/npy/*,
+fuzz/seeds/safetensors/* and fuzz/seeds/layer/*. Needs only NumPy and the standard library; the outputs
 are committed, so ctest never runs Python.
 
 .npy files come from NumPy itself (np.save / np.lib.format.write_array), plus a
@@ -116,17 +116,19 @@ ELEM = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "U8": 1}
 
 def st_bytes(tensors, metadata=None, ensure_ascii=False, indent=None, align_each=1,
              reverse_keys=False):
-    """tensors: list of (name, kind, shape). Reference layout unless align_each > 1
-    (then each tensor starts at a multiple of align_each, leaving gaps)."""
+    """tensors: list of (name, kind, shape) or (name, kind, shape, array) with the
+    values given. Reference layout unless align_each > 1 (then each tensor starts at
+    a multiple of align_each, leaving gaps)."""
     order = sorted(tensors, key=lambda t: (-ELEM[t[1]], t[0]))
     header, blobs, off = {}, [], 0
     if metadata is not None:
         header["__metadata__"] = metadata
-    for name, kind, shape in order:
+    for t in order:
+        name, kind, shape = t[:3]
         while off % align_each:
             blobs.append(b"\0")
             off += 1
-        data = values(kind, shape).tobytes()
+        data = (t[3] if len(t) > 3 else values(kind, shape)).tobytes()
         entry = {"dtype": kind, "shape": list(shape), "data_offsets": [off, off + len(data)]}
         if reverse_keys:
             entry = dict(reversed(list(entry.items())))
@@ -180,7 +182,53 @@ def gen_safetensors():
         write(os.path.join(SEEDS, "safetensors", name), data)
 
 
+def layer_tensors(E, D, F, n_shared, kind, prefix="", bias=True, balancer=True):
+    """A DeepSeek-V3 MoE layer in Hugging Face names (what dsmoe_moe_load_safetensors
+    reads), optionally with the balancer's state under gate. (dsmoe_balancer_read)."""
+    small = lambda shape, k: (values(k, shape).astype(np.float32) * 0.1).astype(np.float32) \
+        if k == "F32" else values(k, shape)
+    t = [(prefix + "gate.weight", kind, (E, D), small((E, D), kind))]
+    for e in range(E):
+        t += [(prefix + f"experts.{e}.gate_proj.weight", kind, (F, D), small((F, D), kind)),
+              (prefix + f"experts.{e}.up_proj.weight", kind, (F, D), small((F, D), kind)),
+              (prefix + f"experts.{e}.down_proj.weight", kind, (D, F), small((D, F), kind))]
+    if n_shared:
+        S = n_shared * F
+        t += [(prefix + "shared_experts.gate_proj.weight", kind, (S, D), small((S, D), kind)),
+              (prefix + "shared_experts.up_proj.weight", kind, (S, D), small((S, D), kind)),
+              (prefix + "shared_experts.down_proj.weight", kind, (D, S), small((D, S), kind))]
+    if bias:
+        b = (np.arange(E, dtype=np.float32) - E / 2) * 0.01
+        t.append((prefix + "gate.e_score_correction_bias", "F32", (E,), b.astype(np.float32)))
+    if balancer:
+        # format 1, E experts, sign rule, no re-centring, no rate switch, 3 steps,
+        # 96 tokens, none pending; rates: gamma, gamma_after, last gamma
+        state = np.array([1, E, 0, 0, 0, 3, 96, 0], dtype=np.int64)
+        rates = np.array([0.001, 0.001, 0.001], dtype=np.float32)
+        counts = np.arange(3 * E, dtype=np.int64).reshape(3, E) % 7
+        t += [(prefix + "gate.balancer.state", "I64", (8,), state),
+              (prefix + "gate.balancer.rates", "F32", (3,), rates),
+              (prefix + "gate.balancer.counts", "I64", (3, E), counts)]
+    return t
+
+
+def gen_layer_seeds():
+    """Seeds of fuzz_layer: small layers a mutation away from every check of the
+    layer's and the balancer's load paths."""
+    meta = {"format": "pt", "dsmoe.format_version": "1"}
+    seeds = {
+        "layer_f32_shared.safetensors": st_bytes(layer_tensors(4, 8, 4, 1, "F32"), meta),
+        "layer_bf16_prefix.safetensors": st_bytes(
+            layer_tensors(4, 8, 2, 0, "BF16", prefix="model.layers.1.mlp.", bias=False,
+                          balancer=False)),
+        "layer_f16_two_shared.safetensors": st_bytes(layer_tensors(2, 4, 2, 2, "F16"), meta),
+    }
+    for name, data in seeds.items():
+        write(os.path.join(SEEDS, "layer", name), data)
+
+
 if __name__ == "__main__":
     gen_npy()
     gen_safetensors()
+    gen_layer_seeds()
     print("wrote", GOLDEN, "and", SEEDS)
