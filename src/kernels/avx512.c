@@ -214,6 +214,15 @@ static void topk_blocks_avx512(int32_t *ids, float *val, const float *v, int32_t
         (h) = h_;                                                                         \
     } while (0)
 
+/* One level of the butterfly: SHUF with immediates IA and IB picks, from the (top1, top2)
+ * vectors x and y, the lanes that each merge pairs; the merged pairs go to (oh, ol). */
+#define SEL_LEVEL(SHUF, IA, IB, xh, xl, yh, yl, oh, ol)                                   \
+    do {                                                                                  \
+        __m512 ah_ = SHUF((xh), (yh), (IA)), bh_ = SHUF((xh), (yh), (IB));                \
+        __m512 al_ = SHUF((xl), (yl), (IA)), bl_ = SHUF((xl), (yl), (IB));                \
+        SEL_MERGE(oh, ol, ah_, al_, bh_, bl_);                                            \
+    } while (0)
+
 /* The lanes o .. o+n-1 (o + n <= 16). */
 #define SEL_SPAN(o, n) ((__mmask16)(((1u << (n)) - 1u) << (o)))
 
@@ -285,38 +294,18 @@ static inline __attribute__((always_inline)) unsigned sel_groups(const float *c,
         l[g] = lo;
     }
     /* butterfly: 8 groups x 16 lanes -> group g in lane 4(g mod 4) + g/4 */
-    __m512 ph[4], pl[4];
-    for (int p = 0; p < 4; p++) {
-        __m512 ah = _mm512_shuffle_f32x4(h[2 * p], h[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0));
-        __m512 bh = _mm512_shuffle_f32x4(h[2 * p], h[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2));
-        __m512 al = _mm512_shuffle_f32x4(l[2 * p], l[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0));
-        __m512 bl = _mm512_shuffle_f32x4(l[2 * p], l[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2));
-        SEL_MERGE(ph[p], pl[p], ah, al, bh, bl); /* group 2p: lanes 0-7, 2p+1: 8-15 */
-    }
-    __m512 qh[2], ql[2];
-    for (int p = 0; p < 2; p++) {
-        __m512 ah = _mm512_shuffle_f32x4(ph[2 * p], ph[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0));
-        __m512 bh = _mm512_shuffle_f32x4(ph[2 * p], ph[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1));
-        __m512 al = _mm512_shuffle_f32x4(pl[2 * p], pl[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0));
-        __m512 bl = _mm512_shuffle_f32x4(pl[2 * p], pl[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1));
-        SEL_MERGE(qh[p], ql[p], ah, al, bh, bl); /* quad j: group 4p + j */
-    }
-    __m512 rh, rl;
-    {
-        __m512 ah = _mm512_shuffle_ps(qh[0], qh[1], _MM_SHUFFLE(1, 0, 1, 0));
-        __m512 bh = _mm512_shuffle_ps(qh[0], qh[1], _MM_SHUFFLE(3, 2, 3, 2));
-        __m512 al = _mm512_shuffle_ps(ql[0], ql[1], _MM_SHUFFLE(1, 0, 1, 0));
-        __m512 bl = _mm512_shuffle_ps(ql[0], ql[1], _MM_SHUFFLE(3, 2, 3, 2));
-        SEL_MERGE(rh, rl, ah, al, bh, bl); /* quad j: g_j, g_j, g_4+j, g_4+j */
-    }
-    __m512 sh, sl;
-    {
-        __m512 ah = _mm512_shuffle_ps(rh, rh, _MM_SHUFFLE(2, 0, 2, 0));
-        __m512 bh = _mm512_shuffle_ps(rh, rh, _MM_SHUFFLE(3, 1, 3, 1));
-        __m512 al = _mm512_shuffle_ps(rl, rl, _MM_SHUFFLE(2, 0, 2, 0));
-        __m512 bl = _mm512_shuffle_ps(rl, rl, _MM_SHUFFLE(3, 1, 3, 1));
-        SEL_MERGE(sh, sl, ah, al, bh, bl); /* quad j: g_j, g_4+j, g_j, g_4+j */
-    }
+    __m512 ph[4], pl[4], qh[2], ql[2], rh, rl, sh, sl;
+    for (int p = 0; p < 4; p++) /* group 2p: lanes 0-7, 2p+1: 8-15 */
+        SEL_LEVEL(_mm512_shuffle_f32x4, _MM_SHUFFLE(1, 0, 1, 0), _MM_SHUFFLE(3, 2, 3, 2), h[2 * p],
+                  l[2 * p], h[2 * p + 1], l[2 * p + 1], ph[p], pl[p]);
+    for (int p = 0; p < 2; p++) /* quad j: group 4p + j */
+        SEL_LEVEL(_mm512_shuffle_f32x4, _MM_SHUFFLE(2, 0, 2, 0), _MM_SHUFFLE(3, 1, 3, 1), ph[2 * p],
+                  pl[2 * p], ph[2 * p + 1], pl[2 * p + 1], qh[p], ql[p]);
+    /* quad j: g_j, g_j, g_4+j, g_4+j */
+    SEL_LEVEL(_mm512_shuffle_ps, _MM_SHUFFLE(1, 0, 1, 0), _MM_SHUFFLE(3, 2, 3, 2), qh[0], ql[0], qh[1],
+              ql[1], rh, rl);
+    /* quad j: g_j, g_4+j, g_j, g_4+j */
+    SEL_LEVEL(_mm512_shuffle_ps, _MM_SHUFFLE(2, 0, 2, 0), _MM_SHUFFLE(3, 1, 3, 1), rh, rl, rh, rl, sh, sl);
     /* lane g <- group g (lanes 8..15: -inf) */
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
     *t1 = _mm512_mask_permutexvar_ps(ninf, 0x00ff, order, sh);
