@@ -3,7 +3,7 @@
  * against the composition of the scalar reference kernels it replaces: group
  * scores, the TG best groups, then the K best experts of the kept groups.
  *
- * Thousands of random shapes (2..8 groups, group sizes 16..256, m = 1 and 2, every
+ * Thousands of random shapes (2..8 groups, group sizes 8..256, m = 1 and 2, every
  * TG and K it accepts) and value patterns chosen to stress its shortcuts: smooth
  * random values, heavy ties (a handful of distinct values, so the candidate pass
  * overflows 16 lanes and the fallbacks run), tied group scores, all-equal rows,
@@ -63,8 +63,10 @@ static void test_select_matches_reference(void) {
         int bad = 0;
         for (int it = 0; it < 6000 && bad < 5; it++) {
             const int32_t G = 2 + (int32_t)(tl_next() % 7);
-            const int32_t V = it % 10 == 0 ? 16 : 1 + (int32_t)(tl_next() % 4);
-            const int32_t gsize = 16 * V, E = G * gsize;
+            /* group sizes in steps of 8 (AVX2 covers those; AVX-512 steps of 16) */
+            const int32_t V8 = it % 10 == 0 ? 32 : 1 + (int32_t)(tl_next() % 8);
+            const int32_t gsize = 8 * V8, E = G * gsize;
+            const int covered = gsize % (ni == 0 ? 8 : 16) == 0;
             const int32_t m = 1 + (int32_t)(tl_next() % 2);
             const int32_t TG = 1 + (int32_t)(tl_next() % (uint64_t)G);
             int32_t kmax = TG * gsize < 16 ? TG * gsize : 16;
@@ -77,9 +79,11 @@ static void test_select_matches_reference(void) {
             reference(ids0, v0, c, G, gsize, m, TG, K);
             tl_checks++;
             if (!k->select_grouped(ids1, v1, c, 1, G, gsize, m, TG, K)) {
-                TL_FAIL("%s: shape G %d gsize %d m %d TG %d K %d refused", names[ni], (int)G,
-                        (int)gsize, (int)m, (int)TG, (int)K);
-                bad++;
+                if (covered) {
+                    TL_FAIL("%s: shape G %d gsize %d m %d TG %d K %d refused", names[ni], (int)G,
+                            (int)gsize, (int)m, (int)TG, (int)K);
+                    bad++;
+                }
                 continue;
             }
             tested++;
@@ -107,7 +111,7 @@ static void test_select_refuses(void) {
     } cases[] = {
         {1, 64, 2, 1, 6},   /* one group */
         {9, 16, 2, 4, 8},   /* more than 8 groups */
-        {8, 20, 2, 3, 6},   /* group size not a multiple of 16 */
+        {8, 20, 2, 3, 6},   /* group size not a multiple of 8 */
         {4, 272, 2, 2, 8},  /* group size over 256 */
         {8, 32, 3, 4, 8},   /* top-3 group score */
         {8, 32, 2, 4, 17},  /* K over 16 */

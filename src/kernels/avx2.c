@@ -155,6 +155,119 @@ static int any_nonfinite_avx2(const float *x, int64_t n) {
     return any;
 }
 
+/* ------------------------------------------------- fused group-limited selection -- */
+
+/* The two largest of two (top1, top2) pairs, lane by lane. */
+#define SEL2_MERGE(h, l, ah, al, bh, bl)                                                  \
+    do {                                                                                  \
+        __m256 h_ = _mm256_max_ps((ah), (bh));                                            \
+        (l) = _mm256_max_ps(_mm256_min_ps((ah), (bh)), _mm256_max_ps((al), (bl)));        \
+        (h) = h_;                                                                         \
+    } while (0)
+
+/* One butterfly level: SHUF(x, y) with immediates IA / IB picks the lanes each merge pairs. */
+#define SEL2_LEVEL(SHUF, IA, IB, xh, xl, yh, yl, oh, ol)                                  \
+    do {                                                                                  \
+        __m256 ah_ = SHUF((xh), (yh), (IA)), bh_ = SHUF((xh), (yh), (IB));                \
+        __m256 al_ = SHUF((xl), (yl), (IA)), bl_ = SHUF((xl), (yl), (IB));                \
+        SEL2_MERGE(oh, ol, ah_, al_, bh_, bl_);                                           \
+    } while (0)
+
+/* The AVX2 form of select_grouped_avx512 for 2 <= G <= 8 groups of 8·V (V <= 32) experts,
+ * m = 1 or 2, K <= 16: the groups' top-2 pairs by the same butterfly on 8 lanes, the
+ * groups ranked by counting; with K = 2·TG and m = 2 the candidates at or above the least
+ * second-best value of a kept group (about ten) are collected in increasing id and
+ * inserted as the reference does; otherwise all the kept groups' experts are. */
+static int select_grouped_avx2(int32_t *ids, float *val, const float *c, int64_t n, int32_t G,
+                               int32_t gsize, int32_t m, int32_t TG, int32_t K) {
+    if (G < 2 || G > 8 || gsize % 8 != 0 || gsize > 256 || (m != 1 && m != 2) || K > 16 ||
+        TG < 1 || TG > G || K < 1 || K > TG * gsize)
+        return 0;
+    const int32_t V = gsize / 8;
+    const size_t E = (size_t)G * (size_t)gsize;
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t t = 0; t < n; t++) {
+        const float *ct = c + (size_t)t * E;
+        int32_t *it = ids + (size_t)t * (size_t)K;
+        float *vt = val + (size_t)t * (size_t)K;
+        __m256 h[8], l[8];
+        for (int32_t g = 0; g < 8; g++) {
+            h[g] = ninf;
+            l[g] = ninf;
+        }
+        for (int32_t g = 0; g < G; g++) {
+            const float *cg = ct + (size_t)g * (size_t)gsize;
+            __m256 hi = _mm256_loadu_ps(cg), lo = ninf;
+            for (int32_t j = 1; j < V; j++) {
+                __m256 x = _mm256_loadu_ps(cg + 8 * j);
+                lo = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
+                hi = _mm256_max_ps(hi, x);
+            }
+            h[g] = hi;
+            l[g] = lo;
+        }
+        __m256 ph[4], pl[4], qh[2], ql[2], sh, sl;
+        for (int p = 0; p < 4; p++) /* group 2p: lanes 0-3, 2p+1: 4-7 */
+            SEL2_LEVEL(_mm256_permute2f128_ps, 0x20, 0x31, h[2 * p], l[2 * p], h[2 * p + 1],
+                       l[2 * p + 1], ph[p], pl[p]);
+        for (int p = 0; p < 2; p++) /* lanes: g4p, g4p, g4p+2, g4p+2 | g4p+1, g4p+1, g4p+3, g4p+3 */
+            SEL2_LEVEL(_mm256_shuffle_ps, _MM_SHUFFLE(1, 0, 1, 0), _MM_SHUFFLE(3, 2, 3, 2), ph[2 * p],
+                       pl[2 * p], ph[2 * p + 1], pl[2 * p + 1], qh[p], ql[p]);
+        /* lanes: g0, g2, g4, g6 | g1, g3, g5, g7 */
+        SEL2_LEVEL(_mm256_shuffle_ps, _MM_SHUFFLE(2, 0, 2, 0), _MM_SHUFFLE(3, 1, 3, 1), qh[0], ql[0],
+                   qh[1], ql[1], sh, sl);
+        const __m256 t1 = _mm256_permutevar8x32_ps(sh, order); /* lane g <- group g */
+        const __m256 t2 = _mm256_permutevar8x32_ps(sl, order);
+        const __m256 gs = m == 2 ? _mm256_add_ps(t1, t2) : t1;
+        /* rank of each group: the groups that beat it (larger, or equal and lower id) */
+        float pg[8];
+        _mm256_storeu_ps(pg, gs);
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        __m256i rank = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            const __m256 y = _mm256_set1_ps(pg[j]);
+            const __m256i after = _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(j));
+            const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(y, gs, _CMP_GE_OQ));
+            const __m256i gt = _mm256_castps_si256(_mm256_cmp_ps(y, gs, _CMP_GT_OQ));
+            rank = _mm256_sub_epi32(rank, _mm256_blendv_epi8(gt, ge, after));
+        }
+        const unsigned keep =
+            (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(TG), rank))) &
+            ((1u << G) - 1u);
+        /* the threshold: a lower bound of the K-th largest candidate, or none */
+        float theta = -INFINITY;
+        if (m == 2 && K == 2 * TG) {
+            float p2[8];
+            _mm256_storeu_ps(p2, t2);
+            theta = INFINITY;
+            for (unsigned kb = keep; kb; kb &= kb - 1) {
+                const float x = p2[__builtin_ctz(kb)];
+                theta = x < theta ? x : theta;
+            }
+        }
+        /* candidates at or above it, in increasing id, inserted as the reference does */
+        const __m256 th = _mm256_set1_ps(theta);
+        float tv[16] = {0};
+        int32_t ti[16] = {0};
+        int32_t len = 0;
+        for (unsigned kb = keep; kb; kb &= kb - 1) {
+            const int32_t e0 = __builtin_ctz(kb) * gsize;
+            for (int32_t j = 0; j < V; j++) {
+                const float *p = ct + e0 + 8 * j;
+                unsigned mk = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), th, _CMP_GE_OQ));
+                for (; mk; mk &= mk - 1) {
+                    const int i = __builtin_ctz(mk);
+                    dsmoe__topk_push(tv, ti, &len, K, p[i], e0 + 8 * j + i);
+                }
+            }
+        }
+        memcpy(it, ti, (size_t)K * sizeof(int32_t));
+        memcpy(vt, tv, (size_t)K * sizeof(float));
+    }
+    return 1;
+}
+
 const dsmoe__kernel_table dsmoe__kernels_avx2 = {
     .name = "avx2",
     .sigmoid = k_sigmoid_avx2,
@@ -168,4 +281,5 @@ const dsmoe__kernel_table dsmoe__kernels_avx2 = {
     .group_scores = group_scores_avx2,
     .topk = topk_avx2,
     .topk_blocks = topk_blocks_avx2,
+    .select_grouped = select_grouped_avx2,
 };
