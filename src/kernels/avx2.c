@@ -157,22 +157,6 @@ static int any_nonfinite_avx2(const float *x, int64_t n) {
 
 /* ------------------------------------------------- fused group-limited selection -- */
 
-/* The two largest of two (top1, top2) pairs, lane by lane. */
-#define SEL2_MERGE(h, l, ah, al, bh, bl)                                                  \
-    do {                                                                                  \
-        __m256 h_ = _mm256_max_ps((ah), (bh));                                            \
-        (l) = _mm256_max_ps(_mm256_min_ps((ah), (bh)), _mm256_max_ps((al), (bl)));        \
-        (h) = h_;                                                                         \
-    } while (0)
-
-/* One butterfly level: SHUF(x, y) with immediates IA / IB picks the lanes each merge pairs. */
-#define SEL2_LEVEL(SHUF, IA, IB, xh, xl, yh, yl, oh, ol)                                  \
-    do {                                                                                  \
-        __m256 ah_ = SHUF((xh), (yh), (IA)), bh_ = SHUF((xh), (yh), (IB));                \
-        __m256 al_ = SHUF((xl), (yl), (IA)), bl_ = SHUF((xl), (yl), (IB));                \
-        SEL2_MERGE(oh, ol, ah_, al_, bh_, bl_);                                           \
-    } while (0)
-
 /* The AVX2 form of select_grouped_avx512 for 2 <= G <= 8 groups of 8·V (V <= 32) experts,
  * m = 1 or 2, K <= 16: the groups' top-2 pairs by the same butterfly on 8 lanes, the
  * groups ranked by counting; with K = 2·TG and m = 2 the candidates at or above the least
@@ -209,13 +193,13 @@ static int select_grouped_avx2(int32_t *ids, float *val, const float *c, int64_t
         }
         __m256 ph[4], pl[4], qh[2], ql[2], sh, sl;
         for (int p = 0; p < 4; p++) /* group 2p: lanes 0-3, 2p+1: 4-7 */
-            SEL2_LEVEL(_mm256_permute2f128_ps, 0x20, 0x31, h[2 * p], l[2 * p], h[2 * p + 1],
+            SEL_LEVEL(_mm256_permute2f128_ps, 0x20, 0x31, h[2 * p], l[2 * p], h[2 * p + 1],
                        l[2 * p + 1], ph[p], pl[p]);
         for (int p = 0; p < 2; p++) /* lanes: g4p, g4p, g4p+2, g4p+2 | g4p+1, g4p+1, g4p+3, g4p+3 */
-            SEL2_LEVEL(_mm256_shuffle_ps, _MM_SHUFFLE(1, 0, 1, 0), _MM_SHUFFLE(3, 2, 3, 2), ph[2 * p],
+            SEL_LEVEL(_mm256_shuffle_ps, _MM_SHUFFLE(1, 0, 1, 0), _MM_SHUFFLE(3, 2, 3, 2), ph[2 * p],
                        pl[2 * p], ph[2 * p + 1], pl[2 * p + 1], qh[p], ql[p]);
         /* lanes: g0, g2, g4, g6 | g1, g3, g5, g7 */
-        SEL2_LEVEL(_mm256_shuffle_ps, _MM_SHUFFLE(2, 0, 2, 0), _MM_SHUFFLE(3, 1, 3, 1), qh[0], ql[0],
+        SEL_LEVEL(_mm256_shuffle_ps, _MM_SHUFFLE(2, 0, 2, 0), _MM_SHUFFLE(3, 1, 3, 1), qh[0], ql[0],
                    qh[1], ql[1], sh, sl);
         const __m256 t1 = _mm256_permutevar8x32_ps(sh, order); /* lane g <- group g */
         const __m256 t2 = _mm256_permutevar8x32_ps(sl, order);

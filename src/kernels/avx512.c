@@ -206,23 +206,6 @@ static void topk_blocks_avx512(int32_t *ids, float *val, const float *v, int32_t
 
 /* ------------------------------------------------- fused group-limited selection -- */
 
-/* Per lane (top1, top2) pairs of two sets merged: the two largest of four values. */
-#define SEL_MERGE(h, l, ah, al, bh, bl)                                                   \
-    do {                                                                                  \
-        __m512 h_ = _mm512_max_ps((ah), (bh));                                            \
-        (l) = _mm512_max_ps(_mm512_min_ps((ah), (bh)), _mm512_max_ps((al), (bl)));        \
-        (h) = h_;                                                                         \
-    } while (0)
-
-/* One level of the butterfly: SHUF with immediates IA and IB picks, from the (top1, top2)
- * vectors x and y, the lanes that each merge pairs; the merged pairs go to (oh, ol). */
-#define SEL_LEVEL(SHUF, IA, IB, xh, xl, yh, yl, oh, ol)                                   \
-    do {                                                                                  \
-        __m512 ah_ = SHUF((xh), (yh), (IA)), bh_ = SHUF((xh), (yh), (IB));                \
-        __m512 al_ = SHUF((xl), (yl), (IA)), bl_ = SHUF((xl), (yl), (IB));                \
-        SEL_MERGE(oh, ol, ah_, al_, bh_, bl_);                                            \
-    } while (0)
-
 /* The lanes o .. o+n-1 (o + n <= 16). */
 #define SEL_SPAN(o, n) ((__mmask16)(((1u << (n)) - 1u) << (o)))
 

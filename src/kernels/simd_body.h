@@ -14,6 +14,23 @@
 #include <math.h>
 #include <string.h>
 
+/* Group-selection helpers shared by the fused selection kernels of avx2.c / avx512.c.
+ * SEL_MERGE: the two largest of two (top1, top2) pairs, lane by lane. SEL_LEVEL: one level
+ * of the transposing butterfly: SHUF(x, y, imm) with immediates IA / IB picks, from the
+ * pair vectors x and y, the lanes each merge pairs; the merged pairs go to (oh, ol). */
+#define SEL_MERGE(h, l, ah, al, bh, bl)                                                   \
+    do {                                                                                  \
+        VF h_ = V_MAX((ah), (bh));                                                        \
+        (l) = V_MAX(V_MIN((ah), (bh)), V_MAX((al), (bl)));                                \
+        (h) = h_;                                                                         \
+    } while (0)
+#define SEL_LEVEL(SHUF, IA, IB, xh, xl, yh, yl, oh, ol)                                   \
+    do {                                                                                  \
+        VF ah_ = SHUF((xh), (yh), (IA)), bh_ = SHUF((xh), (yh), (IB));                    \
+        VF al_ = SHUF((xl), (yl), (IA)), bl_ = SHUF((xl), (yl), (IB));                    \
+        SEL_MERGE(oh, ol, ah_, al_, bh_, bl_);                                            \
+    } while (0)
+
 #define DSMOE__CAT2(a, b) a##b
 #define DSMOE__CAT(a, b) DSMOE__CAT2(a, b)
 #define FN(name) DSMOE__CAT(name, SFX)
