@@ -265,6 +265,11 @@ static inline float sanitize(float x) {
     return x;
 }
 
+/* How many of a group's largest selection scores make its score (1 = the maximum). */
+static inline int32_t group_topm(const dsmoe_router_config *cfg) {
+    return cfg->group_score == DSMOE_GROUP_SCORE_MAX ? 1 : cfg->group_topm;
+}
+
 /* Stage 5 in fp32: the chosen affinities, normalised (sum in k order), scaled. */
 static inline void weights_fp32(const dsmoe_router_config *cfg, const float *s, const int32_t *idx,
                                 float *w) {
@@ -290,7 +295,7 @@ static void select_experts(const dsmoe_router_config *cfg, const dsmoe__kernel_t
     const int32_t E = cfg->n_experts, G = cfg->n_groups, K = cfg->top_k;
     const int32_t gsize = E / G;
     if (G > 1) {
-        int32_t m = cfg->group_score == DSMOE_GROUP_SCORE_MAX ? 1 : cfg->group_topm;
+        const int32_t m = group_topm(cfg);
         k->group_scores(ts->gs, c, G, gsize, m, ts->sv, ts->si);
         k->topk(ts->topi, ts->topv, ts->gs, G, cfg->topk_groups, ts->sv, ts->si);
         memset(ts->keep, 0, (size_t)G);
@@ -366,7 +371,7 @@ static int route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_table
     }
 
     /* 3.+4. group stage and expert choice, in one kernel where the ISA has one */
-    const int32_t m = cfg->group_score == DSMOE_GROUP_SCORE_MAX ? 1 : cfg->group_topm;
+    const int32_t m = group_topm(cfg);
     if (G > 1 && cfg->group_mask == DSMOE_GROUP_MASK_EXCLUDE && k->select_grouped &&
         k->select_grouped(idx, ts->topv, c, 1, G, gsize, m, cfg->topk_groups, K)) {
         /* done: idx holds the K experts */
@@ -438,7 +443,7 @@ static int fused_path(const dsmoe_router_config *cfg, const dsmoe__kernel_table 
         cfg->nonfinite == DSMOE_NONFINITE_SANITIZE || G < 2 ||
         cfg->group_mask != DSMOE_GROUP_MASK_EXCLUDE || !k->select_grouped)
         return 0;
-    const int32_t m = cfg->group_score == DSMOE_GROUP_SCORE_MAX ? 1 : cfg->group_topm;
+    const int32_t m = group_topm(cfg);
     /* n = 0 asks only whether the shape is covered */
     return k->select_grouped(NULL, NULL, NULL, 0, G, cfg->n_experts / G, m, cfg->topk_groups,
                              cfg->top_k);
@@ -452,7 +457,7 @@ static int64_t route_range_fused(const dsmoe_router_config *cfg, const dsmoe__ke
                                  const dsmoe_router_output *out, const float *logits,
                                  const float *bias, int64_t t0, int64_t t1, token_scratch *ts) {
     const int32_t E = cfg->n_experts, K = cfg->top_k, G = cfg->n_groups;
-    const int32_t m = cfg->group_score == DSMOE_GROUP_SCORE_MAX ? 1 : cfg->group_topm;
+    const int32_t m = group_topm(cfg);
     for (int64_t t = t0; t < t1; t += DSMOE__ROUTE_BLOCK) {
         int64_t nb = t1 - t < DSMOE__ROUTE_BLOCK ? t1 - t : DSMOE__ROUTE_BLOCK, bad = -1;
         float *s = out->scores ? out->scores + (size_t)t * (size_t)E : ts->s;
