@@ -58,12 +58,8 @@ static void group_scores_avx2(float *gs, const float *c, int32_t G, int32_t gsiz
             gs[g] = hmax8(hi);
             continue;
         }
-        __m256 lo = _mm256_set1_ps(-INFINITY);
-        for (int32_t j = 1; j < V; j++) {
-            __m256 x = _mm256_loadu_ps(cg + 8 * j);
-            lo = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
-            hi = _mm256_max_ps(hi, x);
-        }
+        __m256 lo;
+        hi = lane_top2_avx2(cg, V, &lo);
         float top1 = hmax8(hi);
         int eq = _mm256_movemask_ps(_mm256_cmp_ps(hi, _mm256_set1_ps(top1), _CMP_EQ_OQ));
         int lane = __builtin_ctz((unsigned)eq);
@@ -181,15 +177,7 @@ static int select_grouped_avx2(int32_t *ids, float *val, const float *c, int64_t
             l[g] = ninf;
         }
         for (int32_t g = 0; g < G; g++) {
-            const float *cg = ct + (size_t)g * (size_t)gsize;
-            __m256 hi = _mm256_loadu_ps(cg), lo = ninf;
-            for (int32_t j = 1; j < V; j++) {
-                __m256 x = _mm256_loadu_ps(cg + 8 * j);
-                lo = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
-                hi = _mm256_max_ps(hi, x);
-            }
-            h[g] = hi;
-            l[g] = lo;
+            h[g] = lane_top2_avx2(ct + (size_t)g * (size_t)gsize, V, &l[g]);
         }
         __m256 ph[4], pl[4], qh[2], ql[2], sh, sl;
         for (int p = 0; p < 4; p++) /* group 2p: lanes 0-3, 2p+1: 4-7 */

@@ -55,12 +55,8 @@ static void group_scores_avx512(float *gs, const float *c, int32_t G, int32_t gs
             gs[g] = _mm512_reduce_max_ps(hi);
             continue;
         }
-        __m512 lo = _mm512_set1_ps(-INFINITY);
-        for (int32_t j = 1; j < V; j++) {
-            __m512 x = _mm512_loadu_ps(cg + 16 * j);
-            lo = _mm512_max_ps(lo, _mm512_min_ps(hi, x));
-            hi = _mm512_max_ps(hi, x);
-        }
+        __m512 lo;
+        hi = lane_top2_avx512(cg, V, &lo);
         float top1 = _mm512_reduce_max_ps(hi);
         __mmask16 eq = _mm512_cmp_ps_mask(hi, _mm512_set1_ps(top1), _CMP_EQ_OQ);
         __mmask16 first = (__mmask16)(eq & (__mmask16)(-(int)eq));
@@ -69,28 +65,31 @@ static void group_scores_avx512(float *gs, const float *c, int32_t G, int32_t gs
     }
 }
 
-/* For each lane i of x, the number of lanes that beat it: larger, or equal with a lower
- * lane number. Computed for all lanes at once by comparing x with its 15 rotations. */
-static inline __m512i rank16(__m512 x) {
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+/* For each lane i of x (also stored at px), the number of lanes that beat it: larger,
+ * or equal with a lower lane number. No shuffles: each lane j, broadcast from memory,
+ * beats the lanes after it when >= and the lanes up to it when >. */
+static inline __m512i rank16_bcast(__m512 x, const float *px) {
     const __m512i one = _mm512_set1_epi32(1);
-    __m512i rank = _mm512_setzero_si512();
-    for (int s = 1; s < 16; s++) {
-        /* lane i sees lane (i + s) mod 16, which has a lower number iff i + s >= 16 */
-        __m512i src = _mm512_and_si512(_mm512_add_epi32(lane, _mm512_set1_epi32(s)), _mm512_set1_epi32(15));
-        __m512 y = _mm512_permutexvar_ps(src, x);
-        __mmask16 wrap = (__mmask16)(0xffffu << (16 - s));
-        __mmask16 beat = _mm512_cmp_ps_mask(y, x, _CMP_GT_OQ) |
-                         (_mm512_cmp_ps_mask(y, x, _CMP_EQ_OQ) & wrap);
-        rank = _mm512_mask_add_epi32(rank, beat, rank, one);
+    __m512i ra = _mm512_setzero_si512(), rb = _mm512_setzero_si512();
+    for (int j = 0; j < 16; j++) {
+        const __m512 y = _mm512_set1_ps(px[j]);
+        const __mmask16 after = (__mmask16)(0xfffeu << j);
+        ra = _mm512_mask_add_epi32(ra, _mm512_mask_cmp_ps_mask(after, y, x, _CMP_GE_OQ), ra, one);
+        rb = _mm512_mask_add_epi32(rb, _mm512_mask_cmp_ps_mask((__mmask16)~after, y, x, _CMP_GT_OQ), rb, one);
     }
-    return rank;
+    return _mm512_add_epi32(ra, rb);
+}
+
+static inline __m512i rank16(__m512 x) {
+    float px[16];
+    _mm512_storeu_ps(px, x);
+    return rank16_bcast(x, px);
 }
 
 /* Branch-free selection among m <= 16 finite candidates by rank counting: the rank
  * of candidate i is the number of candidates that beat it (larger, or equal with a
- * lower position), computed for all lanes at once by comparing the vector with its
- * 15 rotations; candidates of rank < K land at their rank. Equivalent to the
+ * lower position), computed for all lanes at once (rank16); candidates of rank < K
+ * land at their rank. Equivalent to the
  * reference's stable insertion. v, ids: m entries in increasing position order. */
 static void rank_select16(int32_t *pos, float *val, const float *v, const int32_t *ids, int32_t m,
                           int32_t K) {
@@ -114,7 +113,7 @@ static void rank_select16(int32_t *pos, float *val, const float *v, const int32_
 /* The K-th largest (1-based) of 16 finite values (ties counted), by rank counting. */
 static float kth_largest16(const float *v, int32_t K) {
     const __m512 x = _mm512_loadu_ps(v);
-    const __m512i rank = rank16(x);
+    const __m512i rank = rank16_bcast(x, v);
     __mmask16 at = _mm512_cmp_epi32_mask(rank, _mm512_set1_epi32(K - 1), _MM_CMPINT_EQ);
     return _mm512_cvtss_f32(_mm512_maskz_compress_ps(at, x));
 }
@@ -209,20 +208,6 @@ static void topk_blocks_avx512(int32_t *ids, float *val, const float *v, int32_t
 /* The lanes o .. o+n-1 (o + n <= 16). */
 #define SEL_SPAN(o, n) ((__mmask16)(((1u << (n)) - 1u) << (o)))
 
-/* rank16 of x (stored at px) without shuffles: each lane j, broadcast from memory,
- * beats the lanes after it when >= and the lanes up to it when >. */
-static inline __m512i rank16_bcast(__m512 x, const float *px) {
-    const __m512i one = _mm512_set1_epi32(1);
-    __m512i ra = _mm512_setzero_si512(), rb = _mm512_setzero_si512();
-    for (int j = 0; j < 16; j++) {
-        const __m512 y = _mm512_set1_ps(px[j]);
-        const __mmask16 after = (__mmask16)(0xfffeu << j);
-        ra = _mm512_mask_add_epi32(ra, _mm512_mask_cmp_ps_mask(after, y, x, _CMP_GE_OQ), ra, one);
-        rb = _mm512_mask_add_epi32(rb, _mm512_mask_cmp_ps_mask((__mmask16)~after, y, x, _CMP_GT_OQ), rb, one);
-    }
-    return _mm512_add_epi32(ra, rb);
-}
-
 /* The same for the first 8 lanes (lanes 8..15 of the result are meaningless). */
 static inline __m512i rank8_bcast(__m512 x, const float *px) {
     const __m512i one = _mm512_set1_epi32(1);
@@ -266,15 +251,7 @@ static inline __attribute__((always_inline)) unsigned sel_groups(const float *c,
         l[g] = ninf;
     }
     for (int32_t g = 0; g < sp->G; g++) {
-        const float *cg = c + (size_t)g * (size_t)sp->gsize;
-        __m512 hi = _mm512_loadu_ps(cg), lo = ninf;
-        for (int32_t j = 1; j < sp->V; j++) {
-            __m512 x = _mm512_loadu_ps(cg + 16 * j);
-            lo = _mm512_max_ps(lo, _mm512_min_ps(hi, x));
-            hi = _mm512_max_ps(hi, x);
-        }
-        h[g] = hi;
-        l[g] = lo;
+        h[g] = lane_top2_avx512(c + (size_t)g * (size_t)sp->gsize, sp->V, &l[g]);
     }
     /* butterfly: 8 groups x 16 lanes -> group g in lane 4(g mod 4) + g/4 */
     __m512 ph[4], pl[4], qh[2], ql[2], rh, rl, sh, sl;
@@ -313,9 +290,9 @@ static inline __attribute__((always_inline)) int32_t sel_vectors(unsigned keep, 
 static inline float sel_theta_lanemax(const float *c, const int32_t *vid, int32_t nv, int32_t K) {
     __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int32_t q = 0; q < nv; q++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(c + vid[q]));
-    const __m512i r = rank16(mx);
-    __mmask16 at = _mm512_cmpeq_epi32_mask(r, _mm512_set1_epi32(K - 1));
-    return _mm512_cvtss_f32(_mm512_maskz_compress_ps(at, mx));
+    float lm[16];
+    _mm512_storeu_ps(lm, mx);
+    return kth_largest16(lm, K);
 }
 
 /* Masks of the candidates >= theta; returns their number. */

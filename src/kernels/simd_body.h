@@ -67,6 +67,18 @@ static inline VF FN(v_exp)(VF x) {
 }
 
 /* exp for 1/(1 + exp(y)): see dsmoe__expf_sig in ref.c */
+/* Per lane, the two largest of the V vectors at cg (top2 = -inf when V = 1). */
+static inline VF FN(lane_top2)(const float *cg, int32_t V, VF *top2) {
+    VF hi = V_LOAD(cg), lo = V_SET1(-INFINITY);
+    for (int32_t j = 1; j < V; j++) {
+        VF x = V_LOAD(cg + W * j);
+        lo = V_MAX(lo, V_MIN(hi, x));
+        hi = V_MAX(hi, x);
+    }
+    *top2 = lo;
+    return hi;
+}
+
 static inline VF FN(v_exp_sig)(VF y) {
     VF xc = V_MAX(V_MIN(y, V_SET1(DSMOE__EXP_HI)), V_SET1(-87.0f));
     VF n;
