@@ -111,24 +111,28 @@ MOE_INLINE MOE_AVX512 __m512 moe_reduce16(__m512 *v) {
                          _mm512_permutex2var_ps(c[0], h4, c[1]));
 }
 
-/* A tile of RB weight rows × XB rows of X (compile-time sizes <= 4); accumulator
- * k = 4a + b. */
+/* A tile of RB weight rows × XB rows of X (compile-time sizes <= 4, and the weight
+ * dtype BF a compile-time constant too, so that the loop carries no branch and its
+ * row pointers stay in registers); accumulator k = 4a + b. */
 MOE_INLINE MOE_AVX512 void moe_tile512(float *C, int64_t ldc, const float *const *X, const void *W,
-                                       int bf16, int r, int D, const int RB, const int XB,
+                                       const int BF, int r, int D, const int RB, const int XB,
                                        const char *pf) {
     __m512 acc[16];
     for (int k = 0; k < 16; k++) acc[k] = _mm512_setzero_ps();
     const int D16 = D & ~15, tail = D - D16;
-    const size_t base = (size_t)r * (size_t)D;
-    const size_t esz = bf16 ? 2 : 4, pstride = (size_t)D * esz;
+    const size_t esz = BF ? 2 : 4, pstride = (size_t)D * esz;
+    size_t wrow[4];
+    const float *xrow[4];
+    for (int a = 0; a < 4; a++) wrow[a] = (size_t)(r + (a < RB ? a : 0)) * (size_t)D;
+    for (int b = 0; b < 4; b++) xrow[b] = X[b < XB ? b : 0];
     for (int d = 0; d < D16; d += 16) {
         __m512 w[4], x[4];
         if (pf) /* a later tile's weights, one line of each of its rows per step */
             for (int a = 0; a < 4; a++) _mm_prefetch(pf + a * pstride + (size_t)d * esz, _MM_HINT_T0);
 #pragma GCC unroll 4
-        for (int a = 0; a < RB; a++) w[a] = moe_ld16_w(W, bf16, base + (size_t)a * D + d, 0);
+        for (int a = 0; a < RB; a++) w[a] = moe_ld16_w(W, BF, wrow[a] + (size_t)d, 0);
 #pragma GCC unroll 4
-        for (int b = 0; b < XB; b++) x[b] = _mm512_loadu_ps(X[b] + d);
+        for (int b = 0; b < XB; b++) x[b] = _mm512_loadu_ps(xrow[b] + d);
 #pragma GCC unroll 4
         for (int a = 0; a < RB; a++)
 #pragma GCC unroll 4
@@ -137,8 +141,8 @@ MOE_INLINE MOE_AVX512 void moe_tile512(float *C, int64_t ldc, const float *const
     if (tail) {
         const __mmask16 m = (__mmask16)((1u << tail) - 1);
         __m512 w[4], x[4];
-        for (int a = 0; a < RB; a++) w[a] = moe_ld16_w(W, bf16, base + (size_t)a * D + D16, tail);
-        for (int b = 0; b < XB; b++) x[b] = _mm512_maskz_loadu_ps(m, X[b] + D16);
+        for (int a = 0; a < RB; a++) w[a] = moe_ld16_w(W, BF, wrow[a] + (size_t)D16, tail);
+        for (int b = 0; b < XB; b++) x[b] = _mm512_maskz_loadu_ps(m, xrow[b] + D16);
         for (int a = 0; a < RB; a++)
             for (int b = 0; b < XB; b++)
                 acc[a * 4 + b] = _mm512_mask3_fmadd_ps(w[a], x[b], acc[a * 4 + b], m);
@@ -152,15 +156,15 @@ MOE_INLINE MOE_AVX512 void moe_tile512(float *C, int64_t ldc, const float *const
     }
 }
 
-#define MOE_TILE512(RB_, XB_) moe_tile512(C + (size_t)i * ldc, ldc, X + i, W, bf16, r, D, RB_, XB_, pf)
+#define MOE_TILE512(RB_, XB_) moe_tile512(C + (size_t)i * ldc, ldc, X + i, W, BF, r, D, RB_, XB_, pf)
 
 /* Tiles of 4 weight rows (streamed from memory once) against tiles of 4 rows of X.
  * While the first tile of X meets a weight tile, the weight tile after next is
  * prefetched, so that memory traffic overlaps the arithmetic instead of following it
  * (worth 10-15% from 4 rows of X up on a Zen 4). */
-MOE_AVX512 static void moe_gemm_avx512(float *C, int64_t ldc, const float *const *X, int n,
-                                       const void *W, int bf16, int r0, int r1, int D) {
-    const size_t esz = bf16 ? 2 : 4;
+MOE_INLINE MOE_AVX512 void moe_gemm512_body(float *C, int64_t ldc, const float *const *X, int n,
+                                            const void *W, const int BF, int r0, int r1, int D) {
+    const size_t esz = BF ? 2 : 4;
     for (int r = r0; r < r1; r += 4) {
         const int rb = r1 - r < 4 ? r1 - r : 4;
         for (int i = 0; i < n; i += 4) {
@@ -187,6 +191,14 @@ MOE_AVX512 static void moe_gemm_avx512(float *C, int64_t ldc, const float *const
             }
         }
     }
+}
+
+MOE_AVX512 static void moe_gemm_avx512(float *C, int64_t ldc, const float *const *X, int n,
+                                       const void *W, int bf16, int r0, int r1, int D) {
+    if (bf16)
+        moe_gemm512_body(C, ldc, X, n, W, 1, r0, r1, D);
+    else
+        moe_gemm512_body(C, ldc, X, n, W, 0, r0, r1, D);
 }
 
 /* ------------------------------------------------------------------ AVX2 -- */
@@ -234,22 +246,25 @@ MOE_INLINE MOE_AVX2 float moe_reduce_lohi(__m256 lo, __m256 hi) {
     return _mm256_cvtss_f32(s);
 }
 
-/* A tile of RB weight rows × XB rows of X (compile-time sizes <= 2 × 3). */
+/* A tile of RB weight rows × XB rows of X (compile-time sizes <= 2 × 3; the dtype BF
+ * is a compile-time constant too). */
 MOE_INLINE MOE_AVX2 void moe_tile256(float *C, int64_t ldc, const float *const *X, const void *W,
-                                     int bf16, int r, int D, const int RB, const int XB) {
+                                     const int BF, int r, int D, const int RB, const int XB) {
     __m256 lo[6], hi[6];
     for (int k = 0; k < 6; k++) lo[k] = hi[k] = _mm256_setzero_ps();
     const int D16 = D & ~15, tail = D - D16;
     const size_t base = (size_t)r * (size_t)D;
+    const float *xrow[3];
+    for (int b = 0; b < 3; b++) xrow[b] = X[b < XB ? b : 0];
     for (int d = 0; d < D16; d += 16) {
 #pragma GCC unroll 2
         for (int a = 0; a < RB; a++) {
-            const __m256 wl = moe_ld8_w(W, bf16, base + (size_t)a * D + d, 8);
-            const __m256 wh = moe_ld8_w(W, bf16, base + (size_t)a * D + d + 8, 8);
+            const __m256 wl = moe_ld8_w(W, BF, base + (size_t)a * D + d, 8);
+            const __m256 wh = moe_ld8_w(W, BF, base + (size_t)a * D + d + 8, 8);
 #pragma GCC unroll 3
             for (int b = 0; b < XB; b++) {
-                lo[a * 3 + b] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(X[b] + d), lo[a * 3 + b]);
-                hi[a * 3 + b] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(X[b] + d + 8), hi[a * 3 + b]);
+                lo[a * 3 + b] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xrow[b] + d), lo[a * 3 + b]);
+                hi[a * 3 + b] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xrow[b] + d + 8), hi[a * 3 + b]);
             }
         }
     }
@@ -260,8 +275,8 @@ MOE_INLINE MOE_AVX2 void moe_tile256(float *C, int64_t ldc, const float *const *
         const __m256 ml = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(cl), lane));
         const __m256 mh = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(ch), lane));
         for (int a = 0; a < RB; a++) {
-            const __m256 wl = moe_ld8_w(W, bf16, base + (size_t)a * D + D16, cl);
-            const __m256 wh = ch ? moe_ld8_w(W, bf16, base + (size_t)a * D + D16 + 8, ch) : _mm256_setzero_ps();
+            const __m256 wl = moe_ld8_w(W, BF, base + (size_t)a * D + D16, cl);
+            const __m256 wh = ch ? moe_ld8_w(W, BF, base + (size_t)a * D + D16 + 8, ch) : _mm256_setzero_ps();
             for (int b = 0; b < XB; b++) {
                 const __m256 xl = moe_ld8_x(X[b] + D16, cl);
                 const __m256 xh = ch ? moe_ld8_x(X[b] + D16 + 8, ch) : _mm256_setzero_ps();
@@ -275,10 +290,10 @@ MOE_INLINE MOE_AVX2 void moe_tile256(float *C, int64_t ldc, const float *const *
             C[(size_t)b * (size_t)ldc + (size_t)(r + a)] = moe_reduce_lohi(lo[a * 3 + b], hi[a * 3 + b]);
 }
 
-#define MOE_TILE256(RB_, XB_) moe_tile256(C + (size_t)i * ldc, ldc, X + i, W, bf16, r, D, RB_, XB_)
+#define MOE_TILE256(RB_, XB_) moe_tile256(C + (size_t)i * ldc, ldc, X + i, W, BF, r, D, RB_, XB_)
 
-MOE_AVX2 static void moe_gemm_avx2(float *C, int64_t ldc, const float *const *X, int n,
-                                   const void *W, int bf16, int r0, int r1, int D) {
+MOE_INLINE MOE_AVX2 void moe_gemm256_body(float *C, int64_t ldc, const float *const *X, int n,
+                                          const void *W, const int BF, int r0, int r1, int D) {
     for (int r = r0; r < r1; r += 2) {
         const int rb = r1 - r < 2 ? r1 - r : 2;
         for (int i = 0; i < n; i += 3) {
@@ -293,6 +308,14 @@ MOE_AVX2 static void moe_gemm_avx2(float *C, int64_t ldc, const float *const *X,
             }
         }
     }
+}
+
+MOE_AVX2 static void moe_gemm_avx2(float *C, int64_t ldc, const float *const *X, int n,
+                                   const void *W, int bf16, int r0, int r1, int D) {
+    if (bf16)
+        moe_gemm256_body(C, ldc, X, n, W, 1, r0, r1, D);
+    else
+        moe_gemm256_body(C, ldc, X, n, W, 0, r0, r1, D);
 }
 #endif /* MOE_X86 */
 
