@@ -13,3 +13,20 @@ if [ -f bench/bench_moe.sh ]; then
   echo "## MoE layer"
   bash bench/bench_moe.sh "$build"
 fi
+if [ -x "$build/bench_gemm" ]; then
+  echo
+  echo "## The layer's weight-streaming product, by rows per expert"
+  OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "$build/bench_gemm" | "$py" -c '
+import json, sys
+rows = [json.loads(l) for l in sys.stdin if l.strip()]
+peak = [r for r in rows if r["impl"] == "sgemm"][0]["gflops_per_s"]
+print("OpenBLAS SGEMM (512 rows): %.1f GFLOP/s" % peak)
+print()
+print("| rows | weights GB/s | % of read bandwidth | GFLOP/s | % of SGEMM | vs OpenBLAS, same rows |")
+print("|---|---|---|---|---|---|")
+for r in rows:
+    if r["impl"] == "dsmoe":
+        print("| %d | %.1f | %.0f%% | %.1f | %.0f%% | %.2fx |" % (r["rows"], r["weights_gb_per_s"],
+              100 * r["bandwidth_fraction"], r["gflops_per_s"], 100 * r["sgemm_fraction"],
+              r["speedup_vs_openblas"]))'
+fi

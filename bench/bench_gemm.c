@@ -1,0 +1,172 @@
+/*
+ * bench_gemm.c — the MoE layer's weight-streaming product (src/moe_gemm.c) by rows per
+ * expert: C (n, R) = X (n, D) · W (R, D)ᵀ over the W1 (2F, D) and W2 (D, F) of E experts
+ * of the Moonlight-like shape (D 2048, F 1408), one thread, for n = 1 .. 32 rows of X,
+ * next to what bounds it, measured in the same run: the memory read bandwidth (a
+ * streaming read of the same weights), the OpenBLAS SGEMM of the same n rows (what the
+ * layer would call otherwise) and the OpenBLAS SGEMM rate on a large square product.
+ * Each n alternates the three, best of --repeat; one JSON line per n.
+ *
+ *   bench_gemm [--experts 32] [--repeat 3] [--isa avx512|avx2|ref] [--rows 1,2,3,4,...]
+ *
+ * At decode batch sizes the experts see a few rows each (T · K / E on average: 3 for a
+ * Moonlight-like layer at T = 32), so this table is where the layer's T = 32 time goes.
+ */
+#include "dsmoe.h"
+#include "moe_internal.h"
+
+#include <cblas.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static void *xmalloc(size_t n) {
+    void *p = dsmoe_malloc(n);
+    if (!p) {
+        fprintf(stderr, "bench_gemm: out of memory (%zu bytes)\n", n);
+        exit(1);
+    }
+    return p;
+}
+
+typedef float v16 __attribute__((vector_size(64)));
+
+/* Seconds to read n floats once (16 independent lanes × 4). */
+static double read_seconds(const float *buf, size_t n) {
+    v16 a = {0}, b = {0}, c = {0}, d = {0};
+    double t = now();
+    for (size_t i = 0; i + 64 <= n; i += 64) {
+        v16 x, y, z, w;
+        memcpy(&x, buf + i, 64);
+        memcpy(&y, buf + i + 16, 64);
+        memcpy(&z, buf + i + 32, 64);
+        memcpy(&w, buf + i + 48, 64);
+        a += x;
+        b += y;
+        c += z;
+        d += w;
+    }
+    t = now() - t;
+    v16 s = a + b + c + d;
+    volatile float sink = s[0];
+    (void)sink;
+    return t;
+}
+
+int main(int argc, char **argv) {
+    int E = 32, repeat = 3;
+    const char *isa = NULL, *rows_arg = "1,2,3,4,5,6,7,8,12,16,32";
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--experts") && i + 1 < argc) E = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--repeat") && i + 1 < argc) repeat = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--isa") && i + 1 < argc) isa = argv[++i];
+        else if (!strcmp(argv[i], "--rows") && i + 1 < argc) rows_arg = argv[++i];
+        else {
+            fprintf(stderr, "usage: bench_gemm [--experts E] [--repeat N] [--isa avx512|avx2|ref] "
+                            "[--rows 1,2,3,...]\n");
+            return 2;
+        }
+    }
+    if (E < 1 || E > 256 || repeat < 1) {
+        fprintf(stderr, "bench_gemm: --experts 1..256, --repeat >= 1\n");
+        return 2;
+    }
+    if (!isa) isa = dsmoe_isa();
+    int ns[64], nn = 0;
+    for (const char *p = rows_arg; *p && nn < 64;) {
+        int v = atoi(p);
+        if (v < 1 || v > DSMOE__MOE_SKINNY_N) {
+            fprintf(stderr, "bench_gemm: rows must be 1..%d\n", DSMOE__MOE_SKINNY_N);
+            return 2;
+        }
+        ns[nn++] = v;
+        while (*p && *p != ',') p++;
+        if (*p == ',') p++;
+    }
+    const int D = 2048, F = 1408, nmax = DSMOE__MOE_SKINNY_N;
+    const size_t per = (size_t)3 * F * D, total = per * (size_t)E;
+    float *W = (float *)xmalloc(total * sizeof(float));
+    float *X = (float *)xmalloc((size_t)nmax * D * sizeof(float));
+    float *GU = (float *)xmalloc((size_t)nmax * 2 * F * sizeof(float)); /* W1 product */
+    float *H = (float *)xmalloc((size_t)nmax * F * sizeof(float));      /* W2's input */
+    float *Y = (float *)xmalloc((size_t)nmax * D * sizeof(float));
+    for (size_t i = 0; i < total; i++) W[i] = (float)((i * 2654435761u) % 1001) * 1e-3f - 0.5f;
+    for (size_t i = 0; i < (size_t)nmax * D; i++) X[i] = (float)(i % 17) * 0.05f - 0.4f;
+    for (size_t i = 0; i < (size_t)nmax * F; i++) H[i] = (float)(i % 13) * 0.05f - 0.3f;
+    const float *xr[DSMOE__MOE_SKINNY_N], *hr[DSMOE__MOE_SKINNY_N];
+    for (int i = 0; i < nmax; i++) {
+        xr[i] = X + (size_t)i * D;
+        hr[i] = H + (size_t)i * F;
+    }
+    if (!dsmoe__moe_gemm_nt_isa(isa, GU, 2 * F, xr, 1, W, DSMOE_DTYPE_F32, 0, 2 * F, D)) {
+        fprintf(stderr, "bench_gemm: kernel set '%s' is not available here\n", isa);
+        return 2;
+    }
+    /* SGEMM rate on a large product (compute-bound reference): (512, D) · W1ᵀ */
+    double peak = 0;
+    {
+        const int M = 512;
+        float *A = (float *)xmalloc((size_t)M * D * sizeof(float));
+        float *P = (float *)xmalloc((size_t)M * 2 * F * sizeof(float));
+        for (size_t i = 0; i < (size_t)M * D; i++) A[i] = (float)(i % 19) * 0.05f - 0.45f;
+        for (int rep = 0; rep < 3; rep++) {
+            double t = now();
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, 2 * F, D, 1.0f, A, D, W, D,
+                        0.0f, P, 2 * F);
+            t = now() - t;
+            double r = 2.0 * M * 2 * F * D / t;
+            peak = r > peak ? r : peak;
+        }
+        dsmoe_free(A);
+        dsmoe_free(P);
+    }
+    printf("{\"impl\": \"sgemm\", \"gflops_per_s\": %.3f, \"isa\": \"%s\"}\n", peak / 1e9, isa);
+    const double bytes = (double)total * sizeof(float);
+    for (int j = 0; j < nn; j++) {
+        const int n = ns[j];
+        double t_k = 1e30, t_b = 1e30, t_r = 1e30;
+        for (int rep = 0; rep < repeat; rep++) {
+            double t = now();
+            for (int e = 0; e < E; e++) {
+                const float *w1 = W + (size_t)e * per, *w2 = w1 + (size_t)2 * F * D;
+                dsmoe__moe_gemm_nt_isa(isa, GU, 2 * F, xr, n, w1, DSMOE_DTYPE_F32, 0, 2 * F, D);
+                dsmoe__moe_gemm_nt_isa(isa, Y, D, hr, n, w2, DSMOE_DTYPE_F32, 0, D, F);
+            }
+            t = now() - t;
+            t_k = t < t_k ? t : t_k;
+            t = now();
+            for (int e = 0; e < E; e++) {
+                const float *w1 = W + (size_t)e * per, *w2 = w1 + (size_t)2 * F * D;
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, 2 * F, D, 1.0f, X, D, w1, D,
+                            0.0f, GU, 2 * F);
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, D, F, 1.0f, H, F, w2, F,
+                            0.0f, Y, D);
+            }
+            t = now() - t;
+            t_b = t < t_b ? t : t_b;
+            t = read_seconds(W, total);
+            t_r = t < t_r ? t : t_r;
+        }
+        const double flops = 2.0 * n * (double)total;
+        printf("{\"impl\": \"dsmoe\", \"rows\": %d, \"seconds\": %.6g, \"weights_gb_per_s\": %.3f, "
+               "\"read_gb_per_s\": %.3f, \"bandwidth_fraction\": %.4f, \"gflops_per_s\": %.3f, "
+               "\"sgemm_fraction\": %.4f, \"openblas_seconds\": %.6g, \"speedup_vs_openblas\": %.3f}\n",
+               n, t_k, bytes / t_k / 1e9, bytes / t_r / 1e9, t_r / t_k, flops / t_k / 1e9,
+               flops / t_k / peak, t_b, t_b / t_k);
+        fflush(stdout);
+    }
+    dsmoe_free(W);
+    dsmoe_free(X);
+    dsmoe_free(GU);
+    dsmoe_free(H);
+    dsmoe_free(Y);
+    return 0;
+}
