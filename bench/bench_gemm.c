@@ -12,6 +12,7 @@
  * At decode batch sizes the experts see a few rows each (T · K / E on average: 3 for a
  * Moonlight-like layer at T = 32), so this table is where the layer's T = 32 time goes.
  */
+#include "bench_common.h"
 #include "dsmoe.h"
 #include "moe_internal.h"
 
@@ -20,46 +21,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static void *xmalloc(size_t n) {
-    void *p = dsmoe_malloc(n);
-    if (!p) {
-        fprintf(stderr, "bench_gemm: out of memory (%zu bytes)\n", n);
-        exit(1);
-    }
-    return p;
-}
-
-typedef float v16 __attribute__((vector_size(64)));
-
-/* Seconds to read n floats once (16 independent lanes × 4). */
-static double read_seconds(const float *buf, size_t n) {
-    v16 a = {0}, b = {0}, c = {0}, d = {0};
-    double t = now();
-    for (size_t i = 0; i + 64 <= n; i += 64) {
-        v16 x, y, z, w;
-        memcpy(&x, buf + i, 64);
-        memcpy(&y, buf + i + 16, 64);
-        memcpy(&z, buf + i + 32, 64);
-        memcpy(&w, buf + i + 48, 64);
-        a += x;
-        b += y;
-        c += z;
-        d += w;
-    }
-    t = now() - t;
-    v16 s = a + b + c + d;
-    volatile float sink = s[0];
-    (void)sink;
-    return t;
-}
+static void *xmalloc(size_t n) { return bench_malloc("bench_gemm", n); }
 
 int main(int argc, char **argv) {
     int E = 32, repeat = 3;
@@ -118,10 +81,10 @@ int main(int argc, char **argv) {
         float *P = (float *)xmalloc((size_t)M * 2 * F * sizeof(float));
         for (size_t i = 0; i < (size_t)M * D; i++) A[i] = (float)(i % 19) * 0.05f - 0.45f;
         for (int rep = 0; rep < 3; rep++) {
-            double t = now();
+            double t = bench_now();
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, 2 * F, D, 1.0f, A, D, W, D,
                         0.0f, P, 2 * F);
-            t = now() - t;
+            t = bench_now() - t;
             double r = 2.0 * M * 2 * F * D / t;
             peak = r > peak ? r : peak;
         }
@@ -134,15 +97,15 @@ int main(int argc, char **argv) {
         const int n = ns[j];
         double t_k = 1e30, t_b = 1e30, t_r = 1e30;
         for (int rep = 0; rep < repeat; rep++) {
-            double t = now();
+            double t = bench_now();
             for (int e = 0; e < E; e++) {
                 const float *w1 = W + (size_t)e * per, *w2 = w1 + (size_t)2 * F * D;
                 dsmoe__moe_gemm_nt_isa(isa, GU, 2 * F, xr, n, w1, DSMOE_DTYPE_F32, 0, 2 * F, D);
                 dsmoe__moe_gemm_nt_isa(isa, Y, D, hr, n, w2, DSMOE_DTYPE_F32, 0, D, F);
             }
-            t = now() - t;
+            t = bench_now() - t;
             t_k = t < t_k ? t : t_k;
-            t = now();
+            t = bench_now();
             for (int e = 0; e < E; e++) {
                 const float *w1 = W + (size_t)e * per, *w2 = w1 + (size_t)2 * F * D;
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, 2 * F, D, 1.0f, X, D, w1, D,
@@ -150,9 +113,9 @@ int main(int argc, char **argv) {
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, D, F, 1.0f, H, F, w2, F,
                             0.0f, Y, D);
             }
-            t = now() - t;
+            t = bench_now() - t;
             t_b = t < t_b ? t : t_b;
-            t = read_seconds(W, total);
+            t = bench_read_seconds(W, total);
             t_r = t < t_r ? t : t_r;
         }
         const double flops = 2.0 * n * (double)total;

@@ -16,6 +16,7 @@
  * the minimum is the least disturbed measure of what each implementation can do. FLOPs count the expert products and the gate projection
  * (2 per multiply-add); the backward counts its four expert products and the gate's two.
  */
+#include "bench_common.h"
 #include "dsmoe.h"
 
 #include <cblas.h>
@@ -24,7 +25,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 typedef struct shape {
     const char *name;
@@ -36,12 +36,6 @@ static const shape shapes[] = {
     {"moonlight", 2048, 1408, 64, 6, 1, 1, 2, 2.446f},
     {"v3-quarter", 1792, 512, 256, 8, 8, 4, 1, 2.5f},
 };
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 static double best(const double *v, int n) {
     double b = v[0];
@@ -59,46 +53,20 @@ static float randn(void) {
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }
 
-static void *xmalloc(size_t n) {
-    void *p = dsmoe_malloc(n);
-    if (!p) {
-        fprintf(stderr, "bench_moe: out of memory (%zu bytes)\n", n);
-        exit(1);
-    }
-    return p;
-}
+static void *xmalloc(size_t n) { return bench_malloc("bench_moe", n); }
 
-/* Memory read bandwidth: sum of a 1 GiB buffer (16 independent lanes), best of 5. */
-typedef float v16 __attribute__((vector_size(64)));
+/* Memory read bandwidth: sum of a 1 GiB buffer, best of 5. */
 static double read_bandwidth(void) {
     const size_t n = (size_t)1 << 28; /* floats */
     float *buf = (float *)xmalloc(n * sizeof(float));
     for (size_t i = 0; i < n; i++) buf[i] = (float)(i & 7);
-    double best = 0;
-    volatile float sink = 0;
+    double best_t = 1e30;
     for (int rep = 0; rep < 5; rep++) {
-        v16 a = {0}, b = {0}, c = {0}, d = {0};
-        double t = now();
-        for (size_t i = 0; i < n; i += 64) {
-            v16 x, y, z, w;
-            memcpy(&x, buf + i, 64);
-            memcpy(&y, buf + i + 16, 64);
-            memcpy(&z, buf + i + 32, 64);
-            memcpy(&w, buf + i + 48, 64);
-            a += x;
-            b += y;
-            c += z;
-            d += w;
-        }
-        t = now() - t;
-        v16 s = a + b + c + d;
-        sink = sink + s[0];
-        double bw = (double)n * 4 / t;
-        if (bw > best) best = bw;
+        const double t = bench_read_seconds(buf, n);
+        best_t = t < best_t ? t : best_t;
     }
-    (void)sink;
     dsmoe_free(buf);
-    return best;
+    return (double)n * 4 / best_t;
 }
 
 /* SGEMM rate: C (M, N) = A (M, K) · B (N, K)ᵀ with N = 2F, K = D and M set to give
@@ -112,9 +80,9 @@ static double sgemm_rate(double flops, int N, int K) {
     for (size_t i = 0; i < (size_t)N * K; i++) B[i] = randn();
     double best = 1e30;
     for (int rep = 0; rep < 3; rep++) {
-        double t = now();
+        double t = bench_now();
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, A, K, B, K, 0.0f, C, N);
-        t = now() - t;
+        t = bench_now() - t;
         if (t < best) best = t;
     }
     dsmoe_free(A);
@@ -169,12 +137,12 @@ static void run_shape(const shape *s, const int *Ts, int nT, int Tb, int repeat,
         double *times = (double *)malloc(sizeof(double) * (size_t)reps), active = 0;
         for (int r = 0; r <= reps; r++) {
             const float *xr = x + (size_t)r * T * s->D;
-            double t = now();
+            double t = bench_now();
             if (dsmoe_moe_forward(m, y, xr, T, threads) != DSMOE_OK) {
                 fprintf(stderr, "bench_moe: %s\n", dsmoe_last_error());
                 exit(1);
             }
-            t = now() - t;
+            t = bench_now() - t;
             if (r == 0) continue;
             times[r - 1] = t;
             const dsmoe_moe_routing *ro = dsmoe_moe_last_routing(m);
@@ -210,12 +178,12 @@ static void run_shape(const shape *s, const int *Ts, int nT, int Tb, int repeat,
             }
             dsmoe_moe_zero_grad(m);
             if (dsmoe_moe_forward(m, y, x, Tb, threads) != DSMOE_OK) exit(1);
-            double t = now();
+            double t = bench_now();
             if (dsmoe_moe_backward(m, dx, dy, x, NULL, Tb, threads) != DSMOE_OK) {
                 fprintf(stderr, "bench_moe: %s\n", dsmoe_last_error());
                 exit(1);
             }
-            t = now() - t;
+            t = bench_now() - t;
             if (r) times[r - 1] = t;
         }
         double sec = best(times, reps);
