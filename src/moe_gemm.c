@@ -65,7 +65,6 @@ static void moe_gemm_ref(float *C, int64_t ldc, const float *const *X, int n, co
 
 #define MOE_AVX512 __attribute__((target("avx512f,fma")))
 
-
 /* 16 weights at p (fp32, or bf16 widened exactly); `tail` < 16 loads only the first
  * `tail` elements (the rest 0). */
 MOE_INLINE MOE_AVX512 __m512 moe_ld16_w(const void *W, int bf16, size_t off, int tail) {
@@ -278,8 +277,8 @@ MOE_INLINE MOE_AVX2 void moe_tile256(float *C, int64_t ldc, const float *const *
             const __m256 wl = moe_ld8_w(W, BF, base + (size_t)a * D + D16, cl);
             const __m256 wh = ch ? moe_ld8_w(W, BF, base + (size_t)a * D + D16 + 8, ch) : _mm256_setzero_ps();
             for (int b = 0; b < XB; b++) {
-                const __m256 xl = moe_ld8_x(X[b] + D16, cl);
-                const __m256 xh = ch ? moe_ld8_x(X[b] + D16 + 8, ch) : _mm256_setzero_ps();
+                const __m256 xl = moe_ld8_x(xrow[b] + D16, cl);
+                const __m256 xh = ch ? moe_ld8_x(xrow[b] + D16 + 8, ch) : _mm256_setzero_ps();
                 lo[a * 3 + b] = _mm256_blendv_ps(lo[a * 3 + b], _mm256_fmadd_ps(wl, xl, lo[a * 3 + b]), ml);
                 hi[a * 3 + b] = _mm256_blendv_ps(hi[a * 3 + b], _mm256_fmadd_ps(wh, xh, hi[a * 3 + b]), mh);
             }
