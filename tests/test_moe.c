@@ -237,13 +237,15 @@ static void test_dispatch_roundtrip(void) {
 
 /* dsmoe__moe_gemm_nt: every ISA variant gives the same bits (and the same bits for a
  * row whatever n and the row range), close to an fp64 product; odd D (tails), odd R,
- * n up to DSMOE__MOE_SKINNY_N, fp32 and bf16 weights. */
+ * n up to DSMOE__MOE_SKINNY_N, fp32 and bf16 weights. D = 1045 and 2083 take the
+ * AVX-512 code's rows of X above 8 through parts of 1024 steps (plus a short last
+ * part and a tail). */
 static void test_skinny_gemm(void) {
     tl_seed(41);
-    static const int Ds[] = {1, 15, 16, 17, 40, 131};
+    static const int Ds[] = {1, 15, 16, 17, 40, 131, 1045, 2083};
     static const int ns[] = {1, 3, 4, 5, 9, 64};
     const char *isas[] = {"ref", "avx2", "avx512"};
-    for (int di = 0; di < 6; di++) {
+    for (int di = 0; di < 8; di++) {
         for (int ni = 0; ni < 6; ni++) {
             const int D = Ds[di], n = ns[ni], R = 11;
             float *W = (float *)malloc(sizeof(float) * R * D), *X = (float *)malloc(sizeof(float) * n * D);
