@@ -1,13 +1,15 @@
 /*
  * bench_gemm.c — the MoE layer's weight-streaming product (src/moe_gemm.c) by rows per
  * expert: C (n, R) = X (n, D) · W (R, D)ᵀ over the W1 (2F, D) and W2 (D, F) of E experts
- * of the Moonlight-like shape (D 2048, F 1408), one thread, for n = 1 .. 32 rows of X,
+ * of the Moonlight-like shape (D 2048, F 1408; --inner 2816 gives the two shared experts
+ * taken together), one thread, for n = 1 .. 32 rows of X,
  * next to what bounds it, measured in the same run: the memory read bandwidth (a
  * streaming read of the same weights), the OpenBLAS SGEMM of the same n rows (what the
  * layer would call otherwise) and the OpenBLAS SGEMM rate on a large square product.
  * Each n alternates the three, best of --repeat; one JSON line per n.
  *
- *   bench_gemm [--experts 32] [--repeat 3] [--isa avx512|avx2|ref] [--rows 1,2,3,4,...]
+ *   bench_gemm [--experts 32] [--inner 1408] [--repeat 3] [--isa avx512|avx2|ref]
+ *             [--rows 1,2,3,4,...]
  *
  * At decode batch sizes the experts see a few rows each (T · K / E on average: 3 for a
  * Moonlight-like layer at T = 32), so this table is where the layer's T = 32 time goes.
@@ -25,21 +27,22 @@
 static void *xmalloc(size_t n) { return bench_malloc("bench_gemm", n); }
 
 int main(int argc, char **argv) {
-    int E = 32, repeat = 3;
+    int E = 32, F = 1408, repeat = 3;
     const char *isa = NULL, *rows_arg = "1,2,3,4,5,6,7,8,12,16,32";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--experts") && i + 1 < argc) E = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--inner") && i + 1 < argc) F = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--repeat") && i + 1 < argc) repeat = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--isa") && i + 1 < argc) isa = argv[++i];
         else if (!strcmp(argv[i], "--rows") && i + 1 < argc) rows_arg = argv[++i];
         else {
-            fprintf(stderr, "usage: bench_gemm [--experts E] [--repeat N] [--isa avx512|avx2|ref] "
-                            "[--rows 1,2,3,...]\n");
+            fprintf(stderr, "usage: bench_gemm [--experts E] [--inner F] [--repeat N] "
+                            "[--isa avx512|avx2|ref] [--rows 1,2,3,...]\n");
             return 2;
         }
     }
-    if (E < 1 || E > 256 || repeat < 1) {
-        fprintf(stderr, "bench_gemm: --experts 1..256, --repeat >= 1\n");
+    if (E < 1 || E > 256 || F < 16 || F > 8192 || repeat < 1) {
+        fprintf(stderr, "bench_gemm: --experts 1..256, --inner 16..8192, --repeat >= 1\n");
         return 2;
     }
     if (!isa) isa = dsmoe_isa();
@@ -54,7 +57,7 @@ int main(int argc, char **argv) {
         while (*p && *p != ',') p++;
         if (*p == ',') p++;
     }
-    const int D = 2048, F = 1408, nmax = DSMOE__MOE_SKINNY_N;
+    const int D = 2048, nmax = DSMOE__MOE_SKINNY_N;
     const size_t per = (size_t)3 * F * D, total = per * (size_t)E;
     float *W = (float *)xmalloc(total * sizeof(float));
     float *X = (float *)xmalloc((size_t)nmax * D * sizeof(float));
@@ -119,10 +122,10 @@ int main(int argc, char **argv) {
             t_r = t < t_r ? t : t_r;
         }
         const double flops = 2.0 * n * (double)total;
-        printf("{\"impl\": \"dsmoe\", \"rows\": %d, \"seconds\": %.6g, \"weights_gb_per_s\": %.3f, "
+        printf("{\"impl\": \"dsmoe\", \"inner\": %d, \"rows\": %d, \"seconds\": %.6g, \"weights_gb_per_s\": %.3f, "
                "\"read_gb_per_s\": %.3f, \"bandwidth_fraction\": %.4f, \"gflops_per_s\": %.3f, "
                "\"sgemm_fraction\": %.4f, \"openblas_seconds\": %.6g, \"speedup_vs_openblas\": %.3f}\n",
-               n, t_k, bytes / t_k / 1e9, bytes / t_r / 1e9, t_r / t_k, flops / t_k / 1e9,
+               F, n, t_k, bytes / t_k / 1e9, bytes / t_r / 1e9, t_r / t_k, flops / t_k / 1e9,
                flops / t_k / peak, t_b, t_b / t_k);
         fflush(stdout);
     }

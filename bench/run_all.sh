@@ -16,17 +16,19 @@ fi
 if [ -x "$build/bench_gemm" ]; then
   echo
   echo "## The layer's weight-streaming product, by rows per expert"
-  OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "$build/bench_gemm" | "$py" -c '
+  echo "(inner size 1408: 32 routed experts; 2816: the two shared experts, 8 times, on T = 32 rows)"
+  { OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "$build/bench_gemm"
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "$build/bench_gemm" --inner 2816 --experts 8 --rows 32; } | "$py" -c '
 import json, sys
 rows = [json.loads(l) for l in sys.stdin if l.strip()]
 peak = [r for r in rows if r["impl"] == "sgemm"][0]["gflops_per_s"]
 print("OpenBLAS SGEMM (512 rows): %.1f GFLOP/s" % peak)
 print()
-print("| rows | weights GB/s | % of read bandwidth | GFLOP/s | % of SGEMM | vs OpenBLAS, same rows |")
-print("|---|---|---|---|---|---|")
+print("| inner size | rows | weights GB/s | % of read bandwidth | GFLOP/s | % of SGEMM | vs OpenBLAS, same rows |")
+print("|---|---|---|---|---|---|---|")
 for r in rows:
     if r["impl"] == "dsmoe":
-        print("| %d | %.1f | %.0f%% | %.1f | %.0f%% | %.2fx |" % (r["rows"], r["weights_gb_per_s"],
+        print("| %d | %d | %.1f | %.0f%% | %.1f | %.0f%% | %.2fx |" % (r["inner"], r["rows"], r["weights_gb_per_s"],
               100 * r["bandwidth_fraction"], r["gflops_per_s"], 100 * r["sgemm_fraction"],
               r["speedup_vs_openblas"]))'
 fi
