@@ -142,8 +142,7 @@ MOE_INLINE MOE_AVX512 void moe_tile512(float *C, int64_t ldc, const float *const
     for (int a = 0; a < 4; a++) wrow[a] = (size_t)(r + (a < RB ? a : 0)) * (size_t)D;
     for (int b = 0; b < 4; b++) xrow[b] = X[b < XB ? b : 0];
     /* The loop is written twice so that neither copy tests pf on each step: the T = 32
-     * layer then took -1% to 7% less time (1.3 ms in the median of 7 paired runs), the
-     * T = 512 one 2% less (docs/benchmarks.md). */
+     * layer then takes about 1% less time, the T = 512 one 2% (docs/benchmarks.md). */
     if (pf) { /* a later tile's weights, one line of each of its rows per step */
         for (int d = d0; d < d1; d += 16) {
             for (int a = 0; a < 4; a++) _mm_prefetch(pf + a * pstride + (size_t)d * esz, _MM_HINT_T0);
