@@ -1,7 +1,8 @@
 # Thin wrapper over CMake for the README's commands.
 #   make run     install missing Debian packages, build, run the main demo
 #   make test    install missing Debian packages, build, run the whole test suite
-#                (Release + AddressSanitizer/UBSan + clang -Werror build + fuzz smoke)
+#                (Release + AddressSanitizer/UBSan + clang -Werror build + fuzz smoke
+#                + install check + clang-tidy/cppcheck)
 #   make         build build/dsmoe and libdsmoe (Release)
 #   make install [PREFIX=/usr/local]
 #   make bench   benchmarks against PyTorch / NumPy / OpenBLAS (installs python3-torch)
