@@ -6,7 +6,9 @@
  * next to what bounds it, measured in the same run: the memory read bandwidth (a
  * streaming read of the same weights), the OpenBLAS SGEMM of the same n rows (what the
  * layer would call otherwise) and the OpenBLAS SGEMM rate on a large square product.
- * Each n alternates the three, best of --repeat; one JSON line per n.
+ * The same product on the same weights in the packed layout (src/moe_gemm_pk.c, panels
+ * of 16 rows) runs alongside ("packed_*" fields).
+ * Each n alternates the four, best of --repeat; one JSON line per n.
  *
  *   bench_gemm [--experts 32] [--inner 1408] [--repeat 3] [--isa avx512|avx2|ref]
  *             [--rows 1,2,3,4,...]
@@ -60,11 +62,22 @@ int main(int argc, char **argv) {
     const int D = 2048, nmax = DSMOE__MOE_SKINNY_N;
     const size_t per = (size_t)3 * F * D, total = per * (size_t)E;
     float *W = (float *)xmalloc(total * sizeof(float));
+    float *Wp = (float *)xmalloc(total * sizeof(float)); /* packed: 2F and D are multiples of 16 */
     float *X = (float *)xmalloc((size_t)nmax * D * sizeof(float));
     float *GU = (float *)xmalloc((size_t)nmax * 2 * F * sizeof(float)); /* W1 product */
     float *H = (float *)xmalloc((size_t)nmax * F * sizeof(float));      /* W2's input */
     float *Y = (float *)xmalloc((size_t)nmax * D * sizeof(float));
     for (size_t i = 0; i < total; i++) W[i] = (float)((i * 2654435761u) % 1001) * 1e-3f - 0.5f;
+    if (F % 8 != 0 || D % 16 != 0) {
+        fprintf(stderr, "bench_gemm: --inner must be a multiple of 8\n");
+        return 2;
+    }
+    for (int e = 0; e < E; e++) {
+        const float *w1 = W + (size_t)e * per;
+        dsmoe__moe_pack_rows(Wp + (size_t)e * per, w1, sizeof(float), 2 * F, D);
+        dsmoe__moe_pack_rows(Wp + (size_t)e * per + (size_t)2 * F * D, w1 + (size_t)2 * F * D,
+                             sizeof(float), D, F);
+    }
     for (size_t i = 0; i < (size_t)nmax * D; i++) X[i] = (float)(i % 17) * 0.05f - 0.4f;
     for (size_t i = 0; i < (size_t)nmax * F; i++) H[i] = (float)(i % 13) * 0.05f - 0.3f;
     const float *xr[DSMOE__MOE_SKINNY_N], *hr[DSMOE__MOE_SKINNY_N];
@@ -98,7 +111,7 @@ int main(int argc, char **argv) {
     const double bytes = (double)total * sizeof(float);
     for (int j = 0; j < nn; j++) {
         const int n = ns[j];
-        double t_k = 1e30, t_b = 1e30, t_r = 1e30;
+        double t_k = 1e30, t_b = 1e30, t_r = 1e30, t_p = 1e30;
         for (int rep = 0; rep < repeat; rep++) {
             double t = bench_now();
             for (int e = 0; e < E; e++) {
@@ -108,6 +121,14 @@ int main(int argc, char **argv) {
             }
             t = bench_now() - t;
             t_k = t < t_k ? t : t_k;
+            t = bench_now();
+            for (int e = 0; e < E; e++) {
+                const float *w1 = Wp + (size_t)e * per, *w2 = w1 + (size_t)2 * F * D;
+                dsmoe__moe_gemm_pk_isa(isa, GU, 2 * F, xr, n, w1, DSMOE_DTYPE_F32, 0, 2 * F, D);
+                dsmoe__moe_gemm_pk_isa(isa, Y, D, hr, n, w2, DSMOE_DTYPE_F32, 0, D, F);
+            }
+            t = bench_now() - t;
+            t_p = t < t_p ? t : t_p;
             t = bench_now();
             for (int e = 0; e < E; e++) {
                 const float *w1 = W + (size_t)e * per, *w2 = w1 + (size_t)2 * F * D;
@@ -124,12 +145,16 @@ int main(int argc, char **argv) {
         const double flops = 2.0 * n * (double)total;
         printf("{\"impl\": \"dsmoe\", \"inner\": %d, \"rows\": %d, \"seconds\": %.6g, \"weights_gb_per_s\": %.3f, "
                "\"read_gb_per_s\": %.3f, \"bandwidth_fraction\": %.4f, \"gflops_per_s\": %.3f, "
-               "\"sgemm_fraction\": %.4f, \"openblas_seconds\": %.6g, \"speedup_vs_openblas\": %.3f}\n",
+               "\"sgemm_fraction\": %.4f, \"openblas_seconds\": %.6g, \"speedup_vs_openblas\": %.3f, "
+               "\"packed_seconds\": %.6g, \"packed_weights_gb_per_s\": %.3f, "
+               "\"packed_gflops_per_s\": %.3f, \"packed_speedup\": %.3f}\n",
                F, n, t_k, bytes / t_k / 1e9, bytes / t_r / 1e9, t_r / t_k, flops / t_k / 1e9,
-               flops / t_k / peak, t_b, t_b / t_k);
+               flops / t_k / peak, t_b, t_b / t_k, t_p, bytes / t_p / 1e9, flops / t_p / 1e9,
+               t_k / t_p);
         fflush(stdout);
     }
     dsmoe_free(W);
+    dsmoe_free(Wp);
     dsmoe_free(X);
     dsmoe_free(GU);
     dsmoe_free(H);

@@ -9,7 +9,10 @@
  * table.
  *
  *   bench_moe [--shape moonlight|v3-quarter|all] [--tokens 1,32,512] [--backward 512]
- *             [--repeat 5] [--threads 1] [--bf16]
+ *             [--repeat 5] [--threads 1] [--bf16] [--packed]
+ *
+ * --packed times the forward on a layer in the packed weight layout (inference only;
+ * the backward's layer is always in the checkpoint layout).
  *
  * Every repetition uses different tokens (so different experts); the best (shortest)
  * repetition is reported after one warm-up, as moe_torch.py does: on a shared machine
@@ -91,7 +94,8 @@ static double sgemm_rate(double flops, int N, int K) {
     return 2.0 * M * N * (double)K / best;
 }
 
-static dsmoe_moe *make_layer(const shape *s, int train, int bf16, int64_t maxT, int threads) {
+static dsmoe_moe *make_layer(const shape *s, int train, int bf16, int packed, int64_t maxT,
+                             int threads) {
     dsmoe_moe_config c;
     dsmoe_moe_config_default(&c);
     dsmoe_router_preset(s->G > 1 ? "deepseek-v3" : "moonlight", &c.router);
@@ -105,6 +109,7 @@ static dsmoe_moe *make_layer(const shape *s, int train, int bf16, int64_t maxT, 
     c.n_shared = s->ns;
     c.train = train;
     c.weight_dtype = bf16 ? DSMOE_DTYPE_BF16 : DSMOE_DTYPE_F32;
+    c.weight_layout = packed && !train ? DSMOE_MOE_LAYOUT_PACKED : DSMOE_MOE_LAYOUT_CHECKPOINT;
     c.max_tokens = maxT;
     c.n_threads = threads;
     dsmoe_moe *m = NULL;
@@ -117,7 +122,7 @@ static dsmoe_moe *make_layer(const shape *s, int train, int bf16, int64_t maxT, 
 }
 
 static void run_shape(const shape *s, const int *Ts, int nT, int Tb, int repeat, int threads,
-                      int bf16, double bw) {
+                      int bf16, int packed, double bw) {
     const double esz = bf16 ? 2.0 : 4.0;
     const double expert_flops = 3.0 * s->F * s->D, shared_flops = 3.0 * s->ns * s->F * s->D;
     const double fwd512 = 2.0 * 512 * (s->K * expert_flops + shared_flops + (double)s->E * s->D);
@@ -126,7 +131,7 @@ static void run_shape(const shape *s, const int *Ts, int nT, int Tb, int repeat,
     fflush(stdout);
     int64_t maxT = 0;
     for (int i = 0; i < nT; i++) maxT = Ts[i] > maxT ? Ts[i] : maxT;
-    dsmoe_moe *m = maxT > 0 ? make_layer(s, 0, bf16, maxT, threads) : NULL;
+    dsmoe_moe *m = maxT > 0 ? make_layer(s, 0, bf16, packed, maxT, threads) : NULL;
     for (int i = 0; i < nT; i++) {
         const int T = Ts[i];
         if (T < 1) continue;
@@ -155,9 +160,10 @@ static void run_shape(const shape *s, const int *Ts, int nT, int Tb, int repeat,
         printf("{\"impl\": \"dsmoe\", \"shape\": \"%s\", \"pass\": \"forward\", \"T\": %d, "
                "\"seconds\": %.6g, \"gflops_per_s\": %.3f, \"sgemm_fraction\": %.4f, "
                "\"active_bytes\": %.6g, \"read_gb_per_s\": %.3f, \"bandwidth_fraction\": %.4f, "
-               "\"dtype\": \"%s\", \"threads\": %d, \"reps\": %d}\n",
+               "\"dtype\": \"%s\", \"layout\": \"%s\", \"threads\": %d, \"reps\": %d}\n",
                s->name, T, sec, flops / sec / 1e9, flops / sec / peak, active, active / sec / 1e9,
-               active / sec / bw, bf16 ? "bf16" : "f32", threads, reps);
+               active / sec / bw, bf16 ? "bf16" : "f32", packed ? "packed" : "checkpoint",
+               threads, reps);
         fflush(stdout);
         free(times);
         dsmoe_free(x);
@@ -165,7 +171,7 @@ static void run_shape(const shape *s, const int *Ts, int nT, int Tb, int repeat,
     }
     dsmoe_moe_free(m);
     if (Tb > 0 && !bf16) {
-        m = make_layer(s, 1, 0, Tb, threads);
+        m = make_layer(s, 1, 0, 0, Tb, threads);
         const int reps = repeat < 3 ? repeat : 3;
         float *x = (float *)xmalloc((size_t)Tb * s->D * 4), *y = (float *)xmalloc((size_t)Tb * s->D * 4);
         float *dy = (float *)xmalloc((size_t)Tb * s->D * 4), *dx = (float *)xmalloc((size_t)Tb * s->D * 4);
@@ -204,7 +210,7 @@ static void run_shape(const shape *s, const int *Ts, int nT, int Tb, int repeat,
 
 int main(int argc, char **argv) {
     const char *which = "all", *tokens = "1,32,512";
-    int Tb = 512, repeat = 5, threads = 1, bf16 = 0;
+    int Tb = 512, repeat = 5, threads = 1, bf16 = 0, packed = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(a, "--shape") == 0 && v) which = argv[++i];
@@ -213,9 +219,11 @@ int main(int argc, char **argv) {
         else if (strcmp(a, "--repeat") == 0 && v) repeat = atoi(argv[++i]);
         else if (strcmp(a, "--threads") == 0 && v) threads = atoi(argv[++i]);
         else if (strcmp(a, "--bf16") == 0) bf16 = 1;
+        else if (strcmp(a, "--packed") == 0) packed = 1;
         else {
             fprintf(stderr, "usage: bench_moe [--shape moonlight|v3-quarter|all] [--tokens 1,32,512]\n"
-                            "                 [--backward T] [--repeat N] [--threads N] [--bf16]\n");
+                            "                 [--backward T] [--repeat N] [--threads N] [--bf16]\n"
+                            "                 [--packed]\n");
             return 2;
         }
     }
@@ -235,7 +243,7 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         if (strcmp(which, "all") != 0 && strcmp(which, shapes[i].name) != 0) continue;
         found = 1;
-        run_shape(&shapes[i], Ts, nT, Tb, repeat, threads, bf16, bw);
+        run_shape(&shapes[i], Ts, nT, Tb, repeat, threads, bf16, packed, bw);
     }
     if (!found) {
         fprintf(stderr, "bench_moe: unknown shape '%s'\n", which);

@@ -2,7 +2,9 @@
 # bench_moe.sh — the MoE layer benchmark: dsmoe (bench_moe) and the Hugging Face-style
 # PyTorch loop (moe_torch.py) at the same shapes, one thread each, in one run, with the
 # OpenBLAS SGEMM rate and the memory read bandwidth measured alongside; prints a table
-# of ratios. Usage: bash bench/bench_moe.sh [BUILD_DIR] [--quick]
+# of ratios. The forward runs in both weight layouts: the checkpoint's (rows as in the
+# file) and the packed one (panels of 16 rows, inference only; see include/dsmoe/moe.h).
+# Usage: bash bench/bench_moe.sh [BUILD_DIR] [--quick]
 #   BUILD_DIR   a configured build (default: build); bench_moe is taken from it, or
 #               compiled against its libdsmoe.a when the build has no bench target
 #   --quick     fewer repetitions, Moonlight-like shape only
@@ -37,8 +39,9 @@ export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 # dsmoe and PyTorch alternate per token count, so that both see the same machine state
 for s in $shapes; do
   for T in 1 32 512; do
-    echo "bench_moe: $s, forward, T = $T: dsmoe, PyTorch ..." >&2
+    echo "bench_moe: $s, forward, T = $T: dsmoe (checkpoint, packed layout), PyTorch ..." >&2
     "$bin" --shape "$s" --tokens $T --backward 0 --repeat $repeat >>"$out/results.jsonl"
+    "$bin" --shape "$s" --tokens $T --backward 0 --repeat $repeat --packed | grep '"dsmoe"' >>"$out/results.jsonl"
     "$py" bench/moe_torch.py --shape "$s" --tokens $T --backward 0 --repeat $repeat >>"$out/results.jsonl"
   done
   echo "bench_moe: $s, backward, T = 512: dsmoe, PyTorch ..." >&2
@@ -46,6 +49,7 @@ for s in $shapes; do
   "$py" bench/moe_torch.py --shape "$s" --tokens "" --backward 512 --repeat $repeat >>"$out/results.jsonl"
   echo "bench_moe: $s, bf16 weights ..." >&2
   "$bin" --shape "$s" --tokens 1,32 --backward 0 --repeat $repeat --bf16 | grep '"dsmoe"' >>"$out/results.jsonl"
+  "$bin" --shape "$s" --tokens 1,32 --backward 0 --repeat $repeat --bf16 --packed | grep '"dsmoe"' >>"$out/results.jsonl"
 done
 
 "$py" - "$out/results.jsonl" <<'EOF'
@@ -71,7 +75,9 @@ for r in rows:
     rd = ("%.1f (%.0f%%)" % (r["read_gb_per_s"], 100 * r["read_gb_per_s"] / max(bw))
           if "read_gb_per_s" in r and r["T"] <= 32 else "")
     print("| %s | %s | %d | %s | %.2f | %.1f | %.0f%% | %s | %s | %s |" % (
-        r["shape"], r["pass"], r["T"], r.get("dtype", "f32"), 1e3 * r["seconds"], r["gflops_per_s"],
+        r["shape"], r["pass"], r["T"],
+        r.get("dtype", "f32") + (" packed" if r.get("layout") == "packed" else ""),
+        1e3 * r["seconds"], r["gflops_per_s"],
         100 * r["gflops_per_s"] / peak, rd, "%.2f" % (1e3 * t) if t else "",
         "%.2fx" % (t / r["seconds"]) if t else ""))
 EOF

@@ -3,7 +3,8 @@
  * top of the safetensors reader: any input that opens must either give a layer
  * config (dsmoe_moe_config_from_safetensors), a layer that loads and runs a forward
  * pass on two tokens, and a balancer state that reads back — or fail with a status
- * and a message, leaving the layer's tensors untouched. Tensor names are tried bare
+ * and a message, leaving the layer's tensors untouched; a file that loads loads into
+ * the packed weight layout too and routes the same. Tensor names are tried bare
  * and under the prefix the file's first gate weight suggests.
  */
 #include "dsmoe.h"
@@ -81,6 +82,22 @@ static void try_layer(const dsmoe_safetensors *st, const char *prefix) {
         s = dsmoe_moe_forward(m, y, x, 2, 1);
         check_failure(s);
         if (s == DSMOE_OK) fuzz_sink = y[0] + y[2 * D - 1];
+        /* the same file into the packed layout: it loads too, and routes the same way
+         * (the gate weight is not packed) */
+        dsmoe_moe_config pc = cfg;
+        pc.weight_layout = DSMOE_MOE_LAYOUT_PACKED;
+        dsmoe_moe *mp = NULL;
+        if (dsmoe_moe_create(&pc, &mp) != DSMOE_OK) abort();
+        if (dsmoe_moe_load_safetensors(mp, st, prefix) != DSMOE_OK) abort();
+        dsmoe_status sp = dsmoe_moe_forward(mp, y, x, 2, 1);
+        if ((sp == DSMOE_OK) != (s == DSMOE_OK)) abort();
+        if (sp == DSMOE_OK) {
+            const dsmoe_moe_routing *a = dsmoe_moe_last_routing(m), *b = dsmoe_moe_last_routing(mp);
+            if (memcmp(a->indices, b->indices, 2 * (size_t)cfg.router.top_k * sizeof(int32_t)) != 0)
+                abort();
+            fuzz_sink = y[0] + y[2 * D - 1];
+        }
+        dsmoe_moe_free(mp);
         free(x);
         free(y);
     }

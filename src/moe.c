@@ -38,6 +38,7 @@
  * and per chunk of the matrix-vector (decode) path. */
 #define MOE_WROW_BLOCK 256
 #define MOE_GEMV_CHUNK 512
+_Static_assert(MOE_GEMV_CHUNK % 16 == 0, "decode chunks must start on a panel of the packed layout");
 
 /* A unit of parallel work: expert e (E = the shared expert), rows [r0, r0 + n). */
 typedef struct moe_task {
@@ -87,9 +88,12 @@ struct dsmoe_moe {
     dsmoe_moe_config cfg;
     int32_t D, F, E, K, Fs;
     size_t esz;          /* bytes per stored weight element */
+    int packed;          /* expert matrices in panels of 16 rows (DSMOE_MOE_LAYOUT_PACKED) */
+    int32_t Fp, Fsp;     /* rows of gate_proj / up_proj as stored: F, Fs (padded to 16 if packed) */
     /* parameter layout, in elements */
     size_t off_gate;     /* (E, D) */
-    size_t off_exp;      /* expert 0's W1 (2F, D), then its W2 (D, F) */
+    size_t off_exp;      /* expert 0's W1 (gate_proj rows, then up_proj rows at Fp·D), then
+                            its W2 (D, F) */
     size_t exp_w2;       /* offset of W2 inside an expert block */
     size_t exp_stride;   /* elements between experts */
     size_t off_sw1;      /* shared W1 (2Fs, D) */
@@ -182,6 +186,15 @@ dsmoe_status dsmoe_moe_config_validate(const dsmoe_moe_config *cfg) {
     if (cfg->train && cfg->weight_dtype != DSMOE_DTYPE_F32)
         return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
                             "moe config: train needs weight_dtype F32 (BF16 is inference only)");
+    if (cfg->weight_layout != DSMOE_MOE_LAYOUT_CHECKPOINT &&
+        cfg->weight_layout != DSMOE_MOE_LAYOUT_PACKED)
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "moe config: weight_layout %d unknown (0 = checkpoint, 1 = packed)",
+                            (int)cfg->weight_layout);
+    if (cfg->train && cfg->weight_layout == DSMOE_MOE_LAYOUT_PACKED)
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "moe config: train needs the checkpoint weight layout (packed is "
+                            "inference only)");
     if (cfg->max_tokens < 1 || cfg->max_tokens > ((int64_t)1 << 31) / 256)
         return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
                             "moe config: max_tokens %lld out of range 1..8388608",
@@ -248,7 +261,7 @@ static size_t moe_ws_layout(const dsmoe_moe *m, int64_t T, int nt, char *base, m
     size_t wt = (E + 1) * ((2 * F + Fs * 2) / MOE_WROW_BLOCK + D / MOE_WROW_BLOCK + 4) +
                 E / MOE_WROW_BLOCK + 2;
     size_t dec = (DSMOE_MOE_DECODE_MAX_T * (K + 1)) *
-                 ((2 * (F > Fs ? F : Fs) + D) / MOE_GEMV_CHUNK + 3);
+                 ((2 * (F > Fs ? F : Fs) + D) / MOE_GEMV_CHUNK + 4);
     CARVE(wtasks, moe_task, wt > dec ? wt : dec);
     CARVE(Xg, float, R * D);
     CARVE(GU, float, R * 2 * F);
@@ -331,14 +344,18 @@ dsmoe_status dsmoe_moe_create(const dsmoe_moe_config *cfg, dsmoe_moe **out) {
     m->K = cfg->router.top_k;
     m->Fs = cfg->n_shared * cfg->expert_size;
     m->esz = dsmoe_dtype_size(cfg->weight_dtype);
+    m->packed = cfg->weight_layout == DSMOE_MOE_LAYOUT_PACKED;
+    m->Fp = m->packed ? (int32_t)pad16((size_t)m->F) : m->F;
+    m->Fsp = m->packed ? (int32_t)pad16((size_t)m->Fs) : m->Fs;
     const size_t D = (size_t)m->D, F = (size_t)m->F, E = (size_t)m->E, Fs = (size_t)m->Fs;
+    const size_t Dp = m->packed ? pad16(D) : D, Fp = (size_t)m->Fp, Fsp = (size_t)m->Fsp;
     m->off_gate = 0;
     m->off_exp = pad16(E * D);
-    m->exp_w2 = pad16(2 * F * D);
-    m->exp_stride = m->exp_w2 + pad16(D * F);
+    m->exp_w2 = pad16(2 * Fp * D);
+    m->exp_stride = m->exp_w2 + pad16(Dp * F);
     m->off_sw1 = m->off_exp + E * m->exp_stride;
-    m->off_sw2 = m->off_sw1 + pad16(2 * Fs * D);
-    m->n_params = m->off_sw2 + pad16(D * Fs);
+    m->off_sw2 = m->off_sw1 + pad16(2 * Fsp * D);
+    m->n_params = m->off_sw2 + pad16(Dp * Fs);
     m->params = dsmoe_malloc(m->n_params * m->esz);
     m->bias = (float *)dsmoe_malloc(E * sizeof(float));
     if (cfg->train) m->grads = (float *)dsmoe_malloc(m->n_params * sizeof(float));
@@ -408,6 +425,7 @@ dsmoe_status dsmoe_moe_tensor_at(const dsmoe_moe *m, int64_t i, dsmoe_moe_tensor
     out->dtype = m->cfg.weight_dtype;
     out->ndim = 2;
     out->trainable = 1;
+    out->layout = DSMOE_MOE_LAYOUT_CHECKPOINT;
     if (i == 0) {
         snprintf(out->name, sizeof out->name, "gate.weight");
         out->shape[0] = m->E;
@@ -430,14 +448,17 @@ dsmoe_status dsmoe_moe_tensor_at(const dsmoe_moe *m, int64_t i, dsmoe_moe_tensor
             snprintf(out->name, sizeof out->name, "experts.%lld.%s.weight", (long long)e,
                      parts[part]);
             base = m->off_exp + (size_t)e * m->exp_stride;
-            off = part == 0 ? base : part == 1 ? base + F * D : base + m->exp_w2;
+            off = part == 0 ? base : part == 1 ? base + (size_t)m->Fp * D : base + m->exp_w2;
         } else {
             snprintf(out->name, sizeof out->name, "shared_experts.%s.weight", parts[part]);
             f = (size_t)m->Fs;
-            off = part == 0 ? m->off_sw1 : part == 1 ? m->off_sw1 + f * D : m->off_sw2;
+            off = part == 0   ? m->off_sw1
+                  : part == 1 ? m->off_sw1 + (size_t)m->Fsp * D
+                              : m->off_sw2;
         }
         out->shape[0] = part == 2 ? m->D : (int64_t)f;
         out->shape[1] = part == 2 ? (int64_t)f : m->D;
+        if (m->packed) out->layout = DSMOE_MOE_LAYOUT_PACKED;
     }
     out->data = (char *)m->params + off * m->esz;
     out->grad = m->grads ? m->grads + off : NULL;
@@ -459,6 +480,13 @@ dsmoe_status dsmoe_moe_tensor_get(const dsmoe_moe *m, const char *name, dsmoe_mo
     return dsmoe__error(DSMOE_STATUS_NOT_FOUND, "moe layer has no tensor '%s'", name);
 }
 
+/* Storage index of element j (row-major) of tensor view t. */
+static size_t moe_elem(const dsmoe_moe_tensor *t, size_t j) {
+    if (t->layout != DSMOE_MOE_LAYOUT_PACKED) return j;
+    const size_t cols = (size_t)t->shape[1], r = j / cols, c = j % cols;
+    return ((r / 16) * cols + c) * 16 + r % 16;
+}
+
 void dsmoe_moe_init_random(dsmoe_moe *m, uint64_t seed) {
     if (!m) return;
     uint64_t s = seed * 0x2545f4914f6cdd1dull + 0x632be59bd9b4e019ull;
@@ -472,17 +500,18 @@ void dsmoe_moe_init_random(dsmoe_moe *m, uint64_t seed) {
         for (size_t j = 0; j < cnt; j++) {
             float u = (float)((double)(moe_splitmix(&s) >> 40) * 0x1.0p-24) * 2.0f - 1.0f;
             float v = u * bound;
+            const size_t at = moe_elem(&t, j); /* the same values in either layout */
             if (t.dtype == DSMOE_DTYPE_F32)
-                ((float *)t.data)[j] = v;
+                ((float *)t.data)[at] = v;
             else
-                ((uint16_t *)t.data)[j] = dsmoe_f32_to_bf16(v);
+                ((uint16_t *)t.data)[at] = dsmoe_f32_to_bf16(v);
         }
     }
     memset(m->bias, 0, (size_t)m->E * sizeof(float));
 }
 
 float *dsmoe_moe_params(dsmoe_moe *m, size_t *n) {
-    if (!m || m->cfg.weight_dtype != DSMOE_DTYPE_F32) {
+    if (!m || m->cfg.weight_dtype != DSMOE_DTYPE_F32 || m->packed) {
         if (n) *n = 0;
         return NULL;
     }
@@ -590,15 +619,50 @@ static void moe_product(const dsmoe_moe *m, float *C, int ldc, const float *X, i
     }
 }
 
+/* The packed layout's product: C (n, rows r0..r1-1 of P) [ldc] = X (n, k) · Wᵀ, in
+ * panels of DSMOE__MOE_SKINNY_N rows of X (r0 a multiple of 16). */
+static void moe_product_pk(const dsmoe_moe *m, float *C, int ldc, const float *const *X, int n,
+                           const void *P, int r0, int r1, int k) {
+    for (int p0 = 0; p0 < n; p0 += DSMOE__MOE_SKINNY_N) {
+        const int np = n - p0 < DSMOE__MOE_SKINNY_N ? n - p0 : DSMOE__MOE_SKINNY_N;
+        dsmoe__moe_gemm_pk(C + (size_t)p0 * ldc, ldc, X + p0, np, P, m->cfg.weight_dtype, r0, r1, k);
+    }
+}
+
+/* Packed W1 rows [r0, r1) of expert e (gate_proj's panels, then up_proj's from row fp):
+ * GU columns [r0, r1) of the gate part and [r0 - fp, r1 - fp) of the up part. */
+static void moe_w1_pk(const dsmoe_moe *m, int32_t e, float *GU, const float *const *X, int n,
+                      int r0, int r1) {
+    const int f = e < m->E ? m->F : m->Fs, fp = e < m->E ? m->Fp : m->Fsp, D = m->D;
+    const char *w1 = (const char *)moe_w1(m, e);
+    if (r0 < fp) moe_product_pk(m, GU, 2 * f, X, n, w1, r0, r1 < f ? r1 : f, D);
+    if (r1 > fp) {
+        const int u0 = r0 > fp ? r0 - fp : 0, u1 = r1 - fp < f ? r1 - fp : f;
+        moe_product_pk(m, GU + f, 2 * f, X, n, w1 + (size_t)fp * (size_t)D * m->esz, u0, u1, D);
+    }
+}
+
 /* One expert on n rows: GU = X·W1ᵀ, H = swiglu, Y = H·W2ᵀ. */
 static void moe_expert_forward(const dsmoe_moe *m, int32_t e, const float *X, int n, float *GU,
                                float *H, float *Y, float *scratch) {
     const int D = m->D, f = e < m->E ? m->F : m->Fs, sk = moe_skinny_max();
     const dsmoe__kernel_table *kt = dsmoe__kernels();
-    moe_product(m, GU, 2 * f, X, n, moe_w1(m, e), 2 * f, D, scratch, sk);
+    if (m->packed) {
+        const float *rows[DSMOE_MOE_ROW_BLOCK];
+        for (int i = 0; i < n; i++) rows[i] = X + (size_t)i * D;
+        moe_w1_pk(m, e, GU, rows, n, 0, 2 * (e < m->E ? m->Fp : m->Fsp));
+    } else {
+        moe_product(m, GU, 2 * f, X, n, moe_w1(m, e), 2 * f, D, scratch, sk);
+    }
     for (int i = 0; i < n; i++)
         kt->swiglu(H + (size_t)i * f, GU + (size_t)i * 2 * f, GU + (size_t)i * 2 * f + f, f);
-    moe_product(m, Y, D, H, n, moe_w2(m, e), D, f, scratch, sk);
+    if (m->packed) {
+        const float *rows[DSMOE_MOE_ROW_BLOCK];
+        for (int i = 0; i < n; i++) rows[i] = H + (size_t)i * f;
+        moe_product_pk(m, Y, D, rows, n, moe_w2(m, e), 0, D, f);
+    } else {
+        moe_product(m, Y, D, H, n, moe_w2(m, e), D, f, scratch, sk);
+    }
 }
 
 /* Rows of expert e in the routed buffers (e < E) or the shared buffers (e == E). */
@@ -740,7 +804,7 @@ static int64_t moe_decode_tasks(dsmoe_moe *m, int phase) {
     int64_t nc = 0;
     for (int32_t e = 0; e <= m->E; e++) {
         if (e < m->E ? w->kept[e] == 0 : m->Fs == 0) continue;
-        int rows = phase == 1 ? 2 * (e < m->E ? m->F : m->Fs) : m->D;
+        int rows = phase == 1 ? 2 * (e < m->E ? m->Fp : m->Fsp) : m->D;
         for (int c = 0; c < rows; c += MOE_GEMV_CHUNK) {
             w->wtasks[nc].e = e;
             w->wtasks[nc].r0 = c;
@@ -770,8 +834,11 @@ static void moe_forward_decode(dsmoe_moe *m, const float *x, int64_t T, int nt) 
         float *GU, *H, *Y;
         moe_rows(m, tk.e, tk.e < m->E ? w->offsets[tk.e] : 0, &GU, &H, &Y);
         const int f = tk.e < m->E ? m->F : m->Fs;
-        dsmoe__moe_gemm_nt(GU, 2 * f, X, n, moe_w1(m, tk.e), m->cfg.weight_dtype, (int)tk.r0,
-                              (int)tk.r0 + tk.n, D);
+        if (m->packed)
+            moe_w1_pk(m, tk.e, GU, X, n, (int)tk.r0, (int)tk.r0 + tk.n);
+        else
+            dsmoe__moe_gemm_nt(GU, 2 * f, X, n, moe_w1(m, tk.e), m->cfg.weight_dtype, (int)tk.r0,
+                               (int)tk.r0 + tk.n, D);
     }
     for (int64_t r = 0; r < R; r++)
         kt->swiglu(w->H + (size_t)r * m->F, w->GU + (size_t)r * 2 * m->F,
@@ -791,8 +858,11 @@ static void moe_forward_decode(dsmoe_moe *m, const float *x, int64_t T, int nt) 
         const int n = e < m->E ? (int)w->kept[e] : (int)T;
         const float *Hr[DSMOE__MOE_SKINNY_N];
         for (int j = 0; j < n; j++) Hr[j] = H + (size_t)j * f;
-        dsmoe__moe_gemm_nt(Y, D, Hr, n, moe_w2(m, e), m->cfg.weight_dtype, (int)tk.r0,
-                              (int)tk.r0 + tk.n, f);
+        if (m->packed)
+            moe_product_pk(m, Y, D, Hr, n, moe_w2(m, e), (int)tk.r0, (int)tk.r0 + tk.n, f);
+        else
+            dsmoe__moe_gemm_nt(Y, D, Hr, n, moe_w2(m, e), m->cfg.weight_dtype, (int)tk.r0,
+                               (int)tk.r0 + tk.n, f);
     }
 }
 
@@ -1198,6 +1268,16 @@ dsmoe_status dsmoe_moe_load_safetensors(dsmoe_moe *m, const dsmoe_safetensors *s
             }
         }
     }
+    /* the packed layout converts each expert matrix through a row-major copy */
+    void *tmp = NULL;
+    if (m->packed) {
+        const size_t f = (size_t)(m->F > m->Fs ? m->F : m->Fs);
+        tmp = malloc(f * (size_t)m->D * m->esz);
+        if (!tmp)
+            return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY,
+                                "dsmoe_moe_load_safetensors: %zu bytes to pack a matrix",
+                                f * (size_t)m->D * m->esz);
+    }
     /* pass 2: copy / convert */
     for (int64_t i = 0; i < n; i++) {
         dsmoe_moe_tensor t;
@@ -1206,13 +1286,22 @@ dsmoe_status dsmoe_moe_load_safetensors(dsmoe_moe *m, const dsmoe_safetensors *s
         dsmoe_tensor_view v;
         dsmoe_safetensors_get(st, name, &v);
         size_t cnt = (size_t)t.shape[0] * (size_t)(t.ndim == 2 ? t.shape[1] : 1);
+        void *out = t.data;
+        if (t.layout == DSMOE_MOE_LAYOUT_PACKED) {
+            if (!tmp) /* not reached: tmp exists whenever the layer is packed */
+                return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "moe: packed tensor without a buffer");
+            out = tmp;
+        }
         if (t.dtype == DSMOE_DTYPE_F32) {
-            dsmoe_status s = dsmoe_tensor_to_f32(&v, (float *)t.data);
-            if (s != DSMOE_OK) return s;
+            dsmoe_status s = dsmoe_tensor_to_f32(&v, (float *)out);
+            if (s != DSMOE_OK) { /* not reached: pass 1 checked dtype and shape */
+                free(tmp);
+                return s;
+            }
         } else if (v.dtype == DSMOE_DTYPE_BF16) {
-            memcpy(t.data, v.data, cnt * 2);
+            memcpy(out, v.data, cnt * 2);
         } else {
-            uint16_t *dst = (uint16_t *)t.data;
+            uint16_t *dst = (uint16_t *)out;
             const size_t es = dsmoe_dtype_size(v.dtype);
             for (size_t j = 0; j < cnt; j++) {
                 float f;
@@ -1225,7 +1314,9 @@ dsmoe_status dsmoe_moe_load_safetensors(dsmoe_moe *m, const dsmoe_safetensors *s
                 dst[j] = dsmoe_f32_to_bf16(f);
             }
         }
+        if (out != t.data) dsmoe__moe_pack_rows(t.data, out, m->esz, t.shape[0], t.shape[1]);
     }
+    free(tmp);
     dsmoe_clear_error();
     m->have_fwd = 0;
     return DSMOE_OK;
@@ -1239,7 +1330,13 @@ dsmoe_status dsmoe_moe_save(const dsmoe_moe *m, const char *path, const char *pr
     if (plen > 400)
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_save: prefix too long");
     char *names = (char *)malloc((size_t)n * stride);
-    if (!names) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "dsmoe_moe_save: names");
+    /* the packed layout is written in the checkpoint layout, through row-major copies */
+    void **copies = (void **)calloc((size_t)n, sizeof(void *));
+    if (!names || !copies) {
+        free(names);
+        free(copies);
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "dsmoe_moe_save: names");
+    }
     dsmoe_safetensors_writer *wr = NULL;
     dsmoe_status s = dsmoe_safetensors_writer_create(&wr);
     char json[2048], ver[16];
@@ -1253,10 +1350,24 @@ dsmoe_status dsmoe_moe_save(const dsmoe_moe *m, const char *path, const char *pr
         dsmoe_moe_tensor_at(m, i, &t);
         char *nm = names + (size_t)i * stride;
         moe_name(nm, stride, prefix, t.name);
-        s = dsmoe_safetensors_writer_add(wr, nm, t.dtype, t.ndim, t.shape, t.data);
+        const void *data = t.data;
+        if (t.layout == DSMOE_MOE_LAYOUT_PACKED) {
+            const size_t bytes = (size_t)t.shape[0] * (size_t)t.shape[1] * m->esz;
+            copies[i] = malloc(bytes);
+            if (!copies[i]) {
+                s = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY,
+                                 "dsmoe_moe_save: %zu bytes to unpack '%s'", bytes, t.name);
+                break;
+            }
+            dsmoe__moe_unpack_rows(copies[i], t.data, m->esz, t.shape[0], t.shape[1]);
+            data = copies[i];
+        }
+        s = dsmoe_safetensors_writer_add(wr, nm, t.dtype, t.ndim, t.shape, data);
     }
     if (s == DSMOE_OK) s = dsmoe_safetensors_writer_save(wr, path);
     dsmoe_safetensors_writer_free(wr);
+    for (int64_t i = 0; i < n; i++) free(copies[i]);
+    free(copies);
     free(names);
     return s;
 }

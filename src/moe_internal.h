@@ -33,4 +33,18 @@ void dsmoe__moe_gemm_nt(float *C, int64_t ldc, const float *const *X, int n, con
 int dsmoe__moe_gemm_nt_isa(const char *isa, float *C, int64_t ldc, const float *const *X, int n,
                            const void *W, dsmoe_dtype wdt, int r0, int r1, int D);
 
+/* The same product on W in the packed layout (moe_gemm_pk.c): element (r, k) of W (R, K)
+ * at P[((r / 16) · K + k) · 16 + r % 16], rows padded to a multiple of 16; r0 must be a
+ * multiple of 16. Each result is one fma chain over k in increasing order: identical
+ * bits on every ISA and for any n, different from dsmoe__moe_gemm_nt's. */
+void dsmoe__moe_gemm_pk(float *C, int64_t ldc, const float *const *X, int n, const void *P,
+                        dsmoe_dtype wdt, int r0, int r1, int K);
+/* The variant for kernel set `isa`, as dsmoe__moe_gemm_nt_isa (0 also if r0 % 16 != 0). */
+int dsmoe__moe_gemm_pk_isa(const char *isa, float *C, int64_t ldc, const float *const *X, int n,
+                           const void *P, dsmoe_dtype wdt, int r0, int r1, int K);
+/* W (R, K) row-major <-> P packed (ceil(R/16)·16·K elements, padding rows 0), element
+ * size esz bytes. */
+void dsmoe__moe_pack_rows(void *P, const void *W, size_t esz, int64_t R, int64_t K);
+void dsmoe__moe_unpack_rows(void *W, const void *P, size_t esz, int64_t R, int64_t K);
+
 #endif /* DSMOE_MOE_INTERNAL_H */

@@ -67,6 +67,17 @@ cmp -s "$TMP/y1.npy" "$TMP/y3.npy" || fail "--preset deepseek-v3 with overrides 
 expect 0 "" -- "$DSMOE" layer --weights "$L" --prefix $P --input "$G/cli_x.npy" \
     --out-indices "$TMP/ib.npy" --dtype bf16 "${ROUTER[@]}"
 
+# the packed layout: the same routing, the same bytes on 1 and 2 threads (its values
+# against the checkpoint layout's are checked in test_moe)
+expect 0 "" -- "$DSMOE" layer --weights "$L" --prefix $P --input "$G/cli_x.npy" \
+    --output "$TMP/yp1.npy" --out-indices "$TMP/ip.npy" --layout packed --threads 1 "${ROUTER[@]}"
+expect 0 "" -- "$DSMOE" layer --weights "$L" --prefix $P --input "$G/cli_x.npy" \
+    --output "$TMP/yp2.npy" --layout packed --threads 2 "${ROUTER[@]}"
+cmp -s <(npy_data "$TMP/ip.npy") <(npy_data "$G/cli_indices.npy") ||
+    fail "packed layout: indices differ from the reference's"
+cmp -s "$TMP/yp1.npy" "$TMP/yp2.npy" || fail "packed layout: output differs between 1 and 2 threads"
+head -c 128 "$TMP/yp1.npy" | grep -q "(13, 20)" || fail "packed layout: y shape is not (13, 20)"
+
 # JSON summary
 expect 0 "" -- "$DSMOE" layer --weights "$L" --prefix $P --input "$G/cli_x.npy" --json "${ROUTER[@]}"
 grep -q '"tokens": 13' "$TMP/out.txt" || fail "--json lacks the token count"
@@ -94,6 +105,7 @@ expect 1 "no-such.safetensors" -- "$DSMOE" layer --weights "$TMP/no-such.safeten
 expect 2 "unknown option" -- "$DSMOE" layer --weights "$L" --bogus
 expect 2 "--weights" -- "$DSMOE" layer --input "$G/cli_x.npy" --output "$TMP/y.npy"
 expect 2 "--dtype" -- "$DSMOE" layer --weights "$L" --input "$G/cli_x.npy" --output "$TMP/y.npy" --dtype f64
+expect 2 "--layout" -- "$DSMOE" layer --weights "$L" --input "$G/cli_x.npy" --output "$TMP/y.npy" --layout rows
 expect 2 "top_k" -- "$DSMOE" layer --weights "$L" --prefix $P --input "$G/cli_x.npy" \
     --output "$TMP/y.npy" --groups 4 --topk-groups 1 --top-k 9
 

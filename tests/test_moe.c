@@ -2,8 +2,10 @@
  * test_moe.c — unit and property tests of the MoE layer: configuration checks, the
  * tensor table, dispatch (permute then un-permute is the identity, stable order,
  * capacity drops), batched vs matrix-vector paths and thread-count invariance on
- * multi-block shapes, bf16 storage, the bias, error paths, and safetensors round
- * trips plus loads of missing / mis-shaped / wrong-dtype tensors.
+ * multi-block shapes, bf16 storage, the packed layout (its product's bits on every
+ * kernel set, the layer against the checkpoint layout, views, save and load), the
+ * bias, error paths, and safetensors round trips plus loads of missing / mis-shaped /
+ * wrong-dtype tensors.
  */
 #include "testlib.h"
 #include "moe_internal.h"
@@ -467,6 +469,218 @@ done:
     dsmoe_moe_free(mf);
 }
 
+/* ---------------------------------------------------------------- packed -- */
+
+static unsigned char *read_all(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    *n = 0;
+    if (!f) return NULL;
+    unsigned char *b = NULL;
+    if (fseek(f, 0, SEEK_END) == 0) {
+        long len = ftell(f);
+        if (len >= 0 && fseek(f, 0, SEEK_SET) == 0 && (b = (unsigned char *)malloc((size_t)len + 1)))
+            *n = fread(b, 1, (size_t)len, f);
+    }
+    fclose(f);
+    return b;
+}
+
+/* The packed layout's product: every kernel set gives the bits of the scalar code (one
+ * fma chain per result), which agrees with an fp64 sum; sub-ranges of rows starting on
+ * a panel give the same bits and leave other columns alone; pack/unpack round trip. */
+static void test_packed_gemm(void) {
+    tl_seed(43);
+    static const int Rs[] = {1, 15, 16, 17, 37, 100};
+    static const int Ks[] = {1, 7, 33, 131, 1045};
+    static const int ns[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 64};
+    const char *isas[] = {"ref", "avx2", "avx512"};
+    for (int ri = 0; ri < 6; ri++)
+        for (int ki = 0; ki < 5; ki++)
+            for (int ni = 0; ni < 11; ni++) {
+                const int R = Rs[ri], K = Ks[ki], n = ns[ni], Rp = (R + 15) / 16 * 16, ldc = R + 5;
+                float *W = (float *)malloc(sizeof(float) * R * K), *X = (float *)malloc(sizeof(float) * n * K);
+                uint16_t *Wb = (uint16_t *)malloc(sizeof(uint16_t) * R * K);
+                float *P = (float *)malloc(sizeof(float) * Rp * K), *W2 = (float *)malloc(sizeof(float) * R * K);
+                uint16_t *Pb = (uint16_t *)malloc(sizeof(uint16_t) * Rp * K);
+                float *C0 = (float *)malloc(sizeof(float) * n * ldc), *C1 = (float *)malloc(sizeof(float) * n * ldc);
+                double *ref = (double *)malloc(sizeof(double) * n * ldc);
+                for (int i = 0; i < R * K; i++) {
+                    W[i] = (float)tl_normal();
+                    Wb[i] = dsmoe_f32_to_bf16(W[i]);
+                }
+                for (int i = 0; i < n * K; i++) X[i] = (float)tl_normal();
+                const float *rows[DSMOE__MOE_SKINNY_N];
+                for (int i = 0; i < n; i++) rows[i] = X + (size_t)i * K;
+                dsmoe__moe_pack_rows(P, W, 4, R, K);
+                dsmoe__moe_pack_rows(Pb, Wb, 2, R, K);
+                dsmoe__moe_unpack_rows(W2, P, 4, R, K);
+                ASSERT_TRUE(memcmp(W, W2, sizeof(float) * R * K) == 0);
+                int zero_pad = 1;
+                for (int r = R; r < Rp; r++)
+                    for (int k = 0; k < K; k++) zero_pad &= P[((r / 16) * K + k) * 16 + r % 16] == 0.0f;
+                ASSERT_TRUE(zero_pad);
+                for (int bf = 0; bf < 2; bf++) {
+                    const void *w = bf ? (const void *)Pb : (const void *)P;
+                    const dsmoe_dtype dt = bf ? DSMOE_DTYPE_BF16 : DSMOE_DTYPE_F32;
+                    for (int i = 0; i < n * ldc; i++) C0[i] = C1[i] = -7.0f;
+                    for (int i = 0; i < n; i++)
+                        for (int r = 0; r < ldc; r++) {
+                            double acc = 0;
+                            for (int k = 0; k < K && r < R; k++)
+                                acc += (double)(bf ? dsmoe_bf16_to_f32(Wb[r * K + k]) : W[r * K + k]) * X[i * K + k];
+                            ref[i * ldc + r] = r < R ? acc : -7.0;
+                        }
+                    ASSERT_TRUE(dsmoe__moe_gemm_pk_isa("ref", C0, ldc, rows, n, w, dt, 0, R, K));
+                    tl_allclose("packed gemm vs fp64 (columns >= R untouched)", C0, ref, n * ldc,
+                                1e-5 * sqrt((double)K), 1e-5);
+                    for (int v = 1; v < 3; v++) {
+                        for (int i = 0; i < n * ldc; i++) C1[i] = -7.0f;
+                        if (!dsmoe__moe_gemm_pk_isa(isas[v], C1, ldc, rows, n, w, dt, 0, R, K)) continue;
+                        tl_same_bits(isas[v], C0, C1, n * ldc);
+                    }
+                    /* rows from 16 on (a panel boundary), then one row of X alone */
+                    for (int i = 0; i < n * ldc; i++) C1[i] = -7.0f;
+                    dsmoe__moe_gemm_pk(C1, ldc, rows, n, w, dt, 16, R, K);
+                    int ok = 1;
+                    for (int i = 0; i < n; i++)
+                        for (int r = 0; r < ldc; r++)
+                            ok &= r >= 16 && r < R ? memcmp(&C1[i * ldc + r], &C0[i * ldc + r], 4) == 0
+                                                   : C1[i * ldc + r] == -7.0f;
+                    ASSERT_TRUE(ok);
+                    dsmoe__moe_gemm_pk(C1, ldc, rows + n - 1, 1, w, dt, 0, R, K);
+                    tl_same_bits("last row alone", C1, C0 + (size_t)(n - 1) * ldc, R);
+                }
+                free(W);
+                free(Wb);
+                free(W2);
+                free(P);
+                free(Pb);
+                free(X);
+                free(C0);
+                free(C1);
+                free(ref);
+            }
+    float c = 0, x = 1, w[16 * 2] = {0};
+    const float *xr = &x;
+    ASSERT_EQ_INT(dsmoe__moe_gemm_pk_isa("ref", &c, 1, &xr, 1, w, DSMOE_DTYPE_F32, 8, 16, 2), 0);
+    ASSERT_EQ_INT(dsmoe__moe_gemm_pk_isa("ref", &c, 1, &xr, DSMOE__MOE_SKINNY_N + 1, w,
+                                         DSMOE_DTYPE_F32, 0, 16, 2), 0);
+}
+
+/* A packed layer against the checkpoint layer with the same weights: odd sizes (rows
+ * padded in every matrix), decode and batched paths (experts with several row blocks),
+ * fp32 and bf16; the same bits for 1-3 threads and on every kernel set (the packed
+ * layer has one product on every path); views in the documented layout; save from a
+ * packed layer writes the checkpoint layout (the very bytes of the checkpoint layer's
+ * file) and loads back into a packed layer bit for bit. */
+static void test_packed_layer(void) {
+    tl_seed(47);
+    const int D = 37, F = 13, E = 4, K = 2;
+    const int64_t T = 600;
+    for (int bf = 0; bf < 2; bf++) {
+        dsmoe_moe_config c = small_config(D, F, E, K, 2, 2, 2);
+        c.max_tokens = T;
+        c.weight_dtype = bf ? DSMOE_DTYPE_BF16 : DSMOE_DTYPE_F32;
+        dsmoe_moe *mc = NULL, *mp = NULL, *ml = NULL;
+        dsmoe_safetensors *st = NULL;
+        float *x = random_x(T, D);
+        float *yc = (float *)malloc(sizeof(float) * T * D), *yp = (float *)malloc(sizeof(float) * T * D);
+        float *y2 = (float *)malloc(sizeof(float) * T * D);
+        double *ref = (double *)malloc(sizeof(double) * T * D);
+        ASSERT_OK(dsmoe_moe_create(&c, &mc));
+        c.weight_layout = DSMOE_MOE_LAYOUT_PACKED;
+        ASSERT_OK(dsmoe_moe_create(&c, &mp));
+        ASSERT_OK(dsmoe_moe_create(&c, &ml));
+        if (!mc || !mp || !ml) goto next;
+        dsmoe_moe_init_random(mc, 5);
+        dsmoe_moe_init_random(mp, 5);
+        random_bias(mc, E);
+        ASSERT_OK(dsmoe_moe_set_bias(mp, dsmoe_moe_bias(mc)));
+        ASSERT_TRUE(dsmoe_moe_params(mp, NULL) == NULL);
+        /* views: the same values, read through the documented formula */
+        for (int64_t i = 0; i < dsmoe_moe_tensor_count(mc); i++) {
+            dsmoe_moe_tensor tc, tp;
+            dsmoe_moe_tensor_at(mc, i, &tc);
+            dsmoe_moe_tensor_at(mp, i, &tp);
+            ASSERT_EQ_INT(tc.layout, DSMOE_MOE_LAYOUT_CHECKPOINT);
+            const int expert = strstr(tp.name, "_proj") != NULL;
+            ASSERT_EQ_INT(tp.layout, expert ? DSMOE_MOE_LAYOUT_PACKED : DSMOE_MOE_LAYOUT_CHECKPOINT);
+            int same = 1;
+            const size_t es = bf && tp.ndim == 2 ? 2 : 4;
+            for (int64_t j = 0; j < tc.shape[0] * (tc.ndim == 2 ? tc.shape[1] : 1); j++) {
+                int64_t at = j;
+                if (tp.layout == DSMOE_MOE_LAYOUT_PACKED) {
+                    const int64_t r = j / tp.shape[1], col = j % tp.shape[1];
+                    at = ((r / 16) * tp.shape[1] + col) * 16 + r % 16;
+                }
+                same &= memcmp((const char *)tc.data + j * es, (const char *)tp.data + at * es, es) == 0;
+            }
+            if (!same) TL_FAIL("tensor %s differs in the packed view", tc.name);
+        }
+        static const int64_t Ts[] = {1, 5, 8, 9, 40, 600};
+        for (int ti = 0; ti < 6; ti++) {
+            const int64_t n = Ts[ti];
+            ASSERT_OK(dsmoe_moe_forward(mc, yc, x, n, 2));
+            ASSERT_OK(dsmoe_moe_forward(mp, yp, x, n, 1));
+            for (int64_t i = 0; i < n * D; i++) ref[i] = yc[i];
+            tl_allclose("packed vs checkpoint layout", yp, ref, n * D, 1e-5, 1e-4);
+            for (int nt = 2; nt <= 3; nt++) {
+                ASSERT_OK(dsmoe_moe_forward(mp, y2, x, n, nt));
+                tl_same_bits("packed, 1 vs N threads", yp, y2, n * D);
+            }
+            const char *isas[] = {"ref", "avx2", "avx512"};
+            for (int v = 0; v < 3; v++) {
+                if (dsmoe_set_isa(isas[v]) != DSMOE_OK) continue;
+                ASSERT_OK(dsmoe_moe_forward(mp, y2, x, n, 2));
+                tl_same_bits(isas[v], yp, y2, n * D);
+            }
+            dsmoe_set_isa(NULL);
+        }
+        const dsmoe_moe_routing *r = dsmoe_moe_last_routing(mp);
+        int64_t maxc = 0;
+        for (int e = 0; e < E; e++) maxc = r->counts[e] > maxc ? r->counts[e] : maxc;
+        ASSERT_TRUE(maxc > DSMOE_MOE_ROW_BLOCK); /* several row blocks of > 64 rows */
+        /* save: the checkpoint layout, byte for byte; load back into a packed layer */
+        char pc[4096], pp[4096];
+        snprintf(pc, sizeof pc, "%s", tl_tmp("moe_packed_c.safetensors"));
+        snprintf(pp, sizeof pp, "%s", tl_tmp("moe_packed_p.safetensors"));
+        ASSERT_OK(dsmoe_moe_save(mc, pc, "mlp."));
+        ASSERT_OK(dsmoe_moe_save(mp, pp, "mlp."));
+        size_t nc = 0, npk = 0;
+        unsigned char *bc = read_all(pc, &nc), *bp = read_all(pp, &npk);
+        ASSERT_TRUE(bc && bp && nc == npk && memcmp(bc, bp, nc) == 0);
+        free(bc);
+        free(bp);
+        ASSERT_OK(dsmoe_safetensors_open(pc, &st));
+        if (st) ASSERT_OK(dsmoe_moe_load_safetensors(ml, st, "mlp."));
+        ASSERT_OK(dsmoe_moe_forward(mp, yp, x, 40, 2));
+        ASSERT_OK(dsmoe_moe_forward(ml, y2, x, 40, 2));
+        tl_same_bits("packed layer loaded from the checkpoint layout", yp, y2, 40 * D);
+        ASSERT_STATUS(dsmoe_moe_backward(mp, NULL, yp, x, NULL, 40, 1), DSMOE_STATUS_UNSUPPORTED);
+    next:
+        dsmoe_safetensors_close(st);
+        dsmoe_moe_free(mc);
+        dsmoe_moe_free(mp);
+        dsmoe_moe_free(ml);
+        free(x);
+        free(yc);
+        free(yp);
+        free(y2);
+        free(ref);
+    }
+    /* packed is inference only; an unknown layout is refused */
+    dsmoe_moe_config c = small_config(D, F, E, K, 2, 2, 0);
+    dsmoe_moe *m = NULL;
+    c.weight_layout = DSMOE_MOE_LAYOUT_PACKED;
+    c.train = 1;
+    ASSERT_STATUS(dsmoe_moe_create(&c, &m), DSMOE_STATUS_INVALID_CONFIG);
+    ASSERT_TRUE(strstr(dsmoe_last_error(), "inference only") != NULL);
+    c.train = 0;
+    c.weight_layout = 2;
+    ASSERT_STATUS(dsmoe_moe_create(&c, &m), DSMOE_STATUS_INVALID_CONFIG);
+    ASSERT_TRUE(m == NULL);
+}
+
 /* ---------------------------------------------------------------- errors -- */
 
 static void test_errors_and_bias(void) {
@@ -829,6 +1043,8 @@ int main(void) {
     RUN(test_skinny_gemm);
     RUN(test_paths_and_threads);
     RUN(test_bf16_storage);
+    RUN(test_packed_gemm);
+    RUN(test_packed_layer);
     RUN(test_kernel_sets);
     RUN(test_errors_and_bias);
     RUN(test_capacity);

@@ -155,6 +155,28 @@ static void run_case(const char *name) {
     for (int32_t e = 0; e < E; e++) total += r->counts[e];
     ASSERT_EQ_INT(total, T * K);
 
+    /* the packed weight layout (inference only): the same routing, y within tolerance */
+    {
+        dsmoe_moe_config pc = cfg;
+        pc.train = 0;
+        pc.weight_layout = DSMOE_MOE_LAYOUT_PACKED;
+        dsmoe_moe *mp = NULL;
+        ASSERT_OK(dsmoe_moe_create(&pc, &mp));
+        if (mp) {
+            ASSERT_OK(dsmoe_moe_load_safetensors(mp, st, prefix));
+            ASSERT_OK(dsmoe_moe_forward(mp, y3, xbuf, T, 2));
+            get64(st, "y", ref, MAXN);
+            snprintf(what, sizeof what, "%s y (packed layout)", name);
+            close_to(what, y3, ref, T * D);
+            get64(st, "indices", ref, MAXN);
+            const dsmoe_moe_routing *rp = dsmoe_moe_last_routing(mp);
+            int same = rp != NULL;
+            for (int64_t i = 0; same && i < T * K; i++) same &= rp->indices[i] == (int32_t)ref[i];
+            ASSERT_TRUE(same);
+        }
+        dsmoe_moe_free(mp);
+    }
+
     /* backward: dx starts non-zero to check accumulation */
     for (int64_t i = 0; i < T * D; i++) dxbuf[i] = dx3[i] = 0.25f;
     float *g1 = dsmoe_moe_grads(m, NULL), *g3 = dsmoe_moe_grads(m3, NULL);
