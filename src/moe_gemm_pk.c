@@ -106,7 +106,7 @@ PK_INLINE PK_AVX512 void pk_tile512(float *C, int64_t ldc, const float *const *X
     }
 }
 
-/* Each tile shape is its own function: inlined into one body, the 24 shapes left GCC
+/* Each tile shape is its own function: inlined into one body, the shapes left GCC
  * short of registers for the stream pointers, and the loops reloaded them from the
  * stack on every step (10-15% slower). */
 typedef void (*pk_tile_fn)(float *, int64_t, const float *const *, const void *, int, int, int);
@@ -116,7 +116,7 @@ typedef void (*pk_tile_fn)(float *, int64_t, const float *const *, const void *,
         pk_tile512(C, ldc, X, P, BF_, p, K, N_, V_, r1);                                           \
     }
 #define PK_FNS512(BF_)                                                                             \
-    PK_FN512(BF_, 1, 8) PK_FN512(BF_, 2, 8) PK_FN512(BF_, 3, 8) PK_FN512(BF_, 4, 6)             \
+    PK_FN512(BF_, 1, 4) PK_FN512(BF_, 2, 4) PK_FN512(BF_, 3, 4) PK_FN512(BF_, 4, 4)             \
     PK_FN512(BF_, 5, 4) PK_FN512(BF_, 6, 4) PK_FN512(BF_, 7, 3) PK_FN512(BF_, 8, 3)               \
     PK_FN512(BF_, 1, 3) PK_FN512(BF_, 2, 3) PK_FN512(BF_, 3, 3) PK_FN512(BF_, 4, 3)               \
     PK_FN512(BF_, 5, 3) PK_FN512(BF_, 6, 3) PK_FN512(BF_, 1, 1) PK_FN512(BF_, 2, 1)               \
@@ -125,13 +125,14 @@ typedef void (*pk_tile_fn)(float *, int64_t, const float *const *, const void *,
 PK_FNS512(0)
 PK_FNS512(1)
 /* [bf16][rows of X]: the widest tile for up to 8 rows, tiles of 3 panels, of 1 panel */
-static const int pk512_vwide[9] = {0, 8, 8, 8, 6, 4, 4, 3, 3}; /* 12 or 16 at 1-2 rows: 5-15% slower */
+/* 4 panels up to 6 rows: 6, 8 or 12 were 2-15% slower at 1-4 rows (docs/benchmarks.md) */
+static const int pk512_vwide[9] = {0, 4, 4, 4, 4, 4, 4, 3, 3};
 #define PK_ROW512(BF_, V1_, V2_, V3_, V4_, V5_, V6_)                                               \
     {NULL, pk512_##BF_##_1_##V1_, pk512_##BF_##_2_##V2_, pk512_##BF_##_3_##V3_,                    \
      pk512_##BF_##_4_##V4_, pk512_##BF_##_5_##V5_, pk512_##BF_##_6_##V6_, pk512_##BF_##_7_3,       \
      pk512_##BF_##_8_3}
-static const pk_tile_fn pk512_wide[2][9] = {PK_ROW512(0, 8, 8, 8, 6, 4, 4),
-                                            PK_ROW512(1, 8, 8, 8, 6, 4, 4)};
+static const pk_tile_fn pk512_wide[2][9] = {PK_ROW512(0, 4, 4, 4, 4, 4, 4),
+                                            PK_ROW512(1, 4, 4, 4, 4, 4, 4)};
 static const pk_tile_fn pk512_three[2][9] = {PK_ROW512(0, 3, 3, 3, 3, 3, 3),
                                              PK_ROW512(1, 3, 3, 3, 3, 3, 3)};
 static const pk_tile_fn pk512_one[2][9] = {
@@ -140,8 +141,8 @@ static const pk_tile_fn pk512_one[2][9] = {
     {NULL, pk512_1_1_1, pk512_1_2_1, pk512_1_3_1, pk512_1_4_1, pk512_1_5_1, pk512_1_6_1,
      pk512_1_7_1, pk512_1_8_1}};
 
-/* Up to 8 rows of X: one pass over the weights, in tiles as wide as 24 accumulators
- * allow. More rows: tiles of 3 panels (up to 384 KB of weights, which then stay in L2),
+/* Up to 8 rows of X: one pass over the weights, in tiles of 4 panels (3 from 7 rows, so
+ * that the accumulators fit). More rows: tiles of 3 panels (up to 384 KB of weights, which then stay in L2),
  * each met by every group of 8 rows of X. Leftover panels go one at a time. */
 PK_AVX512 static void pk_gemm_avx512(float *C, int64_t ldc, const float *const *X, int n,
                                      const void *P, int bf16, int r0, int r1, int K) {
