@@ -28,6 +28,24 @@
 
 static void *xmalloc(size_t n) { return bench_malloc("bench_gemm", n); }
 
+typedef int (*product_fn)(const char *, float *, int64_t, const float *const *, int, const void *,
+                          dsmoe_dtype, int, int, int);
+
+/* Seconds for the product of n rows against the W1 (2F, D) and W2 (D, F) of E experts
+ * stored one after the other in W (checkpoint or packed layout, as `f` expects). */
+static double time_experts(product_fn f, const char *isa, const float *W, int E, int F, int D,
+                           int n, const float *const *xr, const float *const *hr, float *GU,
+                           float *Y) {
+    const size_t per = (size_t)3 * F * D;
+    double t = bench_now();
+    for (int e = 0; e < E; e++) {
+        const float *w1 = W + (size_t)e * per, *w2 = w1 + (size_t)2 * F * D;
+        f(isa, GU, 2 * F, xr, n, w1, DSMOE_DTYPE_F32, 0, 2 * F, D);
+        f(isa, Y, D, hr, n, w2, DSMOE_DTYPE_F32, 0, D, F);
+    }
+    return bench_now() - t;
+}
+
 int main(int argc, char **argv) {
     int E = 32, F = 1408, repeat = 3;
     const char *isa = NULL, *rows_arg = "1,2,3,4,5,6,7,8,12,16,32";
@@ -113,21 +131,9 @@ int main(int argc, char **argv) {
         const int n = ns[j];
         double t_k = 1e30, t_b = 1e30, t_r = 1e30, t_p = 1e30;
         for (int rep = 0; rep < repeat; rep++) {
-            double t = bench_now();
-            for (int e = 0; e < E; e++) {
-                const float *w1 = W + (size_t)e * per, *w2 = w1 + (size_t)2 * F * D;
-                dsmoe__moe_gemm_nt_isa(isa, GU, 2 * F, xr, n, w1, DSMOE_DTYPE_F32, 0, 2 * F, D);
-                dsmoe__moe_gemm_nt_isa(isa, Y, D, hr, n, w2, DSMOE_DTYPE_F32, 0, D, F);
-            }
-            t = bench_now() - t;
+            double t = time_experts(dsmoe__moe_gemm_nt_isa, isa, W, E, F, D, n, xr, hr, GU, Y);
             t_k = t < t_k ? t : t_k;
-            t = bench_now();
-            for (int e = 0; e < E; e++) {
-                const float *w1 = Wp + (size_t)e * per, *w2 = w1 + (size_t)2 * F * D;
-                dsmoe__moe_gemm_pk_isa(isa, GU, 2 * F, xr, n, w1, DSMOE_DTYPE_F32, 0, 2 * F, D);
-                dsmoe__moe_gemm_pk_isa(isa, Y, D, hr, n, w2, DSMOE_DTYPE_F32, 0, D, F);
-            }
-            t = bench_now() - t;
+            t = time_experts(dsmoe__moe_gemm_pk_isa, isa, Wp, E, F, D, n, xr, hr, GU, Y);
             t_p = t < t_p ? t : t_p;
             t = bench_now();
             for (int e = 0; e < E; e++) {
