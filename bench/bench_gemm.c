@@ -1,12 +1,12 @@
 /*
- * bench_gemm.c — the MoE layer's weight-streaming product (src/moe_gemm.c) by rows per
+ * bench_gemm.c — the MoE layer's weight-streaming product (src/kernels/moe_gemm.c) by rows per
  * expert: C (n, R) = X (n, D) · W (R, D)ᵀ over the W1 (2F, D) and W2 (D, F) of E experts
  * of the Moonlight-like shape (D 2048, F 1408; --inner 2816 gives the two shared experts
  * taken together), one thread, for n = 1 .. 32 rows of X,
  * next to what bounds it, measured in the same run: the memory read bandwidth (a
  * streaming read of the same weights), the OpenBLAS SGEMM of the same n rows (what the
  * layer would call otherwise) and the OpenBLAS SGEMM rate on a large square product.
- * The same product on the same weights in the packed layout (src/moe_gemm_pk.c, panels
+ * The same product on the same weights in the packed layout (src/kernels/moe_gemm_pk.c, panels
  * of 16 rows) runs alongside ("packed_*" fields).
  * Each n alternates the four, best of --repeat; one JSON line per n.
  *
@@ -18,7 +18,7 @@
  */
 #include "bench_common.h"
 #include "dsmoe.h"
-#include "moe_internal.h"
+#include "moe/moe_internal.h"
 
 #include <cblas.h>
 #include <stdint.h>

@@ -20,7 +20,7 @@ done
 
 # Tests and SIMD kernels on, so that every file below is in the compile database.
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DDSMOE_TESTS=ON -DDSMOE_SIMD=ON >/dev/null
-files=(src/*.c src/kernels/*.c tools/*.c tests/test_*.c)
+files=(src/*/*.c tools/*.c tests/test_*.c)
 db="$build/compile_commands.json"
 status=0
 tmp=$(mktemp -d)

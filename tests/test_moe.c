@@ -8,7 +8,7 @@
  * wrong-dtype tensors.
  */
 #include "testlib.h"
-#include "moe_internal.h"
+#include "moe/moe_internal.h"
 
 #include <math.h>
 

@@ -6,7 +6,7 @@
  * a message naming the problem, and a zeroed output.
  */
 #include "io_testutil.h"
-#include "io_internal.h"
+#include "io/io_internal.h"
 
 #include <sys/stat.h>
 #include <unistd.h>

@@ -8,7 +8,7 @@
  * fail with FORMAT, a message naming the problem, and a NULL output.
  */
 #include "io_testutil.h"
-#include "io_internal.h"
+#include "io/io_internal.h"
 
 #include <sys/stat.h>
 #include <unistd.h>

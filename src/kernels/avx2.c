@@ -254,4 +254,6 @@ const dsmoe__kernel_table dsmoe__kernels_avx2 = {
     .topk = topk_avx2,
     .topk_blocks = topk_blocks_avx2,
     .select_grouped = select_grouped_avx2,
+    .gemm_nt = dsmoe__gemm_nt_avx2,
+    .gemm_pk = dsmoe__gemm_pk_avx2,
 };

@@ -473,4 +473,6 @@ const dsmoe__kernel_table dsmoe__kernels_avx512 = {
     .topk = topk_avx512,
     .topk_blocks = topk_blocks_avx512,
     .select_grouped = select_grouped_avx512,
+    .gemm_nt = dsmoe__gemm_nt_avx512,
+    .gemm_pk = dsmoe__gemm_pk_avx512,
 };

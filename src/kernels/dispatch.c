@@ -1,5 +1,5 @@
 /* dispatch.c — picks the kernel table once from the CPU features (or DSMOE_FORCE_REF). */
-#include "../internal.h"
+#include "core/internal.h"
 #include "kernels.h"
 
 #include <cblas.h>

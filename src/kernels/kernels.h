@@ -19,7 +19,13 @@
 #ifndef DSMOE_KERNELS_H
 #define DSMOE_KERNELS_H
 
+#include "core/internal.h"
+
 #include <stdint.h>
+
+/* The MoE products' ISA variants (moe_gemm.c, moe_gemm_pk.c); bf16 != 0: W is bf16. */
+typedef void (*dsmoe__gemm_fn)(float *C, int64_t ldc, const float *const *X, int n, const void *W,
+                               int bf16, int r0, int r1, int K);
 
 typedef struct dsmoe__kernel_table {
     const char *name;
@@ -64,6 +70,10 @@ typedef struct dsmoe__kernel_table {
      * when done, 0 (nothing written) for a shape it does not cover. c must be finite. */
     int (*select_grouped)(int32_t *ids, float *val, const float *c, int64_t n, int32_t G,
                           int32_t gsize, int32_t m, int32_t TG, int32_t K);
+    /* The MoE layer's weight-streaming product on the checkpoint layout
+     * (dsmoe__moe_gemm_nt) and on the packed layout (dsmoe__moe_gemm_pk). */
+    dsmoe__gemm_fn gemm_nt;
+    dsmoe__gemm_fn gemm_pk;
 } dsmoe__kernel_table;
 
 /* The active table (resolved once; thread-safe after the first call). */
@@ -72,11 +82,23 @@ const dsmoe__kernel_table *dsmoe__kernels(void);
 const dsmoe__kernel_table *dsmoe__kernels_named(const char *name);
 
 extern const dsmoe__kernel_table dsmoe__kernels_ref;
+void dsmoe__gemm_nt_ref(float *C, int64_t ldc, const float *const *X, int n, const void *W, int bf16,
+                        int r0, int r1, int K);
+void dsmoe__gemm_pk_ref(float *C, int64_t ldc, const float *const *X, int n, const void *W, int bf16,
+                        int r0, int r1, int K);
 #if defined(DSMOE_HAVE_AVX2)
 extern const dsmoe__kernel_table dsmoe__kernels_avx2;
+void dsmoe__gemm_nt_avx2(float *C, int64_t ldc, const float *const *X, int n, const void *W,
+                         int bf16, int r0, int r1, int K);
+void dsmoe__gemm_pk_avx2(float *C, int64_t ldc, const float *const *X, int n, const void *W,
+                         int bf16, int r0, int r1, int K);
 #endif
 #if defined(DSMOE_HAVE_AVX512)
 extern const dsmoe__kernel_table dsmoe__kernels_avx512;
+void dsmoe__gemm_nt_avx512(float *C, int64_t ldc, const float *const *X, int n, const void *W,
+                           int bf16, int r0, int r1, int K);
+void dsmoe__gemm_pk_avx512(float *C, int64_t ldc, const float *const *X, int n, const void *W,
+                           int bf16, int r0, int r1, int K);
 #endif
 
 /* Inserts (v, i) into the descending list (vals, ids) of length *n (capacity cap).
@@ -126,5 +148,33 @@ float dsmoe__sigmoidf(float x);
 #define DSMOE__EXP_C3 4.1665795894e-2f
 #define DSMOE__EXP_C4 1.6666665459e-1f
 #define DSMOE__EXP_C5 5.0000001201e-1f
+
+/* Rows of an expert up to which the layer uses dsmoe__moe_gemm_nt instead of SGEMM. */
+#define DSMOE__MOE_SKINNY_N 64
+
+/* C[i][r] (row stride ldc) = X[i] · W[r] for rows i < n (0..DSMOE__MOE_SKINNY_N) of X,
+ * given as n row pointers of D floats, and weight rows r0 <= r < r1 of W (R, D), F32 or
+ * BF16 (wdt). Streams each weight row once; fixed 16-lane fma summation, identical bits
+ * on every ISA and for any n (see moe_gemm.c). */
+void dsmoe__moe_gemm_nt(float *C, int64_t ldc, const float *const *X, int n, const void *W,
+                        dsmoe_dtype wdt, int r0, int r1, int D);
+/* The same with the variant for kernel set `isa` ("ref", "avx2", "avx512"); returns 0
+ * (doing nothing) if the build or the CPU lacks it, or n is out of range. For tests. */
+int dsmoe__moe_gemm_nt_isa(const char *isa, float *C, int64_t ldc, const float *const *X, int n,
+                           const void *W, dsmoe_dtype wdt, int r0, int r1, int D);
+
+/* The same product on W in the packed layout (moe_gemm_pk.c): element (r, k) of W (R, K)
+ * at P[((r / 16) · K + k) · 16 + r % 16], rows padded to a multiple of 16; r0 must be a
+ * multiple of 16. Each result is one fma chain over k in increasing order: identical
+ * bits on every ISA and for any n, different from dsmoe__moe_gemm_nt's. */
+void dsmoe__moe_gemm_pk(float *C, int64_t ldc, const float *const *X, int n, const void *P,
+                        dsmoe_dtype wdt, int r0, int r1, int K);
+/* The variant for kernel set `isa`, as dsmoe__moe_gemm_nt_isa (0 also if r0 % 16 != 0). */
+int dsmoe__moe_gemm_pk_isa(const char *isa, float *C, int64_t ldc, const float *const *X, int n,
+                           const void *P, dsmoe_dtype wdt, int r0, int r1, int K);
+/* W (R, K) row-major <-> P packed (ceil(R/16)·16·K elements, padding rows 0), element
+ * size esz bytes. */
+void dsmoe__moe_pack_rows(void *P, const void *W, size_t esz, int64_t R, int64_t K);
+void dsmoe__moe_unpack_rows(void *W, const void *P, size_t esz, int64_t R, int64_t K);
 
 #endif /* DSMOE_KERNELS_H */

@@ -189,4 +189,6 @@ const dsmoe__kernel_table dsmoe__kernels_ref = {
     .group_scores = dsmoe__group_scores_ref,
     .topk = dsmoe__topk_ref,
     .topk_blocks = dsmoe__topk_blocks_ref,
+    .gemm_nt = dsmoe__gemm_nt_ref,
+    .gemm_pk = dsmoe__gemm_pk_ref,
 };

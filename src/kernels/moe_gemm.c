@@ -17,13 +17,12 @@
  * build without x86 vector units), chosen with the kernel set: dsmoe_isa(),
  * DSMOE_FORCE_REF=1 selects the scalar code.
  */
-#include "moe_internal.h"
 #include "kernels/kernels.h"
 
 #include <math.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && defined(DSMOE_HAVE_AVX2) && defined(DSMOE_HAVE_AVX512)
 #define MOE_X86 1
 #include <immintrin.h>
 #endif
@@ -46,7 +45,7 @@ static float moe_tree16(float *p) {
 
 /* ------------------------------------------------------------------ scalar -- */
 
-static void moe_gemm_ref(float *C, int64_t ldc, const float *const *X, int n, const void *W,
+void dsmoe__gemm_nt_ref(float *C, int64_t ldc, const float *const *X, int n, const void *W,
                          int bf16, int r0, int r1, int D) {
     for (int r = r0; r < r1; r++) {
         const float *wf = (const float *)W + (size_t)r * (size_t)D;
@@ -239,7 +238,7 @@ MOE_INLINE MOE_AVX512 void moe_gemm512_body(float *C, int64_t ldc, const float *
     }
 }
 
-MOE_AVX512 static void moe_gemm_avx512(float *C, int64_t ldc, const float *const *X, int n,
+MOE_AVX512 void dsmoe__gemm_nt_avx512(float *C, int64_t ldc, const float *const *X, int n,
                                        const void *W, int bf16, int r0, int r1, int D) {
     if (bf16)
         moe_gemm512_body(C, ldc, X, n, W, 1, r0, r1, D);
@@ -356,7 +355,7 @@ MOE_INLINE MOE_AVX2 void moe_gemm256_body(float *C, int64_t ldc, const float *co
     }
 }
 
-MOE_AVX2 static void moe_gemm_avx2(float *C, int64_t ldc, const float *const *X, int n,
+MOE_AVX2 void dsmoe__gemm_nt_avx2(float *C, int64_t ldc, const float *const *X, int n,
                                    const void *W, int bf16, int r0, int r1, int D) {
     if (bf16)
         moe_gemm256_body(C, ldc, X, n, W, 1, r0, r1, D);
@@ -367,31 +366,15 @@ MOE_AVX2 static void moe_gemm_avx2(float *C, int64_t ldc, const float *const *X,
 
 /* ------------------------------------------------------------------ dispatch -- */
 
-typedef void (*moe_gemm_fn)(float *, int64_t, const float *const *, int, const void *, int, int,
-                            int, int);
-
-static moe_gemm_fn moe_gemm_pick(const char *isa) {
-#if defined(MOE_X86)
-    if (isa && strcmp(isa, "avx512") == 0) return moe_gemm_avx512;
-    if (isa && strcmp(isa, "avx2") == 0) return moe_gemm_avx2;
-#endif
-    (void)isa;
-    return moe_gemm_ref;
-}
-
 int dsmoe__moe_gemm_nt_isa(const char *isa, float *C, int64_t ldc, const float *const *X, int n,
                            const void *W, dsmoe_dtype wdt, int r0, int r1, int D) {
-    if (n < 0 || n > DSMOE__MOE_SKINNY_N || !isa) return 0;
-    if (strcmp(isa, "ref") != 0) {
-        const dsmoe__kernel_table *k = dsmoe__kernels_named(isa);
-        if (!k) return 0; /* not built or not supported by this CPU */
-    }
-    moe_gemm_pick(isa)(C, ldc, X, n, W, wdt == DSMOE_DTYPE_BF16, r0, r1, D);
+    const dsmoe__kernel_table *k = dsmoe__kernels_named(isa);
+    if (!k || n < 0 || n > DSMOE__MOE_SKINNY_N) return 0; /* not built, not on this CPU */
+    k->gemm_nt(C, ldc, X, n, W, wdt == DSMOE_DTYPE_BF16, r0, r1, D);
     return 1;
 }
 
 void dsmoe__moe_gemm_nt(float *C, int64_t ldc, const float *const *X, int n, const void *W,
                         dsmoe_dtype wdt, int r0, int r1, int D) {
-    /* the kernel set is resolved once (thread-safe after the first call) */
-    moe_gemm_pick(dsmoe__kernels()->name)(C, ldc, X, n, W, wdt == DSMOE_DTYPE_BF16, r0, r1, D);
+    dsmoe__kernels()->gemm_nt(C, ldc, X, n, W, wdt == DSMOE_DTYPE_BF16, r0, r1, D);
 }

@@ -5,7 +5,7 @@
 #ifndef DSMOE_INTERNAL_H
 #define DSMOE_INTERNAL_H
 
-#include "dsmoe.h"
+#include "dsmoe/core.h"
 
 #include <stdarg.h>
 #include <stddef.h>

@@ -3,7 +3,7 @@
  * arithmetic, read-only whole-file mapping (mmap with a read() fallback), atomic
  * replacement (temporary file + fsync + rename) and UTF-8 validation.
  */
-#include "io_internal.h"
+#include "io/io_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -14,7 +14,7 @@
  * The data section must end exactly at the end of the input: trailing bytes are
  * rejected (a truncated or concatenated file is more likely than a valid one).
  */
-#include "io_internal.h"
+#include "io/io_internal.h"
 
 #include <stdio.h>
 #include <stdlib.h>

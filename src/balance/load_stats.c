@@ -9,7 +9,8 @@
  * contiguous experts (a node under DeepSeek-V3 node-limited routing, report §2.1.2)
  * and the mean number of groups each token reaches (at most TG = M).
  */
-#include "internal.h"
+#include "core/internal.h"
+#include "dsmoe/balance.h"
 
 #include <math.h>
 #include <string.h>

@@ -20,7 +20,8 @@
  * fixed order; sequences (phase 1) and tokens (phase 2) run in parallel, each
  * computed by one thread, so bits never depend on the thread count.
  */
-#include "internal.h"
+#include "core/internal.h"
+#include "dsmoe/balance.h"
 
 #include <math.h>
 #include <string.h>

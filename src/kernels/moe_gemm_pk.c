@@ -19,13 +19,12 @@
  * thread count. Variants: AVX-512, AVX2 and scalar C (fmaf; the specification, and the
  * build without x86 vector units).
  */
-#include "moe_internal.h"
 #include "kernels/kernels.h"
 
 #include <math.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && defined(DSMOE_HAVE_AVX2) && defined(DSMOE_HAVE_AVX512)
 #define PK_X86 1
 #include <immintrin.h>
 #endif
@@ -34,7 +33,7 @@
 
 /* ------------------------------------------------------------------ scalar -- */
 
-static void pk_gemm_ref(float *C, int64_t ldc, const float *const *X, int n, const void *P,
+void dsmoe__gemm_pk_ref(float *C, int64_t ldc, const float *const *X, int n, const void *P,
                         int bf16, int r0, int r1, int K) {
     for (int r = r0; r < r1; r++) {
         const size_t base = (size_t)(r / 16) * (size_t)K * 16u + (size_t)(r % 16);
@@ -144,7 +143,7 @@ static const pk_tile_fn pk512_one[2][9] = {
 /* Up to 8 rows of X: one pass over the weights, in tiles of 4 panels (3 from 7 rows, so
  * that the accumulators fit). More rows: tiles of 3 panels (up to 384 KB of weights, which then stay in L2),
  * each met by every group of 8 rows of X. Leftover panels go one at a time. */
-PK_AVX512 static void pk_gemm_avx512(float *C, int64_t ldc, const float *const *X, int n,
+PK_AVX512 void dsmoe__gemm_pk_avx512(float *C, int64_t ldc, const float *const *X, int n,
                                      const void *P, int bf16, int r0, int r1, int K) {
     const int p1 = (r1 + 15) / 16, b = bf16 ? 1 : 0;
     int p = r0 / 16;
@@ -242,7 +241,7 @@ PK_INLINE PK_AVX2 void pk_body256(float *C, int64_t ldc, const float *const *X, 
         }
 }
 
-PK_AVX2 static void pk_gemm_avx2(float *C, int64_t ldc, const float *const *X, int n,
+PK_AVX2 void dsmoe__gemm_pk_avx2(float *C, int64_t ldc, const float *const *X, int n,
                                  const void *P, int bf16, int r0, int r1, int K) {
     if (bf16)
         pk_body256(C, ldc, X, n, P, 1, r0, r1, K);
@@ -252,18 +251,6 @@ PK_AVX2 static void pk_gemm_avx2(float *C, int64_t ldc, const float *const *X, i
 #endif /* PK_X86 */
 
 /* ------------------------------------------------------------------ dispatch -- */
-
-typedef void (*pk_gemm_fn)(float *, int64_t, const float *const *, int, const void *, int, int,
-                           int, int);
-
-static pk_gemm_fn pk_gemm_pick(const char *isa) {
-#if defined(PK_X86)
-    if (isa && strcmp(isa, "avx512") == 0) return pk_gemm_avx512;
-    if (isa && strcmp(isa, "avx2") == 0) return pk_gemm_avx2;
-#endif
-    (void)isa;
-    return pk_gemm_ref;
-}
 
 void dsmoe__moe_pack_rows(void *P, const void *W, size_t esz, int64_t R, int64_t K) {
     const int64_t rp = (R + 15) / 16 * 16;
@@ -286,17 +273,14 @@ void dsmoe__moe_unpack_rows(void *W, const void *P, size_t esz, int64_t R, int64
 
 int dsmoe__moe_gemm_pk_isa(const char *isa, float *C, int64_t ldc, const float *const *X, int n,
                            const void *P, dsmoe_dtype wdt, int r0, int r1, int K) {
-    if (n < 0 || n > DSMOE__MOE_SKINNY_N || !isa || r0 % 16 != 0) return 0;
-    if (strcmp(isa, "ref") != 0) {
-        const dsmoe__kernel_table *k = dsmoe__kernels_named(isa);
-        if (!k) return 0; /* not built or not supported by this CPU */
-    }
-    if (n > 0 && r1 > r0) pk_gemm_pick(isa)(C, ldc, X, n, P, wdt == DSMOE_DTYPE_BF16, r0, r1, K);
+    const dsmoe__kernel_table *k = dsmoe__kernels_named(isa);
+    if (!k || n < 0 || n > DSMOE__MOE_SKINNY_N || r0 % 16 != 0) return 0;
+    if (n > 0 && r1 > r0) k->gemm_pk(C, ldc, X, n, P, wdt == DSMOE_DTYPE_BF16, r0, r1, K);
     return 1;
 }
 
 void dsmoe__moe_gemm_pk(float *C, int64_t ldc, const float *const *X, int n, const void *P,
                         dsmoe_dtype wdt, int r0, int r1, int K) {
     if (n <= 0 || r1 <= r0) return;
-    pk_gemm_pick(dsmoe__kernels()->name)(C, ldc, X, n, P, wdt == DSMOE_DTYPE_BF16, r0, r1, K);
+    dsmoe__kernels()->gemm_pk(C, ldc, X, n, P, wdt == DSMOE_DTYPE_BF16, r0, r1, K);
 }

@@ -19,7 +19,8 @@
 #ifndef DSMOE_JSON_H
 #define DSMOE_JSON_H
 
-#include "internal.h"
+#include "core/internal.h"
+#include "dsmoe/io.h"
 
 #include <stddef.h>
 #include <stdint.h>

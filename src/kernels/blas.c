@@ -1,5 +1,5 @@
 /* blas.c — OpenBLAS calls, one at a time (see blas.h). Row-major throughout. */
-#include "blas.h"
+#include "kernels/blas.h"
 
 void dsmoe__sgemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int M, int N, int K, float alpha,
                   const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {

@@ -11,7 +11,8 @@
  * The update is computed in double and added to the fp32 bias with one rounding.
  * The bias only ever enters the selection score c = s + b (router.c).
  */
-#include "internal.h"
+#include "core/internal.h"
+#include "dsmoe/balance.h"
 
 #include <math.h>
 #include <stdio.h>

@@ -20,10 +20,10 @@
  * only on the routing (never on the thread count); each task calls single-threaded
  * OpenBLAS, moe_gemm.c or fixed-order loops, and writes outputs no other task writes.
  */
-#include "moe_internal.h"
+#include "moe/moe_internal.h"
 #include "kernels/kernels.h"
 
-#include "blas.h"
+#include "kernels/blas.h"
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>

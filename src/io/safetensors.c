@@ -19,8 +19,8 @@
  * a multiple of 8, tensor data contiguous (no gaps), largest element size first,
  * so every tensor starts at a multiple of its element size in the file.
  */
-#include "io_internal.h"
-#include "json.h"
+#include "io/io_internal.h"
+#include "io/json.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -14,10 +14,11 @@
  * element-wise math comes from the kernel table (bit-identical across ISAs);
  * selection is scalar and exact.
  */
-#include "internal.h"
+#include "core/internal.h"
+#include "dsmoe/router.h"
 #include "kernels/kernels.h"
 
-#include "blas.h"
+#include "kernels/blas.h"
 #include <float.h>
 #include <math.h>
 #include <stdio.h>

@@ -6,7 +6,8 @@
 #ifndef DSMOE_IO_INTERNAL_H
 #define DSMOE_IO_INTERNAL_H
 
-#include "internal.h"
+#include "core/internal.h"
+#include "dsmoe/io.h"
 
 #include <stddef.h>
 #include <stdint.h>

@@ -2,8 +2,8 @@
  * json.c — the strict pull-style JSON reader declared in json.h. Every read is
  * bounded by `end`; every decoded byte is bounded by the arena's capacity.
  */
-#include "json.h"
-#include "io_internal.h"
+#include "io/json.h"
+#include "io/io_internal.h"
 
 #include <stdio.h>
 #include <string.h>

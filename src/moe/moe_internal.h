@@ -1,0 +1,24 @@
+/*
+ * moe_internal.h — internals of the MoE layer exposed to the tests (not installed).
+ */
+#ifndef DSMOE_MOE_INTERNAL_H
+#define DSMOE_MOE_INTERNAL_H
+
+#include "core/internal.h"
+#include "dsmoe/moe.h"
+#include "kernels/kernels.h"
+
+/* Counting-sort dispatch of T·K assignments (indices (T, K), every value in 0..E-1)
+ * by expert, stable in (token, k). capacity < 0: no limit; else each expert keeps
+ * its first `capacity` assignments in that order. Outputs:
+ *   counts (E)      assignments per expert before drops
+ *   kept (E)        after drops
+ *   offsets (E + 1) first row of each expert; offsets[E] = rows in use
+ *   slot (T, K)     row of each assignment, -1 if dropped
+ *   row_tok (T·K)   token of each row
+ * Returns the number of dropped assignments. */
+int64_t dsmoe__moe_dispatch(int64_t *counts, int64_t *kept, int64_t *offsets, int32_t *slot,
+                            int32_t *row_tok, const int32_t *indices, int64_t T, int32_t K,
+                            int32_t E, int64_t capacity);
+
+#endif /* DSMOE_MOE_INTERNAL_H */
