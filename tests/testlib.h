@@ -128,14 +128,9 @@ static inline int tl_same_bits(const char *what, const float *a, const float *b,
 }
 
 /* Deterministic PRNG (splitmix64) for test data. */
-static uint64_t tl_rng_state = 0x9e3779b97f4a7c15ull;
-static inline void tl_seed(uint64_t s) { tl_rng_state = s * 0x9e3779b97f4a7c15ull + 1; }
-static inline uint64_t tl_next(void) {
-    uint64_t z = (tl_rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
+static dsmoe_rng tl_rng = {0x9e3779b97f4a7c15ull};
+static inline void tl_seed(uint64_t s) { tl_rng.state = s * 0x9e3779b97f4a7c15ull + 1; }
+static inline uint64_t tl_next(void) { return dsmoe_rng_next(&tl_rng); }
 static inline double tl_uniform(void) { return (double)(tl_next() >> 11) * 0x1.0p-53; }
 static inline double tl_normal(void) {
     double u1 = tl_uniform(), u2 = tl_uniform();

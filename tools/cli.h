@@ -57,15 +57,6 @@ int cli_load_npy(const char *cmd, const char *path, dsmoe_dtype dtype, int ndim,
 int cli_save_npy(const char *cmd, const char *path, dsmoe_dtype dtype, int ndim,
                  const int64_t *shape, const void *data);
 
-/* Deterministic splitmix64 random numbers for synthetic inputs (same stream on every
- * platform for a given seed). */
-typedef struct cli_rng {
-    uint64_t state;
-} cli_rng;
-void cli_rng_seed(cli_rng *r, uint64_t seed);
-double cli_rng_uniform(cli_rng *r); /* [0, 1) */
-double cli_rng_normal(cli_rng *r);  /* standard normal (Box–Muller) */
-
 /* True if stderr is a terminal (progress lines are shown only then). */
 int cli_stderr_is_tty(void);
 

@@ -56,22 +56,6 @@ int cli_parse_float(const char *s, double *out) {
 
 int cli_stderr_is_tty(void) { return isatty(2); }
 
-void cli_rng_seed(cli_rng *r, uint64_t seed) { r->state = seed * 0x2545f4914f6cdd1dull + 7; }
-
-static uint64_t rng_next(cli_rng *r) {
-    uint64_t z = (r->state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-double cli_rng_uniform(cli_rng *r) { return (double)(rng_next(r) >> 11) * 0x1.0p-53; }
-
-double cli_rng_normal(cli_rng *r) {
-    double u1 = ((double)(rng_next(r) >> 11) + 0.5) * 0x1.0p-53, u2 = cli_rng_uniform(r);
-    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
-}
-
 const char *const cli_router_help =
     "router options (defaults from --preset, deepseek-v3 unless given):\n"
     "  --preset NAME          deepseek-v3 | deepseek-v3-hf | deepseek-v2 | moonlight | mixtral | qwen-moe\n"
@@ -125,13 +109,13 @@ int cli_router_flag(const char *cmd, int argc, char **argv, int *i, cli_router_f
     if (VAL("--preset")) {
         r = 1; /* applied by cli_router_begin */
     } else if (VAL("--experts")) {
-        r = missing ? 1 : flag_int(cmd, a, v, 1, 65536, &c->n_experts);
+        r = missing ? 1 : flag_int(cmd, a, v, 1, DSMOE_MAX_EXPERTS, &c->n_experts);
     } else if (VAL("--groups")) {
-        r = missing ? 1 : flag_int(cmd, a, v, 1, 65536, &c->n_groups);
+        r = missing ? 1 : flag_int(cmd, a, v, 1, DSMOE_MAX_EXPERTS, &c->n_groups);
     } else if (VAL("--topk-groups")) {
-        r = missing ? 1 : flag_int(cmd, a, v, 1, 65536, &c->topk_groups);
+        r = missing ? 1 : flag_int(cmd, a, v, 1, DSMOE_MAX_EXPERTS, &c->topk_groups);
     } else if (VAL("--top-k")) {
-        r = missing ? 1 : flag_int(cmd, a, v, 1, 65536, &c->top_k);
+        r = missing ? 1 : flag_int(cmd, a, v, 1, DSMOE_MAX_EXPERTS, &c->top_k);
     } else if (VAL("--score")) {
         r = 1;
         if (missing) {

@@ -86,7 +86,7 @@ static double time_calls(const bench_ctx *c, int what, int repeat, double min_ti
 }
 
 /* uniform in [-1, 1) */
-static float brand(cli_rng *r) { return (float)(cli_rng_uniform(r) * 2.0 - 1.0); }
+static float brand(dsmoe_rng *r) { return (float)(dsmoe_rng_uniform(r) * 2.0 - 1.0); }
 
 static int bench_route(int argc, char **argv) {
     const char *cmd = "bench route";
@@ -150,8 +150,8 @@ static int bench_route(int argc, char **argv) {
         cli_fail(CLI_RUNTIME, cmd, "out of memory");
         goto done;
     }
-    cli_rng rng;
-    cli_rng_seed(&rng, 12345);
+    dsmoe_rng rng;
+    dsmoe_rng_seed(&rng, 12345);
     for (size_t i = 0; i < nl; i++) logits[i] = 3.0f * brand(&rng);
     for (int64_t e = 0; e < E; e++) bias[e] = 0.01f * brand(&rng);
     for (size_t i = 0; i < nh; i++) hidden[i] = brand(&rng);

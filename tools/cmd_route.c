@@ -101,10 +101,10 @@ int cmd_route(int argc, char **argv) {
             cli_fail_status(cmd, "allocating logits", DSMOE_STATUS_OUT_OF_MEMORY);
             goto done;
         }
-        cli_rng rng;
-        cli_rng_seed(&rng, (uint64_t)seed);
+        dsmoe_rng rng;
+        dsmoe_rng_seed(&rng, (uint64_t)seed);
         float *l = (float *)logits.data;
-        for (int64_t i = 0; i < random_T * E; i++) l[i] = (float)cli_rng_normal(&rng);
+        for (int64_t i = 0; i < random_T * E; i++) l[i] = (float)dsmoe_rng_normal(&rng);
         T = random_T;
     } else {
         int64_t want_h[2] = {-1, -1};

@@ -96,24 +96,15 @@ typedef struct strategy {
 
 /* ------------------------------------------------------------ traffic -- */
 
-typedef struct rng {
-    uint64_t s;
-} rng;
-static uint64_t rng_next(rng *r) {
-    uint64_t z = (r->s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
 /* Approximately standard normal: four 16-bit uniforms summed, centred, unit variance. */
-static float rng_noise(rng *r) {
-    uint64_t x = rng_next(r);
+static float rng_noise(dsmoe_rng *r) {
+    uint64_t x = dsmoe_rng_next(r);
     uint32_t s = (uint32_t)(x & 0xffff) + (uint32_t)((x >> 16) & 0xffff) +
                  (uint32_t)((x >> 32) & 0xffff) + (uint32_t)(x >> 48);
     /* each (v + 0.5)/65536 is uniform on (0,1): mean 2, variance 4/12 */
     return (float)(((double)s + 2.0) / 65536.0 - 2.0) * 1.7320508075688772f;
 }
-static uint64_t rng_below(rng *r, uint64_t n) { return rng_next(r) % n; }
+static uint64_t rng_below(dsmoe_rng *r, uint64_t n) { return dsmoe_rng_next(r) % n; }
 
 typedef struct traffic {
     int32_t E, n_domains, n_perm;
@@ -122,7 +113,7 @@ typedef struct traffic {
     float *profile; /* (E) centred -skew*ln(1 + rank) */
     int32_t *perm;  /* (n_domains, n_perm, E): rank of expert i */
     float *mu;      /* (n_domains, E) popularity at the current step */
-    rng r;
+    dsmoe_rng r;
 } traffic;
 
 static int traffic_init(traffic *tr) {
@@ -414,7 +405,7 @@ int cmd_simulate(int argc, char **argv) {
         tr.steps = S;
         tr.T = T;
         tr.seq_len = seq_len;
-        tr.r.s = (uint64_t)seed * 0x2545f4914f6cdd1dull + 0x5ead;
+        tr.r.state = (uint64_t)seed * 0x2545f4914f6cdd1dull + 0x5ead;
         if (!traffic_init(&tr)) {
             cli_fail(CLI_RUNTIME, cmd, "out of memory");
             goto done;

@@ -129,6 +129,25 @@ DSMOE_API void dsmoe_free(void *p);
 DSMOE_API const char *dsmoe_isa(void);
 DSMOE_API dsmoe_status dsmoe_set_isa(const char *name);
 
+/* Largest number of routed experts (E) any dsmoe config, file or command accepts. */
+#define DSMOE_MAX_EXPERTS 65536
+
+/* ---------------------------------------------------------- random numbers -- */
+/* splitmix64 (Steele, Lea & Flood, 2014): one 64-bit state, each call adds the golden
+ * gamma and mixes. Deterministic on every platform; not for cryptography. The state
+ * is plain data: copy it to fork a stream, store it to resume one. */
+typedef struct dsmoe_rng {
+    uint64_t state;
+} dsmoe_rng;
+/* state = seed · 0x2545F4914F6CDD1D + 7 (so that nearby seeds give unrelated streams). */
+DSMOE_API void dsmoe_rng_seed(dsmoe_rng *r, uint64_t seed);
+/* The next 64 random bits. */
+DSMOE_API uint64_t dsmoe_rng_next(dsmoe_rng *r);
+/* Uniform on [0, 1) with 53 random bits. */
+DSMOE_API double dsmoe_rng_uniform(dsmoe_rng *r);
+/* Standard normal (Box–Muller, one draw per call, two uniforms each). */
+DSMOE_API double dsmoe_rng_normal(dsmoe_rng *r);
+
 /* Number of threads used when a function is given n_threads <= 0. */
 DSMOE_API int dsmoe_default_threads(void);
 

@@ -46,7 +46,6 @@ struct dsmoe_balancer {
     void *allreduce_user;
 };
 
-#define MAX_EXPERTS 65536
 
 void dsmoe_balancer_config_default(int32_t n_experts, dsmoe_balancer_config *cfg) {
     if (!cfg) return;
@@ -61,10 +60,10 @@ void dsmoe_balancer_config_default(int32_t n_experts, dsmoe_balancer_config *cfg
 
 dsmoe_status dsmoe_balancer_config_validate(const dsmoe_balancer_config *cfg) {
     if (!cfg) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "balancer config is NULL");
-    if (cfg->n_experts < 1 || cfg->n_experts > MAX_EXPERTS)
+    if (cfg->n_experts < 1 || cfg->n_experts > DSMOE_MAX_EXPERTS)
         return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
                             "balancer n_experts = %d: must be 1..%d", (int)cfg->n_experts,
-                            MAX_EXPERTS);
+                            DSMOE_MAX_EXPERTS);
     if (cfg->rule != DSMOE_BALANCE_RULE_SIGN && cfg->rule != DSMOE_BALANCE_RULE_PROPORTIONAL)
         return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
                             "balancer rule = %d: must be SIGN (0) or PROPORTIONAL (1)",
@@ -200,7 +199,7 @@ dsmoe_status dsmoe_balancer_accumulate(dsmoe_balancer *b, const int32_t *indices
     for (int64_t t = 0; t < T; t++) {
         if (mask && !mask[t]) continue;
         n++;
-        for (int32_t k = 0; k < K; k++) b->counts[indices[t * K + k]]++;
+        dsmoe__count_experts(b->counts, indices + t * K, K);
     }
     b->state[ST_PENDING_TOKENS] += n;
     return DSMOE_OK;
@@ -385,7 +384,7 @@ dsmoe_status dsmoe_balancer_read(const dsmoe_safetensors *sf, const char *prefix
 
     dsmoe_balancer_config cfg;
     memset(&cfg, 0, sizeof cfg);
-    if (state[ST_EXPERTS] < 1 || state[ST_EXPERTS] > MAX_EXPERTS)
+    if (state[ST_EXPERTS] < 1 || state[ST_EXPERTS] > DSMOE_MAX_EXPERTS)
         return dsmoe__error(DSMOE_STATUS_FORMAT, "balancer: '%s' has n_experts = %lld", name,
                             (long long)state[ST_EXPERTS]);
     cfg.n_experts = (int32_t)state[ST_EXPERTS];
@@ -482,7 +481,7 @@ dsmoe_status dsmoe_bias_bf16_check(const float *bias, int32_t E, float gamma,
     if (!bias || !report)
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "bias bf16 check: %s is NULL",
                             !bias ? "bias" : "report");
-    if (E < 1 || E > MAX_EXPERTS)
+    if (E < 1 || E > DSMOE_MAX_EXPERTS)
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "bias bf16 check: E = %d", (int)E);
     if (!isfinite(gamma) || gamma < 0.0f)
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "bias bf16 check: gamma = %g",

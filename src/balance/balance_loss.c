@@ -97,9 +97,10 @@ static dsmoe_status check_config(const dsmoe_balance_loss_config *lc,
         return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
                             "balance loss: normalize_scores = %d (0 or 1)",
                             (int)lc->normalize_scores);
-    if (rc->n_experts < 1 || rc->n_experts > 65536)
+    if (rc->n_experts < 1 || rc->n_experts > DSMOE_MAX_EXPERTS)
         return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
-                            "balance loss: router n_experts = %d (1..65536)", (int)rc->n_experts);
+                            "balance loss: router n_experts = %d (1..%d)", (int)rc->n_experts,
+                            DSMOE_MAX_EXPERTS);
     if (rc->top_k < 1 || rc->top_k > rc->n_experts || rc->top_k > MAX_K)
         return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
                             "balance loss: router top_k = %d (1..min(n_experts, %d))",

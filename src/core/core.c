@@ -192,3 +192,28 @@ int dsmoe__threads(int n_threads) {
     if (n_threads > 0) return n_threads;
     return dsmoe_default_threads();
 }
+
+/* ---------------------------------------------------------- random numbers -- */
+
+void dsmoe_rng_seed(dsmoe_rng *r, uint64_t seed) { r->state = seed * 0x2545f4914f6cdd1dull + 7; }
+
+uint64_t dsmoe_rng_next(dsmoe_rng *r) {
+    uint64_t z = (r->state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+double dsmoe_rng_uniform(dsmoe_rng *r) { return (double)(dsmoe_rng_next(r) >> 11) * 0x1.0p-53; }
+
+double dsmoe_rng_normal(dsmoe_rng *r) {
+    /* u1 in (0, 1): the log never sees 0 */
+    double u1 = ((double)(dsmoe_rng_next(r) >> 11) + 0.5) * 0x1.0p-53, u2 = dsmoe_rng_uniform(r);
+    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+/* ---------------------------------------------------------- histogram -- */
+
+void dsmoe__count_experts(int64_t *counts, const int32_t *idx, int64_t n) {
+    for (int64_t i = 0; i < n; i++) counts[idx[i]]++;
+}

@@ -20,6 +20,10 @@
 /* Records a formatted detail for dsmoe_last_error() and returns `status`. */
 dsmoe_status dsmoe__error(dsmoe_status status, const char *fmt, ...) DSMOE__PRINTF(2, 3);
 
+/* The expert histogram: counts[idx[i]] += 1 for i < n (accumulates; every idx[i] must
+ * be a valid index into counts, which the caller has checked). */
+void dsmoe__count_experts(int64_t *counts, const int32_t *idx, int64_t n);
+
 /* Resolves a thread-count argument (<= 0 means the default). */
 int dsmoe__threads(int n_threads);
 

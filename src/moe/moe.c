@@ -399,13 +399,6 @@ size_t dsmoe_moe_memory_size(const dsmoe_moe *m) {
 
 /* ---------------------------------------------------------------- tensors -- */
 
-static uint64_t moe_splitmix(uint64_t *s) {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 int64_t dsmoe_moe_tensor_count(const dsmoe_moe *m) {
     if (!m) return 0;
     return 1 + (m->cfg.router.use_bias ? 1 : 0) + 3 * (int64_t)m->E + (m->Fs ? 3 : 0);
@@ -489,7 +482,7 @@ static size_t moe_elem(const dsmoe_moe_tensor *t, size_t j) {
 
 void dsmoe_moe_init_random(dsmoe_moe *m, uint64_t seed) {
     if (!m) return;
-    uint64_t s = seed * 0x2545f4914f6cdd1dull + 0x632be59bd9b4e019ull;
+    dsmoe_rng s = {seed * 0x2545f4914f6cdd1dull + 0x632be59bd9b4e019ull};
     int64_t n = dsmoe_moe_tensor_count(m);
     for (int64_t i = 0; i < n; i++) {
         dsmoe_moe_tensor t;
@@ -498,7 +491,7 @@ void dsmoe_moe_init_random(dsmoe_moe *m, uint64_t seed) {
         size_t cnt = (size_t)(t.shape[0] * t.shape[1]);
         float bound = 1.0f / sqrtf((float)t.shape[1]);
         for (size_t j = 0; j < cnt; j++) {
-            float u = (float)((double)(moe_splitmix(&s) >> 40) * 0x1.0p-24) * 2.0f - 1.0f;
+            float u = (float)((double)(dsmoe_rng_next(&s) >> 40) * 0x1.0p-24) * 2.0f - 1.0f;
             float v = u * bound;
             const size_t at = moe_elem(&t, j); /* the same values in either layout */
             if (t.dtype == DSMOE_DTYPE_F32)
@@ -686,7 +679,7 @@ int64_t dsmoe__moe_dispatch(int64_t *counts, int64_t *kept, int64_t *offsets, in
                             int32_t *row_tok, const int32_t *indices,
                             int64_t T, int32_t K, int32_t E, int64_t capacity) {
     memset(counts, 0, (size_t)E * sizeof(int64_t));
-    for (int64_t i = 0; i < T * K; i++) counts[indices[i]]++;
+    dsmoe__count_experts(counts, indices, T * K);
     int64_t dropped = 0;
     offsets[0] = 0;
     for (int32_t e = 0; e < E; e++) {
@@ -1161,7 +1154,7 @@ dsmoe_status dsmoe_moe_config_from_safetensors(dsmoe_moe_config *cfg,
     dsmoe_status s = dsmoe_safetensors_get(st, name, &g);
     if (s != DSMOE_OK)
         return dsmoe__error(s, "gate weight '%s' not found in the file", name);
-    if (g.ndim != 2 || g.shape[0] < 1 || g.shape[1] < 1 || g.shape[0] > 65536 ||
+    if (g.ndim != 2 || g.shape[0] < 1 || g.shape[1] < 1 || g.shape[0] > DSMOE_MAX_EXPERTS ||
         g.shape[1] > (1 << 20))
         return dsmoe__error(DSMOE_STATUS_SHAPE_MISMATCH,
                             "tensor '%s': expected shape (E, D), got %d dims (%lld, %lld)", name,

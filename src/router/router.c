@@ -28,7 +28,6 @@
 #include <omp.h>
 #endif
 
-#define DSMOE__MAX_EXPERTS 65536
 #define DSMOE__MAX_TOPK 256
 /* Tokens per SGEMM call in the projection: fixed so that results never depend on
  * the number of threads, large enough to amortise OpenBLAS's packing of W. */
@@ -127,8 +126,8 @@ dsmoe_status dsmoe_router_preset(const char *name, dsmoe_router_config *cfg) {
 
 dsmoe_status dsmoe_router_config_validate(const dsmoe_router_config *c) {
     if (!c) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "router config is NULL");
-    if (c->n_experts < 1 || c->n_experts > DSMOE__MAX_EXPERTS)
-        BAD("n_experts = %d: must be in 1..%d", (int)c->n_experts, DSMOE__MAX_EXPERTS);
+    if (c->n_experts < 1 || c->n_experts > DSMOE_MAX_EXPERTS)
+        BAD("n_experts = %d: must be in 1..%d", (int)c->n_experts, DSMOE_MAX_EXPERTS);
     if (c->n_groups < 1 || c->n_groups > c->n_experts)
         BAD("n_groups = %d: must be in 1..n_experts (%d)", (int)c->n_groups, (int)c->n_experts);
     if (c->n_experts % c->n_groups != 0)
@@ -548,8 +547,7 @@ static int64_t route_batch(const dsmoe_router_config *cfg, const dsmoe_router_ou
     if (bad >= 0) return bad;
     if (out->counts) {
         memset(out->counts, 0, (size_t)E * sizeof(int64_t));
-        const int32_t *idx = out->indices;
-        for (int64_t i = 0; i < T * (int64_t)K; i++) out->counts[idx[i]]++;
+        dsmoe__count_experts(out->counts, out->indices, T * (int64_t)K);
     }
     return -1;
 }
