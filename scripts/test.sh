@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: a Release build with gcc and its tests, the
-# same tests under AddressSanitizer + UndefinedBehaviorSanitizer, a clang build with
-# -Werror, a short libFuzzer run of every file parser, the installed-package check and
-# clang-tidy + cppcheck.
+# The whole test suite, as CI runs it: a Release build with gcc and its tests (the
+# library's once more on the scalar reference kernels), the same tests under
+# AddressSanitizer + UndefinedBehaviorSanitizer, a clang build with -Werror, a short
+# libFuzzer run of every file parser, the installed-package check and clang-tidy +
+# cppcheck.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${JOBS:-2}
@@ -13,6 +14,13 @@ step "Release build (gcc) and tests"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j "$JOBS"
 ctest --test-dir build --output-on-failure -j "$JOBS"
+
+# The same library tests on the scalar reference kernels, which the dispatch never picks
+# on an x86 CPU with AVX2: their own products, their thresholds between the streaming
+# product and SGEMM (8 rows instead of 16 or none) and their selection code. The CLI
+# tests add nothing here (same plumbing) and take minutes on scalar kernels.
+step "Release tests on the reference kernels (DSMOE_FORCE_REF=1)"
+DSMOE_FORCE_REF=1 ctest --test-dir build --output-on-failure -j "$JOBS" -LE "slow|cli"
 
 step "AddressSanitizer + UndefinedBehaviorSanitizer build and tests"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDSMOE_SANITIZE=ON >/dev/null
