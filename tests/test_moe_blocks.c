@@ -17,7 +17,8 @@
  *   s = σ(u), w_k = scale·s_k / Σ_j s_j,  ∂L/∂s_k = scale·(dw_k/S − Σ_j dw_j s_j / S²),
  *   ∂L/∂u_k = ∂L/∂s_k · s_k (1 − s_k) (+ dlogits_extra).
  * Each case runs on every kernel set this CPU has (their product paths differ) and on
- * 1 and 4 threads (bit-identical).
+ * 1 and 4 threads (bit-identical); the forward also with bf16 weights and in the packed
+ * layout (whose decode chunks cross from gate_proj's panels into up_proj's).
  */
 #include "testlib.h"
 
@@ -344,6 +345,29 @@ static void run_config(const char *label, dsmoe_moe_config cfg, const float *bia
             ASSERT_TRUE(rg != NULL);
             snprintf(l2, sizeof l2, "%s grad %s", what, t.name);
             if (rg) close_to(l2, t.grad, rg, t.shape[0] * t.shape[1]);
+        }
+        for (int pk = 0; pk < 1 + (mb != NULL); pk++) {
+            /* the packed layout (inference), fp32 and bf16: the same values */
+            dsmoe_moe_config pc = pk ? bc : cfg;
+            pc.train = 0;
+            pc.weight_layout = DSMOE_MOE_LAYOUT_PACKED;
+            dsmoe_moe *mp = NULL;
+            ASSERT_OK(dsmoe_moe_create(&pc, &mp));
+            if (!mp) break;
+            dsmoe_moe_init_random(mp, seed);
+            ASSERT_OK(dsmoe_moe_set_bias(mp, bias));
+            ASSERT_OK(dsmoe_moe_forward(mp, y4, x, T, 2));
+            const dsmoe_moe_routing *rp = dsmoe_moe_last_routing(mp);
+            ASSERT_TRUE(rp != NULL);
+            if (rp) {
+                double *pw = dalloc((size_t)(T * K)), *py = dalloc((size_t)(T * D));
+                oracle_run(pk ? &ob : &o, x, NULL, NULL, rp->indices, T, py, pw, NULL);
+                snprintf(l2, sizeof l2, "%s y, packed layout%s", what, pk ? ", bf16" : "");
+                close_to(l2, y4, py, T * D);
+                free(pw);
+                free(py);
+            }
+            dsmoe_moe_free(mp);
         }
         if (mb) {
             /* bf16 weights: the oracle on the same (bf16) values; forward only */
