@@ -293,8 +293,10 @@ static void run_config(const char *label, dsmoe_moe_config cfg, const float *bia
     float *dx = (float *)malloc(sizeof(float) * (size_t)(T * D));
     float *dx4 = (float *)malloc(sizeof(float) * (size_t)(T * D));
     int32_t *idx = (int32_t *)malloc(sizeof(int32_t) * (size_t)(T * K));
+    int32_t *idxb = (int32_t *)malloc(sizeof(int32_t) * (size_t)(T * K));
+    double *by = dalloc((size_t)(T * D)), *bw = dalloc((size_t)(T * K));
     double *ry = dalloc((size_t)(T * D)), *rw = dalloc((size_t)(T * K)), *rdx = dalloc((size_t)(T * D));
-    if (!y || !y4 || !dx || !dx4 || !idx) abort();
+    if (!y || !y4 || !dx || !dx4 || !idx || !idxb) abort();
     oracle_layer o, ob;
     oracle_init(&o, m);
     if (mb) oracle_init(&ob, mb);
@@ -346,6 +348,20 @@ static void run_config(const char *label, dsmoe_moe_config cfg, const float *bia
             snprintf(l2, sizeof l2, "%s grad %s", what, t.name);
             if (rg) close_to(l2, t.grad, rg, t.shape[0] * t.shape[1]);
         }
+        if (mb) {
+            /* bf16 weights: the oracle on the same (bf16) values; forward only */
+            ASSERT_OK(dsmoe_moe_forward(mb, y, x, T, 2));
+            const dsmoe_moe_routing *rb = dsmoe_moe_last_routing(mb);
+            ASSERT_TRUE(rb != NULL);
+            if (!rb) break;
+            if (first) {
+                memcpy(idxb, rb->indices, sizeof(int32_t) * (size_t)(T * K));
+                oracle_run(&ob, x, NULL, NULL, idxb, T, by, bw, NULL);
+            }
+            ASSERT_TRUE(memcmp(idxb, rb->indices, sizeof(int32_t) * (size_t)(T * K)) == 0);
+            snprintf(l2, sizeof l2, "%s y with bf16 weights", what);
+            close_to(l2, y, by, T * D);
+        }
         for (int pk = 0; pk < 1 + (mb != NULL); pk++) {
             /* the packed layout (inference), fp32 and bf16: the same values */
             dsmoe_moe_config pc = pk ? bc : cfg;
@@ -358,29 +374,11 @@ static void run_config(const char *label, dsmoe_moe_config cfg, const float *bia
             ASSERT_OK(dsmoe_moe_set_bias(mp, bias));
             ASSERT_OK(dsmoe_moe_forward(mp, y4, x, T, 2));
             const dsmoe_moe_routing *rp = dsmoe_moe_last_routing(mp);
-            ASSERT_TRUE(rp != NULL);
-            if (rp) {
-                double *pw = dalloc((size_t)(T * K)), *py = dalloc((size_t)(T * D));
-                oracle_run(pk ? &ob : &o, x, NULL, NULL, rp->indices, T, py, pw, NULL);
-                snprintf(l2, sizeof l2, "%s y, packed layout%s", what, pk ? ", bf16" : "");
-                close_to(l2, y4, py, T * D);
-                free(pw);
-                free(py);
-            }
+            ASSERT_TRUE(rp != NULL && memcmp(pk ? idxb : idx, rp->indices,
+                                             sizeof(int32_t) * (size_t)(T * K)) == 0);
+            snprintf(l2, sizeof l2, "%s y, packed layout%s", what, pk ? ", bf16" : "");
+            close_to(l2, y4, pk ? by : ry, T * D);
             dsmoe_moe_free(mp);
-        }
-        if (mb) {
-            /* bf16 weights: the oracle on the same (bf16) values; forward only */
-            ASSERT_OK(dsmoe_moe_forward(mb, y, x, T, 2));
-            const dsmoe_moe_routing *rb = dsmoe_moe_last_routing(mb);
-            ASSERT_TRUE(rb != NULL);
-            if (!rb) break;
-            double *bw = dalloc((size_t)(T * K)), *by = dalloc((size_t)(T * D));
-            oracle_run(&ob, x, NULL, NULL, rb->indices, T, by, bw, NULL);
-            snprintf(l2, sizeof l2, "%s y with bf16 weights", what);
-            close_to(l2, y, by, T * D);
-            free(bw);
-            free(by);
         }
         first = 0;
     }
@@ -395,6 +393,9 @@ static void run_config(const char *label, dsmoe_moe_config cfg, const float *bia
     free(dx);
     free(dx4);
     free(idx);
+    free(idxb);
+    free(by);
+    free(bw);
     free(ry);
     free(rw);
     free(rdx);
