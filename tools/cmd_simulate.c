@@ -323,6 +323,7 @@ int cmd_simulate(int argc, char **argv) {
 
     /* summary */
     dsmoe_sim_summary sum[DSMOE_SIM_MAX_STRATEGIES];
+    memset(sum, 0, sizeof sum);
     int none_at = -1;
     for (int32_t s = 0; s < sc.n_strategies; s++) {
         if (dsmoe_sim_get_summary(sim, s, &sum[s]) != DSMOE_OK) {
