@@ -427,9 +427,9 @@ typedef struct dsmoe_sim_config {
 } dsmoe_sim_config;
 
 /* Defaults for a router config (copied, use_bias set to 1): T = 2048, 400 steps,
- * last 20%, threshold 0.5, α = 1e-4, seq_len 512 (T if 512 does not divide T; keep
- * it in step when changing tokens), routed counts, 1 thread, and three strategies:
- * "none", "sign", "proportional" at γ = 0.001. */
+ * last 20%, threshold 0.5, α = 1e-4, seq_len 512 (set it again when changing tokens:
+ * it must divide T), routed counts, 1 thread, and three strategies: "none", "sign",
+ * "proportional" at γ = 0.001 for E = router->n_experts. */
 DSMOE_API void dsmoe_sim_config_default(const dsmoe_router_config *router,
                                         dsmoe_sim_config *cfg);
 /* INVALID_CONFIG naming the field: "router: <the router's message>", "tokens",
@@ -498,9 +498,10 @@ DSMOE_API dsmoe_status dsmoe_sim_trace_finish(dsmoe_sim *sim);
  * computes the load statistics and seq_aux, accumulates the counts and steps its
  * balancer (update rule, schedule), and appends its trace line. Allocates nothing.
  * Errors: INVALID_ARGUMENT (NULL), NON_FINITE (a NaN/Inf logit under
- * nonfinite = error, naming token and expert), IO (writing the trace; the trace is
- * then discarded). On an error the step is not counted, but strategies before the
- * failing one may have updated their bias. */
+ * nonfinite = error, naming step, token and expert; found by the first strategy's
+ * routing, so nothing changes), IO (writing the trace: the trace is discarded, and
+ * the strategies up to the failing line have taken the step). A failed step is not
+ * counted in dsmoe_sim_steps. */
 DSMOE_API dsmoe_status dsmoe_sim_step(dsmoe_sim *sim, const float *logits /* (T, E) */);
 /* Steps run so far. */
 DSMOE_API int64_t dsmoe_sim_steps(const dsmoe_sim *sim);
