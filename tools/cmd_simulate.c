@@ -53,7 +53,8 @@ static const char *const simulate_usage =
     "output:\n"
     "  --trace T.jsonl        one JSON line per step and strategy: step, strategy, gamma,\n"
     "                         tokens, counts, maxvio_batch, cv, entropy, dead,\n"
-    "                         group_maxvio, groups_per_token, seq_aux, bias (after the update)\n"
+    "                         group_maxvio, groups_per_token, seq_aux, bias (after the update);\n"
+    "                         the file is replaced only when the run succeeds\n"
     "  --json                 print the summary as JSON instead of the table\n"
     "  --threshold X          report the first step whose MaxVio_batch is below X (default 0.5)\n"
     "  --last F               fraction of final steps for the 'last' figures (default 0.2)\n"
@@ -290,7 +291,7 @@ int cmd_simulate(int argc, char **argv) {
         }
     }
     if (trace_path && dsmoe_sim_trace_open(sim, trace_path) != DSMOE_OK) {
-        cli_fail(CLI_RUNTIME, cmd, "cannot write the trace: %s", dsmoe_last_error());
+        cli_fail(CLI_RUNTIME, cmd, "--trace %s: %s", trace_path, dsmoe_last_error());
         goto done;
     }
 
@@ -317,7 +318,7 @@ int cmd_simulate(int argc, char **argv) {
     }
     if (progress) fprintf(stderr, "\r\033[K");
     if (trace_path && dsmoe_sim_trace_finish(sim) != DSMOE_OK) {
-        cli_fail(CLI_RUNTIME, cmd, "writing the trace: %s", dsmoe_last_error());
+        cli_fail(CLI_RUNTIME, cmd, "--trace %s: %s", trace_path, dsmoe_last_error());
         goto done;
     }
 
