@@ -47,8 +47,20 @@ check unknown-option 2 "$DSMOE" route --random 3 --frobnicate
 check bad-int 2 "$DSMOE" route --random 3 --top-k abc
 check missing-value 2 "$DSMOE" route --random 3 --scale
 check bad-config 2 "$DSMOE" route --random 3 --groups 7
-grep -q "n_groups" err.txt || { echo "FAIL config message names the field"; fails=$((fails + 1)); }
+# the validator's message names the flags the user typed, not the struct fields
+names_flag() { # names_flag NAME FLAG FIELD
+  if grep -q -- "$2" err.txt && ! grep -q "$3" err.txt; then echo "ok   $1 message names $2"; passes=$((passes + 1))
+  else echo "FAIL $1 message should name $2, not $3:"; sed 's/^/  | /' err.txt; fails=$((fails + 1)); fi
+}
+names_flag bad-config "--groups 7" "n_groups"
 check bad-k 2 "$DSMOE" route --random 3 --top-k 200
+names_flag bad-k "--top-k 200" "top_k"
+check bad-topk-groups 2 "$DSMOE" route --random 3 --topk-groups 9
+names_flag bad-topk-groups "--topk-groups 9" "topk_groups"
+check bad-scale 2 "$DSMOE" route --random 3 --scale 0
+names_flag bad-scale "--scale 0" "scale ="
+check bad-group-score 2 "$DSMOE" route --random 3 --group-score top64sum
+names_flag bad-group-score "--group-score topNsum = 64" "group_topm"
 check unknown-preset 2 "$DSMOE" route --preset gpt5 --random 3
 check hidden-without-gate 2 "$DSMOE" route --hidden L.npy
 check unknown-command 2 "$DSMOE" frobnicate

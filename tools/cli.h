@@ -30,6 +30,18 @@ int cli_fail(int code, const char *cmd, const char *fmt, ...)
 /* Reports a failed library call: "dsmoe <cmd>: <what>: <last error>", returns 1. */
 int cli_fail_status(const char *cmd, const char *what, dsmoe_status st);
 
+/* Rewrites a library message in the user's terms: the config fields it names
+ * (`top_k = 200`, `n_groups`, `seq_len`, `gamma_after`, ...) become the flags that set
+ * them (`--top-k 200`, `--groups`, ...). Always NUL-terminates `out` (cap >= 1). */
+void cli_flag_message(const char *msg, char *out, size_t cap);
+/* cli_fail for a library validator's message, through cli_flag_message: use it where
+ * the config came from flags (not from a file). */
+int cli_fail_config(int code, const char *cmd, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
 /* True if argv[*i] is `name`; then *value = argv[*i+1] and *i advances.
  * A missing value sets *missing = 1. */
 int cli_opt(int argc, char **argv, int *i, const char *name, const char **value, int *missing);
@@ -47,6 +59,9 @@ typedef struct cli_router_flags {
 } cli_router_flags;
 int cli_router_begin(const char *cmd, int argc, char **argv, cli_router_flags *f);
 int cli_router_flag(const char *cmd, int argc, char **argv, int *i, cli_router_flags *f);
+/* Validates the router config; on failure prints the validator's message in flag terms
+ * (exit code 2 is the caller's) and returns -1. */
+int cli_router_validate(const char *cmd, const cli_router_flags *f);
 extern const char *const cli_router_help;
 
 /* Loads a .npy file and checks dtype and rank; dims with -1 are free. Prints an

@@ -23,6 +23,103 @@ int cli_fail_status(const char *cmd, const char *what, dsmoe_status st) {
     return cli_fail(CLI_RUNTIME, cmd, "%s: %s: %s", what, dsmoe_strerror(st), dsmoe_last_error());
 }
 
+/* Library config fields and the flags that set them. Names with an underscore are
+ * replaced wherever they stand as a word; plain words ("gamma", "scale") only in the
+ * validators' "name = value" form, so that prose is left alone. "name = value"
+ * becomes "--flag value". */
+static const struct {
+    const char *field, *flag;
+} cli_field_flags[] = {
+    /* router (dsmoe_router_config) */
+    {"n_experts", "--experts"},
+    {"n_groups", "--groups"},
+    {"topk_groups", "--topk-groups"},
+    {"top_k", "--top-k"},
+    {"group_topm", "N of --group-score topNsum"},
+    {"score_func", "--score"},
+    {"group_score", "--group-score"},
+    {"group_mask", "--mask"},
+    {"normalize", "--normalize"},
+    {"norm_eps", "--norm-eps"},
+    {"scale", "--scale"},
+    {"use_bias", "--bias"},
+    {"precision", "--precision"},
+    {"nonfinite", "--nonfinite"},
+    /* balancer (dsmoe_balancer_config) */
+    {"rule", "--rule"},
+    {"gamma", "--gamma"},
+    {"gamma_after", "--gamma-after"},
+    {"gamma_until_tokens", "--gamma-until"},
+    {"recenter", "--recenter"},
+    /* traffic and simulation (dsmoe_traffic_config, dsmoe_sim_config) */
+    {"steps", "--steps"},
+    {"tokens", "--tokens"},
+    {"seq_len", "--seq-len"},
+    {"n_domains", "--domains"},
+    {"skew", "--skew"},
+    {"noise", "--noise"},
+    {"drift", "--drift"},
+    {"seed", "--seed"},
+    {"alpha", "--alpha"},
+    {"threshold", "--threshold"},
+    {"last_fraction", "--last"},
+    {"seq_count", "--seq-count"},
+    {"n_threads", "--threads"},
+    {"n_strategies", "--compare"},
+    /* MoE layer (dsmoe_moe_config) */
+    {"n_shared", "--shared-experts"},
+    {"capacity_factor", "--capacity-factor"},
+    {"weight_dtype", "--dtype"},
+    {"weight_layout", "--layout"},
+};
+
+static int is_word_char(char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
+}
+
+void cli_flag_message(const char *msg, char *out, size_t cap) {
+    size_t o = 0;
+    if (cap == 0) return;
+    for (size_t i = 0; msg[i] && o + 1 < cap;) {
+        int done = 0;
+        if (is_word_char(msg[i]) && (i == 0 || !is_word_char(msg[i - 1]))) {
+            size_t n = 0;
+            while (is_word_char(msg[i + n])) n++;
+            for (size_t f = 0; f < sizeof cli_field_flags / sizeof cli_field_flags[0]; f++) {
+                const char *name = cli_field_flags[f].field;
+                if (strlen(name) != n || strncmp(msg + i, name, n) != 0) continue;
+                int assign = strncmp(msg + i + n, " = ", 3) == 0;
+                if (!assign && !strchr(name, '_')) break;
+                const char *flag = cli_field_flags[f].flag;
+                /* "N of --group-score topNsum = 5" keeps its "="; a flag takes the value */
+                int keep_eq = strchr(flag, ' ') != NULL;
+                o += (size_t)snprintf(out + o, cap - o, "%s%s", flag, assign && !keep_eq ? " " : "");
+                if (o >= cap) o = cap - 1;
+                i += n + (assign && !keep_eq ? 3 : 0);
+                done = 1;
+                break;
+            }
+            if (!done) { /* copy the whole word */
+                for (size_t k = 0; k < n && o + 1 < cap; k++) out[o++] = msg[i + k];
+                i += n;
+                continue;
+            }
+        }
+        if (!done) out[o++] = msg[i++];
+    }
+    out[o] = '\0';
+}
+
+int cli_fail_config(int code, const char *cmd, const char *fmt, ...) {
+    char raw[1024], mapped[1536];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(raw, sizeof raw, fmt, ap);
+    va_end(ap);
+    cli_flag_message(raw, mapped, sizeof mapped);
+    return cli_fail(code, cmd, "%s", mapped);
+}
+
 int cli_opt(int argc, char **argv, int *i, const char *name, const char **value, int *missing) {
     if (strcmp(argv[*i], name) != 0) return 0;
     if (*i + 1 >= argc) {
@@ -82,6 +179,14 @@ int cli_router_begin(const char *cmd, int argc, char **argv, cli_router_flags *f
     dsmoe_status st = dsmoe_router_preset(preset, &f->cfg);
     if (st != DSMOE_OK) {
         cli_fail(CLI_USAGE, cmd, "%s", dsmoe_last_error());
+        return -1;
+    }
+    return 0;
+}
+
+int cli_router_validate(const char *cmd, const cli_router_flags *f) {
+    if (dsmoe_router_config_validate(&f->cfg) != DSMOE_OK) {
+        cli_fail_config(CLI_USAGE, cmd, "%s", dsmoe_last_error());
         return -1;
     }
     return 0;

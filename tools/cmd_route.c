@@ -79,8 +79,7 @@ int cmd_route(int argc, char **argv) {
     if ((hidden_path != NULL) != (gate_path != NULL))
         return cli_fail(CLI_USAGE, cmd, "--hidden and --gate-weight go together");
     dsmoe_router_config *cfg = &rf.cfg;
-    if (dsmoe_router_config_validate(cfg) != DSMOE_OK)
-        return cli_fail(CLI_USAGE, cmd, "%s", dsmoe_last_error());
+    if (cli_router_validate(cmd, &rf) < 0) return CLI_USAGE;
 
     const int64_t E = cfg->n_experts, K = cfg->top_k;
     int rc = CLI_RUNTIME;
@@ -182,13 +181,14 @@ int cmd_route(int argc, char **argv) {
     if (out_l && cli_save_npy(cmd, out_l, DSMOE_DTYPE_F32, 2, shape_e, hidden_path ? proj : logits.data))
         goto done;
 
-    int64_t maxc = 0, dead = 0;
-    for (int64_t e = 0; e < E; e++) {
-        if (counts[e] > maxc) maxc = counts[e];
-        if (counts[e] == 0) dead++;
+    dsmoe_load_stats ls;
+    st = dsmoe_load_stats_compute(counts, (int32_t)E, 1, &ls);
+    if (st != DSMOE_OK) {
+        cli_fail_status(cmd, "load statistics", st);
+        goto done;
     }
-    double mean = T > 0 ? (double)(T * K) / (double)E : 0.0;
-    double maxvio = mean > 0 ? ((double)maxc - mean) / mean : 0.0;
+    const double maxvio = ls.maxvio;
+    const long long dead = ls.dead;
     if (json) {
         char cfgjson[1024];
         dsmoe_router_config_json(cfg, cfgjson, sizeof cfgjson);

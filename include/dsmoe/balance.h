@@ -20,6 +20,9 @@
  *    routed indices — no second pass over the logits: MaxVio (loss-free balancing
  *    paper), coefficient of variation, normalised entropy, dead experts, per-group
  *    load and the mean number of groups (nodes) each token reaches.
+ * 4. Simulation: a synthetic router-traffic generator (dsmoe_traffic) and a loop that
+ *    drives several strategies side by side on the same traffic (dsmoe_sim), with
+ *    per-step records, summaries and an atomic JSON-lines trace.
  *
  * Example (one training step of two micro-batches on one process):
  *   dsmoe_balancer_config bc;
@@ -305,6 +308,216 @@ DSMOE_API dsmoe_status dsmoe_load_groups_per_token(double *mean,
                                                    const int32_t *indices /* (T, K) */,
                                                    const uint8_t *mask /* (T) or NULL */,
                                                    int64_t T, int32_t K, int32_t E, int32_t G);
+
+/* ================================================================ simulation == */
+/* Studying balancing without training a model (what `dsmoe simulate` runs): a
+ * synthetic traffic generator of router logits, and a simulation that routes each
+ * step's logits once per strategy with that strategy's bias, feeds the counts to the
+ * strategy's balancer, measures the load and the sequence-wise loss, and optionally
+ * writes one JSON line per step and strategy to a trace file (atomically).
+ *
+ * Example (the default of `dsmoe simulate`):
+ *   dsmoe_router_config rc;   dsmoe_router_preset("deepseek-v3", &rc);
+ *   dsmoe_traffic_config tc;  dsmoe_traffic_config_default(rc.n_experts, &tc);
+ *   dsmoe_sim_config sc;      dsmoe_sim_config_default(&rc, &sc);  // none, sign, prop.
+ *   dsmoe_traffic *tr;  dsmoe_sim *sim;
+ *   dsmoe_traffic_create(&tc, &tr);  dsmoe_sim_create(&sc, &sim);
+ *   float *logits = malloc(sizeof(float) * tc.tokens * tc.n_experts);
+ *   for (int64_t s = 0; s < sc.steps; s++) {
+ *       dsmoe_traffic_next(tr, logits, NULL);
+ *       dsmoe_sim_step(sim, logits);
+ *   }
+ *   dsmoe_sim_summary sum;  dsmoe_sim_get_summary(sim, 1, &sum);  // sum.last.maxvio
+ *   dsmoe_sim_free(sim);  dsmoe_traffic_free(tr);  free(logits);
+ *
+ * Threading: a dsmoe_traffic or dsmoe_sim is used by one thread at a time; the
+ * routing inside a step uses sc.n_threads threads and its results never depend on
+ * that number. */
+
+/* ------------------------------------------------------- synthetic traffic -- */
+/* Expert i of domain d has a mean logit mu_{d,i} = profile[rank_{d}(i)] where
+ * profile[r] = −skew·ln(1 + r), centred to zero mean, and rank_d is a random
+ * permutation of the experts (Fisher–Yates). With drift R > 0 each domain has R + 1
+ * rankings and the means move linearly from one to the next, R times over `steps`
+ * steps (after `steps` steps they stay at the last ranking). A step is T tokens in
+ * sequences of seq_len tokens; each sequence draws one domain uniformly (no draw
+ * when n_domains == 1) and each token's logits are mu_{d,i} + noise·z with z
+ * approximately standard normal (the sum of four 16-bit uniforms, centred, scaled
+ * to unit variance; |z| < 3.47). Everything is a function of the seed: one splitmix64
+ * stream (state = seed·0x2545F4914F6CDD1D + 0x5EAD) draws the permutations at
+ * creation, then per step each sequence's domain and its tokens' noise, in order. */
+typedef struct dsmoe_traffic_config {
+    int32_t n_experts; /* E, 1..DSMOE_MAX_EXPERTS */
+    int64_t steps;     /* length of the run the drift is spread over, >= 1 (400) */
+    int64_t tokens;    /* T per step, >= 1 (2048) */
+    int64_t seq_len;   /* tokens per sequence, divides T; 0: 512 if that divides T, else T */
+    int32_t n_domains; /* 1..1024 (1) */
+    double skew;       /* 0..100 (0.3; 0: every expert equally popular) */
+    double noise;      /* standard deviation of the per-token noise, 0..1000 (1) */
+    double drift;      /* number of ranking changes over the run, 0..1000 (0) */
+    uint64_t seed;     /* any value (1) */
+} dsmoe_traffic_config;
+
+/* The defaults above for E experts. */
+DSMOE_API void dsmoe_traffic_config_default(int32_t n_experts, dsmoe_traffic_config *cfg);
+/* INVALID_CONFIG naming the field ("traffic seq_len = 30 does not divide the 100
+ * tokens of a step"). */
+DSMOE_API dsmoe_status dsmoe_traffic_config_validate(const dsmoe_traffic_config *cfg);
+
+typedef struct dsmoe_traffic dsmoe_traffic;
+/* Allocates everything the generator needs and draws the rankings. Errors:
+ * INVALID_ARGUMENT (NULL), INVALID_CONFIG, OUT_OF_MEMORY. */
+DSMOE_API dsmoe_status dsmoe_traffic_create(const dsmoe_traffic_config *cfg,
+                                            dsmoe_traffic **out);
+/* NULL is a no-op. */
+DSMOE_API void dsmoe_traffic_free(dsmoe_traffic *tr);
+/* The (validated, seq_len resolved) configuration. */
+DSMOE_API const dsmoe_traffic_config *dsmoe_traffic_get_config(const dsmoe_traffic *tr);
+/* Writes the next step's logits (T, E) and, if domains is not NULL, each token's
+ * domain (T) in 0..n_domains-1. Both are caller-owned. Allocates nothing. Errors:
+ * INVALID_ARGUMENT (NULL tr or logits). */
+DSMOE_API dsmoe_status dsmoe_traffic_next(dsmoe_traffic *tr, float *logits /* (T, E) */,
+                                          int32_t *domains /* (T) or NULL */);
+/* Steps produced so far. */
+DSMOE_API int64_t dsmoe_traffic_step_index(const dsmoe_traffic *tr);
+/* The mean logits mu (E) of `domain` used by the last step produced (before the first:
+ * those of step 0), owned by the generator, valid until the next call of next or
+ * free; NULL for a domain out of range. The expert with the largest value is the most
+ * popular. */
+DSMOE_API const float *dsmoe_traffic_popularity(const dsmoe_traffic *tr, int32_t domain);
+
+/* ------------------------------------------------------------ strategies -- */
+#define DSMOE_SIM_MAX_STRATEGIES 8
+
+/* One balancing strategy of a simulation. */
+typedef struct dsmoe_sim_strategy {
+    char name[64];                  /* label in traces and summaries: non-empty, printable
+                                       ASCII without '"' or '\\' (e.g. "sign:0.01") */
+    int32_t balance;                /* 1: run `balancer`; 0: no balancing (the bias stays at
+                                       its initial value; rates read 0) */
+    dsmoe_balancer_config balancer; /* used when balance == 1; n_experts must be the
+                                       router's E */
+} dsmoe_sim_strategy;
+
+/* Parses "none", "sign[:GAMMA]" or "proportional[:GAMMA]" ("prop" too) into s, with
+ * the balancer defaults for E experts, gamma = `gamma` unless the spec gives one
+ * (finite, >= 0), and name = spec. INVALID_ARGUMENT naming the spec on anything else
+ * (an unknown rule, a rate after "none", a bad rate, a spec of 64 bytes or more). */
+DSMOE_API dsmoe_status dsmoe_sim_strategy_parse(const char *spec, int32_t n_experts,
+                                                float gamma, dsmoe_sim_strategy *s);
+
+/* ----------------------------------------------------------- simulation -- */
+typedef struct dsmoe_sim_config {
+    dsmoe_router_config router;  /* must be valid with use_bias = 1: every strategy routes
+                                    with its own bias */
+    int64_t tokens;              /* T per step, >= 1 */
+    int64_t steps;               /* planned steps, >= 1: sets the "last" window; more or
+                                    fewer may be run */
+    double last_fraction;        /* (0, 1]: the last ceil(fraction·steps) steps are the
+                                    "last" window (0.2) */
+    double threshold;            /* >= 0: first_step_below reports the first step whose
+                                    MaxVio_batch is below it (0.5) */
+    float alpha;                 /* coefficient of the sequence-wise loss seq_aux, finite
+                                    and >= 0 (1e-4) */
+    int64_t seq_len;             /* tokens per sequence for seq_aux, divides T (T) */
+    dsmoe_balance_count seq_count; /* counts of seq_aux: ROUTED (default) or TOPK */
+    int n_threads;               /* threads of the routing and the loss; <= 0: default (1) */
+    int32_t n_strategies;        /* 1..DSMOE_SIM_MAX_STRATEGIES */
+    dsmoe_sim_strategy strategies[DSMOE_SIM_MAX_STRATEGIES];
+} dsmoe_sim_config;
+
+/* Defaults for a router config (copied, use_bias set to 1): T = 2048, 400 steps,
+ * last 20%, threshold 0.5, α = 1e-4, seq_len 512 (set it again when changing tokens:
+ * it must divide T), routed counts, 1 thread, and three strategies: "none", "sign",
+ * "proportional" at γ = 0.001 for E = router->n_experts. */
+DSMOE_API void dsmoe_sim_config_default(const dsmoe_router_config *router,
+                                        dsmoe_sim_config *cfg);
+/* INVALID_CONFIG naming the field: "router: <the router's message>", "tokens",
+ * "steps", "last_fraction", "threshold", "alpha", "seq_len", "seq_count",
+ * "n_strategies", "strategies[i] (name): <field or the balancer's message>". */
+DSMOE_API dsmoe_status dsmoe_sim_config_validate(const dsmoe_sim_config *cfg);
+
+/* One strategy's record of the last step (what one trace line holds). Pointers are
+ * owned by the simulation and valid until its next step or free. */
+typedef struct dsmoe_sim_record {
+    int64_t step;            /* from 0 */
+    int64_t tokens;          /* T */
+    float gamma;             /* rate the balancer applied at this step (0 for none) */
+    const int64_t *counts;   /* (E) tokens per expert of this step */
+    dsmoe_load_stats stats;  /* of counts with G = router n_groups: stats.maxvio is
+                                MaxVio_batch */
+    double groups_per_token; /* mean number of groups a token reached */
+    double seq_aux;          /* the sequence-wise loss of this step (measured, not trained) */
+    const float *bias;       /* (E) after this step's update */
+} dsmoe_sim_record;
+
+/* A strategy's figures over the steps run so far. */
+typedef struct dsmoe_sim_summary {
+    int64_t steps;                 /* steps run */
+    int64_t last_steps;            /* of those, steps in the "last" window */
+    dsmoe_load_stats run;          /* counts summed over all steps: run.maxvio is
+                                      MaxVio_global */
+    dsmoe_load_stats last;         /* counts summed over the last window */
+    double maxvio_batch_last_mean; /* mean of the per-step MaxVio_batch over the window */
+    double seq_aux_last_mean;      /* mean seq_aux over the window */
+    double groups_per_token_last_mean;
+    int64_t first_step_below;      /* first step with MaxVio_batch < threshold, -1: none */
+    double bias_spread;            /* max − min of the current bias */
+    const int64_t *run_counts;     /* (E) owned by the simulation, valid until the next step */
+    dsmoe_bias_bf16_report bf16;          /* storing the current bias in bf16 (with the
+                                             strategy's gamma; 0 for none) */
+    dsmoe_bias_bf16_report bf16_centred;  /* the same after subtracting its mean */
+} dsmoe_sim_summary;
+
+typedef struct dsmoe_sim dsmoe_sim;
+/* Validates the config and allocates every buffer, workspace and balancer the steps
+ * need; the bias of every strategy starts at zero. Errors: INVALID_ARGUMENT (NULL),
+ * INVALID_CONFIG (as validate), OUT_OF_MEMORY. */
+DSMOE_API dsmoe_status dsmoe_sim_create(const dsmoe_sim_config *cfg, dsmoe_sim **out);
+/* NULL is a no-op. An open trace that was not finished is discarded: its path is left
+ * as it was. */
+DSMOE_API void dsmoe_sim_free(dsmoe_sim *sim);
+DSMOE_API const dsmoe_sim_config *dsmoe_sim_get_config(const dsmoe_sim *sim);
+/* Sets the initial bias (E) of every strategy; only before the first step
+ * (INVALID_ARGUMENT after). NON_FINITE naming the expert; nothing changes on error. */
+DSMOE_API dsmoe_status dsmoe_sim_set_bias(dsmoe_sim *sim, const float *bias /* (E) */);
+/* Starts writing the trace to `path`: a temporary file next to it, renamed over it by
+ * dsmoe_sim_trace_finish (so `path` is never seen half-written). Each step then
+ * appends, per strategy in order, one line
+ *   {"step":S,"strategy":"NAME","gamma":G,"tokens":T,"counts":[E ints],
+ *    "maxvio_batch":X,"cv":X,"entropy":X,"dead":N,"group_maxvio":X,
+ *    "groups_per_token":X,"seq_aux":X,"bias":[E floats after the update]}
+ * (floats with 9 significant digits, gamma with 6). Only before the first step.
+ * Errors: INVALID_ARGUMENT (NULL, a trace already open, steps already run), IO (the
+ * folder is missing or not writable: nothing is created). */
+DSMOE_API dsmoe_status dsmoe_sim_trace_open(dsmoe_sim *sim, const char *path);
+/* Syncs the trace and renames it over its path. IO on failure (the path then keeps its
+ * old content, the temporary file is removed). A no-op when no trace is open. */
+DSMOE_API dsmoe_status dsmoe_sim_trace_finish(dsmoe_sim *sim);
+/* One training step on logits (T, E): for each strategy, routes with its bias,
+ * computes the load statistics and seq_aux, accumulates the counts and steps its
+ * balancer (update rule, schedule), and appends its trace line. Allocates nothing.
+ * Errors: INVALID_ARGUMENT (NULL), NON_FINITE (a NaN/Inf logit under
+ * nonfinite = error, naming step, token and expert; found by the first strategy's
+ * routing, so nothing changes), IO (writing the trace: the trace is discarded, and
+ * the strategies up to the failing line have taken the step). A failed step is not
+ * counted in dsmoe_sim_steps. */
+DSMOE_API dsmoe_status dsmoe_sim_step(dsmoe_sim *sim, const float *logits /* (T, E) */);
+/* Steps run so far. */
+DSMOE_API int64_t dsmoe_sim_steps(const dsmoe_sim *sim);
+/* The record of strategy s (0..n_strategies-1) for the last step; INVALID_ARGUMENT
+ * before the first step or for s out of range. */
+DSMOE_API dsmoe_status dsmoe_sim_get_record(const dsmoe_sim *sim, int32_t s,
+                                            dsmoe_sim_record *out);
+/* The summary of strategy s. Allocates (the bf16 report sorts a copy): not for a hot
+ * loop. INVALID_ARGUMENT for s out of range; with no step run, every figure is 0 and
+ * first_step_below is -1. */
+DSMOE_API dsmoe_status dsmoe_sim_get_summary(const dsmoe_sim *sim, int32_t s,
+                                             dsmoe_sim_summary *out);
+/* The balancer of strategy s (NULL for s out of range), owned by the simulation: read
+ * its bias and counters, or save it; do not free it. Strategies with balance = 0
+ * have one too (γ = 0), which keeps their bias. */
+DSMOE_API const dsmoe_balancer *dsmoe_sim_balancer(const dsmoe_sim *sim, int32_t s);
 
 #ifdef __cplusplus
 }
