@@ -1,10 +1,13 @@
 /*
  * dsmoe/model.h — DeepSeek-V3-style whole models (Hugging Face model directories):
- * the configuration read from config.json.
+ * the configuration read from config.json, the table of tensors a configuration
+ * implies, and the model directory (model.safetensors, or shards listed by
+ * model.safetensors.index.json) checked against that table and widened to fp32.
  *
- * What exists now: configuration. The model directory and the forward pass
- * (embedding, RMSNorm, MLA with RoPE/YaRN, dense and MoE FFNs, head) are not in the
- * library yet.
+ * What exists now: configuration, tensor table, model files. The forward pass
+ * (embedding, RMSNorm, MLA with RoPE/YaRN, dense and MoE FFNs, head) is not in the
+ * library yet; its fp64 reference is tests/ref/model_ref.py and docs/model.md
+ * states the math.
  *
  * Configuration. dsmoe_model_config_from_json() reads the DeepseekV3 keys of a
  * config.json (and DeepseekV2's, which differ only in the routing keys). The router
@@ -23,10 +26,15 @@
  *
  * Example:
  *   dsmoe_model_config cfg;
- *   if (dsmoe_model_config_from_dir("DeepSeek-V3", &cfg) != DSMOE_OK)
+ *   dsmoe_model_files *mf;
+ *   if (dsmoe_model_config_from_dir("DeepSeek-V3", &cfg) != DSMOE_OK ||
+ *       dsmoe_model_files_open("DeepSeek-V3", &cfg, &mf) != DSMOE_OK)
  *       fprintf(stderr, "%s\n", dsmoe_last_error());
- *   dsmoe_router_config rc;
- *   dsmoe_model_router_config(&cfg, &rc);             // the MoE layers' router
+ *   dsmoe_model_tensor_info ti;
+ *   dsmoe_model_files_get(mf, "model.layers.0.self_attn.kv_b_proj.weight", &ti);
+ *   float *w = malloc(ti.shape[0] * ti.shape[1] * sizeof *w);
+ *   dsmoe_model_files_read_f32(mf, ti.name, w);     // fp8 blocks dequantised
+ *   dsmoe_model_files_close(mf);
  */
 #ifndef DSMOE_MODEL_H
 #define DSMOE_MODEL_H
@@ -131,6 +139,91 @@ DSMOE_API dsmoe_status dsmoe_model_router_config(const dsmoe_model_config *cfg,
  * inference, max_tokens 512). */
 DSMOE_API dsmoe_status dsmoe_model_moe_config(const dsmoe_model_config *cfg,
                                               dsmoe_moe_config *out);
+
+/* ------------------------------------------------------------ tensor table -- */
+/* The tensors a configuration implies, under their Hugging Face names (every name
+ * carries "model." except lm_head.weight), in this order: model.embed_tokens.weight
+ * (V, D); per layer l: input_layernorm (D), self_attn.{q_proj (H(n+r), D) | q_a_proj
+ * (q, D), q_a_layernorm (q), q_b_proj (H(n+r), q)}, kv_a_proj_with_mqa (c+r, D),
+ * kv_a_layernorm (c), kv_b_proj (H(n+v), c), o_proj (D, Hv), post_attention_layernorm
+ * (D), then mlp.{gate_proj, up_proj (I, D), down_proj (D, I)} for a dense layer or
+ * mlp.gate.weight (E, D), mlp.gate.e_score_correction_bias (E) (noaux_tc only),
+ * mlp.experts.<e>.{gate_proj, up_proj (F, D), down_proj (D, F)},
+ * mlp.shared_experts.{gate_proj, up_proj (N_s F, D), down_proj (D, N_s F)} for a MoE
+ * layer; model.norm.weight (D); lm_head.weight (V, D) unless tied. Each MTP depth d
+ * (layer L + d) then adds embed_tokens (V, D), enorm (D), hnorm (D), eh_proj (D, 2D),
+ * shared_head.norm (D), shared_head.head (V, D) and an ordinary block. Every name ends
+ * in ".weight" except the correction bias. */
+#define DSMOE_MODEL_NAME_MAX 96
+
+typedef struct dsmoe_model_tensor_spec {
+    char name[DSMOE_MODEL_NAME_MAX];
+    int32_t ndim;           /* 1 or 2 */
+    int64_t shape[2];       /* [out, in] for matrices; shape[1] = 0 for vectors */
+    int32_t layer;          /* -1 for embedding, final norm and head */
+    int32_t mtp;            /* 1 for the tensors of an MTP depth */
+} dsmoe_model_tensor_spec;
+
+/* Number of tensors with `mtp_depths` MTP depths (0 .. num_nextn_predict_layers);
+ * -1 (with INVALID_CONFIG) for an invalid config or depth count. */
+DSMOE_API int64_t dsmoe_model_tensor_count(const dsmoe_model_config *cfg, int32_t mtp_depths);
+/* The i-th tensor in the order above. INVALID_ARGUMENT when i is out of range. */
+DSMOE_API dsmoe_status dsmoe_model_tensor_at(const dsmoe_model_config *cfg, int32_t mtp_depths,
+                                             int64_t i, dsmoe_model_tensor_spec *out);
+
+/* ------------------------------------------------------------ model files -- */
+/* A model directory opened read-only: <dir>/model.safetensors, or the shards that
+ * <dir>/model.safetensors.index.json lists in its "weight_map" (both present is an
+ * error). Files are memory-mapped (read into memory where mmap is impossible).
+ * Opening checks everything against the tensor table of the config:
+ *   - a listed shard name with a '/' or a shard that fails to open: error naming it;
+ *   - a tensor of the table that is missing: NOT_FOUND naming it (MTP depths are all
+ *     or nothing: a depth with none of its tensors is simply absent, see
+ *     dsmoe_model_files_mtp_depths; a depth with some is an error naming the first
+ *     missing one);
+ *   - a tensor in the files that the table does not have, a weight_map entry whose
+ *     shard lacks it, a shard tensor not in weight_map: FORMAT naming it;
+ *   - a shape other than the table's: SHAPE_MISMATCH naming the tensor, both shapes;
+ *   - stored dtypes: F32, BF16, F16, or F8_E4M3 for matrices (2-D) with a companion
+ *     <name>_scale_inv F32 of shape (ceil(out / br), ceil(in / bc)), (br, bc) from the
+ *     config's quantization_config (an F8 tensor without one is an error); other
+ *     dtypes are FORMAT naming the tensor.
+ * The object is immutable after opening: any number of threads may read it.
+ * *out is NULL on error. */
+typedef struct dsmoe_model_files dsmoe_model_files;
+
+DSMOE_API dsmoe_status dsmoe_model_files_open(const char *dir, const dsmoe_model_config *cfg,
+                                              dsmoe_model_files **out);
+/* NULL is a no-op. Views and names obtained from the object die with it. */
+DSMOE_API void dsmoe_model_files_close(dsmoe_model_files *mf);
+/* MTP depths present in the files (0 .. num_nextn_predict_layers). */
+DSMOE_API int32_t dsmoe_model_files_mtp_depths(const dsmoe_model_files *mf);
+/* Number of shard files (1 for a single model.safetensors). */
+DSMOE_API int32_t dsmoe_model_files_shard_count(const dsmoe_model_files *mf);
+
+typedef struct dsmoe_model_tensor_info {
+    const char *name;          /* owned by the object */
+    const char *stored_dtype;  /* "F32", "BF16", "F16" or "F8_E4M3" */
+    int32_t ndim;
+    int64_t shape[2];
+    int32_t shard;             /* index of its file (0 for a single file) */
+    int32_t has_scale;         /* 1 for F8_E4M3 (block scales in <name>_scale_inv) */
+} dsmoe_model_tensor_info;
+
+/* Looks a table tensor up (not the _scale_inv companions); NOT_FOUND names it. */
+DSMOE_API dsmoe_status dsmoe_model_files_get(const dsmoe_model_files *mf, const char *name,
+                                             dsmoe_model_tensor_info *out);
+/* Widens a table tensor to fp32 into dst (shape[0]·max(shape[1], 1) floats): F32 as
+ * is, BF16 and F16 exactly, F8_E4M3 times its block's scale_inv (w = fp8 · scale,
+ * the scale of block (i / br, j / bc) for element (i, j)). A NaN or Inf in the result
+ * is NON_FINITE naming the tensor and the element (dst is then unspecified).
+ * NOT_FOUND names an unknown tensor. Reentrant. */
+DSMOE_API dsmoe_status dsmoe_model_files_read_f32(const dsmoe_model_files *mf, const char *name,
+                                                  float *dst);
+
+/* The value of an F8_E4M3 byte (the "fn" variant: bias 7, no infinities, 0x7F and
+ * 0xFF are NaN, largest finite 448). */
+DSMOE_API float dsmoe_fp8_e4m3_to_f32(uint8_t b);
 
 #ifdef __cplusplus
 }
