@@ -4,10 +4,11 @@
  * implies, and the model directory (model.safetensors, or shards listed by
  * model.safetensors.index.json) checked against that table and widened to fp32.
  *
- * What exists now: configuration, tensor table, model files. The forward pass
- * (embedding, RMSNorm, MLA with RoPE/YaRN, dense and MoE FFNs, head) is not in the
- * library yet; its fp64 reference is tests/ref/model_ref.py and docs/model.md
- * states the math.
+ * What exists now: configuration, tensor table, model files. The forward pass is not a
+ * public API yet: its building blocks (RMSNorm, RoPE / YaRN frequencies, naive MLA for a
+ * prompt, dense SwiGLU; MoE layers through dsmoe/moe.h) are internal to the library and
+ * tested against the fp64 reference tests/ref/model_ref.py, whose logits they reproduce;
+ * docs/model.md states the math.
  *
  * Configuration. dsmoe_model_config_from_json() reads the DeepseekV3 keys of a
  * config.json (and DeepseekV2's, which differ only in the routing keys). The router
