@@ -91,7 +91,7 @@ static inline double *mt_npy64(const char *path, int64_t *n) {
         return NULL;
     }
     int64_t k = dsmoe_array_numel(&a);
-    double *o = (double *)malloc((size_t)(k ? k : 1) * sizeof *o);
+    double *o = (double *)calloc((size_t)(k ? k : 1), sizeof *o);
     for (int64_t i = 0; i < k; i++) {
         if (a.dtype == DSMOE_DTYPE_F64) o[i] = ((const double *)a.data)[i];
         else if (a.dtype == DSMOE_DTYPE_F32) o[i] = ((const float *)a.data)[i];

@@ -39,7 +39,7 @@ static const char *make_variant(char *buf, size_t cap, const char *src, const ch
     char from[512], path[700];
     mt_scratch(buf, cap, name);
     snprintf(from, sizeof from, "%s%s/config.json", MT_GOLDEN, src);
-    size_t len, l2;
+    size_t len = 0, l2 = 0;
     char *cfg = mt_read(from, &len);
     if (!cfg) {
         TL_FAIL("cannot read %s", from);
@@ -79,7 +79,7 @@ static const char *make_variant(char *buf, size_t cap, const char *src, const ch
             shape[1] = v.shape[0];
         }
         if (e->retype && strcmp(v.name, e->retype) == 0) dt = DSMOE_DTYPE_I32;
-        if (e->nan && strcmp(v.name, e->nan) == 0) {
+        if (e->nan && !nan_copy && strcmp(v.name, e->nan) == 0) {
             nan_copy = (float *)malloc(v.nbytes);
             memcpy(nan_copy, v.data, v.nbytes);
             nan_copy[3] = NAN;

@@ -26,9 +26,8 @@ static int close_to(const char *what, const float *got, const double *ref, int64
     return tl_allclose(what, got, ref, n, rel * (s > 1 ? s : 1), rel);
 }
 
-static float *weight(const dsmoe_model_files *mf, const char *fmt, int32_t l) {
-    char name[DSMOE_MODEL_NAME_MAX];
-    snprintf(name, sizeof name, fmt, (int)l);
+/* A tensor widened to fp32 (malloc'd). */
+static float *weight(const dsmoe_model_files *mf, const char *name) {
     dsmoe_model_tensor_info t;
     if (dsmoe_model_files_get(mf, name, &t) != DSMOE_OK) {
         TL_FAIL("%s", dsmoe_last_error());
@@ -38,6 +37,13 @@ static float *weight(const dsmoe_model_files *mf, const char *fmt, int32_t l) {
     float *w = (float *)malloc((size_t)n * sizeof *w);
     if (dsmoe_model_files_read_f32(mf, name, w) != DSMOE_OK) TL_FAIL("%s", dsmoe_last_error());
     return w;
+}
+
+/* The same for "model.layers.<l>.<what>". */
+static float *lweight(const dsmoe_model_files *mf, int32_t l, const char *what) {
+    char name[DSMOE_MODEL_NAME_MAX];
+    snprintf(name, sizeof name, "model.layers.%d.%s", (int)l, what);
+    return weight(mf, name);
 }
 
 typedef struct layer_w {
@@ -50,18 +56,18 @@ static void layer_load(layer_w *L, const dsmoe_model_files *mf, const dsmoe_mode
     memset(L, 0, sizeof *L);
     int k = 0;
     if (c->q_lora_rank > 0) {
-        L->a.q_a_proj = L->own[k++] = weight(mf, "model.layers.%d.self_attn.q_a_proj.weight", l);
-        L->a.q_a_norm = L->own[k++] = weight(mf, "model.layers.%d.self_attn.q_a_layernorm.weight", l);
-        L->a.q_b_proj = L->own[k++] = weight(mf, "model.layers.%d.self_attn.q_b_proj.weight", l);
+        L->a.q_a_proj = L->own[k++] = lweight(mf, l, "self_attn.q_a_proj.weight");
+        L->a.q_a_norm = L->own[k++] = lweight(mf, l, "self_attn.q_a_layernorm.weight");
+        L->a.q_b_proj = L->own[k++] = lweight(mf, l, "self_attn.q_b_proj.weight");
     } else {
-        L->a.q_proj = L->own[k++] = weight(mf, "model.layers.%d.self_attn.q_proj.weight", l);
+        L->a.q_proj = L->own[k++] = lweight(mf, l, "self_attn.q_proj.weight");
     }
-    L->a.kv_a_proj = L->own[k++] = weight(mf, "model.layers.%d.self_attn.kv_a_proj_with_mqa.weight", l);
-    L->a.kv_a_norm = L->own[k++] = weight(mf, "model.layers.%d.self_attn.kv_a_layernorm.weight", l);
-    L->a.kv_b_proj = L->own[k++] = weight(mf, "model.layers.%d.self_attn.kv_b_proj.weight", l);
-    L->a.o_proj = L->own[k++] = weight(mf, "model.layers.%d.self_attn.o_proj.weight", l);
-    L->in_norm = weight(mf, "model.layers.%d.input_layernorm.weight", l);
-    L->post_norm = weight(mf, "model.layers.%d.post_attention_layernorm.weight", l);
+    L->a.kv_a_proj = L->own[k++] = lweight(mf, l, "self_attn.kv_a_proj_with_mqa.weight");
+    L->a.kv_a_norm = L->own[k++] = lweight(mf, l, "self_attn.kv_a_layernorm.weight");
+    L->a.kv_b_proj = L->own[k++] = lweight(mf, l, "self_attn.kv_b_proj.weight");
+    L->a.o_proj = L->own[k++] = lweight(mf, l, "self_attn.o_proj.weight");
+    L->in_norm = lweight(mf, l, "input_layernorm.weight");
+    L->post_norm = lweight(mf, l, "post_attention_layernorm.weight");
 }
 
 static void layer_free(layer_w *L) {
@@ -85,7 +91,7 @@ static dsmoe_moe *moe_load(const dsmoe_model_files *mf, const dsmoe_model_config
         ASSERT_OK(dsmoe_moe_tensor_at(moe, i, &t));
         snprintf(name, sizeof name, "model.layers.%d.mlp.%s", (int)l, t.name);
         if (!t.trainable) { /* the correction bias: a buffer, set through its setter */
-            float *b = weight(mf, name, l);
+            float *b = weight(mf, name);
             ASSERT_OK(dsmoe_moe_set_bias(moe, b));
             free(b);
             continue;
@@ -110,7 +116,9 @@ static void run_case(const char *name) {
     double *tok = mt_npy64(path, &T);
     ASSERT_TRUE(T >= 5);
     snprintf(path, sizeof path, "%s/inv_freq.npy", dir);
-    double *f_ref = mt_npy64(path, &n);
+    int64_t nf;
+    double *f_ref = mt_npy64(path, &nf);
+    ASSERT_EQ_INT(nf, half);
     snprintf(path, sizeof path, "%s/attn0.npy", dir);
     double *attn_ref = mt_npy64(path, &n);
     snprintf(path, sizeof path, "%s/hidden.npy", dir);
@@ -119,12 +127,13 @@ static void run_case(const char *name) {
     snprintf(path, sizeof path, "%s/logits.npy", dir);
     double *logit_ref = mt_npy64(path, &n);
     ASSERT_EQ_INT(n, T * V);
-    if (!tok || !f_ref || !attn_ref || !hid_ref || !logit_ref) goto done;
+    if (!tok || !f_ref || !attn_ref || !hid_ref || !logit_ref || T < 5) goto done;
 
     /* RoPE frequencies (YaRN's ramp included) in double. */
-    double f[512];
-    dsmoe__rope_inv_freq(f, &c);
-    for (int32_t i = 0; i < half; i++) ASSERT_NEAR(f[i], f_ref[i], 1e-15 * f_ref[i]);
+    double f[512] = {0};
+    ASSERT_TRUE(half <= 512);
+    if (half <= 512) dsmoe__rope_inv_freq(f, &c);
+    for (int64_t i = 0; i < half && i < nf; i++) ASSERT_NEAR(f[i], f_ref[i], 1e-15 * f_ref[i]);
 
     size_t ws_size = dsmoe__mla_workspace_size(&c, T);
     void *ws = malloc(ws_size);
@@ -132,7 +141,7 @@ static void run_case(const char *name) {
     float *x = (float *)calloc((size_t)(T * D), sizeof *x);
     float *y = (float *)calloc((size_t)(T * D), sizeof *y);
     float *scratch = (float *)calloc((size_t)(2 * T * c.intermediate_size), sizeof *scratch);
-    float *emb = weight(mf, "model.embed_tokens.weight", 0);
+    float *emb = weight(mf, "model.embed_tokens.weight");
     for (int64_t t = 0; t < T; t++) memcpy(h + t * D, emb + (int64_t)tok[t] * D, (size_t)D * sizeof *h);
     ASSERT_TRUE(close_to("embedding", h, hid_ref, T * D, 0));
 
@@ -151,9 +160,9 @@ static void run_case(const char *name) {
             if (moe) ASSERT_OK(dsmoe_moe_forward(moe, y, x, T, 1));
             dsmoe_moe_free(moe);
         } else {
-            float *g = weight(mf, "model.layers.%d.mlp.gate_proj.weight", l);
-            float *u = weight(mf, "model.layers.%d.mlp.up_proj.weight", l);
-            float *dn = weight(mf, "model.layers.%d.mlp.down_proj.weight", l);
+            float *g = lweight(mf, l, "mlp.gate_proj.weight");
+            float *u = lweight(mf, l, "mlp.up_proj.weight");
+            float *dn = lweight(mf, l, "mlp.down_proj.weight");
             dsmoe__swiglu(y, x, g, u, dn, T, D, c.intermediate_size, scratch);
             free(g);
             free(u);
@@ -165,8 +174,8 @@ static void run_case(const char *name) {
         close_to(what, h, hid_ref + (int64_t)(l + 1) * T * D, T * D, 1e-5);
         layer_free(&L);
     }
-    float *fn = weight(mf, "model.norm.weight", 0);
-    float *head = c.tie_word_embeddings ? emb : weight(mf, "lm_head.weight", 0);
+    float *fn = weight(mf, "model.norm.weight");
+    float *head = c.tie_word_embeddings ? emb : weight(mf, "lm_head.weight");
     float *logits = (float *)calloc((size_t)(T * V), sizeof *logits);
     dsmoe__rmsnorm(x, h, fn, T, D, D, D, c.rms_norm_eps);
     for (int64_t t = 0; t < T; t++)

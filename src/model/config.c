@@ -165,8 +165,8 @@ static dsmoe_status json_int(dsmoe__json *j, const char *key, int64_t lo, int64_
             return DSMOE_OK;
         }
     }
-    double d;
-    int integral;
+    double d = 0.0;
+    int integral = 0;
     char f[64];
     if (dsmoe__json_peek(j) != DSMOE__JSON_NUMBER)
         return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG, "%s: %s must be an integer%s, found %s",
@@ -324,7 +324,7 @@ static dsmoe_status cfg_quant(dsmoe__json *j, dsmoe_model_config *c) {
     int32_t br = 0, bc = 0;
     for (;;) {
         int more;
-        const char *key, *str;
+        const char *key = "", *str = "";
         size_t len, at;
         char full[96];
         if ((s = dsmoe__json_next_member(j, &more, &key, &len, &at)) != DSMOE_OK) return s;
@@ -386,9 +386,9 @@ static dsmoe_status cfg_quant(dsmoe__json *j, dsmoe_model_config *c) {
 static dsmoe_status cfg_member(dsmoe__json *j, cfg_key k, dsmoe_model_config *c,
                                double *inner_theta) {
     const char *key = cfg_key_names[k];
-    const char *str;
-    int b;
-    double d;
+    const char *str = "";
+    int b = 0;
+    double d = 0.0;
     dsmoe_status s;
     switch (k) {
     case K_HIDDEN: return cfg_int32(j, key, 1, CFG_MAX_DIM, &c->hidden_size, 0);

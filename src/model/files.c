@@ -100,12 +100,14 @@ static int cmp_entry(const void *a, const void *b) {
     return strcmp(((const mf_entry *)a)->spec.name, ((const mf_entry *)b)->spec.name);
 }
 
+/* bsearch comparator: a name against an entry. */
+static int cmp_name_entry(const void *name, const void *e) {
+    return strcmp((const char *)name, ((const mf_entry *)e)->spec.name);
+}
+
 static mf_entry *mf_find(const dsmoe_model_files *mf, const char *name) {
-    mf_entry key;
-    if (strlen(name) >= sizeof key.spec.name) return NULL;
-    strcpy(key.spec.name, name);
-    return (mf_entry *)bsearch(&key, mf->entries, (size_t)mf->n_entries, sizeof *mf->entries,
-                               cmp_entry);
+    return (mf_entry *)bsearch(name, mf->entries, (size_t)mf->n_entries, sizeof *mf->entries,
+                               cmp_name_entry);
 }
 
 static int cmp_str(const void *a, const void *b) {
@@ -167,28 +169,32 @@ static dsmoe_status f8_patch_header(mf_shard *sh, unsigned char *hdr, size_t n) 
     dsmoe__json j;
     dsmoe__json_init(&j, hdr, n, 8, "safetensors header", arena, n + 1);
     int64_t cap = 0;
-    dsmoe_status s = dsmoe__json_begin(&j, '{', "the header");
-    while (s == DSMOE_OK) {
-        int more;
-        const char *tname, *key;
+    /* Any JSON error ends the walk (the reader reports it); only running out of memory
+     * is an error here. */
+    int ok = dsmoe__json_begin(&j, '{', "the header") == DSMOE_OK;
+    while (ok) {
+        int more = 0;
+        const char *tname = "", *key = "";
         size_t len, at;
-        if ((s = dsmoe__json_next_member(&j, &more, &tname, &len, &at)) != DSMOE_OK || !more) break;
+        if (dsmoe__json_next_member(&j, &more, &tname, &len, &at) != DSMOE_OK || !more) break;
         if (strcmp(tname, "__metadata__") == 0 || dsmoe__json_peek(&j) != DSMOE__JSON_OBJECT) {
-            s = dsmoe__model_json_skip(&j, tname);
+            ok = dsmoe__model_json_skip(&j, tname) == DSMOE_OK;
             continue;
         }
-        if ((s = dsmoe__json_begin(&j, '{', tname)) != DSMOE_OK) break;
+        if (dsmoe__json_begin(&j, '{', tname) != DSMOE_OK) break;
         for (;;) {
-            if ((s = dsmoe__json_next_member(&j, &more, &key, &len, &at)) != DSMOE_OK || !more) break;
+            ok = dsmoe__json_next_member(&j, &more, &key, &len, &at) == DSMOE_OK;
+            if (!ok || !more) break;
             if (strcmp(key, "dtype") != 0 || dsmoe__json_peek(&j) != DSMOE__JSON_STRING) {
-                if ((s = dsmoe__model_json_skip(&j, key)) != DSMOE_OK) break;
+                if (!(ok = dsmoe__model_json_skip(&j, key) == DSMOE_OK)) break;
                 continue;
             }
             size_t v0 = j.pos;
-            const char *dt;
-            if ((s = dsmoe__json_string(&j, &dt, &len)) != DSMOE_OK) break;
+            const char *dt = "";
+            if (!(ok = dsmoe__json_string(&j, &dt, &len) == DSMOE_OK)) break;
             if (strcmp(dt, "F8_E4M3") != 0 || j.pos - v0 != 9) continue;
-            memcpy(hdr + v0, "\"U8\"     ", 9);
+            static const unsigned char u8_value[9] = {'"', 'U', '8', '"', ' ', ' ', ' ', ' ', ' '};
+            for (size_t b = 0; b < sizeof u8_value; b++) hdr[v0 + b] = u8_value[b];
             if (sh->n_f8 == cap) {
                 int64_t nc = cap ? 2 * cap : 64;
                 char **g = (char **)realloc(sh->f8_names, (size_t)nc * sizeof *g);
