@@ -379,6 +379,42 @@ static void test_fp8_refusals(void) {
     expect_refused(dir, DSMOE_STATUS_FORMAT, "quantization_config", "is F8_E4M3");
 }
 
+/* An fp8 shard cut short anywhere (inside the length, the header, the data) is refused
+ * with an error, never read past its end (the private image and the header rewrite). */
+static void test_fp8_truncated(void) {
+    char dir[512], from[700], to[700];
+    snprintf(from, sizeof from, "%sfp8_blocks/model.safetensors", MT_GOLDEN);
+    size_t len;
+    char *img = mt_read(from, &len);
+    ASSERT_TRUE(img != NULL && len > 64);
+    if (!img) return;
+    uint64_t hn;
+    memcpy(&hn, img, 8);
+    const size_t cuts[] = {0, 5, 8, 9, 8 + (size_t)hn / 2, 8 + (size_t)hn - 1, 8 + (size_t)hn,
+                           8 + (size_t)hn + 100, len - 1};
+    for (size_t i = 0; i < sizeof cuts / sizeof cuts[0]; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "model_fp8_cut%zu", i);
+        mt_scratch(dir, sizeof dir, name);
+        snprintf(from, sizeof from, "%sfp8_blocks/config.json", MT_GOLDEN);
+        snprintf(to, sizeof to, "%s/config.json", dir);
+        ASSERT_TRUE(mt_copy(from, to));
+        snprintf(to, sizeof to, "%s/model.safetensors", dir);
+        ASSERT_TRUE(mt_write(to, img, cuts[i]));
+        dsmoe_model_config c;
+        dsmoe_model_files *mf = NULL;
+        ASSERT_OK(dsmoe_model_config_from_dir(dir, &c));
+        dsmoe_status s = dsmoe_model_files_open(dir, &c, &mf);
+        if (s != DSMOE_STATUS_FORMAT)
+            TL_FAIL("cut at %zu of %zu: %s (%s), want FORMAT", cuts[i], len, dsmoe_status_name(s),
+                    dsmoe_last_error());
+        ASSERT_TRUE(mf == NULL);
+        ASSERT_TRUE(strstr(dsmoe_last_error(), "model.safetensors") != NULL);
+        dsmoe_model_files_close(mf);
+    }
+    free(img);
+}
+
 /* ------------------------------------------------------------ refusals -- */
 
 static void test_refusals_single(void) {
@@ -564,6 +600,7 @@ int main(void) {
     RUN(test_fp8_decode);
     RUN(test_fp8_blocks);
     RUN(test_fp8_refusals);
+    RUN(test_fp8_truncated);
     RUN(test_refusals_single);
     RUN(test_refusals_sharded);
     RUN(test_bad_arguments);
