@@ -8,6 +8,7 @@
  *   dsmoe/router.h   the router: scores, group-limited top-k, weights; backward
  *   dsmoe/balance.h  loss-free bias balancing, balance losses, load statistics
  *   dsmoe/moe.h      the MoE layer: dispatch, SwiGLU experts, combine; backward
+ *   dsmoe/model.h    whole models: config.json, tensor table, model directories
  *
  * Conventions: arrays are row-major (tokens × features); expert indices are
  * int32_t; compute is fp32. Every fallible call returns dsmoe_status and leaves a
@@ -22,5 +23,6 @@
 #include "dsmoe/router.h"
 #include "dsmoe/balance.h"
 #include "dsmoe/moe.h"
+#include "dsmoe/model.h"
 
 #endif /* DSMOE_H */

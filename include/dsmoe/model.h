@@ -1,0 +1,232 @@
+/*
+ * dsmoe/model.h — DeepSeek-V3-style whole models (Hugging Face model directories):
+ * the configuration read from config.json, the table of tensors a configuration
+ * implies, and the model directory (model.safetensors, or shards listed by
+ * model.safetensors.index.json) checked against that table and widened to fp32.
+ *
+ * What exists now: configuration, tensor table, model files. The forward pass is not a
+ * public API yet: its building blocks (RMSNorm, RoPE / YaRN frequencies, naive MLA for a
+ * prompt, dense SwiGLU; MoE layers through dsmoe/moe.h) are internal to the library and
+ * tested against the fp64 reference tests/ref/model_ref.py, whose logits they reproduce;
+ * docs/model.md states the math.
+ *
+ * Configuration. dsmoe_model_config_from_json() reads the DeepseekV3 keys of a
+ * config.json (and DeepseekV2's, which differ only in the routing keys). The router
+ * is chosen by `scoring_func` and `topk_method`, never by `model_type`:
+ *   noaux_tc             bias e_score_correction_bias; group score = sum of the top 2
+ *   group_limited_greedy no bias; group score = max
+ *   greedy               no bias; no group stage (n_group, topk_group ignored)
+ * Weights are normalised iff `norm_topk_prob` and always multiplied by
+ * `routed_scaling_factor` (DeepSeek-V3's reading). A value dsmoe cannot honour is an
+ * error naming the key (INVALID_CONFIG): another `hidden_act` than silu,
+ * `attention_bias` true, `rope_interleave` false, an unknown `topk_method`,
+ * `scoring_func` or rope type, a `quantization_config` other than fp8 e4m3 block
+ * scales, and the combinations on which the DeepSeek code bases disagree (see
+ * dsmoe_model_config_from_json). Keys that do not change the math (token ids,
+ * dropout, torch_dtype, training-only loss weights, ...) are ignored.
+ *
+ * Example:
+ *   dsmoe_model_config cfg;
+ *   dsmoe_model_files *mf;
+ *   if (dsmoe_model_config_from_dir("DeepSeek-V3", &cfg) != DSMOE_OK ||
+ *       dsmoe_model_files_open("DeepSeek-V3", &cfg, &mf) != DSMOE_OK)
+ *       fprintf(stderr, "%s\n", dsmoe_last_error());
+ *   dsmoe_model_tensor_info ti;
+ *   dsmoe_model_files_get(mf, "model.layers.0.self_attn.kv_b_proj.weight", &ti);
+ *   float *w = malloc(ti.shape[0] * ti.shape[1] * sizeof *w);
+ *   dsmoe_model_files_read_f32(mf, ti.name, w);     // fp8 blocks dequantised
+ *   dsmoe_model_files_close(mf);
+ */
+#ifndef DSMOE_MODEL_H
+#define DSMOE_MODEL_H
+
+#include "core.h"
+#include "moe.h"
+#include "router.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The routing method (config.json `topk_method`). */
+typedef enum dsmoe_topk_method {
+    DSMOE_TOPK_METHOD_NOAUX_TC = 0,             /* "noaux_tc" (V3) */
+    DSMOE_TOPK_METHOD_GROUP_LIMITED_GREEDY = 1, /* "group_limited_greedy" (V2) */
+    DSMOE_TOPK_METHOD_GREEDY = 2                /* "greedy" (V2-Lite) */
+} dsmoe_topk_method;
+
+/* Rotary embedding frequencies (config.json `rope_scaling`). */
+typedef enum dsmoe_rope_type {
+    DSMOE_ROPE_TYPE_DEFAULT = 0, /* rope_scaling null (or rope_type "default") */
+    DSMOE_ROPE_TYPE_YARN = 1     /* rope_scaling {"type" or "rope_type": "yarn", ...} */
+} dsmoe_rope_type;
+
+/* Notation: D hidden_size, H num_attention_heads, n qk_nope_head_dim, r
+ * qk_rope_head_dim, v v_head_dim, c kv_lora_rank, q q_lora_rank, E n_routed_experts,
+ * F moe_intermediate_size, V vocab_size, L num_hidden_layers. */
+typedef struct dsmoe_model_config {
+    int32_t hidden_size;             /* D */
+    int32_t intermediate_size;       /* dense FFN inner size */
+    int32_t moe_intermediate_size;   /* F, routed and shared expert inner size */
+    int32_t num_hidden_layers;       /* L */
+    int32_t first_k_dense_replace;   /* layers 0 .. k-1 are dense */
+    int32_t moe_layer_freq;          /* layer l >= k is MoE iff l % freq == 0 */
+    int32_t num_attention_heads;     /* H */
+    int32_t q_lora_rank;             /* q; 0 when null (a plain q_proj) */
+    int32_t kv_lora_rank;            /* c */
+    int32_t qk_nope_head_dim;        /* n */
+    int32_t qk_rope_head_dim;        /* r, even */
+    int32_t v_head_dim;              /* v */
+    int32_t n_routed_experts;        /* E; 0 when null (every layer dense) */
+    int32_t n_shared_experts;        /* N_s; 0 when null */
+    int32_t num_experts_per_tok;     /* K */
+    int32_t n_group;                 /* G as written (greedy routes with one group) */
+    int32_t topk_group;              /* TG as written */
+    dsmoe_score_func scoring_func;   /* "sigmoid" or "softmax" */
+    dsmoe_topk_method topk_method;
+    int32_t norm_topk_prob;          /* 0 / 1 */
+    float routed_scaling_factor;
+    float rms_norm_eps;
+    double rope_theta;
+    int64_t max_position_embeddings; /* positions 0 .. this - 1 */
+    dsmoe_rope_type rope_type;
+    double rope_factor;              /* YaRN s (>= 1) */
+    int64_t rope_original_max_position_embeddings; /* YaRN L0 */
+    double rope_beta_fast, rope_beta_slow;         /* YaRN β_fast, β_slow */
+    double rope_mscale, rope_mscale_all_dim;       /* equal (checked) */
+    int32_t tie_word_embeddings;     /* 1: the head is embed_tokens (no lm_head.weight) */
+    int32_t vocab_size;              /* V */
+    int32_t num_nextn_predict_layers;/* MTP depths stored at layers L .. L + this - 1 */
+    int32_t fp8_block_rows, fp8_block_cols; /* quantization_config weight_block_size, or 0
+                                               without a quantization_config */
+} dsmoe_model_config;
+
+/* Reads config.json text json[0..len) (UTF-8, strict JSON; need not be NUL-terminated).
+ * Keys whose defaults agree in Hugging Face's DeepseekV2Config and DeepseekV3Config
+ * may be absent and take them: moe_layer_freq 1, first_k_dense_replace 0,
+ * rms_norm_eps 1e-6, rope_theta 10000, rope_scaling null, hidden_act "silu",
+ * attention_bias false, tie_word_embeddings false; num_nextn_predict_layers is 0
+ * when absent (V2 files have no MTP). Every other key listed in dsmoe_model_config is
+ * required (q_lora_rank, n_routed_experts and n_shared_experts may be null), because
+ * the two classes default it differently; the routing keys only when experts exist.
+ * YaRN keys: factor and original_max_position_embeddings required; beta_fast 32,
+ * beta_slow 1, mscale 1, mscale_all_dim 0 by default, and mscale must equal
+ * mscale_all_dim: the official code scales the attention scores by the square of
+ * mscale_all_dim's factor, Hugging Face's multiplies cos/sin by the ratio of the two
+ * factors, and only equal values make them agree. Unknown keys inside rope_scaling
+ * and quantization_config are refused (they may change the math).
+ * Refused combinations (INVALID_CONFIG naming the key): norm_topk_prob true with a
+ * routed_scaling_factor other than 1 under a V2 topk_method (V2 code scales only
+ * unnormalised weights, V3 code always); a group stage the router cannot run
+ * (n_routed_experts % n_group, topk_group, num_experts_per_tok too large).
+ * Errors: FORMAT (not JSON: message names the byte offset), INVALID_CONFIG (message
+ * names the key, e.g. "config.json: rope_scaling.factor must be >= 1, found 0.5"),
+ * INVALID_ARGUMENT. *cfg is unchanged on error. */
+DSMOE_API dsmoe_status dsmoe_model_config_from_json(const char *json, size_t len,
+                                                    dsmoe_model_config *cfg);
+/* Reads <dir>/config.json (at most 16 MiB). Errors as above, IO naming the path. */
+DSMOE_API dsmoe_status dsmoe_model_config_from_dir(const char *dir, dsmoe_model_config *cfg);
+/* Checks a config made or changed by hand; INVALID_CONFIG naming the config.json key. */
+DSMOE_API dsmoe_status dsmoe_model_config_validate(const dsmoe_model_config *cfg);
+
+/* 1 if layer l (0 <= l < L + num_nextn_predict_layers) has the MoE FFN: E > 0,
+ * l >= first_k_dense_replace and l % moe_layer_freq == 0 (Hugging Face's rule). */
+DSMOE_API int dsmoe_model_layer_is_moe(const dsmoe_model_config *cfg, int32_t l);
+/* The router of the MoE layers (precision FP32, the official −inf group mask, no
+ * normalisation epsilon). INVALID_CONFIG when the model has no experts. */
+DSMOE_API dsmoe_status dsmoe_model_router_config(const dsmoe_model_config *cfg,
+                                                 dsmoe_router_config *out);
+/* The MoE layer config of the MoE layers (D, F, N_s, the router; F32 checkpoint layout,
+ * inference, max_tokens 512). */
+DSMOE_API dsmoe_status dsmoe_model_moe_config(const dsmoe_model_config *cfg,
+                                              dsmoe_moe_config *out);
+
+/* ------------------------------------------------------------ tensor table -- */
+/* The tensors a configuration implies, under their Hugging Face names (every name
+ * carries "model." except lm_head.weight), in this order: model.embed_tokens.weight
+ * (V, D); per layer l: input_layernorm (D), self_attn.{q_proj (H(n+r), D) | q_a_proj
+ * (q, D), q_a_layernorm (q), q_b_proj (H(n+r), q)}, kv_a_proj_with_mqa (c+r, D),
+ * kv_a_layernorm (c), kv_b_proj (H(n+v), c), o_proj (D, Hv), post_attention_layernorm
+ * (D), then mlp.{gate_proj, up_proj (I, D), down_proj (D, I)} for a dense layer or
+ * mlp.gate.weight (E, D), mlp.gate.e_score_correction_bias (E) (noaux_tc only),
+ * mlp.experts.<e>.{gate_proj, up_proj (F, D), down_proj (D, F)},
+ * mlp.shared_experts.{gate_proj, up_proj (N_s F, D), down_proj (D, N_s F)} for a MoE
+ * layer; model.norm.weight (D); lm_head.weight (V, D) unless tied. Each MTP depth d
+ * (layer L + d) then adds embed_tokens (V, D), enorm (D), hnorm (D), eh_proj (D, 2D),
+ * shared_head.norm (D), shared_head.head (V, D) and an ordinary block. Every name ends
+ * in ".weight" except the correction bias. */
+#define DSMOE_MODEL_NAME_MAX 96
+
+typedef struct dsmoe_model_tensor_spec {
+    char name[DSMOE_MODEL_NAME_MAX];
+    int32_t ndim;           /* 1 or 2 */
+    int64_t shape[2];       /* [out, in] for matrices; shape[1] = 0 for vectors */
+    int32_t layer;          /* -1 for embedding, final norm and head */
+    int32_t mtp;            /* 1 for the tensors of an MTP depth */
+} dsmoe_model_tensor_spec;
+
+/* Number of tensors with `mtp_depths` MTP depths (0 .. num_nextn_predict_layers);
+ * -1 (with INVALID_CONFIG) for an invalid config or depth count. */
+DSMOE_API int64_t dsmoe_model_tensor_count(const dsmoe_model_config *cfg, int32_t mtp_depths);
+/* The i-th tensor in the order above. INVALID_ARGUMENT when i is out of range. */
+DSMOE_API dsmoe_status dsmoe_model_tensor_at(const dsmoe_model_config *cfg, int32_t mtp_depths,
+                                             int64_t i, dsmoe_model_tensor_spec *out);
+
+/* ------------------------------------------------------------ model files -- */
+/* A model directory opened read-only: <dir>/model.safetensors, or the shards that
+ * <dir>/model.safetensors.index.json lists in its "weight_map" (both present is an
+ * error). Files are memory-mapped (read into memory where mmap is impossible).
+ * Opening checks everything against the tensor table of the config:
+ *   - a listed shard name with a '/' or a shard that fails to open: error naming it;
+ *   - a tensor of the table that is missing: NOT_FOUND naming it (MTP depths are all
+ *     or nothing: a depth with none of its tensors is simply absent, see
+ *     dsmoe_model_files_mtp_depths; a depth with some is an error naming the first
+ *     missing one);
+ *   - a tensor in the files that the table does not have, a weight_map entry whose
+ *     shard lacks it, a shard tensor not in weight_map: FORMAT naming it;
+ *   - a shape other than the table's: SHAPE_MISMATCH naming the tensor, both shapes;
+ *   - stored dtypes: F32, BF16, F16, or F8_E4M3 for matrices (2-D) with a companion
+ *     <name>_scale_inv F32 of shape (ceil(out / br), ceil(in / bc)), (br, bc) from the
+ *     config's quantization_config (an F8 tensor without one is an error); other
+ *     dtypes are FORMAT naming the tensor.
+ * The object is immutable after opening: any number of threads may read it.
+ * *out is NULL on error. */
+typedef struct dsmoe_model_files dsmoe_model_files;
+
+DSMOE_API dsmoe_status dsmoe_model_files_open(const char *dir, const dsmoe_model_config *cfg,
+                                              dsmoe_model_files **out);
+/* NULL is a no-op. Views and names obtained from the object die with it. */
+DSMOE_API void dsmoe_model_files_close(dsmoe_model_files *mf);
+/* MTP depths present in the files (0 .. num_nextn_predict_layers). */
+DSMOE_API int32_t dsmoe_model_files_mtp_depths(const dsmoe_model_files *mf);
+/* Number of shard files (1 for a single model.safetensors). */
+DSMOE_API int32_t dsmoe_model_files_shard_count(const dsmoe_model_files *mf);
+
+typedef struct dsmoe_model_tensor_info {
+    const char *name;          /* owned by the object */
+    const char *stored_dtype;  /* "F32", "BF16", "F16" or "F8_E4M3" */
+    int32_t ndim;
+    int64_t shape[2];
+    int32_t shard;             /* index of its file (0 for a single file) */
+    int32_t has_scale;         /* 1 for F8_E4M3 (block scales in <name>_scale_inv) */
+} dsmoe_model_tensor_info;
+
+/* Looks a table tensor up (not the _scale_inv companions); NOT_FOUND names it. */
+DSMOE_API dsmoe_status dsmoe_model_files_get(const dsmoe_model_files *mf, const char *name,
+                                             dsmoe_model_tensor_info *out);
+/* Widens a table tensor to fp32 into dst (shape[0]·max(shape[1], 1) floats): F32 as
+ * is, BF16 and F16 exactly, F8_E4M3 times its block's scale_inv (w = fp8 · scale,
+ * the scale of block (i / br, j / bc) for element (i, j)). A NaN or Inf in the result
+ * is NON_FINITE naming the tensor and the element (dst is then unspecified).
+ * NOT_FOUND names an unknown tensor. Reentrant. */
+DSMOE_API dsmoe_status dsmoe_model_files_read_f32(const dsmoe_model_files *mf, const char *name,
+                                                  float *dst);
+
+/* The value of an F8_E4M3 byte (the "fn" variant: bias 7, no infinities, 0x7F and
+ * 0xFF are NaN, largest finite 448). */
+DSMOE_API float dsmoe_fp8_e4m3_to_f32(uint8_t b);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* DSMOE_MODEL_H */

@@ -1,0 +1,61 @@
+/*
+ * model_internal.h — declarations shared by the model layer's files; not installed.
+ */
+#ifndef DSMOE_MODEL_INTERNAL_H
+#define DSMOE_MODEL_INTERNAL_H
+
+#include "core/internal.h"
+#include "io/json.h"
+#include "dsmoe/model.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Largest num_nextn_predict_layers accepted. */
+#define DSMOE__MODEL_MAX_MTP 16
+
+/* Dequantises an F8_E4M3 matrix w (rows, cols) bytes with block scales
+ * scale_inv (ceil(rows / br), ceil(cols / bc)) into dst (rows, cols):
+ * dst[i][j] = fp8(w[i][j]) · scale_inv[i / br][j / bc]. scale_inv may be unaligned
+ * (read through memcpy). Returns the index of the first non-finite result, or -1. */
+int64_t dsmoe__fp8_dequant(float *dst, const uint8_t *w, int64_t rows, int64_t cols,
+                           const void *scale_inv, int32_t br, int32_t bc);
+
+/* ------------------------------------------------ forward building blocks (blocks.c) */
+
+/* y (T, n), row strides ldy / ldx = x · rsqrt(mean(x²) + eps) · w (n). y may equal x. */
+void dsmoe__rmsnorm(float *y, const float *x, const float *w, int64_t T, int32_t n, int64_t ldx,
+                    int64_t ldy, float eps);
+/* RoPE frequencies f (r/2): θ^(−2i/r), YaRN-interpolated when the config says so. */
+void dsmoe__rope_inv_freq(double *f, const dsmoe_model_config *c);
+/* The attention score scale (n + r)^-1/2, times mscale² under YaRN. */
+double dsmoe__attn_scale(const dsmoe_model_config *c);
+/* cos / sin pairs (T, half, 2) of positions pos0 .. pos0 + T − 1. */
+void dsmoe__rope_table(float *cs, const double *inv_freq, int32_t half, int64_t pos0, int64_t T);
+
+/* One layer's attention weights (fp32, checkpoint layout [out, in]). */
+typedef struct dsmoe__mla_weights {
+    const float *q_proj;                        /* (H(n+r), D), when q_lora_rank == 0 */
+    const float *q_a_proj, *q_a_norm, *q_b_proj; /* (q, D), (q), (H(n+r), q) otherwise */
+    const float *kv_a_proj;                     /* (c + r, D) */
+    const float *kv_a_norm;                     /* (c) */
+    const float *kv_b_proj;                     /* (H(n+v), c) */
+    const float *o_proj;                        /* (D, H v) */
+} dsmoe__mla_weights;
+
+/* Workspace bytes of dsmoe__mla_forward for T tokens. */
+size_t dsmoe__mla_workspace_size(const dsmoe_model_config *c, int64_t T);
+/* Naive multi-head latent attention of a prompt: y (T, D) from the normalised x (T, D),
+ * positions 0 .. T − 1, causal. INVALID_ARGUMENT, WORKSPACE_TOO_SMALL. */
+dsmoe_status dsmoe__mla_forward(const dsmoe_model_config *c, const dsmoe__mla_weights *w, float *y,
+                                const float *x, int64_t T, void *workspace, size_t ws_size);
+/* Dense SwiGLU y (T, D) = down(silu(gate x) ⊙ up x); gate, up (I, D), down (D, I);
+ * scratch holds 2·T·I floats. */
+void dsmoe__swiglu(float *y, const float *x, const float *gate, const float *up, const float *down,
+                   int64_t T, int32_t D, int32_t I, float *scratch);
+
+/* Skips one well-formed JSON value of any kind (numbers by the full RFC 8259 grammar,
+ * which io/json.h's reader does not read). `key` names it in messages. */
+dsmoe_status dsmoe__model_json_skip(dsmoe__json *j, const char *key);
+
+#endif /* DSMOE_MODEL_INTERNAL_H */
