@@ -255,9 +255,14 @@ static const double *oracle_grad(const oracle_layer *o, const char *name) {
     return NULL;
 }
 
-static float *frand(int64_t n, double mul) {
-    float *p = (float *)malloc(sizeof(float) * (size_t)(n ? n : 1));
+static void *xalloc(size_t n) {
+    void *p = n ? malloc(n) : NULL;
     if (!p) abort();
+    return p;
+}
+
+static float *frand(int64_t n, double mul) {
+    float *p = (float *)xalloc(sizeof(float) * (size_t)n);
     for (int64_t i = 0; i < n; i++) p[i] = (float)(tl_normal() * mul);
     return p;
 }
@@ -267,6 +272,10 @@ static float *frand(int64_t n, double mul) {
 static void run_config(const char *label, dsmoe_moe_config cfg, const float *bias, int64_t T,
                        uint64_t seed, int bf16) {
     const int32_t D = cfg.hidden_size, E = cfg.router.n_experts, K = cfg.router.top_k;
+    if (T < 1 || D < 1 || E < 1 || K < 1 || K > 64) {
+        TL_FAIL("%s: bad test configuration", label);
+        return;
+    }
     cfg.train = 1;
     cfg.max_tokens = T;
     cfg.n_threads = 4;
@@ -288,15 +297,14 @@ static void run_config(const char *label, dsmoe_moe_config cfg, const float *bia
     }
     tl_seed(seed);
     float *x = frand(T * D, 1.0), *dy = frand(T * D, 1.0), *extra = frand(T * E, 0.1);
-    float *y = (float *)malloc(sizeof(float) * (size_t)(T * D));
-    float *y4 = (float *)malloc(sizeof(float) * (size_t)(T * D));
-    float *dx = (float *)malloc(sizeof(float) * (size_t)(T * D));
-    float *dx4 = (float *)malloc(sizeof(float) * (size_t)(T * D));
-    int32_t *idx = (int32_t *)malloc(sizeof(int32_t) * (size_t)(T * K));
-    int32_t *idxb = (int32_t *)malloc(sizeof(int32_t) * (size_t)(T * K));
+    float *y = (float *)xalloc(sizeof(float) * (size_t)(T * D));
+    float *y4 = (float *)xalloc(sizeof(float) * (size_t)(T * D));
+    float *dx = (float *)xalloc(sizeof(float) * (size_t)(T * D));
+    float *dx4 = (float *)xalloc(sizeof(float) * (size_t)(T * D));
+    int32_t *idx = (int32_t *)xalloc(sizeof(int32_t) * (size_t)(T * K));
+    int32_t *idxb = (int32_t *)xalloc(sizeof(int32_t) * (size_t)(T * K));
     double *by = dalloc((size_t)(T * D)), *bw = dalloc((size_t)(T * K));
     double *ry = dalloc((size_t)(T * D)), *rw = dalloc((size_t)(T * K)), *rdx = dalloc((size_t)(T * D));
-    if (!y || !y4 || !dx || !dx4 || !idx || !idxb) abort();
     oracle_layer o, ob;
     oracle_init(&o, m);
     if (mb) oracle_init(&ob, mb);

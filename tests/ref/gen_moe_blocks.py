@@ -33,8 +33,9 @@ MANIFEST.blocks lists the cases. Deterministic.
 """
 
 import argparse
-import math
+import json
 import os
+import struct
 import sys
 
 import numpy as np
@@ -210,17 +211,12 @@ def make_case(c):
 
 
 def write(path, tensors, meta):
-    """moe_ref.write_safetensors plus BF16 (uint16 words)."""
-    fixed = {}
-    for k, v in tensors.items():
-        fixed[k] = v
+    """moe_ref.write_safetensors, plus BF16 tensors given as uint16 words."""
     codes = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
              np.dtype(np.int32): "I32", np.dtype(np.uint16): "BF16"}
-    import json
-    import struct
     header = {"__metadata__": {k: str(v) for k, v in meta.items()}}
     blobs, off = [], 0
-    for name, a in fixed.items():
+    for name, a in tensors.items():
         a = np.ascontiguousarray(a)
         b = a.astype(a.dtype.newbyteorder("<")).tobytes()
         header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape),
