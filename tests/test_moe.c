@@ -807,7 +807,10 @@ static void test_save_load_roundtrip(void) {
     if (!st) goto done;
     ASSERT_TRUE(dsmoe_safetensors_metadata(st, "dsmoe.format_version") != NULL);
     ASSERT_TRUE(strcmp(dsmoe_safetensors_metadata(st, "format"), "pt") == 0);
-    ASSERT_TRUE(strstr(dsmoe_safetensors_metadata(st, "dsmoe.moe_config"), "\"n_shared_experts\":2"));
+    /* the config under the layer's own key (many layers can share a file) */
+    ASSERT_TRUE(dsmoe_safetensors_metadata(st, "dsmoe.moe_config") == NULL);
+    const char *meta = dsmoe_safetensors_metadata(st, "dsmoe.moe_config@model.layers.7.mlp.");
+    ASSERT_TRUE(meta && strstr(meta, "\"n_shared_experts\":2"));
     dsmoe_tensor_view v;
     ASSERT_OK(dsmoe_safetensors_get(st, "model.layers.7.mlp.experts.5.up_proj.weight", &v));
     ASSERT_EQ_INT(v.dtype, DSMOE_DTYPE_F32);
@@ -823,6 +826,8 @@ static void test_save_load_roundtrip(void) {
     ASSERT_EQ_INT(c2.expert_size, F);
     ASSERT_EQ_INT(c2.router.n_experts, E);
     ASSERT_EQ_INT(c2.n_shared, 2);
+    /* the saved routing replaces the caller's (256 experts, groups 2 / 1 here) */
+    ASSERT_TRUE(memcmp(&c2.router, &c.router, sizeof c.router) == 0);
     c2.n_shared = 1;
     ASSERT_STATUS(dsmoe_moe_config_from_safetensors(&c2, st, "model.layers.7.mlp."),
                   DSMOE_STATUS_SHAPE_MISMATCH);
