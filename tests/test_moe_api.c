@@ -601,6 +601,22 @@ static void test_create_allocation_failures(void) {
         ASSERT_TRUE(strstr(dsmoe_last_error(), "moe") != NULL);
     }
     dsmoe__moe_alloc_fail_at = 0;
+    /* on caller buffers, a failure (here: the state) leaves them untouched */
+    {
+        const size_t np = dsmoe_moe_param_count(&c);
+        float *P = (float *)dsmoe_malloc(np * sizeof(float));
+        float *G = (float *)dsmoe_malloc(np * sizeof(float));
+        for (size_t i = 0; i < np; i++) P[i] = G[i] = 7.0f;
+        dsmoe_moe_buffers b = {P, G, NULL, 0};
+        dsmoe__moe_alloc_fail_at = dsmoe__moe_alloc_calls + 2; /* bias, then the state */
+        ASSERT_STATUS(dsmoe_moe_create_with(&c, &b, &m), DSMOE_STATUS_OUT_OF_MEMORY);
+        dsmoe__moe_alloc_fail_at = 0;
+        int same = 1;
+        for (size_t i = 0; i < np; i++) same &= P[i] == 7.0f && G[i] == 7.0f;
+        ASSERT_TRUE(same);
+        dsmoe_free(P);
+        dsmoe_free(G);
+    }
     /* and in reserve: the layer stays as it was */
     ASSERT_OK(dsmoe_moe_create(&c, &m));
     if (!m) return;

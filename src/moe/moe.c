@@ -489,9 +489,6 @@ dsmoe_status dsmoe_moe_create_with(const dsmoe_moe_config *cfg, const dsmoe_moe_
         dsmoe_moe_free(m);
         return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "moe parameters: %zu elements", n_params);
     }
-    memset(m->params, 0, n_params * m->esz);
-    memset(m->bias, 0, E * sizeof(float));
-    if (m->grads) memset(m->grads, 0, n_params * sizeof(float));
     m->ext_ws = b.workspace;
     m->ext_ws_size = b.workspace_size;
     int nt = dsmoe__threads(cfg->n_threads);
@@ -500,9 +497,12 @@ dsmoe_status dsmoe_moe_create_with(const dsmoe_moe_config *cfg, const dsmoe_moe_
     m->cfg.max_tokens = 0;
     st = dsmoe_moe_reserve(m, T, nt);
     if (st != DSMOE_OK) {
-        dsmoe_moe_free(m);
+        dsmoe_moe_free(m); /* the caller's buffers untouched */
         return st;
     }
+    memset(m->params, 0, n_params * m->esz);
+    memset(m->bias, 0, E * sizeof(float));
+    if (m->grads) memset(m->grads, 0, n_params * sizeof(float));
     *out = m;
     return DSMOE_OK;
 }
