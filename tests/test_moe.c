@@ -1001,7 +1001,7 @@ static int64_t ref_tensor(const dsmoe_safetensors *st, const char *prefix, const
  * in fp64 from the file's tensors (independent of the layer's storage and products). */
 static void ref_expert(const dsmoe_safetensors *st, const char *prefix, const char *which, int D,
                        double a, const float *x, double *out) {
-    double wg[1024], wu[1024], w2[1024], h[64];
+    double wg[1024] = {0}, wu[1024] = {0}, w2[1024] = {0}, h[64] = {0};
     char nm[128];
     int64_t f = 0;
     snprintf(nm, sizeof nm, "%sgate_proj.weight", which);

@@ -530,7 +530,7 @@ static void write_zeros(const char *path, const spec *s, int n) {
         size_t b = (size_t)(s[i].r * s[i].c) * dsmoe_dtype_size(s[i].dtype);
         if (b > most) most = b;
     }
-    void *zeros = calloc(most, 1);
+    void *zeros = calloc(most ? most : 1, 1);
     for (int i = 0; i < n; i++) {
         int64_t shape[2] = {s[i].r, s[i].c};
         ASSERT_OK(dsmoe_safetensors_writer_add(wr, s[i].name, s[i].dtype, 2, shape, zeros));

@@ -82,7 +82,7 @@ static dsmoe_status cr_number(cfg_reader *r, double *v) {
 }
 
 static dsmoe_status cr_int(cfg_reader *r, int32_t *v) {
-    double x;
+    double x = 0.0;
     dsmoe_status s = cr_number(r, &x);
     if (s != DSMOE_OK) return s;
     if (x != floor(x) || x < -2147483648.0 || x > 2147483647.0)
@@ -92,7 +92,7 @@ static dsmoe_status cr_int(cfg_reader *r, int32_t *v) {
 }
 
 static dsmoe_status cr_float(cfg_reader *r, float *v) {
-    double x;
+    double x = 0.0;
     dsmoe_status s = cr_number(r, &x);
     if (s == DSMOE_OK) *v = (float)x;
     return s;
@@ -289,6 +289,7 @@ dsmoe_status dsmoe_moe_config_from_safetensors(dsmoe_moe_config *cfg,
     dsmoe_status s = moe_check_version(st);
     if (s != DSMOE_OK) return s;
     dsmoe_moe_config saved;
+    dsmoe_moe_config_default(&saved);
     s = dsmoe_moe_saved_config(st, prefix, &saved);
     const int have_saved = s == DSMOE_OK;
     if (s != DSMOE_OK && s != DSMOE_STATUS_NOT_FOUND) return s;
@@ -573,7 +574,7 @@ dsmoe_status dsmoe_moe_load_from(const dsmoe_safetensors *st, const char *prefix
     if (!out) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_load: NULL out");
     *out = NULL;
     if (!st) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_load: NULL file");
-    char found[480];
+    char found[480] = "";
     if (!prefix) {
         dsmoe_status s = dsmoe_moe_find_prefix(st, found, sizeof found, NULL);
         if (s != DSMOE_OK) return s;
