@@ -16,9 +16,9 @@
  * shared_experts.{gate_proj,up_proj}.weight (N_s·F, D), shared_experts.down_proj.weight
  * (D, N_s·F).
  *
- * Storage. All parameters live in one 64-byte aligned allocation with a pointer
- * table; the gradients (train = 1) use the same layout, so an optimizer is one flat
- * pass (dsmoe_moe_params / dsmoe_moe_grads). Each expert's gate_proj and up_proj are
+ * Storage. All parameters live in one flat array (64-byte aligned when the layer
+ * allocates it, or the caller's: see "Memory"); the gradients (train = 1) use the same
+ * layout, so an optimizer is one flat pass (dsmoe_moe_params / dsmoe_moe_grads). Each expert's gate_proj and up_proj are
  * stored concatenated as one (2F, D) matrix, followed by its down_proj (D, F), so that
  * the first product is one pass over the weights. The correction bias is a buffer, not
  * a parameter: it has no gradient and is changed only by dsmoe_moe_set_bias (e.g. from
