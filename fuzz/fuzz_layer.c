@@ -4,8 +4,11 @@
  * config (dsmoe_moe_config_from_safetensors), a layer that loads and runs a forward
  * pass on two tokens, and a balancer state that reads back — or fail with a status
  * and a message, leaving the layer's tensors untouched; a file that loads loads into
- * the packed weight layout too and routes the same. Tensor names are tried bare
- * and under the prefix the file's first gate weight suggests.
+ * the packed weight layout too and routes the same. The one-call load
+ * (dsmoe_moe_load_from) checks every tensor before it allocates: a layer it returns is
+ * never larger than the file, and routes with the config dsmoe saved in it, if any.
+ * Tensor names are tried bare and under the prefix the file's first gate weight
+ * suggests.
  */
 #include "dsmoe.h"
 
@@ -104,6 +107,47 @@ static void try_layer(const dsmoe_safetensors *st, const char *prefix) {
     dsmoe_moe_free(m);
 }
 
+/* The one-call load: every tensor is checked before the layer is allocated, so a layer
+ * that loads is no larger than the file (each of its elements has at least 2 bytes
+ * there, each tensor a header entry longer than its padding); a config dsmoe saved
+ * with the layer is the one it routes with. */
+static void try_load(const dsmoe_safetensors *st, const char *prefix, size_t file_size) {
+    dsmoe_moe_config opts;
+    dsmoe_moe_config_default(&opts);
+    opts.n_shared = -1;
+    opts.router.n_groups = 1;
+    opts.router.topk_groups = 1;
+    opts.router.top_k = 1;
+    opts.router.group_score = DSMOE_GROUP_SCORE_MAX;
+    opts.router.use_bias = 0;
+    opts.max_tokens = 2;
+    opts.n_threads = 1;
+    dsmoe_moe *m = (dsmoe_moe *)(uintptr_t)1;
+    dsmoe_clear_error();
+    dsmoe_status s = dsmoe_moe_load_from(st, prefix, &opts, &m);
+    check_failure(s);
+    if (s != DSMOE_OK) {
+        if (m != NULL) abort();
+        return;
+    }
+    const dsmoe_moe_config *c = dsmoe_moe_get_config(m);
+    if (dsmoe_moe_param_count(c) > file_size + 64) abort();
+    dsmoe_moe_config saved;
+    if (dsmoe_moe_saved_config(st, prefix, &saved) == DSMOE_OK &&
+        memcmp(&saved.router, &c->router, sizeof saved.router) != 0)
+        abort();
+    const size_t D = (size_t)c->hidden_size;
+    float *x = (float *)calloc(2 * D, sizeof(float)), *y = (float *)malloc(2 * D * sizeof(float));
+    if (!x || !y) abort();
+    for (size_t i = 0; i < 2 * D; i++) x[i] = (float)((int)(i % 5) - 2) * 0.5f;
+    s = dsmoe_moe_forward(m, y, x, 2, 1);
+    check_failure(s);
+    if (s == DSMOE_OK) fuzz_sink = y[0] + y[2 * D - 1];
+    free(x);
+    free(y);
+    dsmoe_moe_free(m);
+}
+
 static void try_balancer(const dsmoe_safetensors *st, const char *prefix) {
     char name[600];
     snprintf(name, sizeof name, "%sgate.", prefix);
@@ -128,6 +172,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     find_prefix(st, prefix, sizeof prefix);
     try_layer(st, "");
     if (prefix[0]) try_layer(st, prefix);
+    try_load(st, prefix, size);
     try_balancer(st, prefix);
     dsmoe_safetensors_close(st);
     return 0;

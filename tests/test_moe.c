@@ -807,7 +807,10 @@ static void test_save_load_roundtrip(void) {
     if (!st) goto done;
     ASSERT_TRUE(dsmoe_safetensors_metadata(st, "dsmoe.format_version") != NULL);
     ASSERT_TRUE(strcmp(dsmoe_safetensors_metadata(st, "format"), "pt") == 0);
-    ASSERT_TRUE(strstr(dsmoe_safetensors_metadata(st, "dsmoe.moe_config"), "\"n_shared_experts\":2"));
+    /* the config under the layer's own key (many layers can share a file) */
+    ASSERT_TRUE(dsmoe_safetensors_metadata(st, "dsmoe.moe_config") == NULL);
+    const char *meta = dsmoe_safetensors_metadata(st, "dsmoe.moe_config@model.layers.7.mlp.");
+    ASSERT_TRUE(meta && strstr(meta, "\"n_shared_experts\":2"));
     dsmoe_tensor_view v;
     ASSERT_OK(dsmoe_safetensors_get(st, "model.layers.7.mlp.experts.5.up_proj.weight", &v));
     ASSERT_EQ_INT(v.dtype, DSMOE_DTYPE_F32);
@@ -823,6 +826,8 @@ static void test_save_load_roundtrip(void) {
     ASSERT_EQ_INT(c2.expert_size, F);
     ASSERT_EQ_INT(c2.router.n_experts, E);
     ASSERT_EQ_INT(c2.n_shared, 2);
+    /* the saved routing replaces the caller's (256 experts, groups 2 / 1 here) */
+    ASSERT_TRUE(memcmp(&c2.router, &c.router, sizeof c.router) == 0);
     c2.n_shared = 1;
     ASSERT_STATUS(dsmoe_moe_config_from_safetensors(&c2, st, "model.layers.7.mlp."),
                   DSMOE_STATUS_SHAPE_MISMATCH);
@@ -976,10 +981,57 @@ done:
     dsmoe_moe_free(m);
 }
 
+/* A tensor of the file as fp64 (n elements at most). */
+static int64_t ref_tensor(const dsmoe_safetensors *st, const char *prefix, const char *name,
+                          double *out, int64_t n, int64_t *rows) {
+    char full[256];
+    snprintf(full, sizeof full, "%s%s", prefix, name);
+    dsmoe_tensor_view v;
+    if (dsmoe_safetensors_get(st, full, &v) != DSMOE_OK) return -1;
+    int64_t cnt = v.shape[0] * (v.ndim > 1 ? v.shape[1] : 1);
+    if (cnt > n) return -1;
+    float tmp[1024];
+    if (cnt > 1024 || dsmoe_tensor_to_f32(&v, tmp) != DSMOE_OK) return -1;
+    for (int64_t i = 0; i < cnt; i++) out[i] = tmp[i];
+    if (rows) *rows = v.shape[0];
+    return cnt;
+}
+
+/* out += a · SwiGLU expert `which` ("experts.3." or "shared_experts.") of the file at x,
+ * in fp64 from the file's tensors (independent of the layer's storage and products). */
+static void ref_expert(const dsmoe_safetensors *st, const char *prefix, const char *which, int D,
+                       double a, const float *x, double *out) {
+    double wg[1024] = {0}, wu[1024] = {0}, w2[1024] = {0}, h[64] = {0};
+    char nm[128];
+    int64_t f = 0;
+    snprintf(nm, sizeof nm, "%sgate_proj.weight", which);
+    ASSERT_TRUE(ref_tensor(st, prefix, nm, wg, 1024, &f) > 0);
+    snprintf(nm, sizeof nm, "%sup_proj.weight", which);
+    ASSERT_TRUE(ref_tensor(st, prefix, nm, wu, 1024, NULL) > 0);
+    snprintf(nm, sizeof nm, "%sdown_proj.weight", which);
+    ASSERT_TRUE(ref_tensor(st, prefix, nm, w2, 1024, NULL) > 0);
+    if (f < 1 || f > 64) return;
+    for (int64_t j = 0; j < f; j++) {
+        double g = 0, u = 0;
+        for (int d = 0; d < D; d++) {
+            g += wg[j * D + d] * x[d];
+            u += wu[j * D + d] * x[d];
+        }
+        h[j] = g / (1.0 + exp(-g)) * u;
+    }
+    for (int d = 0; d < D; d++) {
+        double acc = 0;
+        for (int64_t j = 0; j < f; j++) acc += w2[d * f + j] * h[j];
+        out[d] += a * acc;
+    }
+}
+
 /* The fuzz seeds of fuzz_layer are complete layers (and balancer states) that load and
  * run: a fuzzer that starts from broken seeds explores only the early error paths. Sizes
- * are inferred from the shapes, the forward output is finite, and the balancer's bias
- * (the seeds' (e - E/2)·0.01) reads back. */
+ * are inferred from the shapes; the forward (top-1 of one group, normalised: weight =
+ * scale) picks the expert of largest sigmoid(u) + b and gives scale · expert(x) +
+ * shared(x), against an fp64 reference from the file's tensors; the balancer's bias (the
+ * seeds' (e - E/2)·0.01) reads back. */
 static void test_fuzz_seeds_load(void) {
     const struct {
         const char *file, *prefix;
@@ -1018,9 +1070,32 @@ static void test_fuzz_seeds_load(void) {
         float x[16], y[16];
         for (int d = 0; d < seeds[i].D; d++) x[d] = 0.25f * (float)(d % 5) - 0.5f;
         ASSERT_OK(dsmoe_moe_forward(m, y, x, 1, 1));
-        int finite = 1;
-        for (int d = 0; d < seeds[i].D; d++) finite &= isfinite(y[d]) != 0;
-        ASSERT_TRUE(finite);
+        const dsmoe_moe_routing *r = dsmoe_moe_last_routing(m);
+        const int D = seeds[i].D, E = seeds[i].E;
+        double wg[256], bias[64] = {0}, yref[16] = {0}, best = -1e300;
+        ASSERT_TRUE(ref_tensor(st, seeds[i].prefix, "gate.weight", wg, 256, NULL) == E * D);
+        if (seeds[i].bias)
+            ASSERT_TRUE(ref_tensor(st, seeds[i].prefix, "gate.e_score_correction_bias", bias, 64,
+                                   NULL) == E);
+        double chosen = 0;
+        for (int e = 0; e < E; e++) {
+            double u = 0;
+            for (int d = 0; d < D; d++) u += wg[e * D + d] * x[d];
+            const double sel = 1.0 / (1.0 + exp(-u)) + bias[e];
+            if (sel > best) best = sel;
+            if (r && e == r->indices[0]) chosen = sel;
+        }
+        ASSERT_TRUE(r != NULL);
+        if (r) {
+            ASSERT_TRUE(chosen >= best - 1e-6); /* the expert of largest selection score */
+            ASSERT_NEAR(r->weights[0], c.router.scale, 1e-6);
+            char which[32];
+            snprintf(which, sizeof which, "experts.%d.", (int)r->indices[0]);
+            ref_expert(st, seeds[i].prefix, which, D, c.router.scale, x, yref);
+            if (seeds[i].shared)
+                ref_expert(st, seeds[i].prefix, "shared_experts.", D, 1.0, x, yref);
+            tl_allclose("seed layer output", y, yref, D, 1e-5, 1e-4);
+        }
         if (seeds[i].bias) {
             char pre[64];
             snprintf(pre, sizeof pre, "%sgate.", seeds[i].prefix);

@@ -15,7 +15,10 @@ static const char *const layer_usage =
     "Hidden size, expert size and expert count come from the tensor shapes of\n"
     "  PREFIXgate.weight (E, D), PREFIXgate.e_score_correction_bias (E),\n"
     "  PREFIXexperts.<e>.{gate_proj,up_proj,down_proj}.weight, PREFIXshared_experts.*\n"
-    "(F32, BF16 or F16). The routing rule comes from the router options below.\n"
+    "(F32, BF16 or F16). A layer file saved by dsmoe carries its routing config (and\n"
+    "capacity factor), which is used: a router option or --capacity-factor that\n"
+    "contradicts it is an error (exit 2). Other files (Hugging Face checkpoints) route\n"
+    "by the router options below.\n"
     "\n"
     "files:\n"
     "  --weights L.safetensors  the layer's tensors\n"
@@ -26,6 +29,9 @@ static const char *const layer_usage =
     "  --out-indices I.npy    chosen experts (T, K) int32, by descending selection score\n"
     "  --out-weights W.npy    routing weights (T, K) float32\n"
     "  --out-logits U.npy     gate logits (T, E) float32\n"
+    "  --save L2.safetensors  also write the layer as dsmoe saves it: its tensors (in the\n"
+    "                         storage dtype) with its routing config, so that a later\n"
+    "                         run on L2 needs no router options\n"
     "layer:\n"
     "  --shared-experts N     shared experts (default: from the shape of\n"
     "                         shared_experts.gate_proj.weight, 0 if absent)\n"
@@ -40,47 +46,53 @@ static const char *const layer_usage =
     "  --threads N            threads (default: all; results identical for any N)\n"
     "  --help                 this text\n"
     "The checkpoint's gate.e_score_correction_bias is used when the router config uses a\n"
-    "bias (--bias B.npy replaces it; --no-bias routes without it). Inputs of more than\n"
-    "8192 tokens are processed in chunks of 8192 (a capacity limit applies per chunk).\n"
+    "bias (--bias B.npy replaces it; --no-bias routes without it). Every weight must be\n"
+    "finite. Inputs of more than 8192 tokens are processed in chunks of 8192 (a capacity\n"
+    "limit applies per chunk).\n"
     "\n";
 
 #define LAYER_CHUNK 8192
 
-/* Finds the unique prefix P such that P"gate.weight" and P"experts.0.gate_proj.weight"
- * exist. Returns 0 and fills buf, or prints an error and returns the exit code. */
-static int find_prefix(const char *cmd, const dsmoe_safetensors *st, char *buf, size_t size) {
-    int64_t n = dsmoe_safetensors_count(st), found = 0;
-    char first[512] = "", second[512] = "";
-    for (int64_t i = 0; i < n; i++) {
-        dsmoe_tensor_view v;
-        if (dsmoe_safetensors_at(st, i, &v) != DSMOE_OK) continue;
-        size_t len = strlen(v.name), sl = strlen("gate.weight");
-        if (len < sl || strcmp(v.name + len - sl, "gate.weight") != 0) continue;
-        size_t pl = len - sl;
-        if (pl > 0 && v.name[pl - 1] != '.') continue; /* e.g. "...mlp.gate.weight" */
-        if (pl >= sizeof first) continue;
-        char cand[512], probe[600];
-        memcpy(cand, v.name, pl);
-        cand[pl] = '\0';
-        snprintf(probe, sizeof probe, "%sexperts.0.gate_proj.weight", cand);
-        dsmoe_tensor_view e0;
-        if (dsmoe_safetensors_get(st, probe, &e0) != DSMOE_OK) continue;
-        if (found == 0) snprintf(first, sizeof first, "%s", cand);
-        else if (found == 1) snprintf(second, sizeof second, "%s", cand);
-        found++;
+/* Router flags seen in argv: [start, end] argument positions. */
+#define LAYER_MAX_FLAGS 64
+
+/* With a config dsmoe saved in the file, each router flag given (applied alone to the
+ * saved routing) and --capacity-factor must leave it unchanged. Returns 0 or prints
+ * the contradiction and returns CLI_USAGE. */
+static int check_against_saved(const char *cmd, int argc, char **argv, const int *flag_at,
+                               int n_flags, const dsmoe_moe_config *saved, const char *path,
+                               int capacity_given, double capacity) {
+    char js[1024];
+    dsmoe_router_config_json(&saved->router, js, sizeof js);
+    for (int f = 0; f < n_flags; f++) {
+        int i = flag_at[f];
+        const char *a = argv[i];
+        dsmoe_router_config c;
+        if (strcmp(a, "--preset") == 0) {
+            if (dsmoe_router_preset(argv[i + 1], &c) != DSMOE_OK) continue; /* reported before */
+            c.n_experts = saved->router.n_experts;
+        } else {
+            cli_router_flags one;
+            memset(&one, 0, sizeof one);
+            one.cfg = saved->router;
+            int j = i;
+            if (cli_router_flag(cmd, argc, argv, &j, &one) != 1) continue;
+            c = one.cfg;
+        }
+        if (memcmp(&c, &saved->router, sizeof c) != 0) {
+            int has_value = i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0;
+            return cli_fail(CLI_USAGE, cmd,
+                            "%s%s%s contradicts the routing config saved with the layer in %s: "
+                            "%s (drop the flag)",
+                            a, has_value ? " " : "", has_value ? argv[i + 1] : "", path, js);
+        }
     }
-    dsmoe_clear_error();
-    if (found == 1) {
-        snprintf(buf, size, "%s", first);
-        return 0;
-    }
-    if (found == 0)
-        return cli_fail(CLI_RUNTIME, cmd,
-                        "no MoE layer in the file: no tensor pair <prefix>gate.weight and "
-                        "<prefix>experts.0.gate_proj.weight");
-    return cli_fail(CLI_USAGE, cmd,
-                    "the file holds %lld MoE layers ('%s', '%s', ...): choose one with --prefix",
-                    (long long)found, first, second);
+    if (capacity_given && (float)capacity != saved->capacity_factor)
+        return cli_fail(CLI_USAGE, cmd,
+                        "--capacity-factor %g contradicts the capacity factor %g saved with the "
+                        "layer in %s (drop the flag)",
+                        capacity, (double)saved->capacity_factor, path);
+    return 0;
 }
 
 int cmd_layer(int argc, char **argv) {
@@ -88,10 +100,11 @@ int cmd_layer(int argc, char **argv) {
     cli_router_flags rf;
     const char *weights_path = NULL, *prefix_arg = NULL, *in_path = NULL, *out_path = NULL;
     const char *out_idx = NULL, *out_w = NULL, *out_l = NULL, *dtype_arg = NULL;
-    const char *layout_arg = NULL;
+    const char *layout_arg = NULL, *save_path = NULL;
     long long threads = 0, n_shared = -1;
     double capacity = 0.0;
-    int json = 0, experts_given = 0;
+    int json = 0, experts_given = 0, capacity_given = 0, n_flags = 0;
+    int flag_at[LAYER_MAX_FLAGS];
     for (int i = 1; i < argc; i++)
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             printf("%s%s", layer_usage, cli_router_help);
@@ -102,9 +115,15 @@ int cmd_layer(int argc, char **argv) {
         const char *v = NULL;
         int missing = 0;
         if (strcmp(argv[i], "--experts") == 0) experts_given = 1;
+        const int at = i;
         int r = cli_router_flag(cmd, argc, argv, &i, &rf);
         if (r < 0) return CLI_USAGE;
-        if (r > 0) continue;
+        if (r > 0) {
+            if (n_flags == LAYER_MAX_FLAGS)
+                return cli_fail(CLI_USAGE, cmd, "more than %d router options", LAYER_MAX_FLAGS);
+            flag_at[n_flags++] = at;
+            continue;
+        }
         if (cli_opt(argc, argv, &i, "--weights", &v, &missing)) weights_path = v;
         else if (cli_opt(argc, argv, &i, "--prefix", &v, &missing)) prefix_arg = v;
         else if (cli_opt(argc, argv, &i, "--input", &v, &missing)) in_path = v;
@@ -112,6 +131,7 @@ int cmd_layer(int argc, char **argv) {
         else if (cli_opt(argc, argv, &i, "--out-indices", &v, &missing)) out_idx = v;
         else if (cli_opt(argc, argv, &i, "--out-weights", &v, &missing)) out_w = v;
         else if (cli_opt(argc, argv, &i, "--out-logits", &v, &missing)) out_l = v;
+        else if (cli_opt(argc, argv, &i, "--save", &v, &missing)) save_path = v;
         else if (cli_opt(argc, argv, &i, "--dtype", &v, &missing)) dtype_arg = v;
         else if (cli_opt(argc, argv, &i, "--layout", &v, &missing)) layout_arg = v;
         else if (cli_opt(argc, argv, &i, "--shared-experts", &v, &missing)) {
@@ -120,6 +140,7 @@ int cmd_layer(int argc, char **argv) {
         } else if (cli_opt(argc, argv, &i, "--capacity-factor", &v, &missing)) {
             if (!missing && (!cli_parse_float(v, &capacity) || capacity < 0))
                 return cli_fail(CLI_USAGE, cmd, "--capacity-factor expects a number >= 0, got '%s'", v);
+            capacity_given = 1;
         } else if (cli_opt(argc, argv, &i, "--threads", &v, &missing)) {
             if (!missing && !cli_parse_int(v, 1, 1024, &threads))
                 return cli_fail(CLI_USAGE, cmd, "--threads expects 1..1024, got '%s'", v);
@@ -132,9 +153,9 @@ int cmd_layer(int argc, char **argv) {
     }
     if (!weights_path) return cli_fail(CLI_USAGE, cmd, "--weights L.safetensors is required");
     if (!in_path) return cli_fail(CLI_USAGE, cmd, "--input X.npy is required");
-    if (!out_path && !out_idx && !out_w && !out_l && !json)
+    if (!out_path && !out_idx && !out_w && !out_l && !json && !save_path)
         return cli_fail(CLI_USAGE, cmd, "nothing to write: give --output (or --out-indices, "
-                                        "--out-weights, --out-logits, --json)");
+                                        "--out-weights, --out-logits, --save, --json)");
     dsmoe_dtype storage = DSMOE_DTYPE_F32;
     if (dtype_arg) {
         if (strcmp(dtype_arg, "f32") == 0) storage = DSMOE_DTYPE_F32;
@@ -163,11 +184,35 @@ int cmd_layer(int argc, char **argv) {
     }
     if (prefix_arg) {
         snprintf(prefix, sizeof prefix, "%s", prefix_arg);
-    } else if ((rc = find_prefix(cmd, st, prefix, sizeof prefix)) != CLI_OK) {
+    } else {
+        int64_t n_layers = 0;
+        s = dsmoe_moe_find_prefix(st, prefix, sizeof prefix, &n_layers);
+        if (s != DSMOE_OK && n_layers > 1) {
+            char a[512] = "", b[512] = "";
+            dsmoe_moe_layer_prefix(st, 0, a, sizeof a);
+            dsmoe_moe_layer_prefix(st, 1, b, sizeof b);
+            rc = cli_fail(CLI_USAGE, cmd,
+                          "%s holds %lld MoE layers ('%s', '%s', ...): choose one with --prefix",
+                          weights_path, (long long)n_layers, a, b);
+            goto done;
+        }
+        if (s != DSMOE_OK) {
+            cli_fail(CLI_RUNTIME, cmd, "%s: %s", weights_path, dsmoe_last_error());
+            goto done;
+        }
+    }
+
+    dsmoe_moe_config saved;
+    s = dsmoe_moe_saved_config(st, prefix, &saved);
+    if (s == DSMOE_OK) {
+        rc = check_against_saved(cmd, argc, argv, flag_at, n_flags, &saved, weights_path,
+                                 capacity_given, capacity);
+        if (rc != CLI_OK) goto done;
+        rc = CLI_RUNTIME;
+    } else if (s != DSMOE_STATUS_NOT_FOUND) {
+        cli_fail(CLI_RUNTIME, cmd, "%s: %s", weights_path, dsmoe_last_error());
         goto done;
     }
-    rc = CLI_RUNTIME;
-
     dsmoe_moe_config cfg;
     dsmoe_moe_config_default(&cfg);
     cfg.router = rf.cfg;
@@ -177,7 +222,7 @@ int cmd_layer(int argc, char **argv) {
     cfg.capacity_factor = (float)capacity;
     cfg.n_threads = (int32_t)threads;
     const int32_t E_flag = rf.cfg.n_experts;
-    s = dsmoe_moe_config_from_safetensors(&cfg, st, prefix);
+    s = dsmoe_moe_config_from_safetensors(&cfg, st, prefix); /* the saved routing, if any */
     if (s != DSMOE_OK) {
         cli_fail(CLI_RUNTIME, cmd, "%s: %s", weights_path, dsmoe_last_error());
         goto done;
@@ -195,12 +240,8 @@ int cmd_layer(int argc, char **argv) {
     }
     const int32_t D = cfg.hidden_size, E = cfg.router.n_experts, K = cfg.router.top_k;
     cfg.max_tokens = 1; /* reserved for the input's T below */
-    s = dsmoe_moe_create(&cfg, &moe);
-    if (s != DSMOE_OK) {
-        cli_fail_status(cmd, "creating the layer", s);
-        goto done;
-    }
-    s = dsmoe_moe_load_safetensors(moe, st, prefix);
+    /* every tensor is checked before the layer is allocated */
+    s = dsmoe_moe_load_from(st, prefix, &cfg, &moe);
     if (s != DSMOE_OK) {
         cli_fail(CLI_RUNTIME, cmd, "%s: %s%s", weights_path, dsmoe_last_error(),
                  s == DSMOE_STATUS_NOT_FOUND && strstr(dsmoe_last_error(), "e_score_correction_bias")
@@ -214,6 +255,13 @@ int cmd_layer(int argc, char **argv) {
         s = dsmoe_moe_set_bias(moe, (const float *)bias.data);
         if (s != DSMOE_OK) {
             cli_fail(CLI_RUNTIME, cmd, "%s: %s", rf.bias_path, dsmoe_last_error());
+            goto done;
+        }
+    }
+    if (save_path) {
+        s = dsmoe_moe_save(moe, save_path, prefix);
+        if (s != DSMOE_OK) {
+            cli_fail(CLI_RUNTIME, cmd, "%s: %s", save_path, dsmoe_last_error());
             goto done;
         }
     }
@@ -235,26 +283,13 @@ int cmd_layer(int argc, char **argv) {
         cli_fail(CLI_RUNTIME, cmd, "out of memory for %lld tokens", (long long)T);
         goto done;
     }
-    int64_t dropped = 0;
-    const float *xs = (const float *)x.data;
-    for (int64_t t0 = 0; t0 < T; t0 += LAYER_CHUNK) {
-        int64_t n = T - t0 < LAYER_CHUNK ? T - t0 : LAYER_CHUNK;
-        s = dsmoe_moe_forward(moe, y + (size_t)t0 * D, xs + (size_t)t0 * D, n, (int)threads);
-        if (s != DSMOE_OK) {
-            if (s == DSMOE_STATUS_NON_FINITE && t0 > 0)
-                cli_fail(CLI_RUNTIME, cmd, "%s (token numbers within the chunk starting at %lld)",
-                         dsmoe_last_error(), (long long)t0);
-            else
-                cli_fail_status(cmd, "forward", s);
-            goto done;
-        }
-        const dsmoe_moe_routing *r = dsmoe_moe_last_routing(moe);
-        memcpy(idx + (size_t)t0 * K, r->indices, (size_t)n * K * sizeof(int32_t));
-        memcpy(w + (size_t)t0 * K, r->weights, (size_t)n * K * sizeof(float));
-        if (lg) memcpy(lg + (size_t)t0 * E, r->logits, (size_t)n * E * sizeof(float));
-        for (int32_t e = 0; e < E; e++) counts[e] += r->counts[e];
-        dropped += r->n_dropped;
+    dsmoe_moe_routing_out ro = {idx, w, NULL, lg, counts, 0};
+    s = dsmoe_moe_forward_chunked(moe, y, (const float *)x.data, T, (int)threads, &ro);
+    if (s != DSMOE_OK) {
+        cli_fail_status(cmd, "forward", s);
+        goto done;
     }
+    const int64_t dropped = ro.n_dropped;
     int64_t shd[2] = {T, D}, shk[2] = {T, K}, she[2] = {T, E};
     if (out_path && cli_save_npy(cmd, out_path, DSMOE_DTYPE_F32, 2, shd, y)) goto done;
     if (out_idx && cli_save_npy(cmd, out_idx, DSMOE_DTYPE_I32, 2, shk, idx)) goto done;

@@ -25,6 +25,7 @@
 
 #include "kernels/blas.h"
 #include <limits.h>
+#include <stdint.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -102,15 +103,34 @@ struct dsmoe_moe {
     void *params;
     float *grads;
     float *bias;         /* (E) */
-    /* workspace */
-    char *ws_mem;
-    size_t ws_size;
+    int own_params, own_grads; /* 0: the caller's buffers (dsmoe_moe_create_with) */
+    /* workspace: the layer's state (routing, and with train the activations the
+     * backward needs) and the scratch (owned, or the caller's shared one) */
+    char *state_mem;
+    size_t state_size;
+    char *retired_state; /* state replaced by dsmoe_moe_reserve, freed by the next forward */
+    char *scratch_mem;   /* owned scratch, or NULL */
+    void *ext_ws;        /* the caller's scratch, or NULL */
+    size_t scratch_size; /* bytes the layer needs (owned: allocated) */
+    size_t ext_ws_size;
     moe_ws ws;
     int64_t n_tasks, n_shared_tasks;
-    /* last forward */
+    /* last forward: 0 none, 1 routing and saved activations valid, 2 routing only (a
+     * reserve moved the workspace since) */
     int have_fwd;
     dsmoe_moe_routing routing;
 };
+
+/* Test hooks (moe_internal.h): every allocation of a layer's memory counts, and the
+ * n-th fails when dsmoe__moe_alloc_fail_at = n. */
+int64_t dsmoe__moe_alloc_calls;
+int64_t dsmoe__moe_alloc_fail_at;
+
+static void *moe_alloc(size_t n) {
+    int64_t c = __atomic_add_fetch(&dsmoe__moe_alloc_calls, 1, __ATOMIC_RELAXED);
+    if (c == __atomic_load_n(&dsmoe__moe_alloc_fail_at, __ATOMIC_RELAXED)) return NULL;
+    return dsmoe_malloc(n);
+}
 
 static size_t pad16(size_t n) { return (n + 15u) & ~(size_t)15u; }
 
@@ -228,115 +248,8 @@ static int moe_sizes_ok(const dsmoe_moe_config *c) {
     return n < 1e15 && (double)2 * c->expert_size * c->n_shared < (double)INT_MAX;
 }
 
-/* Carves the workspace for T tokens and nt threads; base NULL only measures. */
-static size_t moe_ws_layout(const dsmoe_moe *m, int64_t T, int nt, char *base, moe_ws *w) {
-    size_t used = 0;
-    const size_t D = (size_t)m->D, F = (size_t)m->F, E = (size_t)m->E, K = (size_t)m->K;
-    const size_t Fs = (size_t)m->Fs, R = (size_t)T * K, Tz = (size_t)T;
-    moe_ws tmp;
-    if (!w) w = &tmp;
-    memset(w, 0, sizeof *w);
-#define CARVE(ptr, type, count)                                                    \
-    do {                                                                           \
-        size_t nb_ = dsmoe__align64((size_t)(count) * sizeof(type));               \
-        w->ptr = base ? (type *)(void *)(base + used) : NULL;                      \
-        used += nb_;                                                               \
-    } while (0)
-    dsmoe_dtype gd = m->cfg.weight_dtype;
-    w->router_size = dsmoe_router_workspace_size(&m->cfg.router, T, m->D, gd, nt);
-    w->router = base ? base + used : NULL;
-    used += dsmoe__align64(w->router_size);
-    CARVE(indices, int32_t, R);
-    CARVE(weights, float, R);
-    CARVE(scores, float, Tz * E);
-    CARVE(logits, float, Tz * E);
-    CARVE(counts, int64_t, E);
-    CARVE(kept, int64_t, E);
-    CARVE(offsets, int64_t, E + 1);
-    CARVE(slot, int32_t, R);
-    CARVE(row_tok, int32_t, R);
-    size_t max_tasks = E + R / DSMOE_MOE_ROW_BLOCK + 2 + Tz / DSMOE_MOE_ROW_BLOCK + 2;
-    CARVE(tasks, moe_task, max_tasks);
-    /* weight-row tasks: per expert ceil(2F/B) + ceil(D/B), shared, gate; decode chunks */
-    size_t wt = (E + 1) * ((2 * F + Fs * 2) / MOE_WROW_BLOCK + D / MOE_WROW_BLOCK + 4) +
-                E / MOE_WROW_BLOCK + 2;
-    size_t dec = (DSMOE_MOE_DECODE_MAX_T * (K + 1)) *
-                 ((2 * (F > Fs ? F : Fs) + D) / MOE_GEMV_CHUNK + 4);
-    CARVE(wtasks, moe_task, wt > dec ? wt : dec);
-    CARVE(Xg, float, R * D);
-    CARVE(GU, float, R * 2 * F);
-    CARVE(H, float, R * F);
-    CARVE(Ye, float, R * D);
-    if (Fs) {
-        CARVE(GUs, float, Tz * 2 * Fs);
-        CARVE(Hs, float, Tz * Fs);
-        CARVE(Ys, float, Tz * D);
-    }
-    if (m->cfg.weight_dtype == DSMOE_DTYPE_BF16) {
-        size_t row = D > Fs ? D : Fs;
-        if (F > row) row = F;
-        w->scratch_stride = pad16((size_t)MOE_WROW_BLOCK * row);
-        CARVE(scratch, float, w->scratch_stride * (size_t)nt);
-    }
-    if (m->cfg.train) {
-        CARVE(dYe, float, R * D);
-        CARVE(dH, float, R * F);
-        CARVE(dGU, float, R * 2 * F);
-        CARVE(dXg, float, R * D);
-        if (Fs) {
-            CARVE(dHs, float, Tz * Fs);
-            CARVE(dGUs, float, Tz * 2 * Fs);
-            CARVE(dXs, float, Tz * D);
-        }
-        CARVE(dlogits, float, Tz * E);
-        CARVE(dweights, float, R);
-        CARVE(dxtmp, float, Tz * D);
-    }
-#undef CARVE
-    return used;
-}
-
-dsmoe_status dsmoe_moe_reserve(dsmoe_moe *m, int64_t max_tokens, int n_threads) {
-    if (!m) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_reserve: NULL layer");
-    if (max_tokens < 1 || max_tokens > ((int64_t)1 << 31) / 256)
-        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
-                            "dsmoe_moe_reserve: max_tokens %lld out of range 1..8388608",
-                            (long long)max_tokens);
-    if (max_tokens * m->K > INT32_MAX)
-        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
-                            "dsmoe_moe_reserve: max_tokens·K = %lld exceeds 2^31 - 1",
-                            (long long)max_tokens * m->K);
-    int nt = dsmoe__threads(n_threads);
-    int64_t T = max_tokens > m->cfg.max_tokens ? max_tokens : m->cfg.max_tokens;
-    if (m->ws_mem && nt <= m->cfg.n_threads && T == m->cfg.max_tokens) return DSMOE_OK;
-    if (nt < m->cfg.n_threads) nt = m->cfg.n_threads;
-    size_t need = moe_ws_layout(m, T, nt, NULL, NULL);
-    char *mem = (char *)dsmoe_malloc(need);
-    if (!mem)
-        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY,
-                            "moe workspace: %zu bytes for %lld tokens, %d threads", need,
-                            (long long)T, nt);
-    dsmoe_free(m->ws_mem);
-    m->ws_mem = mem;
-    m->ws_size = need;
-    moe_ws_layout(m, T, nt, mem, &m->ws);
-    m->cfg.max_tokens = T;
-    m->cfg.n_threads = nt;
-    m->have_fwd = 0;
-    return DSMOE_OK;
-}
-
-dsmoe_status dsmoe_moe_create(const dsmoe_moe_config *cfg, dsmoe_moe **out) {
-    if (!out) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_create: NULL out");
-    *out = NULL;
-    dsmoe_status st = dsmoe_moe_config_validate(cfg);
-    if (st != DSMOE_OK) return st;
-    if (!moe_sizes_ok(cfg))
-        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
-                            "moe config: layer too large (E·3·F·D parameters)");
-    (void)dsmoe__kernels(); /* resolves the kernels and pins OpenBLAS before any BLAS call */
-    dsmoe_moe *m = (dsmoe_moe *)calloc(1, sizeof *m);
-    if (!m) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "moe layer object");
+/* Sizes and the parameter layout of a (valid) config; nothing allocated. */
+static void moe_init_layout(dsmoe_moe *m, const dsmoe_moe_config *cfg) {
     m->cfg = *cfg;
     m->D = cfg->hidden_size;
     m->F = cfg->expert_size;
@@ -356,36 +269,291 @@ dsmoe_status dsmoe_moe_create(const dsmoe_moe_config *cfg, dsmoe_moe **out) {
     m->off_sw1 = m->off_exp + E * m->exp_stride;
     m->off_sw2 = m->off_sw1 + pad16(2 * Fsp * D);
     m->n_params = m->off_sw2 + pad16(Dp * Fs);
-    m->params = dsmoe_malloc(m->n_params * m->esz);
-    m->bias = (float *)dsmoe_malloc(E * sizeof(float));
-    if (cfg->train) m->grads = (float *)dsmoe_malloc(m->n_params * sizeof(float));
+}
+
+/* Carves the workspace for T tokens and nt threads into the layer's state (what a
+ * forward leaves for dsmoe_moe_last_routing and the backward: routing, dispatch, and
+ * with train the activations) at sbase and the scratch (what another layer sharing it
+ * may overwrite between calls) at xbase. NULL bases only measure. */
+static void moe_ws_layout(const dsmoe_moe *m, int64_t T, int nt, char *sbase, char *xbase,
+                          moe_ws *w, size_t *state_size, size_t *scratch_size) {
+    size_t su = 0, xu = 0;
+    const size_t D = (size_t)m->D, F = (size_t)m->F, E = (size_t)m->E, K = (size_t)m->K;
+    const size_t Fs = (size_t)m->Fs, R = (size_t)T * K, Tz = (size_t)T;
+    moe_ws tmp;
+    if (!w) w = &tmp;
+    memset(w, 0, sizeof *w);
+#define CARVE_IN(state, ptr, type, count)                                          \
+    do {                                                                           \
+        size_t nb_ = dsmoe__align64((size_t)(count) * sizeof(type));               \
+        char *b_ = (state) ? sbase : xbase;                                        \
+        size_t *u_ = (state) ? &su : &xu;                                          \
+        w->ptr = b_ ? (type *)(void *)(b_ + *u_) : NULL;                           \
+        *u_ += nb_;                                                                \
+    } while (0)
+#define CARVE_S(ptr, type, count) CARVE_IN(1, ptr, type, count)
+#define CARVE_X(ptr, type, count) CARVE_IN(0, ptr, type, count)
+#define CARVE_A(ptr, type, count) CARVE_IN(m->cfg.train, ptr, type, count)
+    dsmoe_dtype gd = m->cfg.weight_dtype;
+    w->router_size = dsmoe_router_workspace_size(&m->cfg.router, T, m->D, gd, nt);
+    w->router = xbase ? xbase + xu : NULL;
+    xu += dsmoe__align64(w->router_size);
+    CARVE_S(indices, int32_t, R);
+    CARVE_S(weights, float, R);
+    CARVE_S(scores, float, Tz * E);
+    CARVE_S(logits, float, Tz * E);
+    CARVE_S(counts, int64_t, E);
+    CARVE_S(kept, int64_t, E);
+    CARVE_S(offsets, int64_t, E + 1);
+    CARVE_S(slot, int32_t, R);
+    CARVE_S(row_tok, int32_t, R);
+    size_t max_tasks = E + R / DSMOE_MOE_ROW_BLOCK + 2 + Tz / DSMOE_MOE_ROW_BLOCK + 2;
+    CARVE_S(tasks, moe_task, max_tasks);
+    /* weight-row tasks: per expert ceil(2F/B) + ceil(D/B), shared, gate; decode chunks */
+    size_t wt = (E + 1) * ((2 * F + Fs * 2) / MOE_WROW_BLOCK + D / MOE_WROW_BLOCK + 4) +
+                E / MOE_WROW_BLOCK + 2;
+    size_t dec = (DSMOE_MOE_DECODE_MAX_T * (K + 1)) *
+                 ((2 * (F > Fs ? F : Fs) + D) / MOE_GEMV_CHUNK + 4);
+    CARVE_X(wtasks, moe_task, wt > dec ? wt : dec);
+    CARVE_A(Xg, float, R * D);
+    CARVE_A(GU, float, R * 2 * F);
+    CARVE_A(H, float, R * F);
+    CARVE_A(Ye, float, R * D);
+    if (Fs) {
+        CARVE_A(GUs, float, Tz * 2 * Fs);
+        CARVE_A(Hs, float, Tz * Fs);
+        CARVE_X(Ys, float, Tz * D);
+    }
+    if (m->cfg.weight_dtype == DSMOE_DTYPE_BF16) {
+        size_t row = D > Fs ? D : Fs;
+        if (F > row) row = F;
+        w->scratch_stride = pad16((size_t)MOE_WROW_BLOCK * row);
+        CARVE_X(scratch, float, w->scratch_stride * (size_t)nt);
+    }
+    if (m->cfg.train) {
+        CARVE_X(dYe, float, R * D);
+        CARVE_X(dH, float, R * F);
+        CARVE_X(dGU, float, R * 2 * F);
+        CARVE_X(dXg, float, R * D);
+        if (Fs) {
+            CARVE_X(dHs, float, Tz * Fs);
+            CARVE_X(dGUs, float, Tz * 2 * Fs);
+            CARVE_X(dXs, float, Tz * D);
+        }
+        CARVE_X(dlogits, float, Tz * E);
+        CARVE_X(dweights, float, R);
+        CARVE_X(dxtmp, float, Tz * D);
+    }
+#undef CARVE_A
+#undef CARVE_X
+#undef CARVE_S
+#undef CARVE_IN
+    if (state_size) *state_size = su;
+    if (scratch_size) *scratch_size = xu;
+}
+
+static dsmoe_status moe_check_tokens(const char *fn, int64_t max_tokens, int32_t K) {
+    if (max_tokens < 1 || max_tokens > ((int64_t)1 << 31) / 256)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "%s: max_tokens %lld out of range 1..8388608", fn,
+                            (long long)max_tokens);
+    if (max_tokens * K > INT32_MAX)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "%s: max_tokens·K = %lld exceeds 2^31 - 1", fn,
+                            (long long)max_tokens * K);
+    return DSMOE_OK;
+}
+
+size_t dsmoe_moe_param_count(const dsmoe_moe_config *cfg) {
+    if (dsmoe_moe_config_validate(cfg) != DSMOE_OK) return 0;
+    if (!moe_sizes_ok(cfg)) {
+        dsmoe__error(DSMOE_STATUS_INVALID_CONFIG, "moe config: layer too large (E·3·F·D parameters)");
+        return 0;
+    }
+    dsmoe_moe m;
+    memset(&m, 0, sizeof m);
+    moe_init_layout(&m, cfg);
+    return m.n_params;
+}
+
+size_t dsmoe_moe_workspace_size(const dsmoe_moe_config *cfg, int64_t max_tokens, int n_threads) {
+    if (dsmoe_moe_config_validate(cfg) != DSMOE_OK) return 0;
+    if (!moe_sizes_ok(cfg)) {
+        dsmoe__error(DSMOE_STATUS_INVALID_CONFIG, "moe config: layer too large (E·3·F·D parameters)");
+        return 0;
+    }
+    if (moe_check_tokens("dsmoe_moe_workspace_size", max_tokens, cfg->router.top_k) != DSMOE_OK)
+        return 0;
+    dsmoe_moe m;
+    memset(&m, 0, sizeof m);
+    moe_init_layout(&m, cfg);
+    size_t xs = 0;
+    moe_ws_layout(&m, max_tokens, dsmoe__threads(n_threads), NULL, NULL, NULL, NULL, &xs);
+    return xs;
+}
+
+dsmoe_status dsmoe_moe_reserve(dsmoe_moe *m, int64_t max_tokens, int n_threads) {
+    if (!m) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_reserve: NULL layer");
+    dsmoe_status st = moe_check_tokens("dsmoe_moe_reserve", max_tokens, m->K);
+    if (st != DSMOE_OK) return st;
+    int nt = dsmoe__threads(n_threads);
+    int64_t T = max_tokens > m->cfg.max_tokens ? max_tokens : m->cfg.max_tokens;
+    if (m->state_mem && nt <= m->cfg.n_threads && T == m->cfg.max_tokens) return DSMOE_OK;
+    if (nt < m->cfg.n_threads) nt = m->cfg.n_threads;
+    size_t ss = 0, xs = 0;
+    moe_ws_layout(m, T, nt, NULL, NULL, NULL, &ss, &xs);
+    if (m->ext_ws && xs > m->ext_ws_size)
+        return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
+                            "dsmoe_moe_reserve: the attached workspace has %zu bytes; %lld tokens "
+                            "on %d threads need %zu (dsmoe_moe_workspace_size): attach a larger "
+                            "one first",
+                            m->ext_ws_size, (long long)T, nt, xs);
+    char *smem = (char *)moe_alloc(ss);
+    char *xmem = m->ext_ws ? NULL : (char *)moe_alloc(xs);
+    if (!smem || (!m->ext_ws && !xmem)) {
+        dsmoe_free(smem);
+        dsmoe_free(xmem);
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY,
+                            "moe workspace: %zu bytes for %lld tokens, %d threads", ss + xs,
+                            (long long)T, nt);
+    }
+    /* the routing of the last forward stays readable (the pointers handed out by
+     * dsmoe_moe_last_routing point into the old state) until the next forward */
+    if (m->have_fwd == 1) {
+        dsmoe_free(m->retired_state);
+        m->retired_state = m->state_mem;
+        m->have_fwd = 2;
+    } else {
+        dsmoe_free(m->state_mem);
+    }
+    m->state_mem = smem;
+    m->state_size = ss;
+    if (!m->ext_ws) {
+        dsmoe_free(m->scratch_mem);
+        m->scratch_mem = xmem;
+    }
+    m->scratch_size = xs;
+    moe_ws_layout(m, T, nt, smem, m->ext_ws ? (char *)m->ext_ws : xmem, &m->ws, NULL, NULL);
+    m->cfg.max_tokens = T;
+    m->cfg.n_threads = nt;
+    return DSMOE_OK;
+}
+
+static dsmoe_status moe_check_buffer(const void *p, size_t align, const char *what) {
+    if (p && ((uintptr_t)p % align) != 0)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_moe_create_with: %s is not aligned to %zu bytes", what, align);
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_moe_create_with(const dsmoe_moe_config *cfg, const dsmoe_moe_buffers *buf,
+                                   dsmoe_moe **out) {
+    if (!out) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_create: NULL out");
+    *out = NULL;
+    dsmoe_status st = dsmoe_moe_config_validate(cfg);
+    if (st != DSMOE_OK) return st;
+    if (!moe_sizes_ok(cfg))
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "moe config: layer too large (E·3·F·D parameters)");
+    dsmoe_moe_buffers b;
+    memset(&b, 0, sizeof b);
+    if (buf) b = *buf;
+    const size_t esz = dsmoe_dtype_size(cfg->weight_dtype);
+    if ((st = moe_check_buffer(b.params, 16 * esz, "params")) != DSMOE_OK) return st;
+    if ((st = moe_check_buffer(b.grads, 64, "grads")) != DSMOE_OK) return st;
+    if ((st = moe_check_buffer(b.workspace, 64, "workspace")) != DSMOE_OK) return st;
+    if (b.grads && !cfg->train)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_moe_create_with: grads given but the config has train = 0");
+    if (b.workspace) {
+        st = moe_check_tokens("dsmoe_moe_create", cfg->max_tokens, cfg->router.top_k);
+        if (st != DSMOE_OK) return st;
+        size_t need = dsmoe_moe_workspace_size(cfg, cfg->max_tokens, cfg->n_threads);
+        if (b.workspace_size < need)
+            return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
+                                "dsmoe_moe_create_with: workspace of %zu bytes; the layer needs "
+                                "%zu (dsmoe_moe_workspace_size)",
+                                b.workspace_size, need);
+    }
+    (void)dsmoe__kernels(); /* resolves the kernels and pins OpenBLAS before any BLAS call */
+    dsmoe_moe *m = (dsmoe_moe *)calloc(1, sizeof *m);
+    if (!m) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "moe layer object");
+    moe_init_layout(m, cfg);
+    const size_t n_params = m->n_params, E = (size_t)m->E;
+    m->own_params = b.params == NULL;
+    m->own_grads = b.grads == NULL;
+    m->params = b.params ? b.params : moe_alloc(n_params * m->esz);
+    m->bias = (float *)moe_alloc(E * sizeof(float));
+    if (cfg->train) m->grads = b.grads ? b.grads : (float *)moe_alloc(n_params * sizeof(float));
     if (!m->params || !m->bias || (cfg->train && !m->grads)) {
         dsmoe_moe_free(m);
-        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "moe parameters: %zu elements",
-                            m->n_params);
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "moe parameters: %zu elements", n_params);
     }
-    memset(m->params, 0, m->n_params * m->esz);
-    memset(m->bias, 0, E * sizeof(float));
-    if (m->grads) memset(m->grads, 0, m->n_params * sizeof(float));
+    m->ext_ws = b.workspace;
+    m->ext_ws_size = b.workspace_size;
     int nt = dsmoe__threads(cfg->n_threads);
     m->cfg.n_threads = 0;
     int64_t T = cfg->max_tokens;
     m->cfg.max_tokens = 0;
     st = dsmoe_moe_reserve(m, T, nt);
     if (st != DSMOE_OK) {
-        dsmoe_moe_free(m);
+        dsmoe_moe_free(m); /* the caller's buffers untouched */
         return st;
     }
+    memset(m->params, 0, n_params * m->esz);
+    memset(m->bias, 0, E * sizeof(float));
+    if (m->grads) memset(m->grads, 0, n_params * sizeof(float));
     *out = m;
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_moe_create(const dsmoe_moe_config *cfg, dsmoe_moe **out) {
+    return dsmoe_moe_create_with(cfg, NULL, out);
+}
+
+dsmoe_status dsmoe_moe_set_workspace(dsmoe_moe *m, void *ws, size_t size) {
+    if (!m)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_set_workspace: NULL layer");
+    const int64_t T = m->cfg.max_tokens;
+    const int nt = m->cfg.n_threads;
+    size_t need = 0;
+    moe_ws_layout(m, T, nt, NULL, NULL, NULL, NULL, &need);
+    char *own = NULL;
+    if (ws) {
+        if ((uintptr_t)ws % 64 != 0)
+            return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                                "dsmoe_moe_set_workspace: workspace is not aligned to 64 bytes");
+        if (size < need)
+            return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
+                                "dsmoe_moe_set_workspace: %zu bytes; the layer (max_tokens %lld, "
+                                "%d threads) needs %zu (dsmoe_moe_workspace_size)",
+                                size, (long long)T, nt, need);
+    } else {
+        if (!m->ext_ws) return DSMOE_OK; /* already owns its scratch */
+        own = (char *)moe_alloc(need);
+        if (!own)
+            return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY,
+                                "moe workspace: %zu bytes for %lld tokens, %d threads", need,
+                                (long long)T, nt);
+    }
+    dsmoe_free(m->scratch_mem);
+    m->scratch_mem = own;
+    m->ext_ws = ws;
+    m->ext_ws_size = ws ? size : 0;
+    m->scratch_size = need;
+    /* the state's carving does not change: the routing and saved activations survive */
+    moe_ws_layout(m, T, nt, m->state_mem, ws ? (char *)ws : own, &m->ws, NULL, NULL);
     return DSMOE_OK;
 }
 
 void dsmoe_moe_free(dsmoe_moe *m) {
     if (!m) return;
-    dsmoe_free(m->params);
-    dsmoe_free(m->grads);
+    if (m->own_params) dsmoe_free(m->params);
+    if (m->own_grads) dsmoe_free(m->grads);
     dsmoe_free(m->bias);
-    dsmoe_free(m->ws_mem);
+    dsmoe_free(m->state_mem);
+    dsmoe_free(m->retired_state);
+    dsmoe_free(m->scratch_mem);
     free(m);
 }
 
@@ -393,8 +561,9 @@ const dsmoe_moe_config *dsmoe_moe_get_config(const dsmoe_moe *m) { return m ? &m
 
 size_t dsmoe_moe_memory_size(const dsmoe_moe *m) {
     if (!m) return 0;
-    return m->n_params * m->esz + (m->grads ? m->n_params * sizeof(float) : 0) + m->ws_size +
-           (size_t)m->E * sizeof(float) + sizeof *m;
+    return (m->own_params ? m->n_params * m->esz : 0) +
+           (m->grads && m->own_grads ? m->n_params * sizeof(float) : 0) + m->state_size +
+           (m->scratch_mem ? m->scratch_size : 0) + (size_t)m->E * sizeof(float) + sizeof *m;
 }
 
 /* ---------------------------------------------------------------- tensors -- */
@@ -545,7 +714,7 @@ const float *dsmoe_moe_bias(const dsmoe_moe *m) {
 }
 
 const dsmoe_moe_routing *dsmoe_moe_last_routing(const dsmoe_moe *m) {
-    return m && m->have_fwd ? &m->routing : NULL;
+    return m && m->have_fwd ? &m->routing : NULL; /* have_fwd 2: routing only */
 }
 
 /* ---------------------------------------------------------------- kernels -- */
@@ -887,6 +1056,8 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe *m, float *y, const float *x, int64_t T
                                int n_threads) {
     if (!m) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_forward: NULL layer");
     m->have_fwd = 0;
+    dsmoe_free(m->retired_state); /* the routing before the last reserve; see moe.h */
+    m->retired_state = NULL;
     if (T < 0)
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_forward: T = %lld < 0",
                             (long long)T);
@@ -956,9 +1127,12 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
     if (!m->cfg.train || !m->grads)
         return dsmoe__error(DSMOE_STATUS_UNSUPPORTED,
                             "dsmoe_moe_backward: the layer was created without train = 1");
-    if (!m->have_fwd)
+    if (m->have_fwd != 1)
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
-                            "dsmoe_moe_backward: no successful forward to differentiate");
+                            m->have_fwd == 2
+                                ? "dsmoe_moe_backward: dsmoe_moe_reserve grew the workspace after "
+                                  "the last forward (its activations are gone): run the forward again"
+                                : "dsmoe_moe_backward: no successful forward to differentiate");
     if (T != m->routing.T)
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
                             "dsmoe_moe_backward: T = %lld but the last forward had T = %lld",
@@ -1127,140 +1301,18 @@ static int moe_name(char *buf, size_t size, const char *prefix, const char *name
     return n >= 0 && (size_t)n < size;
 }
 
-dsmoe_status dsmoe_moe_config_from_safetensors(dsmoe_moe_config *cfg,
-                                               const dsmoe_safetensors *st,
-                                               const char *prefix) {
-    if (!cfg || !st)
-        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
-                            "dsmoe_moe_config_from_safetensors: NULL argument");
-    char name[512];
-    const char *ver = dsmoe_safetensors_metadata(st, "dsmoe.format_version");
-    if (ver) {
-        char *end = NULL;
-        long v = strtol(ver, &end, 10);
-        if (end == ver || *end != '\0' || v < 1)
-            return dsmoe__error(DSMOE_STATUS_FORMAT,
-                                "__metadata__ dsmoe.format_version '%s' is not a positive integer",
-                                ver);
-        if (v > DSMOE_MOE_FORMAT_VERSION)
-            return dsmoe__error(DSMOE_STATUS_FORMAT,
-                                "file written in dsmoe format version %ld, this library reads up "
-                                "to %d: upgrade dsmoe (%s)",
-                                v, DSMOE_MOE_FORMAT_VERSION, dsmoe_version());
-    }
-    dsmoe_tensor_view g, e0, sg;
-    if (!moe_name(name, sizeof name, prefix, "gate.weight"))
-        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "tensor prefix too long");
-    dsmoe_status s = dsmoe_safetensors_get(st, name, &g);
-    if (s != DSMOE_OK)
-        return dsmoe__error(s, "gate weight '%s' not found in the file", name);
-    if (g.ndim != 2 || g.shape[0] < 1 || g.shape[1] < 1 || g.shape[0] > DSMOE_MAX_EXPERTS ||
-        g.shape[1] > (1 << 20))
-        return dsmoe__error(DSMOE_STATUS_SHAPE_MISMATCH,
-                            "tensor '%s': expected shape (E, D), got %d dims (%lld, %lld)", name,
-                            (int)g.ndim, (long long)g.shape[0],
-                            (long long)(g.ndim > 1 ? g.shape[1] : 0));
-    int64_t E = g.shape[0], D = g.shape[1];
-    moe_name(name, sizeof name, prefix, "experts.0.gate_proj.weight");
-    s = dsmoe_safetensors_get(st, name, &e0);
-    if (s != DSMOE_OK)
-        return dsmoe__error(s, "expert weight '%s' not found in the file", name);
-    if (e0.ndim != 2 || e0.shape[1] != D || e0.shape[0] < 1 || e0.shape[0] > (1 << 20))
-        return dsmoe__error(DSMOE_STATUS_SHAPE_MISMATCH,
-                            "tensor '%s': expected shape (F, %lld), got %d dims (%lld, %lld)",
-                            name, (long long)D, (int)e0.ndim, (long long)e0.shape[0],
-                            (long long)(e0.ndim > 1 ? e0.shape[1] : 0));
-    int64_t F = e0.shape[0];
-    int32_t ns = cfg->n_shared;
-    moe_name(name, sizeof name, prefix, "shared_experts.gate_proj.weight");
-    s = dsmoe_safetensors_get(st, name, &sg);
-    if (s == DSMOE_OK) {
-        if (sg.ndim != 2 || sg.shape[1] != D || sg.shape[0] % F != 0 || sg.shape[0] < F)
-            return dsmoe__error(DSMOE_STATUS_SHAPE_MISMATCH,
-                                "tensor '%s': expected shape (N_s·%lld, %lld), got %d dims "
-                                "(%lld, %lld)",
-                                name, (long long)F, (long long)D, (int)sg.ndim,
-                                (long long)sg.shape[0], (long long)(sg.ndim > 1 ? sg.shape[1] : 0));
-        int64_t inferred = sg.shape[0] / F;
-        if (ns < 0)
-            ns = (int32_t)(inferred > 64 ? 65 : inferred);
-        else if (ns != inferred)
-            return dsmoe__error(DSMOE_STATUS_SHAPE_MISMATCH,
-                                "tensor '%s' has %lld rows = %lld shared experts of size %lld, "
-                                "but %d shared experts were requested",
-                                name, (long long)sg.shape[0], (long long)inferred, (long long)F,
-                                (int)ns);
-    } else {
-        if (ns < 0) ns = 0;
-        if (ns > 0)
-            return dsmoe__error(DSMOE_STATUS_NOT_FOUND,
-                                "%d shared experts requested but tensor '%s' is not in the file",
-                                (int)ns, name);
-    }
-    dsmoe_clear_error();
-    cfg->hidden_size = (int32_t)D;
-    cfg->expert_size = (int32_t)F;
-    cfg->router.n_experts = (int32_t)E;
-    cfg->n_shared = ns;
-    return DSMOE_OK;
-}
-
-dsmoe_status dsmoe_moe_load_safetensors(dsmoe_moe *m, const dsmoe_safetensors *st,
-                                        const char *prefix) {
+dsmoe_status dsmoe__moe_load(dsmoe_moe *m, const dsmoe_safetensors *st, const char *prefix,
+                             int checked) {
     if (!m || !st)
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
                             "dsmoe_moe_load_safetensors: NULL argument");
+    /* pass 1: every tensor's presence, dtype, shape and values (moe_file.c) */
+    if (!checked) {
+        dsmoe_status s = dsmoe_moe_check_safetensors(&m->cfg, st, prefix);
+        if (s != DSMOE_OK) return s;
+    }
     const int64_t n = dsmoe_moe_tensor_count(m);
     char name[512];
-    /* pass 1: check every tensor */
-    for (int64_t i = 0; i < n; i++) {
-        dsmoe_moe_tensor t;
-        dsmoe_moe_tensor_at(m, i, &t);
-        if (!moe_name(name, sizeof name, prefix, t.name))
-            return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "tensor prefix too long");
-        dsmoe_tensor_view v;
-        dsmoe_status s = dsmoe_safetensors_get(st, name, &v);
-        if (s != DSMOE_OK)
-            return dsmoe__error(DSMOE_STATUS_NOT_FOUND, "tensor '%s' is missing from the file",
-                                name);
-        if (v.dtype != DSMOE_DTYPE_F32 && v.dtype != DSMOE_DTYPE_BF16 &&
-            v.dtype != DSMOE_DTYPE_F16)
-            return dsmoe__error(DSMOE_STATUS_FORMAT,
-                                "tensor '%s' has dtype %s; expected F32, BF16 or F16", name,
-                                dsmoe_dtype_name(v.dtype));
-        int ok = v.ndim == t.ndim;
-        for (int32_t d = 0; ok && d < t.ndim; d++) ok = v.shape[d] == t.shape[d];
-        if (!ok) {
-            char got[128] = "", want[64];
-            size_t used = 0;
-            for (int32_t d = 0; d < v.ndim && used < sizeof got; d++)
-                used += (size_t)snprintf(got + used, sizeof got - used, "%s%lld", d ? ", " : "",
-                                         (long long)v.shape[d]);
-            if (t.ndim == 1)
-                snprintf(want, sizeof want, "%lld", (long long)t.shape[0]);
-            else
-                snprintf(want, sizeof want, "%lld, %lld", (long long)t.shape[0],
-                         (long long)t.shape[1]);
-            return dsmoe__error(DSMOE_STATUS_SHAPE_MISMATCH,
-                                "tensor '%s' has shape (%s); the layer expects (%s)", name, got,
-                                want);
-        }
-        if (!t.trainable) {
-            for (int64_t j = 0; j < v.shape[0]; j++) {
-                float b;
-                dsmoe_tensor_view one = v;
-                one.ndim = 1;
-                one.shape[0] = 1;
-                one.data = (const char *)v.data + (size_t)j * dsmoe_dtype_size(v.dtype);
-                one.nbytes = dsmoe_dtype_size(v.dtype);
-                dsmoe_tensor_to_f32(&one, &b);
-                if (!isfinite(b))
-                    return dsmoe__error(DSMOE_STATUS_NON_FINITE,
-                                        "tensor '%s': element %lld is %g (the bias must be finite)",
-                                        name, (long long)j, (double)b);
-            }
-        }
-    }
     /* the packed layout converts each expert matrix through a row-major copy */
     void *tmp = NULL;
     if (m->packed) {
@@ -1315,52 +1367,69 @@ dsmoe_status dsmoe_moe_load_safetensors(dsmoe_moe *m, const dsmoe_safetensors *s
     return DSMOE_OK;
 }
 
-dsmoe_status dsmoe_moe_save(const dsmoe_moe *m, const char *path, const char *prefix) {
-    if (!m || !path)
-        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_save: NULL argument");
-    const int64_t n = dsmoe_moe_tensor_count(m);
-    const size_t plen = prefix ? strlen(prefix) : 0, stride = plen + 64;
+dsmoe_status dsmoe_moe_load_safetensors(dsmoe_moe *m, const dsmoe_safetensors *st,
+                                        const char *prefix) {
+    return dsmoe__moe_load(m, st, prefix, 0);
+}
+
+/* Adds the layer's tensors and its config to wr. The packed layout is written in the
+ * checkpoint layout through row-major copies, kept in copies[i] (NULL: refused). */
+static dsmoe_status moe_write(const dsmoe_moe *m, dsmoe_safetensors_writer *wr,
+                              const char *prefix, void **copies) {
+    if (!m || !wr)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_write: NULL argument");
+    if (m->packed && !copies)
+        return dsmoe__error(DSMOE_STATUS_UNSUPPORTED,
+                            "dsmoe_moe_write: a packed layer's tensors need row-major copies "
+                            "that the writer cannot own; use dsmoe_moe_save or a checkpoint-"
+                            "layout layer");
+    const size_t plen = prefix ? strlen(prefix) : 0;
     if (plen > 400)
-        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_save: prefix too long");
-    char *names = (char *)malloc((size_t)n * stride);
-    /* the packed layout is written in the checkpoint layout, through row-major copies */
-    void **copies = (void **)calloc((size_t)n, sizeof(void *));
-    if (!names || !copies) {
-        free(names);
-        free(copies);
-        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "dsmoe_moe_save: names");
-    }
-    dsmoe_safetensors_writer *wr = NULL;
-    dsmoe_status s = dsmoe_safetensors_writer_create(&wr);
-    char json[2048], ver[16];
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_write: prefix too long");
+    char json[2048], ver[16], key[600], nm[512];
     dsmoe_moe_config_json(&m->cfg, json, sizeof json);
     snprintf(ver, sizeof ver, "%d", DSMOE_MOE_FORMAT_VERSION);
-    if (s == DSMOE_OK) s = dsmoe_safetensors_writer_set_metadata(wr, "format", "pt");
+    dsmoe__moe_config_key(key, sizeof key, prefix);
+    dsmoe_status s = dsmoe_safetensors_writer_set_metadata(wr, "format", "pt");
     if (s == DSMOE_OK) s = dsmoe_safetensors_writer_set_metadata(wr, "dsmoe.format_version", ver);
-    if (s == DSMOE_OK) s = dsmoe_safetensors_writer_set_metadata(wr, "dsmoe.moe_config", json);
+    if (s == DSMOE_OK) s = dsmoe_safetensors_writer_set_metadata(wr, key, json);
+    const int64_t n = dsmoe_moe_tensor_count(m);
     for (int64_t i = 0; i < n && s == DSMOE_OK; i++) {
         dsmoe_moe_tensor t;
         dsmoe_moe_tensor_at(m, i, &t);
-        char *nm = names + (size_t)i * stride;
-        moe_name(nm, stride, prefix, t.name);
+        moe_name(nm, sizeof nm, prefix, t.name);
         const void *data = t.data;
         if (t.layout == DSMOE_MOE_LAYOUT_PACKED) {
             const size_t bytes = (size_t)t.shape[0] * (size_t)t.shape[1] * m->esz;
             copies[i] = malloc(bytes);
-            if (!copies[i]) {
-                s = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY,
-                                 "dsmoe_moe_save: %zu bytes to unpack '%s'", bytes, t.name);
-                break;
-            }
+            if (!copies[i])
+                return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY,
+                                    "dsmoe_moe_save: %zu bytes to unpack '%s'", bytes, t.name);
             dsmoe__moe_unpack_rows(copies[i], t.data, m->esz, t.shape[0], t.shape[1]);
             data = copies[i];
         }
         s = dsmoe_safetensors_writer_add(wr, nm, t.dtype, t.ndim, t.shape, data);
     }
+    return s;
+}
+
+dsmoe_status dsmoe_moe_write(const dsmoe_moe *m, dsmoe_safetensors_writer *wr,
+                             const char *prefix) {
+    return moe_write(m, wr, prefix, NULL);
+}
+
+dsmoe_status dsmoe_moe_save(const dsmoe_moe *m, const char *path, const char *prefix) {
+    if (!m || !path)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_save: NULL argument");
+    const int64_t n = dsmoe_moe_tensor_count(m);
+    void **copies = (void **)calloc((size_t)n, sizeof(void *));
+    if (!copies) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "dsmoe_moe_save: copies");
+    dsmoe_safetensors_writer *wr = NULL;
+    dsmoe_status s = dsmoe_safetensors_writer_create(&wr);
+    if (s == DSMOE_OK) s = moe_write(m, wr, prefix, copies);
     if (s == DSMOE_OK) s = dsmoe_safetensors_writer_save(wr, path);
     dsmoe_safetensors_writer_free(wr);
     for (int64_t i = 0; i < n; i++) free(copies[i]);
     free(copies);
-    free(names);
     return s;
 }

@@ -21,4 +21,17 @@ int64_t dsmoe__moe_dispatch(int64_t *counts, int64_t *kept, int64_t *offsets, in
                             int32_t *row_tok, const int32_t *indices, int64_t T, int32_t K,
                             int32_t E, int64_t capacity);
 
+/* dsmoe_moe_load_safetensors; checked = 1 skips the tensor checks (the caller ran
+ * dsmoe_moe_check_safetensors with the layer's config). */
+dsmoe_status dsmoe__moe_load(dsmoe_moe *m, const dsmoe_safetensors *st, const char *prefix,
+                             int checked);
+/* The __metadata__ key of a layer's saved config: "dsmoe.moe_config" for an empty
+ * prefix, else "dsmoe.moe_config@<prefix>". Returns 0 if it does not fit. */
+int dsmoe__moe_config_key(char *buf, size_t size, const char *prefix);
+
+/* Test hooks: allocations of layer memory (parameters, gradients, bias, workspace)
+ * so far, and the 1-based allocation to fail (0: none). */
+extern int64_t dsmoe__moe_alloc_calls;
+extern int64_t dsmoe__moe_alloc_fail_at;
+
 #endif /* DSMOE_MOE_INTERNAL_H */
