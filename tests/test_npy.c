@@ -537,13 +537,15 @@ static void test_atomic_replace(void) {
     check_same("replaced", &a, DSMOE_DTYPE_F64, 2, s2, d2, sizeof d2);
     dsmoe_array_free(&a);
     ASSERT_EQ_INT(io_count_tmp_files(io_tmp_dir(), "test_npy"), 0);
-    /* A rename that fails (the destination is a folder) removes the temporary file. */
+    /* A folder as the destination is refused before anything is written (a rename
+     * that fails is tested in test_io_file.c). */
     char dir[4096];
     snprintf(dir, sizeof dir, "%s", tl_tmp("test_npy_a_folder"));
     rmdir(dir);
     ASSERT_TRUE(mkdir(dir, 0755) == 0);
     ASSERT_STATUS(dsmoe_npy_write_raw(dir, DSMOE_DTYPE_I32, 1, s1, d1), DSMOE_STATUS_IO);
-    ASSERT_MSG_HAS("rename onto a folder", "rename");
+    ASSERT_MSG_HAS("a folder as the destination", "is a directory");
+    ASSERT_MSG_HAS("a folder as the destination", "test_npy_a_folder");
     ASSERT_EQ_INT(io_count_tmp_files(io_tmp_dir(), "test_npy"), 0);
     ASSERT_TRUE(rmdir(dir) == 0);
     /* The file gets ordinary permissions (0666 less the umask), not mkstemp's 0600. */
@@ -559,8 +561,8 @@ static void test_atomic_replace(void) {
 static void test_map_file_modes(void) {
     const char *path = tl_golden("io/f32_3x4.npy");
     dsmoe__mapped m1, m2;
-    ASSERT_OK(dsmoe__map_file(path, 1, &m1));
-    ASSERT_OK(dsmoe__map_file(path, 0, &m2));
+    ASSERT_OK(dsmoe__map_file(path, 1, NULL, 0, &m1));
+    ASSERT_OK(dsmoe__map_file(path, 0, NULL, 0, &m2));
     ASSERT_TRUE(m1.map_base != NULL && m2.heap != NULL);
     ASSERT_TRUE(m1.size == 176 && m2.size == 176 && memcmp(m1.data, m2.data, 176) == 0);
     dsmoe__unmap_file(&m1);
@@ -569,7 +571,7 @@ static void test_map_file_modes(void) {
     const char *empty = tl_tmp("test_npy_map_empty");
     ASSERT_TRUE(io_write_file(empty, "", 0));
     for (int mode = 0; mode < 2; mode++) {
-        ASSERT_OK(dsmoe__map_file(empty, mode, &m1));
+        ASSERT_OK(dsmoe__map_file(empty, mode, NULL, 0, &m1));
         ASSERT_TRUE(m1.data != NULL && m1.size == 0);
         dsmoe__unmap_file(&m1);
     }
