@@ -473,6 +473,34 @@ static void test_byte_flips_never_crash(void) {
     free(good);
 }
 
+/* Something that is not a .npy file at all is called that, not "too short" or
+ * "bad version"; a damaged .npy file keeps its detailed message. */
+static void test_not_a_npy_file(void) {
+    static const char text[] = "model: deepseek-v3\nexperts: 256\n";
+    expect_bad("a text file", text, sizeof text - 1, "not a .npy file");
+    expect_bad("two bytes of text", "hi", 2, "not a .npy file");
+    expect_bad("one zero byte", "", 1, "not a .npy file");
+    size_t slen;
+    unsigned char *st = io_read_file(tl_golden("io/st_ref.safetensors"), &slen);
+    ASSERT_TRUE(st != NULL);
+    if (st) expect_bad("a safetensors file", st, slen, "not a .npy file");
+    free(st);
+    /* A prefix of the magic is a truncated .npy file; a bad version is a bad version. */
+    expect_bad("magic prefix", "\x93NUM", 4, "too short");
+    expect_bad("version 9", "\x93NUMPY\x09\x00\x00\x00", 10, "format version 9.0");
+    /* On disk, the message starts with the path. */
+    const char *path = tl_tmp("test_npy_text.npy");
+    ASSERT_TRUE(io_write_file(path, text, sizeof text - 1));
+    dsmoe_array a;
+    ASSERT_STATUS(dsmoe_npy_read(path, &a), DSMOE_STATUS_FORMAT);
+    char want[4200];
+    snprintf(want, sizeof want, "%s: not a .npy file (", path);
+    tl_checks++;
+    if (strncmp(dsmoe_last_error(), want, strlen(want)) != 0)
+        TL_FAIL("message \"%s\" does not start with \"%s\"", dsmoe_last_error(), want);
+    unlink(path);
+}
+
 /* ------------------------------------------------------- files, errors -- */
 
 static void test_io_errors_and_bad_arguments(void) {
@@ -587,6 +615,7 @@ int main(void) {
     RUN(test_header_variants_rejected);
     RUN(test_preamble_and_sizes);
     RUN(test_byte_flips_never_crash);
+    RUN(test_not_a_npy_file);
     RUN(test_io_errors_and_bad_arguments);
     RUN(test_atomic_replace);
     RUN(test_map_file_modes);

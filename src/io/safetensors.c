@@ -293,10 +293,13 @@ static dsmoe_status st_check_start(const unsigned char *buf, size_t len, int tot
     *np = n;
     int absurd = n == 0 || n > ST_MAX_HEADER || (total && n > len - 8);
     if (absurd && (len == 8 || buf[8] != '{')) {
-        char ex[64], at8[80], why[64] = "";
+        char at8[80], why[64] = "";
         if (len == 8) snprintf(at8, sizeof at8, "nothing follows them");
-        else snprintf(at8, sizeof at8, "byte 8 is '%s', not the '{' that opens the JSON header",
-                      dsmoe__excerpt(buf + 8, 1, ex, sizeof ex));
+        else if (buf[8] >= 0x20 && buf[8] < 0x7f)
+            snprintf(at8, sizeof at8, "byte 8 is '%c', not the '{' that opens the JSON header",
+                     buf[8]);
+        else snprintf(at8, sizeof at8, "byte 8 is 0x%02x, not the '{' that opens the JSON header",
+                      buf[8]);
         if (n > ST_MAX_HEADER) snprintf(why, sizeof why, ", above the 100 MiB limit");
         else if (n) snprintf(why, sizeof why, ", past the end of the %zu-byte file", len);
         return dsmoe__error(DSMOE_STATUS_FORMAT,
@@ -330,7 +333,10 @@ static dsmoe_status st_parse(dsmoe_safetensors *st, const unsigned char *buf, si
     const unsigned char *hdr = buf + 8;
     st->data = hdr + n;
     st->data_len = header_only ? SIZE_MAX : len - 8 - (size_t)n;
-    if (n == 0 || hdr[0] != '{')
+    if (n == 0)
+        return dsmoe__error(DSMOE_STATUS_FORMAT,
+                            "safetensors: header length 0 at byte 0 (the smallest header is '{}')");
+    if (hdr[0] != '{')
         return dsmoe__error(DSMOE_STATUS_FORMAT,
                             "safetensors header at byte 8: must start with '{' (a JSON object)");
 
