@@ -622,7 +622,6 @@ static void test_kill_mid_save(void) {
 
 int main(void) {
     signal(SIGPIPE, SIG_IGN); /* a reader that stops early must not kill the test */
-    (void)io_random_bytes;
     setup_dir();
     RUN(test_fifo_small_valid_files);
     RUN(test_fifo_endless_streams);

@@ -35,7 +35,9 @@
  *     dsmoe_safetensors *st;
  *     dsmoe_tensor_view w;
  *     if (dsmoe_safetensors_open("layer.safetensors", &st) == DSMOE_OK &&
- *         dsmoe_safetensors_get(st, "mlp.gate.weight", &w) == DSMOE_OK) { ... }
+ *         dsmoe_safetensors_get(st, "mlp.gate.weight", &w) == DSMOE_OK)
+ *         printf("%s: %s (%lld, %lld)\n", w.name, dsmoe_dtype_name(w.dtype),
+ *                (long long)w.shape[0], (long long)w.shape[1]);
  *     dsmoe_safetensors_close(st);
  *     dsmoe_array_free(&x);
  */
