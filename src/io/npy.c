@@ -273,7 +273,7 @@ static dsmoe_status npy_dict(npy_cursor *c, npy_header *h) {
  * a .npy file at all (a text file, /dev/zero), which is said so. */
 static dsmoe_status npy_check_magic(const unsigned char *b, size_t len) {
     size_t n = len < NPY_MAGIC_LEN ? len : NPY_MAGIC_LEN;
-    if (memcmp(b, NPY_MAGIC, n) != 0) {
+    if (n > 0 && memcmp(b, NPY_MAGIC, n) != 0) {
         char ex[64];
         return dsmoe__error(DSMOE_STATUS_FORMAT,
                             "not a .npy file (no \\x93NUMPY magic at byte 0; it starts with '%s')",
