@@ -88,6 +88,7 @@ static void test_balance_h(void) {
     random_logits(l0, NT * E);
     random_logits(l1, NT * E);
     for (int i = 0; i < NT * K; i++) idx[i] = -1;
+    for (int e = 0; e < E; e++) counts[e] = -1; /* the router overwrites them */
     dsmoe_router_config rcfg;
     ASSERT_OK(dsmoe_router_preset("deepseek-v3", &rcfg));
     dsmoe_router_output out = {.indices = idx, .weights = w};

@@ -414,6 +414,7 @@ dsmoe_status dsmoe__atomic_open(dsmoe__atomic_file *f, const char *path) {
     int exists;
     dsmoe_status s = dsmoe__resolve_dest(path, &f->dest, &exists, &st);
     if (s != DSMOE_OK) return s;
+    if (!f->dest) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "'%s': out of memory", path);
     dsmoe__remove_stale_tmp(f->dest);
     size_t cap = strlen(f->dest) + 48;
     f->tmp_path = (char *)malloc(cap);

@@ -201,8 +201,8 @@ static dsmoe_status npy_descr(npy_cursor *c, npy_header *h) {
     if (npy_peek(c) == '[')
         return NPY_FAIL(c, "'descr' is a list (a structured dtype), which is not supported");
     size_t at = c->pos;
-    const unsigned char *str;
-    size_t len;
+    const unsigned char *str = (const unsigned char *)""; /* set by npy_string */
+    size_t len = 0;
     dsmoe_status s = npy_string(c, &str, &len);
     if (s != DSMOE_OK) return s;
     for (size_t i = 0; i < sizeof npy_descrs / sizeof npy_descrs[0]; i++) {
@@ -334,7 +334,7 @@ static dsmoe_status npy_parse_header(const unsigned char *b, size_t len, npy_hea
     if (len < 10)
         return dsmoe__error(DSMOE_STATUS_FORMAT,
                             "npy: %zu bytes is too short for the 10-byte preamble", len);
-    size_t start, hlen;
+    size_t start = 0, hlen = 0;
     if ((s = npy_preamble(b, len, &start, &hlen)) != DSMOE_OK) return s;
     if (start == 0)
         return dsmoe__error(DSMOE_STATUS_FORMAT,
