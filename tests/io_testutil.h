@@ -15,7 +15,7 @@
 #include <string.h>
 
 /* Fixture values (see gen_io_fixtures.py): element i of a tensor of `dtype`. */
-static void io_fixture_values(dsmoe_dtype dtype, int64_t n, void *out) {
+static inline void io_fixture_values(dsmoe_dtype dtype, int64_t n, void *out) {
     for (int64_t i = 0; i < n; i++) {
         int64_t base = (7 * i) % 23 - 11;
         float f = (float)base * 0.25f;
@@ -33,13 +33,13 @@ static void io_fixture_values(dsmoe_dtype dtype, int64_t n, void *out) {
 }
 
 /* Deterministic random bytes. */
-static void io_random_bytes(void *p, size_t n) {
+static inline void io_random_bytes(void *p, size_t n) {
     unsigned char *b = (unsigned char *)p;
     for (size_t i = 0; i < n; i++) b[i] = (unsigned char)(tl_next() >> 56);
 }
 
 /* Whole file into a malloc'd buffer (NULL if unreadable); *len its size. */
-static unsigned char *io_read_file(const char *path, size_t *len) {
+static inline unsigned char *io_read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     *len = 0;
     if (!f) return NULL;
@@ -59,14 +59,14 @@ static unsigned char *io_read_file(const char *path, size_t *len) {
     return buf;
 }
 
-static int io_write_file(const char *path, const void *data, size_t len) {
+static inline int io_write_file(const char *path, const void *data, size_t len) {
     FILE *f = fopen(path, "wb");
     if (!f) return 0;
     int ok = fwrite(data, 1, len, f) == len;
     return fclose(f) == 0 && ok;
 }
 
-static int io_all_zero(const void *p, size_t n) {
+static inline int io_all_zero(const void *p, size_t n) {
     const unsigned char *b = (const unsigned char *)p;
     for (size_t i = 0; i < n; i++)
         if (b[i]) return 0;
@@ -75,7 +75,7 @@ static int io_all_zero(const void *p, size_t n) {
 
 /* Number of entries in `dir` named `prefix`*".tmp."* (temporary files left by a
  * writer). The prefix keeps tests that run in parallel out of each other's way. */
-static int io_count_tmp_files(const char *dir, const char *prefix) {
+static inline int io_count_tmp_files(const char *dir, const char *prefix) {
     DIR *d = opendir(dir);
     int n = 0;
     if (!d) return -1;
@@ -86,7 +86,7 @@ static int io_count_tmp_files(const char *dir, const char *prefix) {
 }
 
 /* The folder tl_tmp() writes into. */
-static const char *io_tmp_dir(void) {
+static inline const char *io_tmp_dir(void) {
     const char *d = getenv("DSMOE_TMP");
     return d && d[0] ? d : "/tmp";
 }

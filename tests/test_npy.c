@@ -473,6 +473,34 @@ static void test_byte_flips_never_crash(void) {
     free(good);
 }
 
+/* Something that is not a .npy file at all is called that, not "too short" or
+ * "bad version"; a damaged .npy file keeps its detailed message. */
+static void test_not_a_npy_file(void) {
+    static const char text[] = "model: deepseek-v3\nexperts: 256\n";
+    expect_bad("a text file", text, sizeof text - 1, "not a .npy file");
+    expect_bad("two bytes of text", "hi", 2, "not a .npy file");
+    expect_bad("one zero byte", "", 1, "not a .npy file");
+    size_t slen;
+    unsigned char *st = io_read_file(tl_golden("io/st_ref.safetensors"), &slen);
+    ASSERT_TRUE(st != NULL);
+    if (st) expect_bad("a safetensors file", st, slen, "not a .npy file");
+    free(st);
+    /* A prefix of the magic is a truncated .npy file; a bad version is a bad version. */
+    expect_bad("magic prefix", "\x93NUM", 4, "too short");
+    expect_bad("version 9", "\x93NUMPY\x09\x00\x00\x00", 10, "format version 9.0");
+    /* On disk, the message starts with the path. */
+    const char *path = tl_tmp("test_npy_text.npy");
+    ASSERT_TRUE(io_write_file(path, text, sizeof text - 1));
+    dsmoe_array a;
+    ASSERT_STATUS(dsmoe_npy_read(path, &a), DSMOE_STATUS_FORMAT);
+    char want[4200];
+    snprintf(want, sizeof want, "%s: not a .npy file (", path);
+    tl_checks++;
+    if (strncmp(dsmoe_last_error(), want, strlen(want)) != 0)
+        TL_FAIL("message \"%s\" does not start with \"%s\"", dsmoe_last_error(), want);
+    unlink(path);
+}
+
 /* ------------------------------------------------------- files, errors -- */
 
 static void test_io_errors_and_bad_arguments(void) {
@@ -537,13 +565,15 @@ static void test_atomic_replace(void) {
     check_same("replaced", &a, DSMOE_DTYPE_F64, 2, s2, d2, sizeof d2);
     dsmoe_array_free(&a);
     ASSERT_EQ_INT(io_count_tmp_files(io_tmp_dir(), "test_npy"), 0);
-    /* A rename that fails (the destination is a folder) removes the temporary file. */
+    /* A folder as the destination is refused before anything is written (a rename
+     * that fails is tested in test_io_file.c). */
     char dir[4096];
     snprintf(dir, sizeof dir, "%s", tl_tmp("test_npy_a_folder"));
     rmdir(dir);
     ASSERT_TRUE(mkdir(dir, 0755) == 0);
     ASSERT_STATUS(dsmoe_npy_write_raw(dir, DSMOE_DTYPE_I32, 1, s1, d1), DSMOE_STATUS_IO);
-    ASSERT_MSG_HAS("rename onto a folder", "rename");
+    ASSERT_MSG_HAS("a folder as the destination", "is a directory");
+    ASSERT_MSG_HAS("a folder as the destination", "test_npy_a_folder");
     ASSERT_EQ_INT(io_count_tmp_files(io_tmp_dir(), "test_npy"), 0);
     ASSERT_TRUE(rmdir(dir) == 0);
     /* The file gets ordinary permissions (0666 less the umask), not mkstemp's 0600. */
@@ -559,8 +589,8 @@ static void test_atomic_replace(void) {
 static void test_map_file_modes(void) {
     const char *path = tl_golden("io/f32_3x4.npy");
     dsmoe__mapped m1, m2;
-    ASSERT_OK(dsmoe__map_file(path, 1, &m1));
-    ASSERT_OK(dsmoe__map_file(path, 0, &m2));
+    ASSERT_OK(dsmoe__map_file(path, 1, NULL, 0, &m1));
+    ASSERT_OK(dsmoe__map_file(path, 0, NULL, 0, &m2));
     ASSERT_TRUE(m1.map_base != NULL && m2.heap != NULL);
     ASSERT_TRUE(m1.size == 176 && m2.size == 176 && memcmp(m1.data, m2.data, 176) == 0);
     dsmoe__unmap_file(&m1);
@@ -569,7 +599,7 @@ static void test_map_file_modes(void) {
     const char *empty = tl_tmp("test_npy_map_empty");
     ASSERT_TRUE(io_write_file(empty, "", 0));
     for (int mode = 0; mode < 2; mode++) {
-        ASSERT_OK(dsmoe__map_file(empty, mode, &m1));
+        ASSERT_OK(dsmoe__map_file(empty, mode, NULL, 0, &m1));
         ASSERT_TRUE(m1.data != NULL && m1.size == 0);
         dsmoe__unmap_file(&m1);
     }
@@ -585,6 +615,7 @@ int main(void) {
     RUN(test_header_variants_rejected);
     RUN(test_preamble_and_sizes);
     RUN(test_byte_flips_never_crash);
+    RUN(test_not_a_npy_file);
     RUN(test_io_errors_and_bad_arguments);
     RUN(test_atomic_replace);
     RUN(test_map_file_modes);

@@ -561,10 +561,59 @@ static void test_bad_lengths(void) {
     }
     /* Zero header length. */
     unsigned char z[8] = {0};
-    expect_st_bad("zero header length", z, 8, "must start with '{'");
+    expect_st_bad("zero header length", z, 8, "not a safetensors file");
+    unsigned char z2[10] = {0, 0, 0, 0, 0, 0, 0, 0, '{', '}'};
+    expect_st_bad("zero header length before '{}'", z2, sizeof z2, "header length 0 at byte 0");
     ASSERT_STATUS(dsmoe_safetensors_open_memory(NULL, 5, &(dsmoe_safetensors *){NULL}),
                   DSMOE_STATUS_INVALID_ARGUMENT);
     ASSERT_STATUS(dsmoe_safetensors_open_memory(z, 8, NULL), DSMOE_STATUS_INVALID_ARGUMENT);
+}
+
+/* Something that is not a safetensors file at all (text, a .npy file, zeros) is
+ * called that, instead of an absurd header length; a damaged safetensors file
+ * (its byte 8 opens the JSON header) keeps the detailed message. */
+static void test_not_a_safetensors_file(void) {
+    static const char text[] = "model: deepseek-v3\nexperts: 256\n";
+    expect_st_bad("a text file", text, sizeof text - 1, "not a safetensors file");
+    expect_st_bad("a text file", text, sizeof text - 1, "above the 100 MiB limit");
+    expect_st_bad("8 bytes of text", text, 8, "nothing follows them");
+    unsigned char zeros[64] = {0};
+    expect_st_bad("zeros", zeros, sizeof zeros, "not a safetensors file (bytes 0-7 give a header length of 0");
+    expect_st_bad("zeros", zeros, sizeof zeros, "byte 8 is 0x00");
+    /* A small length past the end and no '{' after it. */
+    unsigned char small[12] = {100, 0, 0, 0, 0, 0, 0, 0, 'a', 'b', 'c', 'd'};
+    expect_st_bad("small length, no JSON", small, sizeof small, "past the end of the 12-byte file");
+    size_t nlen;
+    unsigned char *npy = io_read_file(tl_golden("io/f32_3x4.npy"), &nlen);
+    ASSERT_TRUE(npy != NULL);
+    if (npy) expect_st_bad("a .npy file", npy, nlen, "not a safetensors file");
+    free(npy);
+    /* A real file cut short, or with a bad length: still the detailed messages. */
+    size_t len;
+    unsigned char *good = io_read_file(tl_golden("io/st_ref.safetensors"), &len);
+    ASSERT_TRUE(good != NULL && len > 40);
+    if (good) {
+        expect_st_bad("cut to 40 bytes", good, 40, "runs past the end of the 40-byte file");
+        unsigned char saved = good[7];
+        good[7] = 0x10;
+        expect_st_bad("huge length before a '{'", good, len, "exceeds the 100 MiB limit");
+        good[7] = saved;
+        good[8] = ' ';
+        expect_st_bad("sane length, no '{'", good, len, "must start with '{'");
+    }
+    free(good);
+    /* On disk, the message starts with the path. */
+    const char *path = tl_tmp("test_st_text.safetensors");
+    ASSERT_TRUE(io_write_file(path, text, sizeof text - 1));
+    dsmoe_safetensors *st = NULL;
+    ASSERT_STATUS(dsmoe_safetensors_open(path, &st), DSMOE_STATUS_FORMAT);
+    char want[4200];
+    snprintf(want, sizeof want, "%s: not a safetensors file (", path);
+    tl_checks++;
+    if (strncmp(dsmoe_last_error(), want, strlen(want)) != 0)
+        TL_FAIL("message \"%s\" does not start with \"%s\"", dsmoe_last_error(), want);
+    ASSERT_TRUE(st == NULL);
+    unlink(path);
 }
 
 /* Every prefix of a valid file is invalid, and none is read past its end. */
@@ -739,6 +788,7 @@ int main(void) {
     RUN(test_tensor_to_f32);
     RUN(test_malformed_headers);
     RUN(test_bad_lengths);
+    RUN(test_not_a_safetensors_file);
     RUN(test_truncation_at_every_byte);
     RUN(test_header_byte_flips);
     RUN(test_open_errors_and_lookups);

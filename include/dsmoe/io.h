@@ -4,10 +4,27 @@
  * Readers validate everything they are given: a truncated, oversized or hostile
  * file yields DSMOE_STATUS_FORMAT (or IO) with a message naming the problem and
  * the offending offset or field; it never crashes and leaves the output zeroed
- * (arrays) or NULL (file objects). Writers replace files atomically: the bytes go
- * to a temporary file in the same folder, which is fsync()ed and renamed over the
- * destination, so a crash leaves either the old file or the new one. The formats,
- * limits and rules are described in docs/formats.md.
+ * (arrays) or NULL (file objects). A file that does not start like the format is
+ * reported as "<path>: not a .npy file (...)" or "<path>: not a safetensors file
+ * (...)". The formats, limits and rules are described in docs/formats.md.
+ *
+ * Reading: a regular file is memory-mapped. A pipe, FIFO or character device
+ * (e.g. /dev/stdin, <(zcat f.gz)) is read into memory as far as its header says
+ * the file goes, and never beyond DSMOE_IO_MAX_STREAM_BYTES: a longer stream, or a
+ * header that declares more, fails with FORMAT naming the path and the limit.
+ * Bytes that cannot start a valid file (/dev/zero, a text stream) fail at once.
+ *
+ * Writing is atomic: the bytes go to "<dest>.tmp.<pid>.<n>" in the destination's
+ * folder, which is fsync()ed and renamed over the destination, so a crash leaves
+ * either the old file or the new one. The new file keeps the permission bits of
+ * the file it replaces (and its owner and group where the system allows); a new
+ * file gets 0666 less the umask. A symbolic link is written through: its target
+ * (the end of the chain, created if missing) is replaced and the link stays. A
+ * destination that is a folder, a FIFO, a device or a socket is refused (IO)
+ * before anything is written. Every save also removes "<dest>.tmp.<pid>.<n>"
+ * files that a killed save of the same destination left behind (process gone,
+ * file lock free). A destination with several hard links is detached from the
+ * others, as with any save by rename.
  *
  * Data is little-endian; the host must be little-endian too (x86-64, AArch64).
  *
@@ -18,7 +35,9 @@
  *     dsmoe_safetensors *st;
  *     dsmoe_tensor_view w;
  *     if (dsmoe_safetensors_open("layer.safetensors", &st) == DSMOE_OK &&
- *         dsmoe_safetensors_get(st, "mlp.gate.weight", &w) == DSMOE_OK) { ... }
+ *         dsmoe_safetensors_get(st, "mlp.gate.weight", &w) == DSMOE_OK)
+ *         printf("%s: %s (%lld, %lld)\n", w.name, dsmoe_dtype_name(w.dtype),
+ *                (long long)w.shape[0], (long long)w.shape[1]);
  *     dsmoe_safetensors_close(st);
  *     dsmoe_array_free(&x);
  */
@@ -30,6 +49,10 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* Most bytes read from a file that is not a regular file (a pipe, a FIFO, a
+ * character device): 4 GiB. Regular files are mapped and have no such limit. */
+#define DSMOE_IO_MAX_STREAM_BYTES ((uint64_t)1 << 32)
 
 /* ---------------------------------------------------------------- .npy -- */
 /* Supported descriptors: '<f4' F32, '<i4' I32, '<u2' BF16 (bf16 words stored as

@@ -27,7 +27,7 @@
  * Example:
  *   dsmoe_router_config cfg;
  *   dsmoe_router_preset("deepseek-v3", &cfg);
- *   size_t ws_size = dsmoe_router_workspace_size(&cfg, T, 0, 1);
+ *   size_t ws_size = dsmoe_router_workspace_size(&cfg, T, 0, DSMOE_DTYPE_F32, 1);
  *   void *ws = dsmoe_malloc(ws_size);
  *   dsmoe_router_output out = { .indices = idx, .weights = w };   // (T, K) each
  *   if (dsmoe_router_forward(&cfg, &out, logits, bias, T, ws, ws_size, 1) != DSMOE_OK)

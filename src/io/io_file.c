@@ -1,12 +1,16 @@
 /*
  * io_file.c — file plumbing under the .npy and safetensors code: checked shape
- * arithmetic, read-only whole-file mapping (mmap with a read() fallback), atomic
- * replacement (temporary file + fsync + rename) and UTF-8 validation.
+ * arithmetic, read-only whole-file mapping (mmap with a read() fallback, and a
+ * bounded reader for pipes and devices), atomic replacement (temporary file +
+ * fsync + rename, through symbolic links, keeping the permissions, removing what a
+ * killed save left) and UTF-8 validation.
  */
 #include "io/io_internal.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -63,40 +67,89 @@ static int dsmoe__open_retry(const char *path, int flags, int mode) {
     return fd;
 }
 
-/* Reads the rest of fd into a growing heap buffer. */
-static dsmoe_status dsmoe__read_all(int fd, const char *path, size_t size_hint,
-                                    dsmoe__mapped *m) {
-    size_t cap = size_hint ? size_hint + 1 : 65536; /* +1: EOF is seen without a regrow */
-    size_t used = 0;
-    unsigned char *buf = (unsigned char *)malloc(cap);
-    if (!buf) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "'%s': cannot allocate %zu bytes", path, cap);
+/* What a stat() mode is, for messages. */
+static const char *dsmoe__file_kind(mode_t mode) {
+    if (S_ISDIR(mode)) return "a directory";
+    if (S_ISFIFO(mode)) return "a pipe or FIFO";
+    if (S_ISCHR(mode)) return "a character device";
+    if (S_ISBLK(mode)) return "a block device";
+    if (S_ISSOCK(mode)) return "a socket";
+    if (S_ISLNK(mode)) return "a symbolic link";
+    return "not a regular file";
+}
+
+/* Reads fd into a heap buffer: as far as `probe` says the format needs (or, with
+ * no probe, to the end), never holding more than limit + 1 bytes. `regular`: the
+ * file had `limit` bytes at fstat() time, and reading stops there. */
+static dsmoe_status dsmoe__read_stream(int fd, const char *path, int regular,
+                                       dsmoe__len_probe probe, size_t limit, dsmoe__mapped *m) {
+    size_t cap = 0, used = 0, want = 0;
+    dsmoe__len_kind kind = DSMOE__LEN_MORE;
+    unsigned char *buf = NULL;
+    dsmoe_status s = DSMOE_OK;
+    if (regular) {
+        kind = DSMOE__LEN_PREFIX;
+        want = limit;
+        probe = NULL;
+    }
     for (;;) {
-        if (used == cap) {
-            if (cap > SIZE_MAX / 2) {
-                free(buf);
-                return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "'%s': file too large", path);
+        if (probe && kind == DSMOE__LEN_MORE && used >= want) {
+            static const unsigned char none[1] = {0};
+            s = probe(buf ? buf : none, used, &want, &kind);
+            if (s != DSMOE_OK) {
+                s = dsmoe__error_prefix(s, path);
+                break;
             }
-            unsigned char *nb = (unsigned char *)realloc(buf, cap * 2);
+            if (kind == DSMOE__LEN_MORE && want <= used) want = used + 1;
+            if (kind != DSMOE__LEN_MORE && want > limit) {
+                s = dsmoe__error(DSMOE_STATUS_FORMAT,
+                                 "%s: its header makes it %zu bytes long, above the %zu-byte limit "
+                                 "for reading a file that is not a regular file (a pipe or a device); "
+                                 "read it from a regular file",
+                                 path, want, limit);
+                break;
+            }
+        }
+        /* Read up to `stop` bytes: one more than an exact length (to see that the
+         * stream ends there), or one more than the limit (to see that it is exceeded). */
+        size_t stop = kind == DSMOE__LEN_PREFIX ? want : kind == DSMOE__LEN_EXACT ? want + 1 : limit + 1;
+        if (used >= stop) break;
+        if (used == cap) {
+            size_t nc = cap ? (cap > SIZE_MAX / 2 ? SIZE_MAX : cap * 2) : 65536;
+            if (nc > stop) nc = stop;
+            unsigned char *nb = (unsigned char *)realloc(buf, nc);
             if (!nb) {
-                free(buf);
-                return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "'%s': cannot allocate %zu bytes",
-                                    path, cap * 2);
+                s = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "'%s': cannot allocate %zu bytes",
+                                 path, nc);
+                break;
             }
             buf = nb;
-            cap *= 2;
+            cap = nc;
         }
-        size_t want = cap - used;
-        if (want > ((size_t)1 << 30)) want = (size_t)1 << 30;
-        ssize_t got = read(fd, buf + used, want);
+        size_t n = (cap < stop ? cap : stop) - used;
+        if (n > ((size_t)1 << 30)) n = (size_t)1 << 30;
+        ssize_t got = read(fd, buf + used, n);
         if (got < 0) {
             if (errno == EINTR) continue;
-            int e = errno;
-            free(buf);
-            return dsmoe__error(DSMOE_STATUS_IO, "'%s': read failed at byte %zu: %s", path, used,
-                                strerror(e));
+            s = dsmoe__error(DSMOE_STATUS_IO, "'%s': read failed at byte %zu: %s", path, used,
+                             strerror(errno));
+            break;
         }
-        if (got == 0) break;
+        if (got == 0) break; /* the end: a short file is the parser's to report */
         used += (size_t)got;
+    }
+    if (s == DSMOE_OK && !regular && used > limit)
+        s = dsmoe__error(DSMOE_STATUS_FORMAT,
+                         "%s: longer than the %zu-byte limit for reading a file that is not a "
+                         "regular file (a pipe or a device); read it from a regular file",
+                         path, limit);
+    else if (s == DSMOE_OK && kind == DSMOE__LEN_EXACT && used > want)
+        s = dsmoe__error(DSMOE_STATUS_FORMAT,
+                         "%s: the stream goes on past byte %zu, where its header says the file ends",
+                         path, want);
+    if (s != DSMOE_OK) {
+        free(buf);
+        return s;
     }
     m->heap = buf;
     m->data = buf;
@@ -104,11 +157,14 @@ static dsmoe_status dsmoe__read_all(int fd, const char *path, size_t size_hint,
     return DSMOE_OK;
 }
 
-dsmoe_status dsmoe__map_file(const char *path, int use_mmap, dsmoe__mapped *m) {
+dsmoe_status dsmoe__map_file(const char *path, int use_mmap, dsmoe__len_probe probe,
+                             uint64_t max_stream, dsmoe__mapped *m) {
     static const unsigned char empty[1] = {0};
     memset(m, 0, sizeof *m);
     if (!path) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "NULL path");
-    int fd = dsmoe__open_retry(path, O_RDONLY | O_CLOEXEC, 0);
+    if (max_stream == 0 || max_stream > DSMOE_IO_MAX_STREAM_BYTES)
+        max_stream = DSMOE_IO_MAX_STREAM_BYTES;
+    int fd = dsmoe__open_retry(path, O_RDONLY | O_CLOEXEC | O_NOCTTY, 0);
     if (fd < 0) return dsmoe__error(DSMOE_STATUS_IO, "cannot open '%s': %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0) {
@@ -126,7 +182,11 @@ dsmoe_status dsmoe__map_file(const char *path, int use_mmap, dsmoe__mapped *m) {
         m->data = empty;
         return DSMOE_OK;
     }
-    if (use_mmap && regular && (uint64_t)st.st_size <= SIZE_MAX) {
+    if (regular && (uint64_t)st.st_size > SIZE_MAX) {
+        close(fd);
+        return dsmoe__error(DSMOE_STATUS_IO, "'%s': the file is too large to map", path);
+    }
+    if (use_mmap && regular) {
         void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
         if (p != MAP_FAILED) {
             close(fd);
@@ -136,8 +196,8 @@ dsmoe_status dsmoe__map_file(const char *path, int use_mmap, dsmoe__mapped *m) {
             return DSMOE_OK;
         }
     }
-    size_t hint = regular && (uint64_t)st.st_size < SIZE_MAX ? (size_t)st.st_size : 0;
-    dsmoe_status s = dsmoe__read_all(fd, path, hint, m);
+    size_t limit = regular ? (size_t)st.st_size : (size_t)max_stream;
+    dsmoe_status s = dsmoe__read_stream(fd, path, regular, probe, limit, m);
     close(fd);
     if (s != DSMOE_OK) memset(m, 0, sizeof *m);
     return s;
@@ -154,28 +214,256 @@ void dsmoe__unmap_file(dsmoe__mapped *m) {
 
 static atomic_uint dsmoe__tmp_counter;
 
+/* Where a file name's folder ends: dir is path[0..*dir_len) ("." when 0 and the
+ * path has no slash), the base name starts at path + *base_at. */
+static void dsmoe__split(const char *path, size_t *dir_len, size_t *base_at) {
+    const char *slash = strrchr(path, '/');
+    if (!slash) {
+        *dir_len = 0;
+        *base_at = 0;
+    } else {
+        *dir_len = slash == path ? 1 : (size_t)(slash - path);
+        *base_at = (size_t)(slash - path) + 1;
+    }
+}
+
+static char *dsmoe__dir_of(const char *path) {
+    size_t dl, ba;
+    dsmoe__split(path, &dl, &ba);
+    if (dl == 0) return strdup(".");
+    char *dir = (char *)malloc(dl + 1);
+    if (dir) {
+        memcpy(dir, path, dl);
+        dir[dl] = '\0';
+    }
+    return dir;
+}
+
+/* The target of the symbolic link `link`, as a path usable from here: relative
+ * targets are taken from the link's folder. NULL with errno set on failure. */
+static char *dsmoe__follow_link(const char *link) {
+    size_t cap = 256;
+    char *t = NULL;
+    for (;;) {
+        char *nt = (char *)realloc(t, cap);
+        if (!nt) {
+            free(t);
+            errno = ENOMEM;
+            return NULL;
+        }
+        t = nt;
+        ssize_t n = readlink(link, t, cap);
+        if (n < 0) {
+            int e = errno;
+            free(t);
+            errno = e;
+            return NULL;
+        }
+        if ((size_t)n < cap) {
+            t[n] = '\0';
+            break;
+        }
+        cap *= 2;
+    }
+    if (t[0] == '/' || !strchr(link, '/')) return t;
+    size_t dl, ba;
+    dsmoe__split(link, &dl, &ba);
+    size_t tl = strlen(t);
+    char *full = (char *)malloc(ba + tl + 1);
+    if (!full) {
+        free(t);
+        errno = ENOMEM;
+        return NULL;
+    }
+    memcpy(full, link, ba); /* the folder with its final '/' */
+    memcpy(full + ba, t, tl + 1);
+    free(t);
+    return full;
+}
+
+/* The file an atomic save of `path` replaces: `path` itself, or the end of its
+ * chain of symbolic links. *exists tells whether that file exists; *st is its
+ * status then. Refuses (IO) anything that is not a regular file. */
+static dsmoe_status dsmoe__resolve_dest(const char *path, char **dest, int *exists,
+                                        struct stat *st) {
+    *dest = NULL;
+    *exists = 0;
+    /* stat() follows every link at once: this catches a folder, a pipe or a device
+     * at the end of a chain (or behind /dev/stdout), whatever the links look like. */
+    if (stat(path, st) == 0 && !S_ISREG(st->st_mode))
+        return dsmoe__error(DSMOE_STATUS_IO,
+                            "cannot write '%s': it is %s, and dsmoe writes a file by replacing it "
+                            "with a new one",
+                            path, dsmoe__file_kind(st->st_mode));
+    char *cur = strdup(path);
+    if (!cur) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "'%s': out of memory", path);
+    for (int hops = 0;; hops++) {
+        if (lstat(cur, st) != 0) {
+            int e = errno;
+            if (e == ENOENT) break; /* a new file (perhaps the target of a dangling link) */
+            dsmoe_status s = dsmoe__error(DSMOE_STATUS_IO, "cannot write '%s': '%s': %s", path,
+                                          cur, strerror(e));
+            free(cur);
+            return s;
+        }
+        if (!S_ISLNK(st->st_mode)) {
+            if (!S_ISREG(st->st_mode)) { /* changed since the stat() above */
+                dsmoe_status s = dsmoe__error(DSMOE_STATUS_IO, "cannot write '%s': '%s' is %s",
+                                              path, cur, dsmoe__file_kind(st->st_mode));
+                free(cur);
+                return s;
+            }
+            *exists = 1;
+            break;
+        }
+        if (hops == 40) {
+            free(cur);
+            return dsmoe__error(DSMOE_STATUS_IO,
+                                "cannot write '%s': more than 40 symbolic links in a chain (a loop?)",
+                                path);
+        }
+        char *next = dsmoe__follow_link(cur);
+        if (!next) {
+            int e = errno;
+            dsmoe_status s = dsmoe__error(DSMOE_STATUS_IO,
+                                          "cannot write '%s': cannot read the symbolic link '%s': %s",
+                                          path, cur, strerror(e));
+            free(cur);
+            return s;
+        }
+        free(cur);
+        cur = next;
+    }
+    *dest = cur;
+    return DSMOE_OK;
+}
+
+/* Parses 1..10 decimal digits at *p into *v (<= max); advances *p. */
+static int dsmoe__digits(const char **p, unsigned long max, unsigned long *v) {
+    const char *s = *p;
+    unsigned long x = 0;
+    int n = 0;
+    while (*s >= '0' && *s <= '9' && n < 11) {
+        x = x * 10 + (unsigned long)(*s - '0');
+        s++;
+        n++;
+    }
+    if (n == 0 || n > 10 || x > max) return 0;
+    *p = s;
+    *v = x;
+    return 1;
+}
+
+/* Removes "<base>.tmp.<pid>.<n>" files beside `dest` that a killed save left: the
+ * pid names no live process and nobody holds the file's lock (the lock also
+ * protects a live writer whose pid this process cannot see: another pid namespace,
+ * another host on a shared file system). Best effort: errors are ignored. */
+static void dsmoe__remove_stale_tmp(const char *dest) {
+    size_t dl, ba;
+    dsmoe__split(dest, &dl, &ba);
+    const char *base = dest + ba;
+    size_t blen = strlen(base);
+    char *dir = dsmoe__dir_of(dest);
+    if (!dir) return;
+    DIR *d = opendir(dir);
+    if (!d) {
+        free(dir);
+        return;
+    }
+    const pid_t self = getpid();
+    for (struct dirent *e; (e = readdir(d)) != NULL;) {
+        const char *name = e->d_name;
+        unsigned long pid, n;
+        if (strncmp(name, base, blen) != 0 || strncmp(name + blen, ".tmp.", 5) != 0) continue;
+        const char *p = name + blen + 5;
+        if (!dsmoe__digits(&p, 0x7fffffffUL, &pid) || *p++ != '.' ||
+            !dsmoe__digits(&p, 0xffffffffUL, &n) || *p != '\0' || pid == 0)
+            continue;
+        if ((pid_t)pid == self) continue; /* another thread's save in progress */
+        if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue; /* alive (EPERM: someone's) */
+        size_t fl = strlen(dir) + 1 + strlen(name) + 1;
+        char *full = (char *)malloc(fl);
+        if (!full) break;
+        snprintf(full, fl, "%s/%s", dir, name);
+        int fd = dsmoe__open_retry(full, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, 0);
+        struct stat st;
+        if (fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+            struct flock lk;
+            memset(&lk, 0, sizeof lk);
+            lk.l_type = F_RDLCK;
+            lk.l_whence = SEEK_SET;
+            int rc = fcntl(fd, F_SETLK, &lk);
+            int err = errno;
+            /* Free lock, or a file system without locks: the pid alone decides. */
+            if (rc == 0 || (err != EACCES && err != EAGAIN)) (void)unlink(full);
+        }
+        if (fd >= 0) close(fd);
+        free(full);
+    }
+    closedir(d);
+    free(dir);
+}
+
 dsmoe_status dsmoe__atomic_open(dsmoe__atomic_file *f, const char *path) {
     f->fd = -1;
     f->path = path;
+    f->dest = NULL;
     f->tmp_path = NULL;
     if (!path || !path[0]) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "empty or NULL path");
-    size_t cap = strlen(path) + 48;
+    struct stat st;
+    int exists;
+    dsmoe_status s = dsmoe__resolve_dest(path, &f->dest, &exists, &st);
+    if (s != DSMOE_OK) return s;
+    if (!f->dest) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "'%s': out of memory", path);
+    dsmoe__remove_stale_tmp(f->dest);
+    size_t cap = strlen(f->dest) + 48;
     f->tmp_path = (char *)malloc(cap);
-    if (!f->tmp_path) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "'%s': out of memory", path);
+    if (!f->tmp_path) {
+        free(f->dest);
+        f->dest = NULL;
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "'%s': out of memory", path);
+    }
+    /* An existing file keeps its permission bits: created with them (the umask can
+     * only narrow them, so the file is never more open than the one it replaces)
+     * and set exactly by fchmod() below. A new file gets 0666 less the umask. */
+    const mode_t mode = exists ? (st.st_mode & 0777) : 0666;
     for (int attempt = 0; attempt < 100; attempt++) {
         unsigned n = atomic_fetch_add(&dsmoe__tmp_counter, 1u);
-        snprintf(f->tmp_path, cap, "%s.tmp.%ld.%u", path, (long)getpid(), n);
-        /* 0666 & ~umask: the final file gets the usual permissions. */
-        f->fd = dsmoe__open_retry(f->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-        if (f->fd >= 0) return DSMOE_OK;
-        if (errno != EEXIST) break;
+        snprintf(f->tmp_path, cap, "%s.tmp.%ld.%u", f->dest, (long)getpid(), n);
+        f->fd = dsmoe__open_retry(f->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY,
+                                  (int)mode);
+        if (f->fd >= 0 || errno != EEXIST) break;
     }
-    int e = errno;
-    dsmoe_status s = dsmoe__error(DSMOE_STATUS_IO, "cannot create temporary file '%s': %s",
-                                  f->tmp_path, strerror(e));
-    free(f->tmp_path);
-    f->tmp_path = NULL;
-    return s;
+    if (f->fd < 0) {
+        int e = errno;
+        s = dsmoe__error(DSMOE_STATUS_IO, "cannot create temporary file '%s': %s", f->tmp_path,
+                         strerror(e));
+        free(f->tmp_path);
+        free(f->dest);
+        f->tmp_path = f->dest = NULL;
+        return s;
+    }
+    /* A lock held while the file is written tells dsmoe__remove_stale_tmp in other
+     * processes that this file is alive. Best effort: some file systems lack locks. */
+    struct flock lk;
+    memset(&lk, 0, sizeof lk);
+    lk.l_type = F_WRLCK;
+    lk.l_whence = SEEK_SET;
+    (void)fcntl(f->fd, F_SETLK, &lk);
+    if (exists) {
+        /* Owner and group as before where allowed (root; a group one belongs to). */
+        if (st.st_uid != geteuid() || st.st_gid != getegid()) {
+            if (fchown(f->fd, st.st_uid, st.st_gid) != 0)
+                (void)!fchown(f->fd, (uid_t)-1, st.st_gid);
+        }
+        if (fchmod(f->fd, mode) != 0) {
+            s = dsmoe__error(DSMOE_STATUS_IO, "cannot set the permissions of '%s': %s",
+                             f->tmp_path, strerror(errno));
+            dsmoe__atomic_abort(f);
+            return s;
+        }
+    }
+    return DSMOE_OK;
 }
 
 dsmoe_status dsmoe__atomic_write(dsmoe__atomic_file *f, const void *data, size_t n) {
@@ -198,24 +486,15 @@ void dsmoe__atomic_abort(dsmoe__atomic_file *f) {
     f->fd = -1;
     if (f->tmp_path) unlink(f->tmp_path);
     free(f->tmp_path);
+    free(f->dest);
     f->tmp_path = NULL;
+    f->dest = NULL;
 }
 
 /* fsync of the folder holding `path`, so the rename itself is durable. Best
  * effort: some file systems refuse to fsync a directory. */
 static void dsmoe__sync_parent(const char *path) {
-    const char *slash = strrchr(path, '/');
-    char *dir;
-    if (!slash) {
-        dir = strdup(".");
-    } else {
-        size_t len = slash == path ? 1 : (size_t)(slash - path);
-        dir = (char *)malloc(len + 1);
-        if (dir) {
-            memcpy(dir, path, len);
-            dir[len] = '\0';
-        }
-    }
+    char *dir = dsmoe__dir_of(path);
     if (!dir) return;
     int fd = dsmoe__open_retry(dir, O_RDONLY | O_CLOEXEC, 0);
     if (fd >= 0) {
@@ -230,12 +509,12 @@ dsmoe_status dsmoe__atomic_commit(dsmoe__atomic_file *f) {
     if (fsync(f->fd) != 0) {
         s = dsmoe__error(DSMOE_STATUS_IO, "fsync of '%s' failed: %s", f->tmp_path, strerror(errno));
     } else {
-        int rc = close(f->fd);
+        int rc = close(f->fd); /* also drops the lock, just before the rename */
         f->fd = -1;
         if (rc != 0)
             s = dsmoe__error(DSMOE_STATUS_IO, "closing '%s' failed: %s", f->tmp_path, strerror(errno));
-        else if (rename(f->tmp_path, f->path) != 0)
-            s = dsmoe__error(DSMOE_STATUS_IO, "cannot rename '%s' to '%s': %s", f->tmp_path, f->path,
+        else if (rename(f->tmp_path, f->dest) != 0)
+            s = dsmoe__error(DSMOE_STATUS_IO, "cannot rename '%s' to '%s': %s", f->tmp_path, f->dest,
                              strerror(errno));
     }
     if (s != DSMOE_OK) {
@@ -244,7 +523,9 @@ dsmoe_status dsmoe__atomic_commit(dsmoe__atomic_file *f) {
     }
     free(f->tmp_path);
     f->tmp_path = NULL;
-    dsmoe__sync_parent(f->path);
+    dsmoe__sync_parent(f->dest);
+    free(f->dest);
+    f->dest = NULL;
     return DSMOE_OK;
 }
 

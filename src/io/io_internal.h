@@ -1,7 +1,8 @@
 /*
  * io_internal.h — pieces shared by the file-format readers and writers (npy.c,
  * safetensors.c): shape arithmetic with overflow checks, whole-file mapping with a
- * read() fallback, atomic file replacement and UTF-8 validation. Not installed.
+ * read() fallback and a bounded reader for pipes and devices, atomic file
+ * replacement and UTF-8 validation. Not installed.
  */
 #ifndef DSMOE_IO_INTERNAL_H
 #define DSMOE_IO_INTERNAL_H
@@ -38,20 +39,55 @@ typedef struct dsmoe__mapped {
     void *heap;                /* malloc()ed copy, or NULL */
 } dsmoe__mapped;
 
-/* Maps `path` read-only. With use_mmap == 0, or when mmap() fails (pipes, some
- * file systems), the file is read into memory instead. Errors: IO (message names
- * the path and errno text), OUT_OF_MEMORY. `m` is zeroed on failure. */
-dsmoe_status dsmoe__map_file(const char *path, int use_mmap, dsmoe__mapped *m);
+/* How a format tells the stream reader how long a file is: a pipe or a character
+ * device has no size until it ends, so dsmoe__map_file asks the format, from the
+ * bytes read so far buf[0..have), how many it needs. The probe sets *want and
+ * *kind, or fails (FORMAT, a message without the path) when those bytes cannot
+ * begin a valid file, so that /dev/zero or a text stream stops at once. */
+typedef enum dsmoe__len_kind {
+    DSMOE__LEN_MORE,   /* at least *want (> have) bytes before it can say more */
+    DSMOE__LEN_EXACT,  /* the file is exactly *want bytes: a longer stream is an error */
+    DSMOE__LEN_PREFIX, /* only the first *want bytes are used: the rest is not read */
+} dsmoe__len_kind;
+typedef dsmoe_status (*dsmoe__len_probe)(const unsigned char *buf, size_t have, size_t *want,
+                                         dsmoe__len_kind *kind);
+
+/* Maps `path` read-only. A regular file is mapped, or (use_mmap == 0, or mmap()
+ * fails) read into memory up to the size fstat() gave. Anything else (a pipe, a
+ * FIFO, a character device) is read into memory as far as `probe` (may be NULL)
+ * says the format needs, and never beyond `max_stream` bytes (0: the default
+ * DSMOE_IO_MAX_STREAM_BYTES): a longer stream fails with FORMAT naming the path
+ * and the limit, having held at most max_stream + 1 bytes. Errors: IO (message
+ * names the path and errno text), FORMAT (a probe's verdict, or the limit; the
+ * message starts with the path), OUT_OF_MEMORY. `m` is zeroed on failure. */
+dsmoe_status dsmoe__map_file(const char *path, int use_mmap, dsmoe__len_probe probe,
+                             uint64_t max_stream, dsmoe__mapped *m);
 /* Releases a mapping; zeroed and NULL mappings are harmless. */
 void dsmoe__unmap_file(dsmoe__mapped *m);
 
-/* Atomic replacement of a file: data goes to "<path>.tmp.<pid>.<n>" in the same
- * folder, which commit() fsyncs, renames over `path` (atomic on POSIX) and follows
- * with an fsync of the folder. On any failure the temporary file is removed and
- * `path` is left untouched. Errors are IO with the path and errno text. */
+/* The probes of the two formats, for dsmoe__map_file (npy.c, safetensors.c). */
+dsmoe_status dsmoe__npy_probe(const unsigned char *buf, size_t have, size_t *want,
+                              dsmoe__len_kind *kind);
+dsmoe_status dsmoe__safetensors_probe(const unsigned char *buf, size_t have, size_t *want,
+                                      dsmoe__len_kind *kind);
+
+/* Atomic replacement of a file. The destination is `path` or, when `path` is a
+ * symbolic link, the file at the end of its chain of links (which may not exist
+ * yet): the data is written through the link, the link itself stays. Anything
+ * else that is not a regular file (a folder, a FIFO, a device) is refused at
+ * open. Data goes to "<dest>.tmp.<pid>.<n>" in the destination's folder, created
+ * with the destination's permission bits when it exists (and its owner and group
+ * where the system allows) or 0666 less the umask when it does not, and locked
+ * (fcntl) while it is written; commit() fsyncs it, renames it over the
+ * destination (atomic on POSIX) and fsyncs the folder. On any failure the
+ * temporary file is removed and the destination is left untouched. open() also
+ * removes temporary files of that exact pattern for the same destination that a
+ * killed save left behind: those whose process is gone (kill(pid, 0) fails with
+ * ESRCH) and whose lock is free. Errors are IO with the path and errno text. */
 typedef struct dsmoe__atomic_file {
     int fd;
-    const char *path;
+    const char *path; /* as the caller named it, for messages */
+    char *dest;       /* the file replaced: path, or the target of its links */
     char *tmp_path;
 } dsmoe__atomic_file;
 dsmoe_status dsmoe__atomic_open(dsmoe__atomic_file *f, const char *path);

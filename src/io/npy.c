@@ -201,8 +201,8 @@ static dsmoe_status npy_descr(npy_cursor *c, npy_header *h) {
     if (npy_peek(c) == '[')
         return NPY_FAIL(c, "'descr' is a list (a structured dtype), which is not supported");
     size_t at = c->pos;
-    const unsigned char *str;
-    size_t len;
+    const unsigned char *str = (const unsigned char *)""; /* set by npy_string */
+    size_t len = 0;
     dsmoe_status s = npy_string(c, &str, &len);
     if (s != DSMOE_OK) return s;
     for (size_t i = 0; i < sizeof npy_descrs / sizeof npy_descrs[0]; i++) {
@@ -269,51 +269,83 @@ static dsmoe_status npy_dict(npy_cursor *c, npy_header *h) {
     return DSMOE_OK;
 }
 
-/* Preamble, header and data size; checks that the data fills the input exactly. */
-static dsmoe_status npy_parse_header(const unsigned char *b, size_t len, npy_header *h) {
-    memset(h, 0, sizeof *h);
-    if (len < 10)
+/* The magic, as far as the input goes: a file that does not start with it is not
+ * a .npy file at all (a text file, /dev/zero), which is said so. */
+static dsmoe_status npy_check_magic(const unsigned char *b, size_t len) {
+    size_t n = len < NPY_MAGIC_LEN ? len : NPY_MAGIC_LEN;
+    if (n > 0 && memcmp(b, NPY_MAGIC, n) != 0) {
+        char ex[64];
         return dsmoe__error(DSMOE_STATUS_FORMAT,
-                            "npy: %zu bytes is too short for the 10-byte preamble", len);
-    if (memcmp(b, NPY_MAGIC, NPY_MAGIC_LEN) != 0)
-        return dsmoe__error(DSMOE_STATUS_FORMAT, "npy: not a .npy file (no \\x93NUMPY magic at byte 0)");
+                            "not a .npy file (no \\x93NUMPY magic at byte 0; it starts with '%s')",
+                            dsmoe__excerpt(b, n, ex, 32));
+    }
+    return DSMOE_OK;
+}
+
+/* Magic, version and header length from a preamble of `len` >= 10 bytes (12 for
+ * versions 2 and 3): *start is where the header begins, *hlen its length. Returns
+ * OK with *start = 0 when version 2 or 3 needs the two more bytes it lacks. */
+static dsmoe_status npy_preamble(const unsigned char *b, size_t len, size_t *start, size_t *hlen) {
+    dsmoe_status s = npy_check_magic(b, len);
+    if (s != DSMOE_OK) return s;
     unsigned major = b[6], minor = b[7];
     if ((major < 1 || major > 3) || minor != 0)
         return dsmoe__error(DSMOE_STATUS_FORMAT,
                             "npy: format version %u.%u at byte 6 is not supported (1.0, 2.0, 3.0 are)",
                             major, minor);
-    size_t start, hlen;
+    *start = 0;
     if (major == 1) {
-        start = 10;
-        hlen = (size_t)b[8] | (size_t)b[9] << 8;
+        *start = 10;
+        *hlen = (size_t)b[8] | (size_t)b[9] << 8;
+    } else if (len >= 12) {
+        *start = 12;
+        *hlen = (size_t)b[8] | (size_t)b[9] << 8 | (size_t)b[10] << 16 | (size_t)b[11] << 24;
     } else {
-        if (len < 12)
-            return dsmoe__error(DSMOE_STATUS_FORMAT,
-                                "npy: %zu bytes is too short for the 12-byte version %u.0 preamble",
-                                len, major);
-        start = 12;
-        hlen = (size_t)b[8] | (size_t)b[9] << 8 | (size_t)b[10] << 16 | (size_t)b[11] << 24;
+        return DSMOE_OK;
     }
-    if (hlen > NPY_MAX_HEADER)
+    if (*hlen > NPY_MAX_HEADER)
         return dsmoe__error(DSMOE_STATUS_FORMAT,
-                            "npy: header length %zu at byte 8 exceeds the 64 KiB limit", hlen);
-    if (hlen > len - start)
-        return dsmoe__error(DSMOE_STATUS_FORMAT,
-                            "npy: truncated: the %zu-byte header at byte %zu runs past the end of "
-                            "the %zu-byte input",
-                            hlen, start, len);
+                            "npy: header length %zu at byte 8 exceeds the 64 KiB limit", *hlen);
+    return DSMOE_OK;
+}
+
+/* The header dict b[start, start + hlen) and the data size it declares. */
+static dsmoe_status npy_header_dict(const unsigned char *b, size_t start, size_t hlen,
+                                    npy_header *h) {
     /* Version 3.0 headers are UTF-8; the parser only accepts ASCII outside strings,
      * and strings are compared byte for byte, so no decoding is needed. */
     npy_cursor c = {b, start, start + hlen};
     dsmoe_status s = npy_dict(&c, h);
     if (s != DSMOE_OK) return s;
-
     int32_t bad;
     if (!dsmoe__shape_nbytes(h->ndim, h->shape, dsmoe_dtype_size(h->dtype), &h->nbytes, &bad) ||
         h->nbytes > NPY_MAX_DATA)
         return dsmoe__error(DSMOE_STATUS_FORMAT,
                             "npy: the shape's data size overflows the 2^40-byte limit");
     h->data_offset = start + hlen;
+    return DSMOE_OK;
+}
+
+/* Preamble, header and data size; checks that the data fills the input exactly. */
+static dsmoe_status npy_parse_header(const unsigned char *b, size_t len, npy_header *h) {
+    memset(h, 0, sizeof *h);
+    dsmoe_status s = npy_check_magic(b, len);
+    if (s != DSMOE_OK) return s;
+    if (len < 10)
+        return dsmoe__error(DSMOE_STATUS_FORMAT,
+                            "npy: %zu bytes is too short for the 10-byte preamble", len);
+    size_t start = 0, hlen = 0;
+    if ((s = npy_preamble(b, len, &start, &hlen)) != DSMOE_OK) return s;
+    if (start == 0)
+        return dsmoe__error(DSMOE_STATUS_FORMAT,
+                            "npy: %zu bytes is too short for the 12-byte version %u.0 preamble",
+                            len, (unsigned)b[6]);
+    if (hlen > len - start)
+        return dsmoe__error(DSMOE_STATUS_FORMAT,
+                            "npy: truncated: the %zu-byte header at byte %zu runs past the end of "
+                            "the %zu-byte input",
+                            hlen, start, len);
+    if ((s = npy_header_dict(b, start, hlen, h)) != DSMOE_OK) return s;
     size_t avail = len - h->data_offset;
     if (avail < h->nbytes)
         return dsmoe__error(DSMOE_STATUS_FORMAT,
@@ -324,6 +356,31 @@ static dsmoe_status npy_parse_header(const unsigned char *b, size_t len, npy_hea
         return dsmoe__error(DSMOE_STATUS_FORMAT,
                             "npy: %zu unexpected bytes after the data, from byte %zu",
                             avail - h->nbytes, h->data_offset + h->nbytes);
+    return DSMOE_OK;
+}
+
+/* Stream length from the first bytes: the preamble, then the header, then exactly
+ * the declared data. The same checks as npy_parse_header, so the same messages. */
+dsmoe_status dsmoe__npy_probe(const unsigned char *buf, size_t have, size_t *want,
+                              dsmoe__len_kind *kind) {
+    *kind = DSMOE__LEN_MORE;
+    dsmoe_status s = npy_check_magic(buf, have);
+    if (s != DSMOE_OK) return s;
+    size_t start = 0, hlen = 0;
+    if (have >= 10 && (s = npy_preamble(buf, have, &start, &hlen)) != DSMOE_OK) return s;
+    if (start == 0) {
+        *want = have < 10 ? 10 : 12;
+        return DSMOE_OK;
+    }
+    if (have < start + hlen) {
+        *want = start + hlen;
+        return DSMOE_OK;
+    }
+    npy_header h;
+    memset(&h, 0, sizeof h);
+    if ((s = npy_header_dict(buf, start, hlen, &h)) != DSMOE_OK) return s;
+    *want = h.data_offset + h.nbytes;
+    *kind = DSMOE__LEN_EXACT;
     return DSMOE_OK;
 }
 
@@ -354,7 +411,7 @@ dsmoe_status dsmoe_npy_read(const char *path, dsmoe_array *out) {
     memset(out, 0, sizeof *out);
     if (!path) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_npy_read: NULL path");
     dsmoe__mapped m;
-    dsmoe_status s = dsmoe__map_file(path, 1, &m);
+    dsmoe_status s = dsmoe__map_file(path, 1, dsmoe__npy_probe, 0, &m);
     if (s != DSMOE_OK) return s;
     s = dsmoe_npy_parse(m.data, m.size, out);
     dsmoe__unmap_file(&m);

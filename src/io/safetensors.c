@@ -281,26 +281,62 @@ static dsmoe_status st_check_tables(dsmoe_safetensors *st) {
     return s;
 }
 
-/* Parses and validates the file image buf[0..len) into st (which owns nothing yet). */
-static dsmoe_status st_parse(dsmoe_safetensors *st, const unsigned char *buf, size_t len) {
-    if (len < 8)
-        return dsmoe__error(DSMOE_STATUS_FORMAT,
-                            "safetensors: %zu bytes is too short for the 8-byte header length", len);
+/* The 8-byte header length N of buf[0..len) (len >= 8) and the byte after it.
+ * `total`: len is the whole file (else a stream's first bytes, whose length is
+ * not known yet). A file whose N is absurd (0, above the limit or, when the length
+ * is known, past the end) and whose byte 8 does not open a JSON object is not a
+ * safetensors file at all (a text file, /dev/zero), which is said so; one that
+ * does look like safetensors gets the specific message. */
+static dsmoe_status st_check_start(const unsigned char *buf, size_t len, int total, uint64_t *np) {
     uint64_t n = 0;
     for (int i = 7; i >= 0; i--) n = n << 8 | buf[i];
+    *np = n;
+    int absurd = n == 0 || n > ST_MAX_HEADER || (total && n > len - 8);
+    if (absurd && (len == 8 || buf[8] != '{')) {
+        char at8[80], why[64] = "";
+        if (len == 8) snprintf(at8, sizeof at8, "nothing follows them");
+        else if (buf[8] >= 0x20 && buf[8] < 0x7f)
+            snprintf(at8, sizeof at8, "byte 8 is '%c', not the '{' that opens the JSON header",
+                     buf[8]);
+        else snprintf(at8, sizeof at8, "byte 8 is 0x%02x, not the '{' that opens the JSON header",
+                      buf[8]);
+        if (n > ST_MAX_HEADER) snprintf(why, sizeof why, ", above the 100 MiB limit");
+        else if (n) snprintf(why, sizeof why, ", past the end of the %zu-byte file", len);
+        return dsmoe__error(DSMOE_STATUS_FORMAT,
+                            "not a safetensors file (bytes 0-7 give a header length of %llu%s, "
+                            "and %s)",
+                            (unsigned long long)n, why, at8);
+    }
     if (n > ST_MAX_HEADER)
         return dsmoe__error(DSMOE_STATUS_FORMAT,
                             "safetensors: header length %llu at byte 0 exceeds the 100 MiB limit",
                             (unsigned long long)n);
-    if (n > len - 8)
+    if (total && n > len - 8)
         return dsmoe__error(DSMOE_STATUS_FORMAT,
                             "safetensors: header length %llu at byte 0 runs past the end of the "
                             "%zu-byte file",
                             (unsigned long long)n, len);
+    return DSMOE_OK;
+}
+
+/* Parses and validates the file image buf[0..len) into st (which owns nothing yet).
+ * header_only: buf holds the 8 bytes and the header but (perhaps) not the data,
+ * whose length is then taken as unbounded; used to learn a stream's length. */
+static dsmoe_status st_parse(dsmoe_safetensors *st, const unsigned char *buf, size_t len,
+                             int header_only) {
+    if (len < 8)
+        return dsmoe__error(DSMOE_STATUS_FORMAT,
+                            "safetensors: %zu bytes is too short for the 8-byte header length", len);
+    uint64_t n;
+    dsmoe_status s = st_check_start(buf, len, 1, &n);
+    if (s != DSMOE_OK) return s;
     const unsigned char *hdr = buf + 8;
     st->data = hdr + n;
-    st->data_len = len - 8 - (size_t)n;
-    if (n == 0 || hdr[0] != '{')
+    st->data_len = header_only ? SIZE_MAX : len - 8 - (size_t)n;
+    if (n == 0)
+        return dsmoe__error(DSMOE_STATUS_FORMAT,
+                            "safetensors: header length 0 at byte 0 (the smallest header is '{}')");
+    if (hdr[0] != '{')
         return dsmoe__error(DSMOE_STATUS_FORMAT,
                             "safetensors header at byte 8: must start with '{' (a JSON object)");
 
@@ -312,7 +348,7 @@ static dsmoe_status st_parse(dsmoe_safetensors *st, const unsigned char *buf, si
     dsmoe__json_init(&j, hdr, (size_t)n, 8, "safetensors header", st->arena, (size_t)n + 1);
     int64_t tcap = 0, mcap = 0;
     int meta_seen = 0;
-    dsmoe_status s = dsmoe__json_begin(&j, '{', "the header");
+    s = dsmoe__json_begin(&j, '{', "the header");
     for (int more; s == DSMOE_OK;) {
         const char *name;
         size_t nlen, at;
@@ -348,6 +384,43 @@ void dsmoe_safetensors_close(dsmoe_safetensors *st) {
     free(st);
 }
 
+/* Stream length from the first bytes: the header length, then the header (parsed
+ * and checked in full, so a bad one fails before any data is read), then the data
+ * up to the end of the last tensor; bytes after it are not read (a regular file's
+ * are not looked at either). */
+dsmoe_status dsmoe__safetensors_probe(const unsigned char *buf, size_t have, size_t *want,
+                                      dsmoe__len_kind *kind) {
+    *kind = DSMOE__LEN_MORE;
+    if (have < 9) { /* the length and the byte after it */
+        *want = 9;
+        return DSMOE_OK;
+    }
+    uint64_t n;
+    dsmoe_status s = st_check_start(buf, have, 0, &n);
+    if (s != DSMOE_OK) return s;
+    if (have < 8 + n) { /* n <= 100 MiB here */
+        *want = 8 + (size_t)n;
+        return DSMOE_OK;
+    }
+    dsmoe_safetensors st;
+    memset(&st, 0, sizeof st);
+    s = st_parse(&st, buf, 8 + (size_t)n, 1);
+    uint64_t end = 0;
+    for (int64_t i = 0; s == DSMOE_OK && i < st.n_tensors; i++)
+        if (st.tensors[i].end > end) end = st.tensors[i].end;
+    free(st.arena);
+    free(st.tensors);
+    free(st.by_name);
+    free(st.meta);
+    free(st.meta_by_key);
+    if (s != DSMOE_OK) return s;
+    if (end > SIZE_MAX - 8 - n)
+        return dsmoe__error(DSMOE_STATUS_FORMAT, "safetensors: the data section's size overflows");
+    *want = 8 + (size_t)n + (size_t)end;
+    *kind = DSMOE__LEN_PREFIX;
+    return DSMOE_OK;
+}
+
 dsmoe_status dsmoe_safetensors_open_memory(const void *buf, size_t len, dsmoe_safetensors **out) {
     if (!out)
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_safetensors_open_memory: NULL output");
@@ -356,7 +429,7 @@ dsmoe_status dsmoe_safetensors_open_memory(const void *buf, size_t len, dsmoe_sa
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_safetensors_open_memory: NULL buffer");
     dsmoe_safetensors *st = (dsmoe_safetensors *)calloc(1, sizeof *st);
     if (!st) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "safetensors: out of memory");
-    dsmoe_status s = st_parse(st, (const unsigned char *)buf, buf ? len : 0);
+    dsmoe_status s = st_parse(st, (const unsigned char *)buf, buf ? len : 0, 0);
     if (s != DSMOE_OK) {
         dsmoe_safetensors_close(st);
         return s;
@@ -369,7 +442,7 @@ dsmoe_status dsmoe__safetensors_open_file(const char *path, int use_mmap, dsmoe_
     if (!out) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_safetensors_open: NULL output");
     *out = NULL;
     dsmoe__mapped m;
-    dsmoe_status s = dsmoe__map_file(path, use_mmap, &m);
+    dsmoe_status s = dsmoe__map_file(path, use_mmap, dsmoe__safetensors_probe, 0, &m);
     if (s != DSMOE_OK) return s;
     s = dsmoe_safetensors_open_memory(m.data, m.size, out);
     if (s != DSMOE_OK) {
