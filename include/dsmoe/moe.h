@@ -90,8 +90,8 @@
  * routing config from it (dsmoe_moe_config_from_safetensors); files without it
  * (Hugging Face checkpoints) take the routing config from the caller.
  *
- * Example (inference from a checkpoint, one call; the routing config is the file's
- * when dsmoe saved it, else opts->router):
+ * The routing config is the file's when dsmoe saved it, else opts->router.
+ * Example (inference from a checkpoint in one call):
  *   dsmoe_moe_config opts;  dsmoe_moe_config_default(&opts);   // deepseek-v3 routing
  *   opts.n_shared = -1;                                  // infer from the file
  *   dsmoe_moe *moe;
