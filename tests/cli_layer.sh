@@ -188,7 +188,7 @@ expect 2 "unknown option" -- "$DSMOE" layer --weights "$L" --bogus
 expect 2 "--weights" -- "$DSMOE" layer --input "$G/cli_x.npy" --output "$TMP/y.npy"
 expect 2 "--dtype" -- "$DSMOE" layer --weights "$L" --input "$G/cli_x.npy" --output "$TMP/y.npy" --dtype f64
 expect 2 "--layout" -- "$DSMOE" layer --weights "$L" --input "$G/cli_x.npy" --output "$TMP/y.npy" --layout rows
-expect 2 "top_k" -- "$DSMOE" layer --weights "$L" --prefix $P --input "$G/cli_x.npy" \
+expect 2 "--top-k" -- "$DSMOE" layer --weights "$L" --prefix $P --input "$G/cli_x.npy" \
     --output "$TMP/y.npy" --groups 4 --topk-groups 1 --top-k 9
 
 if [ "$fails" -gt 0 ]; then

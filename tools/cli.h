@@ -30,6 +30,11 @@ int cli_fail(int code, const char *cmd, const char *fmt, ...)
 /* Reports a failed library call: "dsmoe <cmd>: <what>: <last error>", returns 1. */
 int cli_fail_status(const char *cmd, const char *what, dsmoe_status st);
 
+/* Reports a failed library call on the file `path`: "dsmoe <cmd>: <path>: <last error>",
+ * without repeating the path when the library's message already starts with it;
+ * returns `code`. */
+int cli_fail_file(int code, const char *cmd, const char *path);
+
 /* Rewrites a library message in the user's terms: the config fields it names
  * (`top_k = 200`, `n_groups`, `seq_len`, `gamma_after`, ...) become the flags that set
  * them (`--top-k 200`, `--groups`, ...). Always NUL-terminates `out` (cap >= 1). */

@@ -23,6 +23,13 @@ int cli_fail_status(const char *cmd, const char *what, dsmoe_status st) {
     return cli_fail(CLI_RUNTIME, cmd, "%s: %s: %s", what, dsmoe_strerror(st), dsmoe_last_error());
 }
 
+int cli_fail_file(int code, const char *cmd, const char *path) {
+    const char *msg = dsmoe_last_error();
+    size_t n = strlen(path);
+    if (strncmp(msg, path, n) == 0 && msg[n] == ':') return cli_fail(code, cmd, "%s", msg);
+    return cli_fail(code, cmd, "%s: %s", path, msg);
+}
+
 /* Library config fields and the flags that set them. Names with an underscore are
  * replaced wherever they stand as a word; plain words ("gamma", "scale") only in the
  * validators' "name = value" form, so that prose is left alone. "name = value"
@@ -346,7 +353,7 @@ static const char *shape_str(int ndim, const int64_t *shape, char *buf, size_t n
 int cli_load_npy(const char *cmd, const char *path, dsmoe_dtype dtype, int ndim,
                  const int64_t *want_shape, dsmoe_array *out) {
     dsmoe_status st = dsmoe_npy_read(path, out);
-    if (st != DSMOE_OK) return cli_fail(CLI_RUNTIME, cmd, "%s: %s", path, dsmoe_last_error());
+    if (st != DSMOE_OK) return cli_fail_file(CLI_RUNTIME, cmd, path);
     char a[128], b[128];
     if (out->dtype != dtype) {
         cli_fail(CLI_RUNTIME, cmd, "%s: dtype %s, expected %s%s", path, dsmoe_dtype_name(out->dtype),

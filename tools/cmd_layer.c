@@ -179,7 +179,7 @@ int cmd_layer(int argc, char **argv) {
     char prefix[512];
     dsmoe_status s = dsmoe_safetensors_open(weights_path, &st);
     if (s != DSMOE_OK) {
-        cli_fail(CLI_RUNTIME, cmd, "%s: %s", weights_path, dsmoe_last_error());
+        cli_fail_file(CLI_RUNTIME, cmd, weights_path);
         goto done;
     }
     if (prefix_arg) {
@@ -197,7 +197,7 @@ int cmd_layer(int argc, char **argv) {
             goto done;
         }
         if (s != DSMOE_OK) {
-            cli_fail(CLI_RUNTIME, cmd, "%s: %s", weights_path, dsmoe_last_error());
+            cli_fail_file(CLI_RUNTIME, cmd, weights_path);
             goto done;
         }
     }
@@ -210,7 +210,7 @@ int cmd_layer(int argc, char **argv) {
         if (rc != CLI_OK) goto done;
         rc = CLI_RUNTIME;
     } else if (s != DSMOE_STATUS_NOT_FOUND) {
-        cli_fail(CLI_RUNTIME, cmd, "%s: %s", weights_path, dsmoe_last_error());
+        cli_fail_file(CLI_RUNTIME, cmd, weights_path);
         goto done;
     }
     dsmoe_moe_config cfg;
@@ -224,7 +224,7 @@ int cmd_layer(int argc, char **argv) {
     const int32_t E_flag = rf.cfg.n_experts;
     s = dsmoe_moe_config_from_safetensors(&cfg, st, prefix); /* the saved routing, if any */
     if (s != DSMOE_OK) {
-        cli_fail(CLI_RUNTIME, cmd, "%s: %s", weights_path, dsmoe_last_error());
+        cli_fail_file(CLI_RUNTIME, cmd, weights_path);
         goto done;
     }
     if (experts_given && E_flag != cfg.router.n_experts) {
@@ -233,7 +233,7 @@ int cmd_layer(int argc, char **argv) {
         goto done;
     }
     if (dsmoe_moe_config_validate(&cfg) != DSMOE_OK) {
-        cli_fail(CLI_USAGE, cmd, "%s (with E = %d experts from %s)", dsmoe_last_error(),
+        cli_fail_config(CLI_USAGE, cmd, "%s (with E = %d experts from %s)", dsmoe_last_error(),
                  (int)cfg.router.n_experts, weights_path);
         rc = CLI_USAGE;
         goto done;
@@ -254,14 +254,14 @@ int cmd_layer(int argc, char **argv) {
         if (cli_load_npy(cmd, rf.bias_path, DSMOE_DTYPE_F32, 1, wb, &bias)) goto done;
         s = dsmoe_moe_set_bias(moe, (const float *)bias.data);
         if (s != DSMOE_OK) {
-            cli_fail(CLI_RUNTIME, cmd, "%s: %s", rf.bias_path, dsmoe_last_error());
+            cli_fail_file(CLI_RUNTIME, cmd, rf.bias_path);
             goto done;
         }
     }
     if (save_path) {
         s = dsmoe_moe_save(moe, save_path, prefix);
         if (s != DSMOE_OK) {
-            cli_fail(CLI_RUNTIME, cmd, "%s: %s", save_path, dsmoe_last_error());
+            cli_fail_file(CLI_RUNTIME, cmd, save_path);
             goto done;
         }
     }

@@ -115,7 +115,7 @@ int cmd_route(int argc, char **argv) {
             goto done;
         }
         if (dsmoe_npy_read(gate_path, &gate) != DSMOE_OK) {
-            cli_fail(CLI_RUNTIME, cmd, "%s: %s", gate_path, dsmoe_last_error());
+            cli_fail_file(CLI_RUNTIME, cmd, gate_path);
             goto done;
         }
         if ((gate.dtype != DSMOE_DTYPE_F32 && gate.dtype != DSMOE_DTYPE_BF16) || gate.ndim != 2 ||

@@ -225,7 +225,7 @@ int cmd_simulate(int argc, char **argv) {
 
     if (logits_path) {
         if (dsmoe_npy_read(logits_path, &rec) != DSMOE_OK) {
-            cli_fail(CLI_RUNTIME, cmd, "%s: %s", logits_path, dsmoe_last_error());
+            cli_fail_file(CLI_RUNTIME, cmd, logits_path);
             goto done;
         }
         if (rec.dtype != DSMOE_DTYPE_F32 || (rec.ndim != 3 && rec.ndim != 2) ||
