@@ -834,6 +834,111 @@ static void test_nonfinite_message(void) {
     free(W);
 }
 
+/* A NaN/Inf anywhere, even in one of the last tokens, changes no output: every logit is
+ * checked before the first is routed. Logits and hidden-state paths, every config, 1-4
+ * threads (each thread routes its own range, so a bad token in the last range used to
+ * leave the others' results written). */
+static void fill_sentinel(routed *r) {
+    for (int64_t i = 0; i < r->T * r->K; i++) {
+        r->idx[i] = -7;
+        r->w[i] = 1234.5f;
+    }
+    for (int64_t i = 0; i < r->T * r->E; i++) {
+        r->s[i] = -99.0f;
+        r->l[i] = 555.0f;
+    }
+    for (int32_t e = 0; e < r->E; e++) r->cnt[e] = -5;
+}
+
+static int sentinel_intact(const routed *r) {
+    for (int64_t i = 0; i < r->T * r->K; i++)
+        if (r->idx[i] != -7 || r->w[i] != 1234.5f) return 0;
+    for (int64_t i = 0; i < r->T * r->E; i++)
+        if (r->s[i] != -99.0f || r->l[i] != 555.0f) return 0;
+    for (int32_t e = 0; e < r->E; e++)
+        if (r->cnt[e] != -5) return 0;
+    return 1;
+}
+
+static void test_nonfinite_changes_nothing(void) {
+    dsmoe_router_config cfgs[32];
+    const int nc = all_configs(cfgs, 32);
+    const int64_t Ts[2] = {64, 6}; /* 64: SGEMM projection, 16 tokens a thread; 6: per token */
+    const int32_t D = 8;
+    char desc[512];
+    for (int c = 0; c < nc; c++) {
+        const dsmoe_router_config *cfg = &cfgs[c];
+        if (cfg->nonfinite != DSMOE_NONFINITE_ERROR) continue;
+        describe(cfg, desc, sizeof desc);
+        const int32_t E = cfg->n_experts, K = cfg->top_k;
+        for (int ti = 0; ti < 2; ti++) {
+            const int64_t T = Ts[ti];
+            routed r;
+            routed_alloc(&r, T, E, K);
+            float *logits = rand_logits(T, E, 1.0);
+            float *bias = cfg->use_bias ? rand_bias(E, 0.1) : NULL;
+            float *x = rand_logits(T, D, 1.0);
+            float *W = rand_logits(E, D, 0.3);
+            for (int64_t i = 0; i < (int64_t)E * D; i++) W[i] = fabsf(W[i]) + 0.5f;
+            for (int nt = 1; nt <= 4; nt++) {
+                const float bads[3] = {NAN, INFINITY, -INFINITY};
+                for (int b = 0; b < 3; b++) {
+                    /* a late token: the last thread's range */
+                    const int64_t t = T - 2;
+                    const int32_t e = (int32_t)((b * 7 + 3) % E);
+                    const float keep = logits[t * E + e];
+                    logits[t * E + e] = bads[b];
+                    fill_sentinel(&r);
+                    tl_checks++;
+                    if (route_logits(cfg, &r, logits, bias, NULL, nt) != DSMOE_STATUS_NON_FINITE)
+                        TL_FAIL("%s T=%lld nt=%d: a bad logit was not reported", desc, (long long)T, nt);
+                    tl_checks++;
+                    if (!sentinel_intact(&r))
+                        TL_FAIL("%s T=%lld nt=%d: outputs written before NON_FINITE (logits)", desc,
+                                (long long)T, nt);
+                    logits[t * E + e] = keep;
+                }
+                /* hidden path: a bad hidden state, then a projection that overflows */
+                const float xk = x[(T - 2) * D + 3];
+                x[(T - 2) * D + 3] = NAN;
+                fill_sentinel(&r);
+                tl_checks++;
+                if (route_hidden(cfg, &r, x, W, DSMOE_DTYPE_F32, D, bias, nt) != DSMOE_STATUS_NON_FINITE)
+                    TL_FAIL("%s T=%lld nt=%d: a NaN hidden state was not reported", desc, (long long)T, nt);
+                tl_checks++;
+                if (!sentinel_intact(&r))
+                    TL_FAIL("%s T=%lld nt=%d: outputs written before NON_FINITE (hidden)", desc,
+                            (long long)T, nt);
+                x[(T - 2) * D + 3] = xk;
+                float row[8];
+                memcpy(row, x + (T - 2) * D, sizeof row);
+                for (int32_t d = 0; d < D; d++) x[(T - 2) * D + d] = 3e38f;
+                fill_sentinel(&r);
+                tl_checks++;
+                if (route_hidden(cfg, &r, x, W, DSMOE_DTYPE_F32, D, bias, nt) != DSMOE_STATUS_NON_FINITE)
+                    TL_FAIL("%s T=%lld nt=%d: an overflowing projection was not reported", desc,
+                            (long long)T, nt);
+                tl_checks++;
+                if (!sentinel_intact(&r))
+                    TL_FAIL("%s T=%lld nt=%d: outputs written before NON_FINITE (projection)", desc,
+                            (long long)T, nt);
+                memcpy(x + (T - 2) * D, row, sizeof row);
+                /* and the clean batch routes, writing every output */
+                fill_sentinel(&r);
+                ASSERT_OK(route_hidden(cfg, &r, x, W, DSMOE_DTYPE_F32, D, bias, nt));
+                tl_checks++;
+                if (r.idx[(T - 1) * K] == -7 || r.l[0] == 555.0f)
+                    TL_FAIL("%s T=%lld nt=%d: a clean batch left outputs unwritten", desc, (long long)T, nt);
+            }
+            routed_free(&r);
+            free(logits);
+            free(bias);
+            free(x);
+            free(W);
+        }
+    }
+}
+
 /* Sanitize mode: rows full of NaN / ±Inf still give distinct in-range experts and
  * finite weights (summing to the scale when normalising). */
 static void test_sanitize(void) {
@@ -940,6 +1045,7 @@ int main(void) {
     RUN(test_validation);
     RUN(test_bad_arguments);
     RUN(test_nonfinite_message);
+    RUN(test_nonfinite_changes_nothing);
     RUN(test_zero_tokens);
     RUN(test_selection_and_weights);
     RUN(test_bias_never_in_weights);

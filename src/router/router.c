@@ -325,7 +325,7 @@ static void select_experts(const dsmoe_router_config *cfg, const dsmoe__kernel_t
 }
 
 /* Routes one token. u: (E) logits; s: (E) affinities written here; idx, w: (K). */
-static int route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
+static void route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
                        const float *u_in, const float *bias, float *s, int32_t *idx, float *w,
                        token_scratch *ts) {
     const int32_t E = cfg->n_experts, G = cfg->n_groups, K = cfg->top_k;
@@ -357,9 +357,9 @@ static int route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_table
             s[e] = u[e] < -DSMOE__EXP_HI ? 0.0f /* exp(-u) overflows fp32: torch gives 0 */
                                          : round_bf16((float)(1.0 / (1.0 + exp(-(double)u[e]))));
     } else {
-        /* also c = s + b when biased; tests u for NaN/Inf on the way (error policy: the
-         * sanitised u is finite) */
-        if (k->sigmoid_bias(s, ts->c, u, bias, E)) return 1;
+        /* also c = s + b when biased; u is finite here (checked by route_batch, or
+         * sanitised), so the kernel's NaN/Inf flag is never set */
+        (void)k->sigmoid_bias(s, ts->c, u, bias, E);
     }
 
     /* 2. selection scores */
@@ -396,7 +396,6 @@ static int route_token(const dsmoe_router_config *cfg, const dsmoe__kernel_table
         }
         for (int32_t j = 0; j < K; j++) w[j] = round_bf16(w[j] * cfg->scale);
     }
-    return 0;
 }
 
 /* ------------------------------------------------------------ batch driver -- */
@@ -450,66 +449,67 @@ static int fused_path(const dsmoe_router_config *cfg, const dsmoe__kernel_table 
 }
 
 /* route_range for the fused path: blocks of DSMOE__ROUTE_BLOCK tokens go through the
- * affinities (which also test the logits for NaN/Inf: this path runs only with the
- * error policy), then the selection together (the kernel overlaps two tokens'
- * dependency chains), then the weights. Same bits as route_token. */
-static int64_t route_range_fused(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
-                                 const dsmoe_router_output *out, const float *logits,
-                                 const float *bias, int64_t t0, int64_t t1, token_scratch *ts) {
+ * affinities, then the selection together (the kernel overlaps two tokens' dependency
+ * chains), then the weights. Same bits as route_token. The logits were checked before
+ * (this path runs only with the error policy, see route_batch), so the sigmoid's own
+ * NaN/Inf flag cannot be set here. */
+static void route_range_fused(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
+                              const dsmoe_router_output *out, const float *logits,
+                              const float *bias, int64_t t0, int64_t t1, token_scratch *ts) {
     const int32_t E = cfg->n_experts, K = cfg->top_k, G = cfg->n_groups;
     const int32_t m = group_topm(cfg);
     for (int64_t t = t0; t < t1; t += DSMOE__ROUTE_BLOCK) {
-        int64_t nb = t1 - t < DSMOE__ROUTE_BLOCK ? t1 - t : DSMOE__ROUTE_BLOCK, bad = -1;
+        const int64_t nb = t1 - t < DSMOE__ROUTE_BLOCK ? t1 - t : DSMOE__ROUTE_BLOCK;
         float *s = out->scores ? out->scores + (size_t)t * (size_t)E : ts->s;
-        for (int64_t i = 0; i < nb; i++) {
-            const float *u = logits + (size_t)(t + i) * (size_t)E;
-            if (k->sigmoid_bias(s + (size_t)i * (size_t)E, ts->c + (size_t)i * (size_t)E, u, bias, E)) {
-                bad = t + i; /* route the tokens before it, then stop */
-                nb = i;
-                break;
-            }
-        }
+        for (int64_t i = 0; i < nb; i++)
+            (void)k->sigmoid_bias(s + (size_t)i * (size_t)E, ts->c + (size_t)i * (size_t)E,
+                                  logits + (size_t)(t + i) * (size_t)E, bias, E);
         int32_t *idx = out->indices + (size_t)t * (size_t)K;
         float *w = out->weights + (size_t)t * (size_t)K;
-        if (nb > 0) {
-            k->select_grouped(idx, ts->topv, bias ? ts->c : s, nb, G, E / G, m, cfg->topk_groups, K);
-            for (int64_t i = 0; i < nb; i++)
-                weights_fp32(cfg, s + (size_t)i * (size_t)E, idx + (size_t)i * (size_t)K,
-                             w + (size_t)i * (size_t)K);
-        }
-        if (bad >= 0) return bad;
+        k->select_grouped(idx, ts->topv, bias ? ts->c : s, nb, G, E / G, m, cfg->topk_groups, K);
+        for (int64_t i = 0; i < nb; i++)
+            weights_fp32(cfg, s + (size_t)i * (size_t)E, idx + (size_t)i * (size_t)K,
+                         w + (size_t)i * (size_t)K);
     }
-    return -1;
 }
 
-/* Routes tokens [t0, t1) with one thread's scratch. With `check`, each token's logits
- * are tested for NaN/Inf just before it is routed (while they are in cache); the range
- * stops at the first bad token, whose index is returned (-1 if none). */
-static int64_t route_range(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
-                           const dsmoe_router_output *out, const float *logits,
-                           const float *bias, int64_t t0, int64_t t1, char *scratch, size_t per,
-                           int check) {
+/* Routes tokens [t0, t1) with one thread's scratch; the logits are finite (checked by
+ * route_batch) or sanitised by route_token. */
+static void route_range(const dsmoe_router_config *cfg, const dsmoe__kernel_table *k,
+                        const dsmoe_router_output *out, const float *logits, const float *bias,
+                        int64_t t0, int64_t t1, char *scratch, size_t per) {
     const int32_t E = cfg->n_experts, K = cfg->top_k;
     dsmoe__carver mine = {scratch, per, 0};
     token_scratch ts;
     scratch_carve(cfg, &mine, &ts);
-    if (t1 - t0 >= 2 && fused_path(cfg, k)) return route_range_fused(cfg, k, out, logits, bias, t0, t1, &ts);
-    /* the fp32 sigmoid tests the logits itself */
-    const int sig32 = cfg->score_func == DSMOE_SCORE_FUNC_SIGMOID && cfg->precision == DSMOE_PRECISION_FP32;
-    for (int64_t t = t0; t < t1; t++) {
-        const float *u = logits + (size_t)t * (size_t)E;
-        if (check && !sig32 && k->any_nonfinite(u, E)) return t;
-        float *s = out->scores ? out->scores + (size_t)t * (size_t)E : ts.s;
-        if (route_token(cfg, k, u, bias, s, out->indices + (size_t)t * (size_t)K,
-                        out->weights + (size_t)t * (size_t)K, &ts))
-            return t;
+    if (t1 - t0 >= 2 && fused_path(cfg, k)) {
+        route_range_fused(cfg, k, out, logits, bias, t0, t1, &ts);
+        return;
     }
+    for (int64_t t = t0; t < t1; t++) {
+        float *s = out->scores ? out->scores + (size_t)t * (size_t)E : ts.s;
+        route_token(cfg, k, logits + (size_t)t * (size_t)E, bias, s,
+                    out->indices + (size_t)t * (size_t)K, out->weights + (size_t)t * (size_t)K, &ts);
+    }
+}
+
+/* The first token in [t0, t1) with a NaN/Inf logit, or -1: one vector pass over the
+ * range, then (only when there is one) a search row by row. */
+static int64_t first_nonfinite(const dsmoe__kernel_table *k, const float *logits, int32_t E,
+                               int64_t t0, int64_t t1) {
+    if (t1 <= t0 || !k->any_nonfinite(logits + (size_t)t0 * (size_t)E, (t1 - t0) * (int64_t)E))
+        return -1;
+    for (int64_t t = t0; t < t1; t++)
+        if (k->any_nonfinite(logits + (size_t)t * (size_t)E, E)) return t;
     return -1;
 }
 
-/* Routes T tokens; returns the first token with a non-finite logit (when checking), or
- * -1. Each thread takes one contiguous range and stops at its first bad token, so the
- * minimum over threads is the first bad token overall, whatever the thread count. */
+/* Routes T tokens, or, with the error policy and a NaN/Inf logit anywhere, writes
+ * nothing and returns the first bad token (-1 when routed). Every logit is checked
+ * before the first output is written, so an error leaves the outputs as they were;
+ * the check is one streaming read of the logits (see docs/benchmarks.md for its cost).
+ * Each thread checks and then routes one contiguous range; tokens are independent, so
+ * the split never changes a bit. */
 static int64_t route_batch(const dsmoe_router_config *cfg, const dsmoe_router_output *out,
                            const float *logits, const float *bias, int64_t T, char *base,
                            size_t per, int nt) {
@@ -518,12 +518,13 @@ static int64_t route_batch(const dsmoe_router_config *cfg, const dsmoe_router_ou
     const int check = cfg->nonfinite == DSMOE_NONFINITE_ERROR;
     int64_t bad = -1;
 
-    /* at least 16 tokens per thread; one thread runs without a parallel region.
-     * Tokens are independent, so the split never changes a bit. */
+    /* at least 16 tokens per thread; one thread runs without a parallel region */
     if ((int64_t)nt > (T + 15) / 16) nt = (int)((T + 15) / 16);
     if (nt > DSMOE__MAX_THREADS) nt = DSMOE__MAX_THREADS;
     if (nt <= 1) {
-        bad = route_range(cfg, k, out, logits, bias, 0, T, base, per, check);
+        if (check) bad = first_nonfinite(k, logits, E, 0, T);
+        if (bad >= 0) return bad;
+        route_range(cfg, k, out, logits, bias, 0, T, base, per);
     } else {
         int64_t first[DSMOE__MAX_THREADS];
 #pragma omp parallel num_threads(nt)
@@ -535,9 +536,11 @@ static int64_t route_batch(const dsmoe_router_config *cfg, const dsmoe_router_ou
 #endif
             int64_t chunk = (T + n - 1) / n;
             int64_t t0 = (int64_t)tid * chunk, t1 = t0 + chunk < T ? t0 + chunk : T;
-            first[tid] = t0 < t1 ? route_range(cfg, k, out, logits, bias, t0, t1,
-                                               base + (size_t)tid * per, per, check)
-                                 : -1;
+            first[tid] = check ? first_nonfinite(k, logits, E, t0, t1) : -1;
+#pragma omp barrier
+            int any = 0; /* the same answer on every thread: all check before any writes */
+            for (int i = 0; i < n; i++) any |= first[i] >= 0;
+            if (!any && t0 < t1) route_range(cfg, k, out, logits, bias, t0, t1, base + (size_t)tid * per, per);
 #pragma omp barrier
 #pragma omp single
             for (int i = 0; i < n; i++)
@@ -621,8 +624,9 @@ dsmoe_status dsmoe_router_forward_hidden(const dsmoe_router_config *cfg,
     const dsmoe__kernel_table *k = dsmoe__kernels();
     dsmoe__carver cv = {(char *)workspace, workspace_size, 0};
     cv.used = (size_t)((64 - ((uintptr_t)workspace & 63)) & 63);
+    /* the logits go to the workspace and are copied to out->logits only once routed,
+     * so that a NON_FINITE error (a projection that overflows) changes no output */
     float *logits = (float *)dsmoe__carve(&cv, (size_t)T * (size_t)E * 4);
-    if (out->logits) logits = out->logits;
     if (!logits) return dsmoe__error(DSMOE_STATUS_INTERNAL, "%s: workspace carving failed", fn);
     const float *W = NULL;              /* fp32 (E, D) used by SGEMM, or NULL */
     const uint16_t *Wb = NULL;          /* bf16 (E, D) used by the dot kernel, or NULL */
@@ -693,7 +697,10 @@ dsmoe_status dsmoe_router_forward_hidden(const dsmoe_router_config *cfg,
         for (size_t i = 0; i < (size_t)T * (size_t)E; i++) logits[i] = round_bf16(logits[i]);
     int nr = nt;
     if (T < nr) nr = T > 0 ? (int)T : 1;
-    return route_checked(cfg, out, logits, bias, T, &cv, nr, fn, "projected logit");
+    st = route_checked(cfg, out, logits, bias, T, &cv, nr, fn, "projected logit");
+    if (st == DSMOE_OK && out->logits && T > 0)
+        memcpy(out->logits, logits, (size_t)T * (size_t)E * sizeof(float));
+    return st;
 }
 
 /* ---------------------------------------------------------------- backward -- */
