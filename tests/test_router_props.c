@@ -127,6 +127,19 @@ static dsmoe_status route_logits(const dsmoe_router_config *cfg, routed *r, cons
     return st;
 }
 
+/* Forward from logits with or without the scores output (counts always), guarded
+ * workspace of exactly the reported size. */
+static dsmoe_status route_logits_opt(const dsmoe_router_config *cfg, routed *r, const float *logits,
+                                     const float *bias, int with_scores, int nt) {
+    dsmoe_router_output out = {r->idx, r->w, with_scores ? r->s : NULL, NULL, r->cnt};
+    size_t ws_size = dsmoe_router_workspace_size(cfg, r->T, 0, DSMOE_DTYPE_F32, nt);
+    void *ws = tl_guarded_alloc(ws_size ? ws_size : 1);
+    dsmoe_status st = dsmoe_router_forward(cfg, &out, logits, bias, r->T, ws, ws_size, nt);
+    ASSERT_TRUE(tl_guard_ok(ws));
+    tl_guarded_free(ws);
+    return st;
+}
+
 static dsmoe_status route_hidden(const dsmoe_router_config *cfg, routed *r, const float *x,
                                  const void *W, dsmoe_dtype wdt, int32_t D, const float *bias,
                                  int nt) {
@@ -888,14 +901,18 @@ static void test_nonfinite_changes_nothing(void) {
                     const int32_t e = (int32_t)((b * 7 + 3) % E);
                     const float keep = logits[t * E + e];
                     logits[t * E + e] = bads[b];
-                    fill_sentinel(&r);
-                    tl_checks++;
-                    if (route_logits(cfg, &r, logits, bias, NULL, nt) != DSMOE_STATUS_NON_FINITE)
-                        TL_FAIL("%s T=%lld nt=%d: a bad logit was not reported", desc, (long long)T, nt);
-                    tl_checks++;
-                    if (!sentinel_intact(&r))
-                        TL_FAIL("%s T=%lld nt=%d: outputs written before NON_FINITE (logits)", desc,
-                                (long long)T, nt);
+                    /* with scores (checked first) and without (the fused path routes into
+                     * staging buffers, testing the logits as it goes) */
+                    for (int with_s = 0; with_s < 2; with_s++) {
+                        fill_sentinel(&r);
+                        tl_checks++;
+                        if (route_logits_opt(cfg, &r, logits, bias, with_s, nt) != DSMOE_STATUS_NON_FINITE)
+                            TL_FAIL("%s T=%lld nt=%d: a bad logit was not reported", desc, (long long)T, nt);
+                        tl_checks++;
+                        if (!sentinel_intact(&r))
+                            TL_FAIL("%s T=%lld nt=%d scores=%d: outputs written before NON_FINITE (logits)",
+                                    desc, (long long)T, nt, with_s);
+                    }
                     logits[t * E + e] = keep;
                 }
                 /* hidden path: a bad hidden state, then a projection that overflows */
@@ -922,8 +939,36 @@ static void test_nonfinite_changes_nothing(void) {
                 if (!sentinel_intact(&r))
                     TL_FAIL("%s T=%lld nt=%d: outputs written before NON_FINITE (projection)", desc,
                             (long long)T, nt);
+                /* the same without scores (the staged fused path) */
+                fill_sentinel(&r);
+                float *keep_s = r.s;
+                r.s = NULL;
+                tl_checks++;
+                if (route_hidden(cfg, &r, x, W, DSMOE_DTYPE_F32, D, bias, nt) != DSMOE_STATUS_NON_FINITE)
+                    TL_FAIL("%s T=%lld nt=%d: an overflowing projection was not reported (no scores)", desc,
+                            (long long)T, nt);
+                r.s = keep_s;
+                tl_checks++;
+                if (!sentinel_intact(&r))
+                    TL_FAIL("%s T=%lld nt=%d: outputs written before NON_FINITE (projection, no scores)", desc,
+                            (long long)T, nt);
                 memcpy(x + (T - 2) * D, row, sizeof row);
-                /* and the clean batch routes, writing every output */
+                /* and the clean batch routes, writing every output, the same with and
+                 * without scores (staged or not) */
+                fill_sentinel(&r);
+                ASSERT_OK(route_logits_opt(cfg, &r, logits, bias, 0, nt));
+                int32_t *idx0 = malloc((size_t)(T * K) * sizeof(int32_t));
+                float *w0 = malloc((size_t)(T * K) * sizeof(float));
+                memcpy(idx0, r.idx, (size_t)(T * K) * sizeof(int32_t));
+                memcpy(w0, r.w, (size_t)(T * K) * sizeof(float));
+                ASSERT_OK(route_logits_opt(cfg, &r, logits, bias, 1, nt));
+                tl_checks++;
+                if (memcmp(idx0, r.idx, (size_t)(T * K) * sizeof(int32_t)) != 0 ||
+                    memcmp(w0, r.w, (size_t)(T * K) * sizeof(float)) != 0)
+                    TL_FAIL("%s T=%lld nt=%d: routing without scores differs from routing with them", desc,
+                            (long long)T, nt);
+                free(idx0);
+                free(w0);
                 fill_sentinel(&r);
                 ASSERT_OK(route_hidden(cfg, &r, x, W, DSMOE_DTYPE_F32, D, bias, nt));
                 tl_checks++;

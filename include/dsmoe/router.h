@@ -118,9 +118,13 @@ DSMOE_API size_t dsmoe_router_workspace_size(const dsmoe_router_config *cfg, int
 /* Routes T tokens from logits (T, E). bias: (E) fp32, required iff cfg->use_bias
  * (finite; checked). Errors: INVALID_CONFIG, INVALID_ARGUMENT (NULL pointers, T < 0),
  * NON_FINITE (message names the first bad token and its expert), WORKSPACE_TOO_SMALL.
- * Arguments and every logit are checked before anything is written (the NaN/Inf check
- * is one streaming read of the logits), so after any error the outputs are unchanged.
- * No memory outside the outputs and the workspace is ever written. */
+ * Arguments and every logit are checked before any output is written, so after any
+ * error the outputs are unchanged: with a workspace of dsmoe_router_workspace_size()
+ * bytes the fused DeepSeek-V3 path routes into the workspace while it tests the logits
+ * and copies the (T, K) results out at the end; otherwise (scores wanted, other shapes,
+ * or a workspace of only the minimum the error message names) the logits are checked in
+ * one streaming pass first. No memory outside the outputs and the workspace is ever
+ * written. */
 DSMOE_API dsmoe_status dsmoe_router_forward(const dsmoe_router_config *cfg,
                                             const dsmoe_router_output *out,
                                             const float *logits, /* (T, E) */
