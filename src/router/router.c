@@ -243,7 +243,10 @@ static size_t hidden_extra_bytes(const dsmoe_router_config *c, int64_t T, int32_
     return bytes;
 }
 
-/* Staging buffers for the indices and weights (T, K) of the fused path, or NULL. */
+/* Staging buffers for the indices and weights (T, K) of the fused path, or NULL. Used
+ * from this many tokens: below, the logits are in cache and the check pass is cheaper
+ * than the staging (T = 1: 196 ns a token checked first, 217 staged). */
+#define DSMOE__STAGE_MIN_T 64
 typedef struct route_stage {
     int32_t *indices;
     float *weights;
@@ -584,7 +587,7 @@ static int64_t route_batch(const dsmoe_router_config *cfg, const dsmoe_router_ou
     const int32_t E = cfg->n_experts, K = cfg->top_k;
     const dsmoe__kernel_table *k = dsmoe__kernels();
     const int check = cfg->nonfinite == DSMOE_NONFINITE_ERROR;
-    const int staged = check && stage && !out->scores && fused_path(cfg, k);
+    const int staged = check && stage && !out->scores && T >= DSMOE__STAGE_MIN_T && fused_path(cfg, k);
     dsmoe_router_output so = *out; /* where the routing writes */
     if (staged) {
         so.indices = stage->indices;
