@@ -5,7 +5,8 @@
  * taken together), one thread, for n = 1 .. 32 rows of X,
  * next to what bounds it, measured in the same run: the memory read bandwidth (a
  * streaming read of the same weights), the OpenBLAS SGEMM of the same n rows (what the
- * layer would call otherwise) and the OpenBLAS SGEMM rate on a large square product.
+ * layer would call otherwise), the OpenBLAS SGEMM rate on a large product and the machine's
+ * FMA peak (a register-only FMA loop; the first line, with the CPU: bench_machine.h).
  * The same product on the same weights in the packed layout (src/kernels/moe_gemm_pk.c, panels
  * of 16 rows) runs alongside ("packed_*" fields).
  * Each n alternates the four, best of --repeat; one JSON line per n.
@@ -125,7 +126,16 @@ int main(int argc, char **argv) {
         dsmoe_free(A);
         dsmoe_free(P);
     }
-    printf("{\"impl\": \"sgemm\", \"gflops_per_s\": %.3f, \"isa\": \"%s\"}\n", peak / 1e9, isa);
+    /* the machine: CPU, FMA peak and read bandwidth, one thread (bench_machine.h) */
+    bench_machine mach;
+    bench_machine_measure(&mach, 1, (size_t)1 << 30);
+    double fma = bench_machine_peak(&mach);
+    if (fma <= 0) fma = 1e-9;
+    printf("{\"impl\": \"machine\", ");
+    bench_machine_json(stdout, &mach, isa);
+    printf("}\n");
+    printf("{\"impl\": \"sgemm\", \"gflops_per_s\": %.3f, \"isa\": \"%s\", \"peak_fraction\": %.4f}\n", peak / 1e9,
+           isa, peak / 1e9 / fma);
     const double bytes = (double)total * sizeof(float);
     for (int j = 0; j < nn; j++) {
         const int n = ns[j];
@@ -153,10 +163,11 @@ int main(int argc, char **argv) {
                "\"read_gb_per_s\": %.3f, \"bandwidth_fraction\": %.4f, \"gflops_per_s\": %.3f, "
                "\"sgemm_fraction\": %.4f, \"openblas_seconds\": %.6g, \"speedup_vs_openblas\": %.3f, "
                "\"packed_seconds\": %.6g, \"packed_weights_gb_per_s\": %.3f, "
-               "\"packed_gflops_per_s\": %.3f, \"packed_speedup\": %.3f}\n",
+               "\"packed_gflops_per_s\": %.3f, \"packed_speedup\": %.3f, \"peak_fraction\": %.4f, "
+               "\"packed_peak_fraction\": %.4f}\n",
                F, n, t_k, bytes / t_k / 1e9, bytes / t_r / 1e9, t_r / t_k, flops / t_k / 1e9,
                flops / t_k / peak, t_b, t_b / t_k, t_p, bytes / t_p / 1e9, flops / t_p / 1e9,
-               t_k / t_p);
+               t_k / t_p, flops / t_k / 1e9 / fma, flops / t_p / 1e9 / fma);
         fflush(stdout);
     }
     dsmoe_free(W);

@@ -3,8 +3,9 @@
  * (D 2048, F 1408, E 64, K 6, two shared experts) and at DeepSeek-V3's routing shape
  * (E 256 in 8 groups keeping 4, K 8, one shared expert) with D and F scaled by 1/4 to
  * fit memory, next to the references measured in the same run: the OpenBLAS SGEMM rate
- * (one large cblas_sgemm with the FLOPs of the T = 512 forward) and the machine's memory
- * read bandwidth (a streaming read of a buffer far larger than the caches). Prints one
+ * (one large cblas_sgemm with the FLOPs of the T = 512 forward), the machine's memory
+ * read bandwidth (a streaming read of a buffer far larger than the caches) and its FMA
+ * peak (a register-only FMA loop), with the CPU (bench_machine.h). Prints one
  * JSON line per measurement; bench/bench_moe.sh turns them, with moe_torch.py's, into a
  * table.
  *
@@ -58,19 +59,10 @@ static float randn(void) {
 
 static void *xmalloc(size_t n) { return bench_malloc("bench_moe", n); }
 
-/* Memory read bandwidth: sum of a 1 GiB buffer, best of 5. */
-static double read_bandwidth(void) {
-    const size_t n = (size_t)1 << 28; /* floats */
-    float *buf = (float *)xmalloc(n * sizeof(float));
-    for (size_t i = 0; i < n; i++) buf[i] = (float)(i & 7);
-    double best_t = 1e30;
-    for (int rep = 0; rep < 5; rep++) {
-        const double t = bench_read_seconds(buf, n);
-        best_t = t < best_t ? t : best_t;
-    }
-    dsmoe_free(buf);
-    return (double)n * 4 / best_t;
-}
+/* The machine's FMA peak (GFLOP/s, the widest ISA, on the benchmark's threads), measured
+ * in main with the read bandwidth (bench_machine.h); every figure is also reported as a
+ * share of it ("peak_fraction"). */
+static double fma_peak;
 
 /* SGEMM rate: C (M, N) = A (M, K) · B (N, K)ᵀ with N = 2F, K = D and M set to give
  * `flops`; best of 3. */
@@ -127,7 +119,8 @@ static void run_shape(const shape *s, const int *Ts, int nT, int Tb, int repeat,
     const double expert_flops = 3.0 * s->F * s->D, shared_flops = 3.0 * s->ns * s->F * s->D;
     const double fwd512 = 2.0 * 512 * (s->K * expert_flops + shared_flops + (double)s->E * s->D);
     const double peak = sgemm_rate(fwd512, 2 * s->F, s->D);
-    printf("{\"impl\": \"sgemm\", \"shape\": \"%s\", \"gflops_per_s\": %.3f}\n", s->name, peak / 1e9);
+    printf("{\"impl\": \"sgemm\", \"shape\": \"%s\", \"gflops_per_s\": %.3f, \"peak_fraction\": %.4f}\n", s->name,
+           peak / 1e9, peak / 1e9 / fma_peak);
     fflush(stdout);
     int64_t maxT = 0;
     for (int i = 0; i < nT; i++) maxT = Ts[i] > maxT ? Ts[i] : maxT;
@@ -160,10 +153,11 @@ static void run_shape(const shape *s, const int *Ts, int nT, int Tb, int repeat,
         printf("{\"impl\": \"dsmoe\", \"shape\": \"%s\", \"pass\": \"forward\", \"T\": %d, "
                "\"seconds\": %.6g, \"gflops_per_s\": %.3f, \"sgemm_fraction\": %.4f, "
                "\"active_bytes\": %.6g, \"read_gb_per_s\": %.3f, \"bandwidth_fraction\": %.4f, "
-               "\"dtype\": \"%s\", \"layout\": \"%s\", \"threads\": %d, \"reps\": %d}\n",
+               "\"dtype\": \"%s\", \"layout\": \"%s\", \"threads\": %d, \"reps\": %d, "
+               "\"peak_fraction\": %.4f}\n",
                s->name, T, sec, flops / sec / 1e9, flops / sec / peak, active, active / sec / 1e9,
                active / sec / bw, bf16 ? "bf16" : "f32", packed ? "packed" : "checkpoint",
-               threads, reps);
+               threads, reps, flops / sec / 1e9 / fma_peak);
         fflush(stdout);
         free(times);
         dsmoe_free(x);
@@ -196,8 +190,9 @@ static void run_shape(const shape *s, const int *Ts, int nT, int Tb, int repeat,
         double flops = 2.0 * 2.0 * Tb * (s->K * expert_flops + shared_flops) + 2.0 * 2.0 * Tb * s->E * s->D;
         printf("{\"impl\": \"dsmoe\", \"shape\": \"%s\", \"pass\": \"backward\", \"T\": %d, "
                "\"seconds\": %.6g, \"gflops_per_s\": %.3f, \"sgemm_fraction\": %.4f, "
-               "\"dtype\": \"f32\", \"threads\": %d, \"reps\": %d}\n",
-               s->name, Tb, sec, flops / sec / 1e9, flops / sec / peak, threads, reps);
+               "\"dtype\": \"f32\", \"threads\": %d, \"reps\": %d, \"peak_fraction\": %.4f}\n",
+               s->name, Tb, sec, flops / sec / 1e9, flops / sec / peak, threads, reps,
+               flops / sec / 1e9 / fma_peak);
         fflush(stdout);
         free(times);
         dsmoe_free(x);
@@ -235,9 +230,15 @@ int main(int argc, char **argv) {
         if (!p) break;
         p++;
     }
-    double bw = read_bandwidth();
-    printf("{\"impl\": \"memory\", \"read_gb_per_s\": %.3f, \"isa\": \"%s\", \"version\": \"%s\"}\n",
-           bw / 1e9, dsmoe_isa(), dsmoe_version());
+    /* the machine: CPU, FMA peak, read bandwidth (a 1 GiB streaming sum) on `threads` */
+    bench_machine mach;
+    bench_machine_measure(&mach, threads, (size_t)1 << 30);
+    const double bw = mach.read_n;
+    fma_peak = bench_machine_peak(&mach);
+    if (fma_peak <= 0) fma_peak = 1e-9; /* no SIMD FMA: shares are meaningless */
+    printf("{\"impl\": \"memory\", \"read_gb_per_s\": %.3f, \"version\": \"%s\", ", bw / 1e9, dsmoe_version());
+    bench_machine_json(stdout, &mach, dsmoe_isa());
+    printf("}\n");
     fflush(stdout);
     int found = 0;
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {

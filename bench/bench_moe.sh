@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench_moe.sh — the MoE layer benchmark: dsmoe (bench_moe) and the Hugging Face-style
 # PyTorch loop (moe_torch.py) at the same shapes, one thread each, in one run, with the
-# OpenBLAS SGEMM rate and the memory read bandwidth measured alongside; prints a table
+# OpenBLAS SGEMM rate, the memory read bandwidth and the FMA peak measured alongside (and
+# the CPU printed: bench_machine.h); prints a table
 # of ratios. The forward runs in both weight layouts: the checkpoint's (rows as in the
 # file) and the packed one (panels of 16 rows, inference only; see include/dsmoe/moe.h).
 # Usage: bash bench/bench_moe.sh [BUILD_DIR] [--quick]
@@ -35,7 +36,9 @@ if [ $quick = 1 ]; then
   shapes=moonlight
   repeat=3
 fi
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+# one thread on both sides: dsmoe's default, and every pool of PyTorch's (moe_torch.py pins
+# them again before it imports torch)
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 # dsmoe and PyTorch alternate per token count, so that both see the same machine state
 for s in $shapes; do
   for T in 1 32 512; do
@@ -55,17 +58,33 @@ done
 "$py" - "$out/results.jsonl" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-bw = [r["read_gb_per_s"] for r in rows if r["impl"] == "memory"]
+mem = [r for r in rows if r["impl"] == "memory"]
+bw = [r["read_gb_per_s"] for r in mem]
+peak_fma = max(r.get("fma_peak_gflops", 0) for r in mem)
+tt = [r for r in rows if r["impl"] == "torch_threads"]
+m = mem[0]
+if "cpu_name" in m:
+    print("CPU: %s (%s family 0x%X model 0x%X stepping %d: %s), AVX2 %s, AVX-512F %s; dsmoe kernels %s" % (
+        m["cpu_name"], m["cpu_vendor"], m["cpu_family"], m["cpu_model"], m["cpu_stepping"], m["uarch"],
+        "yes" if m["avx2"] else "no", "yes" if m["avx512f"] else "no", m["isa"]))
+    print("FMA peak (register-only fp32 FMA loop, one thread): %.1f GFLOP/s AVX-512, %.1f AVX2 (best of the run)" % (
+        max(r["fma_peak_avx512_gflops"] for r in mem), max(r["fma_peak_avx2_gflops"] for r in mem)))
+if tt:
+    print("Threads: dsmoe 1; PyTorch %d (torch.get_num_threads), OPENBLAS_NUM_THREADS=%s OMP_NUM_THREADS=%s "
+          "MKL_NUM_THREADS=%s" % (tt[0]["torch_threads"], tt[0]["OPENBLAS_NUM_THREADS"], tt[0]["OMP_NUM_THREADS"],
+                                  tt[0]["MKL_NUM_THREADS"]))
 sgemm = {}
 for r in rows:
     if r["impl"] == "sgemm":
         sgemm.setdefault(r["shape"], []).append(r["gflops_per_s"])
 torch = {(r["shape"], r["pass"], r["T"]): r["seconds"] for r in rows if r["impl"] == "torch"}
+pk = peak_fma if peak_fma > 0 else float("nan")
 print("Memory read bandwidth: %.1f GB/s; OpenBLAS SGEMM (one thread): %s (best of the run's "
-      "measurements)" % (max(bw), ", ".join("%s %.1f GFLOP/s" % (s, max(v)) for s, v in sgemm.items())))
+      "measurements)" % (max(bw), ", ".join("%s %.1f GFLOP/s (%.0f%% of the FMA peak)" % (s, max(v), 100 * max(v) / pk)
+                                             for s, v in sgemm.items())))
 print()
-print("| shape | pass | T | weights | dsmoe ms | GFLOP/s | % of SGEMM | weights read GB/s (% of bandwidth) | PyTorch ms | dsmoe speed-up |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| shape | pass | T | weights | dsmoe ms | GFLOP/s | % of FMA peak | % of SGEMM | weights read GB/s (% of bandwidth) | PyTorch ms | dsmoe speed-up |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     if r["impl"] != "dsmoe":
         continue
@@ -74,10 +93,10 @@ for r in rows:
     peak = max(sgemm[r["shape"]])
     rd = ("%.1f (%.0f%%)" % (r["read_gb_per_s"], 100 * r["read_gb_per_s"] / max(bw))
           if "read_gb_per_s" in r and r["T"] <= 32 else "")
-    print("| %s | %s | %d | %s | %.2f | %.1f | %.0f%% | %s | %s | %s |" % (
+    print("| %s | %s | %d | %s | %.2f | %.1f | %.0f%% | %.0f%% | %s | %s | %s |" % (
         r["shape"], r["pass"], r["T"],
         r.get("dtype", "f32") + (" packed" if r.get("layout") == "packed" else ""),
-        1e3 * r["seconds"], r["gflops_per_s"],
+        1e3 * r["seconds"], r["gflops_per_s"], 100 * r["gflops_per_s"] / pk,
         100 * r["gflops_per_s"] / peak, rd, "%.2f" % (1e3 * t) if t else "",
         "%.2fx" % (t / r["seconds"]) if t else ""))
 EOF

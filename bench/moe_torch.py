@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""moe_torch.py — the DeepSeek-V3 MoE layer in PyTorch (fp32, CPU, one thread), written
+"""moe_torch.py — the DeepSeek-V3 MoE layer in PyTorch (fp32, CPU, --threads, default 1), written
 the way Hugging Face's DeepseekV3MoE writes it: the fp32 router (sigmoid, bias, group
 top-2-sum, top-k, normalise, scale), then a loop over the experts — find the tokens
 routed to the expert, gather them, run the SwiGLU MLP, scale by the routing weight and
@@ -14,14 +14,31 @@ Timing: every repetition uses different tokens (so different experts); the best
 import argparse
 import json
 import os
+import sys
 import time
 
-# One thread everywhere: Debian's torch calls the system OpenBLAS, whose own threads
-# torch.set_num_threads does not control.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+def early_threads(argv, default=1):
+    """--threads N from the command line, read before torch is imported."""
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+    return default
+
+
+# Every thread pool pinned to --threads (dsmoe's count in the same comparison), whatever
+# the caller's environment says: Debian's torch calls the system OpenBLAS, whose own
+# threads torch.set_num_threads does not control, so the variables are set before the
+# import, and torch's pool by torch.set_num_threads.
+THREADS = early_threads(sys.argv[1:])
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(THREADS)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+torch.set_num_threads(THREADS)
 
 # D, F, E, K, G, TG, N_s, scale (sigmoid scores, bias, normalised weights)
 SHAPES = {
@@ -91,8 +108,13 @@ def main():
     ap.add_argument("--tokens", default="1,32,512")
     ap.add_argument("--backward", type=int, default=512, help="T of the backward (0: none)")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads of every pool (read before the import of torch)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    print(json.dumps({"impl": "torch_threads", "threads": THREADS,
+                      "torch_threads": torch.get_num_threads(),
+                      **{v: os.environ[v] for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                    "MKL_NUM_THREADS")}}), flush=True)
     D, Fe, E, K, G, TG, Ns, scale = SHAPES[args.shape]
     gen = torch.Generator().manual_seed(1)
     m = MoE(D, Fe, E, K, G, TG, Ns, scale, grad=args.backward > 0)

@@ -1,15 +1,47 @@
 #!/usr/bin/env python3
-"""PyTorch and NumPy implementations of DeepSeek-V3 routing (fp32, CPU, one thread),
-written from the routing spec for the benchmark; prints one JSON line per measurement.
+"""PyTorch and NumPy implementations of DeepSeek-V3 routing (fp32, CPU), written from the
+routing spec for the benchmark; prints one JSON line per measurement.
 
-  route_torch.py --preset deepseek-v3 --tokens 4096 [--hidden 7168] [--repeat 5]
+  route_torch.py --preset deepseek-v3 --tokens 4096 [--hidden 7168] [--repeat 5] [--threads 1]
+
+Threads are pinned to --threads (dsmoe's count in the same comparison): the BLAS and
+OpenMP pools through OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS, set before
+numpy and torch are imported (Debian's torch calls the system OpenBLAS, whose threads
+torch.set_num_threads does not control), and torch's own pool by torch.set_num_threads.
 """
 import argparse
 import json
+import os
+import sys
 import time
 
-import numpy as np
-import torch
+
+def early_threads(argv, default=1):
+    """--threads N from the command line, read before numpy / torch are imported."""
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+    return default
+
+
+THREADS = early_threads(sys.argv[1:])
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(THREADS)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(THREADS)
+
+
+def thread_report():
+    return {"threads": THREADS, "torch_threads": torch.get_num_threads(),
+            "OPENBLAS_NUM_THREADS": os.environ["OPENBLAS_NUM_THREADS"],
+            "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"],
+            "MKL_NUM_THREADS": os.environ["MKL_NUM_THREADS"]}
+
 
 PRESETS = {
     # E, G, TG, K, score, group rule, normalize, scale, bias
@@ -88,8 +120,9 @@ def main():
     ap.add_argument("--hidden", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=0.05)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads of every pool (read before the imports)")
     a = ap.parse_args()
-    torch.set_num_threads(1)
     E, G, TG, K, score, rule, norm, scale, has_bias = PRESETS[a.preset]
     rng = np.random.default_rng(0)
     logits_np = (3.0 * rng.uniform(-1, 1, (a.tokens, E))).astype(np.float32)
@@ -99,6 +132,7 @@ def main():
     args = (E, G, TG, K, score, rule, norm, scale)
     out = {"preset": a.preset, "tokens": a.tokens, "torch_version": torch.__version__,
            "numpy_version": np.__version__}
+    out.update(thread_report())
     with torch.no_grad():
         t = timeit(lambda: torch_route(logits, bias, *args), a.repeat, a.min_time)
         out["torch_tokens_per_s"] = a.tokens / t

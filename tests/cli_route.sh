@@ -84,6 +84,13 @@ check unwritable 1 "$DSMOE" route --logits L.npy --out-indices no/such/dir/I.npy
 
 check bench 0 "$DSMOE" bench route --tokens 16 --repeat 1 --min-time 0.001 --json
 grep -q '"tokens_per_s"' out.txt || { echo "FAIL bench json"; fails=$((fails + 1)); }
+grep -q '"fma_peak_gflops"' out.txt || { echo "FAIL bench json has the machine's FMA peak"; fails=$((fails + 1)); }
+grep -q '"read_bandwidth_share"' out.txt || { echo "FAIL bench json has the read bandwidth share"; fails=$((fails + 1)); }
+check bench-isa-ref 0 "$DSMOE" bench route --tokens 16 --repeat 1 --min-time 0.001 --json --isa ref
+grep -q '"isa": "ref"' out.txt || { echo "FAIL bench --isa ref"; fails=$((fails + 1)); }
+check bench-bad-isa 2 "$DSMOE" bench route --isa sse9
+check machine 0 "$DSMOE" bench machine --json
+grep -q '"uarch"' out.txt || { echo "FAIL bench machine json"; fails=$((fails + 1)); }
 check bench-bad 2 "$DSMOE" bench route --tokens 0
 check bench-unknown 2 "$DSMOE" bench nothing
 

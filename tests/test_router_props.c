@@ -127,6 +127,19 @@ static dsmoe_status route_logits(const dsmoe_router_config *cfg, routed *r, cons
     return st;
 }
 
+/* Forward from logits with or without the scores output (counts always), guarded
+ * workspace of exactly the reported size. */
+static dsmoe_status route_logits_opt(const dsmoe_router_config *cfg, routed *r, const float *logits,
+                                     const float *bias, int with_scores, int nt) {
+    dsmoe_router_output out = {r->idx, r->w, with_scores ? r->s : NULL, NULL, r->cnt};
+    size_t ws_size = dsmoe_router_workspace_size(cfg, r->T, 0, DSMOE_DTYPE_F32, nt);
+    void *ws = tl_guarded_alloc(ws_size ? ws_size : 1);
+    dsmoe_status st = dsmoe_router_forward(cfg, &out, logits, bias, r->T, ws, ws_size, nt);
+    ASSERT_TRUE(tl_guard_ok(ws));
+    tl_guarded_free(ws);
+    return st;
+}
+
 static dsmoe_status route_hidden(const dsmoe_router_config *cfg, routed *r, const float *x,
                                  const void *W, dsmoe_dtype wdt, int32_t D, const float *bias,
                                  int nt) {
@@ -834,6 +847,143 @@ static void test_nonfinite_message(void) {
     free(W);
 }
 
+/* A NaN/Inf anywhere, even in one of the last tokens, changes no output: every logit is
+ * checked before the first is routed. Logits and hidden-state paths, every config, 1-4
+ * threads (each thread routes its own range, so a bad token in the last range used to
+ * leave the others' results written). */
+static void fill_sentinel(routed *r) {
+    for (int64_t i = 0; i < r->T * r->K; i++) {
+        r->idx[i] = -7;
+        r->w[i] = 1234.5f;
+    }
+    for (int64_t i = 0; i < r->T * r->E; i++) {
+        r->s[i] = -99.0f;
+        r->l[i] = 555.0f;
+    }
+    for (int32_t e = 0; e < r->E; e++) r->cnt[e] = -5;
+}
+
+static int sentinel_intact(const routed *r) {
+    for (int64_t i = 0; i < r->T * r->K; i++)
+        if (r->idx[i] != -7 || r->w[i] != 1234.5f) return 0;
+    for (int64_t i = 0; i < r->T * r->E; i++)
+        if (r->s[i] != -99.0f || r->l[i] != 555.0f) return 0;
+    for (int32_t e = 0; e < r->E; e++)
+        if (r->cnt[e] != -5) return 0;
+    return 1;
+}
+
+static void test_nonfinite_changes_nothing(void) {
+    dsmoe_router_config cfgs[32];
+    const int nc = all_configs(cfgs, 32);
+    const int64_t Ts[2] = {64, 6}; /* 64: SGEMM projection, 16 tokens a thread; 6: per token */
+    const int32_t D = 8;
+    char desc[512];
+    for (int c = 0; c < nc; c++) {
+        const dsmoe_router_config *cfg = &cfgs[c];
+        if (cfg->nonfinite != DSMOE_NONFINITE_ERROR) continue;
+        describe(cfg, desc, sizeof desc);
+        const int32_t E = cfg->n_experts, K = cfg->top_k;
+        for (int ti = 0; ti < 2; ti++) {
+            const int64_t T = Ts[ti];
+            routed r;
+            routed_alloc(&r, T, E, K);
+            float *logits = rand_logits(T, E, 1.0);
+            float *bias = cfg->use_bias ? rand_bias(E, 0.1) : NULL;
+            float *x = rand_logits(T, D, 1.0);
+            float *W = rand_logits(E, D, 0.3);
+            for (int64_t i = 0; i < (int64_t)E * D; i++) W[i] = fabsf(W[i]) + 0.5f;
+            for (int nt = 1; nt <= 4; nt++) {
+                const float bads[3] = {NAN, INFINITY, -INFINITY};
+                for (int b = 0; b < 3; b++) {
+                    /* a late token: the last thread's range */
+                    const int64_t t = T - 2;
+                    const int32_t e = (int32_t)((b * 7 + 3) % E);
+                    const float keep = logits[t * E + e];
+                    logits[t * E + e] = bads[b];
+                    /* with scores (checked first) and without (the fused path routes into
+                     * staging buffers, testing the logits as it goes) */
+                    for (int with_s = 0; with_s < 2; with_s++) {
+                        fill_sentinel(&r);
+                        tl_checks++;
+                        if (route_logits_opt(cfg, &r, logits, bias, with_s, nt) != DSMOE_STATUS_NON_FINITE)
+                            TL_FAIL("%s T=%lld nt=%d: a bad logit was not reported", desc, (long long)T, nt);
+                        tl_checks++;
+                        if (!sentinel_intact(&r))
+                            TL_FAIL("%s T=%lld nt=%d scores=%d: outputs written before NON_FINITE (logits)",
+                                    desc, (long long)T, nt, with_s);
+                    }
+                    logits[t * E + e] = keep;
+                }
+                /* hidden path: a bad hidden state, then a projection that overflows */
+                const float xk = x[(T - 2) * D + 3];
+                x[(T - 2) * D + 3] = NAN;
+                fill_sentinel(&r);
+                tl_checks++;
+                if (route_hidden(cfg, &r, x, W, DSMOE_DTYPE_F32, D, bias, nt) != DSMOE_STATUS_NON_FINITE)
+                    TL_FAIL("%s T=%lld nt=%d: a NaN hidden state was not reported", desc, (long long)T, nt);
+                tl_checks++;
+                if (!sentinel_intact(&r))
+                    TL_FAIL("%s T=%lld nt=%d: outputs written before NON_FINITE (hidden)", desc,
+                            (long long)T, nt);
+                x[(T - 2) * D + 3] = xk;
+                float row[8];
+                memcpy(row, x + (T - 2) * D, sizeof row);
+                for (int32_t d = 0; d < D; d++) x[(T - 2) * D + d] = 3e38f;
+                fill_sentinel(&r);
+                tl_checks++;
+                if (route_hidden(cfg, &r, x, W, DSMOE_DTYPE_F32, D, bias, nt) != DSMOE_STATUS_NON_FINITE)
+                    TL_FAIL("%s T=%lld nt=%d: an overflowing projection was not reported", desc,
+                            (long long)T, nt);
+                tl_checks++;
+                if (!sentinel_intact(&r))
+                    TL_FAIL("%s T=%lld nt=%d: outputs written before NON_FINITE (projection)", desc,
+                            (long long)T, nt);
+                /* the same without scores (the staged fused path) */
+                fill_sentinel(&r);
+                float *keep_s = r.s;
+                r.s = NULL;
+                tl_checks++;
+                if (route_hidden(cfg, &r, x, W, DSMOE_DTYPE_F32, D, bias, nt) != DSMOE_STATUS_NON_FINITE)
+                    TL_FAIL("%s T=%lld nt=%d: an overflowing projection was not reported (no scores)", desc,
+                            (long long)T, nt);
+                r.s = keep_s;
+                tl_checks++;
+                if (!sentinel_intact(&r))
+                    TL_FAIL("%s T=%lld nt=%d: outputs written before NON_FINITE (projection, no scores)", desc,
+                            (long long)T, nt);
+                memcpy(x + (T - 2) * D, row, sizeof row);
+                /* and the clean batch routes, writing every output, the same with and
+                 * without scores (staged or not) */
+                fill_sentinel(&r);
+                ASSERT_OK(route_logits_opt(cfg, &r, logits, bias, 0, nt));
+                int32_t *idx0 = malloc((size_t)(T * K) * sizeof(int32_t));
+                float *w0 = malloc((size_t)(T * K) * sizeof(float));
+                memcpy(idx0, r.idx, (size_t)(T * K) * sizeof(int32_t));
+                memcpy(w0, r.w, (size_t)(T * K) * sizeof(float));
+                ASSERT_OK(route_logits_opt(cfg, &r, logits, bias, 1, nt));
+                tl_checks++;
+                if (memcmp(idx0, r.idx, (size_t)(T * K) * sizeof(int32_t)) != 0 ||
+                    memcmp(w0, r.w, (size_t)(T * K) * sizeof(float)) != 0)
+                    TL_FAIL("%s T=%lld nt=%d: routing without scores differs from routing with them", desc,
+                            (long long)T, nt);
+                free(idx0);
+                free(w0);
+                fill_sentinel(&r);
+                ASSERT_OK(route_hidden(cfg, &r, x, W, DSMOE_DTYPE_F32, D, bias, nt));
+                tl_checks++;
+                if (r.idx[(T - 1) * K] == -7 || r.l[0] == 555.0f)
+                    TL_FAIL("%s T=%lld nt=%d: a clean batch left outputs unwritten", desc, (long long)T, nt);
+            }
+            routed_free(&r);
+            free(logits);
+            free(bias);
+            free(x);
+            free(W);
+        }
+    }
+}
+
 /* Sanitize mode: rows full of NaN / ±Inf still give distinct in-range experts and
  * finite weights (summing to the scale when normalising). */
 static void test_sanitize(void) {
@@ -940,6 +1090,7 @@ int main(void) {
     RUN(test_validation);
     RUN(test_bad_arguments);
     RUN(test_nonfinite_message);
+    RUN(test_nonfinite_changes_nothing);
     RUN(test_zero_tokens);
     RUN(test_selection_and_weights);
     RUN(test_bias_never_in_weights);

@@ -1,6 +1,9 @@
 /* cmd_bench.c — `dsmoe bench route`: routing throughput from logits and with the gate
- * projection, next to the bare OpenBLAS SGEMM of the same shape measured in the same
- * run. Figures are medians over repeats; compare ratios, not absolute times. */
+ * projection, next to the bare OpenBLAS SGEMM of the same shape and the machine's FMA
+ * peak and read bandwidth (bench/bench_machine.h), all measured in the same run; and
+ * `dsmoe bench machine`: that header alone. Figures are medians over repeats; compare
+ * shares and ratios, not absolute times. */
+#include "bench_machine.h"
 #include "cli.h"
 
 #include <cblas.h>
@@ -11,10 +14,13 @@
 
 static const char *const bench_usage =
     "usage: dsmoe bench route [--preset NAME] [--tokens T] [--threads N] [--hidden D]\n"
-    "                         [--gate f32|bf16] [--repeat R] [--min-time S] [--json]\n"
+    "                         [--gate f32|bf16] [--repeat R] [--min-time S] [--isa NAME]\n"
+    "                         [--json]\n"
     "\n"
     "Measures routing throughput from logits and, when --hidden D > 0, with the gate\n"
-    "projection from hidden size D, and the bare OpenBLAS SGEMM (T x D x E) in the same run.\n"
+    "projection from hidden size D, and the bare OpenBLAS SGEMM (T x D x E) in the same run,\n"
+    "next to the machine's FMA peak and read bandwidth (see dsmoe bench machine): the logits\n"
+    "are reported as a share of the read bandwidth, the projection as a share of the peak.\n"
     "  --preset NAME   router preset (default deepseek-v3); other router flags are accepted\n"
     "  --tokens T      tokens per call (default 4096)\n"
     "  --threads N     threads (default 1)\n"
@@ -22,7 +28,19 @@ static const char *const bench_usage =
     "  --gate f32|bf16 gate weight storage (default f32)\n"
     "  --repeat R      timed repeats; the median is reported (default 5)\n"
     "  --min-time S    seconds per repeat at least (default 0.05)\n"
+    "  --isa NAME      kernel set: avx512, avx2 or ref (default: the best the CPU has)\n"
     "  --json          one JSON object on stdout (tokens_per_s, ns_per_token, ...)\n";
+
+static const char *const machine_usage =
+    "usage: dsmoe bench machine [--threads N] [--json]\n"
+    "\n"
+    "Prints the CPU (model name, family/model/stepping, the microarchitecture they imply,\n"
+    "AVX2/AVX-512F, the kernel set dsmoe chose) and measures the FMA peak (a register-only\n"
+    "fp32 FMA loop, AVX-512 and AVX2) and the read bandwidth (a streaming sum of 256 MiB),\n"
+    "on one thread and on N threads (default 1).\n";
+
+/* The buffer the read bandwidth is measured on: far larger than any L3 here. */
+#define BENCH_BW_BYTES ((size_t)256 << 20)
 
 static double now_s(void) {
     struct timespec ts;
@@ -126,6 +144,9 @@ static int bench_route(int argc, char **argv) {
             if (!missing && strcmp(v, "f32") == 0) gate_dtype = DSMOE_DTYPE_F32;
             else if (!missing && strcmp(v, "bf16") == 0) gate_dtype = DSMOE_DTYPE_BF16;
             else if (!missing) return cli_fail(CLI_USAGE, cmd, "--gate expects f32 or bf16, got '%s'", v);
+        } else if (cli_opt(argc, argv, &i, "--isa", &v, &missing)) {
+            if (!missing && dsmoe_set_isa(v) != DSMOE_OK)
+                return cli_fail(CLI_USAGE, cmd, "--isa: %s", dsmoe_last_error());
         } else if (strcmp(argv[i], "--json") == 0) {
             json = 1;
         } else {
@@ -180,27 +201,41 @@ static int bench_route(int argc, char **argv) {
         }
     }
     double flops = 2.0 * (double)T * (double)D * (double)E;
+    /* the machine's references, measured in the same run after the timings */
+    bench_machine mach;
+    bench_machine_measure(&mach, (int)threads, BENCH_BW_BYTES);
+    const double peak = bench_machine_peak(&mach);
+    /* from logits: the logits are read once (T x E fp32), a share of the read bandwidth */
+    const double logit_bw = (double)nl * 4.0 / t_route;
+    const double bw_share = mach.read_n > 0 ? logit_bw / mach.read_n : 0.0;
     if (json) {
         printf("{\"bench\": \"route\", \"tokens\": %lld, \"experts\": %lld, \"top_k\": %lld, \"threads\": %lld, "
-               "\"isa\": \"%s\", \"tokens_per_s\": %.6g, \"ns_per_token\": %.6g, \"seconds_per_call\": %.6g",
-               T, (long long)E, (long long)K, threads, dsmoe_isa(), (double)T / t_route, 1e9 * t_route / (double)T,
-               t_route);
+               "\"tokens_per_s\": %.6g, \"ns_per_token\": %.6g, \"seconds_per_call\": %.6g, "
+               "\"logits_gb_per_s\": %.4g, \"read_bandwidth_share\": %.4f, ",
+               T, (long long)E, (long long)K, threads, (double)T / t_route, 1e9 * t_route / (double)T, t_route,
+               logit_bw * 1e-9, bw_share);
+        bench_machine_json(stdout, &mach, dsmoe_isa());
         if (D)
             printf(", \"hidden\": %lld, \"gate\": \"%s\", \"hidden_tokens_per_s\": %.6g, \"hidden_seconds_per_call\": %.6g, "
                    "\"hidden_gflops\": %.6g, \"sgemm_seconds_per_call\": %.6g, \"sgemm_gflops\": %.6g, "
-                   "\"ratio_vs_sgemm\": %.4f",
+                   "\"ratio_vs_sgemm\": %.4f, \"hidden_peak_share\": %.4f, \"sgemm_peak_share\": %.4f",
                    D, gate_dtype == DSMOE_DTYPE_BF16 ? "bf16" : "f32", (double)T / t_hidden, t_hidden,
-                   flops / t_hidden * 1e-9, t_sgemm, flops / t_sgemm * 1e-9, t_sgemm / t_hidden);
+                   flops / t_hidden * 1e-9, t_sgemm, flops / t_sgemm * 1e-9, t_sgemm / t_hidden,
+                   peak > 0 ? flops / t_hidden * 1e-9 / peak : 0.0, peak > 0 ? flops / t_sgemm * 1e-9 / peak : 0.0);
         printf("}\n");
     } else {
+        bench_machine_print(stdout, &mach, dsmoe_isa());
         printf("route from logits: %lld tokens x %lld experts, %lld thread(s), kernels %s\n", T, (long long)E,
                threads, dsmoe_isa());
-        printf("  %.3g tokens/s, %.1f ns/token, %.3g s/call\n", (double)T / t_route, 1e9 * t_route / (double)T,
-               t_route);
+        printf("  %.3g tokens/s, %.1f ns/token, %.3g s/call; logits read at %.2f GB/s = %.1f%% of the read "
+               "bandwidth\n",
+               (double)T / t_route, 1e9 * t_route / (double)T, t_route, logit_bw * 1e-9, 100.0 * bw_share);
         if (D) {
             printf("route with projection from D=%lld (%s gate):\n", D, gate_dtype == DSMOE_DTYPE_BF16 ? "bf16" : "f32");
-            printf("  %.3g tokens/s, %.2f GFLOP/s; bare SGEMM %.2f GFLOP/s; ratio %.3f\n", (double)T / t_hidden,
-                   flops / t_hidden * 1e-9, flops / t_sgemm * 1e-9, t_sgemm / t_hidden);
+            printf("  %.3g tokens/s, %.2f GFLOP/s = %.1f%% of the FMA peak; bare SGEMM %.2f GFLOP/s = %.1f%%; "
+                   "ratio %.3f\n",
+                   (double)T / t_hidden, flops / t_hidden * 1e-9, peak > 0 ? 100.0 * flops / t_hidden * 1e-9 / peak : 0.0,
+                   flops / t_sgemm * 1e-9, peak > 0 ? 100.0 * flops / t_sgemm * 1e-9 / peak : 0.0, t_sgemm / t_hidden);
         }
     }
     rc = CLI_OK;
@@ -217,11 +252,45 @@ done:
     return rc;
 }
 
+static int bench_machine_cmd(int argc, char **argv) {
+    const char *cmd = "bench machine";
+    long long threads = 1;
+    int json = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *v = NULL;
+        int missing = 0;
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            printf("%s", machine_usage);
+            return CLI_OK;
+        } else if (cli_opt(argc, argv, &i, "--threads", &v, &missing)) {
+            if (!missing && !cli_parse_int(v, 1, 1024, &threads))
+                return cli_fail(CLI_USAGE, cmd, "--threads expects 1..1024, got '%s'", v);
+        } else if (strcmp(argv[i], "--json") == 0) {
+            json = 1;
+        } else {
+            return cli_fail(CLI_USAGE, cmd, "unknown option '%s' (see dsmoe bench machine --help)", argv[i]);
+        }
+        if (missing) return cli_fail(CLI_USAGE, cmd, "%s needs a value", argv[i]);
+    }
+    bench_machine m;
+    bench_machine_measure(&m, (int)threads, BENCH_BW_BYTES);
+    if (json) {
+        printf("{\"bench\": \"machine\", ");
+        bench_machine_json(stdout, &m, dsmoe_isa());
+        printf("}\n");
+    } else {
+        bench_machine_print(stdout, &m, dsmoe_isa());
+    }
+    return CLI_OK;
+}
+
 int cmd_bench(int argc, char **argv) {
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
-        printf("usage: dsmoe bench <what> [options]\n\n  route   routing throughput (dsmoe bench route --help)\n");
+        printf("usage: dsmoe bench <what> [options]\n\n  route     routing throughput (dsmoe bench route --help)\n"
+               "  machine   CPU, FMA peak and read bandwidth (dsmoe bench machine --help)\n");
         return argc < 2 ? CLI_USAGE : CLI_OK;
     }
     if (strcmp(argv[1], "route") == 0) return bench_route(argc - 1, argv + 1);
-    return cli_fail(CLI_USAGE, "bench", "unknown benchmark '%s' (known: route)", argv[1]);
+    if (strcmp(argv[1], "machine") == 0) return bench_machine_cmd(argc - 1, argv + 1);
+    return cli_fail(CLI_USAGE, "bench", "unknown benchmark '%s' (known: route, machine)", argv[1]);
 }

@@ -118,10 +118,13 @@ DSMOE_API size_t dsmoe_router_workspace_size(const dsmoe_router_config *cfg, int
 /* Routes T tokens from logits (T, E). bias: (E) fp32, required iff cfg->use_bias
  * (finite; checked). Errors: INVALID_CONFIG, INVALID_ARGUMENT (NULL pointers, T < 0),
  * NON_FINITE (message names the first bad token and its expert), WORKSPACE_TOO_SMALL.
- * Arguments are checked before anything is written; logits are checked token by token
- * as they are routed (one pass over memory), so after a NON_FINITE error the output
- * arrays hold partial results and `counts` is untouched. No memory outside the outputs
- * and the workspace is ever written. */
+ * Arguments and every logit are checked before any output is written, so after any
+ * error the outputs are unchanged: with a workspace of dsmoe_router_workspace_size()
+ * bytes the fused DeepSeek-V3 path routes into the workspace while it tests the logits
+ * and copies the (T, K) results out at the end; otherwise (scores wanted, other shapes,
+ * or a workspace of only the minimum the error message names) the logits are checked in
+ * one streaming pass first. No memory outside the outputs and the workspace is ever
+ * written. */
 DSMOE_API dsmoe_status dsmoe_router_forward(const dsmoe_router_config *cfg,
                                             const dsmoe_router_output *out,
                                             const float *logits, /* (T, E) */
@@ -134,7 +137,9 @@ DSMOE_API dsmoe_status dsmoe_router_forward(const dsmoe_router_config *cfg,
  * tokens (or a vectorised dot kernel for a handful of tokens), so that bits do not
  * depend on the thread count. In BF16 precision x and W are rounded to bf16 and
  * the logits to bf16 (accumulation is fp32: not bit-exact to torch's bf16 GEMM,
- * but bit-exact from the logits on). */
+ * but bit-exact from the logits on). Errors as dsmoe_router_forward, plus NON_FINITE
+ * for a NaN/Inf hidden state (checked first) or projected logit; after any error the
+ * outputs, out->logits included, are unchanged. */
 DSMOE_API dsmoe_status dsmoe_router_forward_hidden(const dsmoe_router_config *cfg,
                                                    const dsmoe_router_output *out,
                                                    const float *hidden,     /* (T, D) */

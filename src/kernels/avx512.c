@@ -443,20 +443,27 @@ static int select_grouped_avx512(int32_t *ids, float *val, const float *c, int64
     return 1;
 }
 
+/* NaN/Inf = exponent field all ones: the lane-wise maximum of the exponent fields (four
+ * independent accumulators, one-cycle integer max) is tested once at the end, instead of
+ * a mask OR per vector, whose k-register chain made this 4x slower. */
 static int any_nonfinite_avx512(const float *x, int64_t n) {
     const __m512i expo = _mm512_set1_epi32(0x7f800000);
-    __mmask16 bad = 0;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m512i b = _mm512_and_si512(_mm512_loadu_si512((const void *)(x + i)), expo);
-        bad |= _mm512_cmpeq_epi32_mask(b, expo);
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_max_epu32(a0, _mm512_and_si512(_mm512_loadu_si512((const void *)(x + i)), expo));
+        a1 = _mm512_max_epu32(a1, _mm512_and_si512(_mm512_loadu_si512((const void *)(x + i + 16)), expo));
+        a2 = _mm512_max_epu32(a2, _mm512_and_si512(_mm512_loadu_si512((const void *)(x + i + 32)), expo));
+        a3 = _mm512_max_epu32(a3, _mm512_and_si512(_mm512_loadu_si512((const void *)(x + i + 48)), expo));
     }
+    for (; i + 16 <= n; i += 16)
+        a0 = _mm512_max_epu32(a0, _mm512_and_si512(_mm512_loadu_si512((const void *)(x + i)), expo));
     if (i < n) {
         __mmask16 live = (__mmask16)((1u << (n - i)) - 1u);
-        __m512i b = _mm512_and_si512(_mm512_maskz_loadu_epi32(live, x + i), expo);
-        bad |= _mm512_mask_cmpeq_epi32_mask(live, b, expo);
+        a1 = _mm512_max_epu32(a1, _mm512_and_si512(_mm512_maskz_loadu_epi32(live, x + i), expo));
     }
-    return bad != 0;
+    const __m512i m = _mm512_max_epu32(_mm512_max_epu32(a0, a1), _mm512_max_epu32(a2, a3));
+    return _mm512_cmpeq_epi32_mask(m, expo) != 0;
 }
 
 const dsmoe__kernel_table dsmoe__kernels_avx512 = {

@@ -96,11 +96,61 @@ static void FN(k_sigmoid)(float *out, const float *in, int64_t n) {
     for (; i < n; i++) out[i] = dsmoe__sigmoidf(in[i]);
 }
 
+/* 1 / (1 + exp_sig(-x)) for 4 vectors, stage by stage, so that the 4 dependency chains
+ * (each about 80 cycles long) overlap inside the out-of-order window: the same
+ * operations per lane as v_exp_sig, so the same bits. Stage by stage with constant
+ * indices (SIG_STAGE) rather than loops over arrays, which GCC at -O2 keeps in memory. */
+#define SIG_STAGE(e) \
+    do {                                                                                  \
+        { enum { j = 0 }; e; } { enum { j = 1 }; e; } { enum { j = 2 }; e; } { enum { j = 3 }; e; } \
+    } while (0)
+static inline void FN(v_sigmoid4)(VF *s0, VF *s1, VF *s2, VF *s3, VF x0, VF x1, VF x2, VF x3) {
+    const VF one = V_SET1(1.0f);
+    VF x[4] = {x0, x1, x2, x3}, y[4], n[4], r[4], z[4], p[4];
+    SIG_STAGE(y[j] = V_MAX(V_MIN(V_NEG(x[j]), V_SET1(DSMOE__EXP_HI)), V_SET1(-87.0f)));
+    SIG_STAGE(n[j] = V_RINT(V_MUL(y[j], V_SET1(DSMOE__LOG2E))));
+    SIG_STAGE(r[j] = V_FMA(n[j], V_SET1(-DSMOE__LN2_HI), y[j]));
+    SIG_STAGE(r[j] = V_FMA(n[j], V_SET1(-DSMOE__LN2_LO), r[j]));
+    SIG_STAGE(z[j] = V_MUL(r[j], r[j]));
+    SIG_STAGE(p[j] = V_FMA(V_SET1(DSMOE__EXP_C0), r[j], V_SET1(DSMOE__EXP_C1)));
+    SIG_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C2)));
+    SIG_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C3)));
+    SIG_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C4)));
+    SIG_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C5)));
+    SIG_STAGE(p[j] = V_ADD(V_FMA(p[j], z[j], r[j]), one));
+    SIG_STAGE(p[j] = V_MUL(p[j], V_I_EXP2(V_CVT_I(n[j]))));
+    *s0 = V_DIV(one, V_ADD(one, p[0]));
+    *s1 = V_DIV(one, V_ADD(one, p[1]));
+    *s2 = V_DIV(one, V_ADD(one, p[2]));
+    *s3 = V_DIV(one, V_ADD(one, p[3]));
+}
+#undef SIG_STAGE
+
 static int FN(k_sigmoid_bias)(float *s, float *c, const float *u, const float *b, int64_t n) {
     int64_t i = 0;
     const VF one = V_SET1(1.0f);
     const VI expo = V_I_SET1(0x7f800000);
     VI nf = V_I_SET1(0); /* lane-wise max of the exponent fields: all ones = NaN/Inf */
+    for (; i + 4 * W <= n; i += 4 * W) {
+        const VF x0 = V_LOAD(u + i), x1 = V_LOAD(u + i + W);
+        const VF x2 = V_LOAD(u + i + 2 * W), x3 = V_LOAD(u + i + 3 * W);
+        nf = V_I_MAXU(nf, V_I_AND(V_CAST_I(x0), expo));
+        nf = V_I_MAXU(nf, V_I_AND(V_CAST_I(x1), expo));
+        nf = V_I_MAXU(nf, V_I_AND(V_CAST_I(x2), expo));
+        nf = V_I_MAXU(nf, V_I_AND(V_CAST_I(x3), expo));
+        VF s0, s1, s2, s3;
+        FN(v_sigmoid4)(&s0, &s1, &s2, &s3, x0, x1, x2, x3);
+        V_STORE(s + i, s0);
+        V_STORE(s + i + W, s1);
+        V_STORE(s + i + 2 * W, s2);
+        V_STORE(s + i + 3 * W, s3);
+        if (b) {
+            V_STORE(c + i, V_ADD(s0, V_LOAD(b + i)));
+            V_STORE(c + i + W, V_ADD(s1, V_LOAD(b + i + W)));
+            V_STORE(c + i + 2 * W, V_ADD(s2, V_LOAD(b + i + 2 * W)));
+            V_STORE(c + i + 3 * W, V_ADD(s3, V_LOAD(b + i + 3 * W)));
+        }
+    }
     for (; i + W <= n; i += W) {
         VF x = V_LOAD(u + i);
         nf = V_I_MAXU(nf, V_I_AND(V_CAST_I(x), expo));
