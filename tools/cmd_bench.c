@@ -154,9 +154,8 @@ static int bench_route(int argc, char **argv) {
         }
         if (missing) return cli_fail(CLI_USAGE, cmd, "%s needs a value", argv[i]);
     }
+    if (cli_router_validate(cmd, &rf) != 0) return CLI_USAGE;
     const dsmoe_router_config *cfg = &rf.cfg;
-    if (dsmoe_router_config_validate(cfg) != DSMOE_OK)
-        return cli_fail(CLI_USAGE, cmd, "%s", dsmoe_last_error());
     const int64_t E = cfg->n_experts, K = cfg->top_k;
     size_t nl = (size_t)(T * E), nh = (size_t)(T * D), nw = (size_t)(E * D);
     float *logits = malloc(nl * 4), *bias = malloc((size_t)E * 4), *weights = malloc((size_t)(T * K) * 4);
