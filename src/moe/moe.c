@@ -334,7 +334,7 @@ dsmoe_status dsmoe_moe_create(const dsmoe_moe_config *cfg, dsmoe_moe **out) {
     if (!moe_sizes_ok(cfg))
         return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
                             "moe config: layer too large (E·3·F·D parameters)");
-    (void)dsmoe__kernels(); /* resolves the kernels and pins OpenBLAS before any BLAS call */
+    (void)dsmoe__kernels(); /* resolves the kernel table before any parallel region */
     dsmoe_moe *m = (dsmoe_moe *)calloc(1, sizeof *m);
     if (!m) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "moe layer object");
     m->cfg = *cfg;
@@ -573,7 +573,7 @@ static void moe_matmul_wt(const dsmoe_moe *m, float *C, int ldc, const float *A,
                           const void *W, int nout, int k, float *scratch) {
     if (n <= 0) return;
     if (m->cfg.weight_dtype == DSMOE_DTYPE_F32) {
-        dsmoe__sgemm(CblasNoTrans, CblasTrans, n, nout, k, 1.0f, A, k,
+        dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__TRANS, n, nout, k, 1.0f, A, k,
                     (const float *)W, k, 0.0f, C, ldc);
         return;
     }
@@ -581,7 +581,7 @@ static void moe_matmul_wt(const dsmoe_moe *m, float *C, int ldc, const float *A,
     for (int r0 = 0; r0 < nout; r0 += MOE_WROW_BLOCK) {
         int nr = nout - r0 < MOE_WROW_BLOCK ? nout - r0 : MOE_WROW_BLOCK;
         kt->bf16_to_f32(scratch, (const uint16_t *)W + (size_t)r0 * k, (int64_t)nr * k);
-        dsmoe__sgemm(CblasNoTrans, CblasTrans, n, nr, k, 1.0f, A, k, scratch, k,
+        dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__TRANS, n, nr, k, 1.0f, A, k, scratch, k,
                     0.0f, C + r0, ldc);
     }
 }
@@ -938,7 +938,7 @@ static void moe_expert_backward_rows(const dsmoe_moe *m, int32_t e, int n, const
                                      const float *GU, float *dH, float *dGU, float *dX) {
     const int D = m->D, f = e < m->E ? m->F : m->Fs;
     const dsmoe__kernel_table *kt = dsmoe__kernels();
-    dsmoe__sgemm(CblasNoTrans, CblasNoTrans, n, f, D, 1.0f, dY, D,
+    dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, n, f, D, 1.0f, dY, D,
                 (const float *)moe_w2(m, e), f, 0.0f, dH, f);
     memset(dGU, 0, (size_t)n * 2 * f * sizeof(float));
     for (int i = 0; i < n; i++) {
@@ -946,7 +946,7 @@ static void moe_expert_backward_rows(const dsmoe_moe *m, int32_t e, int n, const
         float *dgu = dGU + (size_t)i * 2 * f;
         kt->swiglu_backward(dgu, dgu + f, dH + (size_t)i * f, gu, gu + f, f);
     }
-    dsmoe__sgemm(CblasNoTrans, CblasNoTrans, n, D, 2 * f, 1.0f, dGU, 2 * f,
+    dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, n, D, 2 * f, 1.0f, dGU, 2 * f,
                 (const float *)moe_w1(m, e), D, 0.0f, dX, D);
 }
 
@@ -1055,7 +1055,7 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
         const int r0 = (int)tk.r0;
         if (tk.e == E + 1) {
             int nr = E - r0 < MOE_WROW_BLOCK ? E - r0 : MOE_WROW_BLOCK;
-            dsmoe__sgemm(CblasTrans, CblasNoTrans, nr, D, (int)T, 1.0f,
+            dsmoe__sgemm(DSMOE__TRANS, DSMOE__NOTRANS, nr, D, (int)T, 1.0f,
                         w->dlogits + r0, E, x, D, 1.0f, m->grads + m->off_gate + (size_t)r0 * Dz,
                         D);
             continue;
@@ -1080,11 +1080,11 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
         }
         if (tk.n == 0) {
             int nr = 2 * f - r0 < MOE_WROW_BLOCK ? 2 * f - r0 : MOE_WROW_BLOCK;
-            dsmoe__sgemm(CblasTrans, CblasNoTrans, nr, D, n, 1.0f, dGU + r0, 2 * f,
+            dsmoe__sgemm(DSMOE__TRANS, DSMOE__NOTRANS, nr, D, n, 1.0f, dGU + r0, 2 * f,
                         X, D, 1.0f, moe_dw1(m, e) + (size_t)r0 * Dz, D);
         } else {
             int nr = D - r0 < MOE_WROW_BLOCK ? D - r0 : MOE_WROW_BLOCK;
-            dsmoe__sgemm(CblasTrans, CblasNoTrans, nr, f, n, 1.0f, dY + r0, D, H, f,
+            dsmoe__sgemm(DSMOE__TRANS, DSMOE__NOTRANS, nr, f, n, 1.0f, dY + r0, D, H, f,
                         1.0f, moe_dw2(m, e) + (size_t)r0 * f, f);
         }
     }
@@ -1098,7 +1098,7 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
             int64_t t0 = b * DSMOE_MOE_ROW_BLOCK;
             int n = (int)(T - t0 < DSMOE_MOE_ROW_BLOCK ? T - t0 : DSMOE_MOE_ROW_BLOCK);
             float *tmp = w->dxtmp + (size_t)t0 * Dz;
-            dsmoe__sgemm(CblasNoTrans, CblasNoTrans, n, D, E, 1.0f,
+            dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, n, D, E, 1.0f,
                         w->dlogits + (size_t)t0 * E, E, Wg, D, 0.0f, tmp, D);
             for (int64_t t = t0; t < t0 + n; t++) {
                 float *acc = w->dxtmp + (size_t)t * Dz;

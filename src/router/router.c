@@ -685,7 +685,7 @@ dsmoe_status dsmoe_router_forward_hidden(const dsmoe_router_config *cfg,
                 for (size_t i = 0; i < (size_t)rows * (size_t)D; i++) xb[i] = round_bf16(x[i]);
                 x = xb;
             }
-            dsmoe__sgemm(CblasNoTrans, CblasTrans, (int)rows, E, D, 1.0f, x, D, W, D,
+            dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__TRANS, (int)rows, E, D, 1.0f, x, D, W, D,
                         0.0f, logits + (size_t)t0 * (size_t)E, E);
         }
     }
