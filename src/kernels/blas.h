@@ -12,6 +12,8 @@
  *     per-call state outside the rntm_t and its thread-safe memory pools. Each call's
  *     result depends only on its arguments (dimensions, strides, data): never on the
  *     thread count or on other calls running at the same time (tests/test_blas.c).
+ *   - The kernel set is chosen once from the CPU (blas.c: BLIS 0.9.0 does not know
+ *     recent AMD CPUs), never from the environment.
  *   - Nothing global is changed: no BLAS or BLIS setting of the host process is read
  *     back or set (no openblas_set_num_threads, no bli_thread_set_num_threads), and a
  *     host that uses its own BLAS (OpenBLAS, MKL, another BLIS) keeps its settings.
@@ -30,5 +32,8 @@ void dsmoe__sgemm(int ta, int tb, int M, int N, int K, float alpha, const float 
                   const float *B, int ldb, float beta, float *C, int ldc);
 /* y (M) = A (M, N) [lda] · x */
 void dsmoe__sgemv(int M, int N, const float *A, int lda, const float *x, float *y);
+
+/* The BLIS kernel set the products use ("skx", "haswell", ...), for benchmarks. */
+const char *dsmoe__blas_kernels(void);
 
 #endif /* DSMOE_BLAS_H */
