@@ -1,12 +1,15 @@
 #!/usr/bin/python3
-"""moe_torch.py — the DeepSeek-V3 MoE layer in PyTorch (fp32, CPU, one thread), written
+"""moe_torch.py — the DeepSeek-V3 MoE layer in PyTorch (fp32, CPU), written
 the way Hugging Face's DeepseekV3MoE writes it: the fp32 router (sigmoid, bias, group
 top-2-sum, top-k, normalise, scale), then a loop over the experts — find the tokens
 routed to the expert, gather them, run the SwiGLU MLP, scale by the routing weight and
 index_add_ into the output — plus the shared expert on every token. Prints one JSON
 line per measurement, for bench/bench_moe.sh.
 
-  moe_torch.py --shape moonlight --tokens 1,32,512 [--backward 512] [--repeat 5]
+  moe_torch.py --shape moonlight --tokens 1,32,512 [--backward 512] [--repeat 5] [--threads 1]
+
+--threads N runs torch on N threads (torch.set_num_threads, OMP_NUM_THREADS and
+OPENBLAS_NUM_THREADS all N), as bench_moe runs dsmoe; the default is one.
 
 Timing: every repetition uses different tokens (so different experts); the best
 (shortest) repetition is reported after one warm-up, as bench_moe does.
@@ -14,12 +17,23 @@ Timing: every repetition uses different tokens (so different experts); the best
 import argparse
 import json
 import os
+import sys
 import time
 
-# One thread everywhere: Debian's torch calls the system OpenBLAS, whose own threads
-# torch.set_num_threads does not control.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+def _threads_arg(argv):
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+    return "1"
+
+
+# Pinned before torch loads: Debian's torch calls the system OpenBLAS, whose own threads
+# torch.set_num_threads does not control, and OpenMP reads its count at start-up.
+os.environ["OPENBLAS_NUM_THREADS"] = _threads_arg(sys.argv[1:])
+os.environ["OMP_NUM_THREADS"] = _threads_arg(sys.argv[1:])
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -91,8 +105,9 @@ def main():
     ap.add_argument("--tokens", default="1,32,512")
     ap.add_argument("--backward", type=int, default=512, help="T of the backward (0: none)")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     D, Fe, E, K, G, TG, Ns, scale = SHAPES[args.shape]
     gen = torch.Generator().manual_seed(1)
     m = MoE(D, Fe, E, K, G, TG, Ns, scale, grad=args.backward > 0)
@@ -107,7 +122,8 @@ def main():
                 if i:
                     times.append(time.perf_counter() - t0)
         print(json.dumps({"impl": "torch", "shape": args.shape, "pass": "forward", "T": T,
-                          "seconds": min(times), "reps": len(times)}), flush=True)
+                          "seconds": min(times), "reps": len(times),
+                          "threads": args.threads}), flush=True)
     if args.backward > 0:
         T = args.backward
         times = []
@@ -123,7 +139,8 @@ def main():
             if i:
                 times.append(time.perf_counter() - t0)
         print(json.dumps({"impl": "torch", "shape": args.shape, "pass": "backward", "T": T,
-                          "seconds": min(times), "reps": len(times)}), flush=True)
+                          "seconds": min(times), "reps": len(times),
+                          "threads": args.threads}), flush=True)
 
 
 if __name__ == "__main__":
