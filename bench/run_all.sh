@@ -22,13 +22,13 @@ if [ -x "$build/bench_gemm" ]; then
 import json, sys
 rows = [json.loads(l) for l in sys.stdin if l.strip()]
 peak = [r for r in rows if r["impl"] == "sgemm"][0]["gflops_per_s"]
-print("OpenBLAS SGEMM (512 rows): %.1f GFLOP/s" % peak)
+print("BLIS SGEMM (512 rows, one thread): %.1f GFLOP/s" % peak)
 print()
-print("| inner size | rows | weights GB/s | % of read bandwidth | GFLOP/s | % of SGEMM | vs OpenBLAS, same rows |")
+print("| inner size | rows | weights GB/s | % of read bandwidth | GFLOP/s | % of SGEMM | vs BLIS SGEMM, same rows |")
 print("|---|---|---|---|---|---|---|")
 for r in rows:
     if r["impl"] == "dsmoe":
         print("| %d | %d | %.1f | %.0f%% | %.1f | %.0f%% | %.2fx |" % (r["inner"], r["rows"], r["weights_gb_per_s"],
               100 * r["bandwidth_fraction"], r["gflops_per_s"], 100 * r["sgemm_fraction"],
-              r["speedup_vs_openblas"]))'
+              r["speedup_vs_blas"]))'
 fi

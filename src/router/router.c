@@ -30,7 +30,7 @@
 
 #define DSMOE__MAX_TOPK 256
 /* Tokens per SGEMM call in the projection: fixed so that results never depend on
- * the number of threads, large enough to amortise OpenBLAS's packing of W. */
+ * the number of threads, large enough to amortise the SGEMM's packing of W. */
 #define DSMOE__PROJ_BLOCK 512
 /* At most this many tokens use the per-token (GEMV / bf16 dot) projection. */
 #define DSMOE__SMALL_T 8
