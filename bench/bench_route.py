@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Router benchmark: dsmoe vs PyTorch (CPU) and NumPy on the same shapes, one thread,
-plus the gate projection against the bare OpenBLAS SGEMM measured in the same run.
+plus the gate projection against the bare SGEMM (BLIS) measured in the same run.
 
   /usr/bin/python3 bench/bench_route.py [--dsmoe build/dsmoe] [--preset deepseek-v3]
                                         [--tokens 1,32,256,4096] [--hidden 7168]
