@@ -89,7 +89,7 @@ static void case_check(const char *what, const gemm_case *c, const float *C) {
                 mag += fabs(p);
             }
             const double ref = c->alpha * s + (c->beta != 0.0f ? c->beta * (double)c->C0[at] : 0.0);
-            mag = fabs(c->alpha) * mag + fabs(c->beta * (double)c->C0[at]);
+            mag = fabs((double)c->alpha) * mag + fabs(c->beta * (double)c->C0[at]);
             const double err = fabs((double)C[at] - ref);
             const double tol = (2.0 * c->K + 4.0) * 0x1.0p-24 * mag + 1e-30;
             if (!(err <= tol)) bad++;
