@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Router benchmark: dsmoe vs PyTorch (CPU) and NumPy on the same shapes and the same
-thread count, plus the gate projection against the bare OpenBLAS SGEMM, and the machine's
+thread count, plus the gate projection against the bare SGEMM (BLIS), and the machine's
 FMA peak and read bandwidth, all measured in the same run.
 
   /usr/bin/python3 bench/bench_route.py [--dsmoe build/dsmoe] [--preset deepseek-v3]

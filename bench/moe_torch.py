@@ -6,7 +6,10 @@ routed to the expert, gather them, run the SwiGLU MLP, scale by the routing weig
 index_add_ into the output — plus the shared expert on every token. Prints one JSON
 line per measurement, for bench/bench_moe.sh.
 
-  moe_torch.py --shape moonlight --tokens 1,32,512 [--backward 512] [--repeat 5]
+  moe_torch.py --shape moonlight --tokens 1,32,512 [--backward 512] [--repeat 5] [--threads 1]
+
+--threads N runs torch on N threads (torch.set_num_threads, OMP_NUM_THREADS and
+OPENBLAS_NUM_THREADS all N), as bench_moe runs dsmoe; the default is one.
 
 Timing: every repetition uses different tokens (so different experts); the best
 (shortest) repetition is reported after one warm-up, as bench_moe does.
@@ -129,7 +132,8 @@ def main():
                 if i:
                     times.append(time.perf_counter() - t0)
         print(json.dumps({"impl": "torch", "shape": args.shape, "pass": "forward", "T": T,
-                          "seconds": min(times), "reps": len(times)}), flush=True)
+                          "seconds": min(times), "reps": len(times),
+                          "threads": args.threads}), flush=True)
     if args.backward > 0:
         T = args.backward
         times = []
@@ -145,7 +149,8 @@ def main():
             if i:
                 times.append(time.perf_counter() - t0)
         print(json.dumps({"impl": "torch", "shape": args.shape, "pass": "backward", "T": T,
-                          "seconds": min(times), "reps": len(times)}), flush=True)
+                          "seconds": min(times), "reps": len(times),
+                          "threads": args.threads}), flush=True)
 
 
 if __name__ == "__main__":

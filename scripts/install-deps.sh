@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages dsmoe needs, only those that are missing.
-#   scripts/install-deps.sh          build + test dependencies
+#   scripts/install-deps.sh          build + test dependencies (BLIS: libblis-pthread-dev)
 #   scripts/install-deps.sh bench    also python3-numpy / python3-torch for the benchmarks
 #   scripts/install-deps.sh ref      also python3-numpy / python3-torch for the golden generators
 set -euo pipefail
 
-pkgs=(gcc make cmake pkg-config libc6-dev libopenblas-openmp-dev clang libclang-rt-14-dev libomp-dev clang-tidy cppcheck)
+pkgs=(gcc make cmake pkg-config libc6-dev libblis-pthread-dev clang libclang-rt-14-dev libomp-dev clang-tidy cppcheck)
 case "${1:-}" in
   bench|ref) pkgs+=(python3 python3-numpy python3-torch) ;;
   "") ;;

@@ -1,12 +1,13 @@
 /* cmd_bench.c — `dsmoe bench route`: routing throughput from logits and with the gate
- * projection, next to the bare OpenBLAS SGEMM of the same shape and the machine's FMA
- * peak and read bandwidth (bench/bench_machine.h), all measured in the same run; and
+ * projection, next to the bare SGEMM of the same shape (the library's own BLAS wrapper:
+ * BLIS, one thread per call) and the machine's FMA peak and read bandwidth
+ * (bench/bench_machine.h), all measured in the same run; and
  * `dsmoe bench machine`: that header alone. Figures are medians over repeats; compare
  * shares and ratios, not absolute times. */
 #include "bench_machine.h"
 #include "cli.h"
+#include "kernels/blas.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,7 +19,7 @@ static const char *const bench_usage =
     "                         [--json]\n"
     "\n"
     "Measures routing throughput from logits and, when --hidden D > 0, with the gate\n"
-    "projection from hidden size D, and the bare OpenBLAS SGEMM (T x D x E) in the same run,\n"
+    "projection from hidden size D, and the bare SGEMM (T x D x E, BLIS) in the same run,\n"
     "next to the machine's FMA peak and read bandwidth (see dsmoe bench machine): the logits\n"
     "are reported as a share of the read bandwidth, the projection as a share of the peak.\n"
     "  --preset NAME   router preset (default deepseek-v3); other router flags are accepted\n"
@@ -76,8 +77,8 @@ static int run_once(const bench_ctx *c, int what) {
     if (what == B_HIDDEN)
         return dsmoe_router_forward_hidden(c->cfg, c->out, c->hidden, c->gate, c->gate_dtype, c->D,
                                            c->bias, c->T, c->ws, c->ws_size, c->threads) != DSMOE_OK;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c->T, c->cfg->n_experts, c->D, 1.0f,
-                c->hidden, c->D, (const float *)c->gate, c->D, 0.0f, c->sgemm_out, c->cfg->n_experts);
+    dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__TRANS, (int)c->T, c->cfg->n_experts, c->D, 1.0f, c->hidden,
+                 c->D, (const float *)c->gate, c->D, 0.0f, c->sgemm_out, c->cfg->n_experts);
     return 0;
 }
 

@@ -45,7 +45,7 @@
  * Each expert runs on its gathered rows as two products (X·W1ᵀ, SwiGLU, H·W2ᵀ), in
  * fixed blocks of at most DSMOE_MOE_ROW_BLOCK rows: the layer's own product, which
  * streams each weight row once for 4 rows of X at a time in registers (with AVX-512
- * for any number of rows, with AVX2 up to 16), or OpenBLAS SGEMM (which packs the
+ * for any number of rows, with AVX2 up to 16), or BLIS SGEMM (which packs the
  * whole weight matrix first). The combine adds, for each token, w_0·y_0, w_1·y_1, ...
  * in k order (the router's order, descending selection score), then the shared
  * expert's output. For T <= DSMOE_MOE_DECODE_MAX_T tokens the layer skips the gather
@@ -61,8 +61,9 @@
  * before the drops; dsmoe_moe_last_routing() also reports how many were dropped.
  *
  * Threads. OpenMP over experts × row blocks, token blocks and weight-row blocks whose
- * boundaries never depend on the thread count; OpenBLAS runs single-threaded inside
- * each task. Results are bit-identical for any n_threads (n_threads <= 0 means
+ * boundaries never depend on the thread count; BLIS runs single-threaded inside
+ * each task, with no lock between tasks, and ignores BLIS_NUM_THREADS; no BLAS setting
+ * of the host process is read or changed. Results are bit-identical for any n_threads (n_threads <= 0 means
  * dsmoe_default_threads(); it is capped at the count reserved for the layer).
  *
  * Memory. A layer has three kinds of memory, sized at create time for max_tokens

@@ -133,7 +133,7 @@ DSMOE_API dsmoe_status dsmoe_router_forward(const dsmoe_router_config *cfg,
                                             int n_threads);
 
 /* Routes T tokens from hidden states (T, D) and a gate weight (E, D) stored as F32
- * or BF16 (uint16 words). The projection uses OpenBLAS SGEMM in fixed blocks of
+ * or BF16 (uint16 words). The projection uses BLIS SGEMM in fixed blocks of
  * tokens (or a vectorised dot kernel for a handful of tokens), so that bits do not
  * depend on the thread count. In BF16 precision x and W are rounded to bf16 and
  * the logits to bf16 (accumulation is fp32: not bit-exact to torch's bf16 GEMM,

@@ -2,7 +2,6 @@
 #include "core/internal.h"
 #include "kernels.h"
 
-#include <cblas.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -27,8 +26,6 @@ const dsmoe__kernel_table *dsmoe__kernels_named(const char *name) {
 }
 
 static const dsmoe__kernel_table *dsmoe__choose(void) {
-    /* dsmoe parallelises itself: every BLAS call works on one block in one thread. */
-    openblas_set_num_threads(1);
     const char *force = getenv("DSMOE_FORCE_REF");
     if (force && force[0] && strcmp(force, "0") != 0) return &dsmoe__kernels_ref;
     const dsmoe__kernel_table *k = dsmoe__kernels_named("avx512");

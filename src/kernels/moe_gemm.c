@@ -1,7 +1,7 @@
 /*
  * moe_gemm.c — the MoE layer's product for an expert's few rows:
  *     C[i][r] = Σ_d X[i][d] · W[r][d]      i < n <= DSMOE__MOE_SKINNY_N, r0 <= r < r1,
- * W (R, D) stored as fp32 or bf16 in the checkpoint's row-major layout. OpenBLAS's SGEMM
+ * W (R, D) stored as fp32 or bf16 in the checkpoint's row-major layout. An SGEMM
  * packs the whole weight matrix before it multiplies, which costs a quarter of its time
  * when an expert has a few dozen rows, and its SGEMV reads the weights once per row of
  * X. Here tiles of 4 weight rows stream from memory once and meet every row of X

@@ -2,8 +2,8 @@
  * moe.c — the DeepSeekMoE layer (DeepSeek-V3 report eq. 12, SPEC-routing §2 step 9):
  * gate projection and routing (router.c), a stable counting-sort dispatch, routed
  * SwiGLU experts as products on gathered rows (moe_gemm.c's weight-streaming product,
- * or OpenBLAS SGEMM), the weighted combine and the shared experts; the backward pass
- * (OpenBLAS); checkpoint tensors in the Hugging Face names.
+ * or BLIS SGEMM), the weighted combine and the shared experts; the backward pass
+ * (BLIS); checkpoint tensors in the Hugging Face names.
  *
  * Per expert e with gathered rows X (n, D):
  *   GU = X · W1ᵀ         W1 = [gate_proj; up_proj] (2F, D), GU = [G | U] (n, 2F)
@@ -18,7 +18,8 @@
  *
  * Bit reproducibility: every parallel loop is over a task list whose boundaries depend
  * only on the routing (never on the thread count); each task calls single-threaded
- * OpenBLAS, moe_gemm.c or fixed-order loops, and writes outputs no other task writes.
+ * BLIS (src/kernels/blas.h: no lock, so tasks overlap), moe_gemm.c or fixed-order loops,
+ * and writes outputs no other task writes.
  */
 #include "moe/moe_internal.h"
 #include "kernels/kernels.h"
@@ -475,7 +476,7 @@ dsmoe_status dsmoe_moe_create_with(const dsmoe_moe_config *cfg, const dsmoe_moe_
                                 "%zu (dsmoe_moe_workspace_size)",
                                 b.workspace_size, need);
     }
-    (void)dsmoe__kernels(); /* resolves the kernels and pins OpenBLAS before any BLAS call */
+    (void)dsmoe__kernels(); /* resolves the kernel table before any parallel region */
     dsmoe_moe *m = (dsmoe_moe *)calloc(1, sizeof *m);
     if (!m) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "moe layer object");
     moe_init_layout(m, cfg);
@@ -742,7 +743,7 @@ static void moe_matmul_wt(const dsmoe_moe *m, float *C, int ldc, const float *A,
                           const void *W, int nout, int k, float *scratch) {
     if (n <= 0) return;
     if (m->cfg.weight_dtype == DSMOE_DTYPE_F32) {
-        dsmoe__sgemm(CblasNoTrans, CblasTrans, n, nout, k, 1.0f, A, k,
+        dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__TRANS, n, nout, k, 1.0f, A, k,
                     (const float *)W, k, 0.0f, C, ldc);
         return;
     }
@@ -750,14 +751,15 @@ static void moe_matmul_wt(const dsmoe_moe *m, float *C, int ldc, const float *A,
     for (int r0 = 0; r0 < nout; r0 += MOE_WROW_BLOCK) {
         int nr = nout - r0 < MOE_WROW_BLOCK ? nout - r0 : MOE_WROW_BLOCK;
         kt->bf16_to_f32(scratch, (const uint16_t *)W + (size_t)r0 * k, (int64_t)nr * k);
-        dsmoe__sgemm(CblasNoTrans, CblasTrans, n, nr, k, 1.0f, A, k, scratch, k,
+        dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__TRANS, n, nr, k, 1.0f, A, k, scratch, k,
                     0.0f, C + r0, ldc);
     }
 }
 
 /* Rows up to which dsmoe__moe_gemm_nt beats SGEMM, by kernel set: with AVX-512 it
- * always does (OpenBLAS 0.3.21 runs its AVX2 kernels on such CPUs), with AVX2 up to 16
- * rows; the scalar code only serves the matrix-vector (decode) path. */
+ * always does (bench_gemm, Moonlight-like experts: 1.9x BLIS's AVX-512 SGEMM at 64
+ * rows, more below; measured against OpenBLAS 0.3.21 before), with AVX2 up to 16 rows;
+ * the scalar code only serves the matrix-vector (decode) path. */
 static int moe_skinny_max(void) {
     const char *k = dsmoe__kernels()->name;
     if (strcmp(k, "avx512") == 0) return INT_MAX;
@@ -1109,7 +1111,7 @@ static void moe_expert_backward_rows(const dsmoe_moe *m, int32_t e, int n, const
                                      const float *GU, float *dH, float *dGU, float *dX) {
     const int D = m->D, f = e < m->E ? m->F : m->Fs;
     const dsmoe__kernel_table *kt = dsmoe__kernels();
-    dsmoe__sgemm(CblasNoTrans, CblasNoTrans, n, f, D, 1.0f, dY, D,
+    dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, n, f, D, 1.0f, dY, D,
                 (const float *)moe_w2(m, e), f, 0.0f, dH, f);
     memset(dGU, 0, (size_t)n * 2 * f * sizeof(float));
     for (int i = 0; i < n; i++) {
@@ -1117,7 +1119,7 @@ static void moe_expert_backward_rows(const dsmoe_moe *m, int32_t e, int n, const
         float *dgu = dGU + (size_t)i * 2 * f;
         kt->swiglu_backward(dgu, dgu + f, dH + (size_t)i * f, gu, gu + f, f);
     }
-    dsmoe__sgemm(CblasNoTrans, CblasNoTrans, n, D, 2 * f, 1.0f, dGU, 2 * f,
+    dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, n, D, 2 * f, 1.0f, dGU, 2 * f,
                 (const float *)moe_w1(m, e), D, 0.0f, dX, D);
 }
 
@@ -1229,7 +1231,7 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
         const int r0 = (int)tk.r0;
         if (tk.e == E + 1) {
             int nr = E - r0 < MOE_WROW_BLOCK ? E - r0 : MOE_WROW_BLOCK;
-            dsmoe__sgemm(CblasTrans, CblasNoTrans, nr, D, (int)T, 1.0f,
+            dsmoe__sgemm(DSMOE__TRANS, DSMOE__NOTRANS, nr, D, (int)T, 1.0f,
                         w->dlogits + r0, E, x, D, 1.0f, m->grads + m->off_gate + (size_t)r0 * Dz,
                         D);
             continue;
@@ -1254,11 +1256,11 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
         }
         if (tk.n == 0) {
             int nr = 2 * f - r0 < MOE_WROW_BLOCK ? 2 * f - r0 : MOE_WROW_BLOCK;
-            dsmoe__sgemm(CblasTrans, CblasNoTrans, nr, D, n, 1.0f, dGU + r0, 2 * f,
+            dsmoe__sgemm(DSMOE__TRANS, DSMOE__NOTRANS, nr, D, n, 1.0f, dGU + r0, 2 * f,
                         X, D, 1.0f, moe_dw1(m, e) + (size_t)r0 * Dz, D);
         } else {
             int nr = D - r0 < MOE_WROW_BLOCK ? D - r0 : MOE_WROW_BLOCK;
-            dsmoe__sgemm(CblasTrans, CblasNoTrans, nr, f, n, 1.0f, dY + r0, D, H, f,
+            dsmoe__sgemm(DSMOE__TRANS, DSMOE__NOTRANS, nr, f, n, 1.0f, dY + r0, D, H, f,
                         1.0f, moe_dw2(m, e) + (size_t)r0 * f, f);
         }
     }
@@ -1272,7 +1274,7 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
             int64_t t0 = b * DSMOE_MOE_ROW_BLOCK;
             int n = (int)(T - t0 < DSMOE_MOE_ROW_BLOCK ? T - t0 : DSMOE_MOE_ROW_BLOCK);
             float *tmp = w->dxtmp + (size_t)t0 * Dz;
-            dsmoe__sgemm(CblasNoTrans, CblasNoTrans, n, D, E, 1.0f,
+            dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, n, D, E, 1.0f,
                         w->dlogits + (size_t)t0 * E, E, Wg, D, 0.0f, tmp, D);
             for (int64_t t = t0; t < t0 + n; t++) {
                 float *acc = w->dxtmp + (size_t)t * Dz;

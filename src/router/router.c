@@ -30,7 +30,7 @@
 
 #define DSMOE__MAX_TOPK 256
 /* Tokens per SGEMM call in the projection: fixed so that results never depend on
- * the number of threads, large enough to amortise OpenBLAS's packing of W. */
+ * the number of threads, large enough to amortise the SGEMM's packing of W. */
 #define DSMOE__PROJ_BLOCK 512
 /* At most this many tokens use the per-token (GEMV / bf16 dot) projection. */
 #define DSMOE__SMALL_T 8
@@ -775,7 +775,7 @@ dsmoe_status dsmoe_router_forward_hidden(const dsmoe_router_config *cfg,
                 for (size_t i = 0; i < (size_t)rows * (size_t)D; i++) xb[i] = round_bf16(x[i]);
                 x = xb;
             }
-            dsmoe__sgemm(CblasNoTrans, CblasTrans, (int)rows, E, D, 1.0f, x, D, W, D,
+            dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__TRANS, (int)rows, E, D, 1.0f, x, D, W, D,
                         0.0f, logits + (size_t)t0 * (size_t)E, E);
         }
     }
