@@ -189,6 +189,7 @@ static void run_case(const char *name, const char *isa) {
     }
 
     dsmoe_moe *m = NULL, *m4 = NULL, *mp = NULL;
+    void *ws = NULL;
     ASSERT_OK(dsmoe_moe_create(&cfg, &m));
     ASSERT_OK(dsmoe_moe_create(&cfg, &m4));
     dsmoe_moe_config pc = cfg;
@@ -199,9 +200,22 @@ static void run_case(const char *name, const char *isa) {
     ASSERT_OK(dsmoe_moe_load_safetensors(m, st, prefix));
     ASSERT_OK(dsmoe_moe_load_safetensors(m4, st, prefix));
     ASSERT_OK(dsmoe_moe_load_safetensors(mp, st, prefix));
+    /* m4 and mp share one caller scratch, filled with NaN bytes before each of their
+     * calls: a block that the layer reads before writing (or forgets to write) shows up
+     * as NaN instead of passing on whatever an earlier call left there. */
+    const dsmoe_moe_config *c4 = dsmoe_moe_get_config(m4), *cp = dsmoe_moe_get_config(mp);
+    size_t ws4 = dsmoe_moe_workspace_size(c4, c4->max_tokens, c4->n_threads);
+    size_t wsp = dsmoe_moe_workspace_size(cp, cp->max_tokens, cp->n_threads);
+    size_t wsn = ws4 > wsp ? ws4 : wsp;
+    ws = dsmoe_malloc(wsn);
+    ASSERT_TRUE(ws != NULL);
+    if (!ws) goto done;
+    ASSERT_OK(dsmoe_moe_set_workspace(m4, ws, wsn));
+    ASSERT_OK(dsmoe_moe_set_workspace(mp, ws, wsn));
 
     /* forward: 1 thread against the reference, 4 threads bit for bit */
     ASSERT_OK(dsmoe_moe_forward(m, ybuf, xbuf, T, 1));
+    memset(ws, 0xff, wsn);
     ASSERT_OK(dsmoe_moe_forward(m4, y4, xbuf, T, 4));
     get64(st, "y", ref, CAP);
     char label[400];
@@ -211,6 +225,7 @@ static void run_case(const char *name, const char *isa) {
     check_routing(what, m, st, T, E, K);
 
     /* the packed layout (inference only) */
+    memset(ws, 0xff, wsn);
     ASSERT_OK(dsmoe_moe_forward(mp, y4, xbuf, T, 2));
     get64(st, "y", ref, CAP);
     snprintf(label, sizeof label, "%s y (packed layout)", what);
@@ -224,6 +239,7 @@ static void run_case(const char *name, const char *isa) {
         dsmoe_moe_zero_grad(m);
         dsmoe_moe_zero_grad(m4);
         ASSERT_OK(dsmoe_moe_backward(m, dxbuf, dybuf, xbuf, extra, T, 1));
+        memset(ws, 0xff, wsn);
         ASSERT_OK(dsmoe_moe_backward(m4, dx4, dybuf, xbuf, extra, T, 4));
         get64(st, "dx", ref, CAP);
         for (int64_t i = 0; i < T * D; i++) ref[i] += 0.25;
@@ -250,6 +266,7 @@ done:
     dsmoe_moe_free(m);
     dsmoe_moe_free(m4);
     dsmoe_moe_free(mp);
+    dsmoe_free(ws);
 close:
     dsmoe_safetensors_close(st);
 }
