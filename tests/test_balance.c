@@ -518,9 +518,10 @@ static void test_load_stats(void) {
     idx[5] = -1;
     ASSERT_STATUS(dsmoe_load_groups_per_token(&m, idx, NULL, 3, 2, 8, 4),
                   DSMOE_STATUS_INVALID_ARGUMENT);
-    int64_t c8[8];
+    int64_t c8[8] = {7, 7, 7, 7, 7, 7, 7, 7};
     ASSERT_STATUS(dsmoe_load_counts(c8, idx, NULL, 3, 2, 8), DSMOE_STATUS_INVALID_ARGUMENT);
     ASSERT_TRUE(strstr(dsmoe_last_error(), "indices[2, 1]") != NULL);
+    for (int e = 0; e < 8; e++) ASSERT_EQ_INT(c8[e], 7); /* a bad index changes nothing */
 }
 
 /* ------------------------------------------------------------ losses -- */

@@ -292,8 +292,8 @@ typedef struct dsmoe_load_stats {
 DSMOE_API dsmoe_status dsmoe_load_stats_compute(const int64_t *counts /* (E) */, int32_t E,
                                                 int32_t G, dsmoe_load_stats *out);
 /* counts (E) = tokens per expert in indices (T, K), tokens with mask[t] == 0
- * skipped (mask may be NULL). Index out of range: INVALID_ARGUMENT naming the token
- * (counts then unspecified). */
+ * skipped (mask may be NULL). Index out of range: INVALID_ARGUMENT naming the token;
+ * counts is then unchanged. */
 DSMOE_API dsmoe_status dsmoe_load_counts(int64_t *counts /* (E) */,
                                          const int32_t *indices /* (T, K) */,
                                          const uint8_t *mask /* (T) or NULL */, int64_t T,

@@ -185,22 +185,11 @@ dsmoe_status dsmoe_balancer_accumulate(dsmoe_balancer *b, const int32_t *indices
                             (long long)T, (int)K);
     int32_t E = b->cfg.n_experts;
     /* Validate first so that a bad index changes nothing. */
-    for (int64_t t = 0; t < T; t++) {
-        if (mask && !mask[t]) continue;
-        for (int32_t k = 0; k < K; k++) {
-            int32_t e = indices[t * K + k];
-            if (e < 0 || e >= E)
-                return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
-                                    "balancer accumulate: indices[%lld, %d] = %d outside 0..%d",
-                                    (long long)t, (int)k, (int)e, (int)E - 1);
-        }
-    }
     int64_t n = 0;
-    for (int64_t t = 0; t < T; t++) {
-        if (mask && !mask[t]) continue;
-        n++;
-        dsmoe__count_experts(b->counts, indices + t * K, K);
-    }
+    dsmoe_status st = dsmoe__check_indices(indices, mask, T, K, E, "balancer accumulate", &n);
+    if (st != DSMOE_OK) return st;
+    for (int64_t t = 0; t < T; t++)
+        if (!mask || mask[t]) dsmoe__count_experts(b->counts, indices + t * K, K);
     b->state[ST_PENDING_TOKENS] += n;
     return DSMOE_OK;
 }

@@ -114,18 +114,12 @@ dsmoe_status dsmoe_load_counts(int64_t *counts, const int32_t *indices, const ui
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
                             "load counts: T = %lld, K = %d, E = %d (need T >= 0, K >= 1, E >= 1)",
                             (long long)T, (int)K, (int)E);
+    /* checked first: a bad index leaves counts as they were */
+    dsmoe_status st = dsmoe__check_indices(indices, mask, T, K, E, "load counts", NULL);
+    if (st != DSMOE_OK) return st;
     memset(counts, 0, (size_t)E * sizeof(int64_t));
-    for (int64_t t = 0; t < T; t++) {
-        if (mask && !mask[t]) continue;
-        for (int32_t k = 0; k < K; k++) {
-            int32_t e = indices[t * K + k];
-            if (e < 0 || e >= E)
-                return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
-                                    "load counts: indices[%lld, %d] = %d outside 0..%d",
-                                    (long long)t, (int)k, (int)e, (int)E - 1);
-            counts[e]++;
-        }
-    }
+    for (int64_t t = 0; t < T; t++)
+        if (!mask || mask[t]) dsmoe__count_experts(counts, indices + t * K, K);
     return DSMOE_OK;
 }
 

@@ -217,3 +217,21 @@ double dsmoe_rng_normal(dsmoe_rng *r) {
 void dsmoe__count_experts(int64_t *counts, const int32_t *idx, int64_t n) {
     for (int64_t i = 0; i < n; i++) counts[idx[i]]++;
 }
+
+dsmoe_status dsmoe__check_indices(const int32_t *indices, const uint8_t *mask, int64_t T,
+                                  int32_t K, int32_t E, const char *what, int64_t *n_kept) {
+    int64_t n = 0;
+    for (int64_t t = 0; t < T; t++) {
+        if (mask && !mask[t]) continue;
+        n++;
+        for (int32_t k = 0; k < K; k++) {
+            int32_t e = indices[t * K + k];
+            if (e < 0 || e >= E)
+                return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                                    "%s: indices[%lld, %d] = %d outside 0..%d", what,
+                                    (long long)t, (int)k, (int)e, (int)E - 1);
+        }
+    }
+    if (n_kept) *n_kept = n;
+    return DSMOE_OK;
+}

@@ -23,6 +23,12 @@ dsmoe_status dsmoe__error(dsmoe_status status, const char *fmt, ...) DSMOE__PRIN
 /* The expert histogram: counts[idx[i]] += 1 for i < n (accumulates; every idx[i] must
  * be a valid index into counts, which the caller has checked). */
 void dsmoe__count_experts(int64_t *counts, const int32_t *idx, int64_t n);
+/* Checks that every index of the (T, K) array `indices` in a token kept by `mask` (NULL:
+ * all; mask[t] == 0 skips token t) lies in 0..E-1; INVALID_ARGUMENT naming `what`, the
+ * first bad entry and its value otherwise. Returns the kept tokens in *n_kept (may be
+ * NULL). Callers check first, then count, so that a bad index changes nothing. */
+dsmoe_status dsmoe__check_indices(const int32_t *indices, const uint8_t *mask, int64_t T,
+                                  int32_t K, int32_t E, const char *what, int64_t *n_kept);
 
 /* Resolves a thread-count argument (<= 0 means the default). */
 int dsmoe__threads(int n_threads);
