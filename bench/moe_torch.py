@@ -21,23 +21,7 @@ import sys
 import time
 
 
-def early_threads(argv, default=1):
-    """--threads N from the command line, read before torch is imported."""
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if a.startswith("--threads="):
-            return int(a.split("=", 1)[1])
-    return default
-
-
-# Every thread pool pinned to --threads (dsmoe's count in the same comparison), whatever
-# the caller's environment says: Debian's torch calls the system OpenBLAS, whose own
-# threads torch.set_num_threads does not control, so the variables are set before the
-# import, and torch's pool by torch.set_num_threads.
-THREADS = early_threads(sys.argv[1:])
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = str(THREADS)
+from pin_threads import THREADS  # noqa: E402  (first: pins the thread pools)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 

@@ -16,20 +16,7 @@ import sys
 import time
 
 
-def early_threads(argv, default=1):
-    """--threads N from the command line, read before numpy / torch are imported."""
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if a.startswith("--threads="):
-            return int(a.split("=", 1)[1])
-    return default
-
-
-THREADS = early_threads(sys.argv[1:])
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = str(THREADS)
-
+from pin_threads import THREADS  # noqa: E402  (first: pins the thread pools)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
