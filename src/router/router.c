@@ -196,8 +196,9 @@ typedef struct token_scratch {
     int32_t *topi;  /* (max(K, m, TG)) top positions */
 } token_scratch;
 
-/* Tokens routed together by the fused path (their affinities stay in L1). */
-#define DSMOE__ROUTE_BLOCK 8
+/* Tokens routed together by the fused path: the selection kernel works on blocks of 16
+ * (tokens in lanes); their affinities stay in L1 / L2. */
+#define DSMOE__ROUTE_BLOCK 16
 
 static size_t top_cap(const dsmoe_router_config *c) {
     int32_t m = c->top_k * DSMOE__ROUTE_BLOCK;
@@ -464,8 +465,8 @@ static int fused_path(const dsmoe_router_config *cfg, const dsmoe__kernel_table 
 }
 
 /* route_range for the fused path: blocks of DSMOE__ROUTE_BLOCK tokens go through the
- * affinities, then the selection together (the kernel overlaps two tokens' dependency
- * chains), then the weights. Same bits as route_token. This path runs only with the
+ * affinities, then the selection together (the AVX-512 kernel takes 16 tokens at a
+ * time into lanes), then the weights. Same bits as route_token. This path runs only with the
  * error policy; the sigmoid tests the logits for NaN/Inf as it reads them, and the
  * range stops at the first bad token, whose index is returned (-1 if none): the caller
  * routes into its staging buffers then, or has checked the logits before. */
