@@ -531,7 +531,26 @@ static void sel_block16(const float *c, const sel_shape *sp, int32_t *ids, float
         rv[r] = _mm512_set1_ps(-INFINITY);
         ri[r] = _mm512_setzero_si512();
     }
-    for (int32_t j = 0; j < maxcnt; j++) {
+    /* the first 8 slots (every token has at least K <= 8 candidates, or is redone
+     * below): slot J finds positions J.. empty, so it needs the steps up to J only */
+#define SEL_SLOT(J)                                                                       \
+    do {                                                                                  \
+        __m512 v = pv[J];                                                                 \
+        __m512i id = pi[J];                                                               \
+        __mmask16 mv = 0;                                                                 \
+        SEL_INS(0);                                                                       \
+        if ((J) >= 1) SEL_INS(1);                                                         \
+        if ((J) >= 2) SEL_INS(2);                                                         \
+        if ((J) >= 3) SEL_INS(3);                                                         \
+        if ((J) >= 4) SEL_INS(4);                                                         \
+        if ((J) >= 5) SEL_INS(5);                                                         \
+        if ((J) >= 6) SEL_INS(6);                                                         \
+        if ((J) >= 7) SEL_INS(7);                                                         \
+    } while (0)
+    SEL_SLOT(0); SEL_SLOT(1); SEL_SLOT(2); SEL_SLOT(3);
+    SEL_SLOT(4); SEL_SLOT(5); SEL_SLOT(6); SEL_SLOT(7);
+#undef SEL_SLOT
+    for (int32_t j = 8; j < maxcnt; j++) {
         __m512 v = pv[j];
         __m512i id = pi[j];
         __mmask16 mv = 0;
