@@ -541,18 +541,24 @@ static void test_isas_identical(void) {
         char desc[512];
         describe(cfg, desc, sizeof desc);
         const int32_t E = cfg->n_experts, K = cfg->top_k;
-        const int64_t T = 37;
+        /* 53 = three blocks of 16 tokens in lanes and a tail of 5 (one thread), ranges of
+         * 18 and 17 (three threads) */
+        const int64_t T = 53;
         tl_seed(500 + (uint64_t)ci);
         float *logits = rand_logits(T, E, 3.0);
-        /* saturated, tied and tiny rows too */
-        for (int32_t e = 0; e < E; e++) {
-            logits[e] = 80.0f;
-            logits[E + e] = -80.0f;
-            logits[2 * E + e] = (float)(e % 3);
-            logits[3 * E + e] = -100.0f;
-            /* where exp(-u) reaches 2^128 (the sigmoid's overflow edge) */
-            logits[4 * E + e] = -87.5f - 1.5f * (float)e / (float)E;
-        }
+        /* saturated, tied and tiny rows too, in the first and in the third block of 16 */
+        for (int64_t r0 = 0; r0 <= 33; r0 += 33)
+            for (int32_t e = 0; e < E; e++) {
+                float *l = logits + (size_t)r0 * (size_t)E;
+                l[e] = 80.0f;
+                l[E + e] = -80.0f;
+                l[2 * E + e] = (float)(e % 3);
+                l[3 * E + e] = -100.0f;
+                /* where exp(-u) reaches 2^128 (the sigmoid's overflow edge) */
+                l[4 * E + e] = -87.5f - 1.5f * (float)e / (float)E;
+                /* a few distinct values: ties among the candidates */
+                l[5 * E + e] = 0.5f * (float)((e * 7) % 5);
+            }
         float *bias = cfg->use_bias ? rand_bias(E, 0.1) : NULL;
         float *dw = rand_logits(T, K, 1.0);
         routed ref;
@@ -564,14 +570,16 @@ static void test_isas_identical(void) {
                 if (ci == 0) fprintf(stderr, "  (isa %s not available: skipped)\n", isas[ii]);
                 continue;
             }
-            routed q;
-            routed_alloc(&q, T, E, K);
-            ASSERT_OK(route_logits(cfg, &q, logits, bias, dw, 2));
-            char what[600];
-            snprintf(what, sizeof what, "isa %s vs ref, %s", isas[ii], desc);
-            same_routed(what, &ref, &q, 0, 1);
-            routed_free(&q);
-            tested++;
+            for (int nt = 1; nt <= 3; nt += 2) {
+                routed q;
+                routed_alloc(&q, T, E, K);
+                ASSERT_OK(route_logits(cfg, &q, logits, bias, dw, nt));
+                char what[600];
+                snprintf(what, sizeof what, "isa %s vs ref, %d threads, %s", isas[ii], nt, desc);
+                same_routed(what, &ref, &q, 0, 1);
+                routed_free(&q);
+                tested++;
+            }
         }
         ASSERT_OK(dsmoe_set_isa(NULL));
         routed_free(&ref);

@@ -102,6 +102,61 @@ static void test_select_matches_reference(void) {
     fprintf(stderr, "  %d fused selections compared\n", tested);
 }
 
+/* Many tokens per call: the AVX-512 kernel takes blocks of 16 tokens into lanes for
+ * m = 2, K = 2·TG <= 8 (DeepSeek-V3's shape among them), the rest one or two at a time.
+ * Token counts around multiples of 16, every token its own value pattern (so that one
+ * block mixes tokens with few candidates, tokens whose candidates overflow 16 lanes,
+ * tied group scores and negative rows), each token compared with the reference. */
+static void test_select_many_tokens(void) {
+    const char *names[2] = {"avx2", "avx512"};
+    enum { NMAX = 53 };
+    static float c[NMAX * MAXE];
+    static int32_t ids[NMAX * 16];
+    static float val[NMAX * 16];
+    const int32_t counts[] = {1, 2, 15, 16, 17, 31, 32, 33, 48, 53};
+    int tested = 0;
+    for (int ni = 0; ni < 2; ni++) {
+        const dsmoe__kernel_table *k = dsmoe__kernels_named(names[ni]);
+        if (!k || !k->select_grouped) continue;
+        tl_seed(9100 + (uint64_t)ni);
+        int bad = 0;
+        for (int it = 0; it < 400 && bad < 5; it++) {
+            const int32_t G = it % 4 == 0 ? 8 : 2 + (int32_t)(tl_next() % 7);
+            const int32_t gsize = it % 4 == 0 ? 32 : 16 * (1 + (int32_t)(tl_next() % 4)), E = G * gsize;
+            const int32_t m = it % 8 == 7 ? 1 : 2;
+            const int32_t TG = it % 4 == 0 ? 4 : 1 + (int32_t)(tl_next() % (uint64_t)(G < 4 ? G : 4));
+            const int32_t K = it % 8 == 5 ? 1 + (int32_t)(tl_next() % 8) : 2 * TG;
+            const int32_t n = counts[it % (int)(sizeof counts / sizeof counts[0])];
+            for (int32_t t = 0; t < n; t++) {
+                /* mostly smooth rows (the block path), some of each other pattern */
+                const uint64_t r = tl_next() % 10;
+                fill(c + (size_t)t * (size_t)E, E, gsize, r < 6 ? 0 : (int)(r - 5));
+            }
+            ASSERT_EQ_INT(k->select_grouped(ids, val, c, n, G, gsize, m, TG, K), 1);
+            for (int32_t t = 0; t < n && bad < 5; t++) {
+                int32_t ids0[16];
+                float v0[16];
+                reference(ids0, v0, c + (size_t)t * (size_t)E, G, gsize, m, TG, K);
+                tl_checks++;
+                tested++;
+                for (int32_t j = 0; j < K; j++) {
+                    const int32_t got = ids[(size_t)t * (size_t)K + (size_t)j];
+                    const float gv = val[(size_t)t * (size_t)K + (size_t)j];
+                    if (got != ids0[j] || memcmp(&gv, &v0[j], 4) != 0) {
+                        TL_FAIL("%s: n %d token %d, G %d gsize %d m %d TG %d K %d: slot %d is "
+                                "expert %d (%.9g), reference %d (%.9g)",
+                                names[ni], (int)n, (int)t, (int)G, (int)gsize, (int)m, (int)TG,
+                                (int)K, (int)j, (int)got, (double)gv, (int)ids0[j], (double)v0[j]);
+                        bad++;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    fprintf(stderr, "  %d tokens of multi-token selections compared\n", tested);
+}
+
 /* Shapes outside the kernel's cover: 0, outputs untouched. */
 static void test_select_refuses(void) {
     static float c[16 * 300];
@@ -143,6 +198,7 @@ static void test_select_refuses(void) {
 
 int main(void) {
     RUN(test_select_matches_reference);
+    RUN(test_select_many_tokens);
     RUN(test_select_refuses);
     return TEST_SUMMARY();
 }

@@ -242,8 +242,10 @@ typedef struct sel_shape {
     int32_t G, gsize, V, m, TG, K;
 } sel_shape;
 
-/* Stages 1-2: group g's top1/top2 in lane g of t1/t2; the kept groups as a bit set. */
-static inline __attribute__((always_inline)) unsigned sel_groups(const float *c, const sel_shape *sp, __m512 *t1, __m512 *t2) {
+/* Stage 1: group g's top1/top2 in lane g of t1/t2 (lanes G..15: -inf); with raw, the
+ * butterfly stops one level early: group g's top pairs are then split between lanes
+ * 4(g mod 4) + 2(g / 4) and the next (-inf for groups from G), for the caller to merge. */
+static inline __attribute__((always_inline)) void sel_tops_(const float *c, const sel_shape *sp, __m512 *t1, __m512 *t2, int raw) {
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     __m512 h[8], l[8];
     for (int32_t g = 0; g < 8; g++) {
@@ -264,12 +266,26 @@ static inline __attribute__((always_inline)) unsigned sel_groups(const float *c,
     /* quad j: g_j, g_j, g_4+j, g_4+j */
     SEL_LEVEL(_mm512_shuffle_ps, _MM_SHUFFLE(1, 0, 1, 0), _MM_SHUFFLE(3, 2, 3, 2), qh[0], ql[0], qh[1],
               ql[1], rh, rl);
+    if (raw) {
+        *t1 = rh;
+        *t2 = rl;
+        return;
+    }
     /* quad j: g_j, g_4+j, g_j, g_4+j */
     SEL_LEVEL(_mm512_shuffle_ps, _MM_SHUFFLE(2, 0, 2, 0), _MM_SHUFFLE(3, 1, 3, 1), rh, rl, rh, rl, sh, sl);
     /* lane g <- group g (lanes 8..15: -inf) */
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
     *t1 = _mm512_mask_permutexvar_ps(ninf, 0x00ff, order, sh);
     *t2 = _mm512_mask_permutexvar_ps(ninf, 0x00ff, order, sl);
+}
+
+static inline __attribute__((always_inline)) void sel_tops(const float *c, const sel_shape *sp, __m512 *t1, __m512 *t2) {
+    sel_tops_(c, sp, t1, t2, 0);
+}
+
+/* Stages 1-2: group g's top1/top2 in lane g of t1/t2; the kept groups as a bit set. */
+static inline __attribute__((always_inline)) unsigned sel_groups(const float *c, const sel_shape *sp, __m512 *t1, __m512 *t2) {
+    sel_tops(c, sp, t1, t2);
     const __m512 gs = sp->m == 2 ? _mm512_add_ps(*t1, *t2) : *t1;
     const __mmask16 live = (__mmask16)((1u << sp->G) - 1u);
     float pg[16];
@@ -310,8 +326,9 @@ static inline __attribute__((always_inline)) int32_t sel_masks(const float *c, c
 /* Packs the (at most 16) masked candidates into one register in increasing id: each quad
  * of vectors by a two-level tree of compress + expand, then the quads in turn; ranks
  * them and writes the K best by rank. */
-static inline __attribute__((always_inline)) void sel_finish(const float *c, const int32_t *vid, const __mmask16 *km, int32_t nv,
-                              int32_t K, int32_t *ids, float *val) {
+static inline __attribute__((always_inline)) void sel_pack(const float *c, const int32_t *vid,
+                                                           const __mmask16 *km, int32_t nv,
+                                                           __m512 *pv_out, __m512i *pi_out) {
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512 accv = _mm512_setzero_ps();
     __m512i acci = _mm512_setzero_si512();
@@ -341,7 +358,15 @@ static inline __attribute__((always_inline)) void sel_finish(const float *c, con
         cnt += n[0] + n[1] + n[2] + n[3];
     }
     /* lanes past the candidates: -inf, so that the ranks form a permutation */
-    accv = _mm512_mask_mov_ps(accv, (__mmask16)~((1u << cnt) - 1u), _mm512_set1_ps(-INFINITY));
+    *pv_out = _mm512_mask_mov_ps(accv, (__mmask16)~((1u << cnt) - 1u), _mm512_set1_ps(-INFINITY));
+    *pi_out = acci;
+}
+
+static inline __attribute__((always_inline)) void sel_finish(const float *c, const int32_t *vid, const __mmask16 *km, int32_t nv,
+                              int32_t K, int32_t *ids, float *val) {
+    __m512 accv;
+    __m512i acci;
+    sel_pack(c, vid, km, nv, &accv, &acci);
     int32_t pid[16];
     float pv[16];
     _mm512_storeu_ps(pv, accv);
@@ -388,6 +413,200 @@ static void sel_rest(const float *c, const sel_shape *sp, const int32_t *vid, in
     }
 }
 
+/* sel_pack through memory: each vector's candidates compressed and stored at the running
+ * count (the next store overwrites the zeros past them), then -inf past the last; rowv /
+ * rowi hold 32 entries. No expands (two uops each on Zen 4). */
+static inline __attribute__((always_inline)) void sel_pack_rows(const float *c, const int32_t *vid,
+                                                                const __mmask16 *km, int32_t nv,
+                                                                float *rowv, int32_t *rowi) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int32_t o = 0;
+    for (int32_t q = 0; q < nv; q++) {
+        const __mmask16 k = km[q];
+        _mm512_storeu_ps(rowv + o, _mm512_maskz_compress_ps(k, _mm512_loadu_ps(c + vid[q])));
+        _mm512_storeu_si512((void *)(rowi + o),
+                            _mm512_maskz_compress_epi32(k, _mm512_add_epi32(lane, _mm512_set1_epi32(vid[q]))));
+        o += __builtin_popcount((unsigned)k);
+    }
+    _mm512_storeu_ps(rowv + o, _mm512_set1_ps(-INFINITY));
+}
+
+/* Transposes the 16 x 16 matrix whose rows are r[0..15] (r[i] lane j <- r[j] lane i):
+ * three levels of in-128-bit-lane shuffles and 128-bit block shuffles, 64 in all. */
+static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+
+/* One insertion step at rank position R (R constant): the new candidate (v, id) takes
+ * position R where it is larger (strictly: an equal value already there came from a
+ * lower id and stays first); from there on the carry is the displaced entry, which
+ * takes each next position whatever its value (mv: the lanes where it is). */
+#define SEL_INS(R)                                                                        \
+    do {                                                                                  \
+        const __mmask16 gt_ = (__mmask16)(_mm512_mask_cmp_ps_mask((__mmask16)~mv, v, rv[R], \
+                                                                  _CMP_GT_OQ) | mv);      \
+        mv = gt_;                                                                         \
+        const __m512 ov_ = rv[R];                                                         \
+        const __m512i oi_ = ri[R];                                                        \
+        rv[R] = _mm512_mask_mov_ps(ov_, gt_, v);                                          \
+        ri[R] = _mm512_mask_mov_epi32(oi_, gt_, id);                                      \
+        v = _mm512_mask_mov_ps(v, gt_, ov_);                                              \
+        id = _mm512_mask_mov_epi32(id, gt_, oi_);                                         \
+    } while (0)
+
+/* 16 tokens, m = 2, K = 2·TG <= 8: per token as sel_one up to the packed candidates
+ * (at most 16, in increasing id, -inf past them); then the 16 tokens' candidate lists
+ * are transposed (lane = token) and the K best found by insertion with plain vertical
+ * compares and blends, no rank counting, no mask-to-register round trips; transposed
+ * back and stored. Tokens with more than 16 candidates go through sel_rest. */
+static void sel_block16(const float *c, const sel_shape *sp, int32_t *ids, float *val) {
+    const size_t E = (size_t)sp->G * (size_t)sp->gsize;
+    const int32_t K = sp->K;
+    __m512 pv[16];
+    __m512i pi[16];
+    float bv[16][32];
+    int32_t bi[16][32];
+    float th[16];
+    unsigned keep[16], over = 0;
+    int32_t maxcnt = 0;
+    {
+        /* stage 2 with lane = token: group scores, ranks, kept groups, bound θ */
+        __m512 t1[16], t2[16];
+        for (int t = 0; t < 16; t++) sel_tops_(c + (size_t)t * E, sp, &t1[t], &t2[t], 1);
+        transpose16(t1);
+        transpose16(t2);
+        const __m512i one = _mm512_set1_epi32(1);
+        __m512 gs[8], g1[8], g2[8];
+        __m512i rk[8];
+        for (int g = 0; g < 8; g++) {
+            const int a = 4 * (g % 4) + 2 * (g / 4);
+            SEL_MERGE(g1[g], g2[g], t1[a], t2[a], t1[a + 1], t2[a + 1]);
+            gs[g] = _mm512_add_ps(g1[g], g2[g]);
+            rk[g] = _mm512_setzero_si512();
+        }
+        for (int g = 1; g < 8; g++)
+            for (int h = 0; h < g; h++) {
+                /* h < g: h beats g when >=, g beats h when > */
+                const __mmask16 hg = _mm512_cmp_ps_mask(gs[h], gs[g], _CMP_GE_OQ);
+                const __mmask16 gh = _mm512_cmp_ps_mask(gs[g], gs[h], _CMP_GT_OQ);
+                rk[g] = _mm512_mask_add_epi32(rk[g], hg, rk[g], one);
+                rk[h] = _mm512_mask_add_epi32(rk[h], gh, rk[h], one);
+            }
+        const __m512i tg = _mm512_set1_epi32(sp->TG);
+        __m512i kb = _mm512_setzero_si512();
+        __m512 tv = _mm512_set1_ps(INFINITY);
+        for (int g = 0; g < sp->G; g++) {
+            const __mmask16 kg = _mm512_cmplt_epi32_mask(rk[g], tg);
+            kb = _mm512_mask_or_epi32(kb, kg, kb, _mm512_set1_epi32(1 << g));
+            tv = _mm512_mask_min_ps(tv, kg, tv, g2[g]);
+        }
+        _mm512_storeu_si512((void *)keep, kb);
+        _mm512_storeu_ps(th, tv);
+    }
+    for (int t = 0; t < 16; t++) {
+        const float *ct = c + (size_t)t * E;
+        __mmask16 km[128];
+        int32_t vid[128];
+        const int32_t nv = sel_vectors(keep[t], sp, vid);
+        const int32_t cnt = sel_masks(ct, vid, nv, th[t], km);
+        if (cnt > 16) {
+            over |= 1u << t;
+            _mm512_storeu_ps(bv[t], _mm512_set1_ps(-INFINITY));
+            _mm512_storeu_si512((void *)bi[t], _mm512_setzero_si512());
+            continue;
+        }
+        sel_pack_rows(ct, vid, km, nv, bv[t], bi[t]);
+        if (cnt > maxcnt) maxcnt = cnt;
+    }
+    for (int t = 0; t < 16; t++) {
+        pv[t] = _mm512_loadu_ps(bv[t]);
+        pi[t] = _mm512_loadu_si512((const void *)bi[t]);
+    }
+    transpose16(pv);
+    {
+        __m512 tp[16];
+        for (int j = 0; j < 16; j++) tp[j] = _mm512_castsi512_ps(pi[j]);
+        transpose16(tp);
+        for (int j = 0; j < 16; j++) pi[j] = _mm512_castps_si512(tp[j]);
+    }
+    __m512 rv[8];
+    __m512i ri[8];
+    for (int r = 0; r < 8; r++) {
+        rv[r] = _mm512_set1_ps(-INFINITY);
+        ri[r] = _mm512_setzero_si512();
+    }
+    /* the first 8 slots (every token has at least K <= 8 candidates, or is redone
+     * below): slot J finds positions J.. empty, so it needs the steps up to J only */
+#define SEL_SLOT(J)                                                                       \
+    do {                                                                                  \
+        __m512 v = pv[J];                                                                 \
+        __m512i id = pi[J];                                                               \
+        __mmask16 mv = 0;                                                                 \
+        SEL_INS(0);                                                                       \
+        if ((J) >= 1) SEL_INS(1);                                                         \
+        if ((J) >= 2) SEL_INS(2);                                                         \
+        if ((J) >= 3) SEL_INS(3);                                                         \
+        if ((J) >= 4) SEL_INS(4);                                                         \
+        if ((J) >= 5) SEL_INS(5);                                                         \
+        if ((J) >= 6) SEL_INS(6);                                                         \
+        if ((J) >= 7) SEL_INS(7);                                                         \
+    } while (0)
+    SEL_SLOT(0); SEL_SLOT(1); SEL_SLOT(2); SEL_SLOT(3);
+    SEL_SLOT(4); SEL_SLOT(5); SEL_SLOT(6); SEL_SLOT(7);
+#undef SEL_SLOT
+    for (int32_t j = 8; j < maxcnt; j++) {
+        __m512 v = pv[j];
+        __m512i id = pi[j];
+        __mmask16 mv = 0;
+        SEL_INS(0); SEL_INS(1); SEL_INS(2); SEL_INS(3);
+        SEL_INS(4); SEL_INS(5); SEL_INS(6); SEL_INS(7);
+    }
+    __m512 ov[16], oi[16];
+    for (int r = 0; r < 8; r++) {
+        ov[r] = rv[r];
+        oi[r] = _mm512_castsi512_ps(ri[r]);
+        ov[r + 8] = _mm512_setzero_ps();
+        oi[r + 8] = _mm512_setzero_ps();
+    }
+    transpose16(ov);
+    transpose16(oi);
+    const __mmask16 outk = (__mmask16)((1u << K) - 1u);
+    for (int t = 0; t < 16; t++) {
+        _mm512_mask_storeu_ps(val + (size_t)t * (size_t)K, outk, ov[t]);
+        _mm512_mask_storeu_epi32(ids + (size_t)t * (size_t)K, outk, _mm512_castps_si512(oi[t]));
+    }
+    for (; over; over &= over - 1) {
+        const int t = __builtin_ctz(over);
+        __mmask16 km[128];
+        int32_t vid[128];
+        (void)km;
+        const int32_t nv = sel_vectors(keep[t], sp, vid);
+        sel_rest(c + (size_t)t * E, sp, vid, nv, th[t], 1, ids + (size_t)t * (size_t)K,
+                 val + (size_t)t * (size_t)K);
+    }
+}
+#undef SEL_INS
+
 /* One token, start to end. */
 static __attribute__((noinline)) void sel_one(const float *ct, const sel_shape *sp, int top2,
                                               int32_t *it, float *vt) {
@@ -418,6 +637,10 @@ static int select_grouped_avx512(int32_t *ids, float *val, const float *c, int64
     const int top2 = m == 2 && K == 2 * TG;
     int64_t t = 0;
     if (top2) {
+        if (K <= 8)
+            for (; t + 16 <= n; t += 16)
+                sel_block16(c + (size_t)t * E, &sp, ids + (size_t)t * (size_t)K,
+                            val + (size_t)t * (size_t)K);
         for (; t + 2 <= n; t += 2) {
             const float *ca = c + (size_t)t * E, *cb = ca + E;
             int32_t *ia = ids + (size_t)t * (size_t)K, *ib = ia + K;

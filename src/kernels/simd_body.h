@@ -70,7 +70,13 @@ static inline VF FN(v_exp)(VF x) {
 /* Per lane, the two largest of the V vectors at cg (top2 = -inf when V = 1). */
 static inline VF FN(lane_top2)(const float *cg, int32_t V, VF *top2) {
     VF hi = V_LOAD(cg), lo = V_SET1(-INFINITY);
-    for (int32_t j = 1; j < V; j++) {
+    if (V >= 2) {
+        /* max(-inf, min(hi, x)) is min(hi, x) for finite x: one operation fewer */
+        VF x = V_LOAD(cg + W);
+        lo = V_MIN(hi, x);
+        hi = V_MAX(hi, x);
+    }
+    for (int32_t j = 2; j < V; j++) {
         VF x = V_LOAD(cg + W * j);
         lo = V_MAX(lo, V_MIN(hi, x));
         hi = V_MAX(hi, x);

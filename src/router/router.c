@@ -196,8 +196,9 @@ typedef struct token_scratch {
     int32_t *topi;  /* (max(K, m, TG)) top positions */
 } token_scratch;
 
-/* Tokens routed together by the fused path (their affinities stay in L1). */
-#define DSMOE__ROUTE_BLOCK 8
+/* Tokens routed together by the fused path: the selection kernel works on blocks of 16
+ * (tokens in lanes); their affinities stay in L1 / L2. */
+#define DSMOE__ROUTE_BLOCK 16
 
 static size_t top_cap(const dsmoe_router_config *c) {
     int32_t m = c->top_k * DSMOE__ROUTE_BLOCK;
@@ -463,9 +464,36 @@ static int fused_path(const dsmoe_router_config *cfg, const dsmoe__kernel_table 
                              cfg->top_k);
 }
 
+/* weights_fp32 for nb <= DSMOE__ROUTE_BLOCK tokens (K <= 16) with the tokens innermost,
+ * so that the compiler vectorises across tokens (the K divisions of a token are the
+ * cost): per token the same operations in the same order, so the same bits. */
+static void weights_block(const dsmoe_router_config *cfg, const float *s, const int32_t *idx,
+                          float *w, int32_t nb) {
+    const int32_t K = cfg->top_k, E = cfg->n_experts;
+    float wb[16][DSMOE__ROUTE_BLOCK], sum[DSMOE__ROUTE_BLOCK];
+    for (int32_t j = 0; j < K; j++)
+        for (int32_t i = 0; i < nb; i++)
+            wb[j][i] = s[(size_t)i * (size_t)E + (size_t)idx[(size_t)i * (size_t)K + (size_t)j]];
+    if (cfg->normalize) {
+        const float eps = cfg->norm_eps, invk = 1.0f / (float)K;
+        for (int32_t i = 0; i < nb; i++) sum[i] = wb[0][i];
+        for (int32_t j = 1; j < K; j++)
+            for (int32_t i = 0; i < nb; i++) sum[i] += wb[j][i];
+        for (int32_t i = 0; i < nb; i++) sum[i] += eps;
+        for (int32_t j = 0; j < K; j++)
+            for (int32_t i = 0; i < nb; i++) {
+                const float q = wb[j][i] / sum[i];
+                wb[j][i] = sum[i] > 0.0f ? q : invk;
+            }
+    }
+    const float scale = cfg->scale;
+    for (int32_t i = 0; i < nb; i++)
+        for (int32_t j = 0; j < K; j++) w[(size_t)i * (size_t)K + (size_t)j] = wb[j][i] * scale;
+}
+
 /* route_range for the fused path: blocks of DSMOE__ROUTE_BLOCK tokens go through the
- * affinities, then the selection together (the kernel overlaps two tokens' dependency
- * chains), then the weights. Same bits as route_token. This path runs only with the
+ * affinities, then the selection together (the AVX-512 kernel takes 16 tokens at a
+ * time into lanes), then the weights. Same bits as route_token. This path runs only with the
  * error policy; the sigmoid tests the logits for NaN/Inf as it reads them, and the
  * range stops at the first bad token, whose index is returned (-1 if none): the caller
  * routes into its staging buffers then, or has checked the logits before. */
@@ -484,9 +512,7 @@ static int64_t route_range_fused(const dsmoe_router_config *cfg, const dsmoe__ke
         int32_t *idx = out->indices + (size_t)t * (size_t)K;
         float *w = out->weights + (size_t)t * (size_t)K;
         k->select_grouped(idx, ts->topv, bias ? ts->c : s, nb, G, E / G, m, cfg->topk_groups, K);
-        for (int64_t i = 0; i < nb; i++)
-            weights_fp32(cfg, s + (size_t)i * (size_t)E, idx + (size_t)i * (size_t)K,
-                         w + (size_t)i * (size_t)K);
+        weights_block(cfg, s, idx, w, (int32_t)nb);
     }
     return -1;
 }
