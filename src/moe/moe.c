@@ -925,9 +925,13 @@ static void moe_forward_batched(dsmoe_moe *m, const float *x, int nt) {
     const int64_t ntask = m->n_tasks + m->n_shared_tasks;
     const size_t D = (size_t)m->D;
     (void)nt;
+    /* The shared expert's token blocks, the largest tasks, are handed out first, so that
+     * the many small routed tasks even out the threads' ends (the order of execution
+     * never changes a result: each task writes its own rows). */
+    const int64_t n_routed = m->n_tasks, n_first = m->n_shared_tasks;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t i = 0; i < ntask; i++) {
-        const moe_task tk = w->tasks[i];
+        const moe_task tk = w->tasks[i < n_first ? n_routed + i : i - n_first];
         float *scratch = w->scratch ? w->scratch + w->scratch_stride * (size_t)moe_thread_id() : NULL;
         float *GU, *H, *Y;
         moe_rows(m, tk.e, tk.r0, &GU, &H, &Y);
