@@ -7,55 +7,11 @@
  * bit for bit. The cases at T > 512 are in test_moe_blocks_golden.c.
  */
 #include "testlib.h"
+#include "moe_golden_util.h"
 
 #include <math.h>
 
 #define MAXN 65536
-
-static const char *meta(const dsmoe_safetensors *st, const char *key) {
-    const char *v = dsmoe_safetensors_metadata(st, key);
-    if (!v) {
-        TL_FAIL("metadata key %s missing", key);
-        return "0";
-    }
-    return v;
-}
-static long meta_int(const dsmoe_safetensors *st, const char *key) {
-    return strtol(meta(st, key), NULL, 10);
-}
-static double meta_f(const dsmoe_safetensors *st, const char *key) {
-    return strtod(meta(st, key), NULL);
-}
-
-/* Reads a tensor into a double array (F64, F32 or I32); returns the element count. */
-static int64_t get64(const dsmoe_safetensors *st, const char *name, double *out, int64_t cap) {
-    dsmoe_tensor_view v;
-    if (dsmoe_safetensors_get(st, name, &v) != DSMOE_OK) {
-        TL_FAIL("golden tensor %s missing", name);
-        return 0;
-    }
-    int64_t n = 1;
-    for (int d = 0; d < v.ndim; d++) n *= v.shape[d];
-    if (n > cap) {
-        TL_FAIL("golden tensor %s too large", name);
-        return 0;
-    }
-    for (int64_t i = 0; i < n; i++) {
-        const char *p = (const char *)v.data;
-        if (v.dtype == DSMOE_DTYPE_F64) {
-            memcpy(&out[i], p + i * 8, 8);
-        } else if (v.dtype == DSMOE_DTYPE_F32) {
-            float f;
-            memcpy(&f, p + i * 4, 4);
-            out[i] = f;
-        } else {
-            int32_t k;
-            memcpy(&k, p + i * 4, 4);
-            out[i] = k;
-        }
-    }
-    return n;
-}
 
 static int64_t getf(const dsmoe_safetensors *st, const char *name, float *out, int64_t cap) {
     static double tmp[MAXN];
@@ -64,36 +20,10 @@ static int64_t getf(const dsmoe_safetensors *st, const char *name, float *out, i
     return n;
 }
 
-static double maxabs(const double *a, int64_t n) {
-    double m = 0;
-    for (int64_t i = 0; i < n; i++) m = fmax(m, fabs(a[i]));
-    return m;
-}
-
 /* Tolerance for fp32 against fp64: relative to the array's scale. */
 static int close_to(const char *what, const float *got, const double *ref, int64_t n) {
     double s = maxabs(ref, n);
     return tl_allclose(what, got, ref, n, 3e-6 * (s > 1 ? s : 1), 2e-5);
-}
-
-static void router_from_meta(const dsmoe_safetensors *st, dsmoe_router_config *r) {
-    dsmoe_router_preset("deepseek-v3", r);
-    r->n_experts = (int32_t)meta_int(st, "E");
-    r->top_k = (int32_t)meta_int(st, "K");
-    r->n_groups = (int32_t)meta_int(st, "G");
-    r->topk_groups = (int32_t)meta_int(st, "TG");
-    r->score_func = strcmp(meta(st, "score"), "softmax") == 0 ? DSMOE_SCORE_FUNC_SOFTMAX
-                                                              : DSMOE_SCORE_FUNC_SIGMOID;
-    r->group_score = strcmp(meta(st, "group_score"), "max") == 0 ? DSMOE_GROUP_SCORE_MAX
-                                                                  : DSMOE_GROUP_SCORE_TOPSUM;
-    r->group_topm = (int32_t)meta_int(st, "group_topm");
-    r->group_mask = strcmp(meta(st, "mask"), "zero") == 0 ? DSMOE_GROUP_MASK_ZERO
-                                                          : DSMOE_GROUP_MASK_EXCLUDE;
-    r->normalize = (int32_t)meta_int(st, "normalize");
-    r->norm_eps = (float)meta_f(st, "norm_eps");
-    r->scale = (float)meta_f(st, "scale");
-    r->use_bias = (int32_t)meta_int(st, "use_bias");
-    r->precision = DSMOE_PRECISION_FP32;
 }
 
 static float xbuf[MAXN], ybuf[MAXN], y3[MAXN], dybuf[MAXN], extra[MAXN], dxbuf[MAXN], dx3[MAXN];
