@@ -33,9 +33,7 @@ MANIFEST.blocks lists the cases. Deterministic.
 """
 
 import argparse
-import json
 import os
-import struct
 import sys
 
 import numpy as np
@@ -210,28 +208,6 @@ def make_case(c):
     return tensors, meta, counts, kept
 
 
-def write(path, tensors, meta):
-    """moe_ref.write_safetensors, plus BF16 tensors given as uint16 words."""
-    codes = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
-             np.dtype(np.int32): "I32", np.dtype(np.uint16): "BF16"}
-    header = {"__metadata__": {k: str(v) for k, v in meta.items()}}
-    blobs, off = [], 0
-    for name, a in tensors.items():
-        a = np.ascontiguousarray(a)
-        b = a.astype(a.dtype.newbyteorder("<")).tobytes()
-        header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [off, off + len(b)]}
-        blobs.append(b)
-        off += len(b)
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
-
-
 def main():
     ap = argparse.ArgumentParser()
     here = os.path.dirname(os.path.abspath(__file__))
@@ -253,7 +229,7 @@ def main():
         assert any(16 < v <= 64 for v in k) and any(64 < v <= B for v in k), (c.name, k)
         if c.capacity_factor > 0:
             assert meta["dropped"] > 0, c.name
-        write(os.path.join(args.out, c.name + ".safetensors"), tensors, meta)
+        M.write_safetensors(os.path.join(args.out, c.name + ".safetensors"), tensors, meta)
         names.append(c.name)
         print(f"{c.name}: T={c.T} D={c.D} F={c.F} E={c.router.experts} K={c.router.top_k} "
               f"rows per expert {kept.tolist()} (assigned {counts.tolist()}) "

@@ -209,9 +209,10 @@ def grads_torch(case, p, x, idx, keep, dy, extra):
 # ------------------------------------------------------------- safetensors --
 
 def write_safetensors(path, tensors, metadata):
-    """Minimal safetensors writer (8-byte header length, JSON header, data)."""
+    """Minimal safetensors writer (8-byte header length, JSON header, data); uint16 arrays
+    are BF16 words."""
     codes = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
-             np.dtype(np.int32): "I32"}
+             np.dtype(np.int32): "I32", np.dtype(np.uint16): "BF16"}
     header = {"__metadata__": {k: str(v) for k, v in metadata.items()}}
     blobs, off = [], 0
     for name, a in tensors.items():
