@@ -1,14 +1,11 @@
 /*
  * dsmoe/model.h — DeepSeek-V3-style whole models (Hugging Face model directories):
  * the configuration read from config.json, the table of tensors a configuration
- * implies, and the model directory (model.safetensors, or shards listed by
- * model.safetensors.index.json) checked against that table and widened to fp32.
- *
- * What exists now: configuration, tensor table, model files. The forward pass is not a
- * public API yet: its building blocks (RMSNorm, RoPE / YaRN frequencies, naive MLA for a
- * prompt, dense SwiGLU; MoE layers through dsmoe/moe.h) are internal to the library and
- * tested against the fp64 reference tests/ref/model_ref.py, whose logits they reproduce;
- * docs/model.md states the math.
+ * implies, the model directory (model.safetensors, or shards listed by
+ * model.safetensors.index.json) checked against that table, and the model itself
+ * (dsmoe_model): prompts and decoding with a compressed-latent cache, sampling, and
+ * parameter counts. docs/model.md states the math; tests check it against the fp64
+ * reference tests/ref/model_ref.py.
  *
  * Configuration. dsmoe_model_config_from_json() reads the DeepseekV3 keys of a
  * config.json (and DeepseekV2's, which differ only in the routing keys). The router
@@ -99,6 +96,9 @@ typedef struct dsmoe_model_config {
     int32_t num_nextn_predict_layers;/* MTP depths stored at layers L .. L + this - 1 */
     int32_t fp8_block_rows, fp8_block_cols; /* quantization_config weight_block_size, or 0
                                                without a quantization_config */
+    int32_t byte_vocab;              /* 1 when config.json says "dsmoe_vocab": "bytes": ids
+                                        0 .. 255 are the bytes, specials above (V >= 256) */
+    int32_t bos_token_id, eos_token_id; /* -1 when absent or null */
 } dsmoe_model_config;
 
 /* Reads config.json text json[0..len) (UTF-8, strict JSON; need not be NUL-terminated).
@@ -225,6 +225,118 @@ DSMOE_API dsmoe_status dsmoe_model_files_read_f32(const dsmoe_model_files *mf, c
 /* The value of an F8_E4M3 byte (the "fn" variant: bias 7, no infinities, 0x7F and
  * 0xFF are NaN, largest finite 448). */
 DSMOE_API float dsmoe_fp8_e4m3_to_f32(uint8_t b);
+
+/* ------------------------------------------------------------------ model -- */
+/* A whole model ready to run: the configuration, the files of a model directory kept
+ * mapped, and every weight as stored (F32, BF16, F16, F8_E4M3 with block scales),
+ * widened to fp32 as the products stream it (dsmoe_model_options.widen_f32 widens all
+ * of them once at open instead). MoE layers are dsmoe_moe layers (BF16 storage for BF16
+ * experts, F32 otherwise). Stored MTP depths are checked and not used here.
+ *
+ * Tokens go through dsmoe_model_forward() with a cache (dsmoe_model_cache): the call
+ * appends T tokens at the cache's next positions; they attend causally to the cached
+ * positions and to each other, and their logits come out. A prompt is one call,
+ * decoding one call per token. The cache keeps, per layer and position, only the
+ * normalised compressed latent (kv_lora_rank values) and the rotated rope key
+ * (qk_rope_head_dim values), in fp32: the memory saving MLA exists for.
+ *
+ * Two attention paths give the same results within fp32 rounding:
+ *   naive     the latent of every position is expanded through kv_b_proj into per-head
+ *             keys and values (prompts: many new tokens);
+ *   absorbed  kv_b_proj's key half is absorbed into the query and its value half into
+ *             the output, so attention runs on the cached latent directly (decoding).
+ *
+ * Threads: over output rows of the products, over heads in attention, over experts and
+ * tokens in the MoE layers; the same bits for any n_threads. One dsmoe_model runs one
+ * forward at a time (it owns the scratch); each sequence has its own cache.
+ */
+typedef struct dsmoe_model dsmoe_model;
+typedef struct dsmoe_model_cache dsmoe_model_cache;
+
+typedef struct dsmoe_model_options {
+    int32_t n_threads;  /* <= 0: dsmoe_default_threads() */
+    int32_t max_tokens; /* tokens per internal chunk (scratch is sized for it); <= 0: 256 */
+    int32_t widen_f32;  /* 1: widen every weight to fp32 once at open */
+} dsmoe_model_options;
+
+/* n_threads 0, max_tokens 256, widen_f32 0. */
+DSMOE_API void dsmoe_model_options_default(dsmoe_model_options *opts);
+
+/* Opens the model directory dir (config.json and the weights, checked as
+ * dsmoe_model_files_open does). opts NULL: the defaults. Errors: those of
+ * dsmoe_model_config_from_dir and dsmoe_model_files_open, NON_FINITE naming a tensor
+ * with a NaN or Inf weight, OUT_OF_MEMORY. *out is NULL on error. */
+DSMOE_API dsmoe_status dsmoe_model_open(const char *dir, const dsmoe_model_options *opts,
+                                        dsmoe_model **out);
+/* NULL is a no-op. */
+DSMOE_API void dsmoe_model_free(dsmoe_model *m);
+DSMOE_API const dsmoe_model_config *dsmoe_model_get_config(const dsmoe_model *m);
+/* The open files (tensor lookup, MTP depths, shard count), owned by the model. */
+DSMOE_API const dsmoe_model_files *dsmoe_model_get_files(const dsmoe_model *m);
+
+/* A cache of up to `capacity` positions (1 .. max_position_embeddings) for sequences
+ * of model m; usable with m only. Errors: INVALID_ARGUMENT, OUT_OF_MEMORY. */
+DSMOE_API dsmoe_status dsmoe_model_cache_create(const dsmoe_model *m, int64_t capacity,
+                                                dsmoe_model_cache **out);
+/* NULL is a no-op. */
+DSMOE_API void dsmoe_model_cache_free(dsmoe_model_cache *cache);
+/* Positions held (the next token's position). */
+DSMOE_API int64_t dsmoe_model_cache_length(const dsmoe_model_cache *cache);
+DSMOE_API int64_t dsmoe_model_cache_capacity(const dsmoe_model_cache *cache);
+/* Forgets the positions >= length (0 <= length <= current length): 0 starts a new
+ * sequence, a shorter length drops rejected draft tokens. INVALID_ARGUMENT otherwise. */
+DSMOE_API dsmoe_status dsmoe_model_cache_truncate(dsmoe_model_cache *cache, int64_t length);
+/* Cache bytes per position: num_hidden_layers · (kv_lora_rank + qk_rope_head_dim) · 4. */
+DSMOE_API int64_t dsmoe_model_cache_bytes_per_token(const dsmoe_model_config *cfg);
+/* The same for a plain multi-head cache of this attention (keys H·(n + r) and values
+ * H·v per layer, fp32): what MLA saves against. */
+DSMOE_API int64_t dsmoe_model_mha_cache_bytes_per_token(const dsmoe_model_config *cfg);
+
+/* Flags of dsmoe_model_forward. */
+#define DSMOE_MODEL_ATTN_AUTO 0u     /* naive when T > 4 new tokens, absorbed otherwise */
+#define DSMOE_MODEL_ATTN_NAIVE 1u
+#define DSMOE_MODEL_ATTN_ABSORBED 2u
+#define DSMOE_MODEL_LOGITS_LAST 4u   /* logits of the last token only: (V) not (T, V) */
+
+/* Runs tokens[0..T) at positions len .. len + T − 1 (len: the cache's length before the
+ * call) and appends them to the cache. logits: (T, vocab_size) fp32, or (vocab_size)
+ * with DSMOE_MODEL_LOGITS_LAST; NULL computes none (the cache still advances). Any
+ * T >= 1 (run in chunks of max_tokens). Errors, with the cache and logits unchanged:
+ * INVALID_ARGUMENT (NULL, T < 1, unknown or conflicting flags, a cache of another
+ * model; also a token id outside [0, vocab_size), the message naming its index and
+ * value), WORKSPACE_TOO_SMALL when len + T exceeds the cache's capacity (the message
+ * says both), NON_FINITE when a hidden state becomes NaN or Inf (naming the layer). */
+DSMOE_API dsmoe_status dsmoe_model_forward(dsmoe_model *m, dsmoe_model_cache *cache,
+                                           const int32_t *tokens, int64_t T, float *logits,
+                                           unsigned flags);
+
+/* Parameter counts of a configuration's main model (dsmoe info). */
+typedef struct dsmoe_model_counts {
+    int64_t total;          /* every parameter of the main model: the sum of the parts below */
+    int64_t active;         /* per token: total minus the routed experts a token does not
+                               use, (E − K) · 3·D·F per MoE layer */
+    int64_t embedding;      /* V · D */
+    int64_t head;           /* V · D, or 0 when tied to the embedding */
+    int64_t attention;      /* every layer's MLA weights and its two norms */
+    int64_t dense_ffn;      /* the dense layers' SwiGLU */
+    int64_t routed_experts; /* every routed expert of every MoE layer */
+    int64_t shared_experts;
+    int64_t router;         /* gate weights and correction biases */
+    int64_t final_norm;     /* D */
+    int64_t mtp;            /* all MTP depths' tensors (not in total) */
+} dsmoe_model_counts;
+
+DSMOE_API dsmoe_status dsmoe_model_count_params(const dsmoe_model_config *cfg,
+                                                dsmoe_model_counts *out);
+
+/* Samples a token id from logits (V > 0). temperature <= 0: greedy, the largest logit
+ * (the lowest id among equal ones), rng unused. Otherwise softmax(logits / temperature)
+ * restricted to the smallest set of most likely tokens whose probability reaches top_p
+ * (0 < top_p <= 1; 1 keeps every token), one draw of rng. scratch: 2·V floats (the
+ * probabilities and the kept ids). Returns the id, or −1 with INVALID_ARGUMENT (bad
+ * V, top_p, NULL) or NON_FINITE (a NaN or +Inf logit) in dsmoe_last_error(). */
+DSMOE_API int32_t dsmoe_sample(const float *logits, int32_t V, float temperature, float top_p,
+                               dsmoe_rng *rng, float *scratch);
 
 #ifdef __cplusplus
 }

@@ -483,6 +483,7 @@ static void cfg_defaults(dsmoe_model_config *c) {
     c->rope_type = DSMOE_ROPE_TYPE_DEFAULT;
     c->tie_word_embeddings = 0;
     c->num_nextn_predict_layers = 0;
+    c->bos_token_id = c->eos_token_id = -1; /* read from config.json: to come */
     c->scoring_func = DSMOE_SCORE_FUNC_SOFTMAX;
     c->topk_method = DSMOE_TOPK_METHOD_GREEDY;
     c->n_group = 1;
