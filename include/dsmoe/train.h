@@ -1,5 +1,6 @@
 /*
- * dsmoe/train.h — training small DeepSeek-V3-style models. What exists now: the data.
+ * dsmoe/train.h — training small DeepSeek-V3-style models. What exists now: the data
+ * and the optimizer (AdamW, learning-rate schedule, gradient clipping).
  *
  * Byte-level vocabulary. Token ids 0 .. 255 are the bytes of UTF-8 text; 256 begins a
  * document, 257 ends one, 258 pads; the vocabulary has DSMOE_BYTE_VOCAB_SIZE ids (one
@@ -118,6 +119,55 @@ DSMOE_API int64_t dsmoe_corpus_window_count(const dsmoe_corpus *c, dsmoe_split s
  * (INVALID_ARGUMENT) when i is out of range. */
 DSMOE_API int64_t dsmoe_corpus_window(const dsmoe_corpus *c, dsmoe_split s, int32_t T, int64_t i,
                                       int32_t *tokens, uint8_t *domains);
+
+/* ------------------------------------------------------------ optimizer -- */
+/* AdamW with decoupled weight decay, as torch.optim.AdamW computes it (fp32 state):
+ *   p ← p · (1 − lr·wd)
+ *   m ← β1·m + (1 − β1)·g          v ← β2·v + (1 − β2)·g²
+ *   p ← p − lr / (1 − β1^t) · m / (√v / √(1 − β2^t) + ε)
+ * with g the gradient times the clipping factor min(1, clip / (‖g‖ + 1e-6)) of the
+ * global norm over all parameters (torch.nn.utils.clip_grad_norm_), and the learning
+ * rate of step t (1-based) from a linear warm-up and a cosine decay:
+ *   lr(t) = lr · t / warmup                                      t <= warmup
+ *         = lr_min + (lr − lr_min) · (1 + cos(π · (t − warmup) / (total − warmup))) / 2
+ *                                                                warmup < t <= total
+ *         = lr_min                                               t > total
+ * lr_min = lr · min_lr_ratio. Weight decay applies to the tensors the caller says
+ * (matrices, by the usual rule: not norms, biases or the router's bias). Tests check it
+ * against torch.optim.AdamW. */
+typedef struct dsmoe_adamw_config {
+    float lr;            /* peak learning rate */
+    float beta1, beta2;
+    float eps;
+    float weight_decay;
+    float clip_norm;     /* clip the global gradient norm to this; 0: no clipping */
+    int64_t warmup_steps;
+    int64_t total_steps; /* the cosine reaches lr_min here */
+    float min_lr_ratio;  /* lr_min / lr, in [0, 1] */
+} dsmoe_adamw_config;
+
+/* lr 3e-3, betas 0.9 / 0.95, eps 1e-8, weight_decay 0.1, clip_norm 1, warm-up 100 of
+ * 1000 steps, min_lr_ratio 0.1. */
+DSMOE_API void dsmoe_adamw_config_default(dsmoe_adamw_config *cfg);
+/* INVALID_CONFIG naming the field (lr > 0 and finite, betas in [0, 1), eps > 0,
+ * weight_decay >= 0, clip_norm >= 0, 0 <= warmup_steps <= total_steps, total_steps >= 1,
+ * min_lr_ratio in [0, 1]). */
+DSMOE_API dsmoe_status dsmoe_adamw_config_validate(const dsmoe_adamw_config *cfg);
+/* The learning rate of step t >= 1 (above). */
+DSMOE_API double dsmoe_adamw_lr(const dsmoe_adamw_config *cfg, int64_t t);
+/* Σ g[i]² over n values in double, in a fixed order (blocks of 4096 summed in index
+ * order, whatever n_threads). Add these over the tensors and take the square root for
+ * the global norm. */
+DSMOE_API double dsmoe_sum_squares(const float *g, int64_t n, int n_threads);
+/* The clipping factor for a global norm: min(1, clip_norm / (norm + 1e-6)), 1 when
+ * clip_norm is 0. */
+DSMOE_API float dsmoe_adamw_clip_factor(const dsmoe_adamw_config *cfg, double norm);
+/* One AdamW update of n parameters p with gradients g (scaled by grad_scale first, in
+ * fp32), moments m and v, at step t >= 1 with learning rate lr and weight decay wd
+ * (0 for tensors that take none). Element-wise: the same bits for any n_threads. */
+DSMOE_API void dsmoe_adamw_update(const dsmoe_adamw_config *cfg, float *p, float *m, float *v,
+                                  const float *g, int64_t n, int64_t t, double lr, double wd,
+                                  float grad_scale, int n_threads);
 
 #ifdef __cplusplus
 }
