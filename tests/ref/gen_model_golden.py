@@ -21,10 +21,20 @@ is exactly what an fp32 product gives, for the block-scale test.
 Refusal fixtures (no results): fp8_noscale/ (a _scale_inv missing), fp8_badscale/ (a
 _scale_inv of the wrong shape).
 
+The cases (MANIFEST lists them, in order): v3_yarn_q, v2_glg_sharded, moonlight_freq,
+fp8_blocks, v2lite_greedy, v3_dense_moe (drawn, T 9..16), then the twins, which hold
+another case's weights laid out otherwise and have byte-identical tokens, logits and
+hidden files: v2_glg_single (v2_glg_sharded's shards in one file), v3_yarn_q_nomtp
+(v3_yarn_q without its stored MTP layer, num_nextn_predict_layers 0), fp8_blocks_f32
+(fp8_blocks dequantized to F32, exactly: the block scales carry 16 significant bits, so
+fp8 * scale fits fp32; no quantization_config).
+
 Routing decisions are kept away from ties: every routed token's decision margin (relative
 gap at the group and expert boundaries, dsmoe_ref.selection_margin) must be >= 1e-4 or the
-case is redrawn with the next seed, so fp32 and fp64 pick the same experts. The naive
-and absorbed attention forms are checked to agree on every case. Deterministic.
+case is redrawn with the next seed, so fp32 and fp64 pick the same experts. On every case
+the naive and absorbed attention forms agree, and decoding token by token from a cache of
+latents and rope keys (model_ref.forward_decode) gives the full forward's logits (both to
+1e-10 of the logits' scale). Deterministic: two runs write the same bytes.
 """
 
 import argparse

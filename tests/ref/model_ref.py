@@ -321,7 +321,8 @@ def attention_step(cfg, W, p, x, pos, cache):
     H, n, r, v, c = cfg.H, cfg.n, cfg.r, cfg.v, cfg.c
     x = x[None]
     if cfg.q:
-        qa = rmsnorm(x @ W[p + "self_attn.q_a_proj.weight"].T, W[p + "self_attn.q_a_layernorm.weight"], cfg.eps)
+        qa = rmsnorm(x @ W[p + "self_attn.q_a_proj.weight"].T, W[p + "self_attn.q_a_layernorm.weight"],
+                     cfg.eps)
         qf = qa @ W[p + "self_attn.q_b_proj.weight"].T
     else:
         qf = x @ W[p + "self_attn.q_proj.weight"].T
