@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """gen_model_golden.py — writes the tiny model directories under tests/golden/model/.
 
-Usage (Debian's interpreter, which has numpy):
+Usage (Debian's interpreter, which has numpy and torch):
     /usr/bin/python3 tests/ref/gen_model_golden.py [--out DIR]
 
 Each case is a Hugging Face-style model directory <case>/ holding
@@ -33,8 +33,11 @@ Routing decisions are kept away from ties: every routed token's decision margin 
 gap at the group and expert boundaries, dsmoe_ref.selection_margin) must be >= 1e-4 or the
 case is redrawn with the next seed, so fp32 and fp64 pick the same experts. On every case
 the naive and absorbed attention forms agree, and decoding token by token from a cache of
-latents and rope keys (model_ref.forward_decode) gives the full forward's logits (both to
-1e-10 of the logits' scale). Deterministic: two runs write the same bytes.
+latents and rope keys (model_ref.forward_decode) gives the full forward's logits, and so
+does a second formulation in torch laid out as the official inference code
+(model_torch.py: complex RoPE, einsum MLA naive and absorbed with caches fed whole, token by
+token and in prompt chunks, the official gate), all to 1e-10 of the logits' scale; RoPE
+frequencies agree to 1e-15. Deterministic: two runs write the same bytes.
 """
 
 import argparse
@@ -50,6 +53,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dsmoe_ref as R  # noqa: E402
 import model_ref as M  # noqa: E402
+import model_torch as MT  # noqa: E402
 
 MARGIN = 1e-4
 
@@ -316,6 +320,16 @@ def gen_case(case, root, done):
     decoded = M.forward_decode(cfg, exact, tokens)
     derr = np.max(np.abs(decoded - logits)) / scale
     assert derr < 1e-10, (case["name"], "decode against full forward", derr)
+    # The second formulation (torch, the official code's layout): RoPE frequencies, and the
+    # logits with both attention forms, whole and fed in chunks through the caches.
+    T = len(tokens)
+    assert np.max(np.abs(MT.inv_freq(cfg) - M.rope_inv_freq(cfg))) <= 1e-15, case["name"]
+    terr = 0.0
+    for impl, chunks in (("naive", None), ("absorb", None), ("absorb", [1] * T),
+                         ("naive", [5] + [1] * (T - 5)), ("absorb", [4, 3] + [1] * (T - 7))):
+        e = np.max(np.abs(MT.logits(cfg, exact, tokens, impl, chunks) - logits)) / scale
+        assert e < 1e-10, (case["name"], "torch formulation", impl, chunks, e)
+        terr = max(terr, e)
     path = os.path.join(root, case["name"])
     shutil.rmtree(path, ignore_errors=True)
     write_dir(path, case, tensors)
@@ -345,7 +359,7 @@ def gen_case(case, root, done):
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     print(f"{case['name']}: T={len(tokens)} V={cfg.V} layers={cfg.L} mtp={mtp} "
           f"min margin {margin:.3g}, |logits| max {np.max(np.abs(logits)):.3g}, "
-          f"naive-absorbed {err:.2g}, decode-full {derr:.2g}, {size} bytes")
+          f"naive-absorbed {err:.2g}, decode-full {derr:.2g}, torch {terr:.2g}, {size} bytes")
 
 
 def gen_fp8_refusals(case, root, tensors):
