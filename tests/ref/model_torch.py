@@ -112,7 +112,8 @@ class Model:
             self.kv_cache[l][:bsz, start_pos:end_pos] = rms(kv, kv_norm, c.eps)
             self.pe_cache[l][:bsz, start_pos:end_pos] = k_pe.squeeze(2)
             scores = (torch.einsum("bshc,btc->bsht", q_nope, self.kv_cache[l][:bsz, :end_pos]) +
-                      torch.einsum("bshr,btr->bsht", q_pe, self.pe_cache[l][:bsz, :end_pos])) * self.softmax_scale
+                      torch.einsum("bshr,btr->bsht", q_pe, self.pe_cache[l][:bsz, :end_pos]))
+            scores = scores * self.softmax_scale
         if mask is not None:
             scores = scores + mask.unsqueeze(1)
         scores = scores.softmax(dim=-1)
