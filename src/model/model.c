@@ -176,7 +176,7 @@ static void moe_layer_config(const dsmoe_model *m, int32_t l, dsmoe_moe_config *
     mc->weight_dtype = !m->widen && moe_all_bf16(m, l, mc) ? DSMOE_DTYPE_BF16 : DSMOE_DTYPE_F32;
 }
 
-/* Fills MoE layer l from the files. tmp: max(F, N_s F) · D floats (packing). */
+/* Fills MoE layer l from the files. tmp: max(F, N_s F, E) · D floats (packing). */
 static dsmoe_status moe_fill(dsmoe_model *m, int32_t l, dsmoe_moe *moe, float *tmp) {
     const size_t esz = dsmoe_moe_get_config(moe)->weight_dtype == DSMOE_DTYPE_BF16 ? 2 : 4;
     for (int64_t i = 0; i < dsmoe_moe_tensor_count(moe); i++) {
@@ -235,8 +235,8 @@ static dsmoe_status moe_setup(dsmoe_model *m) {
     m->moe_ws_size = ws;
     const int64_t F = c->moe_intermediate_size, Fs = (int64_t)c->n_shared_experts * F,
                   E = c->n_routed_experts;
-    int64_t big = (F > Fs ? F : Fs) * c->hidden_size;
-    if (big < E) big = E;
+    int64_t big = (F > Fs ? F : Fs) > E ? (F > Fs ? F : Fs) : E;
+    big *= c->hidden_size; /* the largest matrix, packed through this copy */
     float *tmp = (float *)malloc((size_t)big * sizeof(float));
     if (!m->moe_params || !m->moe_ws || !tmp) {
         free(tmp);
