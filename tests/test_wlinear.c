@@ -327,6 +327,51 @@ static void test_products_fp8_blocks(void) {
     product_case(DSMOE__WT_F8E4M3, 19, 45, 2, 1, 1);
 }
 
+/* fp8 with large scales (above 2^8, where the kernel multiplies twice), subnormal
+ * ones, and NaN weights (a row holding one gives NaN, the others stay right). */
+static void test_products_fp8_special(void) {
+    for (int withnan = 0; withnan < 2; withnan++) {
+        tmat m;
+        const int64_t R = 11, C = 100, nbc = 4;
+        tmat_make(&m, DSMOE__WT_F8E4M3, R, C, 4, 32);
+        const float sc[12] = {1e20f, 300.0f, 3e-39f, 0.5f, 256.0f, 255.9f, 1.0f, 1e-30f, 7.0f, 2e30f, 1e-3f, 9.0f};
+        memcpy((char *)m.sbuf + 2, sc, sizeof sc);
+        const uint8_t *d = (const uint8_t *)m.w.data;
+        if (withnan) {
+            ((uint8_t *)m.w.data)[3 * C + 40] = 0x7f; /* row 3 */
+            ((uint8_t *)m.w.data)[9 * C + 97] = 0xff; /* row 9, in the tail chunk */
+        }
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t k = 0; k < C; k++)
+                m.wide[r * C + k] = (double)(float)(t_f8(d[r * C + k]) * (double)sc[(r / 4) * nbc + k / 32]);
+        const int64_t T = 2;
+        float x[2 * 100];
+        for (int i = 0; i < 200; i++) x[i] = (float)tl_normal();
+        const char *isas[2] = {"ref", "avx512"};
+        float *first = NULL;
+        for (int v = 0; v < 2; v++) {
+            if (dsmoe_set_isa(isas[v]) != DSMOE_OK) continue;
+            float *y = run_product(&m, x, C, T, R, 1);
+            if (!withnan) {
+                check_product(isas[v], y, R, &m, x, C, T);
+            } else {
+                for (int64_t t = 0; t < T; t++)
+                    for (int64_t o = 0; o < R; o++) ASSERT_TRUE(!isnan(y[t * R + o]) == (o != 3 && o != 9));
+            }
+            if (!first)
+                first = y;
+            else {
+                for (int64_t i = 0; i < T * R; i++)
+                    if (!isnan(first[i]) || !isnan(y[i])) ASSERT_TRUE(memcmp(&first[i], &y[i], 4) == 0);
+                free(y);
+            }
+        }
+        dsmoe_set_isa(NULL);
+        free(first);
+        tmat_free(&m);
+    }
+}
+
 /* Scratch sizes cover every narrower shape. */
 static void test_scratch(void) {
     ASSERT_EQ_INT(dsmoe__wlinear_scratch(2048, 1), 0);
@@ -344,5 +389,6 @@ int main(void) {
     RUN(test_products_decode);
     RUN(test_products_panels);
     RUN(test_products_fp8_blocks);
+    RUN(test_products_fp8_special);
     return TEST_SUMMARY();
 }

@@ -155,15 +155,17 @@ WL_INLINE WL512 float hsum512(__m512 a) {
     return _mm_cvtss_f32(s1);
 }
 
-/* 16 fp8 bytes widened (without the scale). */
+/* 16 fp8 bytes widened (without the scale): through f16 as in f8_fast, NaN patterns
+ * made quiet NaNs with their sign. */
 WL_INLINE WL512 __m512 f8_16(__m128i bytes) {
+    const __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
+                                       _mm256_set1_epi16((short)0xbf80));
+    __m512 v = _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(0x1p8f));
     const __m512i b = _mm512_cvtepu8_epi32(bytes);
-    const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
-    __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(mag, 20)), _mm512_set1_ps(0x1p120f));
-    const __mmask16 nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f));
-    v = _mm512_mask_blend_ps(nan, v, _mm512_castsi512_ps(_mm512_set1_epi32(0x7fc00000)));
+    const __mmask16 nan = _mm512_cmpeq_epi32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7f)), _mm512_set1_epi32(0x7f));
     const __m512i sgn = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
-    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sgn));
+    const __m512 qnan = _mm512_castsi512_ps(_mm512_or_si512(_mm512_set1_epi32(0x7fc00000), sgn));
+    return _mm512_mask_blend_ps(nan, v, qnan);
 }
 
 /* The scales of columns k .. k+15 of row r (one block or two). */
@@ -191,11 +193,60 @@ WL_INLINE WL512 __m512 ld_w(const char *row, int64_t k, const int TY) {
     }
 }
 
+/* 16 fp8 bytes times a scale given as a = scale · 2^8 (MODE 1; exact whenever that is
+ * finite, |scale| < 2^120) or as a = 2^8, b = scale (MODE 2). The sign-extended byte
+ * shifted left by 7 and masked is an f16 with the sign, exponent and mantissa in place
+ * and an exponent short by 8 (fp8 subnormals land on f16 subnormals); vcvtph2ps makes
+ * it an fp32 normal number, so no multiplication sees a subnormal operand (which costs
+ * a microcode assist on some CPUs). The NaN pattern is not handled here (the caller
+ * checks for it). */
+WL_INLINE WL512 __m512 f8_fast(__m128i bytes, __m512 a, __m512 b, const int MODE) {
+    const __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
+                                       _mm256_set1_epi16((short)0xbf80));
+    const __m512 f = _mm512_mul_ps(_mm512_cvtph_ps(h), a);
+    return MODE == 2 ? _mm512_mul_ps(f, b) : f;
+}
+
+/* Full 16-column chunks from k0 to k1 (multiples of 16) of a tile of R rows × N tokens,
+ * accumulated into acc. MODE 0: widened as stored (fp8: the scale looked up per chunk);
+ * MODE 1 / 2: fp8 with one scale per row over [k0, k1) (sa, sb: see f8_fast). */
+WL_INLINE WL512 void chunks512(__m512 *acc, const char *const *rows, const char *const *srow,
+                               const float *const *xr, const dsmoe__wmat *W, int64_t k0,
+                               int64_t k1, const __m512 *sa, const __m512 *sb, const int TY,
+                               const int R, const int N, const int MODE) {
+    for (int64_t k = k0; k < k1; k += 16) {
+        __m512 w[8];
+        if (MODE == 0) {
+            for (int r = 0; r < R; r++) {
+                w[r] = ld_w(rows[r], k, TY);
+                if (TY == DSMOE__WT_F8E4M3) w[r] = _mm512_mul_ps(w[r], f8_scale16(W, srow[r], k));
+            }
+        } else {
+            /* a NaN byte (S.1111.111) is the only one whose double is 0xFE (mod 256),
+             * the largest even byte: one test for the R rows */
+            __m128i by[8], hi = _mm_setzero_si128();
+            for (int r = 0; r < R; r++) {
+                by[r] = _mm_loadu_si128((const __m128i *)(const void *)(rows[r] + k));
+                hi = _mm_max_epu8(hi, _mm_add_epi8(by[r], by[r]));
+            }
+            if (__builtin_expect(_mm_movemask_epi8(_mm_cmpeq_epi8(hi, _mm_set1_epi8((char)0xfe))) != 0, 0)) {
+                for (int r = 0; r < R; r++) w[r] = _mm512_mul_ps(f8_16(by[r]), f8_scale16(W, srow[r], k));
+            } else {
+                for (int r = 0; r < R; r++) w[r] = f8_fast(by[r], sa[r], sb[r], MODE);
+            }
+        }
+        for (int t = 0; t < N; t++) {
+            const __m512 xv = _mm512_loadu_ps(xr[t] + k);
+            for (int r = 0; r < R; r++) acc[r * N + t] = _mm512_fmadd_ps(w[r], xv, acc[r * N + t]);
+        }
+    }
+}
+
 /* A tile of R rows (from o) × N tokens (from t0): 16-lane sums over all columns. */
 WL_INLINE WL512 void tile512(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t t0,
                              const dsmoe__wmat *W, int64_t o, const int TY, const int R,
                              const int N) {
-    const int64_t C = W->cols;
+    const int64_t C = W->cols, Cf = C / 16 * 16;
     const int esz = TY == DSMOE__WT_F32 ? 4 : TY == DSMOE__WT_F8E4M3 ? 1 : 2;
     const char *rows[8], *srow[8];
     const float *xr[4];
@@ -208,29 +259,40 @@ WL_INLINE WL512 void tile512(float *y, int64_t ldy, const float *x, int64_t ldx,
     }
     for (int t = 0; t < N; t++) xr[t] = x + (t0 + t) * ldx;
     for (int j = 0; j < R * N; j++) acc[j] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= C; k += 16) {
-        __m512 w[8];
-        for (int r = 0; r < R; r++) {
-            w[r] = ld_w(rows[r], k, TY);
-            if (TY == DSMOE__WT_F8E4M3) w[r] = _mm512_mul_ps(w[r], f8_scale16(W, srow[r], k));
+    if (TY == DSMOE__WT_F8E4M3 && W->bc % 16 == 0) {
+        /* blocks of bc columns: one scale per row in each */
+        for (int64_t k0 = 0, b = 0; k0 < Cf; k0 += W->bc, b++) {
+            const int64_t k1 = k0 + W->bc < Cf ? k0 + W->bc : Cf;
+            __m512 sa[8], sb[8];
+            int slow = 0;
+            for (int r = 0; r < R; r++) {
+                float sc;
+                memcpy(&sc, srow[r] + (size_t)b * 4, 4);
+                slow |= !(fabsf(sc) < 0x1p120f) && isfinite(sc);
+                sa[r] = _mm512_set1_ps(sc * 0x1p8f);
+                sb[r] = _mm512_set1_ps(sc);
+            }
+            if (slow) {
+                for (int r = 0; r < R; r++) sa[r] = _mm512_set1_ps(0x1p8f);
+                chunks512(acc, rows, srow, xr, W, k0, k1, sa, sb, TY, R, N, 2);
+            } else {
+                chunks512(acc, rows, srow, xr, W, k0, k1, sa, sb, TY, R, N, 1);
+            }
         }
-        for (int t = 0; t < N; t++) {
-            const __m512 xv = _mm512_loadu_ps(xr[t] + k);
-            for (int r = 0; r < R; r++) acc[r * N + t] = _mm512_fmadd_ps(w[r], xv, acc[r * N + t]);
-        }
+    } else {
+        chunks512(acc, rows, srow, xr, W, 0, Cf, NULL, NULL, TY, R, N, 0);
     }
-    if (k < C) {
-        const int n = (int)(C - k);
+    if (Cf < C) {
+        const int n = (int)(C - Cf);
         const __mmask16 m = (__mmask16)((1u << n) - 1u);
         __m512 w[8];
         for (int r = 0; r < R; r++) {
             float buf[16] = {0};
-            widen_ref(buf, W, o + r, k, C);
+            widen_ref(buf, W, o + r, Cf, C);
             w[r] = _mm512_loadu_ps(buf);
         }
         for (int t = 0; t < N; t++) {
-            const __m512 xv = _mm512_maskz_loadu_ps(m, xr[t] + k);
+            const __m512 xv = _mm512_maskz_loadu_ps(m, xr[t] + Cf);
             for (int r = 0; r < R; r++) acc[r * N + t] = _mm512_fmadd_ps(w[r], xv, acc[r * N + t]);
         }
     }
