@@ -198,6 +198,14 @@ static void test_errors(void) {
     ASSERT_EQ_INT(dsmoe_model_cache_bytes_per_token(&c), -1);
     ASSERT_EQ_INT(dsmoe_model_mha_cache_bytes_per_token(&c), -1);
     ASSERT_EQ_INT(dsmoe_model_cache_bytes_per_token(NULL), -1);
+    /* Sizes each within the validator's limits whose product overflows int64. */
+    if (!load_cfg("deepseek_v3.json", &c)) return;
+    c.hidden_size = 1 << 20;
+    c.moe_intermediate_size = 1 << 20;
+    c.num_hidden_layers = 4096;
+    c.n_routed_experts = 65536;
+    ASSERT_STATUS(dsmoe_model_count_params(&c, &k), DSMOE_STATUS_INVALID_CONFIG);
+    ASSERT_TRUE(strstr(dsmoe_last_error(), "more than 4e18 parameters") != NULL);
 }
 
 int main(void) {

@@ -55,6 +55,17 @@ dsmoe_status dsmoe_model_count_params(const dsmoe_model_config *c, dsmoe_model_c
     if (s != DSMOE_OK) return s;
     const int64_t D = c->hidden_size, V = c->vocab_size;
     const int32_t L = c->num_hidden_layers;
+    /* Sizes the validator accepts can still multiply past int64 (2^20-wide experts,
+     * 65536 of them, 4096 layers): bound the largest terms in double first. */
+    const double bound =
+        (double)(L + c->num_nextn_predict_layers + 1) *
+        ((double)c->n_routed_experts * 3.0 * (double)D * (double)c->moe_intermediate_size +
+         3.0 * (double)D * ((double)c->intermediate_size +
+                            (double)c->n_shared_experts * (double)c->moe_intermediate_size) +
+         (double)attn_params(c) + 2.0 * (double)V * (double)D + 2.0 * (double)D * (double)D);
+    if (!(bound < 4e18))
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "config.json: the model has more than 4e18 parameters (%.3g)", bound);
     dsmoe_model_counts o;
     memset(&o, 0, sizeof o);
     o.embedding = V * D;
