@@ -157,7 +157,8 @@ static void check_case(const char *name) {
             /* LOGITS_LAST: the last row of the same call */
             ASSERT_OK(dsmoe_model_cache_truncate(k, 0));
             ASSERT_OK(dsmoe_model_forward(m, k, tok, LONG_T, d, DSMOE_MODEL_ATTN_NAIVE | DSMOE_MODEL_LOGITS_LAST));
-            tl_same_bits("LOGITS_LAST = the last row", d, a + (LONG_T - 1) * V, V);
+            snprintf(what, sizeof what, "%s: LOGITS_LAST = the last row", name);
+            close_f(what, d, a + (LONG_T - 1) * V, V, 1e-6); /* the head on 1 row, not T */
             /* logits NULL: the cache still advances, to the same state */
             ASSERT_OK(dsmoe_model_cache_truncate(k, 0));
             ASSERT_OK(dsmoe_model_forward(m, k, tok, LONG_T - 1, b, DSMOE_MODEL_ATTN_NAIVE));
