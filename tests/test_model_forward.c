@@ -180,6 +180,15 @@ static void check_case(const char *name) {
         run_decode(m, tok, LONG_T, a);
         run_decode(m2, tok, LONG_T, b);
         tl_same_bits("decoding, 2 threads = 1 thread", b, a, LONG_T * V);
+        dsmoe_model *m3 = open_model(dir, 3, 16, 0); /* more threads than some cases have heads */
+        dsmoe_model *m1 = open_model(dir, 1, 16, 0);
+        if (m3 && m1) {
+            run_all(m1, tok, LONG_T, a, 0);
+            run_all(m3, tok, LONG_T, b, 0);
+            tl_same_bits("chunks of 16, 3 threads = 1 thread", b, a, LONG_T * V);
+        }
+        dsmoe_model_free(m3);
+        dsmoe_model_free(m1);
 
         /* every weight widened at open: the same model within rounding */
         dsmoe_model *mw = open_model(dir, 2, 0, 1);
