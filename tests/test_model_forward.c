@@ -422,10 +422,77 @@ static void test_non_finite(void) {
     dsmoe_model_free(m);
 }
 
+/* A copy of golden case `name` in DSMOE_TMP/<tag> with element 3 of tensor `tensor`
+ * (esz bytes per element) overwritten by `bits`; the path into dir. */
+static int poisoned_copy(char *dir, size_t cap, const char *name, const char *tag,
+                         const char *tensor, size_t esz, uint32_t bits) {
+    static const char *const files[] = {"config.json", "model.safetensors",
+                                        "model.safetensors.index.json",
+                                        "model-00001-of-00003.safetensors",
+                                        "model-00002-of-00003.safetensors",
+                                        "model-00003-of-00003.safetensors"};
+    char from[700], to[700];
+    mt_scratch(dir, cap, tag);
+    int patched = 0;
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        size_t len;
+        snprintf(from, sizeof from, "%s%s/%s", MT_GOLDEN, name, files[i]);
+        snprintf(to, sizeof to, "%s/%s", dir, files[i]);
+        char *t = mt_read(from, &len);
+        if (!t) continue;
+        uint64_t b, e;
+        if (i > 0 && strcmp(files[i], "model.safetensors.index.json") != 0 &&
+            st_offsets(t, len, tensor, &b, &e) && b + 4 * esz <= e) {
+            memcpy(t + b + 3 * esz, &bits, esz); /* little-endian: the low esz bytes */
+            patched = 1;
+        }
+        ASSERT_TRUE(mt_write(to, t, len));
+        free(t);
+    }
+    ASSERT_TRUE(patched);
+    return patched;
+}
+
+/* A NaN weight anywhere is NON_FINITE at open, naming the tensor, whichever way the
+ * tensor is held (stored operand, fp32 vector, F32 or BF16 MoE layer, widened). */
+static void test_open_non_finite(void) {
+    static const struct {
+        const char *name, *tensor;
+        size_t esz;
+        uint32_t nan;
+    } cases[] = {
+        {"v3_yarn_q", "model.layers.1.self_attn.o_proj.weight", 4, 0x7fc00000u},
+        {"v3_yarn_q", "model.layers.0.input_layernorm.weight", 4, 0x7f800000u},
+        {"v3_yarn_q", "model.layers.2.mlp.experts.5.up_proj.weight", 4, 0xff800000u},
+        {"v3_yarn_q", "lm_head.weight", 4, 0x7fc00000u},
+        {"v2_glg_sharded", "model.layers.0.self_attn.q_proj.weight", 2, 0x7fc0u},
+        {"v2_glg_sharded", "model.layers.2.mlp.experts.1.down_proj.weight", 2, 0xff80u},
+        {"v2_glg_sharded", "model.layers.1.mlp.gate.weight", 2, 0x7f80u},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char dir[512];
+        if (!poisoned_copy(dir, sizeof dir, cases[i].name, "model_forward_nan", cases[i].tensor,
+                           cases[i].esz, cases[i].nan))
+            continue;
+        for (int widen = 0; widen < 2; widen++) {
+            dsmoe_model_options o;
+            dsmoe_model_options_default(&o);
+            o.n_threads = 1;
+            o.widen_f32 = widen;
+            dsmoe_model *m = (dsmoe_model *)dir;
+            ASSERT_STATUS(dsmoe_model_open(dir, &o, &m), DSMOE_STATUS_NON_FINITE);
+            ASSERT_TRUE(m == NULL);
+            if (!strstr(dsmoe_last_error(), cases[i].tensor))
+                TL_FAIL("%s: message '%s' does not name it", cases[i].tensor, dsmoe_last_error());
+        }
+    }
+}
+
 int main(void) {
     RUN(test_accessors);
     RUN(test_forward_errors);
     RUN(test_non_finite);
+    RUN(test_open_non_finite);
     RUN(test_manifest_cases);
     return TEST_SUMMARY();
 }

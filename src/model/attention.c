@@ -72,6 +72,7 @@ void dsmoe__attn_naive(const dsmoe__attn_args *a) {
     const int64_t H = c->num_attention_heads, n = c->qk_nope_head_dim, r = c->qk_rope_head_dim,
                   v = c->v_head_dim, kc = c->kv_lora_rank, T = a->T, P = a->pos0 + a->T;
     const int nt = a->n_threads > 1 ? a->n_threads : 1;
+    (void)nt; /* unused without OpenMP */
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int64_t h = 0; h < H; h++) {
         float *kx = a->scratch + a->per_thread * (size_t)thread_id(); /* (P, n + r) */
@@ -115,6 +116,7 @@ void dsmoe__attn_absorbed(const dsmoe__attn_args *a) {
                   v = c->v_head_dim, kc = c->kv_lora_rank, T = a->T;
     const int64_t nblk = (T + QB - 1) / QB;
     const int nt = a->n_threads > 1 ? a->n_threads : 1;
+    (void)nt; /* unused without OpenMP */
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int64_t it = 0; it < H * nblk; it++) {
         const int64_t h = it % H, i0 = it / H * QB;
