@@ -21,8 +21,10 @@
  * and q̃ are plain loops over rows in order (vectorised by the compiler).
  *
  * Threads: the naive form over heads (a head's expansion serves all its queries), the
- * absorbed form over (head, block of 64 queries) pairs; each result is computed by one
- * thread in an order fixed by the shapes, so the bits never depend on the thread count.
+ * absorbed form over (query, block of heads) pairs: a decoding token's heads share each
+ * cache row as it streams by, and the blocks shrink to give every thread work when the
+ * tokens are few. Each result is computed by one thread in an order fixed by the shapes
+ * (never by the blocking), so the bits never depend on the thread count.
  */
 #include "kernels/kernels.h"
 #include "model/model_internal.h"
@@ -114,46 +116,58 @@ void dsmoe__attn_absorbed(const dsmoe__attn_args *a) {
     const dsmoe_model_config *c = a->c;
     const int64_t H = c->num_attention_heads, n = c->qk_nope_head_dim, r = c->qk_rope_head_dim,
                   v = c->v_head_dim, kc = c->kv_lora_rank, T = a->T;
-    const int64_t nblk = (T + QB - 1) / QB;
     const int nt = a->n_threads > 1 ? a->n_threads : 1;
-    (void)nt; /* unused without OpenMP */
+    /* Heads in blocks of at most 64: a block's queries meet each cache row once. With
+     * fewer queries than threads the blocks shrink so that every thread has one; a
+     * result never depends on which heads share a block. */
+    int64_t nhb = (H + QB - 1) / QB, want = (nt + T - 1) / T;
+    if (want > H) want = H;
+    if (nhb < want) nhb = want;
+    const int64_t HB = (H + nhb - 1) / nhb;
+    nhb = (H + HB - 1) / HB;
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (int64_t it = 0; it < H * nblk; it++) {
-        const int64_t h = it % H, i0 = it / H * QB;
-        const int nb = (int)(T - i0 < QB ? T - i0 : QB);
-        const int64_t Pb = a->pos0 + i0 + nb;
+    for (int64_t it = 0; it < T * nhb; it++) {
+        const int64_t i = it / nhb, h0 = it % nhb * HB, cnt = a->pos0 + i + 1;
+        const int hb = (int)(H - h0 < HB ? H - h0 : HB);
         float *xq = a->scratch + a->per_thread * (size_t)thread_id(); /* (QB, c + r) */
         float *lat = xq + QB * (kc + r);                                /* (QB, c) */
-        float *S = lat + QB * kc;                                       /* (QB, Pb) */
-        const float *W = a->kv_b + h * (n + v) * kc;                    /* (n + v, c) */
+        float *S = lat + QB * kc;                                       /* (QB, cnt) */
         const float *X[QB];
-        /* [q̃ | q_pe]: q̃ = q_nope · W_UK_h, the rows of W_UK_h weighted in row order */
-        for (int i = 0; i < nb; i++) {
-            const float *qn = a->q + ((i0 + i) * H + h) * (n + r);
-            float *qt = xq + i * (kc + r);
+        /* [q̃ | q_pe] per head: q̃ = q_nope · W_UK_h, the rows of W_UK_h weighted in order */
+        for (int b = 0; b < hb; b++) {
+            const float *qn = a->q + (i * H + h0 + b) * (n + r);
+            const float *W = a->kv_b + (h0 + b) * (n + v) * kc; /* (n + v, c) */
+            float *qt = xq + b * (kc + r);
             for (int64_t k = 0; k < kc; k++) qt[k] = 0.0f;
             for (int64_t o = 0; o < n; o++) {
                 const float qo = qn[o], *w = W + o * kc;
                 for (int64_t k = 0; k < kc; k++) qt[k] += qo * w[k];
             }
             memcpy(qt + kc, qn + n, (size_t)r * sizeof(float));
-            X[i] = qt;
+            X[b] = qt;
         }
-        /* scores against the cache rows [latent | k_pe] */
-        dsmoe__moe_gemm_nt(S, Pb, X, nb, a->kv, DSMOE_DTYPE_F32, 0, (int)Pb, (int)(kc + r));
-        for (int i = 0; i < nb; i++) {
-            const int64_t cnt = a->pos0 + i0 + i + 1;
-            float *p = S + i * Pb, *l = lat + i * kc;
-            softmax(p, cnt, a->scale);
+        /* scores of the block's heads against the cache rows [latent | k_pe] */
+        dsmoe__moe_gemm_nt(S, cnt, X, hb, a->kv, DSMOE_DTYPE_F32, 0, (int)cnt, (int)(kc + r));
+        for (int b = 0; b < hb; b++) {
+            softmax(S + b * cnt, cnt, a->scale);
+            float *l = lat + b * kc;
             for (int64_t k = 0; k < kc; k++) l[k] = 0.0f;
-            for (int64_t j = 0; j < cnt; j++) {
-                const float pj = p[j], *row = a->kv + j * (kc + r);
+        }
+        /* Σ_j p_j latent_j per head, positions in order (each cache row read once) */
+        for (int64_t j = 0; j < cnt; j++) {
+            const float *row = a->kv + j * (kc + r);
+            for (int b = 0; b < hb; b++) {
+                const float pj = S[b * cnt + j];
+                float *l = lat + b * kc;
                 for (int64_t k = 0; k < kc; k++) l[k] += pj * row[k];
             }
-            X[i] = l;
         }
-        /* out = W_UV_h · Σ p_j latent_j */
-        dsmoe__moe_gemm_nt(a->out + (i0 * H + h) * v, H * v, X, nb, W + n * kc,
-                           DSMOE_DTYPE_F32, 0, (int)v, (int)kc);
+        /* out_h = W_UV_h · Σ_j p_j latent_j */
+        for (int b = 0; b < hb; b++) {
+            const float *W = a->kv_b + (h0 + b) * (n + v) * kc;
+            const float *l = lat + b * kc;
+            dsmoe__moe_gemm_nt(a->out + (i * H + h0 + b) * v, v, &l, 1, W + n * kc,
+                               DSMOE_DTYPE_F32, 0, (int)v, (int)kc);
+        }
     }
 }
