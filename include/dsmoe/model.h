@@ -282,8 +282,9 @@ DSMOE_API const dsmoe_model_files *dsmoe_model_get_files(const dsmoe_model *m);
 
 /* A cache of up to `capacity` positions (1 .. max_position_embeddings) for sequences
  * of model m; usable with m only. Besides capacity · dsmoe_model_cache_bytes_per_token
- * bytes it owns the attention scratch for that capacity (n_threads · capacity ·
- * (qk_nope_head_dim + v_head_dim + 1) floats), so that forward allocates nothing.
+ * bytes it owns the attention scratch for that capacity (about n_threads · capacity ·
+ * (qk_nope_head_dim + qk_rope_head_dim + v_head_dim + 64) floats), so that forward
+ * allocates nothing.
  * Errors: INVALID_ARGUMENT, OUT_OF_MEMORY. */
 DSMOE_API dsmoe_status dsmoe_model_cache_create(const dsmoe_model *m, int64_t capacity,
                                                 dsmoe_model_cache **out);

@@ -13,13 +13,20 @@
  * The same products associated differently, so the two agree within fp32 rounding.
  * Query i sits at position pos0 + i and sees positions 0 .. pos0 + i (causal). Softmax
  * in fp32 (max subtracted, exp, sum, then each weight divided by the sum, as blocks.c).
- * Plain C loops: the compiler vectorises the dot products (omp simd reductions) and the
- * weighted sums.
+ * The dot products (the naive expansion, every score, the absorbed output) go through
+ * the MoE layer's skinny product dsmoe__moe_gemm_nt (kernels.h): up to 64 rows at a
+ * time against contiguous rows, 16 fixed partial sums, the same bits on every ISA. A
+ * score is one dot product over [q_nope | q_pe] · [k_nope | k_pe] (naive) or
+ * [q̃ | q_pe] · [latent | k_pe] (absorbed: the cache rows themselves). The weighted sums
+ * and q̃ are plain loops over rows in order (vectorised by the compiler).
  *
  * Threads: the naive form over heads (a head's expansion serves all its queries), the
- * absorbed form over (query, head) pairs; each result is computed by one thread in an
- * order fixed by the shapes, so the bits never depend on the thread count.
+ * absorbed form over (query, block of heads) pairs: a decoding token's heads share each
+ * cache row as it streams by, and the blocks shrink to give every thread work when the
+ * tokens are few. Each result is computed by one thread in an order fixed by the shapes
+ * (never by the blocking), so the bits never depend on the thread count.
  */
+#include "kernels/kernels.h"
 #include "model/model_internal.h"
 
 #include <math.h>
@@ -27,6 +34,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+/* Queries per block (rows of one dsmoe__moe_gemm_nt call). */
+#define QB DSMOE__MOE_SKINNY_N
 
 static int thread_id(void) {
 #ifdef _OPENMP
@@ -36,27 +46,22 @@ static int thread_id(void) {
 #endif
 }
 
-/* Σ_k a[k] · b[k]: vector lanes of partial sums (the compiler's fixed split; never
- * dependent on the thread count). */
-static float dot(const float *a, const float *b, int64_t n) {
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t k = 0; k < n; k++) acc += a[k] * b[k];
-    return acc;
-}
-
 size_t dsmoe__attn_scratch_floats(const dsmoe_model_config *c, int64_t P) {
-    const int64_t n = c->qk_nope_head_dim, v = c->v_head_dim, kc = c->kv_lora_rank;
-    int64_t naive = P * (n + v) + P, absorbed = P + 2 * kc;
+    const int64_t n = c->qk_nope_head_dim, r = c->qk_rope_head_dim, v = c->v_head_dim,
+                  kc = c->kv_lora_rank;
+    int64_t naive = P * (n + r + v) + QB * P, absorbed = QB * (2 * kc + r) + QB * P;
     int64_t m = naive > absorbed ? naive : absorbed;
     return dsmoe__align64((size_t)m * sizeof(float)) / sizeof(float);
 }
 
-/* Softmax of p[0..cnt) in place: exp(p − max) then each divided by the sum. */
-static void softmax(float *p, int64_t cnt) {
+/* Row i of S (cnt entries) times scale, then softmax in place: exp(s − max), each
+ * divided by the sum. */
+static void softmax(float *p, int64_t cnt, float scale) {
     float mx = -INFINITY, sum = 0.0f;
-    for (int64_t j = 0; j < cnt; j++)
+    for (int64_t j = 0; j < cnt; j++) {
+        p[j] *= scale;
         if (p[j] > mx) mx = p[j];
+    }
     for (int64_t j = 0; j < cnt; j++) {
         p[j] = expf(p[j] - mx);
         sum += p[j];
@@ -69,27 +74,39 @@ void dsmoe__attn_naive(const dsmoe__attn_args *a) {
     const int64_t H = c->num_attention_heads, n = c->qk_nope_head_dim, r = c->qk_rope_head_dim,
                   v = c->v_head_dim, kc = c->kv_lora_rank, T = a->T, P = a->pos0 + a->T;
     const int nt = a->n_threads > 1 ? a->n_threads : 1;
+    (void)nt; /* unused without OpenMP */
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int64_t h = 0; h < H; h++) {
-        float *kvx = a->scratch + a->per_thread * (size_t)thread_id(); /* (P, n + v) */
-        float *p = kvx + P * (n + v);                                  /* (P) */
+        float *kx = a->scratch + a->per_thread * (size_t)thread_id(); /* (P, n + r) */
+        float *vx = kx + P * (n + r);                                  /* (P, v) */
+        float *S = vx + P * v;                                         /* (QB, P) */
         const float *W = a->kv_b + h * (n + v) * kc;                   /* (n + v, c) */
-        for (int64_t j = 0; j < P; j++) {
-            const float *lat = a->kv + j * (kc + r);
-            for (int64_t o = 0; o < n + v; o++) kvx[j * (n + v) + o] = dot(W + o * kc, lat, kc);
+        const float *X[QB];
+        /* k_nope_j | k_pe_j and value_j of every position */
+        for (int64_t j0 = 0; j0 < P; j0 += QB) {
+            const int nb = (int)(P - j0 < QB ? P - j0 : QB);
+            for (int i = 0; i < nb; i++) X[i] = a->kv + (j0 + i) * (kc + r);
+            dsmoe__moe_gemm_nt(kx + j0 * (n + r), n + r, X, nb, W, DSMOE_DTYPE_F32, 0, (int)n,
+                               (int)kc);
+            dsmoe__moe_gemm_nt(vx + j0 * v, v, X, nb, W + n * kc, DSMOE_DTYPE_F32, 0, (int)v,
+                               (int)kc);
+            for (int i = 0; i < nb; i++)
+                memcpy(kx + (j0 + i) * (n + r) + n, X[i] + kc, (size_t)r * sizeof(float));
         }
-        for (int64_t i = 0; i < T; i++) {
-            const float *qn = a->q + (i * H + h) * (n + r), *qp = qn + n;
-            const int64_t cnt = a->pos0 + i + 1;
-            for (int64_t j = 0; j < cnt; j++)
-                p[j] = (dot(qn, kvx + j * (n + v), n) + dot(qp, a->kv + j * (kc + r) + kc, r)) *
-                       a->scale;
-            softmax(p, cnt);
-            float *o = a->out + (i * H + h) * v;
-            for (int64_t k = 0; k < v; k++) o[k] = 0.0f;
-            for (int64_t j = 0; j < cnt; j++) {
-                const float *val = kvx + j * (n + v) + n;
-                for (int64_t k = 0; k < v; k++) o[k] += p[j] * val[k];
+        for (int64_t i0 = 0; i0 < T; i0 += QB) {
+            const int nb = (int)(T - i0 < QB ? T - i0 : QB);
+            const int64_t Pb = a->pos0 + i0 + nb; /* positions the block's last query sees */
+            for (int i = 0; i < nb; i++) X[i] = a->q + ((i0 + i) * H + h) * (n + r);
+            dsmoe__moe_gemm_nt(S, Pb, X, nb, kx, DSMOE_DTYPE_F32, 0, (int)Pb, (int)(n + r));
+            for (int i = 0; i < nb; i++) {
+                const int64_t cnt = a->pos0 + i0 + i + 1;
+                float *p = S + i * Pb, *o = a->out + ((i0 + i) * H + h) * v;
+                softmax(p, cnt, a->scale);
+                for (int64_t k = 0; k < v; k++) o[k] = 0.0f;
+                for (int64_t j = 0; j < cnt; j++) {
+                    const float pj = p[j], *val = vx + j * v;
+                    for (int64_t k = 0; k < v; k++) o[k] += pj * val[k];
+                }
             }
         }
     }
@@ -100,31 +117,57 @@ void dsmoe__attn_absorbed(const dsmoe__attn_args *a) {
     const int64_t H = c->num_attention_heads, n = c->qk_nope_head_dim, r = c->qk_rope_head_dim,
                   v = c->v_head_dim, kc = c->kv_lora_rank, T = a->T;
     const int nt = a->n_threads > 1 ? a->n_threads : 1;
+    /* Heads in blocks of at most 64: a block's queries meet each cache row once. With
+     * fewer queries than threads the blocks shrink so that every thread has one; a
+     * result never depends on which heads share a block. */
+    int64_t nhb = (H + QB - 1) / QB, want = (nt + T - 1) / T;
+    if (want > H) want = H;
+    if (nhb < want) nhb = want;
+    const int64_t HB = (H + nhb - 1) / nhb;
+    nhb = (H + HB - 1) / HB;
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (int64_t it = 0; it < T * H; it++) {
-        const int64_t i = it / H, h = it % H, cnt = a->pos0 + i + 1;
-        float *qt = a->scratch + a->per_thread * (size_t)thread_id(); /* (c) */
-        float *lat = qt + kc;                                          /* (c) */
-        float *p = lat + kc;                                           /* (P) */
-        const float *W = a->kv_b + h * (n + v) * kc;                   /* (n + v, c) */
-        const float *qn = a->q + (i * H + h) * (n + r), *qp = qn + n;
-        /* q̃ = q_nope · W_UK_h: the rows of W_UK_h weighted by q_nope, in row order */
-        for (int64_t k = 0; k < kc; k++) qt[k] = 0.0f;
-        for (int64_t o = 0; o < n; o++) {
-            const float qo = qn[o], *w = W + o * kc;
-            for (int64_t k = 0; k < kc; k++) qt[k] += qo * w[k];
+    for (int64_t it = 0; it < T * nhb; it++) {
+        const int64_t i = it / nhb, h0 = it % nhb * HB, cnt = a->pos0 + i + 1;
+        const int hb = (int)(H - h0 < HB ? H - h0 : HB);
+        float *xq = a->scratch + a->per_thread * (size_t)thread_id(); /* (QB, c + r) */
+        float *lat = xq + QB * (kc + r);                                /* (QB, c) */
+        float *S = lat + QB * kc;                                       /* (QB, cnt) */
+        const float *X[QB];
+        /* [q̃ | q_pe] per head: q̃ = q_nope · W_UK_h, the rows of W_UK_h weighted in order */
+        for (int b = 0; b < hb; b++) {
+            const float *qn = a->q + (i * H + h0 + b) * (n + r);
+            const float *W = a->kv_b + (h0 + b) * (n + v) * kc; /* (n + v, c) */
+            float *qt = xq + b * (kc + r);
+            for (int64_t k = 0; k < kc; k++) qt[k] = 0.0f;
+            for (int64_t o = 0; o < n; o++) {
+                const float qo = qn[o], *w = W + o * kc;
+                for (int64_t k = 0; k < kc; k++) qt[k] += qo * w[k];
+            }
+            memcpy(qt + kc, qn + n, (size_t)r * sizeof(float));
+            X[b] = qt;
         }
+        /* scores of the block's heads against the cache rows [latent | k_pe] */
+        dsmoe__moe_gemm_nt(S, cnt, X, hb, a->kv, DSMOE_DTYPE_F32, 0, (int)cnt, (int)(kc + r));
+        for (int b = 0; b < hb; b++) {
+            softmax(S + b * cnt, cnt, a->scale);
+            float *l = lat + b * kc;
+            for (int64_t k = 0; k < kc; k++) l[k] = 0.0f;
+        }
+        /* Σ_j p_j latent_j per head, positions in order (each cache row read once) */
         for (int64_t j = 0; j < cnt; j++) {
             const float *row = a->kv + j * (kc + r);
-            p[j] = (dot(qt, row, kc) + dot(qp, row + kc, r)) * a->scale;
+            for (int b = 0; b < hb; b++) {
+                const float pj = S[b * cnt + j];
+                float *l = lat + b * kc;
+                for (int64_t k = 0; k < kc; k++) l[k] += pj * row[k];
+            }
         }
-        softmax(p, cnt);
-        for (int64_t k = 0; k < kc; k++) lat[k] = 0.0f;
-        for (int64_t j = 0; j < cnt; j++) {
-            const float *row = a->kv + j * (kc + r);
-            for (int64_t k = 0; k < kc; k++) lat[k] += p[j] * row[k];
+        /* out_h = W_UV_h · Σ_j p_j latent_j */
+        for (int b = 0; b < hb; b++) {
+            const float *W = a->kv_b + (h0 + b) * (n + v) * kc;
+            const float *l = lat + b * kc;
+            dsmoe__moe_gemm_nt(a->out + (i * H + h0 + b) * v, v, &l, 1, W + n * kc,
+                               DSMOE_DTYPE_F32, 0, (int)v, (int)kc);
         }
-        float *o = a->out + (i * H + h) * v;
-        for (int64_t k = 0; k < v; k++) o[k] = dot(W + (n + k) * kc, lat, kc);
     }
 }
