@@ -135,6 +135,29 @@ DSMOE_API dsmoe_status dsmoe_model_config_from_dir(const char *dir, dsmoe_model_
 /* Checks a config made or changed by hand; INVALID_CONFIG naming the config.json key. */
 DSMOE_API dsmoe_status dsmoe_model_config_validate(const dsmoe_model_config *cfg);
 
+/* Configurations by name for models trained from scratch: DeepSeek-V3's architecture
+ * (MLA without q compression, one dense layer first, sigmoid routing with the
+ * correction bias over groups, normalised weights, one shared expert, one MTP depth)
+ * with the byte vocabulary (260 ids), scaled down:
+ *   tiny     D 32, 2 layers, 2 heads, 8 experts of 16, top-2 of 2 groups (unit tests)
+ *   small    D 128, 4 layers, 4 heads, 16 experts of 64, top-4, 4 groups / 2
+ *   default  D 256, 4 layers, 4 heads, 16 experts of 128, top-4, 4 groups / 2 (6.5 M
+ *            parameters)
+ * INVALID_ARGUMENT naming an unknown name. Every field may be changed afterwards
+ * (dsmoe_model_config_validate checks the result). */
+DSMOE_API dsmoe_status dsmoe_model_config_preset(const char *name, dsmoe_model_config *out);
+
+/* The config as config.json text with the DeepseekV3 keys (and "dsmoe_vocab",
+ * "bos_token_id", "eos_token_id" when set), which dsmoe_model_config_from_json reads
+ * back to the same values: floats printed with 9 significant digits, doubles with 17,
+ * in the C locale. Writes at most cap bytes into buf (NUL-terminated when the text
+ * fits; buf may be NULL when cap is 0) and returns the text's length without the NUL,
+ * or −1 with INVALID_CONFIG (dsmoe_model_config_validate's message) or
+ * INVALID_ARGUMENT. */
+DSMOE_API int64_t dsmoe_model_config_to_json(const dsmoe_model_config *cfg, char *buf, size_t cap);
+/* Writes <dir>/config.json atomically (dir must exist). Errors: those above, IO. */
+DSMOE_API dsmoe_status dsmoe_model_config_write(const dsmoe_model_config *cfg, const char *dir);
+
 /* 1 if layer l (0 <= l < L + num_nextn_predict_layers) has the MoE FFN: E > 0,
  * l >= first_k_dense_replace and l % moe_layer_freq == 0 (Hugging Face's rule). */
 DSMOE_API int dsmoe_model_layer_is_moe(const dsmoe_model_config *cfg, int32_t l);
