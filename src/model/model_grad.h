@@ -1,0 +1,107 @@
+/*
+ * model_grad.h — the model's blocks for training: forward passes that save what their
+ * backward needs, and the backward passes; not installed.
+ *
+ * A batch is B sequences of T tokens each, stored as N = B·T rows (sequence-major), at
+ * positions 0 .. T − 1 in every sequence (no cache). Activations and parameters are fp32,
+ * parameters in the checkpoint layout [out, in], row-major; the math is that of the
+ * inference blocks (blocks.c) and of SPEC-model §1–§5.
+ *
+ * Conventions (llm.c's):
+ *   - argument order: outputs, inputs, parameters, saved statistics, dimensions,
+ *     workspace, threads;
+ *   - gradients are named d…; every backward ACCUMULATES parameter gradients (dW += …),
+ *     so the caller zeroes them once per step (and the gradients of a tied head and
+ *     embedding may be one buffer); the input gradient dx is written when acc_dx == 0
+ *     and added to when acc_dx == 1 (the residual stream: dh += block backward);
+ *   - nothing is allocated: saved activations live in a caller buffer sized by the
+ *     block's _save_size(), scratch in a workspace sized by _workspace_size();
+ *   - n_threads <= 0 means the default (dsmoe_default_threads). Work is cut into blocks
+ *     fixed by the sizes alone (never by the thread count) and each output element is
+ *     computed by one block in a fixed order, so the results are the same bits for
+ *     every thread count. No float atomics. Products go through kernels/blas.h
+ *     (BLIS, one thread per call).
+ *
+ * Composing a layer's step (h the residual stream, (N, D)):
+ *   forward:   x1 = rmsnorm_fwd(h)        [save inv1]
+ *              h += mla_train_forward(x1) [save mla]
+ *              x2 = rmsnorm_fwd(h)        [save inv2]
+ *              h += swiglu_train_forward(x2) (or the MoE layer)
+ *   backward:  swiglu_train_backward(dx2 ← dh); rmsnorm_backward(dh += …, dx2)
+ *              mla_train_backward(dx1 ← dh);   rmsnorm_backward(dh += …, dx1)
+ * The normalised inputs x1, x2 are needed by the backward of the block after them (for
+ * its weight gradients): keep them, or recompute them from h and the saved inverse rms.
+ */
+#ifndef DSMOE_MODEL_GRAD_H
+#define DSMOE_MODEL_GRAD_H
+
+#include "model/model_internal.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Rows per block of the row-blocked products (the unit of work of the threads). */
+#define DSMOE__GRAD_ROW_BLOCK 64
+/* Rows of logits alive at once in dsmoe__head_loss. */
+#define DSMOE__LOSS_CHUNK 64
+
+/* ------------------------------------------------------------------ RMSNorm */
+
+/* y (N, n) [ldy] = x (N, n) [ldx] · inv · w, inv = rsqrt(mean(x²) + eps) per row, saved
+ * in inv_rms (N). The same arithmetic, bit for bit, as dsmoe__rmsnorm. y may equal x
+ * only when the backward does not need x (it does: keep x). */
+void dsmoe__rmsnorm_train_forward(float *y, float *inv_rms, const float *x, const float *w,
+                                  int64_t N, int32_t n, int64_t ldx, int64_t ldy, float eps,
+                                  int n_threads);
+/* dx (N, n) [lddx] (= or += by acc_dx) and dw (n) += from dy (N, n) [lddy], the forward's
+ * input x [ldx] and inv_rms (N):
+ *   dx = inv · (w ⊙ dy − x · inv² · Σ(dy ⊙ w ⊙ x) / n),  dw += Σ_rows dy ⊙ x · inv.
+ * dx must not overlap dy or x. dw may be NULL (no weight gradient). */
+void dsmoe__rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
+                             const float *w, const float *inv_rms, int64_t N, int32_t n,
+                             int64_t lddx, int64_t lddy, int64_t ldx, int acc_dx, int n_threads);
+
+/* ------------------------------------------------------------------ linear */
+
+/* y (N, out) [ldy] = x (N, in) [ldx] · Wᵀ, W (out, in). Blocks of DSMOE__GRAD_ROW_BLOCK
+ * rows. */
+void dsmoe__linear_forward(float *y, int64_t ldy, const float *x, int64_t ldx, const float *W,
+                           int64_t N, int32_t in, int32_t out, int n_threads);
+/* dx (N, in) [lddx] (= or += by acc_dx) = dy (N, out) [lddy] · W; dW (out, in) += dyᵀ · x.
+ * dx or dW may be NULL (not wanted). dW's blocks are fixed tiles of (out, in), each
+ * reducing over all N rows in one product. */
+void dsmoe__linear_backward(float *dx, int64_t lddx, float *dW, const float *dy, int64_t lddy,
+                            const float *x, int64_t ldx, const float *W, int64_t N, int32_t in,
+                            int32_t out, int acc_dx, int n_threads);
+
+/* ------------------------------------------------------------------ dense SwiGLU */
+
+/* A dense MLP's parameters and their gradients: gate, up (I, D), down (D, I). */
+typedef struct dsmoe__mlp_params {
+    const float *gate, *up, *down;
+} dsmoe__mlp_params;
+typedef struct dsmoe__mlp_grads {
+    float *gate, *up, *down;
+} dsmoe__mlp_grads;
+
+/* Saved bytes: the pre-activations g = gate x and u = up x, 2·I floats per row. */
+size_t dsmoe__swiglu_save_size(int32_t I, int64_t N);
+/* Workspace bytes of forward and backward: 2·N·I floats. */
+size_t dsmoe__swiglu_workspace_size(int32_t I, int64_t N);
+/* y (N, D) = down(silu(g) ⊙ u), silu(g) = g·σ(g) = g / (1 + e^−g). INVALID_ARGUMENT,
+ * WORKSPACE_TOO_SMALL (save or workspace). */
+dsmoe_status dsmoe__swiglu_train_forward(float *y, const float *x, const dsmoe__mlp_params *p,
+                                         int64_t N, int32_t D, int32_t I, void *save,
+                                         size_t save_size, void *ws, size_t ws_size,
+                                         int n_threads);
+/* dx (N, D) (= or +=), grads += from dy (N, D), the forward's x and save:
+ *   dh = dy · down;  d_down += dyᵀ · (silu(g) ⊙ u);
+ *   dg = dh ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))),  du = dh ⊙ silu(g);
+ *   dx = dg · gate + du · up;  d_gate += dgᵀ x,  d_up += duᵀ x. */
+dsmoe_status dsmoe__swiglu_train_backward(float *dx, const dsmoe__mlp_grads *g, const float *dy,
+                                          const float *x, const dsmoe__mlp_params *p, int64_t N,
+                                          int32_t D, int32_t I, const void *save,
+                                          size_t save_size, void *ws, size_t ws_size, int acc_dx,
+                                          int n_threads);
+
+#endif /* DSMOE_MODEL_GRAD_H */
