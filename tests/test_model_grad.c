@@ -370,10 +370,326 @@ static void test_swiglu_threads(void) {
     free_tens(&P.x);
 }
 
+/* ------------------------------------------------------------------ MLA */
+
+static dsmoe_model_config mla_cfg(int D, int H, int n, int r, int v, int c, int q, int yarn) {
+    dsmoe_model_config k;
+    memset(&k, 0, sizeof k);
+    k.hidden_size = D;
+    k.num_attention_heads = H;
+    k.qk_nope_head_dim = n;
+    k.qk_rope_head_dim = r;
+    k.v_head_dim = v;
+    k.kv_lora_rank = c;
+    k.q_lora_rank = q;
+    k.rms_norm_eps = 1e-6f;
+    k.rope_theta = 10000.0;
+    k.max_position_embeddings = 4096;
+    k.rope_type = yarn ? DSMOE_ROPE_TYPE_YARN : DSMOE_ROPE_TYPE_DEFAULT;
+    k.rope_factor = yarn ? 4.0 : 1.0;
+    k.rope_original_max_position_embeddings = 64;
+    k.rope_beta_fast = 32;
+    k.rope_beta_slow = 1;
+    k.rope_mscale = k.rope_mscale_all_dim = yarn ? 1.0 : 0.0;
+    return k;
+}
+
+/* The attention's tensors under test, in this order. */
+enum { MQ, MQA, MQAN, MQB, MKVA, MKVAN, MKVB, MO, MX, MNT };
+
+static struct {
+    dsmoe_model_config c;
+    int64_t B, T;
+    tens t[MNT];
+    float *r;
+    double *y;
+} M;
+
+/* The fp64 naive MLA of M.t[MX].d (B·T, D) into M.y, written from SPEC-model §3–§5
+ * (frequencies and the score scale from blocks.c, which test_model_golden checks). */
+static void mla64(void) {
+    const dsmoe_model_config *c = &M.c;
+    const int D = c->hidden_size, H = c->num_attention_heads, n = c->qk_nope_head_dim,
+              r = c->qk_rope_head_dim, v = c->v_head_dim, kc = c->kv_lora_rank, q = c->q_lora_rank;
+    const int64_t T = M.T;
+    double f[64];
+    dsmoe__rope_inv_freq(f, c);
+    const double scale = dsmoe__attn_scale(c);
+    double *Q = (double *)malloc((size_t)(T * H * (n + r)) * sizeof(double));
+    double *KV = (double *)malloc((size_t)(T * (kc + r)) * sizeof(double));
+    double *KVB = (double *)malloc((size_t)(T * H * (n + v)) * sizeof(double));
+    double *O = (double *)malloc((size_t)(T * H * v) * sizeof(double));
+    double *qa = (double *)malloc((size_t)(q + 1) * sizeof(double));
+    double *lat = (double *)malloc((size_t)kc * sizeof(double));
+    double *p = (double *)malloc((size_t)T * sizeof(double));
+    for (int64_t b = 0; b < M.B; b++) {
+        for (int64_t t = 0; t < T; t++) {
+            const double *x = M.t[MX].d + (b * T + t) * D;
+            double *qt = Q + t * H * (n + r), *kv = KV + t * (kc + r);
+            if (q > 0) {
+                linear64(qa, x, M.t[MQA].d, 1, D, q);
+                rmsnorm64(qa, qa, M.t[MQAN].d, 1, q, c->rms_norm_eps);
+                linear64(qt, qa, M.t[MQB].d, 1, q, H * (n + r));
+            } else {
+                linear64(qt, x, M.t[MQ].d, 1, D, H * (n + r));
+            }
+            linear64(kv, x, M.t[MKVA].d, 1, D, kc + r);
+            rmsnorm64(lat, kv, M.t[MKVAN].d, 1, kc, c->rms_norm_eps);
+            linear64(KVB + t * H * (n + v), lat, M.t[MKVB].d, 1, kc, H * (n + v));
+            for (int i = 0; i < r / 2; i++) {
+                double cs = cos((double)t * f[i]), sn = sin((double)t * f[i]);
+                for (int h = 0; h <= H; h++) { /* h == H: the shared k_pe */
+                    double *e = h < H ? qt + h * (n + r) + n : kv + kc;
+                    double a = e[2 * i], bb = e[2 * i + 1];
+                    e[2 * i] = a * cs - bb * sn;
+                    e[2 * i + 1] = a * sn + bb * cs;
+                }
+            }
+        }
+        for (int h = 0; h < H; h++)
+            for (int64_t i = 0; i < T; i++) {
+                const double *qi = Q + (i * H + h) * (n + r);
+                double mx = -INFINITY, sum = 0;
+                for (int64_t j = 0; j <= i; j++) {
+                    const double *kn = KVB + (j * H + h) * (n + v), *kp = KV + j * (kc + r) + kc;
+                    double sc = 0;
+                    for (int k = 0; k < n; k++) sc += qi[k] * kn[k];
+                    for (int k = 0; k < r; k++) sc += qi[n + k] * kp[k];
+                    p[j] = sc * scale;
+                    mx = fmax(mx, p[j]);
+                }
+                for (int64_t j = 0; j <= i; j++) sum += (p[j] = exp(p[j] - mx));
+                double *o = O + (i * H + h) * v;
+                for (int k = 0; k < v; k++) {
+                    double a = 0;
+                    for (int64_t j = 0; j <= i; j++) a += p[j] / sum * KVB[(j * H + h) * (n + v) + n + k];
+                    o[k] = a;
+                }
+            }
+        linear64(M.y + b * T * D, O, M.t[MO].d, T, H * v, D);
+    }
+    free(Q);
+    free(KV);
+    free(KVB);
+    free(O);
+    free(qa);
+    free(lat);
+    free(p);
+}
+
+static double mla_loss(void) {
+    mla64();
+    return dot64(M.y, M.r, M.B * M.T * M.c.hidden_size);
+}
+
+static const char *mla_names[MNT] = {"q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj",
+                                     "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
+                                     "o_proj", "x"};
+
+/* Makes M's tensors for config c (absent ones have n = 0). */
+static void mla_setup(const dsmoe_model_config *c, int64_t B, int64_t T) {
+    M.c = *c;
+    M.B = B;
+    M.T = T;
+    const int64_t D = c->hidden_size, H = c->num_attention_heads, n = c->qk_nope_head_dim,
+                  r = c->qk_rope_head_dim, v = c->v_head_dim, kc = c->kv_lora_rank,
+                  q = c->q_lora_rank;
+    const int64_t sz[MNT] = {q > 0 ? 0 : H * (n + r) * D, q * D, q, q > 0 ? H * (n + r) * q : 0,
+                             (kc + r) * D, kc, H * (n + v) * kc, D * H * v, B * T * D};
+    /* Weights ~ 1/sqrt(fan-in) so that the scores and outputs are of order 1; norm
+     * weights around 1. */
+    const double sc[MNT] = {1 / sqrt((double)D), 1 / sqrt((double)D), 0.3, 1 / sqrt((double)(q ? q : 1)),
+                            1 / sqrt((double)D), 0.3, 1 / sqrt((double)kc), 1 / sqrt((double)(H * v)), 1.0};
+    for (int k = 0; k < MNT; k++) {
+        M.t[k] = mk_tens(mla_names[k], sz[k], sc[k]);
+        if (k == MQAN || k == MKVAN)
+            for (int64_t i = 0; i < sz[k]; i++) M.t[k].d[i] = M.t[k].v[i] += 1.0f;
+    }
+    M.r = randv(B * T * D, 1.0);
+    M.y = (double *)malloc((size_t)(B * T * D) * sizeof(double));
+}
+static void mla_teardown(void) {
+    for (int k = 0; k < MNT; k++) free_tens(&M.t[k]);
+    free(M.r);
+    free(M.y);
+}
+
+static dsmoe__mla_weights mla_w(void) {
+    dsmoe__mla_weights w;
+    int q = M.c.q_lora_rank > 0;
+    w.q_proj = q ? NULL : M.t[MQ].v;
+    w.q_a_proj = q ? M.t[MQA].v : NULL;
+    w.q_a_norm = q ? M.t[MQAN].v : NULL;
+    w.q_b_proj = q ? M.t[MQB].v : NULL;
+    w.kv_a_proj = M.t[MKVA].v;
+    w.kv_a_norm = M.t[MKVAN].v;
+    w.kv_b_proj = M.t[MKVB].v;
+    w.o_proj = M.t[MO].v;
+    return w;
+}
+static dsmoe__mla_grads mla_g(float *const *gp) {
+    dsmoe__mla_grads g;
+    int q = M.c.q_lora_rank > 0;
+    g.q_proj = q ? NULL : gp[MQ];
+    g.q_a_proj = q ? gp[MQA] : NULL;
+    g.q_a_norm = q ? gp[MQAN] : NULL;
+    g.q_b_proj = q ? gp[MQB] : NULL;
+    g.kv_a_proj = gp[MKVA];
+    g.kv_a_norm = gp[MKVAN];
+    g.kv_b_proj = gp[MKVB];
+    g.o_proj = gp[MO];
+    return g;
+}
+
+/* Training forward (and backward when dx != NULL) of M with input x and upstream dy:
+ * y, dx and the parameter gradients in gp[] (zeroed here). */
+static void mla_run(float *y, float *dx, float *const *gp, const float *x, const float *dy, int nt) {
+    const dsmoe_model_config *c = &M.c;
+    size_t ss = dsmoe__mla_save_size(c, M.B, M.T), ws = dsmoe__mla_train_workspace_size(c, M.B, M.T);
+    void *save = wsalloc(ss), *w = wsalloc(ws);
+    memset(save, 0x7f, ss); /* NaN-like garbage: nothing may read unwritten bytes */
+    memset(w, 0x7f, ws);
+    dsmoe__mla_weights W = mla_w();
+    ASSERT_OK(dsmoe__mla_train_forward(c, &W, y, x, M.B, M.T, save, ss, w, ws, nt));
+    if (dx) {
+        for (int k = 0; k < MX; k++)
+            if (M.t[k].n) memset(gp[k], 0, (size_t)M.t[k].n * sizeof(float));
+        dsmoe__mla_grads G = mla_g(gp);
+        ASSERT_OK(dsmoe__mla_train_backward(c, &W, &G, dx, dy, x, M.B, M.T, save, ss, w, ws, 0, nt));
+    }
+    ASSERT_TRUE(tl_guard_ok(save) && tl_guard_ok(w));
+    tl_guarded_free(save);
+    tl_guarded_free(w);
+}
+
+static void mla_case(const char *name, const dsmoe_model_config *c, int64_t B, int64_t T) {
+    fprintf(stderr, "  %s\n", name);
+    mla_setup(c, B, T);
+    const int64_t N = B * T, D = c->hidden_size;
+    float *y = zerov(N * D), *gp[MNT];
+    for (int k = 0; k < MNT; k++) gp[k] = M.t[k].g;
+    mla_run(y, M.t[MX].g, gp, M.t[MX].v, M.r, 1);
+    /* Forward: fp64 and the inference MLA, one sequence at a time. */
+    mla_loss();
+    close_scaled("MLA forward vs fp64", y, M.y, N * D, 2e-6);
+    size_t iws = dsmoe__mla_workspace_size(c, T);
+    void *iw = malloc(iws);
+    float *yi = zerov(N * D);
+    dsmoe__mla_weights W = mla_w();
+    for (int64_t b = 0; b < B; b++)
+        ASSERT_OK(dsmoe__mla_forward(c, &W, yi + b * T * D, M.t[MX].v + b * T * D, T, iw, iws));
+    double *yid = tod(yi, N * D);
+    close_scaled("MLA forward vs inference", y, yid, N * D, 1e-6);
+    /* Backward: every element of every tensor. */
+    for (int k = 0; k < MNT; k++)
+        if (M.t[k].n) fd_check("MLA", &M.t[k], mla_loss, 1e-5);
+    free(yid);
+    free(yi);
+    free(iw);
+    free(y);
+    mla_teardown();
+}
+
+static void test_mla_grad(void) {
+    tl_seed(21);
+    dsmoe_model_config a = mla_cfg(13, 3, 5, 2, 7, 6, 9, 1);
+    mla_case("q_lora_rank 9, YaRN, r = 2", &a, 2, 5);
+    dsmoe_model_config b = mla_cfg(11, 2, 3, 6, 5, 7, 0, 0);
+    mla_case("q_proj, no YaRN, r = 6", &b, 2, 6);
+    dsmoe_model_config c = mla_cfg(10, 2, 4, 6, 3, 5, 7, 1);
+    mla_case("q_lora_rank 7, YaRN, r = 6", &c, 2, 7);
+    dsmoe_model_config d = mla_cfg(9, 3, 2, 4, 5, 3, 0, 1);
+    mla_case("q_proj, YaRN, r = 4", &d, 1, 6);
+}
+
+/* Larger sizes: several row blocks; sequences do not leak into each other, causality,
+ * 1 vs 2 threads bit for bit, argument errors. */
+static void test_mla_props(void) {
+    tl_seed(22);
+    dsmoe_model_config c = mla_cfg(37, 4, 9, 6, 11, 13, 17, 1);
+    const int64_t B = 2, T = 41, N = B * T, D = c.hidden_size;
+    mla_setup(&c, B, T);
+    float *y[2], *dx[2], *gp[2][MNT];
+    for (int t = 0; t < 2; t++) {
+        y[t] = zerov(N * D);
+        dx[t] = zerov(N * D);
+        for (int k = 0; k < MNT; k++) gp[t][k] = zerov(M.t[k].n);
+        mla_run(y[t], dx[t], gp[t], M.t[MX].v, M.r, t + 1);
+    }
+    tl_same_bits("MLA y, 2 threads", y[0], y[1], N * D);
+    tl_same_bits("MLA dx, 2 threads", dx[0], dx[1], N * D);
+    for (int k = 0; k < MX; k++) tl_same_bits(mla_names[k], gp[0][k], gp[1][k], M.t[k].n);
+    /* Perturbing sequence 0 changes nothing in sequence 1. */
+    float *x2 = copyv(M.t[MX].v, N * D);
+    for (int64_t i = 0; i < T * D; i++) x2[i] += 0.5f;
+    mla_run(y[1], NULL, NULL, x2, NULL, 2);
+    tl_same_bits("MLA sequence 1 when sequence 0 changes", y[0] + T * D, y[1] + T * D, T * D);
+    int changed = 0;
+    for (int64_t i = 0; i < T * D; i++) changed |= y[0][i] != y[1][i];
+    ASSERT_TRUE(changed);
+    /* Causality: token t0 of sequence 1 changes no earlier row. */
+    const int64_t t0 = 17;
+    memcpy(x2, M.t[MX].v, (size_t)(N * D) * sizeof(float));
+    for (int64_t i = 0; i < D; i++) x2[(T + t0) * D + i] -= 0.7f;
+    mla_run(y[1], NULL, NULL, x2, NULL, 1);
+    tl_same_bits("MLA rows before the perturbed token", y[0], y[1], (T + t0) * D);
+    changed = 0;
+    for (int64_t i = 0; i < D; i++) changed |= y[0][(T + t0) * D + i] != y[1][(T + t0) * D + i];
+    for (int64_t i = 0; i < D; i++) changed |= y[0][(T + t0 + 5) * D + i] != y[1][(T + t0 + 5) * D + i];
+    ASSERT_TRUE(changed);
+    /* Backward, the same two properties: dy only on sequence 1 before t0 leaves dx zero in
+     * sequence 0 and at t0 and after. */
+    float *dy = zerov(N * D);
+    memcpy(dy + T * D, M.r + T * D, (size_t)(t0 * D) * sizeof(float));
+    mla_run(y[1], dx[1], gp[1], M.t[MX].v, dy, 2);
+    int zero = 1, nonzero = 0;
+    for (int64_t i = 0; i < T * D; i++) zero &= dx[1][i] == 0.0f;
+    for (int64_t i = (T + t0) * D; i < N * D; i++) zero &= dx[1][i] == 0.0f;
+    for (int64_t i = T * D; i < (T + t0) * D; i++) nonzero |= dx[1][i] != 0.0f;
+    ASSERT_TRUE(zero);
+    ASSERT_TRUE(nonzero);
+    /* Errors. */
+    size_t ss = dsmoe__mla_save_size(&c, B, T), ws = dsmoe__mla_train_workspace_size(&c, B, T);
+    void *save = wsalloc(ss), *w = wsalloc(ws);
+    dsmoe__mla_weights W = mla_w();
+    ASSERT_STATUS(dsmoe__mla_train_forward(&c, &W, y[1], x2, B, T, save, ss - 1, w, ws, 1),
+                  DSMOE_STATUS_WORKSPACE_TOO_SMALL);
+    ASSERT_STATUS(dsmoe__mla_train_forward(&c, &W, y[1], x2, B, T, save, ss, w, ws - 1, 1),
+                  DSMOE_STATUS_WORKSPACE_TOO_SMALL);
+    W.q_b_proj = NULL;
+    ASSERT_STATUS(dsmoe__mla_train_forward(&c, &W, y[1], x2, B, T, save, ss, w, ws, 1),
+                  DSMOE_STATUS_INVALID_ARGUMENT);
+    W = mla_w();
+    dsmoe__mla_grads G = mla_g(gp[1]);
+    G.kv_b_proj = NULL;
+    ASSERT_STATUS(dsmoe__mla_train_backward(&c, &W, &G, dx[1], dy, x2, B, T, save, ss, w, ws, 0, 1),
+                  DSMOE_STATUS_INVALID_ARGUMENT);
+    dsmoe_model_config bad = c;
+    bad.qk_rope_head_dim = 5;
+    ASSERT_STATUS(dsmoe__mla_train_forward(&bad, &W, y[1], x2, B, T, save, ss, w, ws, 1),
+                  DSMOE_STATUS_INVALID_ARGUMENT);
+    bad = c;
+    bad.max_position_embeddings = T - 1;
+    ASSERT_STATUS(dsmoe__mla_train_forward(&bad, &W, y[1], x2, B, T, save, ss, w, ws, 1),
+                  DSMOE_STATUS_INVALID_ARGUMENT);
+    tl_guarded_free(save);
+    tl_guarded_free(w);
+    free(dy);
+    free(x2);
+    for (int t = 0; t < 2; t++) {
+        free(y[t]);
+        free(dx[t]);
+        for (int k = 0; k < MNT; k++) free(gp[t][k]);
+    }
+    mla_teardown();
+}
+
 int main(void) {
     RUN(test_rmsnorm);
     RUN(test_linear);
     RUN(test_swiglu);
     RUN(test_swiglu_threads);
+    RUN(test_mla_grad);
+    RUN(test_mla_props);
     return TEST_SUMMARY();
 }

@@ -104,4 +104,59 @@ dsmoe_status dsmoe__swiglu_train_backward(float *dx, const dsmoe__mlp_grads *g, 
                                           size_t save_size, void *ws, size_t ws_size, int acc_dx,
                                           int n_threads);
 
+/* ------------------------------------------------------------------ MLA */
+
+/* One layer's attention gradients, the layout of dsmoe__mla_weights: q_proj when
+ * q_lora_rank == 0, else q_a_proj, q_a_norm, q_b_proj; the others always. */
+typedef struct dsmoe__mla_grads {
+    float *q_proj;                        /* (H(n+r), D) */
+    float *q_a_proj, *q_a_norm, *q_b_proj; /* (q, D), (q), (H(n+r), q) */
+    float *kv_a_proj;                     /* (c + r, D) */
+    float *kv_a_norm;                     /* (c) */
+    float *kv_b_proj;                     /* (H(n+v), c) */
+    float *o_proj;                        /* (D, H v) */
+} dsmoe__mla_grads;
+
+/* Saved bytes of the training forward for B sequences of T tokens. Per token, in floats:
+ *   q_lora_rank > 0: the q_a output before its norm (q) and its inverse rms (1);
+ *   the queries after RoPE, H(n + r);
+ *   kv_a's output with the latent before its norm and k_pe after RoPE (c + r), and the
+ *   latent's inverse rms (1);
+ *   kv_b's output [k_nope | value] per head, H(n + v);
+ *   the attention output before o_proj, H v; the log-sum-exp of each head's scores, H.
+ * In all 4 · (H(2n + r + 2v + 1) + c + r + 1 + (q > 0 ? q + 1 : 0)) bytes per token
+ * (each array rounded up to 64 bytes): no T × T probabilities are kept, the backward
+ * recomputes them from the scores and the log-sum-exp. The input x is not saved: the
+ * backward takes it as an argument. */
+size_t dsmoe__mla_save_size(const dsmoe_model_config *c, int64_t B, int64_t T);
+/* Workspace bytes of the training forward and backward (the larger of the two): the
+ * backward's (B·T) × (H(2n + 2r + 2v) + 2c + r + 2q) floats plus the RoPE table. */
+size_t dsmoe__mla_train_workspace_size(const dsmoe_model_config *c, int64_t B, int64_t T);
+/* y (B·T, D) = naive MLA of x (B·T, D), each sequence causal at positions 0 .. T − 1,
+ * as dsmoe__mla_forward (softmax in fp32; products through BLAS, so equal to it up to
+ * fp32 rounding), saving what the backward needs in save. Threads over fixed row
+ * blocks for the projections and over (sequence, head) for the attention.
+ * INVALID_ARGUMENT (NULL, bad sizes, missing weights, T above
+ * max_position_embeddings), WORKSPACE_TOO_SMALL. */
+dsmoe_status dsmoe__mla_train_forward(const dsmoe_model_config *c, const dsmoe__mla_weights *w,
+                                      float *y, const float *x, int64_t B, int64_t T, void *save,
+                                      size_t save_size, void *ws, size_t ws_size, int n_threads);
+/* dx (B·T, D) (= or += by acc_dx) and every gradient of g (+=) from dy (B·T, D), the
+ * forward's input x and save:
+ *   dout = dy · o_proj;  d o_proj += dyᵀ · out
+ *   per (sequence, head), j <= i: p = exp(s_ij − lse_i), dp = dout_i · v_j,
+ *     D_i = dout_i · out_i, ds = p (dp − D_i) · scale;
+ *     dq_i += ds k_j,  dk_j += ds q_i,  dv_j += p dout_i
+ *     (k_pe is shared by the heads: each head's part is kept apart and summed in head
+ *     order afterwards, so that the sum does not depend on the threads)
+ *   RoPE backward: the pairs rotated back, (dx0, dx1) = (c dy0 + s dy1, −s dy0 + c dy1)
+ *   then kv_b, kv_a_layernorm, kv_a_proj_with_mqa and q_b, q_a_layernorm, q_a_proj (or
+ *   q_proj) through dsmoe__linear_backward / dsmoe__rmsnorm_backward.
+ * Errors as the forward; INVALID_ARGUMENT for a missing gradient. */
+dsmoe_status dsmoe__mla_train_backward(const dsmoe_model_config *c, const dsmoe__mla_weights *w,
+                                       const dsmoe__mla_grads *g, float *dx, const float *dy,
+                                       const float *x, int64_t B, int64_t T, const void *save,
+                                       size_t save_size, void *ws, size_t ws_size, int acc_dx,
+                                       int n_threads);
+
 #endif /* DSMOE_MODEL_GRAD_H */

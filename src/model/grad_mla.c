@@ -1,0 +1,385 @@
+/*
+ * grad_mla.c — multi-head latent attention for training (naive form, SPEC-model §3–§5):
+ * the forward over B sequences of T tokens saving what the backward needs, and the
+ * backward (formulas in model_grad.h).
+ *
+ * The attention of one (sequence, head) is one task: it reads that sequence's rows and
+ * writes only that head's columns (and its own part of dk_pe), so the tasks run on any
+ * threads in any order with the same bits. Inside a task the loops run in index order,
+ * with the arithmetic of blocks.c's reference forward (fp32, softmax in fp32).
+ */
+#include "model/model_grad.h"
+
+#include <math.h>
+#include <string.h>
+
+typedef struct mla_dims {
+    int64_t B, T, N, D, H, n, r, v, c, q, half;
+} mla_dims;
+
+static mla_dims dims_of(const dsmoe_model_config *c, int64_t B, int64_t T) {
+    mla_dims m;
+    m.B = B;
+    m.T = T;
+    m.N = B * T;
+    m.D = c->hidden_size;
+    m.H = c->num_attention_heads;
+    m.n = c->qk_nope_head_dim;
+    m.r = c->qk_rope_head_dim;
+    m.v = c->v_head_dim;
+    m.c = c->kv_lora_rank;
+    m.q = c->q_lora_rank > 0 ? c->q_lora_rank : 0;
+    m.half = m.r / 2;
+    return m;
+}
+
+/* Carves consecutive 64-byte-aligned arrays from base (NULL: only counts). */
+typedef struct lay {
+    char *base;
+    size_t off;
+} lay;
+static void *take(lay *l, int64_t count, size_t elem) {
+    void *p = l->base ? l->base + l->off : NULL;
+    l->off += dsmoe__align64((size_t)count * elem);
+    return p;
+}
+
+typedef struct mla_save {
+    float *qa, *qa_inv; /* (N, q), (N) — q > 0 only */
+    float *qf;          /* (N, H, n + r) after RoPE */
+    float *kv, *kv_inv; /* (N, c + r): latent before its norm | k_pe after RoPE; (N) */
+    float *kvb;         /* (N, H, n + v) */
+    float *out;         /* (N, H, v) */
+    float *lse;         /* (N, H) */
+} mla_save;
+
+static size_t save_layout(const mla_dims *m, char *base, mla_save *s) {
+    lay l = {base, 0};
+    mla_save t;
+    t.qa = (float *)take(&l, m->N * m->q, sizeof(float));
+    t.qa_inv = (float *)take(&l, m->q > 0 ? m->N : 0, sizeof(float));
+    t.qf = (float *)take(&l, m->N * m->H * (m->n + m->r), sizeof(float));
+    t.kv = (float *)take(&l, m->N * (m->c + m->r), sizeof(float));
+    t.kv_inv = (float *)take(&l, m->N, sizeof(float));
+    t.kvb = (float *)take(&l, m->N * m->H * (m->n + m->v), sizeof(float));
+    t.out = (float *)take(&l, m->N * m->H * m->v, sizeof(float));
+    t.lse = (float *)take(&l, m->N * m->H, sizeof(float));
+    if (s) *s = t;
+    return l.off;
+}
+
+typedef struct mla_fws {
+    float *qa_n, *lat_n, *scores, *cs; /* (N, q), (N, c), (B, H, T), (T, r) */
+    double *inv_freq;                  /* (r / 2) */
+} mla_fws;
+
+static size_t fws_layout(const mla_dims *m, char *base, mla_fws *w) {
+    lay l = {base, 0};
+    mla_fws t;
+    t.qa_n = (float *)take(&l, m->N * m->q, sizeof(float));
+    t.lat_n = (float *)take(&l, m->N * m->c, sizeof(float));
+    t.scores = (float *)take(&l, m->N * m->H, sizeof(float));
+    t.cs = (float *)take(&l, m->T * m->r, sizeof(float));
+    t.inv_freq = (double *)take(&l, m->half, sizeof(double));
+    if (w) *w = t;
+    return l.off;
+}
+
+typedef struct mla_bws {
+    float *dout;          /* (N, H v) */
+    float *qa_n, *lat_n;  /* (N, q), (N, c) recomputed from the saved values */
+    float *dq;            /* (N, H, n + r) */
+    float *dkvb;          /* (N, H, n + v) */
+    float *dkpe_h;        /* (N, H, r): each head's part of dk_pe */
+    float *dkv;           /* (N, c + r) */
+    float *dlat, *dqa;    /* (N, c), (N, q) */
+    float *cs;            /* (T, r) */
+    double *inv_freq;     /* (r / 2) */
+} mla_bws;
+
+static size_t bws_layout(const mla_dims *m, char *base, mla_bws *w) {
+    lay l = {base, 0};
+    mla_bws t;
+    t.dout = (float *)take(&l, m->N * m->H * m->v, sizeof(float));
+    t.qa_n = (float *)take(&l, m->N * m->q, sizeof(float));
+    t.lat_n = (float *)take(&l, m->N * m->c, sizeof(float));
+    t.dq = (float *)take(&l, m->N * m->H * (m->n + m->r), sizeof(float));
+    t.dkvb = (float *)take(&l, m->N * m->H * (m->n + m->v), sizeof(float));
+    t.dkpe_h = (float *)take(&l, m->N * m->H * m->r, sizeof(float));
+    t.dkv = (float *)take(&l, m->N * (m->c + m->r), sizeof(float));
+    t.dlat = (float *)take(&l, m->N * m->c, sizeof(float));
+    t.dqa = (float *)take(&l, m->N * m->q, sizeof(float));
+    t.cs = (float *)take(&l, m->T * m->r, sizeof(float));
+    t.inv_freq = (double *)take(&l, m->half, sizeof(double));
+    if (w) *w = t;
+    return l.off;
+}
+
+static int dims_ok(const dsmoe_model_config *c) {
+    return c->hidden_size > 0 && c->num_attention_heads > 0 && c->qk_nope_head_dim >= 0 &&
+           c->qk_rope_head_dim >= 0 && c->qk_rope_head_dim % 2 == 0 &&
+           c->qk_nope_head_dim + c->qk_rope_head_dim > 0 && c->v_head_dim > 0 &&
+           c->kv_lora_rank > 0 && c->q_lora_rank >= 0;
+}
+
+size_t dsmoe__mla_save_size(const dsmoe_model_config *c, int64_t B, int64_t T) {
+    if (!c || B < 0 || T < 0 || !dims_ok(c)) return 0;
+    mla_dims m = dims_of(c, B, T);
+    return save_layout(&m, NULL, NULL);
+}
+
+size_t dsmoe__mla_train_workspace_size(const dsmoe_model_config *c, int64_t B, int64_t T) {
+    if (!c || B < 0 || T < 0 || !dims_ok(c)) return 0;
+    mla_dims m = dims_of(c, B, T);
+    size_t f = fws_layout(&m, NULL, NULL), b = bws_layout(&m, NULL, NULL);
+    return f > b ? f : b;
+}
+
+/* Common argument checks of forward and backward. */
+static dsmoe_status mla_check(const char *what, const dsmoe_model_config *c,
+                              const dsmoe__mla_weights *w, const void *x, const void *y, int64_t B,
+                              int64_t T, const void *save, size_t save_size, const void *ws,
+                              size_t ws_size) {
+    if (!c || !w || !x || !y || B < 0 || T < 0)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "MLA %s: NULL argument or B < 0 or T < 0", what);
+    if (!dims_ok(c))
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "MLA %s: bad attention sizes (hidden_size, num_attention_heads, "
+                            "head dims, kv_lora_rank > 0, qk_rope_head_dim even)", what);
+    if (c->max_position_embeddings > 0 && T > c->max_position_embeddings)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "MLA %s: T = %lld exceeds max_position_embeddings %lld", what,
+                            (long long)T, (long long)c->max_position_embeddings);
+    if (c->q_lora_rank > 0 ? !(w->q_a_proj && w->q_a_norm && w->q_b_proj) : !w->q_proj)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "MLA %s: %s weights missing", what,
+                            c->q_lora_rank > 0 ? "q_a_proj / q_a_layernorm / q_b_proj" : "q_proj");
+    if (!w->kv_a_proj || !w->kv_a_norm || !w->kv_b_proj || !w->o_proj)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "MLA %s: kv or o weights missing", what);
+    size_t need_s = dsmoe__mla_save_size(c, B, T), need_w = dsmoe__mla_train_workspace_size(c, B, T);
+    if (!save || save_size < need_s)
+        return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
+                            "MLA %s: saved-activation buffer of %zu bytes, need %zu for B = %lld, "
+                            "T = %lld", what, save ? save_size : 0, need_s, (long long)B,
+                            (long long)T);
+    if (!ws || ws_size < need_w)
+        return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
+                            "MLA %s: workspace of %zu bytes, need %zu for B = %lld, T = %lld", what,
+                            ws ? ws_size : 0, need_w, (long long)B, (long long)T);
+    return DSMOE_OK;
+}
+
+/* Rotates the pairs of x (2·half values) by one position's angles, forward (dir = 1:
+ * (x0 c − x1 s, x0 s + x1 c)) or back (dir = −1: the transpose). */
+static void rope_pairs(float *x, const float *cs, int64_t half, int dir) {
+    for (int64_t i = 0; i < half; i++) {
+        float c = cs[2 * i], s = dir > 0 ? cs[2 * i + 1] : -cs[2 * i + 1];
+        float x0 = x[2 * i], x1 = x[2 * i + 1];
+        x[2 * i] = x0 * c - x1 * s;
+        x[2 * i + 1] = x0 * s + x1 * c;
+    }
+}
+
+/* RoPE (dir 1) or its backward (dir −1) on the q_pe parts of q (N, H, n + r) and the
+ * k_pe part of kv (N, c + r); row t is position t % T. */
+static void rope_rows(const mla_dims *m, float *qf, float *kv, const float *cs, int dir, int nt) {
+    const int64_t N = m->N;
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N > 64)
+    for (int64_t t = 0; t < N; t++) {
+        const float *ct = cs + (t % m->T) * m->r;
+        for (int64_t h = 0; h < m->H; h++)
+            rope_pairs(qf + (t * m->H + h) * (m->n + m->r) + m->n, ct, m->half, dir);
+        rope_pairs(kv + t * (m->c + m->r) + m->c, ct, m->half, dir);
+    }
+}
+
+/* y = x · inv · w with a saved inverse rms: the forward's normalised values, bit for bit. */
+static void rms_apply(float *y, int64_t ldy, const float *x, int64_t ldx, const float *w,
+                      const float *inv, int64_t N, int64_t n, int nt) {
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N > 64)
+    for (int64_t t = 0; t < N; t++)
+        for (int64_t i = 0; i < n; i++) y[t * ldy + i] = x[t * ldx + i] * inv[t] * w[i];
+}
+
+/* The attention of sequence b, head h: out and lse of its rows; p (T) is scratch. */
+static void attn_forward_task(const mla_dims *m, const mla_save *s, int64_t b, int64_t h, float *p,
+                              float scale) {
+    const int64_t H = m->H, n = m->n, r = m->r, v = m->v, ckr = m->c + m->r;
+    for (int64_t i = 0; i < m->T; i++) {
+        const int64_t ri = b * m->T + i;
+        const float *qn = s->qf + (ri * H + h) * (n + r), *qp = qn + n;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j <= i; j++) {
+            const int64_t rj = b * m->T + j;
+            const float *kn = s->kvb + (rj * H + h) * (n + v), *kp = s->kv + rj * ckr + m->c;
+            float s1 = 0.0f, s2 = 0.0f;
+            for (int64_t k = 0; k < n; k++) s1 += qn[k] * kn[k];
+            for (int64_t k = 0; k < r; k++) s2 += qp[k] * kp[k];
+            p[j] = (s1 + s2) * scale;
+            if (p[j] > mx) mx = p[j];
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j <= i; j++) {
+            p[j] = expf(p[j] - mx);
+            sum += p[j];
+        }
+        float *o = s->out + (ri * H + h) * v;
+        for (int64_t k = 0; k < v; k++) o[k] = 0.0f;
+        for (int64_t j = 0; j <= i; j++) {
+            const float *val = s->kvb + ((b * m->T + j) * H + h) * (n + v) + n;
+            float pj = p[j] / sum;
+            for (int64_t k = 0; k < v; k++) o[k] += pj * val[k];
+        }
+        s->lse[ri * H + h] = mx + logf(sum);
+    }
+}
+
+dsmoe_status dsmoe__mla_train_forward(const dsmoe_model_config *c, const dsmoe__mla_weights *w,
+                                      float *y, const float *x, int64_t B, int64_t T, void *save,
+                                      size_t save_size, void *ws, size_t ws_size, int n_threads) {
+    dsmoe_status st = mla_check("forward", c, w, x, y, B, T, save, save_size, ws, ws_size);
+    if (st != DSMOE_OK) return st;
+    const mla_dims m = dims_of(c, B, T);
+    if (m.N == 0) return DSMOE_OK;
+    const int nt = dsmoe__threads(n_threads);
+    mla_save s;
+    mla_fws f;
+    save_layout(&m, (char *)save, &s);
+    fws_layout(&m, (char *)ws, &f);
+    const int32_t D = (int32_t)m.D, Hq = (int32_t)(m.H * (m.n + m.r)), ckr = (int32_t)(m.c + m.r);
+    /* Queries (N, H, n + r). */
+    if (m.q > 0) {
+        dsmoe__linear_forward(s.qa, m.q, x, D, w->q_a_proj, m.N, D, (int32_t)m.q, nt);
+        dsmoe__rmsnorm_train_forward(f.qa_n, s.qa_inv, s.qa, w->q_a_norm, m.N, (int32_t)m.q, m.q,
+                                     m.q, c->rms_norm_eps, nt);
+        dsmoe__linear_forward(s.qf, Hq, f.qa_n, m.q, w->q_b_proj, m.N, (int32_t)m.q, Hq, nt);
+    } else {
+        dsmoe__linear_forward(s.qf, Hq, x, D, w->q_proj, m.N, D, Hq, nt);
+    }
+    /* [latent | k_pe] (N, c + r); the normalised latent (N, c). */
+    dsmoe__linear_forward(s.kv, ckr, x, D, w->kv_a_proj, m.N, D, ckr, nt);
+    dsmoe__rmsnorm_train_forward(f.lat_n, s.kv_inv, s.kv, w->kv_a_norm, m.N, (int32_t)m.c, ckr,
+                                 m.c, c->rms_norm_eps, nt);
+    /* RoPE on q_pe and k_pe. */
+    dsmoe__rope_inv_freq(f.inv_freq, c);
+    dsmoe__rope_table(f.cs, f.inv_freq, (int32_t)m.half, 0, m.T);
+    rope_rows(&m, s.qf, s.kv, f.cs, 1, nt);
+    /* [k_nope | value] per head (N, H, n + v). */
+    const int32_t Hkv = (int32_t)(m.H * (m.n + m.v));
+    dsmoe__linear_forward(s.kvb, Hkv, f.lat_n, m.c, w->kv_b_proj, m.N, (int32_t)m.c, Hkv, nt);
+    /* Attention per (sequence, head). */
+    const float scale = (float)dsmoe__attn_scale(c);
+    const int64_t ntask = m.B * m.H;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && ntask > 1)
+    for (int64_t k = 0; k < ntask; k++)
+        attn_forward_task(&m, &s, k / m.H, k % m.H, f.scores + k * m.T, scale);
+    const int32_t Hv = (int32_t)(m.H * m.v);
+    dsmoe__linear_forward(y, D, s.out, Hv, w->o_proj, m.N, Hv, D, nt);
+    return DSMOE_OK;
+}
+
+/* The backward of the attention of sequence b, head h (dq, dkvb, dkpe_h zeroed). */
+static void attn_backward_task(const mla_dims *m, const mla_save *s, const mla_bws *g, int64_t b,
+                               int64_t h, float scale) {
+    const int64_t H = m->H, n = m->n, r = m->r, v = m->v, ckr = m->c + m->r;
+    for (int64_t i = 0; i < m->T; i++) {
+        const int64_t ri = b * m->T + i;
+        const float *qn = s->qf + (ri * H + h) * (n + r), *qp = qn + n;
+        const float *doi = g->dout + (ri * H + h) * v, *oi = s->out + (ri * H + h) * v;
+        float *dqn = g->dq + (ri * H + h) * (n + r), *dqp = dqn + n;
+        const float lse = s->lse[ri * H + h];
+        float Di = 0.0f;
+        for (int64_t k = 0; k < v; k++) Di += doi[k] * oi[k];
+        for (int64_t j = 0; j <= i; j++) {
+            const int64_t rj = b * m->T + j;
+            const float *kn = s->kvb + (rj * H + h) * (n + v), *val = kn + n;
+            const float *kp = s->kv + rj * ckr + m->c;
+            float *dkn = g->dkvb + (rj * H + h) * (n + v), *dval = dkn + n;
+            float *dkp = g->dkpe_h + (rj * H + h) * r;
+            float s1 = 0.0f, s2 = 0.0f, dp = 0.0f;
+            for (int64_t k = 0; k < n; k++) s1 += qn[k] * kn[k];
+            for (int64_t k = 0; k < r; k++) s2 += qp[k] * kp[k];
+            const float p = expf((s1 + s2) * scale - lse);
+            for (int64_t k = 0; k < v; k++) dp += doi[k] * val[k];
+            const float ds = p * (dp - Di) * scale;
+            for (int64_t k = 0; k < n; k++) {
+                dqn[k] += ds * kn[k];
+                dkn[k] += ds * qn[k];
+            }
+            for (int64_t k = 0; k < r; k++) {
+                dqp[k] += ds * kp[k];
+                dkp[k] += ds * qp[k];
+            }
+            for (int64_t k = 0; k < v; k++) dval[k] += p * doi[k];
+        }
+    }
+}
+
+dsmoe_status dsmoe__mla_train_backward(const dsmoe_model_config *c, const dsmoe__mla_weights *w,
+                                       const dsmoe__mla_grads *gr, float *dx, const float *dy,
+                                       const float *x, int64_t B, int64_t T, const void *save,
+                                       size_t save_size, void *ws, size_t ws_size, int acc_dx,
+                                       int n_threads) {
+    dsmoe_status st = mla_check("backward", c, w, x, dy, B, T, save, save_size, ws, ws_size);
+    if (st != DSMOE_OK) return st;
+    if (!dx || !gr || !gr->kv_a_proj || !gr->kv_a_norm || !gr->kv_b_proj || !gr->o_proj ||
+        (c->q_lora_rank > 0 ? !(gr->q_a_proj && gr->q_a_norm && gr->q_b_proj) : !gr->q_proj))
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "MLA backward: NULL dx or gradient tensor");
+    const mla_dims m = dims_of(c, B, T);
+    if (m.N == 0) return DSMOE_OK;
+    const int nt = dsmoe__threads(n_threads);
+    mla_save s;
+    mla_bws g;
+    save_layout(&m, (char *)save, &s);
+    bws_layout(&m, (char *)ws, &g);
+    const int32_t D = (int32_t)m.D, Hq = (int32_t)(m.H * (m.n + m.r)), ckr = (int32_t)(m.c + m.r),
+                  Hkv = (int32_t)(m.H * (m.n + m.v)), Hv = (int32_t)(m.H * m.v);
+    /* o_proj. */
+    dsmoe__linear_backward(g.dout, Hv, gr->o_proj, dy, D, s.out, Hv, w->o_proj, m.N, Hv, D, 0, nt);
+    /* The normalised latent and q_a output, as the forward had them. */
+    rms_apply(g.lat_n, m.c, s.kv, ckr, w->kv_a_norm, s.kv_inv, m.N, m.c, nt);
+    if (m.q > 0) rms_apply(g.qa_n, m.q, s.qa, m.q, w->q_a_norm, s.qa_inv, m.N, m.q, nt);
+    /* Attention per (sequence, head). */
+    memset(g.dq, 0, (size_t)(m.N * Hq) * sizeof(float));
+    memset(g.dkvb, 0, (size_t)(m.N * Hkv) * sizeof(float));
+    memset(g.dkpe_h, 0, (size_t)(m.N * m.H * m.r) * sizeof(float));
+    const float scale = (float)dsmoe__attn_scale(c);
+    const int64_t ntask = m.B * m.H;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && ntask > 1)
+    for (int64_t k = 0; k < ntask; k++) attn_backward_task(&m, &s, &g, k / m.H, k % m.H, scale);
+    /* dk_pe: the heads' parts summed in head order, into dkv's k_pe columns. */
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && m.N > 64)
+    for (int64_t t = 0; t < m.N; t++)
+        for (int64_t k = 0; k < m.r; k++) {
+            float a = 0.0f;
+            for (int64_t h = 0; h < m.H; h++) a += g.dkpe_h[(t * m.H + h) * m.r + k];
+            g.dkv[t * ckr + m.c + k] = a;
+        }
+    /* RoPE backward on dq_pe and dk_pe. */
+    dsmoe__rope_inv_freq(g.inv_freq, c);
+    dsmoe__rope_table(g.cs, g.inv_freq, (int32_t)m.half, 0, m.T);
+    rope_rows(&m, g.dq, g.dkv, g.cs, -1, nt);
+    /* kv_b, then the latent's norm into dkv's latent columns, then kv_a. */
+    dsmoe__linear_backward(g.dlat, m.c, gr->kv_b_proj, g.dkvb, Hkv, g.lat_n, m.c, w->kv_b_proj, m.N,
+                           (int32_t)m.c, Hkv, 0, nt);
+    dsmoe__rmsnorm_backward(g.dkv, gr->kv_a_norm, g.dlat, s.kv, w->kv_a_norm, s.kv_inv, m.N,
+                            (int32_t)m.c, ckr, m.c, ckr, 0, nt);
+    dsmoe__linear_backward(dx, D, gr->kv_a_proj, g.dkv, ckr, x, D, w->kv_a_proj, m.N, D, ckr,
+                           acc_dx, nt);
+    /* Queries. */
+    if (m.q > 0) {
+        dsmoe__linear_backward(g.dqa, m.q, gr->q_b_proj, g.dq, Hq, g.qa_n, m.q, w->q_b_proj, m.N,
+                               (int32_t)m.q, Hq, 0, nt);
+        /* qa_n is free now: it takes d(q_a output). */
+        dsmoe__rmsnorm_backward(g.qa_n, gr->q_a_norm, g.dqa, s.qa, w->q_a_norm, s.qa_inv, m.N,
+                                (int32_t)m.q, m.q, m.q, m.q, 0, nt);
+        dsmoe__linear_backward(dx, D, gr->q_a_proj, g.qa_n, m.q, x, D, w->q_a_proj, m.N, D,
+                               (int32_t)m.q, 1, nt);
+    } else {
+        dsmoe__linear_backward(dx, D, gr->q_proj, g.dq, Hq, x, D, w->q_proj, m.N, D, Hq, 1, nt);
+    }
+    return DSMOE_OK;
+}
