@@ -8,7 +8,8 @@
  * and rounding errors of the difference quotient near 1e-10), so they are the exact
  * gradient to far below fp32 rounding, and the bound on the fp32 analytic gradient is a
  * bound on its rounding alone: |analytic − fd| <= tol · max|fd| over the tensor. The
- * observed maxima are printed; the bounds leave a factor of 10 or more over them.
+ * observed maxima are printed; the bounds leave a factor of 10 or more over them (the
+ * largest: MLA gradients 8e-7 of their scale, forwards 4e-7).
  * Also: batches of B = 2 sequences (nothing leaks between them), causality, odd sizes,
  * and the same bits for 1 and 2 threads.
  */
@@ -45,8 +46,11 @@ static double maxabs_d(const double *a, int64_t n) {
 
 /* fp32 result against fp64: |got − ref| <= rel · max|ref|. */
 static int close_scaled(const char *what, const float *got, const double *ref, int64_t n, double rel) {
-    double s = maxabs_d(ref, n);
-    return tl_allclose(what, got, ref, n, rel * (s > 0 ? s : 1), 0);
+    double s = maxabs_d(ref, n), worst = 0;
+    if (!(s > 0)) s = 1;
+    for (int64_t i = 0; i < n; i++) worst = fmax(worst, fabs((double)got[i] - ref[i]) / s);
+    fprintf(stderr, "    %-28s max |err| / max |ref| = %.2g (bound %.0e)\n", what, worst, rel);
+    return tl_allclose(what, got, ref, n, rel * s, 0);
 }
 
 /* One tensor under test: fp32 values (what the C code reads), an fp64 copy (what the
@@ -214,7 +218,7 @@ static void test_linear(void) {
     float *y = zerov(N * out);
     dsmoe__linear_forward(y, out, P.x.v, in, P.w.v, N, in, out, 1);
     lin_loss();
-    close_scaled("linear forward", y, P.y, N * out, 2e-6);
+    close_scaled("linear forward", y, P.y, N * out, 5e-6);
     dsmoe__linear_backward(P.x.g, in, P.w.g, P.r, out, P.x.v, in, P.w.v, N, in, out, 0, 1);
     /* Every 71st / 41st element (each costs two products), in every row block and tile. */
     const int64_t nx = P.x.n, nw = P.w.n;
@@ -579,7 +583,7 @@ static void mla_case(const char *name, const dsmoe_model_config *c, int64_t B, i
     for (int64_t b = 0; b < B; b++)
         ASSERT_OK(dsmoe__mla_forward(c, &W, yi + b * T * D, M.t[MX].v + b * T * D, T, iw, iws));
     double *yid = tod(yi, N * D);
-    close_scaled("MLA forward vs inference", y, yid, N * D, 1e-6);
+    close_scaled("MLA forward vs inference", y, yid, N * D, 2e-6);
     /* Backward: every element of every tensor. */
     for (int k = 0; k < MNT; k++)
         if (M.t[k].n) fd_check("MLA", &M.t[k], mla_loss, 1e-5);
@@ -684,6 +688,167 @@ static void test_mla_props(void) {
     mla_teardown();
 }
 
+/* ------------------------------------------------------------------ embedding, head, loss */
+
+static void test_embedding(void) {
+    tl_seed(31);
+    const int64_t N = 90;
+    const int D = 150, V = 11; /* several column blocks; every row hit several times */
+    float *E = randv((int64_t)V * D, 1.0), *h = zerov(N * D), *dh = randv(N * D, 1.0);
+    int32_t *tok = (int32_t *)malloc((size_t)N * sizeof(int32_t));
+    for (int64_t t = 0; t < N; t++) tok[t] = (int32_t)(tl_next() % (uint64_t)V);
+    ASSERT_OK(dsmoe__embed_forward(h, E, tok, N, D, V, 2));
+    int ok = 1;
+    for (int64_t t = 0; t < N; t++) ok &= memcmp(h + t * D, E + (int64_t)tok[t] * D, (size_t)D * 4) == 0;
+    ASSERT_TRUE(ok);
+    /* Backward: the plain scatter in position order (same float sums), 1 and 2 threads,
+     * on top of a non-zero gradient (it accumulates). */
+    float *ref = randv((int64_t)V * D, 1.0), *d1 = copyv(ref, (int64_t)V * D),
+          *d2 = copyv(ref, (int64_t)V * D);
+    for (int64_t t = 0; t < N; t++)
+        for (int i = 0; i < D; i++) ref[(int64_t)tok[t] * D + i] += dh[t * D + i];
+    dsmoe__embed_backward(d1, dh, tok, N, D, 1);
+    dsmoe__embed_backward(d2, dh, tok, N, D, 2);
+    tl_same_bits("embedding backward", d1, ref, (int64_t)V * D);
+    tl_same_bits("embedding backward, 2 threads", d2, ref, (int64_t)V * D);
+    /* A bad token: refused, named, nothing written. */
+    memset(h, 0, (size_t)(N * D) * sizeof(float));
+    tok[37] = V;
+    ASSERT_STATUS(dsmoe__embed_forward(h, E, tok, N, D, V, 1), DSMOE_STATUS_INVALID_ARGUMENT);
+    ASSERT_TRUE(strstr(dsmoe_last_error(), "position 37") != NULL);
+    tok[37] = -1;
+    ASSERT_STATUS(dsmoe__embed_forward(h, E, tok, N, D, V, 1), DSMOE_STATUS_INVALID_ARGUMENT);
+    ok = 1;
+    for (int64_t i = 0; i < N * D; i++) ok &= h[i] == 0.0f;
+    ASSERT_TRUE(ok);
+    free(E);
+    free(h);
+    free(dh);
+    free(tok);
+    free(ref);
+    free(d1);
+    free(d2);
+}
+
+static struct {
+    int64_t N;
+    int D, V;
+    int32_t *tg, ignore;
+    tens x, W;
+} Lc;
+
+/* The fp64 mean cross-entropy of the head. */
+static double ce_loss(void) {
+    double total = 0;
+    int64_t n = 0;
+    double *l = (double *)malloc((size_t)Lc.V * sizeof(double));
+    for (int64_t t = 0; t < Lc.N; t++) {
+        if (Lc.tg[t] == Lc.ignore) continue;
+        linear64(l, Lc.x.d + t * Lc.D, Lc.W.d, 1, Lc.D, Lc.V);
+        double mx = l[0], s = 0;
+        for (int k = 1; k < Lc.V; k++) mx = fmax(mx, l[k]);
+        for (int k = 0; k < Lc.V; k++) s += exp(l[k] - mx);
+        total += mx + log(s) - l[Lc.tg[t]];
+        n++;
+    }
+    free(l);
+    return n ? total / (double)n : 0;
+}
+
+static void head_run(double *loss, int64_t *cnt, float *dx, float *dW, float weight, int acc, int nt) {
+    size_t ws = dsmoe__head_loss_workspace_size(Lc.V, Lc.N);
+    void *w = wsalloc(ws);
+    ASSERT_OK(dsmoe__head_loss(loss, cnt, dx, dW, Lc.x.v, Lc.W.v, Lc.tg, Lc.ignore, weight, Lc.N,
+                               Lc.D, Lc.V, w, ws, acc, nt));
+    ASSERT_TRUE(tl_guard_ok(w));
+    tl_guarded_free(w);
+}
+
+static void test_head_loss(void) {
+    tl_seed(32);
+    /* Two chunks of rows (64 + 6), two blocks of logit columns, five of dW's rows. */
+    Lc.N = 70;
+    Lc.D = 13;
+    Lc.V = 270;
+    Lc.ignore = 3; /* a pad id inside the vocabulary */
+    Lc.x = mk_tens("x", Lc.N * Lc.D, 1.0);
+    Lc.W = mk_tens("W", (int64_t)Lc.V * Lc.D, 0.5);
+    Lc.tg = (int32_t *)malloc((size_t)Lc.N * sizeof(int32_t));
+    int64_t want_n = 0;
+    for (int64_t t = 0; t < Lc.N; t++) {
+        Lc.tg[t] = t % 9 == 4 ? Lc.ignore : (int32_t)(tl_next() % (uint64_t)Lc.V);
+        want_n += Lc.tg[t] != Lc.ignore;
+    }
+    double loss = 0, loss2 = 0;
+    int64_t cnt = 0;
+    head_run(&loss, &cnt, Lc.x.g, Lc.W.g, 1.0f, 0, 1);
+    ASSERT_EQ_INT(cnt, want_n);
+    double ref = ce_loss();
+    ASSERT_NEAR(loss, ref, 1e-6 * ref);
+    /* Ignored rows get no gradient. */
+    int ok = 1;
+    for (int64_t t = 0; t < Lc.N; t++)
+        if (Lc.tg[t] == Lc.ignore)
+            for (int i = 0; i < Lc.D; i++) ok &= Lc.x.g[t * Lc.D + i] == 0.0f;
+    ASSERT_TRUE(ok);
+    g_stride = 3;
+    fd_check("head loss", &Lc.x, ce_loss, 1e-5);
+    g_stride = 7;
+    fd_check("head loss", &Lc.W, ce_loss, 1e-5);
+    g_stride = 1;
+    /* The same bits: forward only, 2 threads; weight 0.5 halves the gradients exactly;
+     * dx accumulates and dW adds up. */
+    head_run(&loss2, NULL, NULL, NULL, 1.0f, 0, 1);
+    ASSERT_TRUE(loss2 == loss);
+    const int64_t nx = Lc.x.n, nw = Lc.W.n;
+    float *dx = zerov(nx), *dW = zerov(nw);
+    head_run(&loss2, NULL, dx, dW, 1.0f, 0, 2);
+    ASSERT_TRUE(loss2 == loss);
+    tl_same_bits("head dx, 2 threads", dx, Lc.x.g, nx);
+    tl_same_bits("head dW, 2 threads", dW, Lc.W.g, nw);
+    memset(dW, 0, (size_t)nw * sizeof(float));
+    head_run(NULL, NULL, dx, dW, 0.5f, 1, 2);
+    ok = 1;
+    for (int64_t i = 0; i < nx; i++) ok &= dx[i] == 1.5f * Lc.x.g[i];
+    for (int64_t i = 0; i < nw; i++) ok &= dW[i] == 0.5f * Lc.W.g[i];
+    ASSERT_TRUE(ok);
+    /* Every target ignored: loss 0, count 0, zero gradients. */
+    int32_t *keep = Lc.tg;
+    int32_t *all = (int32_t *)malloc((size_t)Lc.N * sizeof(int32_t));
+    for (int64_t t = 0; t < Lc.N; t++) all[t] = Lc.ignore;
+    Lc.tg = all;
+    memset(dW, 0, (size_t)nw * sizeof(float));
+    head_run(&loss2, &cnt, dx, dW, 1.0f, 0, 1);
+    ok = loss2 == 0.0 && cnt == 0;
+    for (int64_t i = 0; i < nx; i++) ok &= dx[i] == 0.0f;
+    for (int64_t i = 0; i < nw; i++) ok &= dW[i] == 0.0f;
+    ASSERT_TRUE(ok);
+    /* A bad target: refused, named, dW untouched. */
+    Lc.tg = keep;
+    Lc.tg[66] = Lc.V;
+    size_t ws = dsmoe__head_loss_workspace_size(Lc.V, Lc.N);
+    void *w = wsalloc(ws);
+    ASSERT_STATUS(dsmoe__head_loss(&loss2, NULL, dx, dW, Lc.x.v, Lc.W.v, Lc.tg, Lc.ignore, 1.0f,
+                                   Lc.N, Lc.D, Lc.V, w, ws, 0, 1),
+                  DSMOE_STATUS_INVALID_ARGUMENT);
+    ASSERT_TRUE(strstr(dsmoe_last_error(), "position 66") != NULL);
+    ok = 1;
+    for (int64_t i = 0; i < nw; i++) ok &= dW[i] == 0.0f;
+    ASSERT_TRUE(ok);
+    ASSERT_STATUS(dsmoe__head_loss(&loss2, NULL, dx, dW, Lc.x.v, Lc.W.v, Lc.tg, Lc.ignore, 1.0f,
+                                   Lc.N, Lc.D, Lc.V, w, ws - 1, 0, 1),
+                  DSMOE_STATUS_WORKSPACE_TOO_SMALL);
+    /* The workspace does not grow with N beyond one chunk. */
+    ASSERT_TRUE(dsmoe__head_loss_workspace_size(Lc.V, 100000) == dsmoe__head_loss_workspace_size(Lc.V, 64));
+    tl_guarded_free(w);
+    free(all);
+    free(dx);
+    free(dW);
+    free(Lc.tg);
+    free_tens(&Lc.x);
+    free_tens(&Lc.W);
+}
+
 int main(void) {
     RUN(test_rmsnorm);
     RUN(test_linear);
@@ -691,5 +856,7 @@ int main(void) {
     RUN(test_swiglu_threads);
     RUN(test_mla_grad);
     RUN(test_mla_props);
+    RUN(test_embedding);
+    RUN(test_head_loss);
     return TEST_SUMMARY();
 }

@@ -159,4 +159,37 @@ dsmoe_status dsmoe__mla_train_backward(const dsmoe_model_config *c, const dsmoe_
                                        size_t save_size, void *ws, size_t ws_size, int acc_dx,
                                        int n_threads);
 
+/* ------------------------------------------------------------------ embedding, head, loss */
+
+/* h (N, D) = E (V, D) rows tokens (N). INVALID_ARGUMENT naming the first token outside
+ * 0 .. V − 1 (its position and value); nothing is written then. */
+dsmoe_status dsmoe__embed_forward(float *h, const float *E, const int32_t *tokens, int64_t N,
+                                  int32_t D, int32_t V, int n_threads);
+/* dE (V, D) += the rows of dh (N, D) scattered to tokens (N), in token-position order for
+ * every element (threads over fixed blocks of D's columns), so a row hit by several
+ * positions gets the same sum for any thread count. The tokens must be valid (as
+ * dsmoe__embed_forward checked them). */
+void dsmoe__embed_backward(float *dE, const float *dh, const int32_t *tokens, int64_t N, int32_t D,
+                           int n_threads);
+
+/* Workspace bytes of dsmoe__head_loss: the logits of min(N, DSMOE__LOSS_CHUNK) rows
+ * (that many × V floats: 64 × V × 4 bytes at most, whatever N) and their losses. */
+size_t dsmoe__head_loss_workspace_size(int32_t V, int64_t N);
+/* The head and the cross-entropy loss of the rows of x (N, D) (the final norm's output):
+ *   logits = x · Wᵀ, W (V, D);  ℓ_t = logsumexp(logits_t) − logits_t[targets[t]];
+ *   *loss = (1 / n) Σ ℓ_t over the n rows whose target is not ignore_id (0 when n = 0),
+ *   *n_targets = n (either may be NULL).
+ * With dx or dW non-NULL, also the gradients of weight · *loss (weight: an MTP depth's
+ * λ / D, or 1): with g = (softmax(logits_t) − onehot(targets[t])) · weight / n (0 for
+ * ignored rows), dx (N, D) (= or += by acc_dx) = g · W, dW (V, D) += gᵀ · x.
+ * The logits exist only DSMOE__LOSS_CHUNK rows at a time; chunks run in order (dW sums
+ * them in that order), and inside a chunk the threads share fixed blocks of V or of
+ * rows. Softmax: exponentials in fp32, their sum and the loss in double.
+ * INVALID_ARGUMENT naming the first target outside 0 .. V − 1 that is not ignore_id
+ * (nothing is written then), NULL arguments; WORKSPACE_TOO_SMALL. */
+dsmoe_status dsmoe__head_loss(double *loss, int64_t *n_targets, float *dx, float *dW,
+                              const float *x, const float *W, const int32_t *targets,
+                              int32_t ignore_id, float weight, int64_t N, int32_t D, int32_t V,
+                              void *ws, size_t ws_size, int acc_dx, int n_threads);
+
 #endif /* DSMOE_MODEL_GRAD_H */
