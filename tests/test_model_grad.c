@@ -2,8 +2,9 @@
  * test_model_grad.c — the model's training blocks (src/model/model_grad.h): forward
  * against the inference blocks of blocks.c and against fp64 copies of the same math
  * written here, and every backward against central finite differences of the fp64
- * forward, for every parameter tensor and the input, element by element:
- *     L = Σ y ⊙ r,  r random, so dy = r.
+ * forward, for every parameter tensor and the input, element by element (every 3rd to
+ * 71st element in the larger linear and head cases, which span several blocks):
+ *     L = Σ y ⊙ r,  r random, so dy = r (the head's L is its mean cross-entropy).
  * The finite differences are taken in double (step 1e-5 on values of order 1: truncation
  * and rounding errors of the difference quotient near 1e-10), so they are the exact
  * gradient to far below fp32 rounding, and the bound on the fp32 analytic gradient is a
