@@ -605,6 +605,11 @@ static void test_mla_grad(void) {
     mla_case("q_lora_rank 7, YaRN, r = 6", &c, 2, 7);
     dsmoe_model_config d = mla_cfg(9, 3, 2, 4, 5, 3, 0, 1);
     mla_case("q_proj, YaRN, r = 4", &d, 1, 6);
+    /* Two blocks of queries (64 + 6 rows); every 5th element. */
+    dsmoe_model_config e = mla_cfg(9, 2, 3, 4, 5, 4, 5, 1);
+    g_stride = 5;
+    mla_case("q_lora_rank 5, YaRN, T = 70", &e, 1, 70);
+    g_stride = 1;
 }
 
 /* Larger sizes: several row blocks; sequences do not leak into each other, causality,
@@ -612,7 +617,7 @@ static void test_mla_grad(void) {
 static void test_mla_props(void) {
     tl_seed(22);
     dsmoe_model_config c = mla_cfg(37, 4, 9, 6, 11, 13, 17, 1);
-    const int64_t B = 2, T = 41, N = B * T, D = c.hidden_size;
+    const int64_t B = 2, T = 70, N = B * T, D = c.hidden_size;
     mla_setup(&c, B, T);
     float *y[2], *dx[2], *gp[2][MNT];
     for (int t = 0; t < 2; t++) {
@@ -632,15 +637,16 @@ static void test_mla_props(void) {
     int changed = 0;
     for (int64_t i = 0; i < T * D; i++) changed |= y[0][i] != y[1][i];
     ASSERT_TRUE(changed);
-    /* Causality: token t0 of sequence 1 changes no earlier row. */
-    const int64_t t0 = 17;
+    /* Causality: token t0 of sequence 1 changes no earlier row (t0 in the second block of
+     * queries, after rows of its own block). */
+    const int64_t t0 = 66;
     memcpy(x2, M.t[MX].v, (size_t)(N * D) * sizeof(float));
     for (int64_t i = 0; i < D; i++) x2[(T + t0) * D + i] -= 0.7f;
     mla_run(y[1], NULL, NULL, x2, NULL, 1);
     tl_same_bits("MLA rows before the perturbed token", y[0], y[1], (T + t0) * D);
     changed = 0;
     for (int64_t i = 0; i < D; i++) changed |= y[0][(T + t0) * D + i] != y[1][(T + t0) * D + i];
-    for (int64_t i = 0; i < D; i++) changed |= y[0][(T + t0 + 5) * D + i] != y[1][(T + t0 + 5) * D + i];
+    for (int64_t i = 0; i < D; i++) changed |= y[0][(T + t0 + 3) * D + i] != y[1][(T + t0 + 3) * D + i];
     ASSERT_TRUE(changed);
     /* Backward, the same two properties: dy only on sequence 1 before t0 leaves dx zero in
      * sequence 0 and at t0 and after. */

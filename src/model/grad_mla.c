@@ -5,16 +5,25 @@
  *
  * The attention of one (sequence, head) is one task: it reads that sequence's rows and
  * writes only that head's columns (and its own part of dk_pe), so the tasks run on any
- * threads in any order with the same bits. Inside a task the loops run in index order,
- * with the arithmetic of blocks.c's reference forward (fp32, softmax in fp32).
+ * threads in any order with the same bits. Inside a task the queries go in fixed blocks
+ * of ATT_QB rows, in order: the scores of a block against the keys up to its last row,
+ * a (rows × keys) matrix in the task's own scratch, come from BLAS products, the causal
+ * mask and the softmax (fp32, as blocks.c) from plain loops, and the products with the
+ * values and the backward's products from BLAS again.
  */
 #include "model/model_grad.h"
+
+#include "kernels/blas.h"
 
 #include <math.h>
 #include <string.h>
 
+/* Query rows per block of the attention. */
+#define ATT_QB 64
+
 typedef struct mla_dims {
     int64_t B, T, N, D, H, n, r, v, c, q, half;
+    int64_t qb; /* rows of a query block: min(T, ATT_QB) */
 } mla_dims;
 
 static mla_dims dims_of(const dsmoe_model_config *c, int64_t B, int64_t T) {
@@ -30,6 +39,7 @@ static mla_dims dims_of(const dsmoe_model_config *c, int64_t B, int64_t T) {
     m.c = c->kv_lora_rank;
     m.q = c->q_lora_rank > 0 ? c->q_lora_rank : 0;
     m.half = m.r / 2;
+    m.qb = T < ATT_QB ? T : ATT_QB;
     return m;
 }
 
@@ -69,7 +79,8 @@ static size_t save_layout(const mla_dims *m, char *base, mla_save *s) {
 }
 
 typedef struct mla_fws {
-    float *qa_n, *lat_n, *scores, *cs; /* (N, q), (N, c), (B, H, T), (T, r) */
+    float *qa_n, *lat_n, *cs; /* (N, q), (N, c), (T, r) */
+    float *att;               /* (B·H, qb, T): each task's probabilities */
     double *inv_freq;                  /* (r / 2) */
 } mla_fws;
 
@@ -78,8 +89,8 @@ static size_t fws_layout(const mla_dims *m, char *base, mla_fws *w) {
     mla_fws t;
     t.qa_n = (float *)take(&l, m->N * m->q, sizeof(float));
     t.lat_n = (float *)take(&l, m->N * m->c, sizeof(float));
-    t.scores = (float *)take(&l, m->N * m->H, sizeof(float));
     t.cs = (float *)take(&l, m->T * m->r, sizeof(float));
+    t.att = (float *)take(&l, m->B * m->H * m->qb * m->T, sizeof(float));
     t.inv_freq = (double *)take(&l, m->half, sizeof(double));
     if (w) *w = t;
     return l.off;
@@ -95,6 +106,7 @@ typedef struct mla_bws {
     float *dlat, *dqa;    /* (N, c), (N, q) */
     float *cs;            /* (T, r) */
     double *inv_freq;     /* (r / 2) */
+    float *att;           /* (B·H, 2, qb, T): each task's probabilities and their gradient */
 } mla_bws;
 
 static size_t bws_layout(const mla_dims *m, char *base, mla_bws *w) {
@@ -111,6 +123,7 @@ static size_t bws_layout(const mla_dims *m, char *base, mla_bws *w) {
     t.dqa = (float *)take(&l, m->N * m->q, sizeof(float));
     t.cs = (float *)take(&l, m->T * m->r, sizeof(float));
     t.inv_freq = (double *)take(&l, m->half, sizeof(double));
+    t.att = (float *)take(&l, m->B * m->H * 2 * m->qb * m->T, sizeof(float));
     if (w) *w = t;
     return l.off;
 }
@@ -203,36 +216,57 @@ static void rms_apply(float *y, int64_t ldy, const float *x, int64_t ldx, const 
         for (int64_t i = 0; i < n; i++) y[t * ldy + i] = x[t * ldx + i] * inv[t] * w[i];
 }
 
-/* The attention of sequence b, head h: out and lse of its rows; p (T) is scratch. */
-static void attn_forward_task(const mla_dims *m, const mla_save *s, int64_t b, int64_t h, float *p,
+/* C (M, N) [ldc] = op(A) · op(B) + beta · C, with K = 0 meaning op(A) · op(B) = 0. */
+static void mm(int ta, int tb, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+               const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+        if (beta == 0.0f)
+            for (int64_t i = 0; i < M; i++) memset(C + i * ldc, 0, (size_t)N * sizeof(float));
+        return;
+    }
+    dsmoe__sgemm(ta, tb, (int)M, (int)N, (int)K, 1.0f, A, (int)lda, B, (int)ldb, beta, C, (int)ldc);
+}
+
+/* Raw scores S (rows, keys) [ld T] of queries i0 .. i0 + rows − 1 of sequence b, head h,
+ * against keys 0 .. keys − 1: q_nope · k_nope + q_pe · k_pe. */
+static void attn_scores(const mla_dims *m, const mla_save *s, int64_t b, int64_t h, int64_t i0,
+                        int64_t rows, int64_t keys, float *S) {
+    const int64_t H = m->H, n = m->n, r = m->r, v = m->v, r0 = b * m->T;
+    const float *Q = s->qf + ((r0 + i0) * H + h) * (n + r);
+    const float *Kn = s->kvb + (r0 * H + h) * (n + v), *Kp = s->kv + r0 * (m->c + r) + m->c;
+    mm(DSMOE__NOTRANS, DSMOE__TRANS, rows, keys, n, Q, H * (n + r), Kn, H * (n + v), 0.0f, S, m->T);
+    if (r > 0)
+        mm(DSMOE__NOTRANS, DSMOE__TRANS, rows, keys, r, Q + n, H * (n + r), Kp, m->c + r,
+           n > 0 ? 1.0f : 0.0f, S, m->T);
+}
+
+/* The attention of sequence b, head h: out and lse of its rows; P (qb, T) is scratch. */
+static void attn_forward_task(const mla_dims *m, const mla_save *s, int64_t b, int64_t h, float *P,
                               float scale) {
-    const int64_t H = m->H, n = m->n, r = m->r, v = m->v, ckr = m->c + m->r;
-    for (int64_t i = 0; i < m->T; i++) {
-        const int64_t ri = b * m->T + i;
-        const float *qn = s->qf + (ri * H + h) * (n + r), *qp = qn + n;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j <= i; j++) {
-            const int64_t rj = b * m->T + j;
-            const float *kn = s->kvb + (rj * H + h) * (n + v), *kp = s->kv + rj * ckr + m->c;
-            float s1 = 0.0f, s2 = 0.0f;
-            for (int64_t k = 0; k < n; k++) s1 += qn[k] * kn[k];
-            for (int64_t k = 0; k < r; k++) s2 += qp[k] * kp[k];
-            p[j] = (s1 + s2) * scale;
-            if (p[j] > mx) mx = p[j];
+    const int64_t H = m->H, n = m->n, v = m->v, r0 = b * m->T;
+    for (int64_t i0 = 0; i0 < m->T; i0 += m->qb) {
+        const int64_t rows = m->T - i0 < m->qb ? m->T - i0 : m->qb, keys = i0 + rows;
+        attn_scores(m, s, b, h, i0, rows, keys, P);
+        for (int64_t ii = 0; ii < rows; ii++) {
+            const int64_t i = i0 + ii;
+            float *p = P + ii * m->T;
+            float mx = -INFINITY;
+            for (int64_t j = 0; j <= i; j++) {
+                p[j] *= scale;
+                if (p[j] > mx) mx = p[j];
+            }
+            float sum = 0.0f;
+            for (int64_t j = 0; j <= i; j++) {
+                p[j] = expf(p[j] - mx);
+                sum += p[j];
+            }
+            for (int64_t j = 0; j <= i; j++) p[j] /= sum;
+            for (int64_t j = i + 1; j < keys; j++) p[j] = 0.0f;
+            s->lse[(r0 + i) * H + h] = mx + logf(sum);
         }
-        float sum = 0.0f;
-        for (int64_t j = 0; j <= i; j++) {
-            p[j] = expf(p[j] - mx);
-            sum += p[j];
-        }
-        float *o = s->out + (ri * H + h) * v;
-        for (int64_t k = 0; k < v; k++) o[k] = 0.0f;
-        for (int64_t j = 0; j <= i; j++) {
-            const float *val = s->kvb + ((b * m->T + j) * H + h) * (n + v) + n;
-            float pj = p[j] / sum;
-            for (int64_t k = 0; k < v; k++) o[k] += pj * val[k];
-        }
-        s->lse[ri * H + h] = mx + logf(sum);
+        mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, v, keys, P, m->T, s->kvb + (r0 * H + h) * (n + v) + n,
+           H * (n + v), 0.0f, s->out + ((r0 + i0) * H + h) * v, H * v);
     }
 }
 
@@ -274,46 +308,51 @@ dsmoe_status dsmoe__mla_train_forward(const dsmoe_model_config *c, const dsmoe__
     const int64_t ntask = m.B * m.H;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && ntask > 1)
     for (int64_t k = 0; k < ntask; k++)
-        attn_forward_task(&m, &s, k / m.H, k % m.H, f.scores + k * m.T, scale);
+        attn_forward_task(&m, &s, k / m.H, k % m.H, f.att + k * m.qb * m.T, scale);
     const int32_t Hv = (int32_t)(m.H * m.v);
     dsmoe__linear_forward(y, D, s.out, Hv, w->o_proj, m.N, Hv, D, nt);
     return DSMOE_OK;
 }
 
-/* The backward of the attention of sequence b, head h (dq, dkvb, dkpe_h zeroed). */
+/* The backward of the attention of sequence b, head h: dq of its rows, its dk_nope and
+ * dv columns of dkvb and its part of dk_pe (all zeroed before); P, dP (qb, T) scratch. */
 static void attn_backward_task(const mla_dims *m, const mla_save *s, const mla_bws *g, int64_t b,
-                               int64_t h, float scale) {
-    const int64_t H = m->H, n = m->n, r = m->r, v = m->v, ckr = m->c + m->r;
-    for (int64_t i = 0; i < m->T; i++) {
-        const int64_t ri = b * m->T + i;
-        const float *qn = s->qf + (ri * H + h) * (n + r), *qp = qn + n;
-        const float *doi = g->dout + (ri * H + h) * v, *oi = s->out + (ri * H + h) * v;
-        float *dqn = g->dq + (ri * H + h) * (n + r), *dqp = dqn + n;
-        const float lse = s->lse[ri * H + h];
-        float Di = 0.0f;
-        for (int64_t k = 0; k < v; k++) Di += doi[k] * oi[k];
-        for (int64_t j = 0; j <= i; j++) {
-            const int64_t rj = b * m->T + j;
-            const float *kn = s->kvb + (rj * H + h) * (n + v), *val = kn + n;
-            const float *kp = s->kv + rj * ckr + m->c;
-            float *dkn = g->dkvb + (rj * H + h) * (n + v), *dval = dkn + n;
-            float *dkp = g->dkpe_h + (rj * H + h) * r;
-            float s1 = 0.0f, s2 = 0.0f, dp = 0.0f;
-            for (int64_t k = 0; k < n; k++) s1 += qn[k] * kn[k];
-            for (int64_t k = 0; k < r; k++) s2 += qp[k] * kp[k];
-            const float p = expf((s1 + s2) * scale - lse);
-            for (int64_t k = 0; k < v; k++) dp += doi[k] * val[k];
-            const float ds = p * (dp - Di) * scale;
-            for (int64_t k = 0; k < n; k++) {
-                dqn[k] += ds * kn[k];
-                dkn[k] += ds * qn[k];
+                               int64_t h, float *P, float *dP, float scale) {
+    const int64_t H = m->H, n = m->n, r = m->r, v = m->v, ckr = m->c + m->r, r0 = b * m->T;
+    const float *Kn = s->kvb + (r0 * H + h) * (n + v), *V = Kn + n, *Kp = s->kv + r0 * ckr + m->c;
+    float *dKn = g->dkvb + (r0 * H + h) * (n + v), *dV = dKn + n;
+    float *dKp = g->dkpe_h + (r0 * H + h) * r;
+    for (int64_t i0 = 0; i0 < m->T; i0 += m->qb) {
+        const int64_t rows = m->T - i0 < m->qb ? m->T - i0 : m->qb, keys = i0 + rows;
+        const float *Q = s->qf + ((r0 + i0) * H + h) * (n + r);
+        const float *dO = g->dout + ((r0 + i0) * H + h) * v;
+        float *dQ = g->dq + ((r0 + i0) * H + h) * (n + r);
+        attn_scores(m, s, b, h, i0, rows, keys, P);
+        /* dP = dO · Vᵀ */
+        mm(DSMOE__NOTRANS, DSMOE__TRANS, rows, keys, v, dO, H * v, V, H * (n + v), 0.0f, dP, m->T);
+        for (int64_t ii = 0; ii < rows; ii++) {
+            const int64_t i = i0 + ii, ri = r0 + i;
+            const float *doi = dO + ii * H * v, *oi = s->out + (ri * H + h) * v;
+            const float lse = s->lse[ri * H + h];
+            float *p = P + ii * m->T, *dp = dP + ii * m->T;
+            float Di = 0.0f;
+            for (int64_t k = 0; k < v; k++) Di += doi[k] * oi[k];
+            for (int64_t j = 0; j <= i; j++) {
+                p[j] = expf(p[j] * scale - lse);
+                dp[j] = p[j] * (dp[j] - Di) * scale; /* dS */
             }
-            for (int64_t k = 0; k < r; k++) {
-                dqp[k] += ds * kp[k];
-                dkp[k] += ds * qp[k];
-            }
-            for (int64_t k = 0; k < v; k++) dval[k] += p * doi[k];
+            for (int64_t j = i + 1; j < keys; j++) p[j] = dp[j] = 0.0f;
         }
+        /* dQ = dS · [Kn | Kp];  dK += dSᵀ · Q;  dV += Pᵀ · dO. */
+        mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, n, keys, dP, m->T, Kn, H * (n + v), 0.0f, dQ,
+           H * (n + r));
+        mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, r, keys, dP, m->T, Kp, ckr, 0.0f, dQ + n,
+           H * (n + r));
+        mm(DSMOE__TRANS, DSMOE__NOTRANS, keys, n, rows, dP, m->T, Q, H * (n + r), 1.0f, dKn,
+           H * (n + v));
+        mm(DSMOE__TRANS, DSMOE__NOTRANS, keys, r, rows, dP, m->T, Q + n, H * (n + r), 1.0f, dKp,
+           H * r);
+        mm(DSMOE__TRANS, DSMOE__NOTRANS, keys, v, rows, P, m->T, dO, H * v, 1.0f, dV, H * (n + v));
     }
 }
 
@@ -349,7 +388,10 @@ dsmoe_status dsmoe__mla_train_backward(const dsmoe_model_config *c, const dsmoe_
     const float scale = (float)dsmoe__attn_scale(c);
     const int64_t ntask = m.B * m.H;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && ntask > 1)
-    for (int64_t k = 0; k < ntask; k++) attn_backward_task(&m, &s, &g, k / m.H, k % m.H, scale);
+    for (int64_t k = 0; k < ntask; k++) {
+        float *P = g.att + k * 2 * m.qb * m.T;
+        attn_backward_task(&m, &s, &g, k / m.H, k % m.H, P, P + m.qb * m.T, scale);
+    }
     /* dk_pe: the heads' parts summed in head order, into dkv's k_pe columns. */
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && m.N > 64)
     for (int64_t t = 0; t < m.N; t++)

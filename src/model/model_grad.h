@@ -130,12 +130,17 @@ typedef struct dsmoe__mla_grads {
  * backward takes it as an argument. */
 size_t dsmoe__mla_save_size(const dsmoe_model_config *c, int64_t B, int64_t T);
 /* Workspace bytes of the training forward and backward (the larger of the two): the
- * backward's (B·T) × (H(2n + 2r + 2v) + 2c + r + 2q) floats plus the RoPE table. */
+ * backward's (B·T) × (H(2n + 2r + 2v) + 2c + r + 2q) floats, the RoPE table, and for each
+ * (sequence, head) two blocks of min(T, 64) × T floats (a block of query rows' scores
+ * and their gradient): B·H·2·64·T floats, linear in T. */
 size_t dsmoe__mla_train_workspace_size(const dsmoe_model_config *c, int64_t B, int64_t T);
 /* y (B·T, D) = naive MLA of x (B·T, D), each sequence causal at positions 0 .. T − 1,
  * as dsmoe__mla_forward (softmax in fp32; products through BLAS, so equal to it up to
  * fp32 rounding), saving what the backward needs in save. Threads over fixed row
- * blocks for the projections and over (sequence, head) for the attention.
+ * blocks for the projections and over (sequence, head) for the attention, which takes
+ * the queries 64 rows at a time against the keys up to the block's last row (scores,
+ * probabilities · values and the backward's products through BLAS; the masked upper
+ * part of a block's diagonal square is computed and discarded).
  * INVALID_ARGUMENT (NULL, bad sizes, missing weights, T above
  * max_position_embeddings), WORKSPACE_TOO_SMALL. */
 dsmoe_status dsmoe__mla_train_forward(const dsmoe_model_config *c, const dsmoe__mla_weights *w,
