@@ -84,8 +84,9 @@ static void free_tens(tens *t) {
 static int64_t g_stride = 1;
 static void fd_check(const char *block, tens *t, double (*f)(void), double tol) {
     const double h = 1e-5;
-    double *fd = (double *)malloc((size_t)t->n * sizeof(double));
-    for (int64_t i = 0; i < t->n; i++) {
+    const int64_t n = t->n;
+    double *fd = (double *)calloc((size_t)(n > 0 ? n : 1), sizeof(double));
+    for (int64_t i = 0; i < n; i++) {
         double v = t->d[i];
         if (i % g_stride) {
             fd[i] = t->g[i]; /* not checked */
@@ -98,13 +99,13 @@ static void fd_check(const char *block, tens *t, double (*f)(void), double tol) 
         t->d[i] = v;
         fd[i] = (lp - lm) / (2 * h);
     }
-    double s = maxabs_d(fd, t->n), worst = 0;
-    for (int64_t i = 0; i < t->n; i++) worst = fmax(worst, fabs((double)t->g[i] - fd[i]) / s);
+    double s = maxabs_d(fd, n), worst = 0;
+    for (int64_t i = 0; i < n; i++) worst = fmax(worst, fabs((double)t->g[i] - fd[i]) / s);
     char what[160];
     snprintf(what, sizeof what, "%s d%s", block, t->name);
     tl_checks++;
     if (!(s > 0)) TL_FAIL("%s: the gradient is zero everywhere (no check)", what);
-    tl_allclose(what, t->g, fd, t->n, tol * s, 0);
+    tl_allclose(what, t->g, fd, n, tol * s, 0);
     fprintf(stderr, "    %-28s max |err| / max |grad| = %.2g (bound %.0e)\n", what, worst, tol);
     free(fd);
 }
@@ -136,8 +137,8 @@ static void linear64(double *y, const double *x, const double *W, int64_t N, int
 }
 static void swiglu64(double *y, const double *x, const double *gate, const double *up,
                      const double *down, int64_t N, int D, int I) {
-    double *g = (double *)malloc((size_t)(N * I) * sizeof(double));
-    double *u = (double *)malloc((size_t)(N * I) * sizeof(double));
+    double *g = (double *)calloc((size_t)(N * I), sizeof(double));
+    double *u = (double *)calloc((size_t)(N * I), sizeof(double));
     linear64(g, x, gate, N, D, I);
     linear64(u, x, up, N, D, I);
     for (int64_t k = 0; k < N * I; k++) g[k] = g[k] / (1 + exp(-g[k])) * u[k];
@@ -752,9 +753,10 @@ static double ce_loss(void) {
     for (int64_t t = 0; t < Lc.N; t++) {
         if (Lc.tg[t] == Lc.ignore) continue;
         linear64(l, Lc.x.d + t * Lc.D, Lc.W.d, 1, Lc.D, Lc.V);
-        double mx = l[0], s = 0;
+        double mx = l[0];
         for (int k = 1; k < Lc.V; k++) mx = fmax(mx, l[k]);
-        for (int k = 0; k < Lc.V; k++) s += exp(l[k] - mx);
+        double s = exp(l[0] - mx);
+        for (int k = 1; k < Lc.V; k++) s += exp(l[k] - mx);
         total += mx + log(s) - l[Lc.tg[t]];
         n++;
     }

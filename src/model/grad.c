@@ -169,7 +169,7 @@ dsmoe_status dsmoe__swiglu_train_forward(float *y, const float *x, const dsmoe__
     if (st != DSMOE_OK) return st;
     if (N == 0) return DSMOE_OK;
     const size_t half = dsmoe__align64((size_t)N * (size_t)I * sizeof(float));
-    float *g = (float *)save, *u = (float *)((char *)save + half), *h = (float *)ws;
+    float *g = (float *)save, *u = (float *)(void *)((char *)save + half), *h = (float *)ws;
     const int nt = dsmoe__threads(n_threads);
     dsmoe__linear_forward(g, I, x, D, p->gate, N, D, I, nt);
     dsmoe__linear_forward(u, I, x, D, p->up, N, D, I, nt);
@@ -192,8 +192,9 @@ dsmoe_status dsmoe__swiglu_train_backward(float *dx, const dsmoe__mlp_grads *gr,
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "SwiGLU backward: NULL gradient");
     if (N == 0) return DSMOE_OK;
     const size_t half = dsmoe__align64((size_t)N * (size_t)I * sizeof(float));
-    const float *g = (const float *)save, *u = (const float *)((const char *)save + half);
-    float *h = (float *)ws, *dh = (float *)((char *)ws + half);
+    const float *g = (const float *)save;
+    const float *u = (const float *)(const void *)((const char *)save + half);
+    float *h = (float *)ws, *dh = (float *)(void *)((char *)ws + half);
     const int nt = dsmoe__threads(n_threads);
     const int64_t n = N * I;
     (void)nt;

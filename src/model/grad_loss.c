@@ -90,7 +90,7 @@ dsmoe_status dsmoe__head_loss(double *loss, int64_t *n_targets, float *dx, float
     const int want_grad = dx || dW;
     const int64_t R = chunk_rows(N);
     float *L = (float *)ws;
-    double *rl = (double *)((char *)ws + dsmoe__align64((size_t)R * (size_t)V * sizeof(float)));
+    double *rl = (double *)(void *)((char *)ws + dsmoe__align64((size_t)R * (size_t)V * sizeof(float)));
     const float g_scale = n > 0 ? (float)((double)weight / (double)n) : 0.0f;
     const int64_t nvb = (V + HEAD_V_BLOCK - 1) / HEAD_V_BLOCK;
     double total = 0.0;
@@ -118,8 +118,8 @@ dsmoe_status dsmoe__head_loss(double *loss, int64_t *n_targets, float *dx, float
             }
             float mx = l[0];
             for (int32_t k = 1; k < V; k++) mx = l[k] > mx ? l[k] : mx;
-            double sum = 0.0;
-            for (int32_t k = 0; k < V; k++) sum += (double)expf(l[k] - mx);
+            double sum = (double)expf(l[0] - mx); /* V >= 1 */
+            for (int32_t k = 1; k < V; k++) sum += (double)expf(l[k] - mx);
             const double lse = (double)mx + log(sum);
             rl[i] = lse - (double)l[tg];
             if (want_grad) {

@@ -43,17 +43,21 @@ static mla_dims dims_of(const dsmoe_model_config *c, int64_t B, int64_t T) {
     return m;
 }
 
-/* Carves consecutive 64-byte-aligned arrays from base (NULL: only counts). */
+/* Lays out consecutive 64-byte-aligned arrays: offsets first (so that the sizes need no
+ * buffer), pointers from a buffer after. */
 typedef struct lay {
-    char *base;
     size_t off;
 } lay;
-static void *take(lay *l, int64_t count, size_t elem) {
-    void *p = l->base ? l->base + l->off : NULL;
+static size_t take(lay *l, int64_t count, size_t elem) {
+    size_t at = l->off;
     l->off += dsmoe__align64((size_t)count * elem);
-    return p;
+    return at;
 }
+#define AT(type, base, off) ((type *)(void *)((const char *)(base) + (off)))
 
+typedef struct mla_save_off {
+    size_t qa, qa_inv, qf, kv, kv_inv, kvb, out, lse, total;
+} mla_save_off;
 typedef struct mla_save {
     float *qa, *qa_inv; /* (N, q), (N) — q > 0 only */
     float *qf;          /* (N, H, n + r) after RoPE */
@@ -63,39 +67,68 @@ typedef struct mla_save {
     float *lse;         /* (N, H) */
 } mla_save;
 
-static size_t save_layout(const mla_dims *m, char *base, mla_save *s) {
-    lay l = {base, 0};
-    mla_save t;
-    t.qa = (float *)take(&l, m->N * m->q, sizeof(float));
-    t.qa_inv = (float *)take(&l, m->q > 0 ? m->N : 0, sizeof(float));
-    t.qf = (float *)take(&l, m->N * m->H * (m->n + m->r), sizeof(float));
-    t.kv = (float *)take(&l, m->N * (m->c + m->r), sizeof(float));
-    t.kv_inv = (float *)take(&l, m->N, sizeof(float));
-    t.kvb = (float *)take(&l, m->N * m->H * (m->n + m->v), sizeof(float));
-    t.out = (float *)take(&l, m->N * m->H * m->v, sizeof(float));
-    t.lse = (float *)take(&l, m->N * m->H, sizeof(float));
-    if (s) *s = t;
-    return l.off;
+static mla_save_off save_offsets(const mla_dims *m) {
+    lay l = {0};
+    mla_save_off o;
+    o.qa = take(&l, m->N * m->q, sizeof(float));
+    o.qa_inv = take(&l, m->q > 0 ? m->N : 0, sizeof(float));
+    o.qf = take(&l, m->N * m->H * (m->n + m->r), sizeof(float));
+    o.kv = take(&l, m->N * (m->c + m->r), sizeof(float));
+    o.kv_inv = take(&l, m->N, sizeof(float));
+    o.kvb = take(&l, m->N * m->H * (m->n + m->v), sizeof(float));
+    o.out = take(&l, m->N * m->H * m->v, sizeof(float));
+    o.lse = take(&l, m->N * m->H, sizeof(float));
+    o.total = l.off;
+    return o;
+}
+static mla_save save_at(const mla_dims *m, const void *base) {
+    const mla_save_off o = save_offsets(m);
+    mla_save s;
+    s.qa = AT(float, base, o.qa);
+    s.qa_inv = AT(float, base, o.qa_inv);
+    s.qf = AT(float, base, o.qf);
+    s.kv = AT(float, base, o.kv);
+    s.kv_inv = AT(float, base, o.kv_inv);
+    s.kvb = AT(float, base, o.kvb);
+    s.out = AT(float, base, o.out);
+    s.lse = AT(float, base, o.lse);
+    return s;
 }
 
+typedef struct mla_fws_off {
+    size_t qa_n, lat_n, cs, inv_freq, att, total;
+} mla_fws_off;
 typedef struct mla_fws {
     float *qa_n, *lat_n, *cs; /* (N, q), (N, c), (T, r) */
+    double *inv_freq;         /* (r / 2) */
     float *att;               /* (B·H, qb, T): each task's probabilities */
-    double *inv_freq;                  /* (r / 2) */
 } mla_fws;
 
-static size_t fws_layout(const mla_dims *m, char *base, mla_fws *w) {
-    lay l = {base, 0};
-    mla_fws t;
-    t.qa_n = (float *)take(&l, m->N * m->q, sizeof(float));
-    t.lat_n = (float *)take(&l, m->N * m->c, sizeof(float));
-    t.cs = (float *)take(&l, m->T * m->r, sizeof(float));
-    t.att = (float *)take(&l, m->B * m->H * m->qb * m->T, sizeof(float));
-    t.inv_freq = (double *)take(&l, m->half, sizeof(double));
-    if (w) *w = t;
-    return l.off;
+static mla_fws_off fws_offsets(const mla_dims *m) {
+    lay l = {0};
+    mla_fws_off o;
+    o.qa_n = take(&l, m->N * m->q, sizeof(float));
+    o.lat_n = take(&l, m->N * m->c, sizeof(float));
+    o.cs = take(&l, m->T * m->r, sizeof(float));
+    o.inv_freq = take(&l, m->half, sizeof(double));
+    o.att = take(&l, m->B * m->H * m->qb * m->T, sizeof(float));
+    o.total = l.off;
+    return o;
+}
+static mla_fws fws_at(const mla_dims *m, void *base) {
+    const mla_fws_off o = fws_offsets(m);
+    mla_fws w;
+    w.qa_n = AT(float, base, o.qa_n);
+    w.lat_n = AT(float, base, o.lat_n);
+    w.cs = AT(float, base, o.cs);
+    w.inv_freq = AT(double, base, o.inv_freq);
+    w.att = AT(float, base, o.att);
+    return w;
 }
 
+typedef struct mla_bws_off {
+    size_t dout, qa_n, lat_n, dq, dkvb, dkpe_h, dkv, dlat, dqa, cs, inv_freq, att, total;
+} mla_bws_off;
 typedef struct mla_bws {
     float *dout;          /* (N, H v) */
     float *qa_n, *lat_n;  /* (N, q), (N, c) recomputed from the saved values */
@@ -109,23 +142,40 @@ typedef struct mla_bws {
     float *att;           /* (B·H, 2, qb, T): each task's probabilities and their gradient */
 } mla_bws;
 
-static size_t bws_layout(const mla_dims *m, char *base, mla_bws *w) {
-    lay l = {base, 0};
-    mla_bws t;
-    t.dout = (float *)take(&l, m->N * m->H * m->v, sizeof(float));
-    t.qa_n = (float *)take(&l, m->N * m->q, sizeof(float));
-    t.lat_n = (float *)take(&l, m->N * m->c, sizeof(float));
-    t.dq = (float *)take(&l, m->N * m->H * (m->n + m->r), sizeof(float));
-    t.dkvb = (float *)take(&l, m->N * m->H * (m->n + m->v), sizeof(float));
-    t.dkpe_h = (float *)take(&l, m->N * m->H * m->r, sizeof(float));
-    t.dkv = (float *)take(&l, m->N * (m->c + m->r), sizeof(float));
-    t.dlat = (float *)take(&l, m->N * m->c, sizeof(float));
-    t.dqa = (float *)take(&l, m->N * m->q, sizeof(float));
-    t.cs = (float *)take(&l, m->T * m->r, sizeof(float));
-    t.inv_freq = (double *)take(&l, m->half, sizeof(double));
-    t.att = (float *)take(&l, m->B * m->H * 2 * m->qb * m->T, sizeof(float));
-    if (w) *w = t;
-    return l.off;
+static mla_bws_off bws_offsets(const mla_dims *m) {
+    lay l = {0};
+    mla_bws_off o;
+    o.dout = take(&l, m->N * m->H * m->v, sizeof(float));
+    o.qa_n = take(&l, m->N * m->q, sizeof(float));
+    o.lat_n = take(&l, m->N * m->c, sizeof(float));
+    o.dq = take(&l, m->N * m->H * (m->n + m->r), sizeof(float));
+    o.dkvb = take(&l, m->N * m->H * (m->n + m->v), sizeof(float));
+    o.dkpe_h = take(&l, m->N * m->H * m->r, sizeof(float));
+    o.dkv = take(&l, m->N * (m->c + m->r), sizeof(float));
+    o.dlat = take(&l, m->N * m->c, sizeof(float));
+    o.dqa = take(&l, m->N * m->q, sizeof(float));
+    o.cs = take(&l, m->T * m->r, sizeof(float));
+    o.inv_freq = take(&l, m->half, sizeof(double));
+    o.att = take(&l, m->B * m->H * 2 * m->qb * m->T, sizeof(float));
+    o.total = l.off;
+    return o;
+}
+static mla_bws bws_at(const mla_dims *m, void *base) {
+    const mla_bws_off o = bws_offsets(m);
+    mla_bws w;
+    w.dout = AT(float, base, o.dout);
+    w.qa_n = AT(float, base, o.qa_n);
+    w.lat_n = AT(float, base, o.lat_n);
+    w.dq = AT(float, base, o.dq);
+    w.dkvb = AT(float, base, o.dkvb);
+    w.dkpe_h = AT(float, base, o.dkpe_h);
+    w.dkv = AT(float, base, o.dkv);
+    w.dlat = AT(float, base, o.dlat);
+    w.dqa = AT(float, base, o.dqa);
+    w.cs = AT(float, base, o.cs);
+    w.inv_freq = AT(double, base, o.inv_freq);
+    w.att = AT(float, base, o.att);
+    return w;
 }
 
 static int dims_ok(const dsmoe_model_config *c) {
@@ -138,13 +188,13 @@ static int dims_ok(const dsmoe_model_config *c) {
 size_t dsmoe__mla_save_size(const dsmoe_model_config *c, int64_t B, int64_t T) {
     if (!c || B < 0 || T < 0 || !dims_ok(c)) return 0;
     mla_dims m = dims_of(c, B, T);
-    return save_layout(&m, NULL, NULL);
+    return save_offsets(&m).total;
 }
 
 size_t dsmoe__mla_train_workspace_size(const dsmoe_model_config *c, int64_t B, int64_t T) {
     if (!c || B < 0 || T < 0 || !dims_ok(c)) return 0;
     mla_dims m = dims_of(c, B, T);
-    size_t f = fws_layout(&m, NULL, NULL), b = bws_layout(&m, NULL, NULL);
+    size_t f = fws_offsets(&m).total, b = bws_offsets(&m).total;
     return f > b ? f : b;
 }
 
@@ -278,10 +328,8 @@ dsmoe_status dsmoe__mla_train_forward(const dsmoe_model_config *c, const dsmoe__
     const mla_dims m = dims_of(c, B, T);
     if (m.N == 0) return DSMOE_OK;
     const int nt = dsmoe__threads(n_threads);
-    mla_save s;
-    mla_fws f;
-    save_layout(&m, (char *)save, &s);
-    fws_layout(&m, (char *)ws, &f);
+    const mla_save s = save_at(&m, save);
+    const mla_fws f = fws_at(&m, ws);
     const int32_t D = (int32_t)m.D, Hq = (int32_t)(m.H * (m.n + m.r)), ckr = (int32_t)(m.c + m.r);
     /* Queries (N, H, n + r). */
     if (m.q > 0) {
@@ -315,13 +363,17 @@ dsmoe_status dsmoe__mla_train_forward(const dsmoe_model_config *c, const dsmoe__
 }
 
 /* The backward of the attention of sequence b, head h: dq of its rows, its dk_nope and
- * dv columns of dkvb and its part of dk_pe (all zeroed before); P, dP (qb, T) scratch. */
+ * dv columns of dkvb and its part of dk_pe; P, dP (qb, T) scratch. */
 static void attn_backward_task(const mla_dims *m, const mla_save *s, const mla_bws *g, int64_t b,
                                int64_t h, float *P, float *dP, float scale) {
     const int64_t H = m->H, n = m->n, r = m->r, v = m->v, ckr = m->c + m->r, r0 = b * m->T;
     const float *Kn = s->kvb + (r0 * H + h) * (n + v), *V = Kn + n, *Kp = s->kv + r0 * ckr + m->c;
     float *dKn = g->dkvb + (r0 * H + h) * (n + v), *dV = dKn + n;
     float *dKp = g->dkpe_h + (r0 * H + h) * r;
+    for (int64_t j = 0; j < m->T; j++) {
+        memset(dKn + j * H * (n + v), 0, (size_t)(n + v) * sizeof(float));
+        memset(dKp + j * H * r, 0, (size_t)r * sizeof(float));
+    }
     for (int64_t i0 = 0; i0 < m->T; i0 += m->qb) {
         const int64_t rows = m->T - i0 < m->qb ? m->T - i0 : m->qb, keys = i0 + rows;
         const float *Q = s->qf + ((r0 + i0) * H + h) * (n + r);
@@ -370,10 +422,8 @@ dsmoe_status dsmoe__mla_train_backward(const dsmoe_model_config *c, const dsmoe_
     const mla_dims m = dims_of(c, B, T);
     if (m.N == 0) return DSMOE_OK;
     const int nt = dsmoe__threads(n_threads);
-    mla_save s;
-    mla_bws g;
-    save_layout(&m, (char *)save, &s);
-    bws_layout(&m, (char *)ws, &g);
+    const mla_save s = save_at(&m, save);
+    const mla_bws g = bws_at(&m, ws);
     const int32_t D = (int32_t)m.D, Hq = (int32_t)(m.H * (m.n + m.r)), ckr = (int32_t)(m.c + m.r),
                   Hkv = (int32_t)(m.H * (m.n + m.v)), Hv = (int32_t)(m.H * m.v);
     /* o_proj. */
@@ -382,9 +432,6 @@ dsmoe_status dsmoe__mla_train_backward(const dsmoe_model_config *c, const dsmoe_
     rms_apply(g.lat_n, m.c, s.kv, ckr, w->kv_a_norm, s.kv_inv, m.N, m.c, nt);
     if (m.q > 0) rms_apply(g.qa_n, m.q, s.qa, m.q, w->q_a_norm, s.qa_inv, m.N, m.q, nt);
     /* Attention per (sequence, head). */
-    memset(g.dq, 0, (size_t)(m.N * Hq) * sizeof(float));
-    memset(g.dkvb, 0, (size_t)(m.N * Hkv) * sizeof(float));
-    memset(g.dkpe_h, 0, (size_t)(m.N * m.H * m.r) * sizeof(float));
     const float scale = (float)dsmoe__attn_scale(c);
     const int64_t ntask = m.B * m.H;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && ntask > 1)
