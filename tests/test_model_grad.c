@@ -858,6 +858,141 @@ static void test_head_loss(void) {
     free_tens(&Lc.W);
 }
 
+/* ------------------------------------------------------------------ one layer composed */
+
+/* A one-layer model composed from the blocks as model_grad.h describes (embedding,
+ * RMSNorm, MLA, residual, RMSNorm, SwiGLU, residual, final RMSNorm, head and loss):
+ * the backward chain through the residual stream against fp64 finite differences of
+ * the same model, for the embedding, the three norms, the head, the MLP and the MLA
+ * weights. */
+static struct {
+    int V, I;
+    int32_t *tok, *tg;
+    tens E, w_in, w_post, w_fin, gate, up, down, head;
+} C;
+
+static double compose_loss(void) {
+    const int64_t N = M.B * M.T;
+    const int D = M.c.hidden_size, I = C.I;
+    const double eps = M.c.rms_norm_eps;
+    double *h = (double *)calloc((size_t)(N * D), sizeof(double));
+    double *x = (double *)calloc((size_t)(N * D), sizeof(double));
+    double *f = (double *)calloc((size_t)(N * D), sizeof(double));
+    for (int64_t t = 0; t < N; t++) memcpy(h + t * D, C.E.d + (int64_t)C.tok[t] * D, (size_t)D * sizeof(double));
+    rmsnorm64(M.t[MX].d, h, C.w_in.d, N, D, eps);
+    mla64();
+    for (int64_t i = 0; i < N * D; i++) h[i] += M.y[i];
+    rmsnorm64(x, h, C.w_post.d, N, D, eps);
+    swiglu64(f, x, C.gate.d, C.up.d, C.down.d, N, D, I);
+    for (int64_t i = 0; i < N * D; i++) h[i] += f[i];
+    rmsnorm64(x, h, C.w_fin.d, N, D, eps);
+    /* Mean cross-entropy over the rows with a target. */
+    double total = 0, *l = (double *)calloc((size_t)C.V, sizeof(double));
+    int64_t n = 0;
+    for (int64_t t = 0; t < N; t++) {
+        if (C.tg[t] < 0) continue;
+        linear64(l, x + t * D, C.head.d, 1, D, C.V);
+        double mx = l[0];
+        for (int k = 1; k < C.V; k++) mx = fmax(mx, l[k]);
+        double s = exp(l[0] - mx);
+        for (int k = 1; k < C.V; k++) s += exp(l[k] - mx);
+        total += mx + log(s) - l[C.tg[t]];
+        n++;
+    }
+    free(l);
+    free(h);
+    free(x);
+    free(f);
+    return total / (double)n;
+}
+
+static void test_compose_layer(void) {
+    tl_seed(41);
+    dsmoe_model_config c = mla_cfg(9, 2, 3, 4, 5, 4, 6, 1);
+    const int64_t B = 2, T = 6, N = B * T;
+    const int D = c.hidden_size, V = 11, I = 7;
+    mla_setup(&c, B, T);
+    C.V = V;
+    C.I = I;
+    C.E = mk_tens("embed_tokens", (int64_t)V * D, 1.0);
+    C.w_in = mk_tens("input_layernorm", D, 0.2);
+    C.w_post = mk_tens("post_attention_layernorm", D, 0.2);
+    C.w_fin = mk_tens("norm", D, 0.2);
+    tens *norms[3] = {&C.w_in, &C.w_post, &C.w_fin};
+    for (int k = 0; k < 3; k++)
+        for (int i = 0; i < D; i++) norms[k]->d[i] = norms[k]->v[i] += 1.0f;
+    C.gate = mk_tens("mlp.gate_proj", (int64_t)I * D, 0.4);
+    C.up = mk_tens("mlp.up_proj", (int64_t)I * D, 0.4);
+    C.down = mk_tens("mlp.down_proj", (int64_t)D * I, 0.4);
+    C.head = mk_tens("lm_head", (int64_t)V * D, 0.4);
+    C.tok = (int32_t *)malloc((size_t)N * sizeof(int32_t));
+    C.tg = (int32_t *)malloc((size_t)N * sizeof(int32_t));
+    for (int64_t t = 0; t < N; t++) {
+        C.tok[t] = (int32_t)(tl_next() % (uint64_t)V);
+        C.tg[t] = t % T == T - 1 ? -1 : (int32_t)(tl_next() % (uint64_t)V); /* last: no target */
+    }
+    /* Forward. */
+    const size_t ND = (size_t)(N * D);
+    float *h0 = zerov(N * D), *h1 = zerov(N * D), *h2 = zerov(N * D), *x1 = zerov(N * D),
+          *x2 = zerov(N * D), *x3 = zerov(N * D), *a = zerov(N * D), *inv = zerov(3 * N);
+    size_t mss = dsmoe__mla_save_size(&c, B, T), mws = dsmoe__mla_train_workspace_size(&c, B, T);
+    size_t fss = dsmoe__swiglu_save_size(I, N), fws = dsmoe__swiglu_workspace_size(I, N);
+    size_t hws = dsmoe__head_loss_workspace_size(V, N);
+    size_t wsz = mws > fws ? mws : fws;
+    wsz = wsz > hws ? wsz : hws;
+    void *msave = wsalloc(mss), *fsave = wsalloc(fss), *ws = wsalloc(wsz);
+    dsmoe__mla_weights W = mla_w();
+    dsmoe__mlp_params mp = {C.gate.v, C.up.v, C.down.v};
+    ASSERT_OK(dsmoe__embed_forward(h0, C.E.v, C.tok, N, D, V, 1));
+    dsmoe__rmsnorm_train_forward(x1, inv, h0, C.w_in.v, N, D, D, D, c.rms_norm_eps, 1);
+    ASSERT_OK(dsmoe__mla_train_forward(&c, &W, a, x1, B, T, msave, mss, ws, wsz, 1));
+    for (size_t i = 0; i < ND; i++) h1[i] = h0[i] + a[i];
+    dsmoe__rmsnorm_train_forward(x2, inv + N, h1, C.w_post.v, N, D, D, D, c.rms_norm_eps, 1);
+    ASSERT_OK(dsmoe__swiglu_train_forward(a, x2, &mp, N, D, I, fsave, fss, ws, wsz, 1));
+    for (size_t i = 0; i < ND; i++) h2[i] = h1[i] + a[i];
+    dsmoe__rmsnorm_train_forward(x3, inv + 2 * N, h2, C.w_fin.v, N, D, D, D, c.rms_norm_eps, 1);
+    double loss = 0;
+    /* Backward: dh is the residual stream's gradient, dx the block inputs'. */
+    float *dh = zerov(N * D), *dx = zerov(N * D);
+    ASSERT_OK(dsmoe__head_loss(&loss, NULL, dx, C.head.g, x3, C.head.v, C.tg, -1, 1.0f, N, D, V,
+                               ws, wsz, 0, 1));
+    dsmoe__rmsnorm_backward(dh, C.w_fin.g, dx, h2, C.w_fin.v, inv + 2 * N, N, D, D, D, D, 0, 1);
+    dsmoe__mlp_grads mg = {C.gate.g, C.up.g, C.down.g};
+    ASSERT_OK(dsmoe__swiglu_train_backward(dx, &mg, dh, x2, &mp, N, D, I, fsave, fss, ws, wsz, 0, 1));
+    dsmoe__rmsnorm_backward(dh, C.w_post.g, dx, h1, C.w_post.v, inv + N, N, D, D, D, D, 1, 1);
+    float *gp[MNT];
+    for (int k = 0; k < MNT; k++) gp[k] = M.t[k].g;
+    dsmoe__mla_grads G = mla_g(gp);
+    ASSERT_OK(dsmoe__mla_train_backward(&c, &W, &G, dx, dh, x1, B, T, msave, mss, ws, wsz, 0, 1));
+    dsmoe__rmsnorm_backward(dh, C.w_in.g, dx, h0, C.w_in.v, inv, N, D, D, D, D, 1, 1);
+    dsmoe__embed_backward(C.E.g, dh, C.tok, N, D, 1);
+    ASSERT_TRUE(tl_guard_ok(msave) && tl_guard_ok(fsave) && tl_guard_ok(ws));
+    /* Against the fp64 model. */
+    double ref = compose_loss();
+    ASSERT_NEAR(loss, ref, 2e-6 * ref);
+    tens *all[] = {&C.E, &C.w_in, &C.w_post, &C.w_fin, &C.gate, &C.up, &C.down, &C.head};
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) fd_check("layer", all[k], compose_loss, 1e-5);
+    for (int k = 0; k < MX; k++)
+        if (M.t[k].n) fd_check("layer", &M.t[k], compose_loss, 1e-5);
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) free_tens(all[k]);
+    free(h0);
+    free(h1);
+    free(h2);
+    free(x1);
+    free(x2);
+    free(x3);
+    free(a);
+    free(inv);
+    free(dh);
+    free(dx);
+    free(C.tok);
+    free(C.tg);
+    tl_guarded_free(msave);
+    tl_guarded_free(fsave);
+    tl_guarded_free(ws);
+    mla_teardown();
+}
+
 int main(void) {
     RUN(test_rmsnorm);
     RUN(test_linear);
@@ -867,5 +1002,6 @@ int main(void) {
     RUN(test_mla_props);
     RUN(test_embedding);
     RUN(test_head_loss);
+    RUN(test_compose_layer);
     return TEST_SUMMARY();
 }
