@@ -625,11 +625,14 @@ static void test_mla_props(void) {
         y[t] = zerov(N * D);
         dx[t] = zerov(N * D);
         for (int k = 0; k < MNT; k++) gp[t][k] = zerov(M.t[k].n);
-        mla_run(y[t], dx[t], gp[t], M.t[MX].v, M.r, t + 1);
     }
-    tl_same_bits("MLA y, 2 threads", y[0], y[1], N * D);
-    tl_same_bits("MLA dx, 2 threads", dx[0], dx[1], N * D);
-    for (int k = 0; k < MX; k++) tl_same_bits(mla_names[k], gp[0][k], gp[1][k], M.t[k].n);
+    mla_run(y[0], dx[0], gp[0], M.t[MX].v, M.r, 1);
+    for (int nt = 2; nt <= 3; nt++) {
+        mla_run(y[1], dx[1], gp[1], M.t[MX].v, M.r, nt);
+        tl_same_bits("MLA y, 1 vs 2 or 3 threads", y[0], y[1], N * D);
+        tl_same_bits("MLA dx, 1 vs 2 or 3 threads", dx[0], dx[1], N * D);
+        for (int k = 0; k < MX; k++) tl_same_bits(mla_names[k], gp[0][k], gp[1][k], M.t[k].n);
+    }
     /* Perturbing sequence 0 changes nothing in sequence 1. */
     float *x2 = copyv(M.t[MX].v, N * D);
     for (int64_t i = 0; i < T * D; i++) x2[i] += 0.5f;
