@@ -22,15 +22,21 @@
  *     every thread count. No float atomics. Products go through kernels/blas.h
  *     (BLIS, one thread per call).
  *
- * Composing a layer's step (h the residual stream, (N, D)):
- *   forward:   x1 = rmsnorm_fwd(h)        [save inv1]
- *              h += mla_train_forward(x1) [save mla]
- *              x2 = rmsnorm_fwd(h)        [save inv2]
- *              h += swiglu_train_forward(x2) (or the MoE layer)
- *   backward:  swiglu_train_backward(dx2 ← dh); rmsnorm_backward(dh += …, dx2)
- *              mla_train_backward(dx1 ← dh);   rmsnorm_backward(dh += …, dx1)
- * The normalised inputs x1, x2 are needed by the backward of the block after them (for
- * its weight gradients): keep them, or recompute them from h and the saved inverse rms.
+ * Composing a training step (h the residual stream (N, D); tests/test_model_grad.c's
+ * test_compose_layer does exactly this for one layer and checks it against fp64):
+ *   forward:  h = embed_forward(tokens)
+ *             per layer:  x1 = rmsnorm_train_forward(h) [inv1];  h += mla_train_forward(x1)
+ *                         x2 = rmsnorm_train_forward(h) [inv2];  h += swiglu_train_forward(x2)
+ *                                                                (or the MoE layer)
+ *             x3 = rmsnorm_train_forward(h) [inv3];  loss = head_loss(x3)
+ *   backward: dx3 from head_loss;  dh = rmsnorm_backward(dx3)            (acc_dx 0)
+ *             per layer, last first:
+ *                         dx2 = swiglu_train_backward(dh);  dh += rmsnorm_backward(dx2)
+ *                         dx1 = mla_train_backward(dh);     dh += rmsnorm_backward(dx1)
+ *             embed_backward(dE, dh)
+ * Besides the blocks' saved buffers the caller keeps, per layer, each norm's input (the
+ * stream h before the block: rmsnorm_backward's x) and output (x1, x2: the next block's
+ * backward reads its input for the weight gradients), or recomputes them.
  */
 #ifndef DSMOE_MODEL_GRAD_H
 #define DSMOE_MODEL_GRAD_H
