@@ -1,0 +1,215 @@
+/*
+ * grad.c — training forward and backward of the model's elementwise and dense blocks:
+ * RMSNorm, linear layers, the dense SwiGLU MLP (model_grad.h has the formulas and the
+ * conventions). Attention is in grad_mla.c, embedding and the loss in grad_loss.c.
+ *
+ * Threads: every parallel loop runs over blocks fixed by the sizes (rows, columns or
+ * tiles of a weight gradient), and each output element is computed inside one block in
+ * a fixed order, so the bits do not depend on the thread count.
+ */
+#include "model/model_grad.h"
+
+#include "kernels/blas.h"
+
+#include <math.h>
+#include <string.h>
+
+/* Columns per tile of a weight gradient's in dimension. */
+#define GRAD_COL_BLOCK 256
+
+static int64_t nblocks(int64_t n, int64_t b) { return (n + b - 1) / b; }
+
+/* ------------------------------------------------------------------ RMSNorm */
+
+void dsmoe__rmsnorm_train_forward(float *y, float *inv_rms, const float *x, const float *w,
+                                  int64_t N, int32_t n, int64_t ldx, int64_t ldy, float eps,
+                                  int n_threads) {
+    const int nt = dsmoe__threads(n_threads);
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N > 1)
+    for (int64_t t = 0; t < N; t++) {
+        const float *xr = x + t * ldx;
+        float *yr = y + t * ldy;
+        float ss = 0.0f;
+        for (int32_t i = 0; i < n; i++) ss += xr[i] * xr[i];
+        float inv = 1.0f / sqrtf(ss / (float)n + eps);
+        inv_rms[t] = inv;
+        for (int32_t i = 0; i < n; i++) yr[i] = xr[i] * inv * w[i];
+    }
+}
+
+void dsmoe__rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
+                             const float *w, const float *inv_rms, int64_t N, int32_t n,
+                             int64_t lddx, int64_t lddy, int64_t ldx, int acc_dx, int n_threads) {
+    const int nt = dsmoe__threads(n_threads);
+    (void)nt;
+    if (dx) {
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N > 1)
+        for (int64_t t = 0; t < N; t++) {
+            const float *xr = x + t * ldx, *gr = dy + t * lddy;
+            float *dr = dx + t * lddx;
+            const float inv = inv_rms[t];
+            float s = 0.0f;
+            for (int32_t i = 0; i < n; i++) s += gr[i] * w[i] * xr[i];
+            const float k = inv * inv * s / (float)n;
+            for (int32_t i = 0; i < n; i++) {
+                float d = inv * (w[i] * gr[i] - xr[i] * k);
+                dr[i] = acc_dx ? dr[i] + d : d;
+            }
+        }
+    }
+    if (dw) {
+        /* Column blocks; rows in order inside each. */
+        const int64_t nb = nblocks(n, DSMOE__GRAD_ROW_BLOCK);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nb > 1)
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t i0 = b * DSMOE__GRAD_ROW_BLOCK;
+            const int64_t i1 = i0 + DSMOE__GRAD_ROW_BLOCK < n ? i0 + DSMOE__GRAD_ROW_BLOCK : n;
+            float acc[DSMOE__GRAD_ROW_BLOCK] = {0};
+            for (int64_t t = 0; t < N; t++) {
+                const float *xr = x + t * ldx, *gr = dy + t * lddy;
+                const float inv = inv_rms[t];
+                for (int64_t i = i0; i < i1; i++) acc[i - i0] += gr[i] * xr[i] * inv;
+            }
+            for (int64_t i = i0; i < i1; i++) dw[i] += acc[i - i0];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ linear */
+
+void dsmoe__linear_forward(float *y, int64_t ldy, const float *x, int64_t ldx, const float *W,
+                           int64_t N, int32_t in, int32_t out, int n_threads) {
+    if (N <= 0 || out <= 0) return;
+    if (in <= 0) {
+        for (int64_t t = 0; t < N; t++) memset(y + t * ldy, 0, (size_t)out * sizeof(float));
+        return;
+    }
+    const int nt = dsmoe__threads(n_threads);
+    const int64_t nb = nblocks(N, DSMOE__GRAD_ROW_BLOCK);
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nb > 1)
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t r0 = b * DSMOE__GRAD_ROW_BLOCK;
+        const int rows = (int)(N - r0 < DSMOE__GRAD_ROW_BLOCK ? N - r0 : DSMOE__GRAD_ROW_BLOCK);
+        dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__TRANS, rows, out, in, 1.0f, x + r0 * ldx, (int)ldx, W,
+                     in, 0.0f, y + r0 * ldy, (int)ldy);
+    }
+}
+
+void dsmoe__linear_backward(float *dx, int64_t lddx, float *dW, const float *dy, int64_t lddy,
+                            const float *x, int64_t ldx, const float *W, int64_t N, int32_t in,
+                            int32_t out, int acc_dx, int n_threads) {
+    if (N <= 0 || in <= 0) return;
+    const int nt = dsmoe__threads(n_threads);
+    (void)nt;
+    if (dx) {
+        const int64_t nb = nblocks(N, DSMOE__GRAD_ROW_BLOCK);
+        if (out <= 0) {
+            if (!acc_dx)
+                for (int64_t t = 0; t < N; t++) memset(dx + t * lddx, 0, (size_t)in * sizeof(float));
+        } else {
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nb > 1)
+            for (int64_t b = 0; b < nb; b++) {
+                const int64_t r0 = b * DSMOE__GRAD_ROW_BLOCK;
+                const int rows =
+                    (int)(N - r0 < DSMOE__GRAD_ROW_BLOCK ? N - r0 : DSMOE__GRAD_ROW_BLOCK);
+                dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, in, out, 1.0f, dy + r0 * lddy,
+                             (int)lddy, W, in, acc_dx ? 1.0f : 0.0f, dx + r0 * lddx, (int)lddx);
+            }
+        }
+    }
+    if (dW && out > 0) {
+        const int64_t nbo = nblocks(out, DSMOE__GRAD_ROW_BLOCK), nbi = nblocks(in, GRAD_COL_BLOCK);
+        const int64_t ntile = nbo * nbi;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && ntile > 1)
+        for (int64_t k = 0; k < ntile; k++) {
+            const int64_t o0 = (k / nbi) * DSMOE__GRAD_ROW_BLOCK, i0 = (k % nbi) * GRAD_COL_BLOCK;
+            const int orows = (int)(out - o0 < DSMOE__GRAD_ROW_BLOCK ? out - o0 : DSMOE__GRAD_ROW_BLOCK);
+            const int icols = (int)(in - i0 < GRAD_COL_BLOCK ? in - i0 : GRAD_COL_BLOCK);
+            dsmoe__sgemm(DSMOE__TRANS, DSMOE__NOTRANS, orows, icols, (int)N, 1.0f, dy + o0,
+                         (int)lddy, x + i0, (int)ldx, 1.0f, dW + o0 * in + i0, in);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ dense SwiGLU */
+
+size_t dsmoe__swiglu_save_size(int32_t I, int64_t N) {
+    if (I < 0 || N < 0) return 0;
+    return dsmoe__align64((size_t)N * (size_t)I * sizeof(float)) * 2;
+}
+
+size_t dsmoe__swiglu_workspace_size(int32_t I, int64_t N) { return dsmoe__swiglu_save_size(I, N); }
+
+static dsmoe_status swiglu_check(const char *what, const void *x, const void *y,
+                                 const dsmoe__mlp_params *p, int64_t N, int32_t D, int32_t I,
+                                 const void *save, size_t save_size, const void *ws,
+                                 size_t ws_size) {
+    if (!x || !y || !p || !p->gate || !p->up || !p->down || N < 0 || D < 1 || I < 1)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "SwiGLU %s: NULL argument or weight, or N < 0, D < 1, I < 1", what);
+    size_t need_s = dsmoe__swiglu_save_size(I, N), need_w = dsmoe__swiglu_workspace_size(I, N);
+    if (!save || save_size < need_s)
+        return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
+                            "SwiGLU %s: saved-activation buffer of %zu bytes, need %zu for N = %lld",
+                            what, save ? save_size : 0, need_s, (long long)N);
+    if (!ws || ws_size < need_w)
+        return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
+                            "SwiGLU %s: workspace of %zu bytes, need %zu for N = %lld", what,
+                            ws ? ws_size : 0, need_w, (long long)N);
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe__swiglu_train_forward(float *y, const float *x, const dsmoe__mlp_params *p,
+                                         int64_t N, int32_t D, int32_t I, void *save,
+                                         size_t save_size, void *ws, size_t ws_size,
+                                         int n_threads) {
+    dsmoe_status st = swiglu_check("forward", x, y, p, N, D, I, save, save_size, ws, ws_size);
+    if (st != DSMOE_OK) return st;
+    if (N == 0) return DSMOE_OK;
+    const size_t half = dsmoe__align64((size_t)N * (size_t)I * sizeof(float));
+    float *g = (float *)save, *u = (float *)(void *)((char *)save + half), *h = (float *)ws;
+    const int nt = dsmoe__threads(n_threads);
+    dsmoe__linear_forward(g, I, x, D, p->gate, N, D, I, nt);
+    dsmoe__linear_forward(u, I, x, D, p->up, N, D, I, nt);
+    const int64_t n = N * I;
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && n > 4096)
+    for (int64_t k = 0; k < n; k++) h[k] = g[k] / (1.0f + expf(-g[k])) * u[k];
+    dsmoe__linear_forward(y, D, h, I, p->down, N, I, D, nt);
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe__swiglu_train_backward(float *dx, const dsmoe__mlp_grads *gr, const float *dy,
+                                          const float *x, const dsmoe__mlp_params *p, int64_t N,
+                                          int32_t D, int32_t I, const void *save,
+                                          size_t save_size, void *ws, size_t ws_size, int acc_dx,
+                                          int n_threads) {
+    dsmoe_status st = swiglu_check("backward", x, dy, p, N, D, I, save, save_size, ws, ws_size);
+    if (st != DSMOE_OK) return st;
+    if (!gr || !gr->gate || !gr->up || !gr->down)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "SwiGLU backward: NULL gradient");
+    if (N == 0) return DSMOE_OK;
+    const size_t half = dsmoe__align64((size_t)N * (size_t)I * sizeof(float));
+    const float *g = (const float *)save;
+    const float *u = (const float *)(const void *)((const char *)save + half);
+    float *h = (float *)ws, *dh = (float *)(void *)((char *)ws + half);
+    const int nt = dsmoe__threads(n_threads);
+    const int64_t n = N * I;
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && n > 4096)
+    for (int64_t k = 0; k < n; k++) h[k] = g[k] / (1.0f + expf(-g[k])) * u[k];
+    dsmoe__linear_backward(dh, I, gr->down, dy, D, h, I, p->down, N, I, D, 0, nt);
+    /* h becomes du, dh becomes dg. */
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && n > 4096)
+    for (int64_t k = 0; k < n; k++) {
+        const float sg = 1.0f / (1.0f + expf(-g[k]));
+        const float d = dh[k];
+        h[k] = d * (g[k] * sg);
+        dh[k] = d * u[k] * (sg * (1.0f + g[k] * (1.0f - sg)));
+    }
+    dsmoe__linear_backward(dx, D, gr->gate, dh, I, x, D, p->gate, N, D, I, acc_dx, nt);
+    dsmoe__linear_backward(dx, D, gr->up, h, I, x, D, p->up, N, D, I, 1, nt);
+    return DSMOE_OK;
+}

@@ -1,0 +1,159 @@
+/*
+ * grad_loss.c — the ends of the model for training: the token embedding (gather and its
+ * scatter-add backward) and the head with the cross-entropy loss, its logits computed a
+ * chunk of rows at a time (model_grad.h has the formulas).
+ */
+#include "model/model_grad.h"
+
+#include "kernels/blas.h"
+
+#include <math.h>
+#include <string.h>
+
+/* Columns of dE per block of the embedding backward; logit columns per block of the
+ * head; rows per block of the head's dx. */
+#define EMBED_COL_BLOCK 64
+#define HEAD_V_BLOCK 256
+#define HEAD_ROW_BLOCK 16
+
+/* ------------------------------------------------------------------ embedding */
+
+dsmoe_status dsmoe__embed_forward(float *h, const float *E, const int32_t *tokens, int64_t N,
+                                  int32_t D, int32_t V, int n_threads) {
+    if (!h || !E || !tokens || N < 0 || D < 1 || V < 1)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "embedding: NULL argument or N < 0, D < 1, V < 1");
+    for (int64_t t = 0; t < N; t++)
+        if (tokens[t] < 0 || tokens[t] >= V)
+            return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                                "embedding: token %d at position %lld is outside the "
+                                "vocabulary 0 .. %d",
+                                (int)tokens[t], (long long)t, (int)V - 1);
+    const int nt = dsmoe__threads(n_threads);
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N > 256)
+    for (int64_t t = 0; t < N; t++)
+        memcpy(h + t * D, E + (int64_t)tokens[t] * D, (size_t)D * sizeof(float));
+    return DSMOE_OK;
+}
+
+void dsmoe__embed_backward(float *dE, const float *dh, const int32_t *tokens, int64_t N, int32_t D,
+                           int n_threads) {
+    const int nt = dsmoe__threads(n_threads);
+    const int64_t nb = (D + EMBED_COL_BLOCK - 1) / EMBED_COL_BLOCK;
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nb > 1)
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t i0 = b * EMBED_COL_BLOCK, i1 = i0 + EMBED_COL_BLOCK < D ? i0 + EMBED_COL_BLOCK : D;
+        for (int64_t t = 0; t < N; t++) {
+            float *row = dE + (int64_t)tokens[t] * D;
+            const float *g = dh + t * D;
+            for (int64_t i = i0; i < i1; i++) row[i] += g[i];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ head and loss */
+
+static int64_t chunk_rows(int64_t N) { return N < DSMOE__LOSS_CHUNK ? N : DSMOE__LOSS_CHUNK; }
+
+size_t dsmoe__head_loss_workspace_size(int32_t V, int64_t N) {
+    if (V < 1 || N < 0) return 0;
+    const int64_t R = chunk_rows(N);
+    return dsmoe__align64((size_t)R * (size_t)V * sizeof(float)) +
+           dsmoe__align64((size_t)R * sizeof(double));
+}
+
+dsmoe_status dsmoe__head_loss(double *loss, int64_t *n_targets, float *dx, float *dW,
+                              const float *x, const float *W, const int32_t *targets,
+                              int32_t ignore_id, float weight, int64_t N, int32_t D, int32_t V,
+                              void *ws, size_t ws_size, int acc_dx, int n_threads) {
+    if (!x || !W || !targets || N < 0 || D < 1 || V < 1)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "head loss: NULL argument or N < 0, D < 1, V < 1");
+    const size_t need = dsmoe__head_loss_workspace_size(V, N);
+    if (!ws || ws_size < need)
+        return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
+                            "head loss: workspace of %zu bytes, need %zu for V = %d", ws ? ws_size : 0,
+                            need, (int)V);
+    int64_t n = 0;
+    for (int64_t t = 0; t < N; t++) {
+        if (targets[t] == ignore_id) continue;
+        if (targets[t] < 0 || targets[t] >= V)
+            return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                                "head loss: target %d at position %lld is outside the vocabulary "
+                                "0 .. %d and is not the ignored id %d",
+                                (int)targets[t], (long long)t, (int)V - 1, (int)ignore_id);
+        n++;
+    }
+    const int nt = dsmoe__threads(n_threads);
+    const int want_grad = dx || dW;
+    const int64_t R = chunk_rows(N);
+    float *L = (float *)ws;
+    double *rl = (double *)(void *)((char *)ws + dsmoe__align64((size_t)R * (size_t)V * sizeof(float)));
+    const float g_scale = n > 0 ? (float)((double)weight / (double)n) : 0.0f;
+    const int64_t nvb = (V + HEAD_V_BLOCK - 1) / HEAD_V_BLOCK;
+    double total = 0.0;
+    (void)nt;
+    for (int64_t r0 = 0; r0 < N; r0 += R) {
+        const int64_t rows = N - r0 < R ? N - r0 : R;
+        const float *xc = x + r0 * D;
+        /* Logits (rows, V), blocks of V. */
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nvb > 1)
+        for (int64_t b = 0; b < nvb; b++) {
+            const int64_t v0 = b * HEAD_V_BLOCK;
+            const int vb = (int)(V - v0 < HEAD_V_BLOCK ? V - v0 : HEAD_V_BLOCK);
+            dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__TRANS, (int)rows, vb, D, 1.0f, xc, D, W + v0 * D,
+                         D, 0.0f, L + v0, V);
+        }
+        /* Per row: the loss and, in place, the logits' gradient. */
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows > 1)
+        for (int64_t i = 0; i < rows; i++) {
+            float *l = L + i * V;
+            const int32_t tg = targets[r0 + i];
+            if (tg == ignore_id) {
+                rl[i] = 0.0;
+                if (want_grad) memset(l, 0, (size_t)V * sizeof(float));
+                continue;
+            }
+            float mx = l[0];
+            for (int32_t k = 1; k < V; k++) mx = l[k] > mx ? l[k] : mx;
+            double sum = (double)expf(l[0] - mx); /* V >= 1 */
+            for (int32_t k = 1; k < V; k++) sum += (double)expf(l[k] - mx);
+            const double lse = (double)mx + log(sum);
+            rl[i] = lse - (double)l[tg];
+            if (want_grad) {
+                const float inv = (float)(1.0 / sum);
+                for (int32_t k = 0; k < V; k++) l[k] = expf(l[k] - mx) * inv * g_scale;
+                l[tg] -= g_scale;
+            }
+        }
+        for (int64_t i = 0; i < rows; i++) total += rl[i];
+        if (!want_grad) continue;
+        /* dx (rows, D) = g · W, blocks of rows. */
+        if (dx) {
+            const int64_t nrb = (rows + HEAD_ROW_BLOCK - 1) / HEAD_ROW_BLOCK;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nrb > 1)
+            for (int64_t b = 0; b < nrb; b++) {
+                const int64_t i0 = b * HEAD_ROW_BLOCK;
+                const int rb = (int)(rows - i0 < HEAD_ROW_BLOCK ? rows - i0 : HEAD_ROW_BLOCK);
+                dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, rb, D, V, 1.0f, L + i0 * V, V, W, D,
+                             acc_dx ? 1.0f : 0.0f, dx + (r0 + i0) * D, D);
+            }
+        }
+        /* dW (V, D) += gᵀ · x, blocks of V's rows. */
+        if (dW) {
+            const int64_t nwb = (V + DSMOE__GRAD_ROW_BLOCK - 1) / DSMOE__GRAD_ROW_BLOCK;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nwb > 1)
+            for (int64_t b = 0; b < nwb; b++) {
+                const int64_t v0 = b * DSMOE__GRAD_ROW_BLOCK;
+                const int vb = (int)(V - v0 < DSMOE__GRAD_ROW_BLOCK ? V - v0 : DSMOE__GRAD_ROW_BLOCK);
+                dsmoe__sgemm(DSMOE__TRANS, DSMOE__NOTRANS, vb, D, (int)rows, 1.0f, L + v0, V, xc, D,
+                             1.0f, dW + v0 * D, D);
+            }
+        }
+    }
+    if (loss) *loss = n > 0 ? total / (double)n : 0.0;
+    if (n_targets) *n_targets = n;
+    return DSMOE_OK;
+}

@@ -1,0 +1,474 @@
+/*
+ * grad_mla.c — multi-head latent attention for training (naive form, SPEC-model §3–§5):
+ * the forward over B sequences of T tokens saving what the backward needs, and the
+ * backward (formulas in model_grad.h).
+ *
+ * The attention of one (sequence, head) is one task: it reads that sequence's rows and
+ * writes only that head's columns (and its own part of dk_pe), so the tasks run on any
+ * threads in any order with the same bits. Inside a task the queries go in fixed blocks
+ * of ATT_QB rows, in order: the scores of a block against the keys up to its last row,
+ * a (rows × keys) matrix in the task's own scratch, come from BLAS products, the causal
+ * mask and the softmax (fp32, as blocks.c) from plain loops, and the products with the
+ * values and the backward's products from BLAS again.
+ */
+#include "model/model_grad.h"
+
+#include "kernels/blas.h"
+
+#include <math.h>
+#include <string.h>
+
+/* Query rows per block of the attention. */
+#define ATT_QB 64
+
+typedef struct mla_dims {
+    int64_t B, T, N, D, H, n, r, v, c, q, half;
+    int64_t qb; /* rows of a query block: min(T, ATT_QB) */
+} mla_dims;
+
+static mla_dims dims_of(const dsmoe_model_config *c, int64_t B, int64_t T) {
+    mla_dims m;
+    m.B = B;
+    m.T = T;
+    m.N = B * T;
+    m.D = c->hidden_size;
+    m.H = c->num_attention_heads;
+    m.n = c->qk_nope_head_dim;
+    m.r = c->qk_rope_head_dim;
+    m.v = c->v_head_dim;
+    m.c = c->kv_lora_rank;
+    m.q = c->q_lora_rank > 0 ? c->q_lora_rank : 0;
+    m.half = m.r / 2;
+    m.qb = T < ATT_QB ? T : ATT_QB;
+    return m;
+}
+
+/* Lays out consecutive 64-byte-aligned arrays: offsets first (so that the sizes need no
+ * buffer), pointers from a buffer after. */
+typedef struct lay {
+    size_t off;
+} lay;
+static size_t take(lay *l, int64_t count, size_t elem) {
+    size_t at = l->off;
+    l->off += dsmoe__align64((size_t)count * elem);
+    return at;
+}
+#define AT(type, base, off) ((type *)(void *)((const char *)(base) + (off)))
+
+typedef struct mla_save_off {
+    size_t qa, qa_inv, qf, kv, kv_inv, kvb, out, lse, total;
+} mla_save_off;
+typedef struct mla_save {
+    float *qa, *qa_inv; /* (N, q), (N) — q > 0 only */
+    float *qf;          /* (N, H, n + r) after RoPE */
+    float *kv, *kv_inv; /* (N, c + r): latent before its norm | k_pe after RoPE; (N) */
+    float *kvb;         /* (N, H, n + v) */
+    float *out;         /* (N, H, v) */
+    float *lse;         /* (N, H) */
+} mla_save;
+
+static mla_save_off save_offsets(const mla_dims *m) {
+    lay l = {0};
+    mla_save_off o;
+    o.qa = take(&l, m->N * m->q, sizeof(float));
+    o.qa_inv = take(&l, m->q > 0 ? m->N : 0, sizeof(float));
+    o.qf = take(&l, m->N * m->H * (m->n + m->r), sizeof(float));
+    o.kv = take(&l, m->N * (m->c + m->r), sizeof(float));
+    o.kv_inv = take(&l, m->N, sizeof(float));
+    o.kvb = take(&l, m->N * m->H * (m->n + m->v), sizeof(float));
+    o.out = take(&l, m->N * m->H * m->v, sizeof(float));
+    o.lse = take(&l, m->N * m->H, sizeof(float));
+    o.total = l.off;
+    return o;
+}
+static mla_save save_at(const mla_dims *m, const void *base) {
+    const mla_save_off o = save_offsets(m);
+    mla_save s;
+    s.qa = AT(float, base, o.qa);
+    s.qa_inv = AT(float, base, o.qa_inv);
+    s.qf = AT(float, base, o.qf);
+    s.kv = AT(float, base, o.kv);
+    s.kv_inv = AT(float, base, o.kv_inv);
+    s.kvb = AT(float, base, o.kvb);
+    s.out = AT(float, base, o.out);
+    s.lse = AT(float, base, o.lse);
+    return s;
+}
+
+typedef struct mla_fws_off {
+    size_t qa_n, lat_n, cs, inv_freq, att, total;
+} mla_fws_off;
+typedef struct mla_fws {
+    float *qa_n, *lat_n, *cs; /* (N, q), (N, c), (T, r) */
+    double *inv_freq;         /* (r / 2) */
+    float *att;               /* (B·H, qb, T): each task's probabilities */
+} mla_fws;
+
+static mla_fws_off fws_offsets(const mla_dims *m) {
+    lay l = {0};
+    mla_fws_off o;
+    o.qa_n = take(&l, m->N * m->q, sizeof(float));
+    o.lat_n = take(&l, m->N * m->c, sizeof(float));
+    o.cs = take(&l, m->T * m->r, sizeof(float));
+    o.inv_freq = take(&l, m->half, sizeof(double));
+    o.att = take(&l, m->B * m->H * m->qb * m->T, sizeof(float));
+    o.total = l.off;
+    return o;
+}
+static mla_fws fws_at(const mla_dims *m, void *base) {
+    const mla_fws_off o = fws_offsets(m);
+    mla_fws w;
+    w.qa_n = AT(float, base, o.qa_n);
+    w.lat_n = AT(float, base, o.lat_n);
+    w.cs = AT(float, base, o.cs);
+    w.inv_freq = AT(double, base, o.inv_freq);
+    w.att = AT(float, base, o.att);
+    return w;
+}
+
+typedef struct mla_bws_off {
+    size_t dout, qa_n, lat_n, dq, dkvb, dkpe_h, dkv, dlat, dqa, cs, inv_freq, att, total;
+} mla_bws_off;
+typedef struct mla_bws {
+    float *dout;          /* (N, H v) */
+    float *qa_n, *lat_n;  /* (N, q), (N, c) recomputed from the saved values */
+    float *dq;            /* (N, H, n + r) */
+    float *dkvb;          /* (N, H, n + v) */
+    float *dkpe_h;        /* (N, H, r): each head's part of dk_pe */
+    float *dkv;           /* (N, c + r) */
+    float *dlat, *dqa;    /* (N, c), (N, q) */
+    float *cs;            /* (T, r) */
+    double *inv_freq;     /* (r / 2) */
+    float *att;           /* (B·H, 2, qb, T): each task's probabilities and their gradient */
+} mla_bws;
+
+static mla_bws_off bws_offsets(const mla_dims *m) {
+    lay l = {0};
+    mla_bws_off o;
+    o.dout = take(&l, m->N * m->H * m->v, sizeof(float));
+    o.qa_n = take(&l, m->N * m->q, sizeof(float));
+    o.lat_n = take(&l, m->N * m->c, sizeof(float));
+    o.dq = take(&l, m->N * m->H * (m->n + m->r), sizeof(float));
+    o.dkvb = take(&l, m->N * m->H * (m->n + m->v), sizeof(float));
+    o.dkpe_h = take(&l, m->N * m->H * m->r, sizeof(float));
+    o.dkv = take(&l, m->N * (m->c + m->r), sizeof(float));
+    o.dlat = take(&l, m->N * m->c, sizeof(float));
+    o.dqa = take(&l, m->N * m->q, sizeof(float));
+    o.cs = take(&l, m->T * m->r, sizeof(float));
+    o.inv_freq = take(&l, m->half, sizeof(double));
+    o.att = take(&l, m->B * m->H * 2 * m->qb * m->T, sizeof(float));
+    o.total = l.off;
+    return o;
+}
+static mla_bws bws_at(const mla_dims *m, void *base) {
+    const mla_bws_off o = bws_offsets(m);
+    mla_bws w;
+    w.dout = AT(float, base, o.dout);
+    w.qa_n = AT(float, base, o.qa_n);
+    w.lat_n = AT(float, base, o.lat_n);
+    w.dq = AT(float, base, o.dq);
+    w.dkvb = AT(float, base, o.dkvb);
+    w.dkpe_h = AT(float, base, o.dkpe_h);
+    w.dkv = AT(float, base, o.dkv);
+    w.dlat = AT(float, base, o.dlat);
+    w.dqa = AT(float, base, o.dqa);
+    w.cs = AT(float, base, o.cs);
+    w.inv_freq = AT(double, base, o.inv_freq);
+    w.att = AT(float, base, o.att);
+    return w;
+}
+
+static int dims_ok(const dsmoe_model_config *c) {
+    return c->hidden_size > 0 && c->num_attention_heads > 0 && c->qk_nope_head_dim >= 0 &&
+           c->qk_rope_head_dim >= 0 && c->qk_rope_head_dim % 2 == 0 &&
+           c->qk_nope_head_dim + c->qk_rope_head_dim > 0 && c->v_head_dim > 0 &&
+           c->kv_lora_rank > 0 && c->q_lora_rank >= 0;
+}
+
+size_t dsmoe__mla_save_size(const dsmoe_model_config *c, int64_t B, int64_t T) {
+    if (!c || B < 0 || T < 0 || !dims_ok(c)) return 0;
+    mla_dims m = dims_of(c, B, T);
+    return save_offsets(&m).total;
+}
+
+size_t dsmoe__mla_train_workspace_size(const dsmoe_model_config *c, int64_t B, int64_t T) {
+    if (!c || B < 0 || T < 0 || !dims_ok(c)) return 0;
+    mla_dims m = dims_of(c, B, T);
+    size_t f = fws_offsets(&m).total, b = bws_offsets(&m).total;
+    return f > b ? f : b;
+}
+
+/* Common argument checks of forward and backward. */
+static dsmoe_status mla_check(const char *what, const dsmoe_model_config *c,
+                              const dsmoe__mla_weights *w, const void *x, const void *y, int64_t B,
+                              int64_t T, const void *save, size_t save_size, const void *ws,
+                              size_t ws_size) {
+    if (!c || !w || !x || !y || B < 0 || T < 0)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "MLA %s: NULL argument or B < 0 or T < 0", what);
+    if (!dims_ok(c))
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "MLA %s: bad attention sizes (hidden_size, num_attention_heads, "
+                            "head dims, kv_lora_rank > 0, qk_rope_head_dim even)", what);
+    if (c->max_position_embeddings > 0 && T > c->max_position_embeddings)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "MLA %s: T = %lld exceeds max_position_embeddings %lld", what,
+                            (long long)T, (long long)c->max_position_embeddings);
+    if (c->q_lora_rank > 0 ? !(w->q_a_proj && w->q_a_norm && w->q_b_proj) : !w->q_proj)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "MLA %s: %s weights missing", what,
+                            c->q_lora_rank > 0 ? "q_a_proj / q_a_layernorm / q_b_proj" : "q_proj");
+    if (!w->kv_a_proj || !w->kv_a_norm || !w->kv_b_proj || !w->o_proj)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "MLA %s: kv or o weights missing", what);
+    size_t need_s = dsmoe__mla_save_size(c, B, T), need_w = dsmoe__mla_train_workspace_size(c, B, T);
+    if (!save || save_size < need_s)
+        return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
+                            "MLA %s: saved-activation buffer of %zu bytes, need %zu for B = %lld, "
+                            "T = %lld", what, save ? save_size : 0, need_s, (long long)B,
+                            (long long)T);
+    if (!ws || ws_size < need_w)
+        return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
+                            "MLA %s: workspace of %zu bytes, need %zu for B = %lld, T = %lld", what,
+                            ws ? ws_size : 0, need_w, (long long)B, (long long)T);
+    return DSMOE_OK;
+}
+
+/* Rotates the pairs of x (2·half values) by one position's angles, forward (dir = 1:
+ * (x0 c − x1 s, x0 s + x1 c)) or back (dir = −1: the transpose). */
+static void rope_pairs(float *x, const float *cs, int64_t half, int dir) {
+    for (int64_t i = 0; i < half; i++) {
+        float c = cs[2 * i], s = dir > 0 ? cs[2 * i + 1] : -cs[2 * i + 1];
+        float x0 = x[2 * i], x1 = x[2 * i + 1];
+        x[2 * i] = x0 * c - x1 * s;
+        x[2 * i + 1] = x0 * s + x1 * c;
+    }
+}
+
+/* RoPE (dir 1) or its backward (dir −1) on the q_pe parts of q (N, H, n + r) and the
+ * k_pe part of kv (N, c + r); row t is position t % T. */
+static void rope_rows(const mla_dims *m, float *qf, float *kv, const float *cs, int dir, int nt) {
+    const int64_t N = m->N;
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N > 64)
+    for (int64_t t = 0; t < N; t++) {
+        const float *ct = cs + (t % m->T) * m->r;
+        for (int64_t h = 0; h < m->H; h++)
+            rope_pairs(qf + (t * m->H + h) * (m->n + m->r) + m->n, ct, m->half, dir);
+        rope_pairs(kv + t * (m->c + m->r) + m->c, ct, m->half, dir);
+    }
+}
+
+/* y = x · inv · w with a saved inverse rms: the forward's normalised values, bit for bit. */
+static void rms_apply(float *y, int64_t ldy, const float *x, int64_t ldx, const float *w,
+                      const float *inv, int64_t N, int64_t n, int nt) {
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N > 64)
+    for (int64_t t = 0; t < N; t++)
+        for (int64_t i = 0; i < n; i++) y[t * ldy + i] = x[t * ldx + i] * inv[t] * w[i];
+}
+
+/* C (M, N) [ldc] = op(A) · op(B) + beta · C, with K = 0 meaning op(A) · op(B) = 0. */
+static void mm(int ta, int tb, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+               const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+        if (beta == 0.0f)
+            for (int64_t i = 0; i < M; i++) memset(C + i * ldc, 0, (size_t)N * sizeof(float));
+        return;
+    }
+    dsmoe__sgemm(ta, tb, (int)M, (int)N, (int)K, 1.0f, A, (int)lda, B, (int)ldb, beta, C, (int)ldc);
+}
+
+/* Raw scores S (rows, keys) [ld T] of queries i0 .. i0 + rows − 1 of sequence b, head h,
+ * against keys 0 .. keys − 1: q_nope · k_nope + q_pe · k_pe. */
+static void attn_scores(const mla_dims *m, const mla_save *s, int64_t b, int64_t h, int64_t i0,
+                        int64_t rows, int64_t keys, float *S) {
+    const int64_t H = m->H, n = m->n, r = m->r, v = m->v, r0 = b * m->T;
+    const float *Q = s->qf + ((r0 + i0) * H + h) * (n + r);
+    const float *Kn = s->kvb + (r0 * H + h) * (n + v), *Kp = s->kv + r0 * (m->c + r) + m->c;
+    mm(DSMOE__NOTRANS, DSMOE__TRANS, rows, keys, n, Q, H * (n + r), Kn, H * (n + v), 0.0f, S, m->T);
+    if (r > 0)
+        mm(DSMOE__NOTRANS, DSMOE__TRANS, rows, keys, r, Q + n, H * (n + r), Kp, m->c + r,
+           n > 0 ? 1.0f : 0.0f, S, m->T);
+}
+
+/* The attention of sequence b, head h: out and lse of its rows; P (qb, T) is scratch. */
+static void attn_forward_task(const mla_dims *m, const mla_save *s, int64_t b, int64_t h, float *P,
+                              float scale) {
+    const int64_t H = m->H, n = m->n, v = m->v, r0 = b * m->T;
+    for (int64_t i0 = 0; i0 < m->T; i0 += m->qb) {
+        const int64_t rows = m->T - i0 < m->qb ? m->T - i0 : m->qb, keys = i0 + rows;
+        attn_scores(m, s, b, h, i0, rows, keys, P);
+        for (int64_t ii = 0; ii < rows; ii++) {
+            const int64_t i = i0 + ii;
+            float *p = P + ii * m->T;
+            float mx = -INFINITY;
+            for (int64_t j = 0; j <= i; j++) {
+                p[j] *= scale;
+                if (p[j] > mx) mx = p[j];
+            }
+            float sum = 0.0f;
+            for (int64_t j = 0; j <= i; j++) {
+                p[j] = expf(p[j] - mx);
+                sum += p[j];
+            }
+            for (int64_t j = 0; j <= i; j++) p[j] /= sum;
+            for (int64_t j = i + 1; j < keys; j++) p[j] = 0.0f;
+            s->lse[(r0 + i) * H + h] = mx + logf(sum);
+        }
+        mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, v, keys, P, m->T, s->kvb + (r0 * H + h) * (n + v) + n,
+           H * (n + v), 0.0f, s->out + ((r0 + i0) * H + h) * v, H * v);
+    }
+}
+
+dsmoe_status dsmoe__mla_train_forward(const dsmoe_model_config *c, const dsmoe__mla_weights *w,
+                                      float *y, const float *x, int64_t B, int64_t T, void *save,
+                                      size_t save_size, void *ws, size_t ws_size, int n_threads) {
+    dsmoe_status st = mla_check("forward", c, w, x, y, B, T, save, save_size, ws, ws_size);
+    if (st != DSMOE_OK) return st;
+    const mla_dims m = dims_of(c, B, T);
+    if (m.N == 0) return DSMOE_OK;
+    const int nt = dsmoe__threads(n_threads);
+    const mla_save s = save_at(&m, save);
+    const mla_fws f = fws_at(&m, ws);
+    const int32_t D = (int32_t)m.D, Hq = (int32_t)(m.H * (m.n + m.r)), ckr = (int32_t)(m.c + m.r);
+    /* Queries (N, H, n + r). */
+    if (m.q > 0) {
+        dsmoe__linear_forward(s.qa, m.q, x, D, w->q_a_proj, m.N, D, (int32_t)m.q, nt);
+        dsmoe__rmsnorm_train_forward(f.qa_n, s.qa_inv, s.qa, w->q_a_norm, m.N, (int32_t)m.q, m.q,
+                                     m.q, c->rms_norm_eps, nt);
+        dsmoe__linear_forward(s.qf, Hq, f.qa_n, m.q, w->q_b_proj, m.N, (int32_t)m.q, Hq, nt);
+    } else {
+        dsmoe__linear_forward(s.qf, Hq, x, D, w->q_proj, m.N, D, Hq, nt);
+    }
+    /* [latent | k_pe] (N, c + r); the normalised latent (N, c). */
+    dsmoe__linear_forward(s.kv, ckr, x, D, w->kv_a_proj, m.N, D, ckr, nt);
+    dsmoe__rmsnorm_train_forward(f.lat_n, s.kv_inv, s.kv, w->kv_a_norm, m.N, (int32_t)m.c, ckr,
+                                 m.c, c->rms_norm_eps, nt);
+    /* RoPE on q_pe and k_pe. */
+    dsmoe__rope_inv_freq(f.inv_freq, c);
+    dsmoe__rope_table(f.cs, f.inv_freq, (int32_t)m.half, 0, m.T);
+    rope_rows(&m, s.qf, s.kv, f.cs, 1, nt);
+    /* [k_nope | value] per head (N, H, n + v). */
+    const int32_t Hkv = (int32_t)(m.H * (m.n + m.v));
+    dsmoe__linear_forward(s.kvb, Hkv, f.lat_n, m.c, w->kv_b_proj, m.N, (int32_t)m.c, Hkv, nt);
+    /* Attention per (sequence, head). */
+    const float scale = (float)dsmoe__attn_scale(c);
+    const int64_t ntask = m.B * m.H;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && ntask > 1)
+    for (int64_t k = 0; k < ntask; k++)
+        attn_forward_task(&m, &s, k / m.H, k % m.H, f.att + k * m.qb * m.T, scale);
+    const int32_t Hv = (int32_t)(m.H * m.v);
+    dsmoe__linear_forward(y, D, s.out, Hv, w->o_proj, m.N, Hv, D, nt);
+    return DSMOE_OK;
+}
+
+/* The backward of the attention of sequence b, head h: dq of its rows, its dk_nope and
+ * dv columns of dkvb and its part of dk_pe; P, dP (qb, T) scratch. */
+static void attn_backward_task(const mla_dims *m, const mla_save *s, const mla_bws *g, int64_t b,
+                               int64_t h, float *P, float *dP, float scale) {
+    const int64_t H = m->H, n = m->n, r = m->r, v = m->v, ckr = m->c + m->r, r0 = b * m->T;
+    const float *Kn = s->kvb + (r0 * H + h) * (n + v), *V = Kn + n, *Kp = s->kv + r0 * ckr + m->c;
+    float *dKn = g->dkvb + (r0 * H + h) * (n + v), *dV = dKn + n;
+    float *dKp = g->dkpe_h + (r0 * H + h) * r;
+    for (int64_t j = 0; j < m->T; j++) {
+        memset(dKn + j * H * (n + v), 0, (size_t)(n + v) * sizeof(float));
+        memset(dKp + j * H * r, 0, (size_t)r * sizeof(float));
+    }
+    for (int64_t i0 = 0; i0 < m->T; i0 += m->qb) {
+        const int64_t rows = m->T - i0 < m->qb ? m->T - i0 : m->qb, keys = i0 + rows;
+        const float *Q = s->qf + ((r0 + i0) * H + h) * (n + r);
+        const float *dO = g->dout + ((r0 + i0) * H + h) * v;
+        float *dQ = g->dq + ((r0 + i0) * H + h) * (n + r);
+        attn_scores(m, s, b, h, i0, rows, keys, P);
+        /* dP = dO · Vᵀ */
+        mm(DSMOE__NOTRANS, DSMOE__TRANS, rows, keys, v, dO, H * v, V, H * (n + v), 0.0f, dP, m->T);
+        for (int64_t ii = 0; ii < rows; ii++) {
+            const int64_t i = i0 + ii, ri = r0 + i;
+            const float *doi = dO + ii * H * v, *oi = s->out + (ri * H + h) * v;
+            const float lse = s->lse[ri * H + h];
+            float *p = P + ii * m->T, *dp = dP + ii * m->T;
+            float Di = 0.0f;
+            for (int64_t k = 0; k < v; k++) Di += doi[k] * oi[k];
+            for (int64_t j = 0; j <= i; j++) {
+                p[j] = expf(p[j] * scale - lse);
+                dp[j] = p[j] * (dp[j] - Di) * scale; /* dS */
+            }
+            for (int64_t j = i + 1; j < keys; j++) p[j] = dp[j] = 0.0f;
+        }
+        /* dQ = dS · [Kn | Kp];  dK += dSᵀ · Q;  dV += Pᵀ · dO. */
+        mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, n, keys, dP, m->T, Kn, H * (n + v), 0.0f, dQ,
+           H * (n + r));
+        mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, r, keys, dP, m->T, Kp, ckr, 0.0f, dQ + n,
+           H * (n + r));
+        mm(DSMOE__TRANS, DSMOE__NOTRANS, keys, n, rows, dP, m->T, Q, H * (n + r), 1.0f, dKn,
+           H * (n + v));
+        mm(DSMOE__TRANS, DSMOE__NOTRANS, keys, r, rows, dP, m->T, Q + n, H * (n + r), 1.0f, dKp,
+           H * r);
+        mm(DSMOE__TRANS, DSMOE__NOTRANS, keys, v, rows, P, m->T, dO, H * v, 1.0f, dV, H * (n + v));
+    }
+}
+
+dsmoe_status dsmoe__mla_train_backward(const dsmoe_model_config *c, const dsmoe__mla_weights *w,
+                                       const dsmoe__mla_grads *gr, float *dx, const float *dy,
+                                       const float *x, int64_t B, int64_t T, const void *save,
+                                       size_t save_size, void *ws, size_t ws_size, int acc_dx,
+                                       int n_threads) {
+    dsmoe_status st = mla_check("backward", c, w, x, dy, B, T, save, save_size, ws, ws_size);
+    if (st != DSMOE_OK) return st;
+    if (!dx || !gr || !gr->kv_a_proj || !gr->kv_a_norm || !gr->kv_b_proj || !gr->o_proj ||
+        (c->q_lora_rank > 0 ? !(gr->q_a_proj && gr->q_a_norm && gr->q_b_proj) : !gr->q_proj))
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "MLA backward: NULL dx or gradient tensor");
+    const mla_dims m = dims_of(c, B, T);
+    if (m.N == 0) return DSMOE_OK;
+    const int nt = dsmoe__threads(n_threads);
+    const mla_save s = save_at(&m, save);
+    const mla_bws g = bws_at(&m, ws);
+    const int32_t D = (int32_t)m.D, Hq = (int32_t)(m.H * (m.n + m.r)), ckr = (int32_t)(m.c + m.r),
+                  Hkv = (int32_t)(m.H * (m.n + m.v)), Hv = (int32_t)(m.H * m.v);
+    /* o_proj. */
+    dsmoe__linear_backward(g.dout, Hv, gr->o_proj, dy, D, s.out, Hv, w->o_proj, m.N, Hv, D, 0, nt);
+    /* The normalised latent and q_a output, as the forward had them. */
+    rms_apply(g.lat_n, m.c, s.kv, ckr, w->kv_a_norm, s.kv_inv, m.N, m.c, nt);
+    if (m.q > 0) rms_apply(g.qa_n, m.q, s.qa, m.q, w->q_a_norm, s.qa_inv, m.N, m.q, nt);
+    /* Attention per (sequence, head). */
+    const float scale = (float)dsmoe__attn_scale(c);
+    const int64_t ntask = m.B * m.H;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && ntask > 1)
+    for (int64_t k = 0; k < ntask; k++) {
+        float *P = g.att + k * 2 * m.qb * m.T;
+        attn_backward_task(&m, &s, &g, k / m.H, k % m.H, P, P + m.qb * m.T, scale);
+    }
+    /* dk_pe: the heads' parts summed in head order, into dkv's k_pe columns. */
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && m.N > 64)
+    for (int64_t t = 0; t < m.N; t++)
+        for (int64_t k = 0; k < m.r; k++) {
+            float a = 0.0f;
+            for (int64_t h = 0; h < m.H; h++) a += g.dkpe_h[(t * m.H + h) * m.r + k];
+            g.dkv[t * ckr + m.c + k] = a;
+        }
+    /* RoPE backward on dq_pe and dk_pe. */
+    dsmoe__rope_inv_freq(g.inv_freq, c);
+    dsmoe__rope_table(g.cs, g.inv_freq, (int32_t)m.half, 0, m.T);
+    rope_rows(&m, g.dq, g.dkv, g.cs, -1, nt);
+    /* kv_b, then the latent's norm into dkv's latent columns, then kv_a. */
+    dsmoe__linear_backward(g.dlat, m.c, gr->kv_b_proj, g.dkvb, Hkv, g.lat_n, m.c, w->kv_b_proj, m.N,
+                           (int32_t)m.c, Hkv, 0, nt);
+    dsmoe__rmsnorm_backward(g.dkv, gr->kv_a_norm, g.dlat, s.kv, w->kv_a_norm, s.kv_inv, m.N,
+                            (int32_t)m.c, ckr, m.c, ckr, 0, nt);
+    dsmoe__linear_backward(dx, D, gr->kv_a_proj, g.dkv, ckr, x, D, w->kv_a_proj, m.N, D, ckr,
+                           acc_dx, nt);
+    /* Queries. */
+    if (m.q > 0) {
+        dsmoe__linear_backward(g.dqa, m.q, gr->q_b_proj, g.dq, Hq, g.qa_n, m.q, w->q_b_proj, m.N,
+                               (int32_t)m.q, Hq, 0, nt);
+        /* qa_n is free now: it takes d(q_a output). */
+        dsmoe__rmsnorm_backward(g.qa_n, gr->q_a_norm, g.dqa, s.qa, w->q_a_norm, s.qa_inv, m.N,
+                                (int32_t)m.q, m.q, m.q, m.q, 0, nt);
+        dsmoe__linear_backward(dx, D, gr->q_a_proj, g.qa_n, m.q, x, D, w->q_a_proj, m.N, D,
+                               (int32_t)m.q, 1, nt);
+    } else {
+        dsmoe__linear_backward(dx, D, gr->q_proj, g.dq, Hq, x, D, w->q_proj, m.N, D, Hq, 1, nt);
+    }
+    return DSMOE_OK;
+}
