@@ -1,0 +1,58 @@
+"""Shared helpers of the Python tests: where the golden files and the CLI are, and
+the router golden cases' config.txt as dsmoe.route overrides."""
+import os
+import unittest
+
+import numpy as np
+
+SOURCE = os.environ.get("DSMOE_SOURCE_DIR") or os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", ".."))
+GOLDEN = os.path.join(SOURCE, "tests", "golden")
+CLI = os.environ.get("DSMOE_CLI") or os.path.join(SOURCE, "build", "dsmoe")
+
+try:
+    import torch  # noqa: F401
+    HAVE_TORCH = True
+except ImportError:  # the torch tests say so and skip
+    HAVE_TORCH = False
+
+needs_torch = unittest.skipUnless(
+    HAVE_TORCH, "python3-torch is not installed (apt-get install python3-torch; "
+    "scripts/install-deps.sh installs it for the tests)")
+
+
+def router_cases():
+    with open(os.path.join(GOLDEN, "router", "MANIFEST")) as f:
+        return [l.strip() for l in f if l.strip() and not l.startswith("#")]
+
+
+def read_config(case):
+    """(overrides for dsmoe.route, the raw key/value dict) of a router golden case."""
+    kv = {}
+    with open(os.path.join(GOLDEN, "router", case, "config.txt")) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                k, v = line.split("=", 1)
+                kv[k.strip()] = v.strip()
+    o = {"experts": int(kv["experts"]), "groups": int(kv["groups"]),
+         "topk_groups": int(kv["topk_groups"]), "top_k": int(kv["top_k"]),
+         "score": kv["score"], "mask": kv["mask"], "normalize": kv["normalize"] == "1",
+         "norm_eps": float(kv["norm_eps"]), "scale": float(kv["scale"]),
+         "use_bias": kv["use_bias"] == "1", "precision": kv["precision"]}
+    o["group_score"] = "max" if kv["group_score"] == "max" else "top%ssum" % kv["group_topm"]
+    if "nonfinite" in kv:
+        o["nonfinite"] = kv["nonfinite"]
+    return o, kv
+
+
+def load(case, name):
+    return np.load(os.path.join(GOLDEN, "router", case, name))
+
+
+def rss_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
