@@ -324,7 +324,7 @@ def balance_loss(scores, indices=None, logits=None, kind="seq", alpha=None, seq_
     if count_from not in ("routed", "topk"):
         raise ValueError("count_from: expected routed or topk, got %r" % (count_from,))
     d = _zeros((T, E), _F32) if grad else None
-    loss = _dsmoe.balance_loss(kind, -1.0 if alpha is None else float(alpha), int(seq_len),
+    loss = _dsmoe.balance_loss(kind, float("nan") if alpha is None else float(alpha), int(seq_len),
                                0 if count_from == "routed" else 1, bool(normalize_scores),
                                int(n_devices), int(device_topm), cfg, s, idx, lg, d, T,
                                threads)

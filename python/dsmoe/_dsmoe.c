@@ -19,6 +19,7 @@
 
 #include <dsmoe.h>
 
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
@@ -862,7 +863,7 @@ static PyObject *py_balance_loss(PyObject *self, PyObject *args) {
     dsmoe_status st = dsmoe_balance_loss_kind_parse(kind, &k);
     if (st != DSMOE_OK) return raise_status(st);
     dsmoe_balance_loss_config_default(k, &lc);
-    if (alpha >= 0) lc.alpha = alpha;
+    if (!isnan(alpha)) lc.alpha = alpha; /* NaN: the kind's default */
     lc.seq_len = seq_len;
     lc.count_from = (dsmoe_balance_count)count_from;
     lc.normalize_scores = norm;
