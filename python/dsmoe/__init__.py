@@ -49,7 +49,13 @@ def router_config(preset="deepseek-v3", **overrides):
     """A validated router config: the preset with the overrides applied (named as the
     CLI's router flags: experts, groups, topk_groups, top_k, score, group_score
     ("max", "top2sum", "topNsum"), mask ("exclude"/"zero"), normalize, norm_eps, scale,
-    precision ("fp32"/"bf16"), use_bias; also group_topm, nonfinite). Cached."""
+    precision ("fp32"/"bf16"), use_bias; also group_topm, nonfinite). Cached. preset may
+    also be a config returned by this function (then without overrides): every function
+    taking preset= accepts one."""
+    if type(preset) is _dsmoe.RouterConfig:
+        if overrides:
+            raise ValueError("router overrides cannot change a RouterConfig; pass a preset name")
+        return preset
     key = (preset, tuple(sorted(overrides.items()))) if overrides else preset
     c = _cfg_cache.get(key)
     if c is None:
@@ -372,12 +378,13 @@ class MoE:
 
     @classmethod
     def load(cls, path, prefix=None, preset="deepseek-v3", *, n_shared=-1, max_tokens=512,
-             threads=0, bf16=False, **overrides):
+             threads=0, bf16=False, capacity_factor=0.0, **overrides):
         """Loads a layer (dsmoe_moe_load): prefix None takes the file's only layer.
         The routing config is the file's when dsmoe saved it, else preset/overrides."""
         rc = router_config(preset, **overrides)
         return cls(_dsmoe.moe_load(_os.fspath(path), prefix, rc, int(n_shared),
-                                   int(max_tokens), int(threads), bool(bf16)))
+                                   int(max_tokens), int(threads), bool(bf16),
+                                   float(capacity_factor)))
 
     def forward(self, x, *, threads=0, routing=False):
         """y (T, D) = layer(x (T, D)); any T (chunks of max_tokens). With routing=True

@@ -979,14 +979,15 @@ static MoEObject *moe_new(void) {
 }
 
 /* moe_load(path, prefix|None, cfg|None (router used for files without a saved config),
- *          n_shared, max_tokens, threads, bf16) */
+ *          n_shared, max_tokens, threads, bf16, capacity_factor) */
 static PyObject *py_moe_load(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *path, *prefo, *cfgo;
     int n_shared, threads, bf16;
     long long max_tokens;
-    if (!PyArg_ParseTuple(args, "O&OOiLip", PyUnicode_FSConverter, &path, &prefo, &cfgo,
-                          &n_shared, &max_tokens, &threads, &bf16))
+    float capacity;
+    if (!PyArg_ParseTuple(args, "O&OOiLipf", PyUnicode_FSConverter, &path, &prefo, &cfgo,
+                          &n_shared, &max_tokens, &threads, &bf16, &capacity))
         return NULL;
     const char *prefix = NULL;
     if (prefo != Py_None) {
@@ -1010,6 +1011,7 @@ static PyObject *py_moe_load(PyObject *self, PyObject *args) {
     opts.max_tokens = max_tokens;
     opts.n_threads = threads;
     opts.weight_dtype = bf16 ? DSMOE_DTYPE_BF16 : DSMOE_DTYPE_F32;
+    opts.capacity_factor = capacity;
     MoEObject *o = moe_new();
     if (!o) {
         Py_DECREF(path);
@@ -1030,7 +1032,7 @@ static PyObject *py_moe_load(PyObject *self, PyObject *args) {
 
 /* moe_param_count(cfg, D, F, n_shared) -> int */
 static int moe_cfg(dsmoe_moe_config *m, PyObject *cfgo, int D, int F, int n_shared,
-                   int train, long long max_tokens, int threads) {
+                   int train, long long max_tokens, int threads, float capacity) {
     const dsmoe_router_config *c = as_rc(cfgo);
     if (!c) return -1;
     dsmoe_moe_config_default(m);
@@ -1041,6 +1043,7 @@ static int moe_cfg(dsmoe_moe_config *m, PyObject *cfgo, int D, int F, int n_shar
     m->train = train;
     m->max_tokens = max_tokens;
     m->n_threads = threads;
+    m->capacity_factor = capacity;
     return 0;
 }
 
@@ -1050,24 +1053,25 @@ static PyObject *py_moe_param_count(PyObject *self, PyObject *args) {
     int D, F, ns;
     if (!PyArg_ParseTuple(args, "Oiii", &cfgo, &D, &F, &ns)) return NULL;
     dsmoe_moe_config m;
-    if (moe_cfg(&m, cfgo, D, F, ns, 1, 1, 1)) return NULL;
+    if (moe_cfg(&m, cfgo, D, F, ns, 1, 1, 1, 0)) return NULL;
     dsmoe_status st = dsmoe_moe_config_validate(&m);
     if (st != DSMOE_OK) return raise_status(st);
     return PyLong_FromSize_t(dsmoe_moe_param_count(&m));
 }
 
-/* moe_create(cfg, D, F, n_shared, train, max_tokens, threads, params, grads|None):
+/* moe_create(cfg, D, F, n_shared, train, max_tokens, threads, capacity, params, grads|None):
  * a layer on the caller's flat parameter (and gradient) buffers, 64-byte aligned. */
 static PyObject *py_moe_create(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *cfgo, *po, *go;
     int D, F, ns, train, threads;
     long long max_tokens;
-    if (!PyArg_ParseTuple(args, "OiiipLiOO", &cfgo, &D, &F, &ns, &train, &max_tokens, &threads,
-                          &po, &go))
+    float capacity;
+    if (!PyArg_ParseTuple(args, "OiiipLifOO", &cfgo, &D, &F, &ns, &train, &max_tokens, &threads,
+                          &capacity, &po, &go))
         return NULL;
     dsmoe_moe_config m;
-    if (moe_cfg(&m, cfgo, D, F, ns, train, max_tokens, threads)) return NULL;
+    if (moe_cfg(&m, cfgo, D, F, ns, train, max_tokens, threads, capacity)) return NULL;
     dsmoe_status st = dsmoe_moe_config_validate(&m);
     if (st != DSMOE_OK) return raise_status(st);
     Py_ssize_t n = (Py_ssize_t)dsmoe_moe_param_count(&m);
@@ -1284,6 +1288,13 @@ done:
     return ret;
 }
 
+static PyObject *moe_init_random(PyObject *self, PyObject *args) {
+    unsigned long long seed;
+    if (!PyArg_ParseTuple(args, "K", &seed)) return NULL;
+    dsmoe_moe_init_random(moe_of(self), seed);
+    Py_RETURN_NONE;
+}
+
 static PyObject *moe_zero_grad(PyObject *self, PyObject *unused) {
     (void)unused;
     dsmoe_moe_zero_grad(moe_of(self));
@@ -1313,6 +1324,7 @@ static PyMethodDef moe_methods[] = {
     {"forward", moe_forward, METH_VARARGS, NULL},
     {"backward", moe_backward, METH_VARARGS, NULL},
     {"zero_grad", moe_zero_grad, METH_NOARGS, NULL},
+    {"init_random", moe_init_random, METH_VARARGS, NULL},
     {"save", moe_save, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL}};
 
@@ -1391,7 +1403,8 @@ PyMODINIT_FUNC PyInit__dsmoe(void) {
         return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (!m) return NULL;
-    if (PyModule_AddIntConstant(m, "MAX_EXPERTS", DSMOE_MAX_EXPERTS) < 0) {
+    if (PyModule_AddIntConstant(m, "MAX_EXPERTS", DSMOE_MAX_EXPERTS) < 0 ||
+        PyModule_AddObjectRef(m, "RouterConfig", (PyObject *)&RouterConfigType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

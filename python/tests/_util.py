@@ -56,3 +56,37 @@ def rss_kib():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def read_safetensors(path):
+    """(tensors as NumPy arrays, metadata) of a safetensors file (F64, F32, I32, I64,
+    BF16 as uint16), read with the standard library and NumPy only."""
+    import json
+    import struct
+    dt = {"F64": np.float64, "F32": np.float32, "I32": np.int32, "I64": np.int64,
+          "BF16": np.uint16, "F16": np.float16, "U8": np.uint8}
+    with open(path, "rb") as f:
+        data = f.read()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", {})
+    base = 8 + n
+    out = {}
+    for name, t in header.items():
+        b, e = t["data_offsets"]
+        out[name] = np.frombuffer(data[base + b:base + e], dtype=dt[t["dtype"]]).reshape(t["shape"]).copy()
+    return out, meta
+
+
+def moe_overrides(meta):
+    """dsmoe router overrides from a MoE golden file's metadata."""
+    return {"experts": int(meta["E"]), "top_k": int(meta["K"]), "groups": int(meta["G"]),
+            "topk_groups": int(meta["TG"]), "score": meta["score"],
+            "group_score": "max" if meta["group_score"] == "max" else "top%ssum" % meta["group_topm"],
+            "mask": meta["mask"], "normalize": meta["normalize"] == "1",
+            "norm_eps": float(meta["norm_eps"]), "scale": float(meta["scale"]),
+            "use_bias": meta["use_bias"] == "1"}
+
+
+MOE_CASES = ["v3_groups", "moonlight", "v2_softmax", "odd_t1", "hf_zero_mask", "capacity",
+             "decode_t8"]
