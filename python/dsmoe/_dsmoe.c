@@ -1295,6 +1295,11 @@ static PyObject *moe_init_random(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *moe_forwards(PyObject *self, PyObject *unused) {
+    (void)unused;
+    return PyLong_FromUnsignedLongLong(((MoEObject *)self)->forwards);
+}
+
 static PyObject *moe_zero_grad(PyObject *self, PyObject *unused) {
     (void)unused;
     dsmoe_moe_zero_grad(moe_of(self));
@@ -1324,6 +1329,7 @@ static PyMethodDef moe_methods[] = {
     {"forward", moe_forward, METH_VARARGS, NULL},
     {"backward", moe_backward, METH_VARARGS, NULL},
     {"zero_grad", moe_zero_grad, METH_NOARGS, NULL},
+    {"forwards", moe_forwards, METH_NOARGS, NULL},
     {"init_random", moe_init_random, METH_VARARGS, NULL},
     {"save", moe_save, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL}};
