@@ -3,12 +3,13 @@ under a prefix) give the fp64 reference's output and routing; bad input raises
 dsmoe's message."""
 import os
 import tempfile
+import threading
 import unittest
 
 import numpy as np
 
 import dsmoe
-from _util import GOLDEN, MOE_CASES, moe_overrides, read_safetensors
+from _util import GOLDEN, MOE_CASES, moe_overrides, read_safetensors, rss_kib
 
 
 def path(case):
@@ -54,6 +55,45 @@ class MoETest(unittest.TestCase):
         m = dsmoe.MoE.load(path("moonlight"), meta["prefix"], max_tokens=4, **moe_overrides(meta))
         y = m.forward(t["x"])  # 9 tokens, chunks of 4
         np.testing.assert_allclose(y, t["y"], rtol=2e-5, atol=3e-6 * max(1, np.abs(t["y"]).max()))
+
+    def test_threads_one_layer_each(self):
+        t, meta = read_safetensors(path("v3_groups"))
+        o = moe_overrides(meta)
+        rng = np.random.default_rng(1)
+        xs = [rng.standard_normal((40, 20)).astype(np.float32) for _ in range(6)]
+        m0 = dsmoe.MoE.load(path("v3_groups"), meta["prefix"], **o)
+        want = [m0.forward(x, threads=1) for x in xs]
+        bad = []
+
+        def work(i):
+            m = dsmoe.MoE.load(path("v3_groups"), meta["prefix"], **o)
+            for _ in range(30):
+                if m.forward(xs[i], threads=1).tobytes() != want[i].tobytes():
+                    bad.append(i)
+        ts = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join()
+        self.assertEqual(bad, [])
+
+    def test_no_leak(self):
+        t, meta = read_safetensors(path("odd_t1"))
+        o = moe_overrides(meta)
+        m = dsmoe.MoE.load(path("odd_t1"), meta["prefix"], **o)
+        x = t["x"]
+        for _ in range(200):
+            m.forward(x, routing=True)
+        before = rss_kib()
+        for i in range(10000):
+            m.forward(x, routing=True)
+            if i % 50 == 0:
+                dsmoe.MoE.load(path("odd_t1"), meta["prefix"], **o)
+                b = dsmoe.Balancer(6)
+                b.update(np.array([[0, 1]]))
+                b.step()
+        grown = rss_kib() - before
+        self.assertLess(grown, 2048, "RSS grew by %d KiB over 10,000 calls" % grown)
 
     def test_errors(self):
         t, meta = read_safetensors(path("v3_groups"))
