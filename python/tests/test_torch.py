@@ -3,12 +3,15 @@ match the fp64 reference's golden outputs and gradients, pass
 torch.autograd.gradcheck against finite differences, refuse bad input with dsmoe's
 message, and LossFreeBalancer lowers MaxVio."""
 import os
+import re
+import subprocess
+import sys
 import unittest
 
 import numpy as np
 
 import dsmoe
-from _util import GOLDEN, HAVE_TORCH, MOE_CASES, moe_overrides, needs_torch, read_safetensors
+from _util import GOLDEN, HAVE_TORCH, SOURCE, MOE_CASES, moe_overrides, needs_torch, read_safetensors
 
 if HAVE_TORCH:
     import torch
@@ -212,6 +215,16 @@ class BalancerTest(unittest.TestCase):
         self.assertGreater(mv[0], 1.0)
         self.assertLess(mv[-1], 0.5 * mv[0])
         self.assertFalse(torch.all(m.gate.e_score_correction_bias == 0))
+
+    def test_example_trains_and_maxvio_falls(self):
+        ex = os.path.join(SOURCE, "python", "examples", "train_moe_torch.py")
+        out = subprocess.run([sys.executable, ex, "--steps", "60", "--every", "30"], check=True,
+                             capture_output=True, text=True).stdout
+        m = re.search(r"layer 1 ([\d.]+) -> ([\d.]+), layer 2 ([\d.]+) -> ([\d.]+)", out)
+        self.assertIsNotNone(m, out)
+        a, b, c, d = map(float, m.groups())
+        self.assertLess(b, 0.6 * a, out)
+        self.assertLess(d, 0.6 * c, out)
 
 
 if __name__ == "__main__":
