@@ -19,6 +19,7 @@
 
 #include <dsmoe.h>
 
+#include <dlfcn.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -1343,6 +1344,181 @@ static PyTypeObject MoEType = {
     .tp_methods = moe_methods,
 };
 
+/* ------------------------------------------------------------------ model -- */
+
+typedef struct {
+    PyObject_HEAD
+    dsmoe_model *m;
+    dsmoe_model_cache *cache; /* the object's own sequence (logits / generate) */
+} ModelObject;
+
+static PyTypeObject ModelType;
+
+static void model_dealloc(PyObject *self) {
+    ModelObject *o = (ModelObject *)self;
+    dsmoe_model_cache_free(o->cache);
+    dsmoe_model_free(o->m);
+    Py_TYPE(self)->tp_free(self);
+}
+
+/* model_open(dir, threads, max_tokens, widen_f32) */
+static PyObject *py_model_open(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *path;
+    int threads, max_tokens, widen;
+    if (!PyArg_ParseTuple(args, "O&iip", PyUnicode_FSConverter, &path, &threads, &max_tokens,
+                          &widen))
+        return NULL;
+    dsmoe_model_options opts;
+    dsmoe_model_options_default(&opts);
+    opts.n_threads = threads;
+    if (max_tokens > 0) opts.max_tokens = max_tokens;
+    opts.widen_f32 = widen;
+    ModelObject *o = PyObject_New(ModelObject, &ModelType);
+    if (!o) {
+        Py_DECREF(path);
+        return NULL;
+    }
+    o->m = NULL;
+    o->cache = NULL;
+    dsmoe_status st;
+    const char *p = PyBytes_AS_STRING(path);
+    Py_BEGIN_ALLOW_THREADS
+    st = dsmoe_model_open(p, &opts, &o->m);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(path);
+    if (st != DSMOE_OK) {
+        Py_DECREF(o);
+        return raise_status(st);
+    }
+    return (PyObject *)o;
+}
+
+static PyObject *model_config(PyObject *self, PyObject *unused) {
+    (void)unused;
+    const dsmoe_model_config *c = dsmoe_model_get_config(((ModelObject *)self)->m);
+    return Py_BuildValue(
+        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:L,s:i,s:i,s:i}", "vocab_size", c->vocab_size,
+        "hidden_size", c->hidden_size, "num_hidden_layers", c->num_hidden_layers,
+        "num_attention_heads", c->num_attention_heads, "n_routed_experts", c->n_routed_experts,
+        "num_experts_per_tok", c->num_experts_per_tok, "kv_lora_rank", c->kv_lora_rank,
+        "first_k_dense_replace", c->first_k_dense_replace, "max_position_embeddings",
+        (long long)c->max_position_embeddings, "byte_vocab", c->byte_vocab, "bos_token_id",
+        c->bos_token_id, "eos_token_id", c->eos_token_id);
+}
+
+/* reset(capacity): the object's cache emptied, with room for capacity positions. */
+static PyObject *model_reset(PyObject *self, PyObject *args) {
+    ModelObject *o = (ModelObject *)self;
+    long long cap;
+    if (!PyArg_ParseTuple(args, "L", &cap)) return NULL;
+    if (o->cache && dsmoe_model_cache_capacity(o->cache) >= cap) {
+        dsmoe_model_cache_truncate(o->cache, 0);
+        Py_RETURN_NONE;
+    }
+    dsmoe_model_cache *c = NULL;
+    dsmoe_status st = dsmoe_model_cache_create(o->m, cap, &c);
+    if (st != DSMOE_OK) return raise_status(st);
+    dsmoe_model_cache_free(o->cache);
+    o->cache = c;
+    Py_RETURN_NONE;
+}
+
+static PyObject *model_length(PyObject *self, PyObject *unused) {
+    (void)unused;
+    ModelObject *o = (ModelObject *)self;
+    return PyLong_FromLongLong(o->cache ? (long long)dsmoe_model_cache_length(o->cache) : 0);
+}
+
+/* forward(tokens int32 (T), logits float32 (T, V) | (V) | None, flags) */
+static PyObject *model_forward(PyObject *self, PyObject *args) {
+    ModelObject *o = (ModelObject *)self;
+    PyObject *to, *lo;
+    unsigned int flags;
+    if (!PyArg_ParseTuple(args, "OOI", &to, &lo, &flags)) return NULL;
+    if (!o->cache) {
+        PyErr_SetString(PyExc_RuntimeError, "model: no cache (call reset first)");
+        return NULL;
+    }
+    Py_buffer bt, bl;
+    if (get_buf(to, &bt, K_I32, -1, 0, 0, "tokens")) return NULL;
+    Py_ssize_t T = bt.len / 4;
+    Py_ssize_t V = dsmoe_model_get_config(o->m)->vocab_size;
+    if (get_buf(lo, &bl, K_F32, (flags & DSMOE_MODEL_LOGITS_LAST) ? V : T * V, 1, 1, "logits")) {
+        rel(&bt);
+        return NULL;
+    }
+    dsmoe_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = dsmoe_model_forward(o->m, o->cache, bt.buf, T, bl.buf, flags);
+    Py_END_ALLOW_THREADS
+    rel(&bt), rel(&bl);
+    if (st != DSMOE_OK) return raise_status(st);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef model_methods[] = {
+    {"config", model_config, METH_NOARGS, NULL},
+    {"reset", model_reset, METH_VARARGS, NULL},
+    {"length", model_length, METH_NOARGS, NULL},
+    {"forward", model_forward, METH_VARARGS, NULL},
+    {NULL, NULL, 0, NULL}};
+
+static PyTypeObject ModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dsmoe._dsmoe.ModelHandle",
+    .tp_basicsize = sizeof(ModelObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "An owned dsmoe_model with one cache (use dsmoe.Model).",
+    .tp_dealloc = model_dealloc,
+    .tp_methods = model_methods,
+};
+
+/* dsmoe_sample, looked up when the module loads: a libdsmoe without it (declared in
+ * model.h before its implementation) still loads, and sampling then says so. */
+typedef int32_t (*sample_fn_t)(const float *, int32_t, float, float, dsmoe_rng *, float *);
+static sample_fn_t sample_fn;
+
+static PyObject *py_has_sample(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+    return PyBool_FromLong(sample_fn != NULL);
+}
+
+/* sample(logits float32 (V), temperature, top_p, rng_state) -> (id, new rng_state) */
+static PyObject *py_sample(PyObject *self, PyObject *args) {
+    (void)self;
+    if (!sample_fn) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "sampling needs dsmoe_sample, which this libdsmoe does not provide");
+        return NULL;
+    }
+    PyObject *lo;
+    float temp, top_p;
+    unsigned long long state;
+    if (!PyArg_ParseTuple(args, "OffK", &lo, &temp, &top_p, &state)) return NULL;
+    Py_buffer bl;
+    if (get_buf(lo, &bl, K_F32, -1, 0, 0, "logits")) return NULL;
+    Py_ssize_t V = bl.len / 4;
+    float *tmp = scratch_get((size_t)(2 * V + 1) * sizeof(float));
+    if (!tmp) {
+        rel(&bl);
+        return NULL;
+    }
+    dsmoe_rng rng = {state};
+    int32_t id = sample_fn(bl.buf, (int32_t)V, temp, top_p, &rng, tmp);
+    rel(&bl);
+    if (id < 0) return raise_status(DSMOE_STATUS_INVALID_ARGUMENT);
+    return Py_BuildValue("iK", id, (unsigned long long)rng.state);
+}
+
+static PyObject *py_rng_seed(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long seed;
+    if (!PyArg_ParseTuple(args, "K", &seed)) return NULL;
+    dsmoe_rng r;
+    dsmoe_rng_seed(&r, seed);
+    return PyLong_FromUnsignedLongLong(r.state);
+}
+
 /* ----------------------------------------------------------------- module -- */
 
 static PyObject *py_version(PyObject *self, PyObject *unused) {
@@ -1391,6 +1567,10 @@ static PyMethodDef module_methods[] = {
     {"moe_load", py_moe_load, METH_VARARGS, "dsmoe_moe_load"},
     {"moe_param_count", py_moe_param_count, METH_VARARGS, "dsmoe_moe_param_count"},
     {"moe_create", py_moe_create, METH_VARARGS, "dsmoe_moe_create_with"},
+    {"model_open", py_model_open, METH_VARARGS, "dsmoe_model_open"},
+    {"sample", py_sample, METH_VARARGS, "dsmoe_sample"},
+    {"has_sample", py_has_sample, METH_NOARGS, "whether libdsmoe has dsmoe_sample"},
+    {"rng_seed", py_rng_seed, METH_VARARGS, "dsmoe_rng_seed: the state for a seed"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_dsmoe",
@@ -1404,8 +1584,20 @@ PyMODINIT_FUNC PyInit__dsmoe(void) {
         if (pthread_key_create(&scratch_key, scratch_destroy) != 0) return PyErr_NoMemory();
         key_made = 1;
     }
+    {
+        /* the symbol of the libdsmoe this module was loaded with */
+        Dl_info info;
+        void *h = NULL;
+        if (dladdr((void *)dsmoe_version, &info) && info.dli_fname)
+            h = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+        if (h) {
+            void *f = dlsym(h, "dsmoe_sample");
+            memcpy(&sample_fn, &f, sizeof f);
+            dlclose(h);
+        }
+    }
     if (PyType_Ready(&RouterConfigType) < 0 || PyType_Ready(&BalancerType) < 0 ||
-        PyType_Ready(&MoEType) < 0)
+        PyType_Ready(&MoEType) < 0 || PyType_Ready(&ModelType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (!m) return NULL;
