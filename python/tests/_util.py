@@ -1,5 +1,6 @@
 """Shared helpers of the Python tests: where the golden files and the CLI are, and
 the router golden cases' config.txt as dsmoe.route overrides."""
+import importlib.util
 import os
 import unittest
 
@@ -10,11 +11,8 @@ SOURCE = os.environ.get("DSMOE_SOURCE_DIR") or os.path.abspath(
 GOLDEN = os.path.join(SOURCE, "tests", "golden")
 CLI = os.environ.get("DSMOE_CLI") or os.path.join(SOURCE, "build", "dsmoe")
 
-try:
-    import torch  # noqa: F401
-    HAVE_TORCH = True
-except ImportError:  # the torch tests say so and skip
-    HAVE_TORCH = False
+# found without importing it (torch takes seconds to import: only its tests pay that)
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 needs_torch = unittest.skipUnless(
     HAVE_TORCH, "python3-torch is not installed (apt-get install python3-torch; "

@@ -80,13 +80,13 @@ class MoETest(unittest.TestCase):
     def test_no_leak(self):
         t, meta = read_safetensors(path("odd_t1"))
         o = moe_overrides(meta)
-        m = dsmoe.MoE.load(path("odd_t1"), meta["prefix"], **o)
+        m = dsmoe.MoE.load(path("odd_t1"), meta["prefix"], threads=1, **o)
         x = t["x"]
         for _ in range(200):
-            m.forward(x, routing=True)
+            m.forward(x, routing=True, threads=1)
         before = rss_kib()
         for i in range(10000):
-            m.forward(x, routing=True)
+            m.forward(x, routing=True, threads=1)
             if i % 50 == 0:
                 dsmoe.MoE.load(path("odd_t1"), meta["prefix"], **o)
                 b = dsmoe.Balancer(6)

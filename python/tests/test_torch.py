@@ -1,10 +1,13 @@
 """dsmoe.torch: Router and MoE modules load Hugging Face-named state dicts unchanged,
 match the fp64 reference's golden outputs and gradients, pass
 torch.autograd.gradcheck against finite differences, refuse bad input with dsmoe's
-message, and LossFreeBalancer lowers MaxVio."""
+message, and LossFreeBalancer lowers MaxVio (the example's too); the documentation's
+Python examples run."""
+import contextlib
+import importlib.util
+import io
 import os
 import re
-import subprocess
 import sys
 import unittest
 
@@ -217,14 +220,48 @@ class BalancerTest(unittest.TestCase):
         self.assertFalse(torch.all(m.gate.e_score_correction_bias == 0))
 
     def test_example_trains_and_maxvio_falls(self):
+        """python/examples/train_moe_torch.py, run in this process (torch is imported
+        once), with fewer steps."""
         ex = os.path.join(SOURCE, "python", "examples", "train_moe_torch.py")
-        out = subprocess.run([sys.executable, ex, "--steps", "60", "--every", "30"], check=True,
-                             capture_output=True, text=True).stdout
+        spec = importlib.util.spec_from_file_location("train_moe_torch", ex)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        buf = io.StringIO()
+        argv = sys.argv
+        try:
+            sys.argv = [ex, "--steps", "60", "--every", "30"]
+            with contextlib.redirect_stdout(buf):
+                mod.main()
+        finally:
+            sys.argv = argv
+        out = buf.getvalue()
         m = re.search(r"layer 1 ([\d.]+) -> ([\d.]+), layer 2 ([\d.]+) -> ([\d.]+)", out)
         self.assertIsNotNone(m, out)
         a, b, c, d = map(float, m.groups())
         self.assertLess(b, 0.6 * a, out)
         self.assertLess(d, 0.6 * c, out)
+
+
+def blocks(path):
+    with open(os.path.join(SOURCE, path)) as f:
+        return re.findall(r"```python\n(.*?)```", f.read(), re.S)
+
+
+class DocsTest(unittest.TestCase):
+    """The documentation's Python examples (README's quick start, docs/python.md) run as
+    written, so that they cannot drift from the API (here, where torch is imported
+    once)."""
+
+    def test_examples_run(self):
+        n = 0
+        for path in ("README.md", os.path.join("docs", "python.md")):
+            for i, code in enumerate(blocks(path)):
+                if "torch" in code and not HAVE_TORCH:
+                    self.skipTest("python3-torch is not installed: %s example %d needs it" % (path, i))
+                with self.subTest(path=path, block=i):
+                    exec(compile(code, "%s[%d]" % (path, i), "exec"), {})
+                    n += 1
+        self.assertGreaterEqual(n, 2)
 
 
 if __name__ == "__main__":
