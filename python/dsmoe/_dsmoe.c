@@ -434,8 +434,16 @@ static PyObject *new_array(Py_ssize_t rows, Py_ssize_t cols, PyObject *dtype) {
         PyErr_SetString(PyExc_RuntimeError, "dsmoe._dsmoe: set_allocator was not called");
         return NULL;
     }
-    PyObject *shape = rows < 0 ? Py_BuildValue("(n)", cols) : Py_BuildValue("(nn)", rows, cols);
+    PyObject *shape = PyTuple_New(rows < 0 ? 1 : 2);
     if (!shape) return NULL;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(shape); i++) {
+        PyObject *d = PyLong_FromSsize_t(rows < 0 || i == 1 ? cols : rows);
+        if (!d) {
+            Py_DECREF(shape);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(shape, i, d);
+    }
     PyObject *argv[2] = {shape, dtype};
     PyObject *a = PyObject_Vectorcall(np_empty, argv, 2, NULL);
     Py_DECREF(shape);
@@ -956,6 +964,8 @@ typedef struct {
     PyObject *grads_owner;
     Py_buffer pbuf, gbuf;
     uint64_t forwards;      /* successful forwards (the backward's freshness check) */
+    PyThread_type_lock lock; /* one call at a time: a layer is not reentrant, and its
+                                forward and backward run without the GIL */
 } MoEObject;
 
 static PyTypeObject MoEType;
@@ -963,6 +973,7 @@ static PyTypeObject MoEType;
 static void moe_dealloc(PyObject *self) {
     MoEObject *o = (MoEObject *)self;
     dsmoe_moe_free(o->moe);
+    if (o->lock) PyThread_free_lock(o->lock);
     rel(&o->pbuf), rel(&o->gbuf);
     Py_XDECREF(o->params_owner);
     Py_XDECREF(o->grads_owner);
@@ -976,8 +987,26 @@ static MoEObject *moe_new(void) {
     o->params_owner = o->grads_owner = NULL;
     memset(&o->pbuf, 0, sizeof o->pbuf), memset(&o->gbuf, 0, sizeof o->gbuf);
     o->forwards = 0;
+    o->lock = PyThread_allocate_lock();
+    if (!o->lock) {
+        Py_DECREF(o);
+        PyErr_NoMemory();
+        return NULL;
+    }
     return o;
 }
+
+/* Takes the layer's lock, waiting with the GIL released if another thread has it. */
+static void moe_lock(PyObject *self) {
+    MoEObject *o = (MoEObject *)self;
+    if (!PyThread_acquire_lock(o->lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(o->lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static void moe_unlock(PyObject *self) { PyThread_release_lock(((MoEObject *)self)->lock); }
 
 /* moe_load(path, prefix|None, cfg|None (router used for files without a saved config),
  *          n_shared, max_tokens, threads, bf16, capacity_factor) */
@@ -1104,7 +1133,7 @@ static PyObject *py_moe_create(PyObject *self, PyObject *args) {
 static dsmoe_moe *moe_of(PyObject *o) { return ((MoEObject *)o)->moe; }
 
 /* tensors() -> [(name, shape tuple, offset in floats or -1, grad offset or -1, trainable)] */
-static PyObject *moe_tensors(PyObject *self, PyObject *unused) {
+static PyObject *moe_tensors_unlocked(PyObject *self, PyObject *unused) {
     (void)unused;
     MoEObject *o = (MoEObject *)self;
     dsmoe_moe *moe = o->moe;
@@ -1137,7 +1166,7 @@ static PyObject *moe_tensors(PyObject *self, PyObject *unused) {
 }
 
 /* tensor_copy(name, out float32): the tensor's values as fp32 (bf16 widened). */
-static PyObject *moe_tensor_copy(PyObject *self, PyObject *args) {
+static PyObject *moe_tensor_copy_unlocked(PyObject *self, PyObject *args) {
     const char *name;
     PyObject *oo;
     if (!PyArg_ParseTuple(args, "sO", &name, &oo)) return NULL;
@@ -1174,7 +1203,7 @@ static PyObject *moe_config(PyObject *self, PyObject *unused) {
                          (long long)c->max_tokens, (PyObject *)r);
 }
 
-static PyObject *moe_set_bias(PyObject *self, PyObject *arg) {
+static PyObject *moe_set_bias_unlocked(PyObject *self, PyObject *arg) {
     dsmoe_moe *m = moe_of(self);
     Py_buffer b;
     if (get_buf(arg, &b, K_F32, dsmoe_moe_get_config(m)->router.n_experts, 0, 0, "bias"))
@@ -1185,7 +1214,7 @@ static PyObject *moe_set_bias(PyObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *moe_get_bias(PyObject *self, PyObject *arg) {
+static PyObject *moe_get_bias_unlocked(PyObject *self, PyObject *arg) {
     dsmoe_moe *m = moe_of(self);
     const float *src = dsmoe_moe_bias(m);
     if (!src) Py_RETURN_FALSE;
@@ -1199,7 +1228,7 @@ static PyObject *moe_get_bias(PyObject *self, PyObject *arg) {
 
 /* forward(y, x, T, threads, indices|None, weights|None, scores|None, logits|None,
  *         counts|None) -> n_dropped */
-static PyObject *moe_forward(PyObject *self, PyObject *args) {
+static PyObject *moe_forward_unlocked(PyObject *self, PyObject *args) {
     MoEObject *mo = (MoEObject *)self;
     PyObject *yo, *xo, *io, *wo, *so, *lo, *co;
     Py_ssize_t T;
@@ -1251,7 +1280,7 @@ done:
 }
 
 /* backward(dx|None (+=), dy, x, dlogits_extra|None, T, threads, forward_id) */
-static PyObject *moe_backward(PyObject *self, PyObject *args) {
+static PyObject *moe_backward_unlocked(PyObject *self, PyObject *args) {
     MoEObject *mo = (MoEObject *)self;
     PyObject *dxo, *dyo, *xo, *deo;
     Py_ssize_t T;
@@ -1289,7 +1318,7 @@ done:
     return ret;
 }
 
-static PyObject *moe_init_random(PyObject *self, PyObject *args) {
+static PyObject *moe_init_random_unlocked(PyObject *self, PyObject *args) {
     unsigned long long seed;
     if (!PyArg_ParseTuple(args, "K", &seed)) return NULL;
     dsmoe_moe_init_random(moe_of(self), seed);
@@ -1301,13 +1330,13 @@ static PyObject *moe_forwards(PyObject *self, PyObject *unused) {
     return PyLong_FromUnsignedLongLong(((MoEObject *)self)->forwards);
 }
 
-static PyObject *moe_zero_grad(PyObject *self, PyObject *unused) {
+static PyObject *moe_zero_grad_unlocked(PyObject *self, PyObject *unused) {
     (void)unused;
     dsmoe_moe_zero_grad(moe_of(self));
     Py_RETURN_NONE;
 }
 
-static PyObject *moe_save(PyObject *self, PyObject *args) {
+static PyObject *moe_save_unlocked(PyObject *self, PyObject *args) {
     PyObject *path;
     const char *prefix;
     if (!PyArg_ParseTuple(args, "O&s", PyUnicode_FSConverter, &path, &prefix)) return NULL;
@@ -1319,6 +1348,69 @@ static PyObject *moe_save(PyObject *self, PyObject *args) {
     Py_DECREF(path);
     if (st != DSMOE_OK) return raise_status(st);
     Py_RETURN_NONE;
+}
+
+static PyObject *moe_tensors(PyObject *self, PyObject *unused) {
+    moe_lock(self);
+    PyObject *r = moe_tensors_unlocked(self, unused);
+    moe_unlock(self);
+    return r;
+}
+
+static PyObject *moe_tensor_copy(PyObject *self, PyObject *args) {
+    moe_lock(self);
+    PyObject *r = moe_tensor_copy_unlocked(self, args);
+    moe_unlock(self);
+    return r;
+}
+
+static PyObject *moe_set_bias(PyObject *self, PyObject *arg) {
+    moe_lock(self);
+    PyObject *r = moe_set_bias_unlocked(self, arg);
+    moe_unlock(self);
+    return r;
+}
+
+static PyObject *moe_get_bias(PyObject *self, PyObject *arg) {
+    moe_lock(self);
+    PyObject *r = moe_get_bias_unlocked(self, arg);
+    moe_unlock(self);
+    return r;
+}
+
+static PyObject *moe_forward(PyObject *self, PyObject *args) {
+    moe_lock(self);
+    PyObject *r = moe_forward_unlocked(self, args);
+    moe_unlock(self);
+    return r;
+}
+
+static PyObject *moe_backward(PyObject *self, PyObject *args) {
+    moe_lock(self);
+    PyObject *r = moe_backward_unlocked(self, args);
+    moe_unlock(self);
+    return r;
+}
+
+static PyObject *moe_init_random(PyObject *self, PyObject *args) {
+    moe_lock(self);
+    PyObject *r = moe_init_random_unlocked(self, args);
+    moe_unlock(self);
+    return r;
+}
+
+static PyObject *moe_zero_grad(PyObject *self, PyObject *unused) {
+    moe_lock(self);
+    PyObject *r = moe_zero_grad_unlocked(self, unused);
+    moe_unlock(self);
+    return r;
+}
+
+static PyObject *moe_save(PyObject *self, PyObject *args) {
+    moe_lock(self);
+    PyObject *r = moe_save_unlocked(self, args);
+    moe_unlock(self);
+    return r;
 }
 
 static PyMethodDef moe_methods[] = {
