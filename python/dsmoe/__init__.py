@@ -123,9 +123,12 @@ def _bias(bias, cfg):
     return b
 
 
-def route(logits, bias=None, preset="deepseek-v3", *, threads=1, scores=False, counts=False,
-          **overrides):
-    """Routes T tokens from router logits (T, E) with dsmoe_router_forward.
+def _route_py(logits, bias=None, preset="deepseek-v3", *, threads=1, scores=False,
+              counts=False, **overrides):
+    """dsmoe.route's general case (dsmoe.route is _dsmoe.route, which handles ready arrays
+    with the default preset or a RouterConfig itself and hands everything else here).
+
+    Routes T tokens from router logits (T, E) with dsmoe_router_forward.
 
     Returns (indices int32 (T, K), weights float32 (T, K)), plus scores (T, E) (the
     affinities before the bias) when scores=True and counts (E) int64 (tokens per
@@ -142,6 +145,10 @@ def route(logits, bias=None, preset="deepseek-v3", *, threads=1, scores=False, c
     x, _ = _tokens(_as(logits, _F32, "logits"), "logits", cfg.n_experts,
                    "the router's %d experts" % cfg.n_experts)
     return _route_new(cfg, x, _bias(bias, cfg), threads, scores, counts)
+
+
+_dsmoe.set_route_fallback(_route_py, _default_cfg)
+route = _dsmoe.route
 
 
 def route_hidden(hidden, gate_weight, bias=None, preset="deepseek-v3", *, threads=1,

@@ -370,49 +370,6 @@ static const dsmoe_router_config *as_rc(PyObject *o) {
 
 /* ------------------------------------------------------------------ router -- */
 
-/* route(cfg, logits, bias, indices_out, weights_out, scores_out, counts_out, T, threads)
- * Outputs are preallocated by the caller (scores/counts may be None). */
-static PyObject *py_route(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "route: 9 arguments expected");
-        return NULL;
-    }
-    const dsmoe_router_config *c = as_rc(args[0]);
-    if (!c) return NULL;
-    Py_ssize_t T = PyLong_AsSsize_t(args[7]);
-    int threads = (int)PyLong_AsLong(args[8]);
-    if (PyErr_Occurred()) return NULL;
-    Py_ssize_t E = c->n_experts, K = c->top_k;
-    Py_buffer bl, bb, bi, bw, bs, bc;
-    PyObject *ret = NULL;
-    memset(&bb, 0, sizeof bb), memset(&bi, 0, sizeof bi), memset(&bw, 0, sizeof bw);
-    memset(&bs, 0, sizeof bs), memset(&bc, 0, sizeof bc);
-    if (get_buf(args[1], &bl, K_F32, T * E, 0, 0, "logits")) return NULL;
-    if (get_buf(args[2], &bb, K_F32, E, 0, 1, "bias") ||
-        get_buf(args[3], &bi, K_I32, T * K, 1, 0, "indices") ||
-        get_buf(args[4], &bw, K_F32, T * K, 1, 0, "weights") ||
-        get_buf(args[5], &bs, K_F32, T * E, 1, 1, "scores") ||
-        get_buf(args[6], &bc, K_I64, E, 1, 1, "counts"))
-        goto done;
-    size_t wsn = dsmoe_router_workspace_size(c, T, 0, DSMOE_DTYPE_F32, threads);
-    void *ws = scratch_get(wsn);
-    if (!ws) goto done;
-    dsmoe_router_output out = {bi.buf, bw.buf, bs.buf, NULL, bc.buf};
-    dsmoe_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = dsmoe_router_forward(c, &out, bl.buf, bb.buf, T, ws, wsn, threads);
-    Py_END_ALLOW_THREADS
-    if (st != DSMOE_OK) {
-        raise_status(st);
-        goto done;
-    }
-    ret = Py_NewRef(Py_None);
-done:
-    rel(&bl), rel(&bb), rel(&bi), rel(&bw), rel(&bs), rel(&bc);
-    return ret;
-}
-
 /* Output arrays: made by numpy.empty, handed over by the Python layer at import
  * (set_allocator), so that this file needs no NumPy headers. */
 static PyObject *np_empty, *np_f32, *np_i32, *np_i64;
@@ -454,25 +411,15 @@ static PyObject *new_array(Py_ssize_t rows, Py_ssize_t cols, PyObject *dtype) {
  * weights[, scores][, counts]) in new arrays, or None when logits or bias is not
  * already a C-contiguous float32 buffer of the right length (the Python layer then
  * converts and checks it, and calls again): the one-call path of dsmoe.route. */
-static PyObject *py_route_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "route_new: 6 arguments expected");
-        return NULL;
-    }
-    const dsmoe_router_config *c = as_rc(args[0]);
-    if (!c) return NULL;
-    int threads = (int)PyLong_AsLong(args[3]);
-    if (threads == -1 && PyErr_Occurred()) return NULL;
-    int want_s = PyObject_IsTrue(args[4]), want_c = PyObject_IsTrue(args[5]);
-    if (want_s < 0 || want_c < 0) return NULL;
+static PyObject *route_core(const dsmoe_router_config *c, PyObject *logits, PyObject *bias_o,
+                            int threads, int want_s, int want_c) {
     Py_ssize_t E = c->n_experts, K = c->top_k;
     Py_buffer bl, bb, bi, bw, bs, bc;
     memset(&bb, 0, sizeof bb), memset(&bi, 0, sizeof bi), memset(&bw, 0, sizeof bw);
     memset(&bs, 0, sizeof bs), memset(&bc, 0, sizeof bc);
     PyObject *ret = NULL, *oi = NULL, *ow = NULL, *os_ = NULL, *oc = NULL;
     /* fast acceptance: an exporter of C-contiguous float32 with (T, E) elements */
-    if (PyObject_GetBuffer(args[1], &bl, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
+    if (PyObject_GetBuffer(logits, &bl, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
         PyErr_Clear();
         Py_RETURN_NONE;
     }
@@ -481,9 +428,9 @@ static PyObject *py_route_new(PyObject *self, PyObject *const *args, Py_ssize_t 
         Py_RETURN_NONE;
     }
     Py_ssize_t T = bl.shape[0];
-    if (args[2] != Py_None) {
+    if (bias_o != Py_None) {
         if (!c->use_bias ||
-            PyObject_GetBuffer(args[2], &bb, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
+            PyObject_GetBuffer(bias_o, &bb, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
             PyErr_Clear();
             memset(&bb, 0, sizeof bb);
             PyBuffer_Release(&bl);
@@ -539,6 +486,94 @@ done:
     rel(&bl), rel(&bb), rel(&bi), rel(&bw), rel(&bs), rel(&bc);
     Py_XDECREF(oi), Py_XDECREF(ow), Py_XDECREF(os_), Py_XDECREF(oc);
     return ret;
+}
+
+static PyObject *py_route_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "route_new: 6 arguments expected");
+        return NULL;
+    }
+    const dsmoe_router_config *c = as_rc(args[0]);
+    if (!c) return NULL;
+    int threads = (int)PyLong_AsLong(args[3]);
+    if (threads == -1 && PyErr_Occurred()) return NULL;
+    int want_s = PyObject_IsTrue(args[4]), want_c = PyObject_IsTrue(args[5]);
+    if (want_s < 0 || want_c < 0) return NULL;
+    return route_core(c, args[1], args[2], threads, want_s, want_c);
+}
+
+/* dsmoe.route itself: the common call (ready float32 arrays, the default preset or a
+ * RouterConfig, keywords threads / scores / counts) runs here without a Python frame;
+ * anything else (overrides, other presets, arrays to convert or check) goes to the
+ * Python layer's implementation, which converts, names the argument and calls
+ * route_new. */
+static PyObject *route_fallback, *default_rc;
+
+static PyObject *py_set_route_fallback(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *f, *rc;
+    if (!PyArg_ParseTuple(args, "OO!", &f, &RouterConfigType, &rc)) return NULL;
+    Py_XSETREF(route_fallback, Py_NewRef(f));
+    Py_XSETREF(default_rc, Py_NewRef(rc));
+    Py_RETURN_NONE;
+}
+
+static int kw_is(PyObject *k, const char *name) {
+    return PyUnicode_CompareWithASCIIString(k, name) == 0;
+}
+
+static PyObject *py_route_fast(PyObject *self, PyObject *const *args, size_t nargsf,
+                               PyObject *kwnames) {
+    (void)self;
+    if (!route_fallback || !default_rc) {
+        PyErr_SetString(PyExc_RuntimeError, "dsmoe._dsmoe: set_route_fallback was not called");
+        return NULL;
+    }
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *bias = Py_None, *preset = NULL;
+    int threads = 1, want_s = 0, want_c = 0;
+    if (nargs < 1 || nargs > 3) goto slow;
+    if (nargs > 1) bias = args[1];
+    if (nargs > 2) preset = args[2];
+    Py_ssize_t nk = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nk; i++) {
+        PyObject *k = PyTuple_GET_ITEM(kwnames, i), *v = args[nargs + i];
+        if (kw_is(k, "bias") && nargs < 2) {
+            bias = v;
+        } else if (kw_is(k, "preset") && nargs < 3) {
+            preset = v;
+        } else if (kw_is(k, "threads") && PyLong_CheckExact(v)) {
+            int overflow = 0;
+            long t = PyLong_AsLongAndOverflow(v, &overflow);
+            if (overflow || t < INT32_MIN || t > INT32_MAX) goto slow;
+            threads = (int)t;
+        } else if (kw_is(k, "scores") || kw_is(k, "counts")) {
+            int b = PyObject_IsTrue(v);
+            if (b < 0) return NULL;
+            if (kw_is(k, "scores"))
+                want_s = b;
+            else
+                want_c = b;
+        } else {
+            goto slow;
+        }
+    }
+    const dsmoe_router_config *c;
+    if (!preset || (PyUnicode_Check(preset) && PyUnicode_CompareWithASCIIString(
+                                                   preset, "deepseek-v3") == 0))
+        c = &((RouterConfigObject *)default_rc)->cfg;
+    else if (PyObject_TypeCheck(preset, &RouterConfigType))
+        c = &((RouterConfigObject *)preset)->cfg;
+    else
+        goto slow;
+    {
+        PyObject *r = route_core(c, args[0], bias, threads, want_s, want_c);
+        if (r != Py_None) return r; /* the result, or NULL with the error set */
+        Py_DECREF(r);
+    }
+slow:
+    return PyObject_Vectorcall(route_fallback, args, nargsf, kwnames);
 }
 
 /* route_hidden(cfg, hidden, gate, gate_bf16, D, bias, indices, weights, scores, logits,
@@ -1644,7 +1679,18 @@ static PyMethodDef module_methods[] = {
     {"isa", py_isa, METH_NOARGS, "The kernel set in use (avx512, avx2, ref)."},
     {"preset_names", py_preset_names, METH_NOARGS, "Router preset names."},
     {"router_config", py_router_config, METH_VARARGS, "router_config(preset, overrides)"},
-    {"route", (PyCFunction)(void (*)(void))py_route, METH_FASTCALL, "dsmoe_router_forward"},
+    {"route", (PyCFunction)(void (*)(void))py_route_fast, METH_FASTCALL | METH_KEYWORDS,
+     "route(logits, bias=None, preset=\"deepseek-v3\", *, threads=1, scores=False, "
+     "counts=False, **overrides)\n--\n\n"
+     "Routes T tokens from router logits (T, E) with dsmoe_router_forward.\n\n"
+     "Returns (indices int32 (T, K), weights float32 (T, K)), plus scores (T, E) (the\n"
+     "affinities before the bias) when scores=True and counts (E) int64 (tokens per\n"
+     "expert) when counts=True. bias (E): the selection bias (e_score_correction_bias);\n"
+     "None routes with zeros when the config uses one. preset / overrides: see\n"
+     "router_config. threads: library threads (<= 0: all); the results are the same\n"
+     "for any count. Arrays that are C-contiguous float32 are used in place."},
+    {"set_route_fallback", py_set_route_fallback, METH_VARARGS,
+     "set_route_fallback(python_route, default_config)"},
     {"route_new", (PyCFunction)(void (*)(void))py_route_new, METH_FASTCALL,
      "dsmoe_router_forward into new arrays (None: convert the inputs first)"},
     {"set_allocator", py_set_allocator, METH_VARARGS, "set_allocator(numpy.empty, f32, i32, i64)"},

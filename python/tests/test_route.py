@@ -214,6 +214,27 @@ class InterfaceTest(unittest.TestCase):
         one = dsmoe.route(x[0].astype(np.float32))  # one token as a vector
         np.testing.assert_array_equal(one[0], a[0][:1])
 
+    def test_call_forms_agree(self):
+        """The C fast path (ready arrays, default preset or a RouterConfig) and the
+        Python path (everything else) give the same results and the same errors."""
+        rng = np.random.default_rng(6)
+        x = rng.standard_normal((7, 256)).astype(np.float32)
+        b = (0.1 * rng.standard_normal(256)).astype(np.float32)
+        cfg = dsmoe.router_config("deepseek-v3")
+        want = dsmoe.route(x.astype(np.float64), b.astype(np.float64))  # Python path
+        for r in (dsmoe.route(x, b), dsmoe.route(x, bias=b), dsmoe.route(x, b, "deepseek-v3"),
+                  dsmoe.route(x, b, preset=cfg), dsmoe.route(logits=x, bias=b),
+                  dsmoe.route(x, b, threads=np.int64(1)), dsmoe.route(x, b, scale=2.5),
+                  dsmoe.route(x, b, threads=2, scores=True, counts=True)[:2]):
+            np.testing.assert_array_equal(r[0], want[0])
+            self.assertEqual(r[1].tobytes(), want[1].tobytes())
+        with self.assertRaises(TypeError):
+            dsmoe.route()
+        with self.assertRaises(TypeError):
+            dsmoe.route(x, b, bias=b)
+        with self.assertRaisesRegex(ValueError, "router overrides cannot change a RouterConfig"):
+            dsmoe.route(x, b, preset=cfg, top_k=4)
+
     def test_empty_batch(self):
         idx, w = dsmoe.route(np.zeros((0, 256), np.float32))
         self.assertEqual(idx.shape, (0, 8))
