@@ -407,6 +407,21 @@ static PyObject *new_array(Py_ssize_t rows, Py_ssize_t cols, PyObject *dtype) {
     return a;
 }
 
+/* The memory of an array new_array just made (its dtype known): a plain writable
+ * buffer of `bytes` bytes, without the format string. */
+static int get_new(PyObject *a, Py_buffer *b, Py_ssize_t bytes) {
+    if (PyObject_GetBuffer(a, b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) {
+        memset(b, 0, sizeof *b);
+        return -1;
+    }
+    if (b->len != bytes) {
+        PyBuffer_Release(b);
+        PyErr_SetString(PyExc_RuntimeError, "dsmoe._dsmoe: numpy.empty gave an array of another size");
+        return -1;
+    }
+    return 0;
+}
+
 /* route_new(cfg, logits, bias|None, threads, want_scores, want_counts) -> (indices,
  * weights[, scores][, counts]) in new arrays, or None when logits or bias is not
  * already a C-contiguous float32 buffer of the right length (the Python layer then
@@ -457,10 +472,8 @@ static PyObject *route_core(const dsmoe_router_config *c, PyObject *logits, PyOb
     if (!ow) goto done;
     if (want_s && !(os_ = new_array(T, E, np_f32))) goto done;
     if (want_c && !(oc = new_array(-1, E, np_i64))) goto done;
-    if (get_buf(oi, &bi, K_I32, T * K, 1, 0, "indices") ||
-        get_buf(ow, &bw, K_F32, T * K, 1, 0, "weights") ||
-        (os_ && get_buf(os_, &bs, K_F32, T * E, 1, 0, "scores")) ||
-        (oc && get_buf(oc, &bc, K_I64, E, 1, 0, "counts")))
+    if (get_new(oi, &bi, T * K * 4) || get_new(ow, &bw, T * K * 4) ||
+        (os_ && get_new(os_, &bs, T * E * 4)) || (oc && get_new(oc, &bc, E * 8)))
         goto done;
     size_t wsn = dsmoe_router_workspace_size(c, T, 0, DSMOE_DTYPE_F32, threads);
     void *ws = scratch_get(wsn);
