@@ -22,11 +22,21 @@ from . import _dsmoe
 __all__ = ["Router", "MoE", "LossFreeBalancer", "route"]
 
 
+_F32 = _torch.float32
+
+
 def _np32(t, name):
-    """A float32 C-contiguous NumPy view of a CPU tensor (a copy only if needed)."""
-    if t.device.type != "cpu":
-        raise ValueError("%s: dsmoe runs on CPU tensors, got one on %s" % (name, t.device))
-    return t.detach().to(_torch.float32).contiguous().numpy()
+    """A float32 C-contiguous NumPy view of a CPU tensor (a copy only if needed; the
+    checks on the NumPy side, which cost less than torch's per call)."""
+    try:
+        a = t.detach().numpy() if t.requires_grad else t.numpy()
+    except (TypeError, RuntimeError):  # another device, or a dtype NumPy lacks (bf16)
+        if t.device.type != "cpu":
+            raise ValueError("%s: dsmoe runs on CPU tensors, got one on %s" % (name, t.device))
+        a = t.detach().to(_F32).numpy()
+    if a.dtype != _np.float32 or not a.flags.c_contiguous:
+        a = _np.ascontiguousarray(a, _np.float32)
+    return a
 
 
 class _RouteFn(_torch.autograd.Function):
@@ -62,10 +72,33 @@ class _RouteFn(_torch.autograd.Function):
         return _torch.from_numpy(d).to(gw.dtype).reshape(shape), None, None, None, None
 
 
+def _route_nograd(logits, bias, cfg, threads, stats):
+    """The forward alone (no graph to record): no autograd Function, no saved scores."""
+    if logits.dim() < 1 or logits.shape[-1] != cfg.n_experts:
+        raise ValueError("logits: expected shape (T, %d) (the router's experts), got %s"
+                         % (cfg.n_experts, tuple(logits.shape)))
+    x = _np32(logits, "logits")
+    b = None if bias is None else _np32(bias, "bias")
+    r = _d.route(x.reshape(-1, cfg.n_experts), b, cfg, threads=threads, counts=stats is not None)
+    if stats is not None:
+        stats.append(r[2])
+    i, w = _torch.from_numpy(r[0].astype(_np.int64)), _torch.from_numpy(r[1])
+    if logits.dim() != 2:
+        shape = logits.shape[:-1] + (cfg.top_k,)
+        i, w = i.reshape(shape), w.reshape(shape)
+    return i, (w if logits.dtype == _F32 else w.to(logits.dtype))
+
+
+def _route(logits, bias, cfg, threads, stats):
+    if logits.requires_grad and _torch.is_grad_enabled():
+        return _RouteFn.apply(logits, bias, cfg, threads, stats)
+    return _route_nograd(logits, bias, cfg, threads, stats)
+
+
 def route(logits, bias=None, preset="deepseek-v3", *, threads=1, **overrides):
     """dsmoe.route on a tensor of logits (..., E), differentiable in the weights:
     returns (indices int64 (..., K), weights (..., K))."""
-    return _RouteFn.apply(logits, bias, _d.router_config(preset, **overrides), threads, None)
+    return _route(logits, bias, _d.router_config(preset, **overrides), threads, None)
 
 
 def _linear_init_(w, fan_in):
@@ -101,8 +134,7 @@ class Router(_nn.Module):
     def forward(self, hidden):
         logits = _nn.functional.linear(hidden.to(_torch.float32), self.weight.to(_torch.float32))
         stats = self._stats if self.training else None
-        return _RouteFn.apply(logits, self.e_score_correction_bias, self.config, self.threads,
-                              stats)
+        return _route(logits, self.e_score_correction_bias, self.config, self.threads, stats)
 
 
 class _Linear(_nn.Module):
