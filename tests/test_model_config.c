@@ -335,6 +335,23 @@ static const refusal refusals[] = {
      DSMOE_STATUS_INVALID_CONFIG, "hidden_size is given twice"},
     {"deepseek_v3.json", "\"use_cache\": true", "\"use_cache\": true, \"rope_interleave\": false",
      DSMOE_STATUS_INVALID_CONFIG, "rope_interleave"},
+    /* Token ids and dsmoe's byte vocabulary. */
+    {"deepseek_v3.json", "\"use_cache\": true", "\"use_cache\": true, \"dsmoe_vocab\": \"tiktoken\"",
+     DSMOE_STATUS_INVALID_CONFIG, "dsmoe_vocab \"tiktoken\""},
+    {"deepseek_v3.json", "\"use_cache\": true", "\"use_cache\": true, \"dsmoe_vocab\": 1",
+     DSMOE_STATUS_INVALID_CONFIG, "dsmoe_vocab must be a string"},
+    {"deepseek_v3.json", "\"use_cache\": true", "\"use_cache\": true, \"dsmoe_vocab\": \"bytes\"",
+     DSMOE_STATUS_INVALID_CONFIG, "bos_token_id 0 is a byte"},
+    {"deepseek_v3.json", "\"eos_token_id\": 1", "\"eos_token_id\": 129280",
+     DSMOE_STATUS_INVALID_CONFIG, "eos_token_id must be in 0..vocab_size - 1 (129279)"},
+    {"deepseek_v3.json", "\"bos_token_id\": 0", "\"bos_token_id\": -1",
+     DSMOE_STATUS_INVALID_CONFIG, "bos_token_id"},
+    {"deepseek_v3.json", "\"bos_token_id\": 0", "\"bos_token_id\": \"<s>\"",
+     DSMOE_STATUS_INVALID_CONFIG, "bos_token_id must be an integer or null"},
+    {"deepseek_v3.json", "\"eos_token_id\": 1", "\"eos_token_id\": []",
+     DSMOE_STATUS_INVALID_CONFIG, "eos_token_id must be an integer, a non-empty list"},
+    {"deepseek_v3.json", "\"eos_token_id\": 1", "\"eos_token_id\": [1, 2.5]",
+     DSMOE_STATUS_INVALID_CONFIG, "eos_token_id"},
     {"deepseek_v3.json", "\"use_cache\": true", "\"use_cache\": true, \"rope_parameters\": null",
      DSMOE_STATUS_INVALID_CONFIG, "rope_parameters"},
     /* V2's scaling rule and V3's disagree once weights are normalised. */
@@ -393,6 +410,55 @@ static void test_truncations(void) {
     free(t);
 }
 
+/* "dsmoe_vocab": "bytes": ids 0..255 are the bytes, specials above; token ids absent,
+ * null, an integer or a list (the first). */
+static void test_byte_vocab(void) {
+    size_t len, l2, l3;
+    char *t = load("deepseek_v3.json", &len);
+    if (!t) return;
+    dsmoe_model_config c;
+    ASSERT_OK(dsmoe_model_config_from_json(t, len, &c));
+    ASSERT_EQ_INT(c.byte_vocab, 0);
+    ASSERT_EQ_INT(c.bos_token_id, 0);
+    ASSERT_EQ_INT(c.eos_token_id, 1);
+    char *a = mt_subst(t, len, "\"bos_token_id\": 0", "\"bos_token_id\": 256", &l2);
+    char *b = a ? mt_subst(a, l2, "\"eos_token_id\": 1",
+                           "\"eos_token_id\": [257, 3], \"dsmoe_vocab\": \"bytes\"", &l3)
+                : NULL;
+    if (b) {
+        ASSERT_OK(dsmoe_model_config_from_json(b, l3, &c));
+        ASSERT_EQ_INT(c.byte_vocab, 1);
+        ASSERT_EQ_INT(c.bos_token_id, 256);
+        ASSERT_EQ_INT(c.eos_token_id, 257);
+        /* a byte vocabulary needs room for the 256 bytes */
+        c.vocab_size = 255;
+        ASSERT_STATUS(dsmoe_model_config_validate(&c), DSMOE_STATUS_INVALID_CONFIG);
+        ASSERT_TRUE(strstr(dsmoe_last_error(), "vocab_size >= 256") != NULL);
+        c.vocab_size = 260;
+        c.eos_token_id = 255;
+        ASSERT_STATUS(dsmoe_model_config_validate(&c), DSMOE_STATUS_INVALID_CONFIG);
+        ASSERT_TRUE(strstr(dsmoe_last_error(), "eos_token_id 255 is a byte") != NULL);
+        c.eos_token_id = -1;
+        ASSERT_OK(dsmoe_model_config_validate(&c));
+    }
+    free(a);
+    free(b);
+    /* absent and null: -1; "dsmoe_vocab": null is no byte vocabulary */
+    a = mt_subst(t, len, "\"bos_token_id\": 0,", "", &l2);
+    b = a ? mt_subst(a, l2, "\"eos_token_id\": 1", "\"eos_token_id\": null, \"dsmoe_vocab\": null",
+                     &l3)
+          : NULL;
+    if (b) {
+        ASSERT_OK(dsmoe_model_config_from_json(b, l3, &c));
+        ASSERT_EQ_INT(c.bos_token_id, -1);
+        ASSERT_EQ_INT(c.eos_token_id, -1);
+        ASSERT_EQ_INT(c.byte_vocab, 0);
+    }
+    free(a);
+    free(b);
+    free(t);
+}
+
 static void test_from_dir(void) {
     char dir[512], path[600];
     mt_scratch(dir, sizeof dir, "model_config_dir");
@@ -437,6 +503,7 @@ int main(void) {
     RUN(test_rope_spellings);
     RUN(test_refusals);
     RUN(test_truncations);
+    RUN(test_byte_vocab);
     RUN(test_from_dir);
     return TEST_SUMMARY();
 }

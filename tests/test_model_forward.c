@@ -154,10 +154,11 @@ static void check_case(const char *name) {
             ASSERT_OK(dsmoe_model_cache_truncate(k, 0));
             ASSERT_OK(dsmoe_model_forward(m, k, tok, LONG_T, d, DSMOE_MODEL_ATTN_NAIVE));
             tl_same_bits("truncate to 0 and redo", d, a, LONG_T * V);
-            /* LOGITS_LAST: the last row of the same call */
+            /* LOGITS_LAST: the last row of the same call (the head then runs on one row,
+             * the streaming product, instead of all rows through BLAS: rounding differs) */
             ASSERT_OK(dsmoe_model_cache_truncate(k, 0));
             ASSERT_OK(dsmoe_model_forward(m, k, tok, LONG_T, d, DSMOE_MODEL_ATTN_NAIVE | DSMOE_MODEL_LOGITS_LAST));
-            tl_same_bits("LOGITS_LAST = the last row", d, a + (LONG_T - 1) * V, V);
+            close_f("LOGITS_LAST = the last row", d, a + (LONG_T - 1) * V, V, REL);
             /* logits NULL: the cache still advances, to the same state */
             ASSERT_OK(dsmoe_model_cache_truncate(k, 0));
             ASSERT_OK(dsmoe_model_forward(m, k, tok, LONG_T - 1, b, DSMOE_MODEL_ATTN_NAIVE));

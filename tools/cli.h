@@ -20,6 +20,9 @@ int cmd_route(int argc, char **argv);
 int cmd_simulate(int argc, char **argv);
 int cmd_layer(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+int cmd_eval(int argc, char **argv);
+int cmd_generate(int argc, char **argv);
 
 /* Prints "dsmoe <cmd>: <message>" to stderr and returns `code`. */
 int cli_fail(int code, const char *cmd, const char *fmt, ...)

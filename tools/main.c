@@ -13,12 +13,15 @@ static const cli_command commands[] = {
     {"route", cmd_route, "route tokens: logits or hidden states -> expert indices and weights"},
     {"simulate", cmd_simulate, "drive the router and a load balancer with synthetic or recorded traffic"},
     {"layer", cmd_layer, "run one MoE layer from a safetensors file on .npy hidden states"},
+    {"info", cmd_info, "describe a model directory: config, parameter counts, cache size, files"},
+    {"eval", cmd_eval, "logits of token ids, or loss and perplexity of a text file, from a model"},
+    {"generate", cmd_generate, "generate text or token ids from a model directory"},
     {"bench", cmd_bench, "benchmarks (bench route)"},
 };
 
 static void usage(FILE *f) {
     fprintf(f, "usage: dsmoe <command> [options]\n\n"
-               "DeepSeek-V3 Mixture-of-Experts routing, load balancing and MoE layers.\n\n"
+               "DeepSeek-V3 Mixture-of-Experts routing, load balancing, MoE layers and whole models.\n\n"
                "commands:\n");
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
         fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);

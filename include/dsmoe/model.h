@@ -98,7 +98,8 @@ typedef struct dsmoe_model_config {
                                                without a quantization_config */
     int32_t byte_vocab;              /* 1 when config.json says "dsmoe_vocab": "bytes": ids
                                         0 .. 255 are the bytes, specials above (V >= 256) */
-    int32_t bos_token_id, eos_token_id; /* -1 when absent or null */
+    int32_t bos_token_id, eos_token_id; /* -1 when absent or null; < V; >= 256 with
+                                           byte_vocab */
 } dsmoe_model_config;
 
 /* Reads config.json text json[0..len) (UTF-8, strict JSON; need not be NUL-terminated).
@@ -115,6 +116,11 @@ typedef struct dsmoe_model_config {
  * mscale_all_dim's factor, Hugging Face's multiplies cos/sin by the ratio of the two
  * factors, and only equal values make them agree. Unknown keys inside rope_scaling
  * and quantization_config are refused (they may change the math).
+ * Token ids: bos_token_id and eos_token_id are an integer, null, or a non-empty list of
+ * integers (the first is used); -1 when absent or null; an id must be < vocab_size.
+ * dsmoe's byte vocabulary: "dsmoe_vocab": "bytes" sets byte_vocab (ids 0..255 are the
+ * bytes; it needs vocab_size >= 256 and special ids >= 256); null or absent: 0; any other
+ * value is INVALID_CONFIG naming dsmoe_vocab.
  * Refused combinations (INVALID_CONFIG naming the key): norm_topk_prob true with a
  * routed_scaling_factor other than 1 under a V2 topk_method (V2 code scales only
  * unnormalised weights, V3 code always); a group stage the router cannot run
@@ -289,7 +295,9 @@ DSMOE_API int64_t dsmoe_model_cache_capacity(const dsmoe_model_cache *cache);
 /* Forgets the positions >= length (0 <= length <= current length): 0 starts a new
  * sequence, a shorter length drops rejected draft tokens. INVALID_ARGUMENT otherwise. */
 DSMOE_API dsmoe_status dsmoe_model_cache_truncate(dsmoe_model_cache *cache, int64_t length);
-/* Cache bytes per position: num_hidden_layers · (kv_lora_rank + qk_rope_head_dim) · 4. */
+/* Cache bytes per position: num_hidden_layers · (kv_lora_rank + qk_rope_head_dim) · 4.
+ * From the config alone; -1 (with the validator's error) for a NULL or invalid config,
+ * here and in the next function. */
 DSMOE_API int64_t dsmoe_model_cache_bytes_per_token(const dsmoe_model_config *cfg);
 /* The same for a plain multi-head cache of this attention (keys H·(n + r) and values
  * H·v per layer, fp32): what MLA saves against. */
@@ -332,15 +340,21 @@ typedef struct dsmoe_model_counts {
     int64_t mtp;            /* all MTP depths' tensors (not in total) */
 } dsmoe_model_counts;
 
+/* Fills *out from the config alone (no files). Errors: INVALID_ARGUMENT (NULL),
+ * INVALID_CONFIG (the validator's message); *out unchanged on error. */
 DSMOE_API dsmoe_status dsmoe_model_count_params(const dsmoe_model_config *cfg,
                                                 dsmoe_model_counts *out);
 
 /* Samples a token id from logits (V > 0). temperature <= 0: greedy, the largest logit
  * (the lowest id among equal ones), rng unused. Otherwise softmax(logits / temperature)
  * restricted to the smallest set of most likely tokens whose probability reaches top_p
- * (0 < top_p <= 1; 1 keeps every token), one draw of rng. scratch: 2·V floats (the
- * probabilities and the kept ids). Returns the id, or −1 with INVALID_ARGUMENT (bad
- * V, top_p, NULL) or NON_FINITE (a NaN or +Inf logit) in dsmoe_last_error(). */
+ * (0 < top_p <= 1; 1 keeps every token; ties at the cut keep the lower ids), one draw
+ * of rng (dsmoe_rng_uniform) per call. −Inf logits are never drawn. scratch: 2·V floats
+ * (the probabilities and the kept ids); rng and scratch may be NULL when greedy.
+ * Returns the id, or −1 with the last error "dsmoe_sample: <STATUS>: ...":
+ * INVALID_ARGUMENT (NULL, V outside 1 .. 2^24, top_p, a non-finite temperature) or
+ * NON_FINITE (a NaN or +Inf logit, naming its index, or every logit −Inf); rng unchanged.
+ * Reentrant. */
 DSMOE_API int32_t dsmoe_sample(const float *logits, int32_t V, float temperature, float top_p,
                                dsmoe_rng *rng, float *scratch);
 

@@ -3,8 +3,12 @@
  * arithmetic, read-only whole-file mapping (mmap with a read() fallback, and a
  * bounded reader for pipes and devices), atomic replacement (temporary file +
  * fsync + rename, through symbolic links, keeping the permissions, removing what a
- * killed save left) and UTF-8 validation.
+ * killed save left), atomic replacement of whole folders, and UTF-8 validation.
  */
+/* syscall() for renameat2, which glibc declares only with _GNU_SOURCE (2.28+). */
+#ifndef _DEFAULT_SOURCE
+#define _DEFAULT_SOURCE
+#endif
 #include "io/io_internal.h"
 
 #include <dirent.h>
@@ -18,6 +22,9 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#endif
 
 /* ------------------------------------------------------------ shapes -- */
 
@@ -527,6 +534,230 @@ dsmoe_status dsmoe__atomic_commit(dsmoe__atomic_file *f) {
     free(f->dest);
     f->dest = NULL;
     return DSMOE_OK;
+}
+
+/* -------------------------------------------------- folder replacement -- */
+
+int dsmoe__dir_force_fallback; /* tests: take the two-rename path */
+
+/* Removes path: a file, or a folder and what it holds (depth-limited; never follows
+ * symbolic links). Best effort. */
+static void dsmoe__remove_tree(int parent, const char *name, int depth) {
+    if (unlinkat(parent, name, 0) == 0 || errno == ENOENT || depth > 8) return;
+    int fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) return;
+    DIR *d = fdopendir(fd);
+    if (!d) {
+        close(fd);
+        return;
+    }
+    for (struct dirent *e; (e = readdir(d)) != NULL;) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        dsmoe__remove_tree(fd, e->d_name, depth + 1);
+    }
+    closedir(d);
+    (void)unlinkat(parent, name, AT_REMOVEDIR);
+}
+
+/* Removes "<base>.<tag>.<pid>.<n>" folders next to dest whose process is gone. */
+static void dsmoe__remove_stale_dirs(const char *dest, const char *tag) {
+    size_t dl, ba;
+    dsmoe__split(dest, &dl, &ba);
+    const char *base = dest + ba;
+    size_t blen = strlen(base), tlen = strlen(tag);
+    char *dir = dsmoe__dir_of(dest);
+    if (!dir) return;
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
+    if (!d) {
+        if (dfd >= 0) close(dfd);
+        free(dir);
+        return;
+    }
+    const pid_t self = getpid();
+    for (struct dirent *e; (e = readdir(d)) != NULL;) {
+        const char *name = e->d_name;
+        unsigned long pid, n;
+        if (strncmp(name, base, blen) != 0 || name[blen] != '.' ||
+            strncmp(name + blen + 1, tag, tlen) != 0 || name[blen + 1 + tlen] != '.')
+            continue;
+        const char *p = name + blen + tlen + 2;
+        if (!dsmoe__digits(&p, 0x7fffffffUL, &pid) || *p++ != '.' ||
+            !dsmoe__digits(&p, 0xffffffffUL, &n) || *p != '\0' || pid == 0)
+            continue;
+        if ((pid_t)pid == self) continue;
+        if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue;
+        dsmoe__remove_tree(dfd, name, 0);
+    }
+    closedir(d);
+    free(dir);
+}
+
+/* fsyncs every regular file directly in folder `path`, then the folder. */
+static dsmoe_status dsmoe__sync_tree(const char *path) {
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return dsmoe__error(DSMOE_STATUS_IO, "cannot open '%s': %s", path, strerror(errno));
+    DIR *d = fdopendir(dup(fd));
+    dsmoe_status s = DSMOE_OK;
+    for (struct dirent *e; d && s == DSMOE_OK && (e = readdir(d)) != NULL;) {
+        int f = openat(fd, e->d_name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+        struct stat st;
+        if (f >= 0 && fstat(f, &st) == 0 && S_ISREG(st.st_mode) && fsync(f) != 0)
+            s = dsmoe__error(DSMOE_STATUS_IO, "fsync of '%s/%s' failed: %s", path, e->d_name,
+                             strerror(errno));
+        if (f >= 0) close(f);
+    }
+    if (d) closedir(d);
+    if (s == DSMOE_OK && fsync(fd) != 0)
+        s = dsmoe__error(DSMOE_STATUS_IO, "fsync of '%s' failed: %s", path, strerror(errno));
+    close(fd);
+    return s;
+}
+
+static char *dsmoe__sibling(const char *dest, const char *tag) {
+    size_t cap = strlen(dest) + 64;
+    char *p = (char *)malloc(cap);
+    if (p)
+        snprintf(p, cap, "%s.%s.%ld.%u", dest, tag, (long)getpid(),
+                 atomic_fetch_add(&dsmoe__tmp_counter, 1u));
+    return p;
+}
+
+dsmoe_status dsmoe__dir_begin(dsmoe__dir_txn *t, const char *dest) {
+    memset(t, 0, sizeof *t);
+    if (!dest || !dest[0]) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "folder: empty name");
+    dsmoe_status s = dsmoe__dir_recover(dest);
+    if (s != DSMOE_OK) return s;
+    struct stat st;
+    if (lstat(dest, &st) == 0 && !S_ISDIR(st.st_mode))
+        return dsmoe__error(DSMOE_STATUS_IO, "'%s' exists and is not a folder", dest);
+    dsmoe__remove_stale_dirs(dest, "tmp");
+    t->dest = strdup(dest);
+    t->tmp = dsmoe__sibling(dest, "tmp");
+    if (!t->dest || !t->tmp) {
+        dsmoe__dir_abort(t);
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "'%s': out of memory", dest);
+    }
+    if (mkdir(t->tmp, 0777) != 0) {
+        s = dsmoe__error(DSMOE_STATUS_IO, "cannot create folder '%s': %s", t->tmp, strerror(errno));
+        free(t->tmp);
+        t->tmp = NULL;
+        dsmoe__dir_abort(t);
+        return s;
+    }
+    return DSMOE_OK;
+}
+
+void dsmoe__dir_abort(dsmoe__dir_txn *t) {
+    if (!t) return;
+    if (t->tmp) dsmoe__remove_tree(AT_FDCWD, t->tmp, 0);
+    free(t->tmp);
+    free(t->dest);
+    memset(t, 0, sizeof *t);
+}
+
+/* Swaps two existing folders atomically (Linux renameat2 RENAME_EXCHANGE); -1 with
+ * errno where the system or file system cannot. */
+static int dsmoe__exchange(const char *a, const char *b) {
+#if defined(__linux__) && defined(SYS_renameat2)
+    if (dsmoe__dir_force_fallback) {
+        errno = EINVAL;
+        return -1;
+    }
+    return (int)syscall(SYS_renameat2, AT_FDCWD, a, AT_FDCWD, b, 2 /* RENAME_EXCHANGE */);
+#else
+    (void)a, (void)b;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+dsmoe_status dsmoe__dir_commit(dsmoe__dir_txn *t) {
+    dsmoe_status s = dsmoe__sync_tree(t->tmp);
+    if (s != DSMOE_OK) {
+        dsmoe__dir_abort(t);
+        return s;
+    }
+    struct stat st;
+    if (lstat(t->dest, &st) != 0) { /* the first save */
+        if (rename(t->tmp, t->dest) != 0) {
+            s = dsmoe__error(DSMOE_STATUS_IO, "cannot rename '%s' to '%s': %s", t->tmp, t->dest,
+                             strerror(errno));
+            dsmoe__dir_abort(t);
+            return s;
+        }
+    } else if (dsmoe__exchange(t->tmp, t->dest) != 0) {
+        /* Two renames: dest goes aside as "<dest>.old.<pid>.<n>" first; a reader that
+         * finds dest missing takes that one back (dsmoe__dir_recover). */
+        if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP && errno != EPERM) {
+            s = dsmoe__error(DSMOE_STATUS_IO, "cannot replace '%s': %s", t->dest, strerror(errno));
+            dsmoe__dir_abort(t);
+            return s;
+        }
+        char *old = dsmoe__sibling(t->dest, "old");
+        if (!old || rename(t->dest, old) != 0) {
+            s = dsmoe__error(DSMOE_STATUS_IO, "cannot move '%s' aside: %s", t->dest,
+                             old ? strerror(errno) : "out of memory");
+            free(old);
+            dsmoe__dir_abort(t);
+            return s;
+        }
+        if (rename(t->tmp, t->dest) != 0) {
+            s = dsmoe__error(DSMOE_STATUS_IO, "cannot rename '%s' to '%s': %s", t->tmp, t->dest,
+                             strerror(errno));
+            (void)rename(old, t->dest);
+            free(old);
+            dsmoe__dir_abort(t);
+            return s;
+        }
+        dsmoe__sync_parent(t->dest);
+        dsmoe__remove_tree(AT_FDCWD, old, 0);
+        free(old);
+        free(t->tmp);
+        t->tmp = NULL;
+    }
+    /* after an exchange the old folder is at tmp: remove it */
+    dsmoe__sync_parent(t->dest);
+    if (t->tmp) dsmoe__remove_tree(AT_FDCWD, t->tmp, 0);
+    free(t->tmp);
+    free(t->dest);
+    memset(t, 0, sizeof *t);
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe__dir_recover(const char *dest) {
+    struct stat st;
+    if (lstat(dest, &st) == 0) {
+        dsmoe__remove_stale_dirs(dest, "old");
+        return DSMOE_OK;
+    }
+    /* dest missing: an interrupted two-rename swap left it at "<dest>.old.<pid>.<n>";
+     * the newest such folder (by name order of n is not enough: take any, there is at
+     * most one per interrupted save, and saves of one folder do not overlap). */
+    size_t dl, ba;
+    dsmoe__split(dest, &dl, &ba);
+    const char *base = dest + ba;
+    size_t blen = strlen(base);
+    char *dir = dsmoe__dir_of(dest);
+    if (!dir) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "'%s': out of memory", dest);
+    DIR *d = opendir(dir);
+    char *found = NULL;
+    for (struct dirent *e; d && !found && (e = readdir(d)) != NULL;) {
+        if (strncmp(e->d_name, base, blen) == 0 && strncmp(e->d_name + blen, ".old.", 5) == 0) {
+            size_t cap = strlen(dir) + strlen(e->d_name) + 2;
+            found = (char *)malloc(cap);
+            if (found) snprintf(found, cap, "%s/%s", dir, e->d_name);
+        }
+    }
+    if (d) closedir(d);
+    free(dir);
+    dsmoe_status s = DSMOE_OK;
+    if (found && rename(found, dest) != 0)
+        s = dsmoe__error(DSMOE_STATUS_IO, "cannot restore '%s' from '%s': %s", dest, found,
+                         strerror(errno));
+    if (found && s == DSMOE_OK) dsmoe__sync_parent(dest);
+    free(found);
+    return s;
 }
 
 /* ------------------------------------------------------------ UTF-8 -- */

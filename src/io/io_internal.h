@@ -97,6 +97,33 @@ dsmoe_status dsmoe__atomic_commit(dsmoe__atomic_file *f);
 /* Discards the temporary file (after a failed write); safe after commit. */
 void dsmoe__atomic_abort(dsmoe__atomic_file *f);
 
+/* Replacing a whole folder (a checkpoint) so that a kill at any moment leaves either
+ * the old folder or the new one complete at `dest`:
+ *   begin()   creates the empty folder "<dest>.tmp.<pid>.<n>" next to dest (first
+ *             removing such folders of processes that are gone, and recovering an
+ *             interrupted swap, below) for the caller to fill with files;
+ *   commit()  fsyncs every file in it and the folder, then puts it in place: rename()
+ *             when dest does not exist; otherwise an atomic exchange of the two
+ *             folders (Linux renameat2 RENAME_EXCHANGE), after which the old one is
+ *             removed. Where the exchange is unsupported, dest is first renamed to
+ *             "<dest>.old.<pid>.<n>", then the new folder to dest: a kill between the
+ *             two leaves no dest, which dsmoe__dir_recover() (called by begin, and by
+ *             readers before they open dest) restores from the ".old" folder.
+ *             The parent folder is fsynced. On failure the temporary folder is
+ *             removed and dest is as before.
+ *   abort()   removes the temporary folder.
+ * Folders are flat or shallow; symbolic links inside are removed, never followed. */
+typedef struct dsmoe__dir_txn {
+    char *dest; /* the folder replaced */
+    char *tmp;  /* the folder being filled */
+} dsmoe__dir_txn;
+dsmoe_status dsmoe__dir_begin(dsmoe__dir_txn *t, const char *dest);
+dsmoe_status dsmoe__dir_commit(dsmoe__dir_txn *t);
+void dsmoe__dir_abort(dsmoe__dir_txn *t);
+dsmoe_status dsmoe__dir_recover(const char *dest);
+/* Tests only: nonzero makes commit() take the two-rename path. */
+extern int dsmoe__dir_force_fallback;
+
 /* Length of the valid UTF-8 sequence starting at s[0] (1..4), or 0 if it is not
  * one (truncated, overlong, a surrogate, above U+10FFFF, a stray continuation). */
 size_t dsmoe__utf8_seq(const unsigned char *s, size_t avail);

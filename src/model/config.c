@@ -201,7 +201,8 @@ typedef enum cfg_key {
     K_HIDDEN, K_INTER, K_MOE_INTER, K_LAYERS, K_FIRST_DENSE, K_MOE_FREQ, K_HEADS, K_Q_LORA,
     K_KV_LORA, K_NOPE, K_ROPE, K_V, K_E, K_SHARED, K_TOPK, K_GROUP, K_TOPK_GROUP, K_SCORING,
     K_TOPK_METHOD, K_NORM_TOPK, K_SCALE, K_EPS, K_THETA, K_MAXPOS, K_ROPE_SCALING, K_TIE,
-    K_VOCAB, K_MTP, K_ACT, K_ATTN_BIAS, K_ROPE_INTERLEAVE, K_QUANT, K_ROPE_PARAMS, K_COUNT_
+    K_VOCAB, K_MTP, K_ACT, K_ATTN_BIAS, K_ROPE_INTERLEAVE, K_QUANT, K_ROPE_PARAMS, K_DSMOE_VOCAB,
+    K_BOS, K_EOS, K_COUNT_
 } cfg_key;
 
 static const char *const cfg_key_names[K_COUNT_] = {
@@ -212,7 +213,7 @@ static const char *const cfg_key_names[K_COUNT_] = {
     "topk_method", "norm_topk_prob", "routed_scaling_factor", "rms_norm_eps", "rope_theta",
     "max_position_embeddings", "rope_scaling", "tie_word_embeddings", "vocab_size",
     "num_nextn_predict_layers", "hidden_act", "attention_bias", "rope_interleave",
-    "quantization_config", "rope_parameters"};
+    "quantization_config", "rope_parameters", "dsmoe_vocab", "bos_token_id", "eos_token_id"};
 
 static dsmoe_status cfg_missing(const char *key, const char *why) {
     return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG, "%s: %s is missing%s", CFG_WHAT, key, why);
@@ -225,6 +226,35 @@ static dsmoe_status cfg_int32(dsmoe__json *j, const char *key, int64_t lo, int64
     dsmoe_status s = json_int(j, key, lo, hi, &x, allow_null ? &was_null : NULL);
     if (s == DSMOE_OK) *v = was_null ? 0 : (int32_t)x;
     return s;
+}
+
+/* bos_token_id / eos_token_id: an id, null (-1), or a non-empty list of ids (some
+ * generation configs list several end tokens: the first is used, every one must be an
+ * id). The range against vocab_size is checked by the validation. */
+static dsmoe_status cfg_token_id(dsmoe__json *j, const char *key, int32_t *v) {
+    int64_t x = 0;
+    int was_null = 0;
+    dsmoe_status s;
+    if (dsmoe__json_peek(j) != DSMOE__JSON_ARRAY) {
+        if ((s = json_int(j, key, 0, CFG_MAX_VOCAB, &x, &was_null)) != DSMOE_OK) return s;
+        *v = was_null ? -1 : (int32_t)x;
+        return DSMOE_OK;
+    }
+    int more, n = 0;
+    int32_t first = -1;
+    if ((s = dsmoe__json_begin(j, '[', key)) != DSMOE_OK) return s;
+    for (;;) {
+        if ((s = dsmoe__json_next(j, &more)) != DSMOE_OK) return s;
+        if (!more) break;
+        if ((s = json_int(j, key, 0, CFG_MAX_VOCAB, &x, NULL)) != DSMOE_OK) return s;
+        if (n++ == 0) first = (int32_t)x;
+    }
+    if (n == 0)
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "%s: %s must be an integer, a non-empty list of integers or null, "
+                            "found []", CFG_WHAT, key);
+    *v = first;
+    return DSMOE_OK;
 }
 
 /* rope_scaling, or transformers 5's rope_parameters (which may carry rope_theta: it
@@ -468,6 +498,20 @@ static dsmoe_status cfg_member(dsmoe__json *j, cfg_key k, dsmoe_model_config *c,
                                 "checkpoints rotate adjacent pairs)", CFG_WHAT);
         return DSMOE_OK;
     case K_QUANT: return cfg_quant(j, c);
+    case K_DSMOE_VOCAB:
+        if (json_literal(j, "null")) {
+            c->byte_vocab = 0;
+            return DSMOE_OK;
+        }
+        if ((s = json_str(j, key, &str)) != DSMOE_OK) return s;
+        if (strcmp(str, "bytes") != 0)
+            return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                                "%s: dsmoe_vocab \"%s\" is not supported (only \"bytes\")",
+                                CFG_WHAT, str);
+        c->byte_vocab = 1;
+        return DSMOE_OK;
+    case K_BOS: return cfg_token_id(j, key, &c->bos_token_id);
+    case K_EOS: return cfg_token_id(j, key, &c->eos_token_id);
     default: break;
     }
     return dsmoe__error(DSMOE_STATUS_INTERNAL, "config.json: unhandled key %s", key);
@@ -483,7 +527,7 @@ static void cfg_defaults(dsmoe_model_config *c) {
     c->rope_type = DSMOE_ROPE_TYPE_DEFAULT;
     c->tie_word_embeddings = 0;
     c->num_nextn_predict_layers = 0;
-    c->bos_token_id = c->eos_token_id = -1; /* read from config.json: to come */
+    c->bos_token_id = c->eos_token_id = -1;
     c->scoring_func = DSMOE_SCORE_FUNC_SOFTMAX;
     c->topk_method = DSMOE_TOPK_METHOD_GREEDY;
     c->n_group = 1;
@@ -710,6 +754,23 @@ dsmoe_status dsmoe_model_config_validate(const dsmoe_model_config *c) {
                        c->rope_mscale, c->rope_mscale_all_dim);
     } else if (c->rope_type != DSMOE_ROPE_TYPE_DEFAULT) {
         return bad("rope_scaling type is not one of default, yarn");
+    }
+    if (c->byte_vocab != 0 && c->byte_vocab != 1)
+        return bad("dsmoe_vocab: byte_vocab must be 0 or 1, found %d", (int)c->byte_vocab);
+    if (c->byte_vocab && c->vocab_size < 256)
+        return bad("dsmoe_vocab \"bytes\" needs vocab_size >= 256 (ids 0..255 are the bytes), "
+                   "found %d", (int)c->vocab_size);
+    const struct {
+        const char *key;
+        int32_t id;
+    } specials[2] = {{"bos_token_id", c->bos_token_id}, {"eos_token_id", c->eos_token_id}};
+    for (int i = 0; i < 2; i++) {
+        if (!in_range(specials[i].id, -1, (int64_t)c->vocab_size - 1))
+            return bad("%s must be in 0..vocab_size - 1 (%d) or null, found %d", specials[i].key,
+                       (int)c->vocab_size - 1, (int)specials[i].id);
+        if (c->byte_vocab && specials[i].id >= 0 && specials[i].id < 256)
+            return bad("%s %d is a byte under dsmoe_vocab \"bytes\": special tokens must be "
+                       ">= 256", specials[i].key, (int)specials[i].id);
     }
     if ((c->fp8_block_rows == 0) != (c->fp8_block_cols == 0) ||
         !in_range(c->fp8_block_rows, 0, CFG_MAX_DIM) || !in_range(c->fp8_block_cols, 0, CFG_MAX_DIM))
