@@ -19,7 +19,6 @@
 
 #include <dsmoe.h>
 
-#include <dlfcn.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -1613,24 +1612,9 @@ static PyTypeObject ModelType = {
     .tp_methods = model_methods,
 };
 
-/* dsmoe_sample, looked up when the module loads: a libdsmoe without it (declared in
- * model.h before its implementation) still loads, and sampling then says so. */
-typedef int32_t (*sample_fn_t)(const float *, int32_t, float, float, dsmoe_rng *, float *);
-static sample_fn_t sample_fn;
-
-static PyObject *py_has_sample(PyObject *self, PyObject *unused) {
-    (void)self, (void)unused;
-    return PyBool_FromLong(sample_fn != NULL);
-}
-
 /* sample(logits float32 (V), temperature, top_p, rng_state) -> (id, new rng_state) */
 static PyObject *py_sample(PyObject *self, PyObject *args) {
     (void)self;
-    if (!sample_fn) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "sampling needs dsmoe_sample, which this libdsmoe does not provide");
-        return NULL;
-    }
     PyObject *lo;
     float temp, top_p;
     unsigned long long state;
@@ -1644,7 +1628,7 @@ static PyObject *py_sample(PyObject *self, PyObject *args) {
         return NULL;
     }
     dsmoe_rng rng = {state};
-    int32_t id = sample_fn(bl.buf, (int32_t)V, temp, top_p, &rng, tmp);
+    int32_t id = dsmoe_sample(bl.buf, (int32_t)V, temp, top_p, &rng, tmp);
     rel(&bl);
     if (id < 0) return raise_status(DSMOE_STATUS_INVALID_ARGUMENT);
     return Py_BuildValue("iK", id, (unsigned long long)rng.state);
@@ -1720,7 +1704,6 @@ static PyMethodDef module_methods[] = {
     {"moe_create", py_moe_create, METH_VARARGS, "dsmoe_moe_create_with"},
     {"model_open", py_model_open, METH_VARARGS, "dsmoe_model_open"},
     {"sample", py_sample, METH_VARARGS, "dsmoe_sample"},
-    {"has_sample", py_has_sample, METH_NOARGS, "whether libdsmoe has dsmoe_sample"},
     {"rng_seed", py_rng_seed, METH_VARARGS, "dsmoe_rng_seed: the state for a seed"},
     {NULL, NULL, 0, NULL}};
 
@@ -1734,18 +1717,6 @@ PyMODINIT_FUNC PyInit__dsmoe(void) {
     if (!key_made) {
         if (pthread_key_create(&scratch_key, scratch_destroy) != 0) return PyErr_NoMemory();
         key_made = 1;
-    }
-    {
-        /* the symbol of the libdsmoe this module was loaded with */
-        Dl_info info;
-        void *h = NULL;
-        if (dladdr((void *)dsmoe_version, &info) && info.dli_fname)
-            h = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
-        if (h) {
-            void *f = dlsym(h, "dsmoe_sample");
-            memcpy(&sample_fn, &f, sizeof f);
-            dlclose(h);
-        }
     }
     if (PyType_Ready(&RouterConfigType) < 0 || PyType_Ready(&BalancerType) < 0 ||
         PyType_Ready(&MoEType) < 0 || PyType_Ready(&ModelType) < 0)

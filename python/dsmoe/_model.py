@@ -62,24 +62,15 @@ class Model:
             self._h.forward(t, out, flags)
         return out
 
-    @staticmethod
-    def _sample(lg, temperature, top_p, state):
-        if _dsmoe.has_sample() or temperature > 0:
-            return _dsmoe.sample(lg, temperature, top_p, state)
-        # greedy without dsmoe_sample in this libdsmoe: its rule, the largest logit and
-        # the lowest id among equal ones (np.argmax's first)
-        if np.isnan(lg).any() or np.isposinf(lg).any():
-            raise ValueError("sample: a NaN or +Inf logit")
-        return int(np.argmax(lg)), state
-
     def generate(self, prompt, max_new_tokens=16, *, temperature=0.0, top_p=1.0, seed=0,
                  stop=None, attention="auto"):
         """Continues the prompt by up to max_new_tokens tokens (one forward for the
         prompt, then one per token through the cache), sampling with dsmoe_sample:
         temperature <= 0 is greedy (the lowest id among equal logits), otherwise
         softmax(logits / temperature) within the top_p nucleus, drawn from a splitmix64
-        stream seeded by seed. Stops after a token in stop (an id or a collection; default
-        the config's eos_token_id). Returns the new tokens (int32 array)."""
+        stream seeded by seed (dsmoe generate's draws for the same seed). Stops after a
+        token in stop (an id or a collection; default the config's eos_token_id) or when
+        max_position_embeddings positions are used. Returns the new tokens (int32)."""
         t = _tokens(prompt, self.vocab_size)
         n = int(max_new_tokens)
         if n < 0:
@@ -94,19 +85,25 @@ class Model:
         if attention not in _ATTN:
             raise ValueError("attention: expected auto, naive or absorbed, got %r" % (attention,))
         flags = _ATTN[attention] | _LOGITS_LAST
+        maxpos = self.config["max_position_embeddings"]
+        if t.size > maxpos:
+            raise ValueError("prompt: %d tokens exceed max_position_embeddings = %d"
+                             % (t.size, maxpos))
+        if n == 0:
+            return np.zeros(0, np.int32)
+        # positions: the prompt and every new token but the last, which is never fed
+        capacity = min(t.size + n - 1, maxpos)
         state = _dsmoe.rng_seed(int(seed) & (2**64 - 1))
         lg = np.empty(self.vocab_size, np.float32)
+        one = np.empty(1, np.int32)
         out = []
         with self._lock:
-            self._h.reset(t.size + max(n, 1))
-            if n == 0:
-                return np.zeros(0, np.int32)
+            self._h.reset(capacity)
             self._h.forward(t, lg, flags)
-            one = np.empty(1, np.int32)
-            for i in range(n):
-                tok, state = self._sample(lg, float(temperature), float(top_p), state)
+            while True:
+                tok, state = _dsmoe.sample(lg, float(temperature), float(top_p), state)
                 out.append(tok)
-                if tok in stop or i == n - 1:
+                if tok in stop or len(out) >= n or self._h.length() >= capacity:
                     break
                 one[0] = tok
                 self._h.forward(one, lg, flags)
