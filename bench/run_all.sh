@@ -16,6 +16,11 @@ echo "Threads: 1 (OPENBLAS_NUM_THREADS=$OPENBLAS_NUM_THREADS OMP_NUM_THREADS=$OM
 echo
 echo "## Router"
 "$py" bench/bench_route.py --dsmoe "$build/dsmoe" --threads 1
+if [ -d "$build/python/dsmoe" ]; then
+  echo
+  echo "## Python binding"
+  "$py" bench/bench_python.py --build "$build" --threads 1
+fi
 if [ -f bench/bench_moe.sh ]; then
   echo
   echo "## MoE layer"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: a Release build with gcc and its tests (the
-# library's once more on the scalar reference kernels), the same tests under
+# Python package's included, label python; the library's once more on the scalar
+# reference kernels), the installed Python package imported from its prefix, the same tests under
 # AddressSanitizer + UndefinedBehaviorSanitizer, a clang build with -Werror, a short
 # libFuzzer run of every file parser, the installed-package check and clang-tidy +
 # cppcheck.
@@ -20,7 +21,17 @@ ctest --test-dir build --output-on-failure -j "$JOBS"
 # product and SGEMM (8 rows instead of 16 or none) and their selection code. The CLI
 # tests add nothing here (same plumbing) and take minutes on scalar kernels.
 step "Release tests on the reference kernels (DSMOE_FORCE_REF=1)"
-DSMOE_FORCE_REF=1 ctest --test-dir build --output-on-failure -j "$JOBS" -LE "slow|cli"
+DSMOE_FORCE_REF=1 ctest --test-dir build --output-on-failure -j "$JOBS" -LE "slow|cli|python"
+
+# The Python tests ran above (ctest label python) on the build tree's package; here the
+# installed one: `make install`'s layout (P/lib/python3/dist-packages/dsmoe), imported
+# with PYTHONPATH alone (no LD_LIBRARY_PATH), routes as the CLI does.
+if [ -d build/python/dsmoe ]; then
+  step "Python package: installed layout"
+  bash python/tests/check_install.sh build
+else
+  step "Python package: not built (no python3-dev)"
+fi
 
 step "AddressSanitizer + UndefinedBehaviorSanitizer build and tests"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDSMOE_SANITIZE=ON >/dev/null
