@@ -259,8 +259,9 @@ DSMOE_API float dsmoe_fp8_e4m3_to_f32(uint8_t b);
 /* A whole model ready to run: the configuration, the files of a model directory kept
  * mapped, and every weight as stored (F32, BF16, F16, F8_E4M3 with block scales),
  * widened to fp32 as the products stream it (dsmoe_model_options.widen_f32 widens all
- * of them once at open instead). MoE layers are dsmoe_moe layers (BF16 storage for BF16
- * experts, F32 otherwise). Stored MTP depths are checked and not used here.
+ * of them once at open instead). MoE layers whose matrices are all BF16 or all F32 are
+ * dsmoe_moe layers (a copy in that dtype); others (F8_E4M3 or F16 experts) run from the
+ * stored weights. Stored MTP depths are checked and not used here.
  *
  * Tokens go through dsmoe_model_forward() with a cache (dsmoe_model_cache): the call
  * appends T tokens at the cache's next positions; they attend causally to the cached

@@ -12,8 +12,9 @@
  * Products with stored weights go through dsmoe__wlinear (kernels/wlinear.h): F32,
  * BF16, F16 and F8_E4M3 with block scales widen as they stream. kv_b_proj is widened
  * to fp32 at open (the attention reads its per-head slices by rows and by columns), as
- * are the norm weights. MoE layers are dsmoe_moe layers on one parameter buffer and one
- * shared scratch, in the packed layout, BF16 when the file's layer is all BF16.
+ * are the norm weights. MoE layers all BF16 or all F32 are dsmoe_moe layers on one
+ * parameter buffer and one shared scratch, in the packed layout; others (F8 or F16
+ * experts) run from the stored weights (moe_views.c).
  *
  * Memory: everything a forward needs is allocated at open (chunk scratch for
  * max_tokens tokens) or at cache creation (the cache, and the attention scratch for its
@@ -38,7 +39,8 @@ typedef struct mlayer {
     float *in_norm, *post_norm;          /* (D), (D) */
     float *kv_b;                         /* (H(n+v), c) fp32 */
     dsmoe__wmat gate, up, down;          /* dense: (I, D), (I, D), (D, I) */
-    dsmoe_moe *moe;                      /* MoE layers */
+    dsmoe_moe *moe;                      /* MoE layers held by a dsmoe_moe layer, or */
+    dsmoe__moe_views *views;             /* MoE layers run from the stored weights */
 } mlayer;
 
 struct dsmoe_model {
@@ -54,6 +56,9 @@ struct dsmoe_model {
     int64_t n_owned, cap_owned;
     void *moe_params, *moe_ws;
     size_t moe_ws_size;
+    dsmoe_router_config rc; /* the router of the MoE layers */
+    void *views_ws;         /* scratch of the layers run from stored weights */
+    size_t views_ws_size;
     double *inv_freq; /* (r/2) */
     float scale;
     /* chunk scratch (one allocation) */
@@ -146,8 +151,8 @@ static dsmoe_status lname(char *buf, size_t cap, int32_t l, const char *what) {
     return DSMOE_OK;
 }
 
-/* 1 if every weight matrix of MoE layer l is stored as BF16. */
-static int moe_all_bf16(const dsmoe_model *m, int32_t l, const dsmoe_moe_config *mc) {
+/* 1 if every weight matrix of MoE layer l is stored as `dtype` ("BF16", "F32"). */
+static int moe_all(const dsmoe_model *m, int32_t l, const dsmoe_moe_config *mc, const char *dtype) {
     const int64_t E = mc->router.n_experts, Ns = mc->n_shared;
     char name[DSMOE_MODEL_NAME_MAX + 64], what[64];
     static const char *const parts[3] = {"gate_proj", "up_proj", "down_proj"};
@@ -161,7 +166,7 @@ static int moe_all_bf16(const dsmoe_model *m, int32_t l, const dsmoe_moe_config 
             if (lname(name, sizeof name, l, what) != DSMOE_OK) return 0;
             dsmoe_model_tensor_info ti;
             if (dsmoe_model_files_get(m->mf, name, &ti) != DSMOE_OK) return 0;
-            if (strcmp(ti.stored_dtype, "BF16") != 0) return 0;
+            if (strcmp(ti.stored_dtype, dtype) != 0) return 0;
         }
     }
     return 1;
@@ -173,7 +178,61 @@ static void moe_layer_config(const dsmoe_model *m, int32_t l, dsmoe_moe_config *
     mc->max_tokens = m->Tm;
     mc->n_threads = m->nt;
     mc->weight_layout = DSMOE_MOE_LAYOUT_PACKED;
-    mc->weight_dtype = !m->widen && moe_all_bf16(m, l, mc) ? DSMOE_DTYPE_BF16 : DSMOE_DTYPE_F32;
+    mc->weight_dtype = !m->widen && moe_all(m, l, mc, "BF16") ? DSMOE_DTYPE_BF16 : DSMOE_DTYPE_F32;
+}
+
+/* 1 if MoE layer l runs from its stored weights: not widened, and its matrices are not
+ * all BF16 or all F32 (the dtypes a dsmoe_moe layer holds), e.g. F8_E4M3 or F16 experts. */
+static int moe_from_views(const dsmoe_model *m, int32_t l) {
+    if (m->widen) return 0;
+    dsmoe_moe_config mc;
+    dsmoe_model_moe_config(&m->cfg, &mc);
+    return !moe_all(m, l, &mc, "BF16") && !moe_all(m, l, &mc, "F32");
+}
+
+static void views_free(dsmoe__moe_views *v) {
+    if (!v) return;
+    free(v->experts);
+    free(v);
+}
+
+/* MoE layer l as views of its stored matrices (each checked finite). row: scratch of
+ * max(D, F, N_s F) floats. */
+static dsmoe_status views_setup(dsmoe_model *m, int32_t l, float *row) {
+    const dsmoe_model_config *c = &m->cfg;
+    const int64_t E = c->n_routed_experts;
+    dsmoe__moe_views *v = (dsmoe__moe_views *)calloc(1, sizeof *v);
+    if (v) v->experts = (dsmoe__wmat *)calloc((size_t)(3 * E), sizeof *v->experts);
+    if (!v || !v->experts) {
+        views_free(v);
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "model: MoE layer %d", (int)l);
+    }
+    m->layers[l].views = v;
+    static const char *const parts[3] = {"gate_proj", "up_proj", "down_proj"};
+    char name[DSMOE_MODEL_NAME_MAX + 64], what[96];
+    dsmoe_status s = lname(name, sizeof name, l, "mlp.gate.weight");
+    if (s == DSMOE_OK) s = load_mat(m, name, &v->gate, row);
+    if (s == DSMOE_OK && m->rc.use_bias &&
+        (s = lname(name, sizeof name, l, "mlp.gate.e_score_correction_bias")) == DSMOE_OK)
+        s = load_f32(m, name, &v->bias);
+    for (int64_t e = 0; e < E && s == DSMOE_OK; e++)
+        for (int p = 0; p < 3 && s == DSMOE_OK; p++) {
+            snprintf(what, sizeof what, "mlp.experts.%lld.%s.weight", (long long)e, parts[p]);
+            if ((s = lname(name, sizeof name, l, what)) == DSMOE_OK)
+                s = load_mat(m, name, &v->experts[3 * e + p], row);
+        }
+    for (int p = 0; p < 3 && s == DSMOE_OK && c->n_shared_experts > 0; p++) {
+        snprintf(what, sizeof what, "mlp.shared_experts.%s.weight", parts[p]);
+        if ((s = lname(name, sizeof name, l, what)) == DSMOE_OK)
+            s = load_mat(m, name, &v->shared[p], row);
+    }
+    if (s == DSMOE_OK && v->bias)
+        for (int64_t e = 0; e < E; e++)
+            if (!isfinite(v->bias[e]))
+                return dsmoe__error(DSMOE_STATUS_NON_FINITE,
+                                    "tensor model.layers.%d.mlp.gate.e_score_correction_bias: "
+                                    "element %lld is not finite", (int)l, (long long)e);
+    return s;
 }
 
 /* Fills MoE layer l from the files. tmp: max(F, N_s F, E) · D floats (packing). */
@@ -215,9 +274,15 @@ static dsmoe_status moe_setup(dsmoe_model *m) {
     const dsmoe_model_config *c = &m->cfg;
     const int32_t L = c->num_hidden_layers;
     size_t total = 0, ws = 0;
-    int any = 0;
+    int any = 0, any_views = 0;
+    dsmoe_status s0 = dsmoe_model_router_config(c, &m->rc);
+    if (s0 != DSMOE_OK) return s0;
     for (int32_t l = 0; l < L; l++) {
         if (!dsmoe_model_layer_is_moe(c, l)) continue;
+        if (moe_from_views(m, l)) {
+            any_views = 1;
+            continue;
+        }
         dsmoe_moe_config mc;
         moe_layer_config(m, l, &mc);
         size_t np = dsmoe_moe_param_count(&mc) * (mc.weight_dtype == DSMOE_DTYPE_BF16 ? 2 : 4);
@@ -229,16 +294,22 @@ static dsmoe_status moe_setup(dsmoe_model *m) {
         if (w > ws) ws = w;
         any = 1;
     }
-    if (!any) return DSMOE_OK;
-    m->moe_params = dsmoe_malloc(total);
-    m->moe_ws = dsmoe_malloc(ws);
-    m->moe_ws_size = ws;
+    if (!any && !any_views) return DSMOE_OK;
+    if (any) {
+        m->moe_params = dsmoe_malloc(total);
+        m->moe_ws = dsmoe_malloc(ws);
+        m->moe_ws_size = ws;
+    }
+    if (any_views) {
+        m->views_ws_size = dsmoe__moe_views_workspace(c, &m->rc, m->Tm, m->nt);
+        m->views_ws = dsmoe_malloc(m->views_ws_size);
+    }
     const int64_t F = c->moe_intermediate_size, Fs = (int64_t)c->n_shared_experts * F,
                   E = c->n_routed_experts;
     int64_t big = (F > Fs ? F : Fs) > E ? (F > Fs ? F : Fs) : E;
     big *= c->hidden_size; /* the largest matrix, packed through this copy */
     float *tmp = (float *)malloc((size_t)big * sizeof(float));
-    if (!m->moe_params || !m->moe_ws || !tmp) {
+    if ((any && (!m->moe_params || !m->moe_ws)) || (any_views && !m->views_ws) || !tmp) {
         free(tmp);
         return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "model: %zu bytes of MoE weights", total);
     }
@@ -246,6 +317,10 @@ static dsmoe_status moe_setup(dsmoe_model *m) {
     dsmoe_status s = DSMOE_OK;
     for (int32_t l = 0; l < L && s == DSMOE_OK; l++) {
         if (!dsmoe_model_layer_is_moe(c, l)) continue;
+        if (moe_from_views(m, l)) {
+            s = views_setup(m, l, tmp);
+            continue;
+        }
         dsmoe_moe_config mc;
         moe_layer_config(m, l, &mc);
         size_t np = dsmoe_moe_param_count(&mc) * (mc.weight_dtype == DSMOE_DTYPE_BF16 ? 2 : 4);
@@ -380,12 +455,16 @@ dsmoe_status dsmoe_model_open(const char *dir, const dsmoe_model_options *opts,
 void dsmoe_model_free(dsmoe_model *m) {
     if (!m) return;
     if (m->layers)
-        for (int32_t l = 0; l < m->cfg.num_hidden_layers; l++) dsmoe_moe_free(m->layers[l].moe);
+        for (int32_t l = 0; l < m->cfg.num_hidden_layers; l++) {
+            dsmoe_moe_free(m->layers[l].moe);
+            views_free(m->layers[l].views);
+        }
     free(m->layers);
     for (int64_t i = 0; i < m->n_owned; i++) dsmoe_free(m->owned[i]);
     free(m->owned);
     dsmoe_free(m->moe_params);
     dsmoe_free(m->moe_ws);
+    dsmoe_free(m->views_ws);
     dsmoe_free(m->scratch);
     free(m->inv_freq);
     dsmoe_model_files_close(m->mf);
@@ -523,8 +602,10 @@ static dsmoe_status chunk(dsmoe_model *m, dsmoe_model_cache *k, const int32_t *t
         mla(m, k, l, T, pos0, naive);
         for (int64_t i = 0; i < T * D; i++) m->h[i] += m->y[i];
         dsmoe__rmsnorm(m->x, m->h, L->post_norm, T, (int32_t)D, D, D, c->rms_norm_eps);
-        if (L->moe) {
-            dsmoe_status s = dsmoe_moe_forward(L->moe, m->y, m->x, T, nt);
+        if (L->moe || L->views) {
+            dsmoe_status s = L->moe ? dsmoe_moe_forward(L->moe, m->y, m->x, T, nt)
+                                    : dsmoe__moe_views_forward(L->views, c, &m->rc, m->y, m->x, T,
+                                                               nt, m->views_ws, m->views_ws_size);
             if (s != DSMOE_OK)
                 return dsmoe__error(s, "model: layer %d (MoE): %s", (int)l, dsmoe_last_error());
         } else {

@@ -89,4 +89,23 @@ void dsmoe__attn_absorbed(const dsmoe__attn_args *a);
  * which io/json.h's reader does not read). `key` names it in messages. */
 dsmoe_status dsmoe__model_json_skip(dsmoe__json *j, const char *key);
 
+/* ------------------------------------ MoE layers from stored weights (moe_views.c) */
+
+/* A MoE layer as views of its stored matrices (any dtype wlinear reads). */
+typedef struct dsmoe__moe_views {
+    dsmoe__wmat gate;        /* (E, D) router weight */
+    float *bias;             /* (E) correction bias, or NULL; not owned */
+    dsmoe__wmat *experts;    /* (3E): expert e's gate, up, down at 3e, 3e + 1, 3e + 2 */
+    dsmoe__wmat shared[3];   /* shared experts' gate, up, down (unused when N_s = 0) */
+} dsmoe__moe_views;
+
+/* Workspace bytes of dsmoe__moe_views_forward for up to T tokens on nt threads. */
+size_t dsmoe__moe_views_workspace(const dsmoe_model_config *c, const dsmoe_router_config *rc,
+                                  int64_t T, int nt);
+/* y (T, D) = the MoE layer of x (T, D): routed experts (rc) plus shared experts. The
+ * same bits for any nt. Errors: the router's (NON_FINITE logits), WORKSPACE_TOO_SMALL. */
+dsmoe_status dsmoe__moe_views_forward(const dsmoe__moe_views *v, const dsmoe_model_config *c,
+                                      const dsmoe_router_config *rc, float *y, const float *x,
+                                      int64_t T, int nt, void *ws, size_t ws_size);
+
 #endif /* DSMOE_MODEL_INTERNAL_H */
