@@ -6,6 +6,7 @@
  * so a seed gives the same bytes on every platform. Allocation happens only while a
  * corpus is built.
  */
+#include "io/io_internal.h"
 #include "train/train_internal.h"
 
 #include <dirent.h>
@@ -244,30 +245,10 @@ static void gen_copy_sort(dbuf *b, dsmoe_rng *r) {
 /* ----------------------------------------------------------------- UTF-8 -- */
 
 int64_t dsmoe__utf8_invalid_at(const uint8_t *s, int64_t n) {
-    int64_t i = 0;
-    while (i < n) {
-        uint8_t c = s[i];
-        int len;
-        uint32_t cp, min;
-        if (c < 0x80) {
-            i++;
-            continue;
-        } else if ((c & 0xE0) == 0xC0) {
-            len = 2, cp = c & 0x1F, min = 0x80;
-        } else if ((c & 0xF0) == 0xE0) {
-            len = 3, cp = c & 0x0F, min = 0x800;
-        } else if ((c & 0xF8) == 0xF0) {
-            len = 4, cp = c & 0x07, min = 0x10000;
-        } else {
-            return i;
-        }
-        if (i + len > n) return i;
-        for (int k = 1; k < len; k++) {
-            if ((s[i + k] & 0xC0) != 0x80) return i;
-            cp = (cp << 6) | (s[i + k] & 0x3F);
-        }
-        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return i;
-        i += len;
+    for (int64_t i = 0; i < n;) {
+        size_t k = dsmoe__utf8_seq(s + i, (size_t)(n - i));
+        if (k == 0) return i;
+        i += (int64_t)k;
     }
     return -1;
 }
