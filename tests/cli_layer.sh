@@ -8,35 +8,8 @@
 # wrong-dtype tensor.
 # Usage: bash cli_layer.sh <dsmoe> <source-dir> <tmpdir>
 set -u
-DSMOE=$1
-SRC=$2
-TMP=$3
+source "$(dirname "$0")/clilib.sh" "$@"
 G="$SRC/tests/golden/moe"
-rm -rf "$TMP"
-mkdir -p "$TMP"
-fails=0
-fail() { echo "FAIL: $*" >&2; fails=$((fails + 1)); }
-
-# expect CODE NEEDLE -- command...: exit code and a message fragment on stderr
-expect() {
-    local code=$1 needle=$2
-    shift 3
-    "$@" >"$TMP/out.txt" 2>"$TMP/err.txt"
-    local rc=$?
-    if [ "$rc" != "$code" ]; then
-        fail "exit $rc (want $code): $*"
-        cat "$TMP/err.txt" >&2
-    elif [ -n "$needle" ] && ! grep -qF -- "$needle" "$TMP/err.txt"; then
-        fail "stderr lacks '$needle': $*"
-        cat "$TMP/err.txt" >&2
-    fi
-}
-
-# data bytes of a .npy (everything after the header)
-npy_data() {
-    python_free_len=$(($(od -An -tu2 -j8 -N2 "$1" | tr -d ' ') + 10))
-    tail -c +$((python_free_len + 1)) "$1"
-}
 
 L="$G/v3_groups.safetensors"
 P=model.layers.1.mlp.

@@ -8,6 +8,7 @@
 
 #include "testlib.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -101,6 +102,20 @@ static inline double *mt_npy64(const char *path, int64_t *n) {
     dsmoe_array_free(&a);
     *n = k;
     return o;
+}
+
+/* max |a[i]| */
+static inline double mt_maxabs(const double *a, int64_t n) {
+    double m = 0;
+    for (int64_t i = 0; i < n; i++) m = fmax(m, fabs(a[i]));
+    return m;
+}
+
+/* fp32 results against fp64: errors relative to the array's scale (max |ref|, at least 1). */
+static inline int mt_close_to(const char *what, const float *got, const double *ref, int64_t n,
+                              double rel) {
+    double s = mt_maxabs(ref, n);
+    return tl_allclose(what, got, ref, n, rel * (s > 1 ? s : 1), rel);
 }
 
 #endif /* DSMOE_MODEL_TESTUTIL_H */

@@ -15,22 +15,11 @@
  * test_model_golden: logits there come within 3e-7 of their scale; bound 2e-5. */
 #define REL 2e-5
 
-static double maxabs(const double *a, int64_t n) {
-    double m = 0;
-    for (int64_t i = 0; i < n; i++) m = fmax(m, fabs(a[i]));
-    return m;
-}
-
-static int close_to(const char *what, const float *got, const double *ref, int64_t n, double rel) {
-    double s = maxabs(ref, n);
-    return tl_allclose(what, got, ref, n, rel * (s > 1 ? s : 1), rel);
-}
-
 /* Two fp32 results of the same math (different association or chunking). */
 static int close_f(const char *what, const float *got, const float *want, int64_t n, double rel) {
     double *w = (double *)calloc((size_t)(n > 0 ? n : 1), sizeof *w);
     for (int64_t i = 0; i < n; i++) w[i] = want[i];
-    int ok = close_to(what, got, w, n, rel);
+    int ok = mt_close_to(what, got, w, n, rel);
     free(w);
     return ok;
 }
@@ -101,16 +90,16 @@ static void check_case(const char *name) {
         /* the prompt in one call: automatic (naive), forced naive, forced absorbed */
         snprintf(what, sizeof what, "%s: logits (one call)", name);
         run_all(m, tok, T, a, 0);
-        close_to(what, a, ref, T * V, REL);
+        mt_close_to(what, a, ref, T * V, REL);
         run_all(m, tok, T, b, DSMOE_MODEL_ATTN_NAIVE);
         tl_same_bits("automatic = naive for T > 4", a, b, T * V);
         snprintf(what, sizeof what, "%s: logits (absorbed)", name);
         run_all(m, tok, T, d, DSMOE_MODEL_ATTN_ABSORBED);
-        close_to(what, d, ref, T * V, REL);
+        mt_close_to(what, d, ref, T * V, REL);
 
         /* the long sequence: naive in one call against absorbed, decoding, chunks */
         run_all(m, tok, LONG_T, a, DSMOE_MODEL_ATTN_NAIVE);
-        close_to(what, a, ref, T * V, REL);
+        mt_close_to(what, a, ref, T * V, REL);
         run_all(m, tok, LONG_T, b, DSMOE_MODEL_ATTN_ABSORBED);
         snprintf(what, sizeof what, "%s: absorbed vs naive, %d tokens", name, LONG_T);
         close_f(what, b, a, LONG_T * V, REL);
@@ -195,7 +184,7 @@ static void check_case(const char *name) {
         if (mw) {
             run_all(mw, tok, T, b, 0);
             snprintf(what, sizeof what, "%s: widen_f32 logits", name);
-            close_to(what, b, ref, T * V, REL);
+            mt_close_to(what, b, ref, T * V, REL);
             dsmoe_model_free(mw);
         }
         free(a);

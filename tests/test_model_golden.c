@@ -14,19 +14,9 @@
 
 #include <math.h>
 
-static double maxabs(const double *a, int64_t n) {
-    double m = 0;
-    for (int64_t i = 0; i < n; i++) m = fmax(m, fabs(a[i]));
-    return m;
-}
-
-/* fp32 blocks against fp64: errors relative to the array's scale (max |ref|, at least 1).
- * Observed maxima are below 5e-7 of it (attention 2e-7, logits 3e-7 of their scale); the
- * bounds, 1e-5 and 2e-5 for the logits, leave a factor of 20 or more. */
-static int close_to(const char *what, const float *got, const double *ref, int64_t n, double rel) {
-    double s = maxabs(ref, n);
-    return tl_allclose(what, got, ref, n, rel * (s > 1 ? s : 1), rel);
-}
+/* fp32 blocks against fp64 (mt_close_to: errors relative to the array's scale). Observed
+ * maxima are below 5e-7 of it (attention 2e-7, logits 3e-7 of their scale); the bounds,
+ * 1e-5 and 2e-5 for the logits, leave a factor of 20 or more. */
 
 /* A tensor widened to fp32 (malloc'd). */
 static float *weight(const dsmoe_model_files *mf, const char *name) {
@@ -149,7 +139,7 @@ static float *run_case(const char *name, int64_t *n_out) {
     float *scratch = (float *)calloc((size_t)(2 * T * c.intermediate_size), sizeof *scratch);
     float *emb = weight(mf, "model.embed_tokens.weight");
     for (int64_t t = 0; t < T; t++) memcpy(h + t * D, emb + (int64_t)tok[t] * D, (size_t)D * sizeof *h);
-    ASSERT_TRUE(close_to("embedding", h, hid_ref, T * D, 0));
+    ASSERT_TRUE(mt_close_to("embedding", h, hid_ref, T * D, 0));
 
     /* The whole stack, layer by layer. */
     for (int32_t l = 0; l < c.num_hidden_layers; l++) {
@@ -158,7 +148,7 @@ static float *run_case(const char *name, int64_t *n_out) {
         layer_load(&L, mf, &c, l);
         dsmoe__rmsnorm(x, h, L.in_norm, T, D, D, D, c.rms_norm_eps);
         ASSERT_OK(dsmoe__mla_forward(&c, &L.a, y, x, T, ws, ws_size));
-        if (l == 0) close_to("attention of layer 0", y, attn_ref, T * D, 1e-5);
+        if (l == 0) mt_close_to("attention of layer 0", y, attn_ref, T * D, 1e-5);
         for (int64_t k = 0; k < T * D; k++) h[k] += y[k];
         dsmoe__rmsnorm(x, h, L.post_norm, T, D, D, D, c.rms_norm_eps);
         if (dsmoe_model_layer_is_moe(&c, l)) {
@@ -177,7 +167,7 @@ static float *run_case(const char *name, int64_t *n_out) {
         for (int64_t k = 0; k < T * D; k++) h[k] += y[k];
         snprintf(what, sizeof what, "hidden after layer %d (%s)", (int)l,
                  dsmoe_model_layer_is_moe(&c, l) ? "MoE" : "dense");
-        close_to(what, h, hid_ref + (int64_t)(l + 1) * T * D, T * D, 1e-5);
+        mt_close_to(what, h, hid_ref + (int64_t)(l + 1) * T * D, T * D, 1e-5);
         layer_free(&L);
     }
     float *fn = weight(mf, "model.norm.weight");
@@ -190,7 +180,7 @@ static float *run_case(const char *name, int64_t *n_out) {
             for (int32_t k = 0; k < D; k++) acc += x[t * D + k] * head[(int64_t)v * D + k];
             logits[t * V + v] = acc;
         }
-    close_to("logits", logits, logit_ref, T * V, 2e-5);
+    mt_close_to("logits", logits, logit_ref, T * V, 2e-5);
     out = logits;
     *n_out = T * V;
     if (head != emb) free(head);

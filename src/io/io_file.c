@@ -365,6 +365,23 @@ static int dsmoe__digits(const char **p, unsigned long max, unsigned long *v) {
  * pid names no live process and nobody holds the file's lock (the lock also
  * protects a live writer whose pid this process cannot see: another pid namespace,
  * another host on a shared file system). Best effort: errors are ignored. */
+/* 1 if `name` is "<base>.<tag>.<pid>.<n>" left by a process that is gone: another
+ * process (not this one: another thread's save may be in progress), and kill(pid, 0)
+ * fails with ESRCH (EPERM means alive, someone else's). */
+static int dsmoe__left_by_dead(const char *name, const char *base, size_t blen, const char *tag) {
+    const size_t tlen = strlen(tag);
+    unsigned long pid, n;
+    if (strncmp(name, base, blen) != 0 || name[blen] != '.' ||
+        strncmp(name + blen + 1, tag, tlen) != 0 || name[blen + 1 + tlen] != '.')
+        return 0;
+    const char *p = name + blen + tlen + 2;
+    if (!dsmoe__digits(&p, 0x7fffffffUL, &pid) || *p++ != '.' ||
+        !dsmoe__digits(&p, 0xffffffffUL, &n) || *p != '\0' || pid == 0)
+        return 0;
+    if ((pid_t)pid == getpid()) return 0;
+    return kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+}
+
 static void dsmoe__remove_stale_tmp(const char *dest) {
     size_t dl, ba;
     dsmoe__split(dest, &dl, &ba);
@@ -377,17 +394,9 @@ static void dsmoe__remove_stale_tmp(const char *dest) {
         free(dir);
         return;
     }
-    const pid_t self = getpid();
     for (struct dirent *e; (e = readdir(d)) != NULL;) {
         const char *name = e->d_name;
-        unsigned long pid, n;
-        if (strncmp(name, base, blen) != 0 || strncmp(name + blen, ".tmp.", 5) != 0) continue;
-        const char *p = name + blen + 5;
-        if (!dsmoe__digits(&p, 0x7fffffffUL, &pid) || *p++ != '.' ||
-            !dsmoe__digits(&p, 0xffffffffUL, &n) || *p != '\0' || pid == 0)
-            continue;
-        if ((pid_t)pid == self) continue; /* another thread's save in progress */
-        if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue; /* alive (EPERM: someone's) */
+        if (!dsmoe__left_by_dead(name, base, blen, "tmp")) continue;
         size_t fl = strlen(dir) + 1 + strlen(name) + 1;
         char *full = (char *)malloc(fl);
         if (!full) break;
@@ -564,7 +573,7 @@ static void dsmoe__remove_stale_dirs(const char *dest, const char *tag) {
     size_t dl, ba;
     dsmoe__split(dest, &dl, &ba);
     const char *base = dest + ba;
-    size_t blen = strlen(base), tlen = strlen(tag);
+    size_t blen = strlen(base);
     char *dir = dsmoe__dir_of(dest);
     if (!dir) return;
     int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -574,19 +583,9 @@ static void dsmoe__remove_stale_dirs(const char *dest, const char *tag) {
         free(dir);
         return;
     }
-    const pid_t self = getpid();
     for (struct dirent *e; (e = readdir(d)) != NULL;) {
         const char *name = e->d_name;
-        unsigned long pid, n;
-        if (strncmp(name, base, blen) != 0 || name[blen] != '.' ||
-            strncmp(name + blen + 1, tag, tlen) != 0 || name[blen + 1 + tlen] != '.')
-            continue;
-        const char *p = name + blen + tlen + 2;
-        if (!dsmoe__digits(&p, 0x7fffffffUL, &pid) || *p++ != '.' ||
-            !dsmoe__digits(&p, 0xffffffffUL, &n) || *p != '\0' || pid == 0)
-            continue;
-        if ((pid_t)pid == self) continue;
-        if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue;
+        if (!dsmoe__left_by_dead(name, base, blen, tag)) continue;
         dsmoe__remove_tree(dfd, name, 0);
     }
     closedir(d);

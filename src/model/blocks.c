@@ -71,7 +71,7 @@ void dsmoe__rope_table(float *cs, const double *inv_freq, int32_t half, int64_t 
 }
 
 /* Rotates the pairs of x (2·half values) by the angles of one position's table row. */
-static void rope_rotate(float *x, const float *cs, int32_t half) {
+void dsmoe__rope_rotate(float *x, const float *cs, int32_t half) {
     for (int32_t i = 0; i < half; i++) {
         float c = cs[2 * i], s = cs[2 * i + 1];
         float x0 = x[2 * i], x1 = x[2 * i + 1];
@@ -165,8 +165,8 @@ dsmoe_status dsmoe__mla_forward(const dsmoe_model_config *c, const dsmoe__mla_we
     dsmoe__rope_inv_freq(inv_freq, c);
     dsmoe__rope_table(cs, inv_freq, (int32_t)half, 0, T);
     for (int64_t t = 0; t < T; t++) {
-        for (int64_t h = 0; h < H; h++) rope_rotate(qf + (t * H + h) * (n + r) + n, cs + t * r, (int32_t)half);
-        rope_rotate(kv + t * (kc + r) + kc, cs + t * r, (int32_t)half);
+        for (int64_t h = 0; h < H; h++) dsmoe__rope_rotate(qf + (t * H + h) * (n + r) + n, cs + t * r, (int32_t)half);
+        dsmoe__rope_rotate(kv + t * (kc + r) + kc, cs + t * r, (int32_t)half);
     }
     /* Keys (no-position part) and values per head, (T, H, n + v). */
     linear(kvb, H * (n + v), kv, kc + r, w->kv_b_proj, T, kc, H * (n + v));

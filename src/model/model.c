@@ -538,16 +538,6 @@ dsmoe_status dsmoe_model_cache_truncate(dsmoe_model_cache *cache, int64_t length
 
 /* ------------------------------------------------------------ forward -- */
 
-/* Rotates the pairs of x (2·half values) by one position's cos / sin row. */
-static void rope_rotate(float *x, const float *cs, int32_t half) {
-    for (int32_t i = 0; i < half; i++) {
-        float co = cs[2 * i], si = cs[2 * i + 1];
-        float x0 = x[2 * i], x1 = x[2 * i + 1];
-        x[2 * i] = x0 * co - x1 * si;
-        x[2 * i + 1] = x0 * si + x1 * co;
-    }
-}
-
 static int all_finite(const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++)
         if (!isfinite(x[i])) return 0;
@@ -577,8 +567,8 @@ static void mla(dsmoe_model *m, dsmoe_model_cache *k, int32_t l, int64_t T, int6
     dsmoe__rmsnorm(kvn, kvn, L->kv_a_norm, T, (int32_t)kc, kc + r, kc + r, c->rms_norm_eps);
     for (int64_t t = 0; t < T; t++) {
         for (int64_t h = 0; h < H; h++)
-            rope_rotate(m->q + (t * H + h) * (n + r) + n, m->cs + t * r, (int32_t)half);
-        rope_rotate(kvn + t * (kc + r) + kc, m->cs + t * r, (int32_t)half);
+            dsmoe__rope_rotate(m->q + (t * H + h) * (n + r) + n, m->cs + t * r, (int32_t)half);
+        dsmoe__rope_rotate(kvn + t * (kc + r) + kc, m->cs + t * r, (int32_t)half);
     }
     dsmoe__attn_args a = {c, m->q, kv, L->kv_b, m->att, T, pos0, m->scale, nt, k->scratch,
                           k->per_thread};

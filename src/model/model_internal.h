@@ -39,6 +39,8 @@ void dsmoe__rope_inv_freq(double *f, const dsmoe_model_config *c);
 double dsmoe__attn_scale(const dsmoe_model_config *c);
 /* cos / sin pairs (T, half, 2) of positions pos0 .. pos0 + T − 1. */
 void dsmoe__rope_table(float *cs, const double *inv_freq, int32_t half, int64_t pos0, int64_t T);
+/* Rotates the adjacent pairs of x (2·half values) by one position's cos / sin row. */
+void dsmoe__rope_rotate(float *x, const float *cs, int32_t half);
 
 /* One layer's attention weights (fp32, checkpoint layout [out, in]). */
 typedef struct dsmoe__mla_weights {
