@@ -1,24 +1,28 @@
 /*
  * wlinear.c — y = x · Wᵀ with W kept as stored (see wlinear.h).
  *
- * Two paths, chosen by T alone (so the choice never depends on the thread count):
+ * One kernel (AVX-512, with a scalar reference giving the same bits): a tile of R rows
+ * of W is widened 16 columns at a time in registers (bf16: a 16-bit shift; f16:
+ * vcvtph2ps; fp8: through f16, times the block scale) and multiplied into R · N
+ * accumulators for a group of N tokens (R = 8, N = 1 for one token; 6 × 2 for two;
+ * else 4 rows × groups of 6 tokens), the groups reusing the tile from the cache. Each
+ * result is the "16-lane" sum: column k goes to lane k mod 16 as acc = fma(w, x, acc) in
+ * increasing k (the last, partial chunk padded with w = x = 0), and the 16 lanes are
+ * combined as p[j] += p[j+8], p[j+4], p[j+2], p[0] += p[1]. So the bits depend on the
+ * shapes of W only: not on T, the tiling, the ISA or the thread count.
  *
- *   T < DSMOE__WLINEAR_PANEL_T ("decode", memory-bound): W is streamed once. A tile of R
- *   rows of W is widened 16 columns at a time in registers (bf16: a 16-bit shift; f16:
- *   vcvtph2ps; fp8: bit placement times 2^120, times the block scale) and multiplied into
- *   R · N accumulators for a group of N <= 4 tokens; the groups of tokens reuse the tile
- *   from the cache. Each result is the "16-lane" sum: column k goes to lane k mod 16 as
- *   acc = fma(w, x, acc) in increasing k (the last, partial chunk padded with w = x = 0),
- *   and the 16 lanes are combined as p[j] += p[j+8], p[j+4], p[j+2], p[0] += p[1]. The
- *   scalar reference (DSMOE_FORCE_REF=1) performs the same operations, so the AVX-512
- *   kernel and the reference give identical bits; the order depends on the shapes only.
- *
- *   T >= DSMOE__WLINEAR_PANEL_T ("prompt", compute-bound): W is cut into panels of
- *   wl_panel_rows(cols) rows; a thread widens a panel into its scratch and calls SGEMM
- *   (BLIS, one thread) on it. Panels are handed out dynamically; each output element
- *   belongs to one panel, and SGEMM's result depends only on its arguments, so the
- *   bits do not depend on the thread count. BLIS's summation order differs from the
- *   16-lane order, so the two paths agree within fp32 rounding, not bit for bit.
+ *   T < DSMOE__WLINEAR_PANEL_T (decode, memory-bound): one contiguous range of rows
+ *   per thread, W streamed once.
+ *   T >= DSMOE__WLINEAR_PANEL_T (prompt, compute-bound): blocks of WL_RB rows handed
+ *   out dynamically, each over the tokens in blocks that keep x's rows in the L2
+ *   cache. On one Zen 5 core this runs bf16 weights at T = 256 faster than BLIS SGEMM
+ *   on the same weights already widened to fp32 (bench/bench_wlinear.c), so the
+ *   AVX-512 build widens no panels.
+ *   Without AVX-512, T >= DSMOE__WLINEAR_PANEL_T: panels of wl_panel_rows(cols) rows
+ *   are widened into the thread's scratch and multiplied by SGEMM (BLIS, one thread),
+ *   handed out dynamically; BLIS's order differs from the 16-lane order (within fp32
+ *   rounding), and its result depends only on its arguments, so the bits still do not
+ *   depend on the thread count.
  */
 #include "kernels/wlinear.h"
 
@@ -37,6 +41,9 @@
 #endif
 
 #define WL_INLINE static inline __attribute__((always_inline))
+
+/* Rows of W per work item of the compute-bound AVX-512 path (a multiple of 4). */
+#define WL_RB 48
 
 /* ----------------------------------------------------------- conversions -- */
 
@@ -249,7 +256,7 @@ WL_INLINE WL512 void tile512(float *y, int64_t ldy, const float *x, int64_t ldx,
     const int64_t C = W->cols, Cf = C / 16 * 16;
     const int esz = TY == DSMOE__WT_F32 ? 4 : TY == DSMOE__WT_F8E4M3 ? 1 : 2;
     const char *rows[8], *srow[8];
-    const float *xr[4];
+    const float *xr[8];
     __m512 acc[32];
     for (int r = 0; r < R; r++) {
         rows[r] = (const char *)W->data + (size_t)((o + r) * C) * (size_t)esz;
@@ -300,42 +307,47 @@ WL_INLINE WL512 void tile512(float *y, int64_t ldy, const float *x, int64_t ldx,
         for (int t = 0; t < N; t++) y[(t0 + t) * ldy + o + r] = hsum512(acc[r * N + t]);
 }
 
+#ifndef WL_NG
+#define WL_NG 6
+#endif
 #define WL_TILE(R_, N_) tile512(y, ldy, x, ldx, t, W, o, TY, R_, N_)
 
 /* Rows [o0, o1), all T tokens: tiles of R rows, the tokens in groups of up to 4. */
 WL_INLINE WL512 void decode512_ty(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t T,
                                   const dsmoe__wmat *W, int64_t o0, int64_t o1, const int TY) {
     int64_t o = o0;
+    /* rows per tile: 8 for one token, 6 for two, else 4 (tokens in groups of 6) */
     const int R = T == 1 ? 8 : T == 2 ? 6 : 4;
     for (; o + R <= o1; o += R) {
-        for (int64_t t = 0; t < T; t += 4) {
-            switch (T - t < 4 ? T - t : 4) {
-            case 1:
-                if (R == 8)
-                    WL_TILE(8, 1);
-                else
-                    WL_TILE(4, 1);
-                break;
-            case 2:
-                if (R == 6)
-                    WL_TILE(6, 2);
-                else
-                    WL_TILE(4, 2);
-                break;
-            case 3: WL_TILE(4, 3); break;
-            default: WL_TILE(4, 4); break;
-            }
+        int64_t t = 0;
+        if (R == 8) {
+            WL_TILE(8, 1);
+            continue;
+        }
+        if (R == 6) {
+            WL_TILE(6, 2);
+            continue;
+        }
+        for (; t + WL_NG <= T; t += WL_NG) WL_TILE(4, WL_NG);
+        switch (T - t) {
+        case 0: break;
+        case 1: WL_TILE(4, 1); break;
+        case 2: WL_TILE(4, 2); break;
+        case 3: WL_TILE(4, 3); break;
+        case 4: WL_TILE(4, 4); break;
+        default: WL_TILE(4, 5); break;
         }
     }
-    for (; o < o1; o++)
-        for (int64_t t = 0; t < T; t += 4) {
-            switch (T - t < 4 ? T - t : 4) {
-            case 1: WL_TILE(1, 1); break;
-            case 2: WL_TILE(1, 2); break;
-            case 3: WL_TILE(1, 3); break;
-            default: WL_TILE(1, 4); break;
-            }
+    for (; o < o1; o++) {
+        int64_t t = 0;
+        for (; t + 4 <= T; t += 4) WL_TILE(1, 4);
+        switch (T - t) {
+        case 0: break;
+        case 1: WL_TILE(1, 1); break;
+        case 2: WL_TILE(1, 2); break;
+        default: WL_TILE(1, 3); break;
         }
+    }
 }
 
 WL512 static void decode512(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t T,
@@ -432,8 +444,8 @@ void dsmoe__wlinear(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t 
         return;
     }
     if (T < DSMOE__WLINEAR_PANEL_T) {
-        /* contiguous row ranges (multiples of 8 rows), one per thread: the result of an
-         * element does not depend on the range it falls in */
+        /* memory-bound: contiguous row ranges (multiples of 24 rows), one per thread; the
+         * result of an element does not depend on the range it falls in */
 #pragma omp parallel num_threads(nt) if (nt > 1)
         {
             int id = 0, n = 1;
@@ -441,8 +453,8 @@ void dsmoe__wlinear(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t 
             id = omp_get_thread_num();
             n = omp_get_num_threads();
 #endif
-            const int64_t blocks = (R + 7) / 8;
-            int64_t o0 = blocks * id / n * 8, o1 = blocks * (id + 1) / n * 8;
+            const int64_t blocks = (R + 23) / 24;
+            int64_t o0 = blocks * id / n * 24, o1 = blocks * (id + 1) / n * 24;
             if (o1 > R) o1 = R;
             if (o0 < o1) {
 #if defined(WL_X86)
@@ -455,6 +467,24 @@ void dsmoe__wlinear(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t 
         }
         return;
     }
+#if defined(WL_X86)
+    if (simd) {
+        /* compute-bound: the same kernel on blocks of WL_RB rows handed out dynamically,
+         * each over the tokens in blocks of tb (so that a block of x stays in the L2
+         * cache while the block of W rows stays there too) */
+        const int64_t nb = (R + WL_RB - 1) / WL_RB;
+        int64_t tb = (int64_t)(512 * 1024) / (4 * C) / 6 * 6;
+        tb = tb < 6 ? 6 : tb > 96 ? 96 : tb;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t o0 = b * WL_RB, o1 = o0 + WL_RB < R ? o0 + WL_RB : R;
+            for (int64_t t0 = 0; t0 < T; t0 += tb)
+                decode512(y + t0 * ldy, ldy, x + t0 * ldx, ldx, T - t0 < tb ? T - t0 : tb, W, o0, o1);
+        }
+        return;
+    }
+#endif
+    /* without AVX-512: panels widened into scratch, BLIS SGEMM on each */
     const size_t per = dsmoe__wlinear_scratch(C, T);
     const int64_t pr = wl_panel_rows(C), np = (R + pr - 1) / pr;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
