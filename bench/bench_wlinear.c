@@ -208,8 +208,8 @@ static void run_moe(const bench_machine *mach, const int *th, int nth, int repea
     const int reps = 50 * repeat;
     float *x = (float *)xmalloc((size_t)D * 4 * (size_t)(reps + 1)), y[2048];
     for (size_t j = 0; j < (size_t)D * (size_t)(reps + 1); j++) x[j] = randn();
-    /* active bytes of one token: the gate (E, D) f32 + K routed and ns shared experts */
-    const double active = (double)E * D * 4 + (double)(K + ns) * 3.0 * F * D * 2;
+    /* active bytes of one token: the gate (E, D) + K routed and ns shared experts, bf16 */
+    const double active = (double)E * D * 2 + (double)(K + ns) * 3.0 * F * D * 2;
     /* the same-run reference: a streaming read of as many bytes, from a buffer of 4 times
      * that, interleaved with the forwards */
     const size_t rbytes = (size_t)active / 256 * 256;
@@ -336,7 +336,7 @@ int main(int argc, char **argv) {
     dsmoe_free(y);
 
     printf("\nMoE layer decode, T = 1: bf16 packed weights, D 2048, 64 experts of 1408, top-6, 2 shared;\n"
-           "active weights per token: the gate (fp32) and 8 experts' three matrices.\n\n");
+           "active weights per token: the gate and 8 experts' three matrices (all bf16).\n\n");
     printf("| threads | ms per token | active weights GB/s | %% of read bandwidth | same-bytes read GB/s | %% of it |\n|---|---|---|---|---|---|\n");
     run_moe(&mach, th, nth, repeat);
     return 0;

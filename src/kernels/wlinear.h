@@ -11,13 +11,12 @@
  * acc = fma(w, x, acc) in increasing k, the last partial chunk padded with zeros, the
  * lanes combined as the fixed tree of kernels.h) computed by one kernel in registers:
  * W streamed once and widened on the fly, tiles of rows × tokens (wlinear.c). The
- * AVX-512 kernel and the scalar reference give identical bits, and a token's results
- * never depend on the other tokens (T = 1 gives the same bits as any T). Exception:
- * without AVX-512 (DSMOE_FORCE_REF=1, or an AVX2-only CPU) and T >=
- * DSMOE__WLINEAR_PANEL_T, panels of W rows are widened into the thread's scratch and
- * multiplied by BLIS SGEMM, which sums in its own order (and picks its kernels from the
- * CPU): that path agrees with the others within fp32 rounding (about cols · 2^-24
- * relative to Σ|x·w|), not bit for bit.
+ * AVX-512 and AVX2 kernels and the scalar reference (DSMOE_FORCE_REF=1) give identical
+ * bits, and a token's results never depend on the other tokens (T = 1 gives the same
+ * bits as any T). Exception: without AVX-512 and at T >= DSMOE__WLINEAR_PANEL_T, panels
+ * of W rows are widened into the thread's scratch and multiplied by BLIS SGEMM, which
+ * sums in its own order (and picks its kernels from the CPU): that path agrees with the
+ * others within fp32 rounding (about cols · 2^-24 relative to Σ|x·w|), not bit for bit.
  * Widening is exact (bf16, f16, fp8 values are fp32 values); an fp8 element is its
  * value times its block's scale, rounded once to fp32. fp8 S.1111.111 is NaN.
  */
