@@ -3,15 +3,18 @@
  * attention, dense FFN and head projections, next to what bounds them, measured in the
  * same run (bench_machine.h: the CPU, the FMA peak, the read bandwidth):
  *   decode  T = 1 on each weight dtype and shape: GB/s of weights streamed, as a share
- *           of the read bandwidth of the same thread count (the weights are cycled
- *           over copies totalling at least 512 MiB, so they come from memory);
+ *           of the header's read bandwidth of the same thread count and of a plain
+ *           streaming read of the same bytes interleaved with the products (the weights
+ *           are cycled over copies totalling at least 512 MiB, so they come from memory);
  *   prompt  T = 256: GFLOP/s as a share of the FMA peak of the same thread count, and
- *           against BLIS SGEMM (one call per thread on half the rows each) on the same
- *           matrix widened to fp32 beforehand;
+ *           against BLIS SGEMM (one call per thread on its share of the rows) on the
+ *           same matrix widened to fp32 beforehand; on one thread also by thread CPU
+ *           time against the FMA loop timed the same way (a busy machine's preemptions
+ *           left out);
  *   MoE     the MoE layer's decode (dsmoe_moe_forward, T = 1, BF16 packed weights, D 2048,
  *           64 experts of 1408, top-6, 2 shared): bytes of the weights a token reads (the
  *           gate, its experts and the shared ones) per second as a share of the read
- *           bandwidth.
+ *           bandwidth, and of a read of as many bytes interleaved with the forwards.
  * Best of --repeat runs each, one and two threads (--threads 1,2).
  *
  *   bench_wlinear [--repeat 5] [--threads 1,2] [--quick]
