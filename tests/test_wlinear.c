@@ -385,6 +385,29 @@ static void test_products_fp8_special(void) {
     }
 }
 
+/* No scratch: every ISA takes the register kernel, whose bits do not depend on it. */
+static void test_no_scratch(void) {
+    tmat m;
+    const int64_t R = 37, C = 70, T = 20;
+    tmat_make(&m, DSMOE__WT_BF16, R, C, 1, 1);
+    float *x = (float *)malloc((size_t)(T * C) * sizeof(float));
+    for (int64_t i = 0; i < T * C; i++) x[i] = (float)tl_normal();
+    float *want = run_product(&m, x, C, 1, R, 1); /* token 0 alone */
+    const char *isas[3] = {"ref", "avx2", "avx512"};
+    for (int v = 0; v < 3; v++) {
+        if (dsmoe_set_isa(isas[v]) != DSMOE_OK) continue;
+        float *y = (float *)malloc((size_t)(T * R) * sizeof(float));
+        dsmoe__wlinear(y, R, x, C, T, &m.w, 2, NULL);
+        check_product(isas[v], y, R, &m, x, C, T);
+        tl_same_bits(isas[v], want, y, R);
+        free(y);
+    }
+    dsmoe_set_isa(NULL);
+    free(want);
+    free(x);
+    tmat_free(&m);
+}
+
 /* Scratch sizes cover every narrower shape. */
 static void test_scratch(void) {
     ASSERT_EQ_INT(dsmoe__wlinear_scratch(2048, 1), 0);
@@ -399,6 +422,7 @@ int main(void) {
     RUN(test_widen_blocks);
     RUN(test_widen_random);
     RUN(test_scratch);
+    RUN(test_no_scratch);
     RUN(test_products_decode);
     RUN(test_products_panels);
     RUN(test_products_fp8_blocks);

@@ -634,8 +634,9 @@ void dsmoe__wlinear(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t 
         for (int64_t t = 0; t < T; t++) memset(y + t * ldy, 0, (size_t)R * sizeof(float));
         return;
     }
-    if (T < DSMOE__WLINEAR_PANEL_T) {
-        /* memory-bound: contiguous row ranges (multiples of 24 rows), one per thread; the
+    if (T < DSMOE__WLINEAR_PANEL_T || (isa != 2 && !scratch)) {
+        /* memory-bound (or no scratch for panels: the same kernel then, slower for
+         * large T without AVX-512, with the bits of the AVX-512 path): contiguous row ranges (multiples of 24 rows), one per thread; the
          * result of an element does not depend on the range it falls in */
 #pragma omp parallel num_threads(nt) if (nt > 1)
         {

@@ -58,8 +58,9 @@ size_t dsmoe__wlinear_scratch(int64_t max_cols, int64_t max_T);
 
 /* y[t·ldy + o] = Σ_k x[t·ldx + k] · W[o][k] for t < T, o < W->rows (overwrites y).
  * Uses n_threads threads (OpenMP; 1: the caller's thread only); scratch holds
- * n_threads · dsmoe__wlinear_scratch(W->cols, T) bytes, 64-byte aligned. Call it from
- * outside any parallel region. No allocation. */
+ * n_threads · dsmoe__wlinear_scratch(W->cols, T) bytes, 64-byte aligned (NULL is
+ * accepted: no panels are used then, see above). Call it from outside any parallel
+ * region. No allocation. */
 void dsmoe__wlinear(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t T,
                     const dsmoe__wmat *W, int n_threads, void *scratch);
 
