@@ -334,6 +334,11 @@ static void test_products_fp8_blocks(void) {
     product_case(DSMOE__WT_F8E4M3, 130, 260, 3, 128, 128);
     product_case(DSMOE__WT_F8E4M3, 130, 260, 20, 128, 128);
     product_case(DSMOE__WT_F8E4M3, 19, 45, 2, 1, 1);
+    /* blocks of an odd number of 16-column chunks (48, 16), and a last block cut short */
+    product_case(DSMOE__WT_F8E4M3, 13, 100, 1, 5, 48);
+    product_case(DSMOE__WT_F8E4M3, 13, 100, 3, 5, 48);
+    product_case(DSMOE__WT_F8E4M3, 9, 90, 1, 2, 16);
+    product_case(DSMOE__WT_F8E4M3, 9, 170, 2, 3, 80);
 }
 
 /* fp8 with large scales (above 2^8, where the kernel multiplies twice), subnormal

@@ -3,7 +3,8 @@
  *
  * One kernel (AVX-512; AVX2 and the scalar reference give the same bits): a tile of R rows
  * of W is widened 16 columns at a time in registers (bf16: a 16-bit shift; f16:
- * vcvtph2ps; fp8: through f16, times the block scale) and multiplied into R · N
+ * vcvtph2ps; fp8: through f16 (32 bytes at a time with AVX-512BW), times the block
+ * scale) and multiplied into R · N
  * accumulators for a group of N tokens (R = 8, N = 1 for one token; 6 × 2 for two;
  * else 4 rows × groups of 6 tokens), the groups reusing the tile from the cache. Each
  * result is the "16-lane" sum: column k goes to lane k mod 16 as acc = fma(w, x, acc) in
@@ -152,7 +153,7 @@ static void decode_ref(float *y, int64_t ldy, const float *x, int64_t ldx, int64
 #if defined(WL_X86)
 /* ------------------------------------------------ decode path, AVX-512 -- */
 
-#define WL512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#define WL512 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
 
 WL_INLINE WL512 float hsum512(__m512 a) {
     const __m256 lo = _mm512_castps512_ps256(a),
@@ -223,7 +224,39 @@ WL_INLINE WL512 void chunks512(__m512 *acc, const char *const *rows, const char 
                                const float *const *xr, const dsmoe__wmat *W, int64_t k0,
                                int64_t k1, const __m512 *sa, const __m512 *sb, const int TY,
                                const int R, const int N, const int MODE) {
-    for (int64_t k = k0; k < k1; k += 16) {
+    int64_t k = k0;
+    if (MODE != 0) {
+        /* fp8, two chunks at a time: 32 bytes of a row widened to f16 in one vector */
+        for (; k + 32 <= k1; k += 32) {
+            __m256i by[8], hi = _mm256_setzero_si256();
+            for (int r = 0; r < R; r++) {
+                by[r] = _mm256_loadu_si256((const __m256i *)(const void *)(rows[r] + k));
+                hi = _mm256_max_epu8(hi, _mm256_add_epi8(by[r], by[r]));
+            }
+            if (__builtin_expect(_mm256_movemask_epi8(_mm256_cmpeq_epi8(hi, _mm256_set1_epi8((char)0xfe))) != 0, 0))
+                break; /* a NaN: the chunks one at a time from here */
+            __m512 w0[8], w1[8];
+            for (int r = 0; r < R; r++) {
+                const __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(by[r]), 7),
+                                                   _mm512_set1_epi16((short)0xbf80));
+                w0[r] = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), sa[r]);
+                w1[r] = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), sa[r]);
+                if (MODE == 2) {
+                    w0[r] = _mm512_mul_ps(w0[r], sb[r]);
+                    w1[r] = _mm512_mul_ps(w1[r], sb[r]);
+                }
+            }
+            for (int t = 0; t < N; t++) {
+                const __m512 xv = _mm512_loadu_ps(xr[t] + k);
+                for (int r = 0; r < R; r++) acc[r * N + t] = _mm512_fmadd_ps(w0[r], xv, acc[r * N + t]);
+            }
+            for (int t = 0; t < N; t++) {
+                const __m512 xv = _mm512_loadu_ps(xr[t] + k + 16);
+                for (int r = 0; r < R; r++) acc[r * N + t] = _mm512_fmadd_ps(w1[r], xv, acc[r * N + t]);
+            }
+        }
+    }
+    for (; k < k1; k += 16) {
         __m512 w[8];
         if (MODE == 0) {
             for (int r = 0; r < R; r++) {
@@ -582,8 +615,15 @@ WL256 static void widen256(float *d, const dsmoe__wmat *W, int64_t r0, int64_t r
  * dsmoe_set_isa, or neither ISA). */
 static int wl_isa(void) {
 #if defined(WL_X86)
+    /* the AVX-512 kernel also uses AVX-512BW; a CPU without it gets the AVX2 kernel
+     * (the same bits) */
+    static int bw = -1;
+    if (bw < 0) {
+        __builtin_cpu_init();
+        bw = __builtin_cpu_supports("avx512bw") ? 1 : 0;
+    }
     const char *n = dsmoe__kernels()->name;
-    return strcmp(n, "avx512") == 0 ? 2 : strcmp(n, "avx2") == 0 ? 1 : 0;
+    return strcmp(n, "avx512") == 0 ? (bw ? 2 : 1) : strcmp(n, "avx2") == 0 ? 1 : 0;
 #else
     return 0;
 #endif
