@@ -3,15 +3,18 @@
  * attention, dense FFN and head projections, next to what bounds them, measured in the
  * same run (bench_machine.h: the CPU, the FMA peak, the read bandwidth):
  *   decode  T = 1 on each weight dtype and shape: GB/s of weights streamed, as a share
- *           of the read bandwidth of the same thread count (the weights are cycled
- *           over copies totalling at least 512 MiB, so they come from memory);
+ *           of the header's read bandwidth of the same thread count and of a plain
+ *           streaming read of the same bytes interleaved with the products (the weights
+ *           are cycled over copies totalling at least 512 MiB, so they come from memory);
  *   prompt  T = 256: GFLOP/s as a share of the FMA peak of the same thread count, and
- *           against BLIS SGEMM (one call per thread on half the rows each) on the same
- *           matrix widened to fp32 beforehand;
+ *           against BLIS SGEMM (one call per thread on its share of the rows) on the
+ *           same matrix widened to fp32 beforehand; on one thread also by thread CPU
+ *           time against the FMA loop timed the same way (a busy machine's preemptions
+ *           left out);
  *   MoE     the MoE layer's decode (dsmoe_moe_forward, T = 1, BF16 packed weights, D 2048,
  *           64 experts of 1408, top-6, 2 shared): bytes of the weights a token reads (the
  *           gate, its experts and the shared ones) per second as a share of the read
- *           bandwidth.
+ *           bandwidth, and of a read of as many bytes interleaved with the forwards.
  * Best of --repeat runs each, one and two threads (--threads 1,2).
  *
  *   bench_wlinear [--repeat 5] [--threads 1,2] [--quick]
@@ -25,6 +28,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 static void *xmalloc(size_t n) { return bench_malloc("bench_wlinear", n); }
 
@@ -62,12 +69,6 @@ static void fill_weights(char *d, dsmoe__wtype type, size_t n) {
     }
 }
 
-static double best_of(const double *t, int n) {
-    double b = t[0];
-    for (int i = 1; i < n; i++) b = t[i] < b ? t[i] : b;
-    return b;
-}
-
 typedef struct bench_mats {
     dsmoe__wmat *w;
     int copies;
@@ -98,20 +99,72 @@ static void mats_free(bench_mats *m) {
     free(m->w);
 }
 
-/* Seconds of one product of T tokens (best of reps, cycling over the copies). */
-static double time_wlinear(const bench_mats *m, const float *x, float *y, int64_t T, int nt, int reps,
-                           void *scratch) {
-    double *t = (double *)malloc(sizeof(double) * (size_t)reps);
+static double cpu_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* A streaming read of the bytes of one copy, split over nt threads (as the product
+ * splits its rows). */
+static void read_copy(const char *p, size_t bytes, int nt) {
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int id = 0, n = 1;
+#ifdef _OPENMP
+        id = omp_get_thread_num();
+        n = omp_get_num_threads();
+#endif
+        const size_t nf = bytes / 4 / 64 * 64, part = nf / (size_t)n / 64 * 64;
+        bench_read_seconds((const float *)(const void *)p + (size_t)id * part,
+                           id + 1 == n ? nf - (size_t)id * part : part);
+    }
+}
+
+typedef struct timing {
+    double wall, cpu, read; /* best seconds: the product (wall, thread CPU), the plain read */
+} timing;
+
+/* One product of T tokens, best of reps, cycling over the copies; with read_ref, each
+ * repetition also reads another copy's bytes (the same-run bandwidth reference). */
+static timing time_wlinear(const bench_mats *m, const float *x, float *y, int64_t T, int nt, int reps,
+                           void *scratch, int read_ref) {
+    timing b = {1e30, 1e30, 1e30};
+    const size_t bytes = (size_t)(m->w[0].rows * m->w[0].cols) * (size_t)ESZ[m->w[0].type];
     dsmoe__wlinear(y, m->w[0].rows, x, m->w[0].cols, T, &m->w[0], nt, scratch); /* warm-up */
     for (int r = 0; r < reps; r++) {
-        const dsmoe__wmat *w = &m->w[(r + 1) % m->copies];
-        double s = bench_now();
+        const dsmoe__wmat *w = &m->w[(2 * r + 1) % m->copies];
+        double s = bench_now(), c = cpu_now();
         dsmoe__wlinear(y, w->rows, x, w->cols, T, w, nt, scratch);
-        t[r] = bench_now() - s;
+        c = cpu_now() - c;
+        s = bench_now() - s;
+        b.wall = s < b.wall ? s : b.wall;
+        b.cpu = c < b.cpu ? c : b.cpu;
+        if (read_ref) {
+            const char *p = (const char *)m->w[(2 * r + 2) % m->copies].data;
+            s = bench_now();
+            read_copy(p, bytes, nt);
+            s = bench_now() - s;
+            b.read = s < b.read ? s : b.read;
+        }
     }
-    double b = best_of(t, reps);
-    free(t);
     return b;
+}
+
+/* The FMA loop of bench_machine.h in short bursts (about 1 ms), best of reps, by thread
+ * CPU time (one thread): GFLOP/s. */
+static double fma_peak_cpu(int reps) {
+    double best = 1e30;
+    const long iters = 60000;
+    volatile float sink = 0;
+    for (int r = 0; r < reps; r++) {
+        double c = cpu_now();
+        sink = sink + bench_fma_loop512(iters);
+        c = cpu_now() - c;
+        best = c < best ? c : best;
+    }
+    (void)sink;
+    return BENCH_FMA_FLOPS512 * (double)iters / best * 1e-9;
 }
 
 /* BLIS SGEMM y = x · W32ᵀ, the rows split in nt contiguous parts, one call per thread. */
@@ -158,10 +211,15 @@ static void run_moe(const bench_machine *mach, const int *th, int nth, int repea
     const int reps = 50 * repeat;
     float *x = (float *)xmalloc((size_t)D * 4 * (size_t)(reps + 1)), y[2048];
     for (size_t j = 0; j < (size_t)D * (size_t)(reps + 1); j++) x[j] = randn();
-    /* active bytes of one token: the gate (E, D) f32 + K routed and ns shared experts */
-    const double active = (double)E * D * 4 + (double)(K + ns) * 3.0 * F * D * 2;
+    /* active bytes of one token: the gate (E, D) + K routed and ns shared experts, bf16 */
+    const double active = (double)E * D * 2 + (double)(K + ns) * 3.0 * F * D * 2;
+    /* the same-run reference: a streaming read of as many bytes, from a buffer of 4 times
+     * that, interleaved with the forwards */
+    const size_t rbytes = (size_t)active / 256 * 256;
+    char *rbuf = (char *)xmalloc(4 * rbytes);
+    memset(rbuf, 1, 4 * rbytes);
     for (int j = 0; j < nth; j++) {
-        double b = 1e30;
+        double b = 1e30, rb = 1e30;
         for (int r = 0; r <= reps; r++) {
             double s = bench_now();
             if (dsmoe_moe_forward(m, y, x + (size_t)r * D, 1, th[j]) != DSMOE_OK) {
@@ -170,11 +228,16 @@ static void run_moe(const bench_machine *mach, const int *th, int nth, int repea
             }
             s = bench_now() - s;
             if (r > 0 && s < b) b = s;
+            s = bench_now();
+            read_copy(rbuf + (size_t)(r % 4) * rbytes, rbytes, th[j]);
+            s = bench_now() - s;
+            if (s < rb) rb = s;
         }
         const double bw = th[j] > 1 ? mach->read_n : mach->read_1;
-        printf("| MoE layer decode (bf16 packed, D %d, %d x %d, top-%d, %d shared) | %d | %.3f ms | %.1f GB/s | %.0f%% of read bandwidth |\n",
-               D, E, F, K, ns, th[j], b * 1e3, active / b * 1e-9, 100.0 * active / b / bw);
+        printf("| %d | %.3f | %.1f | %.0f%% | %.1f | %.0f%% |\n", th[j], b * 1e3, active / b * 1e-9,
+               100.0 * active / b / bw, (double)rbytes / rb * 1e-9, 100.0 * rb / b);
     }
+    dsmoe_free(rbuf);
     dsmoe_free(x);
     dsmoe_moe_free(m);
 }
@@ -214,7 +277,9 @@ int main(int argc, char **argv) {
     /* decode: T = 1 */
     const int64_t dshape[][2] = {{2048, 2048}, {1408, 2048}, {4096, 2048}, {32000, 2048}};
     const int nds = quick ? 2 : 4;
-    printf("| decode T = 1 | rows x cols | threads | ms | weights GB/s | %% of read bandwidth |\n|---|---|---|---|---|---|\n");
+    printf("Shares: of the header's figure and of a plain streaming read of the same bytes\n"
+           "interleaved with the products (the same-run reference on a busy machine).\n\n");
+    printf("| decode T = 1 | rows x cols | threads | ms | weights GB/s | %% of read bandwidth | same-bytes read GB/s | %% of it |\n|---|---|---|---|---|---|---|---|\n");
     float *x = (float *)xmalloc((size_t)256 * 2048 * 4), *y = (float *)xmalloc((size_t)256 * 32000 * 4);
     for (size_t i = 0; i < (size_t)256 * 2048; i++) x[i] = randn();
     for (int ty = 0; ty < 4; ty++)
@@ -224,10 +289,11 @@ int main(int argc, char **argv) {
             mats_make(&m, (dsmoe__wtype)ty, R, C, (size_t)512 << 20);
             const double bytes = (double)(R * C) * ESZ[ty];
             for (int j = 0; j < nth; j++) {
-                const double sec = time_wlinear(&m, x, y, 1, th[j], 20 * repeat, NULL);
+                const timing tm = time_wlinear(&m, x, y, 1, th[j], 20 * repeat, NULL, 1);
                 const double bw = th[j] > 1 ? mach.read_n : mach.read_1;
-                printf("| %s | %lld x %lld | %d | %.3f | %.1f | %.0f%% |\n", TYPE_NAME[ty], (long long)R,
-                       (long long)C, th[j], sec * 1e3, bytes / sec * 1e-9, 100.0 * bytes / sec / bw);
+                printf("| %s | %lld x %lld | %d | %.3f | %.1f | %.0f%% | %.1f | %.0f%% |\n", TYPE_NAME[ty],
+                       (long long)R, (long long)C, th[j], tm.wall * 1e3, bytes / tm.wall * 1e-9,
+                       100.0 * bytes / tm.wall / bw, bytes / tm.read * 1e-9, 100.0 * tm.read / tm.wall);
             }
             fflush(stdout);
             mats_free(&m);
@@ -239,7 +305,10 @@ int main(int argc, char **argv) {
     const int nps = quick ? 2 : 3;
     const size_t per = dsmoe__wlinear_scratch(2048, T);
     void *scratch = dsmoe_malloc(per * (size_t)maxth);
-    printf("\n| prompt T = 256 | rows x cols | threads | ms | GFLOP/s | %% of FMA peak | BLIS SGEMM (fp32) GFLOP/s | vs SGEMM |\n|---|---|---|---|---|---|---|---|\n");
+    const double peak_cpu = fma_peak_cpu(200);
+    printf("\nOne-thread figures also by thread CPU time (not counting time the thread was\n"
+           "descheduled), against the FMA loop timed the same way: %.1f GFLOP/s.\n", peak_cpu);
+    printf("\n| prompt T = 256 | rows x cols | threads | ms | GFLOP/s | %% of FMA peak | BLIS SGEMM (fp32) GFLOP/s | vs SGEMM | CPU-time GFLOP/s | %% of CPU-time peak |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for (int ty = 0; ty < 4; ty++)
         for (int s = 0; s < nps; s++) {
             const int64_t R = pshape[s][0], C = pshape[s][1];
@@ -249,13 +318,17 @@ int main(int argc, char **argv) {
             dsmoe__wmat_widen(W32, &m.w[0], 0, R);
             const double flops = 2.0 * (double)T * (double)R * (double)C;
             for (int j = 0; j < nth; j++) {
-                const double sec = time_wlinear(&m, x, y, T, th[j], repeat, scratch);
+                const timing tm = time_wlinear(&m, x, y, T, th[j], repeat, scratch, 0);
                 const double sg = time_sgemm(W32, R, C, x, y, T, th[j], repeat);
                 const double peak = th[j] > 1 ? (mach.fma512_n > 0 ? mach.fma512_n : mach.fma256_n)
                                               : (mach.fma512_1 > 0 ? mach.fma512_1 : mach.fma256_1);
-                printf("| %s | %lld x %lld | %d | %.3f | %.1f | %.0f%% | %.1f | %.2fx |\n", TYPE_NAME[ty],
-                       (long long)R, (long long)C, th[j], sec * 1e3, flops / sec * 1e-9,
-                       100.0 * flops / sec * 1e-9 / peak, flops / sg * 1e-9, sg / sec);
+                printf("| %s | %lld x %lld | %d | %.3f | %.1f | %.0f%% | %.1f | %.2fx |", TYPE_NAME[ty],
+                       (long long)R, (long long)C, th[j], tm.wall * 1e3, flops / tm.wall * 1e-9,
+                       100.0 * flops / tm.wall * 1e-9 / peak, flops / sg * 1e-9, sg / tm.wall);
+                if (th[j] == 1)
+                    printf(" %.1f | %.0f%% |\n", flops / tm.cpu * 1e-9, 100.0 * flops / tm.cpu * 1e-9 / peak_cpu);
+                else
+                    printf(" - | - |\n");
             }
             fflush(stdout);
             dsmoe_free(W32);
@@ -265,7 +338,9 @@ int main(int argc, char **argv) {
     dsmoe_free(x);
     dsmoe_free(y);
 
-    printf("\n| MoE layer | threads | ms per token | active weights GB/s | share |\n|---|---|---|---|---|\n");
+    printf("\nMoE layer decode, T = 1: bf16 packed weights, D 2048, 64 experts of 1408, top-6, 2 shared;\n"
+           "active weights per token: the gate and 8 experts' three matrices (all bf16).\n\n");
+    printf("| threads | ms per token | active weights GB/s | %% of read bandwidth | same-bytes read GB/s | %% of it |\n|---|---|---|---|---|---|\n");
     run_moe(&mach, th, nth, repeat);
     return 0;
 }

@@ -7,16 +7,16 @@
  * Results are identical for any thread count: every output element is computed by one
  * thread, in an order fixed by the shapes alone (never by the thread count).
  *
- * Two paths, chosen by T alone (wlinear.c has the details):
- *   - T < DSMOE__WLINEAR_PANEL_T (decode, memory-bound): W streamed once, widened in
- *     registers; each result is a "16-lane" fma sum (column k into lane k mod 16, lanes
- *     combined as a fixed tree, kernels.h). The AVX-512 kernel and the scalar reference
- *     (DSMOE_FORCE_REF=1, or a CPU without AVX-512: AVX2 machines run the reference)
- *     give identical bits.
- *   - T >= DSMOE__WLINEAR_PANEL_T (prompt, compute-bound): panels of W rows widened into
- *     the thread's scratch, one BLIS SGEMM each. BLIS sums in its own order (and picks
- *     its kernels from the CPU), so this path agrees with the decode path and across
- *     CPUs within fp32 rounding (about C · 2^-24 relative to Σ|x·w|), not bit for bit.
+ * Arithmetic: each result is a "16-lane" fma sum (column k into lane k mod 16 as
+ * acc = fma(w, x, acc) in increasing k, the last partial chunk padded with zeros, the
+ * lanes combined as the fixed tree of kernels.h) computed by one kernel in registers:
+ * W streamed once and widened on the fly, tiles of rows × tokens (wlinear.c). The
+ * AVX-512 and AVX2 kernels and the scalar reference (DSMOE_FORCE_REF=1) give identical
+ * bits, and a token's results never depend on the other tokens (T = 1 gives the same
+ * bits as any T). Exception: without AVX-512 and at T >= DSMOE__WLINEAR_PANEL_T, panels
+ * of W rows are widened into the thread's scratch and multiplied by BLIS SGEMM, which
+ * sums in its own order (and picks its kernels from the CPU): that path agrees with the
+ * others within fp32 rounding (about cols · 2^-24 relative to Σ|x·w|), not bit for bit.
  * Widening is exact (bf16, f16, fp8 values are fp32 values); an fp8 element is its
  * value times its block's scale, rounded once to fp32. fp8 S.1111.111 is NaN.
  */
@@ -43,7 +43,7 @@ typedef struct dsmoe__wmat {
     dsmoe__wtype type;
 } dsmoe__wmat;
 
-/* T from which the panel + SGEMM path is taken. */
+/* T from which the path without AVX-512 takes panels + SGEMM. */
 #define DSMOE__WLINEAR_PANEL_T 16
 /* About the bytes of one widened panel (fp32); panels have this / (4 · cols) rows,
  * rounded down to a multiple of 16 and kept in [16, 512]. */
@@ -51,14 +51,16 @@ typedef struct dsmoe__wmat {
 
 /* Bytes of scratch one thread of dsmoe__wlinear needs for products with at most
  * max_cols columns and max_T tokens (64-byte multiple): 0 when max_T <
- * DSMOE__WLINEAR_PANEL_T, else one widened panel (up to about 2 MiB, or 64 · max_cols
- * for max_cols above 32768). */
+ * DSMOE__WLINEAR_PANEL_T, else one widened panel for the path without AVX-512 (up to
+ * about 2 MiB, or 64 · max_cols for max_cols above 32768; the AVX-512 path uses none,
+ * but the kernel set can change at run time, so the size does not depend on it). */
 size_t dsmoe__wlinear_scratch(int64_t max_cols, int64_t max_T);
 
 /* y[t·ldy + o] = Σ_k x[t·ldx + k] · W[o][k] for t < T, o < W->rows (overwrites y).
  * Uses n_threads threads (OpenMP; 1: the caller's thread only); scratch holds
- * n_threads · dsmoe__wlinear_scratch(W->cols, T) bytes, 64-byte aligned. Call it from
- * outside any parallel region. No allocation. */
+ * n_threads · dsmoe__wlinear_scratch(W->cols, T) bytes, 64-byte aligned (NULL is
+ * accepted: no panels are used then, see above). Call it from outside any parallel
+ * region. No allocation. */
 void dsmoe__wlinear(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t T,
                     const dsmoe__wmat *W, int n_threads, void *scratch);
 
