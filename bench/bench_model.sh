@@ -12,6 +12,7 @@
 # Usage: bash bench/bench_model.sh [BUILD_DIR] [--quick] [--layers N]
 #   BUILD_DIR   a configured build with the bench_model target (default: build)
 #   --quick     one repetition, 16 decoded tokens
+#   --save FILE also keep the raw JSON lines of both programs in FILE
 #   --layers N  num_hidden_layers of the model (default 2: one dense and one MoE layer,
 #               3.1 GB in fp32; each further MoE layer adds 2.3 GB fp32, 1.1 GB bf16)
 # Needs Debian's /usr/bin/python3 with python3-numpy and python3-torch, and about twice the
@@ -21,10 +22,12 @@ cd "$(dirname "$0")/.."
 build=build
 quick=0
 layers=2
+save=
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
     --layers) layers=$2; shift ;;
+    --save) save=$2; shift ;;
     *) build=$1 ;;
   esac
   shift
@@ -58,9 +61,13 @@ for dt in f32 bf16; do
   rm -rf "${out:?}/$dt"
 done
 
+if [ -n "$save" ]; then cp "$out/results.jsonl" "$save"; fi
 "$py" - "$out/results.jsonl" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+for r in rows:  # bench_model names the stored dtype ("F32", "BF16"), model_torch the run's
+    if "dtype" in r:
+        r["dtype"] = r["dtype"].lower()
 m = [r for r in rows if r["impl"] == "machine"]
 mods = {r["dtype"]: r for r in rows if r.get("test") == "model"}
 d = {(r["dtype"], r["test"], r["threads"]): r for r in rows if r["impl"] == "dsmoe" and "threads" in r}
