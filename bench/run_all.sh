@@ -51,3 +51,8 @@ for r in rows:
               100 * r["bandwidth_fraction"], r["gflops_per_s"], 100 * r["peak_fraction"],
               100 * r["sgemm_fraction"], r["speedup_vs_blas"]))'
 fi
+if [ -x "$build/bench_wlinear" ]; then
+  echo
+  echo "## Products with weights as stored (attention, dense FFN, head), one and two threads"
+  OMP_NUM_THREADS=2 "$build/bench_wlinear" --threads 1,2
+fi

@@ -9,6 +9,7 @@
  *   dsmoe/balance.h  loss-free bias balancing, balance losses, load statistics
  *   dsmoe/moe.h      the MoE layer: dispatch, SwiGLU experts, combine; backward
  *   dsmoe/model.h    whole models: config.json, tensor table, model directories
+ *   dsmoe/train.h    training data: the byte vocabulary, the built-in corpus, text files
  *
  * Conventions: arrays are row-major (tokens × features); expert indices are
  * int32_t; compute is fp32. Every fallible call returns dsmoe_status and leaves a
@@ -24,5 +25,6 @@
 #include "dsmoe/balance.h"
 #include "dsmoe/moe.h"
 #include "dsmoe/model.h"
+#include "dsmoe/train.h"
 
 #endif /* DSMOE_H */

@@ -83,3 +83,4 @@ dsmoe_extract_example(header ${CMAKE_SOURCE_DIR}/include/dsmoe/router.h ex_route
 dsmoe_extract_example(header ${CMAKE_SOURCE_DIR}/include/dsmoe/balance.h ex_balance.inc)
 dsmoe_extract_example(header ${CMAKE_SOURCE_DIR}/include/dsmoe/io.h ex_io.inc)
 dsmoe_extract_example(header ${CMAKE_SOURCE_DIR}/include/dsmoe/moe.h ex_moe.inc)
+dsmoe_extract_example(header ${CMAKE_SOURCE_DIR}/include/dsmoe/train.h ex_train.inc)

@@ -145,8 +145,19 @@ void doc_example_moe(int64_t T, float *y, const float *x) {
 #include "ex_moe.inc"
 }
 
+/* include/dsmoe/train.h: run (the default corpus, four windows). */
+static void test_train_h(void) {
+    dsmoe_clear_error();
+    {
+// cppcheck-suppress missingInclude
+#include "ex_train.inc"
+    }
+    ASSERT_TRUE(dsmoe_last_error()[0] == '\0');
+}
+
 int main(void) {
     RUN(test_readme_quick_start);
+    RUN(test_train_h);
     RUN(test_router_h);
     RUN(test_balance_h);
     RUN(test_io_h);

@@ -3,9 +3,11 @@
  * independent fp64 reference (tests/ref/model_ref.py, files by gen_model_golden.py) on
  * every golden model directory: RoPE / YaRN frequencies, layer 0's attention (RMSNorm +
  * naive MLA: q_lora_rank with and without, YaRN on and off, adjacent-pair rotation over
- * T >= 5 positions), then the whole stack composed here from the blocks, the dense SwiGLU
+ * T >= 9 positions), then the whole stack composed here from the blocks, the dense SwiGLU
  * and the library's MoE layer (dsmoe_moe_*): the residual stream after every layer and
- * the logits at every position.
+ * the logits at every position. The twins (one model's weights laid out otherwise:
+ * sharded / one file, with / without the stored MTP layer, fp8 blocks / dequantized F32)
+ * have byte-identical golden logits and give bit-identical results here.
  */
 #include "model/model_internal.h"
 #include "model_testutil.h"
@@ -102,19 +104,23 @@ static dsmoe_moe *moe_load(const dsmoe_model_files *mf, const dsmoe_model_config
     return moe;
 }
 
-static void run_case(const char *name) {
+/* The composed stack on golden case `name` against its reference files; returns the
+ * stack's logits (malloc'd, *n_out elements) or NULL. */
+static float *run_case(const char *name, int64_t *n_out) {
     char dir[512], path[700];
+    float *out = NULL;
+    *n_out = 0;
     snprintf(dir, sizeof dir, "%s%s", MT_GOLDEN, name);
     dsmoe_model_config c;
     dsmoe_model_files *mf = NULL;
     ASSERT_OK(dsmoe_model_config_from_dir(dir, &c));
     ASSERT_OK(dsmoe_model_files_open(dir, &c, &mf));
-    if (!mf) return;
+    if (!mf) return NULL;
     const int32_t D = c.hidden_size, V = c.vocab_size, half = c.qk_rope_head_dim / 2;
     int64_t T, n;
     snprintf(path, sizeof path, "%s/tokens.npy", dir);
     double *tok = mt_npy64(path, &T);
-    ASSERT_TRUE(T >= 5);
+    ASSERT_TRUE(T >= 9);
     snprintf(path, sizeof path, "%s/inv_freq.npy", dir);
     int64_t nf;
     double *f_ref = mt_npy64(path, &nf);
@@ -127,7 +133,7 @@ static void run_case(const char *name) {
     snprintf(path, sizeof path, "%s/logits.npy", dir);
     double *logit_ref = mt_npy64(path, &n);
     ASSERT_EQ_INT(n, T * V);
-    if (!tok || !f_ref || !attn_ref || !hid_ref || !logit_ref || T < 5) goto done;
+    if (!tok || !f_ref || !attn_ref || !hid_ref || !logit_ref || T < 9) goto done;
 
     /* RoPE frequencies (YaRN's ramp included) in double. */
     double f[512] = {0};
@@ -185,9 +191,10 @@ static void run_case(const char *name) {
             logits[t * V + v] = acc;
         }
     close_to("logits", logits, logit_ref, T * V, 2e-5);
+    out = logits;
+    *n_out = T * V;
     if (head != emb) free(head);
     free(fn);
-    free(logits);
     free(emb);
     free(scratch);
     free(h);
@@ -201,21 +208,117 @@ done:
     free(hid_ref);
     free(logit_ref);
     dsmoe_model_files_close(mf);
+    return out;
 }
 
-static void test_v3_yarn_q(void) { run_case("v3_yarn_q"); }
-static void test_v2_glg_sharded(void) { run_case("v2_glg_sharded"); }
-static void test_moonlight_freq(void) { run_case("moonlight_freq"); }
-static void test_fp8_blocks(void) { run_case("fp8_blocks"); }
+#define CASES "v3_yarn_q\nv2_glg_sharded\nmoonlight_freq\nfp8_blocks\nv2lite_greedy\n" \
+              "v3_dense_moe\nv2_glg_single\nv3_yarn_q_nomtp\nfp8_blocks_f32\n"
 
-/* Every case of the MANIFEST has a test above. */
+/* The MANIFEST lists exactly these cases (the whole-model tests run on each of them). */
 static void test_manifest(void) {
     size_t len;
     char *m = mt_read(MT_GOLDEN "MANIFEST", &len);
     ASSERT_TRUE(m != NULL);
     if (!m) return;
-    ASSERT_TRUE(strcmp(m, "v3_yarn_q\nv2_glg_sharded\nmoonlight_freq\nfp8_blocks\n") == 0);
+    if (strcmp(m, CASES) != 0) TL_FAIL("MANIFEST is\n%s", m);
     free(m);
+}
+
+/* The composed stack on every case of the MANIFEST. */
+static void test_every_case(void) {
+    size_t len;
+    char *m = mt_read(MT_GOLDEN "MANIFEST", &len);
+    ASSERT_TRUE(m != NULL);
+    int cases = 0;
+    for (char *line = m, *nl; line && *line; line = nl + 1) {
+        nl = strchr(line, '\n');
+        if (!nl) break;
+        *nl = '\0';
+        int before = tl_failures;
+        int64_t n;
+        free(run_case(line, &n));
+        if (tl_failures != before) fprintf(stderr, "  (in case %s)\n", line);
+        cases++;
+    }
+    ASSERT_EQ_INT(cases, 9);
+    free(m);
+}
+
+/* The stored dtype of a tensor of case `name`, into buf; the shard and MTP counts. */
+static void layout(const char *name, const char *tensor, char *buf, size_t cap, int32_t *shards,
+                   int32_t *mtp) {
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s%s", MT_GOLDEN, name);
+    dsmoe_model_config c;
+    dsmoe_model_files *mf = NULL;
+    buf[0] = '\0';
+    *shards = *mtp = -1;
+    ASSERT_OK(dsmoe_model_config_from_dir(dir, &c));
+    ASSERT_OK(dsmoe_model_files_open(dir, &c, &mf));
+    if (!mf) return;
+    dsmoe_model_tensor_info t;
+    ASSERT_OK(dsmoe_model_files_get(mf, tensor, &t));
+    snprintf(buf, cap, "%s", t.stored_dtype);
+    *shards = dsmoe_model_files_shard_count(mf);
+    *mtp = dsmoe_model_files_mtp_depths(mf);
+    dsmoe_model_files_close(mf);
+}
+
+/* Cases a and b hold the same model: identical golden tokens and logits files, both
+ * load, and the stack gives the same bits on both. */
+static void check_twins(const char *a, const char *b) {
+    static const char *const files[] = {"tokens.npy", "logits.npy", "hidden.npy"};
+    for (int k = 0; k < 3; k++) {
+        char pa[700], pb[700];
+        size_t la, lb;
+        snprintf(pa, sizeof pa, "%s%s/%s", MT_GOLDEN, a, files[k]);
+        snprintf(pb, sizeof pb, "%s%s/%s", MT_GOLDEN, b, files[k]);
+        char *ta = mt_read(pa, &la), *tb = mt_read(pb, &lb);
+        ASSERT_TRUE(ta != NULL && tb != NULL);
+        if (ta && tb && (la != lb || memcmp(ta, tb, la) != 0))
+            TL_FAIL("%s and %s: %s differ", a, b, files[k]);
+        free(ta);
+        free(tb);
+    }
+    int64_t na, nb;
+    float *ya = run_case(a, &na), *yb = run_case(b, &nb);
+    ASSERT_TRUE(ya != NULL && yb != NULL);
+    ASSERT_EQ_INT(na, nb);
+    if (ya && yb && na == nb && memcmp(ya, yb, (size_t)na * sizeof *ya) != 0)
+        TL_FAIL("%s and %s: the stack's logits differ", a, b);
+    free(ya);
+    free(yb);
+}
+
+static void test_sharded_single(void) {
+    char da[32], db[32];
+    int32_t sa, sb, ma, mb;
+    layout("v2_glg_sharded", "model.layers.1.mlp.experts.0.down_proj.weight", da, sizeof da, &sa, &ma);
+    layout("v2_glg_single", "model.layers.1.mlp.experts.0.down_proj.weight", db, sizeof db, &sb, &mb);
+    ASSERT_EQ_INT(sa, 3);
+    ASSERT_EQ_INT(sb, 1);
+    ASSERT_TRUE(strcmp(da, "BF16") == 0 && strcmp(db, "BF16") == 0);
+    check_twins("v2_glg_sharded", "v2_glg_single");
+}
+
+static void test_mtp_ignored(void) {
+    char da[32], db[32];
+    int32_t sa, sb, ma, mb;
+    layout("v3_yarn_q", "model.norm.weight", da, sizeof da, &sa, &ma);
+    layout("v3_yarn_q_nomtp", "model.norm.weight", db, sizeof db, &sb, &mb);
+    ASSERT_EQ_INT(ma, 1);
+    ASSERT_EQ_INT(mb, 0);
+    check_twins("v3_yarn_q", "v3_yarn_q_nomtp");
+}
+
+static void test_fp8_dequantized(void) {
+    char da[32], db[32];
+    int32_t sa, sb, ma, mb;
+    layout("fp8_blocks", "model.layers.0.mlp.gate_proj.weight", da, sizeof da, &sa, &ma);
+    layout("fp8_blocks_f32", "model.layers.0.mlp.gate_proj.weight", db, sizeof db, &sb, &mb);
+    ASSERT_TRUE(strcmp(da, "F8_E4M3") == 0);
+    ASSERT_TRUE(strcmp(db, "F32") == 0);
+    check_twins("fp8_blocks", "fp8_blocks_f32");
 }
 
 static void test_mla_arguments(void) {
@@ -237,10 +340,10 @@ static void test_mla_arguments(void) {
 
 int main(void) {
     RUN(test_manifest);
-    RUN(test_v3_yarn_q);
-    RUN(test_v2_glg_sharded);
-    RUN(test_moonlight_freq);
-    RUN(test_fp8_blocks);
+    RUN(test_every_case);
+    RUN(test_sharded_single);
+    RUN(test_mtp_ignored);
+    RUN(test_fp8_dequantized);
     RUN(test_mla_arguments);
     return TEST_SUMMARY();
 }

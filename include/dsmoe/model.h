@@ -275,7 +275,10 @@ DSMOE_API const dsmoe_model_config *dsmoe_model_get_config(const dsmoe_model *m)
 DSMOE_API const dsmoe_model_files *dsmoe_model_get_files(const dsmoe_model *m);
 
 /* A cache of up to `capacity` positions (1 .. max_position_embeddings) for sequences
- * of model m; usable with m only. Errors: INVALID_ARGUMENT, OUT_OF_MEMORY. */
+ * of model m; usable with m only. Besides capacity · dsmoe_model_cache_bytes_per_token
+ * bytes it owns the attention scratch for that capacity (n_threads · capacity ·
+ * (qk_nope_head_dim + v_head_dim + 1) floats), so that forward allocates nothing.
+ * Errors: INVALID_ARGUMENT, OUT_OF_MEMORY. */
 DSMOE_API dsmoe_status dsmoe_model_cache_create(const dsmoe_model *m, int64_t capacity,
                                                 dsmoe_model_cache **out);
 /* NULL is a no-op. */
@@ -293,7 +296,8 @@ DSMOE_API int64_t dsmoe_model_cache_bytes_per_token(const dsmoe_model_config *cf
 DSMOE_API int64_t dsmoe_model_mha_cache_bytes_per_token(const dsmoe_model_config *cfg);
 
 /* Flags of dsmoe_model_forward. */
-#define DSMOE_MODEL_ATTN_AUTO 0u     /* naive when T > 4 new tokens, absorbed otherwise */
+#define DSMOE_MODEL_ATTN_AUTO 0u     /* naive when the call has T > 4 new tokens, absorbed
+                                        otherwise (the whole call, every chunk) */
 #define DSMOE_MODEL_ATTN_NAIVE 1u
 #define DSMOE_MODEL_ATTN_ABSORBED 2u
 #define DSMOE_MODEL_LOGITS_LAST 4u   /* logits of the last token only: (V) not (T, V) */
@@ -305,7 +309,9 @@ DSMOE_API int64_t dsmoe_model_mha_cache_bytes_per_token(const dsmoe_model_config
  * INVALID_ARGUMENT (NULL, T < 1, unknown or conflicting flags, a cache of another
  * model; also a token id outside [0, vocab_size), the message naming its index and
  * value), WORKSPACE_TOO_SMALL when len + T exceeds the cache's capacity (the message
- * says both), NON_FINITE when a hidden state becomes NaN or Inf (naming the layer). */
+ * says both), NON_FINITE when a hidden state becomes NaN or Inf (naming the layer; the
+ * cache goes back to len, and only the logits of chunks before the failing one may
+ * have been written). */
 DSMOE_API dsmoe_status dsmoe_model_forward(dsmoe_model *m, dsmoe_model_cache *cache,
                                            const int32_t *tokens, int64_t T, float *logits,
                                            unsigned flags);

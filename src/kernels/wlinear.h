@@ -6,6 +6,19 @@
  *
  * Results are identical for any thread count: every output element is computed by one
  * thread, in an order fixed by the shapes alone (never by the thread count).
+ *
+ * Two paths, chosen by T alone (wlinear.c has the details):
+ *   - T < DSMOE__WLINEAR_PANEL_T (decode, memory-bound): W streamed once, widened in
+ *     registers; each result is a "16-lane" fma sum (column k into lane k mod 16, lanes
+ *     combined as a fixed tree, kernels.h). The AVX-512 kernel and the scalar reference
+ *     (DSMOE_FORCE_REF=1, or a CPU without AVX-512: AVX2 machines run the reference)
+ *     give identical bits.
+ *   - T >= DSMOE__WLINEAR_PANEL_T (prompt, compute-bound): panels of W rows widened into
+ *     the thread's scratch, one BLIS SGEMM each. BLIS sums in its own order (and picks
+ *     its kernels from the CPU), so this path agrees with the decode path and across
+ *     CPUs within fp32 rounding (about C · 2^-24 relative to Σ|x·w|), not bit for bit.
+ * Widening is exact (bf16, f16, fp8 values are fp32 values); an fp8 element is its
+ * value times its block's scale, rounded once to fp32. fp8 S.1111.111 is NaN.
  */
 #ifndef DSMOE_KERNELS_WLINEAR_H
 #define DSMOE_KERNELS_WLINEAR_H
@@ -30,8 +43,16 @@ typedef struct dsmoe__wmat {
     dsmoe__wtype type;
 } dsmoe__wmat;
 
+/* T from which the panel + SGEMM path is taken. */
+#define DSMOE__WLINEAR_PANEL_T 16
+/* About the bytes of one widened panel (fp32); panels have this / (4 · cols) rows,
+ * rounded down to a multiple of 16 and kept in [16, 512]. */
+#define DSMOE__WLINEAR_PANEL_BYTES (2u << 20)
+
 /* Bytes of scratch one thread of dsmoe__wlinear needs for products with at most
- * max_cols columns and max_T tokens (64-byte multiple; may be 0). */
+ * max_cols columns and max_T tokens (64-byte multiple): 0 when max_T <
+ * DSMOE__WLINEAR_PANEL_T, else one widened panel (up to about 2 MiB, or 64 · max_cols
+ * for max_cols above 32768). */
 size_t dsmoe__wlinear_scratch(int64_t max_cols, int64_t max_T);
 
 /* y[t·ldy + o] = Σ_k x[t·ldx + k] · W[o][k] for t < T, o < W->rows (overwrites y).
@@ -41,7 +62,8 @@ size_t dsmoe__wlinear_scratch(int64_t max_cols, int64_t max_T);
 void dsmoe__wlinear(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t T,
                     const dsmoe__wmat *W, int n_threads, void *scratch);
 
-/* Widens rows [r0, r1) of W to fp32 into dst ((r1 − r0) · cols floats). */
+/* Widens rows [r0, r1) of W to fp32 into dst ((r1 − r0) · cols floats; any alignment).
+ * Exact for F32 / BF16 / F16; F8E4M3: value × scale, one fp32 rounding. */
 void dsmoe__wmat_widen(float *dst, const dsmoe__wmat *W, int64_t r0, int64_t r1);
 
 #endif /* DSMOE_KERNELS_WLINEAR_H */

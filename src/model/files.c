@@ -717,3 +717,28 @@ dsmoe_status dsmoe_model_files_read_f32(const dsmoe_model_files *mf, const char 
                             (long long)(bad % cols), (double)dst[bad]);
     return DSMOE_OK;
 }
+
+dsmoe_status dsmoe__model_files_view(const dsmoe_model_files *mf, const char *name,
+                                     dsmoe__wmat *out) {
+    dsmoe_status s;
+    const mf_entry *e = lookup(mf, name, &s);
+    if (!e) return s;
+    if (!out) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "view %s: NULL out", name);
+    memset(out, 0, sizeof *out);
+    out->data = e->view.data;
+    out->rows = e->spec.shape[0];
+    out->cols = e->spec.ndim == 2 ? e->spec.shape[1] : 1;
+    if (e->f8) {
+        out->type = DSMOE__WT_F8E4M3;
+        out->scale = e->scale.data;
+        out->br = mf->cfg.fp8_block_rows;
+        out->bc = mf->cfg.fp8_block_cols;
+    } else if (e->view.dtype == DSMOE_DTYPE_BF16) {
+        out->type = DSMOE__WT_BF16;
+    } else if (e->view.dtype == DSMOE_DTYPE_F16) {
+        out->type = DSMOE__WT_F16;
+    } else {
+        out->type = DSMOE__WT_F32; /* the only other dtype open lets through */
+    }
+    return DSMOE_OK;
+}

@@ -6,6 +6,7 @@
 
 #include "core/internal.h"
 #include "io/json.h"
+#include "kernels/wlinear.h"
 #include "dsmoe/model.h"
 
 #include <stddef.h>
@@ -20,6 +21,12 @@
  * (read through memcpy). Returns the index of the first non-finite result, or -1. */
 int64_t dsmoe__fp8_dequant(float *dst, const uint8_t *w, int64_t rows, int64_t cols,
                            const void *scale_inv, int32_t br, int32_t bc);
+
+/* A table tensor's stored data as a product operand (files.c): F32, BF16, F16, or
+ * F8E4M3 with its block scales; vectors come out as (n, 1). Valid while mf is open.
+ * NOT_FOUND names an unknown tensor. */
+dsmoe_status dsmoe__model_files_view(const dsmoe_model_files *mf, const char *name,
+                                     dsmoe__wmat *out);
 
 /* ------------------------------------------------ forward building blocks (blocks.c) */
 
@@ -53,6 +60,30 @@ dsmoe_status dsmoe__mla_forward(const dsmoe_model_config *c, const dsmoe__mla_we
  * scratch holds 2·T·I floats. */
 void dsmoe__swiglu(float *y, const float *x, const float *gate, const float *up, const float *down,
                    int64_t T, int32_t D, int32_t I, float *scratch);
+
+/* --------------------------------------------- attention over the cache (attention.c) */
+
+/* One layer's attention for T queries at positions pos0 .. pos0 + T − 1 over the
+ * cached positions 0 .. pos0 + T − 1 (causal). */
+typedef struct dsmoe__attn_args {
+    const dsmoe_model_config *c;
+    const float *q;    /* (T, H, n + r): q_nope | q_pe, q_pe rotated */
+    const float *kv;   /* (pos0 + T, c + r): the layer's cache rows, latent | rotated k_pe */
+    const float *kv_b; /* (H (n + v), c) fp32: per head W_UK_h (n, c) then W_UV_h (v, c) */
+    float *out;        /* (T, H v) */
+    int64_t T, pos0;
+    float scale;       /* dsmoe__attn_scale */
+    int n_threads;
+    float *scratch;    /* n_threads · per_thread floats */
+    size_t per_thread; /* >= dsmoe__attn_scratch_floats(c, pos0 + T) */
+} dsmoe__attn_args;
+
+/* Floats of scratch one thread of either form needs for P positions (a multiple of 16). */
+size_t dsmoe__attn_scratch_floats(const dsmoe_model_config *c, int64_t P);
+/* The naive form: every cached latent expanded through kv_b_proj (threads over heads). */
+void dsmoe__attn_naive(const dsmoe__attn_args *a);
+/* The absorbed form: attention on the latents (threads over query × head). */
+void dsmoe__attn_absorbed(const dsmoe__attn_args *a);
 
 /* Skips one well-formed JSON value of any kind (numbers by the full RFC 8259 grammar,
  * which io/json.h's reader does not read). `key` names it in messages. */

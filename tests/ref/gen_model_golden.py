@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """gen_model_golden.py — writes the tiny model directories under tests/golden/model/.
 
-Usage (Debian's interpreter, which has numpy):
+Usage (Debian's interpreter, which has numpy and torch):
     /usr/bin/python3 tests/ref/gen_model_golden.py [--out DIR]
 
 Each case is a Hugging Face-style model directory <case>/ holding
@@ -21,10 +21,23 @@ is exactly what an fp32 product gives, for the block-scale test.
 Refusal fixtures (no results): fp8_noscale/ (a _scale_inv missing), fp8_badscale/ (a
 _scale_inv of the wrong shape).
 
+The cases (MANIFEST lists them, in order): v3_yarn_q, v2_glg_sharded, moonlight_freq,
+fp8_blocks, v2lite_greedy, v3_dense_moe (drawn, T 9..16), then the twins, which hold
+another case's weights laid out otherwise and have byte-identical tokens, logits and
+hidden files: v2_glg_single (v2_glg_sharded's shards in one file), v3_yarn_q_nomtp
+(v3_yarn_q without its stored MTP layer, num_nextn_predict_layers 0), fp8_blocks_f32
+(fp8_blocks dequantized to F32, exactly: the block scales carry 16 significant bits, so
+fp8 * scale fits fp32; no quantization_config).
+
 Routing decisions are kept away from ties: every routed token's decision margin (relative
 gap at the group and expert boundaries, dsmoe_ref.selection_margin) must be >= 1e-4 or the
-case is redrawn with the next seed, so fp32 and fp64 pick the same experts. The naive
-and absorbed attention forms are checked to agree on every case. Deterministic.
+case is redrawn with the next seed, so fp32 and fp64 pick the same experts. On every case
+the naive and absorbed attention forms agree, and decoding token by token from a cache of
+latents and rope keys (model_ref.forward_decode) gives the full forward's logits, and so
+does a second formulation in torch laid out as the official inference code
+(model_torch.py: complex RoPE, einsum MLA naive and absorbed with caches fed whole, token by
+token and in prompt chunks, the official gate), all to 1e-10 of the logits' scale; RoPE
+frequencies agree to 1e-15. Deterministic: two runs write the same bytes.
 """
 
 import argparse
@@ -40,6 +53,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dsmoe_ref as R  # noqa: E402
 import model_ref as M  # noqa: E402
+import model_torch as MT  # noqa: E402
 
 MARGIN = 1e-4
 
@@ -83,7 +97,7 @@ def base_config(**kw):
 
 CASES = [
     # V3-like: q_lora_rank, YaRN, sigmoid / noaux_tc with groups, an MTP layer stored.
-    dict(name="v3_yarn_q", storage="F32", shards=1, T=7, seed=11, config=base_config(
+    dict(name="v3_yarn_q", storage="F32", shards=1, T=9, seed=11, config=base_config(
         hidden_size=23, intermediate_size=19, moe_intermediate_size=9, num_hidden_layers=3,
         first_k_dense_replace=1, num_attention_heads=3, num_key_value_heads=3, q_lora_rank=13,
         kv_lora_rank=11, qk_nope_head_dim=5, qk_rope_head_dim=6, v_head_dim=7, n_routed_experts=8,
@@ -95,7 +109,7 @@ CASES = [
                       "type": "yarn"})),
     # V2-like: plain q_proj, YaRN with mscale 0.707, softmax / group_limited_greedy,
     # unnormalised weights, BF16 in three shards.
-    dict(name="v2_glg_sharded", storage="BF16", shards=3, T=6, seed=23, config=base_config(
+    dict(name="v2_glg_sharded", storage="BF16", shards=3, T=10, seed=23, config=base_config(
         architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
         hidden_size=21, intermediate_size=17, moe_intermediate_size=5, num_hidden_layers=3,
         first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=None,
@@ -108,7 +122,7 @@ CASES = [
                       "rope_type": "yarn"})),
     # Moonlight-like: no YaRN, theta 50000, one group, moe_layer_freq 2 (layers 2 MoE, 1
     # and 3 dense), no shared experts, tied embeddings, F16.
-    dict(name="moonlight_freq", storage="F16", shards=1, T=5, seed=37, config=base_config(
+    dict(name="moonlight_freq", storage="F16", shards=1, T=11, seed=37, config=base_config(
         hidden_size=19, intermediate_size=15, moe_intermediate_size=6, num_hidden_layers=4,
         first_k_dense_replace=1, moe_layer_freq=2, num_attention_heads=4, num_key_value_heads=4,
         q_lora_rank=None, kv_lora_rank=7, qk_nope_head_dim=3, qk_rope_head_dim=2, v_head_dim=3,
@@ -118,7 +132,7 @@ CASES = [
         tie_word_embeddings=True)),
     # DeepSeek-V3's fp8 storage: projections F8_E4M3 with 128x128 block scales (the dense
     # FFN of 130 has partial edge blocks), embedding, norms, gate and head BF16.
-    dict(name="fp8_blocks", storage="F8", shards=1, T=6, seed=53, config=base_config(
+    dict(name="fp8_blocks", storage="F8", shards=1, T=9, seed=53, config=base_config(
         hidden_size=20, intermediate_size=130, moe_intermediate_size=6, num_hidden_layers=2,
         first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=12,
         kv_lora_rank=10, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=4,
@@ -126,6 +140,36 @@ CASES = [
         topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5, vocab_size=31,
         quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                              "weight_block_size": [128, 128]})),
+    # V2-Lite-like: plain q_proj, no YaRN, softmax / greedy (no groups), unnormalised
+    # weights, two dense layers then three MoE layers, two shared experts, BF16.
+    dict(name="v2lite_greedy", storage="BF16", shards=1, T=12, seed=71, config=base_config(
+        architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
+        hidden_size=27, intermediate_size=21, moe_intermediate_size=7, num_hidden_layers=5,
+        first_k_dense_replace=2, num_attention_heads=3, num_key_value_heads=3, q_lora_rank=None,
+        kv_lora_rank=9, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5, n_routed_experts=8,
+        n_shared_experts=2, num_experts_per_tok=3, n_group=1, topk_group=1, scoring_func="softmax",
+        topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0, vocab_size=37)),
+    # V3-like, small: q_lora_rank, YaRN (rope_type spelling, factor 4, theta 500 and L0 200
+    # so that the second pair's ramp is 1/2 and it turns visibly over 16 positions),
+    # sigmoid / noaux_tc with 2 groups,
+    # 2 dense then 2 MoE layers, n_shared_experts 0, five heads, tied embeddings, F16.
+    dict(name="v3_dense_moe", storage="F16", shards=1, T=16, seed=89, config=base_config(
+        hidden_size=17, intermediate_size=13, moe_intermediate_size=5, num_hidden_layers=4,
+        first_k_dense_replace=2, num_attention_heads=5, num_key_value_heads=5, q_lora_rank=7,
+        kv_lora_rank=5, qk_nope_head_dim=3, qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=6,
+        n_shared_experts=0, num_experts_per_tok=2, n_group=2, topk_group=1, scoring_func="sigmoid",
+        topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=1.8, vocab_size=53,
+        tie_word_embeddings=True, rope_theta=500.0, max_position_embeddings=512,
+        rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 4.0, "mscale": 1.0,
+                      "mscale_all_dim": 1.0, "original_max_position_embeddings": 200,
+                      "rope_type": "yarn"})),
+    # Twins: another case's weights laid out differently; their logits must be the same
+    # bytes. The same shards in one file; v3_yarn_q without its MTP layer; fp8_blocks
+    # dequantized to F32 (exact: the block scales carry 16 significant bits, so
+    # fp8 * scale fits fp32) under a config without quantization_config.
+    dict(name="v2_glg_single", twin="v2_glg_sharded", shards=1),
+    dict(name="v3_yarn_q_nomtp", twin="v3_yarn_q", drop_mtp=True),
+    dict(name="fp8_blocks_f32", twin="fp8_blocks", dequant=True),
 ]
 
 
@@ -171,6 +215,8 @@ def store(case, cfg, table, W, rng):
             codes = ((sgn << 7) | (e << 3) | m).astype(np.uint8)
             b = 1.0 / math.sqrt(shape[1])
             scale = rng.uniform(0.05, 0.15, size=nb).astype(np.float32) * np.float32(b)
+            fr, ex = np.frexp(scale.astype(np.float64))          # 16 significant bits
+            scale = np.ldexp(np.round(fr * 2.0 ** 16) / 2.0 ** 16, ex).astype(np.float32)
             deq = M.fp8_dequant(codes, scale, cfg.block)
             exact[name] = deq
             out.append((name, "F8_E4M3", shape, codes.tobytes()))
@@ -215,24 +261,75 @@ def write_dir(path, case, tensors):
         f.write("\n")
 
 
-def gen_case(case, root):
+def draw(case):
+    """Draws the weights and tokens of a case until routing keeps its margins; returns
+    (cfg, tensors as stored, their exact fp64 values, tokens, margins)."""
     cfg = M.Config(case["config"])
-    mtp = cfg.mtp
-    table = M.tensor_table(cfg, mtp)
+    table = M.tensor_table(cfg, cfg.mtp)
     for attempt in range(50):
         rng = np.random.default_rng(case["seed"] + 1000 * attempt)
         W = make_weights(cfg, table, rng)
         tensors, exact = store(case, cfg, table, W, rng)
         tokens = rng.integers(0, cfg.V, size=case["T"]).astype(np.int32)
-        margins, trace = [], {}
-        logits = M.forward(cfg, exact, tokens, margins=margins, trace=trace)
+        margins = []
+        M.forward(cfg, exact, tokens, margins=margins)
         if not margins or min(margins) >= MARGIN:
-            break
+            return cfg, tensors, exact, tokens, margins
+    raise RuntimeError(f"{case['name']}: no draw with routing margins >= {MARGIN}")
+
+
+def make_twin(case, base):
+    """The case's files from its base case's weights: (case with config, tensors)."""
+    bcase, bcfg, btensors, exact = base["case"], base["cfg"], base["tensors"], base["exact"]
+    tw = dict(bcase, name=case["name"], shards=case.get("shards", bcase["shards"]),
+              config=json.loads(json.dumps(bcase["config"])))
+    tensors = btensors
+    if case.get("drop_mtp"):
+        assert bcfg.mtp > 0
+        tw["config"]["num_nextn_predict_layers"] = 0
+        mtp = tuple(f"model.layers.{l}." for l in range(bcfg.L, bcfg.L + bcfg.mtp))
+        tensors = [t for t in btensors if not t[0].startswith(mtp)]
+        assert len(tensors) < len(btensors)
+    if case.get("dequant"):
+        del tw["config"]["quantization_config"]
+        tw["storage"] = "F32"
+        tensors = []
+        for name, shape in M.tensor_table(bcfg, bcfg.mtp):
+            v32 = exact[name].astype(np.float32)
+            assert np.array_equal(v32.astype(np.float64), exact[name]), name   # exact in fp32
+            tensors.append((name, "F32", shape, v32.astype("<f4").tobytes()))
+    return tw, tensors
+
+
+def gen_case(case, root, done):
+    twin_of = case.get("twin")
+    if twin_of:
+        base = done[twin_of]
+        case, tensors = make_twin(case, base)
+        cfg, exact, tokens, margins = M.Config(case["config"]), base["exact"], base["tokens"], base["margins"]
     else:
-        raise RuntimeError(f"{case['name']}: no draw with routing margins >= {MARGIN}")
+        cfg, tensors, exact, tokens, margins = draw(case)
+    mtp = cfg.mtp
+    trace = {}
+    logits = M.forward(cfg, exact, tokens, trace=trace)
     absorbed = M.forward(cfg, exact, tokens, absorbed=True)
-    err = np.max(np.abs(absorbed - logits)) / max(1.0, np.max(np.abs(logits)))
-    assert err < 1e-10, (case["name"], err)
+    scale = max(1.0, np.max(np.abs(logits)))
+    err = np.max(np.abs(absorbed - logits)) / scale
+    assert err < 1e-10, (case["name"], "naive against absorbed", err)
+    # Token by token with the cache of latents and rope keys: the full forward's logits.
+    decoded = M.forward_decode(cfg, exact, tokens)
+    derr = np.max(np.abs(decoded - logits)) / scale
+    assert derr < 1e-10, (case["name"], "decode against full forward", derr)
+    # The second formulation (torch, the official code's layout): RoPE frequencies, and the
+    # logits with both attention forms, whole and fed in chunks through the caches.
+    T = len(tokens)
+    assert np.max(np.abs(MT.inv_freq(cfg) - M.rope_inv_freq(cfg))) <= 1e-15, case["name"]
+    terr = 0.0
+    for impl, chunks in (("naive", None), ("absorb", None), ("absorb", [1] * T),
+                         ("naive", [5] + [1] * (T - 5)), ("absorb", [4, 3] + [1] * (T - 7))):
+        e = np.max(np.abs(MT.logits(cfg, exact, tokens, impl, chunks) - logits)) / scale
+        assert e < 1e-10, (case["name"], "torch formulation", impl, chunks, e)
+        terr = max(terr, e)
     path = os.path.join(root, case["name"])
     shutil.rmtree(path, ignore_errors=True)
     write_dir(path, case, tensors)
@@ -253,10 +350,16 @@ def gen_case(case, root):
             deq32 = M.fp8_e4m3_decode(codes).astype(np.float32) * s.astype(np.float32)
             np.save(os.path.join(path, f"dequant.{name}.npy"), deq32.astype(np.float32))
         gen_fp8_refusals(case, root, tensors)
+    done[case["name"]] = dict(case=case, cfg=cfg, tensors=tensors, exact=exact, tokens=tokens,
+                              margins=margins, logits=logits)
+    if twin_of:
+        # The same weights laid out otherwise: the same logits, to the bit.
+        assert np.array_equal(logits, done[twin_of]["logits"]), case["name"]
     margin = min(margins) if margins else math.inf
-    print(f"{case['name']}: T={case['T']} V={cfg.V} layers={cfg.L} mtp={mtp} "
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    print(f"{case['name']}: T={len(tokens)} V={cfg.V} layers={cfg.L} mtp={mtp} "
           f"min margin {margin:.3g}, |logits| max {np.max(np.abs(logits)):.3g}, "
-          f"naive-absorbed {err:.2g}")
+          f"naive-absorbed {err:.2g}, decode-full {derr:.2g}, torch {terr:.2g}, {size} bytes")
 
 
 def gen_fp8_refusals(case, root, tensors):
@@ -283,8 +386,9 @@ def main():
     ap.add_argument("--out", default=os.path.join(here, "..", "golden", "model"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    done = {}
     for case in CASES:
-        gen_case(case, a.out)
+        gen_case(case, a.out, done)
     with open(os.path.join(a.out, "MANIFEST"), "w") as f:
         for case in CASES:
             f.write(case["name"] + "\n")

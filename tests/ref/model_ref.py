@@ -28,7 +28,10 @@ FFN: dense SwiGLU down(silu(gate x) * up x) for layers < first_k_dense_replace o
 l % moe_layer_freq != 0; else the MoE layer: router of dsmoe_ref (fp64) chosen from
 scoring_func / topk_method, experts and the shared expert as in moe_ref.
 
-Run `python3 model_ref.py` for the self-checks (naive == absorbed, RoPE relative-
+Decoding (forward_decode): one token at a time, the cache holding per layer and token
+only the normalised latent and the rotated k_pe (c + r values), absorbed attention.
+
+Run `python3 model_ref.py` for the self-checks (naive == absorbed == decoding, RoPE relative-
 position property, the YaRN ramp at its ends, fp8 decoding).
 """
 
@@ -309,6 +312,57 @@ def forward(cfg, W, tokens, absorbed=False, margins=None, trace=None):
     return rmsnorm(h, W["model.norm.weight"], cfg.eps) @ head.T
 
 
+# ------------------------------------------------------------- decoding --
+
+def attention_step(cfg, W, p, x, pos, cache):
+    """Absorbed MLA of one token x (D,) already normalised at position pos, against a
+    cache holding per earlier token only the normalised latent (c) and the rotated rope
+    key (r): appends this token's pair to cache ('latent', 'k_pe' lists) and returns (D,)."""
+    H, n, r, v, c = cfg.H, cfg.n, cfg.r, cfg.v, cfg.c
+    x = x[None]
+    if cfg.q:
+        qa = rmsnorm(x @ W[p + "self_attn.q_a_proj.weight"].T, W[p + "self_attn.q_a_layernorm.weight"],
+                     cfg.eps)
+        qf = qa @ W[p + "self_attn.q_b_proj.weight"].T
+    else:
+        qf = x @ W[p + "self_attn.q_proj.weight"].T
+    qf = qf.reshape(1, H, n + r)
+    f = rope_inv_freq(cfg)
+    at = np.array([float(pos)])
+    q_nope, q_pe = qf[0, :, :n], rope(qf[..., n:], at, f)[0]
+    kv = x @ W[p + "self_attn.kv_a_proj_with_mqa.weight"].T
+    cache["latent"].append(rmsnorm(kv[0, :c], W[p + "self_attn.kv_a_layernorm.weight"], cfg.eps))
+    cache["k_pe"].append(rope(kv[:, c:], at, f)[0])
+    lat, kpe = np.stack(cache["latent"]), np.stack(cache["k_pe"])    # (pos+1, c), (pos+1, r)
+    wkv = W[p + "self_attn.kv_b_proj.weight"].reshape(H, n + v, c)
+    scale = softmax_scale(cfg)
+    out = np.zeros((H, v))
+    for h in range(H):
+        qt = wkv[h, :n].T @ q_nope[h]                  # (c,)
+        s = (lat @ qt + kpe @ q_pe[h]) * scale
+        s = np.exp(s - s.max())
+        out[h] = wkv[h, n:] @ ((s / s.sum()) @ lat)
+    return out.reshape(H * v) @ W[p + "self_attn.o_proj.weight"].T
+
+
+def forward_decode(cfg, W, tokens):
+    """Logits (T, V) computed one token at a time, each seeing the earlier tokens only
+    through the per-layer cache of latents and rope keys (the absorbed form)."""
+    caches = [dict(latent=[], k_pe=[]) for _ in range(cfg.L)]
+    head = W["model.embed_tokens.weight"] if cfg.tie else W["lm_head.weight"]
+    rows = []
+    for pos, tok in enumerate(np.asarray(tokens)):
+        h = W["model.embed_tokens.weight"][tok].copy()
+        for l in range(cfg.L):
+            p = f"model.layers.{l}."
+            h = h + attention_step(cfg, W, p, rmsnorm(h, W[p + "input_layernorm.weight"], cfg.eps),
+                                   pos, caches[l])
+            x = rmsnorm(h, W[p + "post_attention_layernorm.weight"], cfg.eps)[None]
+            h = h + (moe(cfg, W, p + "mlp.", x) if cfg.is_moe(l) else mlp(W, p + "mlp.", x))[0]
+        rows.append(rmsnorm(h, W["model.norm.weight"], cfg.eps) @ head.T)
+    return np.stack(rows)
+
+
 # ------------------------------------------------------------- self-checks --
 
 def _selfcheck():
@@ -347,6 +401,8 @@ def _selfcheck():
         a = forward(cfg, W, toks)
         b = forward(cfg, W, toks, absorbed=True)
         assert np.max(np.abs(a - b)) < 1e-12 * max(1.0, np.max(np.abs(a))), np.max(np.abs(a - b))
+        d = forward_decode(cfg, W, toks)
+        assert np.max(np.abs(a - d)) < 1e-12 * max(1.0, np.max(np.abs(a))), np.max(np.abs(a - d))
         # Causality: changing the last token changes only the last row.
         t2 = toks.copy()
         t2[-1] = (t2[-1] + 1) % 9

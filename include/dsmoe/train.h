@@ -1,0 +1,175 @@
+/*
+ * dsmoe/train.h — training small DeepSeek-V3-style models. What exists now: the data
+ * and the optimizer (AdamW, learning-rate schedule, gradient clipping).
+ *
+ * Byte-level vocabulary. Token ids 0 .. 255 are the bytes of UTF-8 text; 256 begins a
+ * document, 257 ends one, 258 pads; the vocabulary has DSMOE_BYTE_VOCAB_SIZE ids (one
+ * spare, so the size is a multiple of 4). A model directory says it uses this
+ * vocabulary with "dsmoe_vocab": "bytes" in config.json (dsmoe_model_config.byte_vocab).
+ *
+ * Corpus. A corpus is a stream of documents, each BOS, its bytes, EOS, split into a
+ * training and a held-out validation part by whole documents; every token carries the
+ * domain of its document, so that routing can be studied per domain. The built-in
+ * corpus is generated deterministically from a seed (the same bytes on every platform)
+ * with one generator per domain:
+ *   arithmetic  lines "a+b=c", "a-b=c", "a*b=c", "(a+b)*c=d" with correct answers
+ *   records     bracketed JSON-like records, nested up to three deep
+ *   markov      an upper-case language of its own: an order-2 Markov chain over 12
+ *               letters with sparse, seed-drawn transitions; words and sentences
+ *   copy-sort   "copy xyz|xyz", "rev xyz|zyx", "sort dbca|abcd" tasks
+ *   english     entries of the fortune(6) files, when a fortunes folder exists
+ * A document's domain is drawn uniformly among the enabled ones; each document goes to
+ * the validation part with probability valid_fraction (its own random stream, so the
+ * split does not move when the size changes). User text files are read as UTF-8 (a file
+ * that is not, names the byte offset), cut into documents at blank lines (at most
+ * 4 KiB each, cut at a line end where one exists), tagged DSMOE_DOMAIN_TEXT.
+ *
+ * Example:
+ *   dsmoe_corpus_config cc;
+ *   dsmoe_corpus_config_default(&cc);
+ *   cc.seed = 7;
+ *   dsmoe_corpus *corpus;
+ *   if (dsmoe_corpus_builtin(&cc, &corpus) != DSMOE_OK) fprintf(stderr, "%s\n", dsmoe_last_error());
+ *   int32_t tok[4 * 65];
+ *   uint8_t dom[4 * 65];
+ *   dsmoe_rng rng;
+ *   dsmoe_rng_seed(&rng, 1);
+ *   dsmoe_corpus_sample(corpus, DSMOE_SPLIT_TRAIN, &rng, 4, 64, tok, dom);
+ *   dsmoe_corpus_free(corpus);
+ */
+#ifndef DSMOE_TRAIN_H
+#define DSMOE_TRAIN_H
+
+#include "core.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DSMOE_BYTE_VOCAB_BOS 256
+#define DSMOE_BYTE_VOCAB_EOS 257
+#define DSMOE_BYTE_VOCAB_PAD 258
+#define DSMOE_BYTE_VOCAB_SIZE 260
+
+typedef enum dsmoe_domain {
+    DSMOE_DOMAIN_ARITHMETIC = 0,
+    DSMOE_DOMAIN_RECORDS = 1,
+    DSMOE_DOMAIN_MARKOV = 2,
+    DSMOE_DOMAIN_COPY_SORT = 3,
+    DSMOE_DOMAIN_ENGLISH = 4,
+    DSMOE_DOMAIN_TEXT = 5, /* user text files */
+    DSMOE_DOMAIN_COUNT = 6
+} dsmoe_domain;
+
+/* "arithmetic", "records", "markov", "copy-sort", "english", "text"; NULL otherwise. */
+DSMOE_API const char *dsmoe_domain_name(int domain);
+/* The domain of a name above, or -1. */
+DSMOE_API int dsmoe_domain_from_name(const char *name);
+
+typedef enum dsmoe_split { DSMOE_SPLIT_TRAIN = 0, DSMOE_SPLIT_VALID = 1 } dsmoe_split;
+
+typedef struct dsmoe_corpus_config {
+    uint64_t seed;
+    int64_t tokens;        /* about this many tokens in all (the last document completes) */
+    double valid_fraction; /* share of documents held out, in [0, 0.5] */
+    uint32_t domains;      /* bit (1 << d) enables built-in domain d; 0: all available */
+    const char *fortunes_dir; /* folder of fortune(6) files; NULL: the system's
+                                 (/usr/share/games/fortunes), if present */
+} dsmoe_corpus_config;
+
+/* seed 1, tokens 2,000,000, valid_fraction 0.05, domains 0 (all), fortunes_dir NULL. */
+DSMOE_API void dsmoe_corpus_config_default(dsmoe_corpus_config *cfg);
+
+typedef struct dsmoe_corpus dsmoe_corpus;
+
+/* The built-in corpus. The english domain is enabled only where its folder holds
+ * fortune files (silently skipped when domains is 0, an error when asked for by bit).
+ * Errors: INVALID_CONFIG naming the field (tokens < 1024 or > 2^31, valid_fraction,
+ * domains with unknown bits or none left), IO, OUT_OF_MEMORY. *out NULL on error. */
+DSMOE_API dsmoe_status dsmoe_corpus_builtin(const dsmoe_corpus_config *cfg, dsmoe_corpus **out);
+/* A corpus of n UTF-8 text files (cfg: seed and valid_fraction used; tokens is a cap,
+ * 0 for none). Errors: IO naming the path, FORMAT naming the path and the byte offset
+ * of the first invalid UTF-8 sequence (or "empty"), INVALID_CONFIG, OUT_OF_MEMORY. */
+DSMOE_API dsmoe_status dsmoe_corpus_from_files(const char *const *paths, int n,
+                                               const dsmoe_corpus_config *cfg,
+                                               dsmoe_corpus **out);
+DSMOE_API void dsmoe_corpus_free(dsmoe_corpus *c);
+
+/* Tokens of a split. */
+DSMOE_API int64_t dsmoe_corpus_length(const dsmoe_corpus *c, dsmoe_split s);
+/* The split's tokens (ids < DSMOE_BYTE_VOCAB_SIZE) and their domains; owned by c. */
+DSMOE_API const uint16_t *dsmoe_corpus_tokens(const dsmoe_corpus *c, dsmoe_split s);
+DSMOE_API const uint8_t *dsmoe_corpus_domains(const dsmoe_corpus *c, dsmoe_split s);
+/* Documents of a split, and tokens per domain (counts[DSMOE_DOMAIN_COUNT]). */
+DSMOE_API int64_t dsmoe_corpus_documents(const dsmoe_corpus *c, dsmoe_split s);
+DSMOE_API void dsmoe_corpus_domain_counts(const dsmoe_corpus *c, dsmoe_split s, int64_t *counts);
+
+/* B windows of T + 1 consecutive tokens (inputs and next-token targets) of split s,
+ * starts drawn uniformly from [0, length − T − 1] with B draws of rng, into
+ * tokens (B, T + 1) and, if not NULL, domains (B, T + 1). INVALID_ARGUMENT when the
+ * split is shorter than T + 1 tokens or B, T < 1 (nothing written, rng unchanged). */
+DSMOE_API dsmoe_status dsmoe_corpus_sample(const dsmoe_corpus *c, dsmoe_split s, dsmoe_rng *rng,
+                                           int32_t B, int32_t T, int32_t *tokens,
+                                           uint8_t *domains);
+/* Number of consecutive windows of T + 1 tokens (overlapping by one) covering split s:
+ * window i holds tokens [i·T, i·T + T], the last one possibly shorter. */
+DSMOE_API int64_t dsmoe_corpus_window_count(const dsmoe_corpus *c, dsmoe_split s, int32_t T);
+/* Window i (see above) into tokens / domains (T + 1 each; a short last window is
+ * padded with DSMOE_BYTE_VOCAB_PAD and domain 255). Returns the tokens written, or -1
+ * (INVALID_ARGUMENT) when i is out of range. */
+DSMOE_API int64_t dsmoe_corpus_window(const dsmoe_corpus *c, dsmoe_split s, int32_t T, int64_t i,
+                                      int32_t *tokens, uint8_t *domains);
+
+/* ------------------------------------------------------------ optimizer -- */
+/* AdamW with decoupled weight decay, as torch.optim.AdamW computes it (fp32 state):
+ *   p ← p · (1 − lr·wd)
+ *   m ← β1·m + (1 − β1)·g          v ← β2·v + (1 − β2)·g²
+ *   p ← p − lr / (1 − β1^t) · m / (√v / √(1 − β2^t) + ε)
+ * with g the gradient times the clipping factor min(1, clip / (‖g‖ + 1e-6)) of the
+ * global norm over all parameters (torch.nn.utils.clip_grad_norm_), and the learning
+ * rate of step t (1-based) from a linear warm-up and a cosine decay:
+ *   lr(t) = lr · t / warmup                                      t <= warmup
+ *         = lr_min + (lr − lr_min) · (1 + cos(π · (t − warmup) / (total − warmup))) / 2
+ *                                                                warmup < t <= total
+ *         = lr_min                                               t > total
+ * lr_min = lr · min_lr_ratio. Weight decay applies to the tensors the caller says
+ * (matrices, by the usual rule: not norms, biases or the router's bias). Tests check it
+ * against torch.optim.AdamW. */
+typedef struct dsmoe_adamw_config {
+    float lr;            /* peak learning rate */
+    float beta1, beta2;
+    float eps;
+    float weight_decay;
+    float clip_norm;     /* clip the global gradient norm to this; 0: no clipping */
+    int64_t warmup_steps;
+    int64_t total_steps; /* the cosine reaches lr_min here */
+    float min_lr_ratio;  /* lr_min / lr, in [0, 1] */
+} dsmoe_adamw_config;
+
+/* lr 3e-3, betas 0.9 / 0.95, eps 1e-8, weight_decay 0.1, clip_norm 1, warm-up 100 of
+ * 1000 steps, min_lr_ratio 0.1. */
+DSMOE_API void dsmoe_adamw_config_default(dsmoe_adamw_config *cfg);
+/* INVALID_CONFIG naming the field (lr > 0 and finite, betas in [0, 1), eps > 0,
+ * weight_decay >= 0, clip_norm >= 0, 0 <= warmup_steps <= total_steps, total_steps >= 1,
+ * min_lr_ratio in [0, 1]). */
+DSMOE_API dsmoe_status dsmoe_adamw_config_validate(const dsmoe_adamw_config *cfg);
+/* The learning rate of step t >= 1 (above). */
+DSMOE_API double dsmoe_adamw_lr(const dsmoe_adamw_config *cfg, int64_t t);
+/* Σ g[i]² over n values in double, in a fixed order (blocks of 4096 summed in index
+ * order, whatever n_threads). Add these over the tensors and take the square root for
+ * the global norm. */
+DSMOE_API double dsmoe_sum_squares(const float *g, int64_t n, int n_threads);
+/* The clipping factor for a global norm: min(1, clip_norm / (norm + 1e-6)), 1 when
+ * clip_norm is 0. */
+DSMOE_API float dsmoe_adamw_clip_factor(const dsmoe_adamw_config *cfg, double norm);
+/* One AdamW update of n parameters p with gradients g (scaled by grad_scale first, in
+ * fp32), moments m and v, at step t >= 1 with learning rate lr and weight decay wd
+ * (0 for tensors that take none). Element-wise: the same bits for any n_threads. */
+DSMOE_API void dsmoe_adamw_update(const dsmoe_adamw_config *cfg, float *p, float *m, float *v,
+                                  const float *g, int64_t n, int64_t t, double lr, double wd,
+                                  float grad_scale, int n_threads);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* DSMOE_TRAIN_H */

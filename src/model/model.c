@@ -1,0 +1,598 @@
+/*
+ * model.c — the whole model (dsmoe_model): a model directory opened with every weight
+ * as stored, a cache of compressed latents per sequence, and the forward pass
+ * (SPEC-model §1–§6):
+ *
+ *   h = embed_tokens[tokens]                                     (T, D)
+ *   for l < L:  h += MLA_l(RMSNorm(h));  h += FFN_l(RMSNorm(h))   dense SwiGLU or MoE
+ *   logits = head(RMSNorm(h))                                    head = embed when tied
+ *
+ * MLA here writes each new token's normalised latent and rotated k_pe into the cache
+ * (the only per-position state) and attends through attention.c, naive or absorbed.
+ * Products with stored weights go through dsmoe__wlinear (kernels/wlinear.h): F32,
+ * BF16, F16 and F8_E4M3 with block scales widen as they stream. kv_b_proj is widened
+ * to fp32 at open (the attention reads its per-head slices by rows and by columns), as
+ * are the norm weights. MoE layers are dsmoe_moe layers on one parameter buffer and one
+ * shared scratch, in the packed layout, BF16 when the file's layer is all BF16.
+ *
+ * Memory: everything a forward needs is allocated at open (chunk scratch for
+ * max_tokens tokens) or at cache creation (the cache, and the attention scratch for its
+ * capacity); dsmoe_model_forward allocates nothing.
+ */
+#include "kernels/kernels.h"
+#include "kernels/wlinear.h"
+#include "model/model_internal.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* One layer's weights. */
+typedef struct mlayer {
+    dsmoe__wmat q_proj;                  /* (H(n+r), D) when q_lora_rank == 0 */
+    dsmoe__wmat q_a, q_b;                /* (q, D), (H(n+r), q) otherwise */
+    dsmoe__wmat kv_a;                    /* (c + r, D) */
+    dsmoe__wmat o_proj;                  /* (D, H v) */
+    float *q_a_norm, *kv_a_norm;         /* (q), (c) */
+    float *in_norm, *post_norm;          /* (D), (D) */
+    float *kv_b;                         /* (H(n+v), c) fp32 */
+    dsmoe__wmat gate, up, down;          /* dense: (I, D), (I, D), (D, I) */
+    dsmoe_moe *moe;                      /* MoE layers */
+} mlayer;
+
+struct dsmoe_model {
+    dsmoe_model_config cfg;
+    dsmoe_model_files *mf;
+    int nt;      /* threads */
+    int64_t Tm;  /* tokens per chunk */
+    int widen;
+    dsmoe__wmat embed, head; /* (V, D) each */
+    float *final_norm;       /* (D) */
+    mlayer *layers;          /* (L) */
+    float **owned;           /* widened tensors */
+    int64_t n_owned, cap_owned;
+    void *moe_params, *moe_ws;
+    size_t moe_ws_size;
+    double *inv_freq; /* (r/2) */
+    float scale;
+    /* chunk scratch (one allocation) */
+    void *scratch;
+    float *h, *x, *y;   /* (Tm, D) */
+    float *q;           /* (Tm, H(n+r)) */
+    float *qa;          /* (Tm, q) */
+    float *att;         /* (Tm, H v) */
+    float *ffn;         /* (2, Tm, I) */
+    float *cs;          /* (Tm, r/2, 2) */
+    void *wl;           /* nt · dsmoe__wlinear_scratch(max_cols, Tm) */
+    size_t max_cols;
+};
+
+struct dsmoe_model_cache {
+    const dsmoe_model *m;
+    int64_t cap, len;
+    float *kv;          /* (L, cap, c + r) */
+    float *scratch;     /* (nt, per_thread) attention scratch */
+    size_t per_thread;
+};
+
+void dsmoe_model_options_default(dsmoe_model_options *opts) {
+    if (!opts) return;
+    opts->n_threads = 0;
+    opts->max_tokens = 256;
+    opts->widen_f32 = 0;
+}
+
+/* ------------------------------------------------------------ loading -- */
+
+static float *own(dsmoe_model *m, size_t n) {
+    if (m->n_owned == m->cap_owned) {
+        int64_t nc = m->cap_owned ? 2 * m->cap_owned : 64;
+        float **g = (float **)realloc(m->owned, (size_t)nc * sizeof *g);
+        if (!g) return NULL;
+        m->owned = g;
+        m->cap_owned = nc;
+    }
+    float *p = (float *)dsmoe_malloc(n * sizeof(float));
+    if (p) m->owned[m->n_owned++] = p;
+    return p;
+}
+
+/* A tensor widened to fp32 into memory the model owns (NON_FINITE checked). */
+static dsmoe_status load_f32(dsmoe_model *m, const char *name, float **out) {
+    dsmoe_model_tensor_info ti;
+    dsmoe_status s = dsmoe_model_files_get(m->mf, name, &ti);
+    if (s != DSMOE_OK) return s;
+    size_t n = (size_t)ti.shape[0] * (size_t)(ti.ndim == 2 ? ti.shape[1] : 1);
+    float *p = own(m, n);
+    if (!p) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "model: %zu floats for %s", n, name);
+    *out = p;
+    return dsmoe_model_files_read_f32(m->mf, name, p);
+}
+
+/* A matrix as a product operand: the stored data (every element checked finite), or
+ * fp32 with widen_f32. row: scratch of cols floats. */
+static dsmoe_status load_mat(dsmoe_model *m, const char *name, dsmoe__wmat *w, float *row) {
+    dsmoe_status s = dsmoe__model_files_view(m->mf, name, w);
+    if (s != DSMOE_OK) return s;
+    if ((size_t)w->cols > m->max_cols) m->max_cols = (size_t)w->cols;
+    if (m->widen) {
+        const int64_t rows = w->rows, cols = w->cols;
+        float *p;
+        if ((s = load_f32(m, name, &p)) != DSMOE_OK) return s;
+        memset(w, 0, sizeof *w);
+        w->data = p;
+        w->rows = rows;
+        w->cols = cols;
+        w->type = DSMOE__WT_F32;
+        return DSMOE_OK;
+    }
+    for (int64_t i = 0; i < w->rows; i++) {
+        dsmoe__wmat_widen(row, w, i, i + 1);
+        for (int64_t k = 0; k < w->cols; k++)
+            if (!isfinite(row[k]))
+                return dsmoe__error(DSMOE_STATUS_NON_FINITE,
+                                    "tensor %s: element %lld (row %lld, column %lld) is %g", name,
+                                    (long long)(i * w->cols + k), (long long)i, (long long)k,
+                                    (double)row[k]);
+    }
+    return DSMOE_OK;
+}
+
+static dsmoe_status lname(char *buf, size_t cap, int32_t l, const char *what) {
+    int k = snprintf(buf, cap, "model.layers.%d.%s", (int)l, what);
+    if (k < 0 || (size_t)k >= cap)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "model: tensor name too long");
+    return DSMOE_OK;
+}
+
+/* 1 if every weight matrix of MoE layer l is stored as BF16. */
+static int moe_all_bf16(const dsmoe_model *m, int32_t l, const dsmoe_moe_config *mc) {
+    const int64_t E = mc->router.n_experts, Ns = mc->n_shared;
+    char name[DSMOE_MODEL_NAME_MAX + 64], what[64];
+    static const char *const parts[3] = {"gate_proj", "up_proj", "down_proj"};
+    for (int64_t e = -1; e <= E; e++) {
+        for (int p = 0; p < 3; p++) {
+            if (e == -1 && p > 0) break;
+            if (e == E && Ns == 0) break;
+            if (e == -1) snprintf(what, sizeof what, "mlp.gate.weight");
+            else if (e == E) snprintf(what, sizeof what, "mlp.shared_experts.%s.weight", parts[p]);
+            else snprintf(what, sizeof what, "mlp.experts.%lld.%s.weight", (long long)e, parts[p]);
+            if (lname(name, sizeof name, l, what) != DSMOE_OK) return 0;
+            dsmoe_model_tensor_info ti;
+            if (dsmoe_model_files_get(m->mf, name, &ti) != DSMOE_OK) return 0;
+            if (strcmp(ti.stored_dtype, "BF16") != 0) return 0;
+        }
+    }
+    return 1;
+}
+
+/* The MoE layer config of layer l as the model runs it. */
+static void moe_layer_config(const dsmoe_model *m, int32_t l, dsmoe_moe_config *mc) {
+    dsmoe_model_moe_config(&m->cfg, mc);
+    mc->max_tokens = m->Tm;
+    mc->n_threads = m->nt;
+    mc->weight_layout = DSMOE_MOE_LAYOUT_PACKED;
+    mc->weight_dtype = !m->widen && moe_all_bf16(m, l, mc) ? DSMOE_DTYPE_BF16 : DSMOE_DTYPE_F32;
+}
+
+/* Fills MoE layer l from the files. tmp: max(F, N_s F, E) · D floats (packing). */
+static dsmoe_status moe_fill(dsmoe_model *m, int32_t l, dsmoe_moe *moe, float *tmp) {
+    const size_t esz = dsmoe_moe_get_config(moe)->weight_dtype == DSMOE_DTYPE_BF16 ? 2 : 4;
+    for (int64_t i = 0; i < dsmoe_moe_tensor_count(moe); i++) {
+        dsmoe_moe_tensor t;
+        char name[DSMOE_MODEL_NAME_MAX + 64], what[80];
+        dsmoe_status s = dsmoe_moe_tensor_at(moe, i, &t);
+        if (s != DSMOE_OK) return s;
+        snprintf(what, sizeof what, "mlp.%s", t.name);
+        if ((s = lname(name, sizeof name, l, what)) != DSMOE_OK) return s;
+        const size_t cnt = (size_t)t.shape[0] * (size_t)(t.ndim == 2 ? t.shape[1] : 1);
+        if (!t.trainable) { /* the correction bias: a buffer, set through its setter */
+            float *b = tmp;
+            if ((s = dsmoe_model_files_read_f32(m->mf, name, b)) != DSMOE_OK) return s;
+            if ((s = dsmoe_moe_set_bias(moe, b)) != DSMOE_OK) return s;
+            continue;
+        }
+        void *dst = t.layout == DSMOE_MOE_LAYOUT_PACKED ? (void *)tmp : t.data;
+        if (t.dtype == DSMOE_DTYPE_F32) {
+            if ((s = dsmoe_model_files_read_f32(m->mf, name, (float *)dst)) != DSMOE_OK) return s;
+        } else { /* BF16 stored as BF16: copied, checked bit-wise */
+            dsmoe__wmat w;
+            if ((s = dsmoe__model_files_view(m->mf, name, &w)) != DSMOE_OK) return s;
+            memcpy(dst, w.data, cnt * 2);
+            const uint16_t *b = (const uint16_t *)dst;
+            for (size_t k = 0; k < cnt; k++)
+                if ((b[k] & 0x7f80u) == 0x7f80u)
+                    return dsmoe__error(DSMOE_STATUS_NON_FINITE,
+                                        "tensor %s: element %zu is not finite", name, k);
+        }
+        if (dst != t.data) dsmoe__moe_pack_rows(t.data, dst, esz, t.shape[0], t.shape[1]);
+    }
+    return DSMOE_OK;
+}
+
+static dsmoe_status moe_setup(dsmoe_model *m) {
+    const dsmoe_model_config *c = &m->cfg;
+    const int32_t L = c->num_hidden_layers;
+    size_t total = 0, ws = 0;
+    int any = 0;
+    for (int32_t l = 0; l < L; l++) {
+        if (!dsmoe_model_layer_is_moe(c, l)) continue;
+        dsmoe_moe_config mc;
+        moe_layer_config(m, l, &mc);
+        size_t np = dsmoe_moe_param_count(&mc) * (mc.weight_dtype == DSMOE_DTYPE_BF16 ? 2 : 4);
+        size_t w = dsmoe_moe_workspace_size(&mc, mc.max_tokens, mc.n_threads);
+        if (np == 0 || w == 0) return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                                                   "model: MoE layer %d: %s", (int)l,
+                                                   dsmoe_last_error());
+        total += dsmoe__align64(np);
+        if (w > ws) ws = w;
+        any = 1;
+    }
+    if (!any) return DSMOE_OK;
+    m->moe_params = dsmoe_malloc(total);
+    m->moe_ws = dsmoe_malloc(ws);
+    m->moe_ws_size = ws;
+    const int64_t F = c->moe_intermediate_size, Fs = (int64_t)c->n_shared_experts * F,
+                  E = c->n_routed_experts;
+    int64_t big = (F > Fs ? F : Fs) > E ? (F > Fs ? F : Fs) : E;
+    big *= c->hidden_size; /* the largest matrix, packed through this copy */
+    float *tmp = (float *)malloc((size_t)big * sizeof(float));
+    if (!m->moe_params || !m->moe_ws || !tmp) {
+        free(tmp);
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "model: %zu bytes of MoE weights", total);
+    }
+    size_t off = 0;
+    dsmoe_status s = DSMOE_OK;
+    for (int32_t l = 0; l < L && s == DSMOE_OK; l++) {
+        if (!dsmoe_model_layer_is_moe(c, l)) continue;
+        dsmoe_moe_config mc;
+        moe_layer_config(m, l, &mc);
+        size_t np = dsmoe_moe_param_count(&mc) * (mc.weight_dtype == DSMOE_DTYPE_BF16 ? 2 : 4);
+        dsmoe_moe_buffers b = {(char *)m->moe_params + off, NULL, m->moe_ws, ws};
+        off += dsmoe__align64(np);
+        s = dsmoe_moe_create_with(&mc, &b, &m->layers[l].moe);
+        if (s == DSMOE_OK) s = moe_fill(m, l, m->layers[l].moe, tmp);
+    }
+    free(tmp);
+    return s;
+}
+
+static dsmoe_status layer_load(dsmoe_model *m, int32_t l, float *row) {
+    const dsmoe_model_config *c = &m->cfg;
+    mlayer *L = &m->layers[l];
+    char name[DSMOE_MODEL_NAME_MAX + 32];
+    dsmoe_status s;
+#define MAT(field, what)                                                                       \
+    if ((s = lname(name, sizeof name, l, what)) != DSMOE_OK ||                                 \
+        (s = load_mat(m, name, &L->field, row)) != DSMOE_OK)                                   \
+        return s;
+#define VEC(field, what)                                                                       \
+    if ((s = lname(name, sizeof name, l, what)) != DSMOE_OK ||                                 \
+        (s = load_f32(m, name, &L->field)) != DSMOE_OK)                                        \
+        return s;
+    VEC(in_norm, "input_layernorm.weight");
+    VEC(post_norm, "post_attention_layernorm.weight");
+    if (c->q_lora_rank > 0) {
+        MAT(q_a, "self_attn.q_a_proj.weight");
+        VEC(q_a_norm, "self_attn.q_a_layernorm.weight");
+        MAT(q_b, "self_attn.q_b_proj.weight");
+    } else {
+        MAT(q_proj, "self_attn.q_proj.weight");
+    }
+    MAT(kv_a, "self_attn.kv_a_proj_with_mqa.weight");
+    VEC(kv_a_norm, "self_attn.kv_a_layernorm.weight");
+    VEC(kv_b, "self_attn.kv_b_proj.weight");
+    MAT(o_proj, "self_attn.o_proj.weight");
+    if (!dsmoe_model_layer_is_moe(c, l)) {
+        MAT(gate, "mlp.gate_proj.weight");
+        MAT(up, "mlp.up_proj.weight");
+        MAT(down, "mlp.down_proj.weight");
+    }
+#undef MAT
+#undef VEC
+    return DSMOE_OK;
+}
+
+/* The chunk scratch for Tm tokens. */
+static dsmoe_status scratch_setup(dsmoe_model *m) {
+    const dsmoe_model_config *c = &m->cfg;
+    const int64_t Tm = m->Tm, D = c->hidden_size, H = c->num_attention_heads,
+                  n = c->qk_nope_head_dim, r = c->qk_rope_head_dim, v = c->v_head_dim,
+                  q = c->q_lora_rank, I = c->intermediate_size;
+    int any_dense = 0;
+    for (int32_t l = 0; l < c->num_hidden_layers; l++)
+        if (!dsmoe_model_layer_is_moe(c, l)) any_dense = 1;
+    const size_t wl = dsmoe__wlinear_scratch((int64_t)m->max_cols, Tm);
+    const int64_t parts[] = {Tm * D, Tm * D, Tm * D, Tm * H * (n + r), Tm * q, Tm * H * v,
+                             any_dense ? 2 * Tm * I : 0, Tm * r};
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
+        total += dsmoe__align64((size_t)parts[i] * sizeof(float));
+    total += (size_t)m->nt * wl;
+    m->scratch = dsmoe_malloc(total);
+    if (!m->scratch)
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "model: %zu bytes of scratch", total);
+    dsmoe__carver cv = {(char *)m->scratch, total, 0};
+    float **dst[] = {&m->h, &m->x, &m->y, &m->q, &m->qa, &m->att, &m->ffn, &m->cs};
+    for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
+        *dst[i] = (float *)dsmoe__carve(&cv, (size_t)parts[i] * sizeof(float));
+    m->wl = dsmoe__carve(&cv, (size_t)m->nt * wl);
+    return DSMOE_OK;
+}
+
+static dsmoe_status model_load(dsmoe_model *m) {
+    const dsmoe_model_config *c = &m->cfg;
+    const int32_t L = c->num_hidden_layers;
+    dsmoe_status s;
+    m->layers = (mlayer *)calloc((size_t)L, sizeof *m->layers);
+    m->inv_freq = (double *)calloc((size_t)(c->qk_rope_head_dim / 2 + 1), sizeof(double));
+    /* the widest matrix row of the model, for the finiteness scan */
+    int64_t wide = c->hidden_size;
+    const int64_t others[] = {c->q_lora_rank, (int64_t)c->num_attention_heads * c->v_head_dim,
+                              c->intermediate_size, c->kv_lora_rank};
+    for (size_t i = 0; i < sizeof others / sizeof others[0]; i++)
+        if (others[i] > wide) wide = others[i];
+    float *row = (float *)malloc((size_t)wide * sizeof(float));
+    if (!m->layers || !m->inv_freq || !row) {
+        free(row);
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "model: %d layers", (int)L);
+    }
+    s = load_mat(m, "model.embed_tokens.weight", &m->embed, row);
+    if (s == DSMOE_OK) s = load_f32(m, "model.norm.weight", &m->final_norm);
+    if (s == DSMOE_OK) {
+        if (c->tie_word_embeddings) m->head = m->embed;
+        else s = load_mat(m, "lm_head.weight", &m->head, row);
+    }
+    for (int32_t l = 0; l < L && s == DSMOE_OK; l++) s = layer_load(m, l, row);
+    free(row);
+    if (s == DSMOE_OK) s = moe_setup(m);
+    if (s == DSMOE_OK) s = scratch_setup(m);
+    dsmoe__rope_inv_freq(m->inv_freq, c);
+    m->scale = (float)dsmoe__attn_scale(c);
+    return s;
+}
+
+dsmoe_status dsmoe_model_open(const char *dir, const dsmoe_model_options *opts,
+                              dsmoe_model **out) {
+    if (out) *out = NULL;
+    if (!dir || !out)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_model_open: NULL argument");
+    dsmoe_model_options o;
+    dsmoe_model_options_default(&o);
+    if (opts) o = *opts;
+    dsmoe_model *m = (dsmoe_model *)calloc(1, sizeof *m);
+    if (!m) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "dsmoe_model_open");
+    m->nt = dsmoe__threads(o.n_threads);
+    m->Tm = o.max_tokens > 0 ? o.max_tokens : 256;
+    m->widen = o.widen_f32 != 0;
+    dsmoe_status s = dsmoe_model_config_from_dir(dir, &m->cfg);
+    if (s == DSMOE_OK) s = dsmoe_model_files_open(dir, &m->cfg, &m->mf);
+    if (s == DSMOE_OK) s = model_load(m);
+    if (s != DSMOE_OK) {
+        dsmoe_model_free(m);
+        return s;
+    }
+    *out = m;
+    return DSMOE_OK;
+}
+
+void dsmoe_model_free(dsmoe_model *m) {
+    if (!m) return;
+    if (m->layers)
+        for (int32_t l = 0; l < m->cfg.num_hidden_layers; l++) dsmoe_moe_free(m->layers[l].moe);
+    free(m->layers);
+    for (int64_t i = 0; i < m->n_owned; i++) dsmoe_free(m->owned[i]);
+    free(m->owned);
+    dsmoe_free(m->moe_params);
+    dsmoe_free(m->moe_ws);
+    dsmoe_free(m->scratch);
+    free(m->inv_freq);
+    dsmoe_model_files_close(m->mf);
+    free(m);
+}
+
+const dsmoe_model_config *dsmoe_model_get_config(const dsmoe_model *m) { return m ? &m->cfg : NULL; }
+
+const dsmoe_model_files *dsmoe_model_get_files(const dsmoe_model *m) { return m ? m->mf : NULL; }
+
+/* ------------------------------------------------------------ the cache -- */
+
+dsmoe_status dsmoe_model_cache_create(const dsmoe_model *m, int64_t capacity,
+                                      dsmoe_model_cache **out) {
+    if (out) *out = NULL;
+    if (!m || !out)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_model_cache_create: NULL argument");
+    const dsmoe_model_config *c = &m->cfg;
+    if (capacity < 1 || capacity > c->max_position_embeddings)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_model_cache_create: capacity %lld outside 1 .. %lld "
+                            "(max_position_embeddings)", (long long)capacity,
+                            (long long)c->max_position_embeddings);
+    size_t row = (size_t)(c->kv_lora_rank + c->qk_rope_head_dim), kvn, per, scr;
+    per = dsmoe__attn_scratch_floats(c, capacity);
+    if (!dsmoe__mul_size((size_t)c->num_hidden_layers * row, (size_t)capacity, &kvn) ||
+        !dsmoe__mul_size(kvn, sizeof(float), &kvn) ||
+        !dsmoe__mul_size(per, (size_t)m->nt * sizeof(float), &scr))
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "dsmoe_model_cache_create: capacity %lld",
+                            (long long)capacity);
+    dsmoe_model_cache *k = (dsmoe_model_cache *)calloc(1, sizeof *k);
+    if (k) {
+        k->kv = (float *)dsmoe_malloc(kvn);
+        k->scratch = (float *)dsmoe_malloc(scr);
+    }
+    if (!k || !k->kv || !k->scratch) {
+        dsmoe_model_cache_free(k);
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY,
+                            "dsmoe_model_cache_create: %zu + %zu bytes for capacity %lld", kvn,
+                            scr, (long long)capacity);
+    }
+    k->m = m;
+    k->cap = capacity;
+    k->len = 0;
+    k->per_thread = per;
+    *out = k;
+    return DSMOE_OK;
+}
+
+void dsmoe_model_cache_free(dsmoe_model_cache *cache) {
+    if (!cache) return;
+    dsmoe_free(cache->kv);
+    dsmoe_free(cache->scratch);
+    free(cache);
+}
+
+int64_t dsmoe_model_cache_length(const dsmoe_model_cache *cache) { return cache ? cache->len : 0; }
+
+int64_t dsmoe_model_cache_capacity(const dsmoe_model_cache *cache) { return cache ? cache->cap : 0; }
+
+dsmoe_status dsmoe_model_cache_truncate(dsmoe_model_cache *cache, int64_t length) {
+    if (!cache)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_model_cache_truncate: NULL cache");
+    if (length < 0 || length > cache->len)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_model_cache_truncate: length %lld outside 0 .. %lld (the "
+                            "cache's length)", (long long)length, (long long)cache->len);
+    cache->len = length;
+    return DSMOE_OK;
+}
+
+/* ------------------------------------------------------------ forward -- */
+
+/* Rotates the pairs of x (2·half values) by one position's cos / sin row. */
+static void rope_rotate(float *x, const float *cs, int32_t half) {
+    for (int32_t i = 0; i < half; i++) {
+        float co = cs[2 * i], si = cs[2 * i + 1];
+        float x0 = x[2 * i], x1 = x[2 * i + 1];
+        x[2 * i] = x0 * co - x1 * si;
+        x[2 * i + 1] = x0 * si + x1 * co;
+    }
+}
+
+static int all_finite(const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
+/* MLA of layer l for the chunk's T tokens (normalised input m->x) into m->y; writes
+ * the tokens' latents and k_pe into the cache at pos0 .. pos0 + T − 1. */
+static void mla(dsmoe_model *m, dsmoe_model_cache *k, int32_t l, int64_t T, int64_t pos0,
+                int naive) {
+    const dsmoe_model_config *c = &m->cfg;
+    const mlayer *L = &m->layers[l];
+    const int64_t D = c->hidden_size, H = c->num_attention_heads, n = c->qk_nope_head_dim,
+                  r = c->qk_rope_head_dim, v = c->v_head_dim, kc = c->kv_lora_rank,
+                  q = c->q_lora_rank, half = r / 2;
+    const int nt = m->nt;
+    if (q > 0) {
+        dsmoe__wlinear(m->qa, q, m->x, D, T, &L->q_a, nt, m->wl);
+        dsmoe__rmsnorm(m->qa, m->qa, L->q_a_norm, T, (int32_t)q, q, q, c->rms_norm_eps);
+        dsmoe__wlinear(m->q, H * (n + r), m->qa, q, T, &L->q_b, nt, m->wl);
+    } else {
+        dsmoe__wlinear(m->q, H * (n + r), m->x, D, T, &L->q_proj, nt, m->wl);
+    }
+    float *kv = k->kv + ((int64_t)l * k->cap) * (kc + r); /* the layer's rows */
+    float *kvn = kv + pos0 * (kc + r);                     /* the new tokens' rows */
+    dsmoe__wlinear(kvn, kc + r, m->x, D, T, &L->kv_a, nt, m->wl);
+    dsmoe__rmsnorm(kvn, kvn, L->kv_a_norm, T, (int32_t)kc, kc + r, kc + r, c->rms_norm_eps);
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t h = 0; h < H; h++)
+            rope_rotate(m->q + (t * H + h) * (n + r) + n, m->cs + t * r, (int32_t)half);
+        rope_rotate(kvn + t * (kc + r) + kc, m->cs + t * r, (int32_t)half);
+    }
+    dsmoe__attn_args a = {c, m->q, kv, L->kv_b, m->att, T, pos0, m->scale, nt, k->scratch,
+                          k->per_thread};
+    if (naive) dsmoe__attn_naive(&a);
+    else dsmoe__attn_absorbed(&a);
+    dsmoe__wlinear(m->y, D, m->att, H * v, T, &L->o_proj, nt, m->wl);
+}
+
+/* One chunk of T <= Tm tokens at positions pos0 ..; logits (T, V) rows, or the last
+ * token's (V) with last_only, or none (NULL). */
+static dsmoe_status chunk(dsmoe_model *m, dsmoe_model_cache *k, const int32_t *tokens, int64_t T,
+                          int64_t pos0, int naive, float *logits, int last_only) {
+    const dsmoe_model_config *c = &m->cfg;
+    const int64_t D = c->hidden_size, I = c->intermediate_size, V = c->vocab_size;
+    const int nt = m->nt;
+    for (int64_t t = 0; t < T; t++) dsmoe__wmat_widen(m->h + t * D, &m->embed, tokens[t], tokens[t] + 1);
+    dsmoe__rope_table(m->cs, m->inv_freq, c->qk_rope_head_dim / 2, pos0, T);
+    for (int32_t l = 0; l < c->num_hidden_layers; l++) {
+        const mlayer *L = &m->layers[l];
+        dsmoe__rmsnorm(m->x, m->h, L->in_norm, T, (int32_t)D, D, D, c->rms_norm_eps);
+        mla(m, k, l, T, pos0, naive);
+        for (int64_t i = 0; i < T * D; i++) m->h[i] += m->y[i];
+        dsmoe__rmsnorm(m->x, m->h, L->post_norm, T, (int32_t)D, D, D, c->rms_norm_eps);
+        if (L->moe) {
+            dsmoe_status s = dsmoe_moe_forward(L->moe, m->y, m->x, T, nt);
+            if (s != DSMOE_OK)
+                return dsmoe__error(s, "model: layer %d (MoE): %s", (int)l, dsmoe_last_error());
+        } else {
+            float *g = m->ffn, *u = m->ffn + T * I;
+            dsmoe__wlinear(g, I, m->x, D, T, &L->gate, nt, m->wl);
+            dsmoe__wlinear(u, I, m->x, D, T, &L->up, nt, m->wl);
+            for (int64_t i = 0; i < T * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+            dsmoe__wlinear(m->y, D, g, I, T, &L->down, nt, m->wl);
+        }
+        for (int64_t i = 0; i < T * D; i++) m->h[i] += m->y[i];
+        if (!all_finite(m->h, T * D))
+            return dsmoe__error(DSMOE_STATUS_NON_FINITE,
+                                "model: the hidden state after layer %d (positions %lld .. %lld) "
+                                "is not finite", (int)l, (long long)pos0,
+                                (long long)(pos0 + T - 1));
+    }
+    if (!logits) return DSMOE_OK;
+    const int64_t t0 = last_only ? T - 1 : 0;
+    dsmoe__rmsnorm(m->x, m->h + t0 * D, m->final_norm, T - t0, (int32_t)D, D, D, c->rms_norm_eps);
+    dsmoe__wlinear(logits, V, m->x, D, T - t0, &m->head, nt, m->wl);
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_model_forward(dsmoe_model *m, dsmoe_model_cache *cache, const int32_t *tokens,
+                                 int64_t T, float *logits, unsigned flags) {
+    if (!m || !cache || !tokens)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_model_forward: NULL %s", !m ? "model" : !cache ? "cache" : "tokens");
+    if (T < 1)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_model_forward: T = %lld < 1",
+                            (long long)T);
+    const unsigned known = DSMOE_MODEL_ATTN_NAIVE | DSMOE_MODEL_ATTN_ABSORBED | DSMOE_MODEL_LOGITS_LAST;
+    if (flags & ~known)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_model_forward: unknown flags 0x%x", flags & ~known);
+    if ((flags & DSMOE_MODEL_ATTN_NAIVE) && (flags & DSMOE_MODEL_ATTN_ABSORBED))
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_model_forward: ATTN_NAIVE and ATTN_ABSORBED together");
+    if (cache->m != m)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_model_forward: the cache belongs to another model");
+    const int32_t V = m->cfg.vocab_size;
+    for (int64_t t = 0; t < T; t++)
+        if (tokens[t] < 0 || tokens[t] >= V)
+            return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                                "dsmoe_model_forward: token %lld is %d, outside [0, %d) "
+                                "(vocab_size)", (long long)t, (int)tokens[t], (int)V);
+    if (T > cache->cap - cache->len)
+        return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
+                            "dsmoe_model_forward: the cache holds %lld of %lld positions; %lld "
+                            "more tokens do not fit", (long long)cache->len,
+                            (long long)cache->cap, (long long)T);
+    const int naive = (flags & DSMOE_MODEL_ATTN_NAIVE)      ? 1
+                      : (flags & DSMOE_MODEL_ATTN_ABSORBED) ? 0
+                                                            : T > 4;
+    const int last = (flags & DSMOE_MODEL_LOGITS_LAST) != 0;
+    const int64_t len0 = cache->len;
+    for (int64_t t0 = 0; t0 < T; t0 += m->Tm) {
+        const int64_t Tc = T - t0 < m->Tm ? T - t0 : m->Tm;
+        float *lg = NULL;
+        if (logits && !last) lg = logits + t0 * (int64_t)V;
+        else if (logits && t0 + Tc == T) lg = logits;
+        dsmoe_status s = chunk(m, cache, tokens + t0, Tc, cache->len, naive, lg, last);
+        if (s != DSMOE_OK) {
+            cache->len = len0;
+            return s;
+        }
+        cache->len += Tc;
+    }
+    return DSMOE_OK;
+}
