@@ -11,7 +11,8 @@
  *   prompt  one forward of --prompt tokens from an empty cache, logits of the last
  *           position only (as the official inference code computes them), best of
  *           --repeat after a warm-up; reported as tokens/s and as GFLOP/s, a share of
- *           the FMA peak on that many threads. FLOPs: 2 per multiply-add of every
+ *           the FMA peak on that many threads (measured again just before: on a shared
+ *           machine the header's may be minutes old). FLOPs: 2 per multiply-add of every
  *           product a token runs (the active matrices: attention, dense FFN, router,
  *           shared and top-k routed experts; the head once), plus attention's causal
  *           T² terms, 2·H·(n + r + v) per (query, key) pair with key <= query.
@@ -20,7 +21,8 @@
  *           bytes of weights each token reads, at their stored dtype (every matrix and
  *           vector of the attention, the dense FFN, the router, the shared experts, K of
  *           the E routed experts, the final norm and head, and one embedding row), per
- *           second: a share of the read bandwidth on that many threads.
+ *           second: a share of the read bandwidth on that many threads (measured again
+ *           just before).
  * Also the cache bytes per token against a plain multi-head cache of the same attention.
  * Token ids are a 64-bit LCG (bench/model_torch.py draws the same ones), so PyTorch runs
  * the same tokens. --check-out writes the logits (T, V) of the first --check-tokens
@@ -224,8 +226,6 @@ int main(int argc, char **argv) {
         float *logits = (float *)bench_malloc(PROG, sizeof(float) * (size_t)V * (size_t)(check_T > 1 ? check_T : 1));
         int32_t *tok = (int32_t *)bench_malloc(PROG, sizeof(int32_t) * (size_t)(cap + 1));
         double *times = (double *)bench_malloc(PROG, sizeof(double) * (size_t)(repeat + 1));
-        const double peak = n == 1 ? (mach.fma512_1 > 0 ? mach.fma512_1 : mach.fma256_1) : bench_machine_peak(&mach);
-        const double bw = n == 1 ? mach.read_1 : mach.read_n;
         if (ti == 0)
             printf("{\"impl\": \"dsmoe\", \"test\": \"model\", \"dtype\": \"%s\", \"layers\": %d, "
                    "\"hidden\": %d, \"experts\": %d, \"top_k\": %d, \"vocab\": %d, \"active_params\": %.0f, "
@@ -244,6 +244,9 @@ int main(int argc, char **argv) {
             write_npy_f32(check_out, logits, check_T, V);
         }
         if (prompt > 0) {
+            /* the FMA peak on n threads again, right before the timings: on a shared
+               machine the header's figure may be minutes old */
+            const double peak = bench_fma_peak_gflops(mach.cpu.avx512f, n, 5);
             bench_tokens(tok, prompt, V, 7);
             for (int r = 0; r <= repeat; r++) {
                 if (dsmoe_model_cache_truncate(cache, 0) != DSMOE_OK) die("truncate");
@@ -264,6 +267,7 @@ int main(int argc, char **argv) {
             fflush(stdout);
         }
         if (decode > 0) {
+            const double bw = bench_read_bandwidth((size_t)1 << 30, n, 3); /* likewise */
             bench_tokens(tok, dprompt + decode, V, 11);
             for (int r = 0; r < repeat; r++) {
                 if (dsmoe_model_cache_truncate(cache, 0) != DSMOE_OK ||

@@ -79,7 +79,7 @@ print("CPU: %s (%s family 0x%X model 0x%X stepping %d: %s), AVX2 %s, AVX-512F %s
     next(r["torch_version"] for r in rows if r["impl"] == "torch")))
 for r in m:
     print("FMA peak (register-only fp32 FMA loop): 1 thread %.1f GFLOP/s, 2 threads %.1f; read bandwidth: "
-          "1 thread %.1f GB/s, 2 threads %.1f (measured by bench_model before the %s run)" % (
+          "1 thread %.1f GB/s, 2 threads %.1f (bench_model's header before the %s run; each share below is of the figure measured again just before its timing)" % (
               r["fma_peak_avx512_gflops"] or r["fma_peak_avx2_gflops"], r["fma_peak_gflops"],
               r["read_gb_per_s_1"], r["read_gb_per_s_n"], "fp32" if r is m[0] else "bf16"))
 mo = next(iter(mods.values()))
@@ -95,8 +95,8 @@ for r in rows:
               "arg-max agrees at %.0f%% of positions (dsmoe prompt path vs PyTorch absorbed)" % (
                   r["max_rel_diff"], 100 * r["argmax_agree"]))
 print()
-print("| weights | threads | prompt tok/s dsmoe | PyTorch | dsmoe / PyTorch | GFLOP/s | % of FMA peak "
-      "| decode tok/s dsmoe | PyTorch | dsmoe / PyTorch | weights GB/s | % of read bandwidth |")
+print("| weights | threads | prompt tok/s dsmoe | PyTorch | dsmoe / PyTorch | GFLOP/s | % of FMA peak (GFLOP/s) "
+      "| decode tok/s dsmoe | PyTorch | dsmoe / PyTorch | weights GB/s | % of read bandwidth (GB/s) |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 res = {}
 for dt in ("f32", "bf16"):
@@ -107,10 +107,12 @@ for dt in ("f32", "bf16"):
         tp, tq = t[(dt, "prompt", n)], t[(dt, "decode", n)]
         rp, rq = p["tokens_per_s"] / tp["tokens_per_s"], q["tokens_per_s"] / tq["tokens_per_s"]
         res[(dt, n)] = (p["peak_fraction"], q["bandwidth_fraction"], rp, rq)
-        print("| %s (%.2f GB/token) | %d | %.1f | %.1f | %.2fx | %.1f | %.0f%% | %.2f | %.2f | %.2fx | %.1f | %.0f%% |" % (
-            dt, mods[dt]["decode_bytes_per_token"] * 1e-9, n, p["tokens_per_s"], tp["tokens_per_s"], rp,
-            p["gflops_per_s"], 100 * p["peak_fraction"], q["tokens_per_s"], tq["tokens_per_s"], rq,
-            q["weights_gb_per_s"], 100 * q["bandwidth_fraction"]))
+        print("| %s (%.2f GB/token) | %d | %.1f | %.1f | %.2fx | %.1f | %.0f%% of %.0f | %.2f | %.2f | %.2fx | %.1f "
+              "| %.0f%% of %.1f |" % (
+                  dt, mods[dt]["decode_bytes_per_token"] * 1e-9, n, p["tokens_per_s"], tp["tokens_per_s"], rp,
+                  p["gflops_per_s"], 100 * p["peak_fraction"], p["peak_gflops"], q["tokens_per_s"],
+                  tq["tokens_per_s"], rq, q["weights_gb_per_s"], 100 * q["bandwidth_fraction"],
+                  q["read_gb_per_s"]))
 print()
 def met(ok):
     return "met" if ok else "NOT met"
