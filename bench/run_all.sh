@@ -3,7 +3,8 @@
 # tables. Uses Debian's python3 with python3-numpy and python3-torch (make bench installs
 # them). One thread everywhere: dsmoe's --threads 1, and every BLAS / OpenMP pool of the
 # references pinned to 1 here (and again by each Python script before it imports numpy or
-# torch). Each benchmark prints the CPU, the FMA peak and the read bandwidth it measured
+# torch); the whole-model benchmark runs one and two threads on both sides, its table
+# says which. Each benchmark prints the CPU, the FMA peak and the read bandwidth it measured
 # in the same run, and reports its figures as shares of them next to the library ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,11 @@ if [ -f bench/bench_moe.sh ]; then
   echo
   echo "## MoE layer"
   bash bench/bench_moe.sh "$build"
+fi
+if [ -x "$build/bench_model" ]; then
+  echo
+  echo "## Whole model (prompt and decode; fp32 and bf16 models written to a temporary directory)"
+  bash bench/bench_model.sh "$build"
 fi
 if [ -x "$build/bench_gemm" ]; then
   echo
