@@ -215,6 +215,41 @@ static void test_manifest_cases(void) {
 }
 
 /* The model object's accessors and the cache's bookkeeping. */
+/* A prompt longer than two blocks of 64 queries (v3_dense_moe allows 512 positions): the
+ * naive form in one call against the absorbed form, against token-by-token decoding, and
+ * against a prompt continued after a cached prefix that is not a multiple of 64. */
+static void test_long_prompt(void) {
+    char dir[512];
+    dir_of(dir, sizeof dir, "v3_dense_moe");
+    dsmoe_model *m = NULL;
+    ASSERT_OK(dsmoe_model_open(dir, NULL, &m));
+    if (!m) return;
+    const int64_t T = 150, V = dsmoe_model_get_config(m)->vocab_size;
+    int32_t tok[150];
+    tl_seed(17);
+    for (int64_t t = 0; t < T; t++) tok[t] = (int32_t)(tl_next() % (uint64_t)V);
+    float *a = (float *)malloc((size_t)(T * V) * sizeof(float)), *b = (float *)malloc((size_t)(T * V) * sizeof(float));
+    dsmoe_model_cache *k = NULL;
+    ASSERT_OK(dsmoe_model_cache_create(m, T, &k));
+    if (k) {
+        ASSERT_OK(dsmoe_model_forward(m, k, tok, T, a, DSMOE_MODEL_ATTN_NAIVE));
+        ASSERT_OK(dsmoe_model_cache_truncate(k, 0));
+        ASSERT_OK(dsmoe_model_forward(m, k, tok, T, b, DSMOE_MODEL_ATTN_ABSORBED));
+        close_f("150 tokens: naive = absorbed", a, b, T * V, REL);
+        ASSERT_OK(dsmoe_model_cache_truncate(k, 0));
+        for (int64_t t = 0; t < T; t++) ASSERT_OK(dsmoe_model_forward(m, k, tok + t, 1, b + t * V, 0));
+        close_f("150 tokens: naive = decoding", a, b, T * V, REL);
+        ASSERT_OK(dsmoe_model_cache_truncate(k, 0));
+        ASSERT_OK(dsmoe_model_forward(m, k, tok, 37, b, DSMOE_MODEL_ATTN_NAIVE));
+        ASSERT_OK(dsmoe_model_forward(m, k, tok + 37, T - 37, b + 37 * V, DSMOE_MODEL_ATTN_NAIVE));
+        close_f("150 tokens: 37 then 113 (naive)", a, b, T * V, REL);
+    }
+    dsmoe_model_cache_free(k);
+    dsmoe_model_free(m);
+    free(a);
+    free(b);
+}
+
 static void test_accessors(void) {
     char dir[512];
     dir_of(dir, sizeof dir, "v3_yarn_q");
@@ -479,6 +514,7 @@ static void test_open_non_finite(void) {
 
 int main(void) {
     RUN(test_accessors);
+    RUN(test_long_prompt);
     RUN(test_forward_errors);
     RUN(test_non_finite);
     RUN(test_open_non_finite);

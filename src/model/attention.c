@@ -13,12 +13,14 @@
  * The same products associated differently, so the two agree within fp32 rounding.
  * Query i sits at position pos0 + i and sees positions 0 .. pos0 + i (causal). Softmax
  * in fp32 (max subtracted, exp, sum, then each weight divided by the sum, as blocks.c).
- * The dot products (the naive expansion, every score, the absorbed output) go through
- * the MoE layer's skinny product dsmoe__moe_gemm_nt (kernels.h): up to 64 rows at a
- * time against contiguous rows, 16 fixed partial sums, the same bits on every ISA. A
- * score is one dot product over [q_nope | q_pe] · [k_nope | k_pe] (naive) or
- * [q̃ | q_pe] · [latent | k_pe] (absorbed: the cache rows themselves). The weighted sums
- * and q̃ are plain loops over rows in order (vectorised by the compiler).
+ * The naive form's products are BLAS calls (kernels/blas.h, one thread each): per head
+ * the expansion latent · W_hᵀ of every position, then per block of 64 queries the scores
+ * q_nope · k_nopeᵀ + q_pe · k_peᵀ and the weighted sum of the values, so a prompt's
+ * attention runs near the machine's FMA rate. The absorbed form's scores and output go
+ * through the MoE layer's skinny product dsmoe__moe_gemm_nt (kernels.h): up to 64 rows
+ * against contiguous rows, 16 fixed partial sums, the same bits on every ISA; a score is
+ * one dot product [q̃ | q_pe] · [latent | k_pe] against the cache rows themselves. Its
+ * weighted sums and q̃ are plain loops over rows in order (vectorised by the compiler).
  *
  * Threads: the naive form over heads (a head's expansion serves all its queries), the
  * absorbed form over (query, block of heads) pairs: a decoding token's heads share each
@@ -26,6 +28,7 @@
  * tokens are few. Each result is computed by one thread in an order fixed by the shapes
  * (never by the blocking), so the bits never depend on the thread count.
  */
+#include "kernels/blas.h"
 #include "kernels/kernels.h"
 #include "model/model_internal.h"
 
@@ -49,7 +52,7 @@ static int thread_id(void) {
 size_t dsmoe__attn_scratch_floats(const dsmoe_model_config *c, int64_t P) {
     const int64_t n = c->qk_nope_head_dim, r = c->qk_rope_head_dim, v = c->v_head_dim,
                   kc = c->kv_lora_rank;
-    int64_t naive = P * (n + r + v) + QB * P, absorbed = QB * (2 * kc + r) + QB * P;
+    int64_t naive = P * (n + v) + QB * P, absorbed = QB * (2 * kc + r) + QB * P;
     int64_t m = naive > absorbed ? naive : absorbed;
     return dsmoe__align64((size_t)m * sizeof(float)) / sizeof(float);
 }
@@ -77,37 +80,32 @@ void dsmoe__attn_naive(const dsmoe__attn_args *a) {
     (void)nt; /* unused without OpenMP */
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int64_t h = 0; h < H; h++) {
-        float *kx = a->scratch + a->per_thread * (size_t)thread_id(); /* (P, n + r) */
-        float *vx = kx + P * (n + r);                                  /* (P, v) */
-        float *S = vx + P * v;                                         /* (QB, P) */
+        float *kv = a->scratch + a->per_thread * (size_t)thread_id(); /* (P, n + v) */
+        float *S = kv + P * (n + v);                                   /* (QB, P) */
         const float *W = a->kv_b + h * (n + v) * kc;                   /* (n + v, c) */
-        const float *X[QB];
-        /* k_nope_j | k_pe_j and value_j of every position */
-        for (int64_t j0 = 0; j0 < P; j0 += QB) {
-            const int nb = (int)(P - j0 < QB ? P - j0 : QB);
-            for (int i = 0; i < nb; i++) X[i] = a->kv + (j0 + i) * (kc + r);
-            dsmoe__moe_gemm_nt(kx + j0 * (n + r), n + r, X, nb, W, DSMOE_DTYPE_F32, 0, (int)n,
-                               (int)kc);
-            dsmoe__moe_gemm_nt(vx + j0 * v, v, X, nb, W + n * kc, DSMOE_DTYPE_F32, 0, (int)v,
-                               (int)kc);
-            for (int i = 0; i < nb; i++)
-                memcpy(kx + (j0 + i) * (n + r) + n, X[i] + kc, (size_t)r * sizeof(float));
-        }
+        /* k_nope_j | value_j of every position: latent (P, c) · W_hᵀ */
+        dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__TRANS, (int)P, (int)(n + v), (int)kc, 1.0f, a->kv,
+                     (int)(kc + r), W, (int)kc, 0.0f, kv, (int)(n + v));
         for (int64_t i0 = 0; i0 < T; i0 += QB) {
             const int nb = (int)(T - i0 < QB ? T - i0 : QB);
             const int64_t Pb = a->pos0 + i0 + nb; /* positions the block's last query sees */
-            for (int i = 0; i < nb; i++) X[i] = a->q + ((i0 + i) * H + h) * (n + r);
-            dsmoe__moe_gemm_nt(S, Pb, X, nb, kx, DSMOE_DTYPE_F32, 0, (int)Pb, (int)(n + r));
+            const float *qb = a->q + (i0 * H + h) * (n + r);
+            const int ldq = (int)(H * (n + r));
+            /* scores: q_nope · k_nopeᵀ + q_pe · k_peᵀ over the first Pb positions */
+            dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__TRANS, nb, (int)Pb, (int)n, 1.0f, qb, ldq, kv,
+                         (int)(n + v), 0.0f, S, (int)Pb);
+            dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__TRANS, nb, (int)Pb, (int)r, 1.0f, qb + n, ldq,
+                         a->kv + kc, (int)(kc + r), 1.0f, S, (int)Pb);
+            /* causal softmax per row; the positions a query does not see weigh 0 */
             for (int i = 0; i < nb; i++) {
                 const int64_t cnt = a->pos0 + i0 + i + 1;
-                float *p = S + i * Pb, *o = a->out + ((i0 + i) * H + h) * v;
+                float *p = S + i * Pb;
                 softmax(p, cnt, a->scale);
-                for (int64_t k = 0; k < v; k++) o[k] = 0.0f;
-                for (int64_t j = 0; j < cnt; j++) {
-                    const float pj = p[j], *val = vx + j * v;
-                    for (int64_t k = 0; k < v; k++) o[k] += pj * val[k];
-                }
+                for (int64_t j = cnt; j < Pb; j++) p[j] = 0.0f;
             }
+            /* out = P · values */
+            dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, nb, (int)v, (int)Pb, 1.0f, S, (int)Pb,
+                         kv + n, (int)(n + v), 0.0f, a->out + (i0 * H + h) * v, (int)(H * v));
         }
     }
 }
