@@ -115,18 +115,6 @@ static model_cost cost_of(const dsmoe_model *m) {
     return k;
 }
 
-/* Cache bytes per position, the formulas of dsmoe_model_cache_bytes_per_token and
- * dsmoe_model_mha_cache_bytes_per_token (model.h): the latent and the rope key per layer,
- * fp32, against per-head keys (n + r) and values (v). Computed here from the config so the
- * benchmark links against any build with the forward pass. */
-static int64_t mla_cache_bytes(const dsmoe_model_config *c) {
-    return (int64_t)c->num_hidden_layers * (c->kv_lora_rank + c->qk_rope_head_dim) * 4;
-}
-static int64_t mha_cache_bytes(const dsmoe_model_config *c) {
-    return (int64_t)c->num_hidden_layers * c->num_attention_heads *
-           (c->qk_nope_head_dim + c->qk_rope_head_dim + c->v_head_dim) * 4;
-}
-
 static double min_of(const double *v, int n) {
     double b = v[0];
     for (int i = 1; i < n; i++) b = v[i] < b ? v[i] : b;
@@ -234,7 +222,7 @@ int main(int argc, char **argv) {
                    "\"open_seconds\": %.3f}\n",
                    k.dtype, c->num_hidden_layers, c->hidden_size, c->n_routed_experts, c->num_experts_per_tok, V,
                    k.active_params, k.decode_bytes, k.token_flops, k.head_flops, k.pair_flops,
-                   (long long)mla_cache_bytes(c), (long long)mha_cache_bytes(c), t_open);
+                   (long long)dsmoe_model_cache_bytes_per_token(c), (long long)dsmoe_model_mha_cache_bytes_per_token(c), t_open);
 
         if (check_out && ti == 0) {
             bench_tokens(tok, check_T, V, 42);
