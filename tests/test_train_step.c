@@ -6,6 +6,9 @@
  */
 #include "testlib.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 enum { TB = 2, TT = 8 };
 
 static dsmoe_train_model *make(int nt, float std, float alpha, uint64_t seed, int B, int T) {
@@ -331,8 +334,85 @@ static void test_bad_tokens(void) {
     dsmoe_train_model_free(tm);
 }
 
+/* An independent check of the layout and the composition: the parameters written under
+ * the accessor's names into a model directory, opened by the inference model
+ * (dsmoe_model, itself checked against the fp64 NumPy reference), give the same loss
+ * as dsmoe_train_model_loss (fp32 through other summation orders: 1e-5 relative), pad
+ * targets left out of the mean. A non-zero correction bias goes along, so the bias accessor is checked too. */
+static void test_against_inference(void) {
+    const int B = 2, T = 12;
+    dsmoe_train_model *tm = make(1, 0.1f, 0, 21, B, T);
+    if (!tm) return;
+    const dsmoe_model_config *c = dsmoe_train_model_config(tm);
+    const int32_t V = c->vocab_size, E = c->n_routed_experts;
+    float bias[64];
+    for (int k = 0; k < dsmoe_train_model_moe_count(tm); k++) {
+        for (int e = 0; e < E; e++) bias[e] = 0.05f * (float)((e * 5 + k) % 7) - 0.15f;
+        ASSERT_OK(dsmoe_train_model_set_bias(tm, k, bias));
+    }
+    char dir[4096], path[4200];
+    snprintf(dir, sizeof dir, "%s", tl_tmp("dsmoe_test_train_step_model"));
+    char suffix[32];
+    snprintf(suffix, sizeof suffix, ".%ld", (long)getpid());
+    strncat(dir, suffix, sizeof dir - strlen(dir) - 1);
+    ASSERT_TRUE(mkdir(dir, 0755) == 0);
+    ASSERT_OK(dsmoe_model_config_write(c, dir));
+    dsmoe_safetensors_writer *w = NULL;
+    ASSERT_OK(dsmoe_safetensors_writer_create(&w));
+    for (int64_t i = 0; i < dsmoe_train_model_tensor_count(tm); i++) {
+        dsmoe_train_tensor t;
+        ASSERT_OK(dsmoe_train_model_tensor(tm, i, &t));
+        ASSERT_OK(dsmoe_safetensors_writer_add(w, t.spec.name, DSMOE_DTYPE_F32, t.spec.ndim,
+                                               t.spec.shape, t.data));
+    }
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    ASSERT_OK(dsmoe_safetensors_writer_save(w, path));
+    dsmoe_safetensors_writer_free(w);
+    dsmoe_model *m = NULL;
+    ASSERT_OK(dsmoe_model_open(dir, NULL, &m));
+    int32_t tok[2 * 13];
+    fill_tokens(tok, B * (T + 1), V, 23);
+    ASSERT_TRUE(c->byte_vocab);
+    tok[5] = tok[2 * (T + 1) - 1] = DSMOE_BYTE_VOCAB_PAD; /* targets that do not count */
+    double L;
+    ASSERT_OK(dsmoe_train_model_loss(tm, tok, &L, NULL, NULL, 0));
+    if (m) {
+        dsmoe_model_cache *cache = NULL;
+        ASSERT_OK(dsmoe_model_cache_create(m, T, &cache));
+        float *logits = (float *)malloc((size_t)T * (size_t)V * sizeof(float));
+        double total = 0;
+        int n_targets = 0;
+        for (int b = 0; b < B; b++) {
+            ASSERT_OK(dsmoe_model_cache_truncate(cache, 0));
+            ASSERT_OK(dsmoe_model_forward(m, cache, tok + b * (T + 1), T, logits, DSMOE_MODEL_ATTN_NAIVE));
+            for (int t = 0; t < T; t++) {
+                if (tok[b * (T + 1) + t + 1] == DSMOE_BYTE_VOCAB_PAD) continue;
+                n_targets++;
+                const float *l = logits + (size_t)t * V;
+                double mx = l[0], se = 0;
+                for (int v = 1; v < V; v++) mx = fmax(mx, l[v]);
+                for (int v = 0; v < V; v++) se += exp(l[v] - mx);
+                total += mx + log(se) - l[tok[b * (T + 1) + t + 1]];
+            }
+        }
+        ASSERT_EQ_INT(n_targets, B * T - 2);
+        double ref = total / n_targets;
+        fprintf(stderr, "  loss %.9f, inference model %.9f\n", L, ref);
+        ASSERT_NEAR(L, ref, 1e-5 * ref);
+        free(logits);
+        dsmoe_model_cache_free(cache);
+    }
+    dsmoe_model_free(m);
+    unlink(path);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    unlink(path);
+    rmdir(dir);
+    dsmoe_train_model_free(tm);
+}
+
 int main(void) {
     RUN(test_layout);
+    RUN(test_against_inference);
     RUN(test_fd_plain);
     RUN(test_fd_balance);
     RUN(test_threads);
