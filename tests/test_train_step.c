@@ -36,6 +36,13 @@ static dsmoe_train_model *make(int nt, float std, float alpha, uint64_t seed, in
     return tm;
 }
 
+/* The total loss of tokens (asserting success). */
+static double loss_of(dsmoe_train_model *tm, const int32_t *tok) {
+    dsmoe_train_loss l = {-1, -1, -1, -1};
+    ASSERT_OK(dsmoe_train_model_loss(tm, tok, &l, 0));
+    return l.total;
+}
+
 static void fill_tokens(int32_t *tok, int64_t n, int32_t V, uint64_t seed) {
     tl_seed(seed);
     for (int64_t i = 0; i < n; i++) tok[i] = (int32_t)(tl_next() % (uint64_t)V);
@@ -48,7 +55,8 @@ static void test_layout(void) {
     if (!tm) return;
     const dsmoe_model_config *c = dsmoe_train_model_config(tm);
     int64_t n = dsmoe_train_model_tensor_count(tm);
-    ASSERT_EQ_INT(n, dsmoe_model_tensor_count(c, 0));
+    ASSERT_EQ_INT(n, dsmoe_model_tensor_count(c, c->num_nextn_predict_layers));
+    const int64_t n_main = dsmoe_model_tensor_count(c, 0);
     size_t np = 0;
     float *P = dsmoe_train_model_params(tm, &np);
     char *used = (char *)calloc(np, 1);
@@ -57,16 +65,28 @@ static void test_layout(void) {
         dsmoe_train_tensor t;
         dsmoe_model_tensor_spec s;
         ASSERT_OK(dsmoe_train_model_tensor(tm, i, &t));
-        ASSERT_OK(dsmoe_model_tensor_at(c, 0, i, &s));
+        ASSERT_OK(dsmoe_model_tensor_at(c, c->num_nextn_predict_layers, i, &s));
         ASSERT_TRUE(strcmp(t.spec.name, s.name) == 0);
         ASSERT_EQ_INT(t.n, s.shape[0] * (s.ndim == 2 ? s.shape[1] : 1));
-        ASSERT_EQ_INT(t.decay, s.ndim == 2);
         if (!t.trainable) {
-            ASSERT_TRUE(strstr(s.name, "e_score_correction_bias") != NULL);
             ASSERT_TRUE(t.grad == NULL && t.offset == -1 && t.data != NULL);
+            if (s.mtp && strstr(s.name, "embed_tokens")) {
+                dsmoe_train_tensor e;
+                ASSERT_OK(dsmoe_train_model_tensor(tm, 0, &e)); /* the main embedding */
+                ASSERT_TRUE(t.data == e.data);
+                continue;
+            }
+            if (s.mtp && strstr(s.name, "shared_head.head")) {
+                dsmoe_train_tensor h;
+                ASSERT_OK(dsmoe_train_model_tensor(tm, c->tie_word_embeddings ? 0 : n_main - 1, &h));
+                ASSERT_TRUE(t.data == h.data);
+                continue;
+            }
+            ASSERT_TRUE(strstr(s.name, "e_score_correction_bias") != NULL);
             n_bias++;
             continue;
         }
+        ASSERT_EQ_INT(t.decay, s.ndim == 2);
         ASSERT_TRUE(t.data == P + t.offset);
         ASSERT_EQ_INT(((uintptr_t)t.data) % 64, 0);
         ASSERT_TRUE(t.offset + t.n <= (int64_t)np);
@@ -109,11 +129,14 @@ static void fd_check_all(float alpha) {
     if (!tm) return;
     const dsmoe_model_config *c = dsmoe_train_model_config(tm);
     int32_t tok[TB * (TT + 1)];
-    fill_tokens(tok, B * (T + 1), c->vocab_size, 11);
-    double L0, ce, bal;
-    ASSERT_OK(dsmoe_train_model_loss(tm, tok, &L0, &ce, &bal, 0));
-    if (alpha > 0) ASSERT_TRUE(bal > 0 && fabs(L0 - ce - bal) < 1e-12);
-    else ASSERT_TRUE(bal == 0);
+    fill_tokens(tok, B * (T + 1), c->vocab_size, 13);
+    dsmoe_train_loss parts;
+    ASSERT_OK(dsmoe_train_model_loss(tm, tok, &parts, 0));
+    const double L0 = parts.total;
+    if (alpha > 0) ASSERT_TRUE(parts.balance > 0);
+    else ASSERT_TRUE(parts.balance == 0);
+    ASSERT_TRUE(c->num_nextn_predict_layers == 0 || parts.mtp > 0);
+    ASSERT_NEAR(L0, parts.ce + 0.3 * parts.mtp + parts.balance, 1e-6 * L0);
     ASSERT_OK(dsmoe_train_model_backward(tm));
     const int32_t K = c->num_experts_per_tok, nm = dsmoe_train_model_moe_count(tm);
     const int64_t per = (int64_t)B * T * K;
@@ -148,11 +171,11 @@ static void fd_check_all(float alpha) {
             double lp, lm;
             int same = 1;
             for (int64_t j = 0; j < t.n; j++) t.data[j] = (float)(save[j] + h * v[j]);
-            ASSERT_OK(dsmoe_train_model_loss(tm, tok, &lp, NULL, NULL, 0));
+            lp = loss_of(tm, tok);
             routing_of(tm, r1, per);
             same &= memcmp(r0, r1, (size_t)(per * nm) * sizeof(int32_t)) == 0;
             for (int64_t j = 0; j < t.n; j++) t.data[j] = (float)(save[j] - h * v[j]);
-            ASSERT_OK(dsmoe_train_model_loss(tm, tok, &lm, NULL, NULL, 0));
+            lm = loss_of(tm, tok);
             routing_of(tm, r1, per);
             same &= memcmp(r0, r1, (size_t)(per * nm) * sizeof(int32_t)) == 0;
             memcpy(t.data, save, (size_t)t.n * sizeof(float));
@@ -161,6 +184,7 @@ static void fd_check_all(float alpha) {
                 ok[i] = 1;
             }
         }
+        if (!ok[i]) fprintf(stderr, "  %s: every perturbation changed the routing\n", t.spec.name);
         if (ok[i]) {
             checked++;
             if (fabs(an[i]) > amax) amax = fabs(an[i]);
@@ -195,7 +219,7 @@ static void fd_check_all(float alpha) {
     ASSERT_TRUE(checked >= trainable - 2);
     /* The parameters were restored: the loss is the same bits. */
     double L1;
-    ASSERT_OK(dsmoe_train_model_loss(tm, tok, &L1, NULL, NULL, 0));
+    L1 = loss_of(tm, tok);
     ASSERT_TRUE(L1 == L0);
     free(r0);
     free(r1);
@@ -228,8 +252,8 @@ static void test_threads(void) {
         int32_t tok[3 * 17];
         fill_tokens(tok, 3 * 17, dsmoe_train_model_config(a)->vocab_size, 7);
         double la, lb;
-        ASSERT_OK(dsmoe_train_model_loss(a, tok, &la, NULL, NULL, 0));
-        ASSERT_OK(dsmoe_train_model_loss(b, tok, &lb, NULL, NULL, 0));
+        la = loss_of(a, tok);
+        lb = loss_of(b, tok);
         ASSERT_TRUE(memcmp(&la, &lb, sizeof la) == 0);
         ASSERT_OK(dsmoe_train_model_backward(a));
         ASSERT_OK(dsmoe_train_model_backward(b));
@@ -254,9 +278,11 @@ static void test_init_and_overfit(void) {
     const int32_t V = dsmoe_train_model_config(tm)->vocab_size;
     int32_t tok[2 * 17];
     fill_tokens(tok, B * (T + 1), V, 13);
-    double L0;
-    ASSERT_OK(dsmoe_train_model_loss(tm, tok, &L0, NULL, NULL, 0));
-    ASSERT_NEAR(L0, log((double)V), 0.08);
+    dsmoe_train_loss parts;
+    ASSERT_OK(dsmoe_train_model_loss(tm, tok, &parts, 0));
+    ASSERT_NEAR(parts.ce, log((double)V), 0.08);
+    ASSERT_NEAR(parts.mtp, log((double)V), 0.08 * 1.5); /* 28 targets: the last is past the end */
+    const double L0 = parts.total;
     dsmoe_adamw_config ac;
     dsmoe_adamw_config_default(&ac);
     ac.lr = 1e-2f;
@@ -270,7 +296,7 @@ static void test_init_and_overfit(void) {
     double L = L0;
     const int steps = 40;
     for (int s = 1; s <= steps; s++) {
-        ASSERT_OK(dsmoe_train_model_loss(tm, tok, &L, NULL, NULL, 0));
+        L = loss_of(tm, tok);
         ASSERT_OK(dsmoe_train_model_backward(tm));
         int64_t n = dsmoe_train_model_tensor_count(tm);
         double ss = 0;
@@ -290,7 +316,7 @@ static void test_init_and_overfit(void) {
         }
         (void)P;
     }
-    ASSERT_OK(dsmoe_train_model_loss(tm, tok, &L, NULL, NULL, 0));
+    L = loss_of(tm, tok);
     fprintf(stderr, "  overfit: loss %.4f at init (ln V %.4f), %.4f after %d AdamW steps\n", L0,
             log((double)V), L, steps);
     ASSERT_TRUE(L < 0.25 * L0);
@@ -315,8 +341,8 @@ static void test_bad_tokens(void) {
     const int32_t V = dsmoe_train_model_config(tm)->vocab_size;
     int32_t tok[2 * 9], bad[2 * 9];
     fill_tokens(tok, B * (T + 1), V, 17);
-    double L0, L;
-    ASSERT_OK(dsmoe_train_model_loss(tm, tok, &L0, NULL, NULL, 0));
+    (void)loss_of(tm, tok);
+    dsmoe_train_loss L;
     ASSERT_OK(dsmoe_train_model_backward(tm));
     size_t np;
     float *G = dsmoe_train_model_grads(tm, &np);
@@ -326,17 +352,17 @@ static void test_bad_tokens(void) {
     for (int k = 0; k < 2; k++) {
         memcpy(bad, tok, sizeof bad);
         bad[1 * (T + 1) + 3] = vals[k];
-        L = 12345;
-        ASSERT_STATUS(dsmoe_train_model_loss(tm, bad, &L, NULL, NULL, 0), DSMOE_STATUS_INVALID_ARGUMENT);
+        L.total = 12345;
+        ASSERT_STATUS(dsmoe_train_model_loss(tm, bad, &L, 0), DSMOE_STATUS_INVALID_ARGUMENT);
         ASSERT_TRUE(strstr(dsmoe_last_error(), "sequence 1, position 3") != NULL);
-        ASSERT_TRUE(L == 12345);
+        ASSERT_TRUE(L.total == 12345);
     }
     /* the target position (T) is checked too */
     memcpy(bad, tok, sizeof bad);
     bad[T] = V + 5;
-    ASSERT_STATUS(dsmoe_train_model_loss(tm, bad, &L, NULL, NULL, 0), DSMOE_STATUS_INVALID_ARGUMENT);
+    ASSERT_STATUS(dsmoe_train_model_loss(tm, bad, &L, 0), DSMOE_STATUS_INVALID_ARGUMENT);
     ASSERT_TRUE(strstr(dsmoe_last_error(), "sequence 0, position 8") != NULL);
-    ASSERT_STATUS(dsmoe_train_model_loss(tm, tok, &L, NULL, NULL, 1u), DSMOE_STATUS_INVALID_ARGUMENT);
+    ASSERT_STATUS(dsmoe_train_model_loss(tm, tok, &L, 1u), DSMOE_STATUS_INVALID_ARGUMENT);
     ASSERT_OK(dsmoe_train_model_backward(tm));
     ASSERT_TRUE(tl_same_bits("grads after refused tokens", G, g0, (int64_t)np));
     /* Bias: set, read back, a NaN refused; the bias moves the routing, not the grads' layout. */
@@ -400,8 +426,9 @@ static void test_against_inference(void) {
     fill_tokens(tok, B * (T + 1), V, 23);
     ASSERT_TRUE(c->byte_vocab);
     tok[5] = tok[2 * (T + 1) - 1] = DSMOE_BYTE_VOCAB_PAD; /* targets that do not count */
-    double L;
-    ASSERT_OK(dsmoe_train_model_loss(tm, tok, &L, NULL, NULL, 0));
+    dsmoe_train_loss parts;
+    ASSERT_OK(dsmoe_train_model_loss(tm, tok, &parts, 0));
+    const double L = parts.ce; /* the main model's: the inference model runs only that */
     if (m) {
         dsmoe_model_cache *cache = NULL;
         ASSERT_OK(dsmoe_model_cache_create(m, T, &cache));

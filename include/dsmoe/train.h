@@ -171,12 +171,12 @@ DSMOE_API void dsmoe_adamw_update(const dsmoe_adamw_config *cfg, float *p, float
                                   float grad_scale, int n_threads);
 
 /* ------------------------------------------------------- training model -- */
-/* The main model of a dsmoe_model_config for training (no MTP depths yet): one fp32
- * parameter array and one gradient array of the same layout, the loss of a batch of
- * B sequences of T + 1 tokens (inputs tokens[:, :T], targets tokens[:, 1:]), and its
- * backward.
+/* A dsmoe_model_config's model for training, with its multi-token-prediction depths:
+ * one fp32 parameter array and one gradient array of the same layout, the loss of a
+ * batch of B sequences of T + 1 tokens (inputs tokens[:, :T], targets tokens[:, 1:]),
+ * and its backward.
  *
- * Layout. The tensors of dsmoe_model_tensor_at (mtp_depths 0), in that order, each
+ * Layout. The tensors of dsmoe_model_tensor_at (with the trained MTP depths), in that order, each
  * starting on a 64-byte boundary of the parameter array; a MoE layer's tensors are one
  * block of dsmoe_moe_param_count floats (the layer's own layout: each expert's
  * gate_proj and up_proj rows back to back, then down_proj, padding kept at 0) placed at
@@ -187,10 +187,20 @@ DSMOE_API void dsmoe_adamw_update(const dsmoe_adamw_config *cfg, float *p, float
  * runs over dsmoe_train_model_tensor's trainable tensors (or over the whole arrays:
  * padding has zero gradients and stays 0), and a checkpoint writes each tensor under its
  * name. A tied head (tie_word_embeddings) is the embedding: its gradient sums both uses.
+ * An MTP depth's embed_tokens and shared_head.head are the main model's embedding and
+ * head (DeepSeek-V3 shares them): they are not in the arrays either; the accessor
+ * points them at the main tensors (not trainable, so an optimizer updates them once)
+ * and a checkpoint writes the copies under their names.
  *
  * Composition (SPEC-model; src/model/model_grad.h's blocks):
  *   h = embed(tokens);  per layer l: h += MLA(rmsnorm(h));  h += FFN_l(rmsnorm(h))
- *   (FFN_l the dense SwiGLU or the MoE layer);  loss = CE(head(rmsnorm(h)), targets)
+ *   (FFN_l the dense SwiGLU or the MoE layer);  ce = CE(head(rmsnorm(h)), targets)
+ * MTP depth k = 1 .. Dm (block at layer L + k − 1; DeepSeek-V3 §2.2 with the
+ * concatenation order of the released weights' serving code, embedding first):
+ *   h'_i = eh_proj [enorm(embed(t_{i+k})); hnorm(h^{k−1}_i)],  h^k = block(h'),
+ *   ce_k = CE(head(shared_head.norm(h^k_i)), t_{i+k+1}) over the positions with i + k + 1 <= T
+ * with h^0 the main model's final-norm output (the state a server hands the MTP
+ * module); mtp = mean_k ce_k;  loss = ce + mtp_lambda · mtp + balance.
  * CE is the mean over the positions whose target is not the pad id (byte vocabulary:
  * DSMOE_BYTE_VOCAB_PAD; otherwise none). With balance_alpha > 0 the loss adds, for every
  * MoE layer, DeepSeek-V3's complementary sequence-wise balance loss (dsmoe_balance_loss,
@@ -210,9 +220,12 @@ typedef struct dsmoe_train_model_options {
     float init_std;      /* std of the normal init of every matrix (default 0.02); the
                             norms start at 1 and the correction bias at 0 */
     float balance_alpha; /* α of the sequence-wise balance loss; 0: none */
+    int32_t mtp_depths;  /* MTP depths trained, <= num_nextn_predict_layers; -1: all */
+    float mtp_lambda;    /* λ, the weight of the MTP loss (>= 0) */
 } dsmoe_train_model_options;
 
-/* n_threads 0, batch 8, seq_len 64, seed 1, init_std 0.02, balance_alpha 0. */
+/* n_threads 0, batch 8, seq_len 64, seed 1, init_std 0.02, balance_alpha 0,
+ * mtp_depths -1, mtp_lambda 0.3 (DeepSeek-V3's first phase). */
 DSMOE_API void dsmoe_train_model_options_default(dsmoe_train_model_options *opts);
 /* Creates the model with initialised parameters (deterministic from seed: tensor i's
  * values come from a stream seeded by (seed, i), whatever the other tensors).
@@ -230,32 +243,39 @@ DSMOE_API float *dsmoe_train_model_grads(dsmoe_train_model *tm, size_t *n);
 
 typedef struct dsmoe_train_tensor {
     dsmoe_model_tensor_spec spec; /* HF name and shape */
-    float *data;                  /* into the parameter array (the bias: the layer's) */
-    float *grad;                  /* into the gradient array; NULL for the bias */
-    int64_t offset;               /* of data in the parameter array; -1 for the bias */
+    float *data;                  /* into the parameter array (the bias: the layer's; an MTP
+                                     depth's embedding / head: the main model's) */
+    float *grad;                  /* into the gradient array; NULL when not trainable */
+    int64_t offset;               /* of data in the parameter array; -1 when not trainable */
     int64_t n;                    /* elements */
-    int32_t trainable;            /* 0 for the correction bias */
+    int32_t trainable;            /* 0 for the correction bias and the shared MTP tensors */
     int32_t decay;                /* 1 for matrices (weight decay applies), 0 otherwise */
 } dsmoe_train_tensor;
 
-/* dsmoe_model_tensor_count(cfg, 0) tensors. INVALID_ARGUMENT out of range. */
+/* dsmoe_model_tensor_count(cfg, mtp depths) tensors. INVALID_ARGUMENT out of range. */
 DSMOE_API int64_t dsmoe_train_model_tensor_count(const dsmoe_train_model *tm);
 DSMOE_API dsmoe_status dsmoe_train_model_tensor(dsmoe_train_model *tm, int64_t i,
                                                 dsmoe_train_tensor *out);
 
-/* Loss of tokens (B, T + 1) (ids in 0 .. V − 1) into *loss (the cross-entropy plus the
- * balance loss; ce and bal, if not NULL, get the parts). Keeps what the backward needs
+/* The parts of a loss. */
+typedef struct dsmoe_train_loss {
+    double total;   /* ce + mtp_lambda · mtp + balance: what the backward differentiates */
+    double ce;      /* the main model's mean cross-entropy */
+    double mtp;     /* the mean over the MTP depths of their cross-entropies (0 without) */
+    double balance; /* the balance losses of every MoE layer, α included (0 without) */
+} dsmoe_train_loss;
+
+/* Loss of tokens (B, T + 1) (ids in 0 .. V − 1) into *out. Keeps what the backward needs
  * and each MoE layer's routing. flags: 0 (none defined yet). INVALID_ARGUMENT naming the first bad token (sequence,
  * position, value): nothing changes then (the previous forward stays differentiable);
  * NON_FINITE from a router fed NaN/Inf. */
 DSMOE_API dsmoe_status dsmoe_train_model_loss(dsmoe_train_model *tm, const int32_t *tokens,
-                                              double *loss, double *ce, double *bal,
-                                              unsigned flags);
+                                              dsmoe_train_loss *out, unsigned flags);
 /* Zeroes the gradient array, then fills it with the gradient of the last loss.
  * INVALID_ARGUMENT when no successful loss precedes it. */
 DSMOE_API dsmoe_status dsmoe_train_model_backward(dsmoe_train_model *tm);
 
-/* MoE layers: their count, and for the k-th (in layer order) its layer index, the
+/* MoE layers (the MTP depths' included): their count, and for the k-th (in layer order) its layer index, the
  * routing of the last loss (over the B·T positions, or NULL), and its bias. */
 DSMOE_API int32_t dsmoe_train_model_moe_count(const dsmoe_train_model *tm);
 DSMOE_API int32_t dsmoe_train_model_moe_layer(const dsmoe_train_model *tm, int32_t k);
