@@ -11,7 +11,7 @@
 
 enum { TB = 2, TT = 8 };
 
-/* 1: the tiny preset changed to a tied head, a compressed query (q_lora_rank 8) and MoE
+/* 2: two MTP depths. 1: the tiny preset changed to a tied head, a compressed query (q_lora_rank 8) and MoE
  * in both layers. */
 static int variant = 0;
 
@@ -23,6 +23,7 @@ static dsmoe_train_model *make(int nt, float std, float alpha, uint64_t seed, in
         c.q_lora_rank = 8;
         c.first_k_dense_replace = 0;
     }
+    if (variant == 2) c.num_nextn_predict_layers = 2;
     dsmoe_train_model_options o;
     dsmoe_train_model_options_default(&o);
     o.n_threads = nt;
@@ -240,6 +241,9 @@ static void test_fd_variant(void) {
     fd_check_all(0.5f);
     test_layout();
     test_against_inference();
+    variant = 2; /* two depths: the second's gradient into the first's state */
+    fd_check_all(0.0f);
+    test_layout();
     variant = 0;
 }
 
@@ -463,12 +467,104 @@ static void test_against_inference(void) {
     dsmoe_train_model_free(tm);
 }
 
+/* The tensor of a name (asserting it exists). */
+static dsmoe_train_tensor tensor_named(dsmoe_train_model *tm, const char *name) {
+    dsmoe_train_tensor t;
+    memset(&t, 0, sizeof t);
+    for (int64_t i = 0; i < dsmoe_train_model_tensor_count(tm); i++) {
+        ASSERT_OK(dsmoe_train_model_tensor(tm, i, &t));
+        if (strcmp(t.spec.name, name) == 0) return t;
+    }
+    TL_FAIL("no tensor %s", name);
+    return t;
+}
+
+static void rmsnorm64v(double *y, const double *x, int n, double eps) {
+    double ss = 0;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    double inv = 1.0 / sqrt(ss / n + eps);
+    for (int i = 0; i < n; i++) y[i] = x[i] * inv;
+}
+
+/* The MTP loss's alignment, computed by hand: with each depth's block reduced to the
+ * identity (o_proj and every expert's down_proj 0) and eh_proj = [I | 0] (the previous
+ * state ignored), depth k's logits at position i are head · norm(norm(embed(t_{i+k})))
+ * and its target is t_{i+k+1}, for i + k + 1 <= T only. Two depths. */
+static void test_mtp_by_hand(void) {
+    variant = 2;
+    const int B = 2, T = 6;
+    dsmoe_train_model *tm = make(1, 0.3f, 0, 31, B, T);
+    variant = 0;
+    if (!tm) return;
+    const dsmoe_model_config *c = dsmoe_train_model_config(tm);
+    const int L = c->num_hidden_layers, D = c->hidden_size, V = c->vocab_size;
+    const double eps = c->rms_norm_eps;
+    char name[128];
+    for (int d = 0; d < 2; d++) {
+        snprintf(name, sizeof name, "model.layers.%d.self_attn.o_proj.weight", L + d);
+        dsmoe_train_tensor t = tensor_named(tm, name);
+        if (t.data) memset(t.data, 0, (size_t)t.n * sizeof(float));
+        for (int e = -1; e < c->n_routed_experts; e++) {
+            if (e < 0) snprintf(name, sizeof name, "model.layers.%d.mlp.shared_experts.down_proj.weight", L + d);
+            else snprintf(name, sizeof name, "model.layers.%d.mlp.experts.%d.down_proj.weight", L + d, e);
+            t = tensor_named(tm, name);
+            if (t.data) memset(t.data, 0, (size_t)t.n * sizeof(float));
+        }
+        snprintf(name, sizeof name, "model.layers.%d.eh_proj.weight", L + d);
+        t = tensor_named(tm, name);
+        if (t.data) {
+            memset(t.data, 0, (size_t)t.n * sizeof(float));
+            for (int r = 0; r < D; r++) t.data[(size_t)r * 2 * D + r] = 1.0f;
+        }
+    }
+    const float *E = tensor_named(tm, "model.embed_tokens.weight").data;
+    const float *H = tensor_named(tm, "lm_head.weight").data;
+    int32_t tok[2 * 7];
+    fill_tokens(tok, B * (T + 1), V, 37);
+    dsmoe_train_loss parts;
+    ASSERT_OK(dsmoe_train_model_loss(tm, tok, &parts, 0));
+    double *x = (double *)malloc((size_t)D * sizeof(double)), *y = (double *)malloc((size_t)D * sizeof(double));
+    double mtp = 0;
+    for (int k = 1; k <= 2; k++) {
+        double sum = 0;
+        int n = 0;
+        for (int b = 0; b < B; b++)
+            for (int i = 0; i + k + 1 <= T; i++) {
+                const int32_t *row = tok + b * (T + 1);
+                for (int j = 0; j < D; j++) x[j] = E[(size_t)row[i + k] * D + j];
+                rmsnorm64v(y, x, D, eps);
+                rmsnorm64v(x, y, D, eps);
+                double mx = -INFINITY, se = 0, lt = 0;
+                double *lg = (double *)malloc((size_t)V * sizeof(double));
+                for (int v = 0; v < V; v++) {
+                    double a = 0;
+                    for (int j = 0; j < D; j++) a += (double)H[(size_t)v * D + j] * x[j];
+                    lg[v] = a;
+                    mx = fmax(mx, a);
+                }
+                for (int v = 0; v < V; v++) se += exp(lg[v] - mx);
+                lt = lg[row[i + k + 1]];
+                free(lg);
+                sum += mx + log(se) - lt;
+                n++;
+            }
+        mtp += sum / n;
+    }
+    mtp /= 2;
+    fprintf(stderr, "  mtp loss %.9f, by hand %.9f\n", parts.mtp, mtp);
+    ASSERT_NEAR(parts.mtp, mtp, 1e-5 * mtp);
+    free(x);
+    free(y);
+    dsmoe_train_model_free(tm);
+}
+
 int main(void) {
     RUN(test_layout);
     RUN(test_against_inference);
     RUN(test_fd_plain);
     RUN(test_fd_balance);
     RUN(test_fd_variant);
+    RUN(test_mtp_by_hand);
     RUN(test_threads);
     RUN(test_init_and_overfit);
     RUN(test_bad_tokens);
