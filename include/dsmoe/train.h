@@ -41,6 +41,7 @@
 #define DSMOE_TRAIN_H
 
 #include "core.h"
+#include "model.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -168,6 +169,123 @@ DSMOE_API float dsmoe_adamw_clip_factor(const dsmoe_adamw_config *cfg, double no
 DSMOE_API void dsmoe_adamw_update(const dsmoe_adamw_config *cfg, float *p, float *m, float *v,
                                   const float *g, int64_t n, int64_t t, double lr, double wd,
                                   float grad_scale, int n_threads);
+
+/* ------------------------------------------------------- training model -- */
+/* A dsmoe_model_config's model for training, with its multi-token-prediction depths:
+ * one fp32 parameter array and one gradient array of the same layout, the loss of a
+ * batch of B sequences of T + 1 tokens (inputs tokens[:, :T], targets tokens[:, 1:]),
+ * and its backward.
+ *
+ * Layout. The tensors of dsmoe_model_tensor_at (with the trained MTP depths), in that order, each
+ * starting on a 64-byte boundary of the parameter array; a MoE layer's tensors are one
+ * block of dsmoe_moe_param_count floats (the layer's own layout: each expert's
+ * gate_proj and up_proj rows back to back, then down_proj, padding kept at 0) placed at
+ * its mlp.gate.weight, on which the layer is created with dsmoe_moe_create_with (F32,
+ * checkpoint layout, train). The gradient array has the same offsets. The correction
+ * bias (mlp.gate.e_score_correction_bias) is not in either array: it is the layer's
+ * buffer, set by a balancer (dsmoe_train_model_set_bias), with no gradient. So AdamW
+ * runs over dsmoe_train_model_tensor's trainable tensors (or over the whole arrays:
+ * padding has zero gradients and stays 0), and a checkpoint writes each tensor under its
+ * name. A tied head (tie_word_embeddings) is the embedding: its gradient sums both uses.
+ * An MTP depth's embed_tokens and shared_head.head are the main model's embedding and
+ * head (DeepSeek-V3 shares them): they are not in the arrays either; the accessor
+ * points them at the main tensors (not trainable, so an optimizer updates them once)
+ * and a checkpoint writes the copies under their names.
+ *
+ * Composition (SPEC-model; src/model/model_grad.h's blocks):
+ *   h = embed(tokens);  per layer l: h += MLA(rmsnorm(h));  h += FFN_l(rmsnorm(h))
+ *   (FFN_l the dense SwiGLU or the MoE layer);  ce = CE(head(rmsnorm(h)), targets)
+ * MTP depth k = 1 .. Dm (block at layer L + k − 1; DeepSeek-V3 §2.2 with the
+ * concatenation order of the released weights' serving code, embedding first):
+ *   h'_i = eh_proj [enorm(embed(t_{i+k})); hnorm(h^{k−1}_i)],  h^k = block(h'),
+ *   ce_k = CE(head(shared_head.norm(h^k_i)), t_{i+k+1}) over the positions with i + k + 1 <= T
+ * with h^0 the main model's final-norm output (the state a server hands the MTP
+ * module); mtp = mean_k ce_k;  loss = ce + mtp_lambda · mtp + balance.
+ * CE is the mean over the positions whose target is not the pad id (byte vocabulary:
+ * DSMOE_BYTE_VOCAB_PAD; otherwise none). With balance_alpha > 0 the loss adds, for every
+ * MoE layer, DeepSeek-V3's complementary sequence-wise balance loss (dsmoe_balance_loss,
+ * DSMOE_BALANCE_LOSS_SEQ, one sequence = the T positions of a batch row) with that α,
+ * its gradient entering the router logits.
+ *
+ * Threads: the blocks' fixed work split; the loss and every gradient are the same bits
+ * for any n_threads. Every buffer is allocated at create: loss and backward allocate
+ * nothing. One loss / backward at a time per object. */
+typedef struct dsmoe_train_model dsmoe_train_model;
+
+typedef struct dsmoe_train_model_options {
+    int32_t n_threads;   /* <= 0: dsmoe_default_threads() */
+    int32_t batch;       /* B sequences per step (>= 1) */
+    int32_t seq_len;     /* T positions per sequence (1 .. max_position_embeddings) */
+    uint64_t seed;       /* initialisation */
+    float init_std;      /* std of the normal init of every matrix (default 0.02); the
+                            norms start at 1 and the correction bias at 0 */
+    float balance_alpha; /* α of the sequence-wise balance loss; 0: none */
+    int32_t mtp_depths;  /* MTP depths trained, <= num_nextn_predict_layers; -1: all */
+    float mtp_lambda;    /* λ, the weight of the MTP loss (>= 0) */
+} dsmoe_train_model_options;
+
+/* n_threads 0, batch 8, seq_len 64, seed 1, init_std 0.02, balance_alpha 0,
+ * mtp_depths -1, mtp_lambda 0.3 (DeepSeek-V3's first phase). */
+DSMOE_API void dsmoe_train_model_options_default(dsmoe_train_model_options *opts);
+/* Creates the model with initialised parameters (deterministic from seed: tensor i's
+ * values come from a stream seeded by (seed, i), whatever the other tensors).
+ * Errors: INVALID_CONFIG (the config's validator, or the options' field named),
+ * INVALID_ARGUMENT, OUT_OF_MEMORY. *out NULL on error. */
+DSMOE_API dsmoe_status dsmoe_train_model_create(const dsmoe_model_config *cfg,
+                                                const dsmoe_train_model_options *opts,
+                                                dsmoe_train_model **out);
+DSMOE_API void dsmoe_train_model_free(dsmoe_train_model *tm);
+DSMOE_API const dsmoe_model_config *dsmoe_train_model_config(const dsmoe_train_model *tm);
+
+/* The flat arrays (n floats each). */
+DSMOE_API float *dsmoe_train_model_params(dsmoe_train_model *tm, size_t *n);
+DSMOE_API float *dsmoe_train_model_grads(dsmoe_train_model *tm, size_t *n);
+
+typedef struct dsmoe_train_tensor {
+    dsmoe_model_tensor_spec spec; /* HF name and shape */
+    float *data;                  /* into the parameter array (the bias: the layer's; an MTP
+                                     depth's embedding / head: the main model's) */
+    float *grad;                  /* into the gradient array; NULL when not trainable */
+    int64_t offset;               /* of data in the parameter array; -1 when not trainable */
+    int64_t n;                    /* elements */
+    int32_t trainable;            /* 0 for the correction bias and the shared MTP tensors */
+    int32_t decay;                /* 1 for matrices (weight decay applies), 0 otherwise */
+} dsmoe_train_tensor;
+
+/* dsmoe_model_tensor_count(cfg, mtp depths) tensors. INVALID_ARGUMENT out of range. */
+DSMOE_API int64_t dsmoe_train_model_tensor_count(const dsmoe_train_model *tm);
+DSMOE_API dsmoe_status dsmoe_train_model_tensor(dsmoe_train_model *tm, int64_t i,
+                                                dsmoe_train_tensor *out);
+
+/* The parts of a loss. */
+typedef struct dsmoe_train_loss {
+    double total;   /* ce + mtp_lambda · mtp + balance: what the backward differentiates */
+    double ce;      /* the main model's mean cross-entropy */
+    double mtp;     /* the mean over the MTP depths of their cross-entropies (0 without) */
+    double balance; /* the balance losses of every MoE layer, α included (0 without) */
+} dsmoe_train_loss;
+
+/* Loss of tokens (B, T + 1) (ids in 0 .. V − 1) into *out. Keeps what the backward needs
+ * and each MoE layer's routing. flags: 0 (none defined yet). INVALID_ARGUMENT naming the first bad token (sequence,
+ * position, value): nothing changes then (the previous forward stays differentiable);
+ * NON_FINITE from a router fed NaN/Inf. */
+DSMOE_API dsmoe_status dsmoe_train_model_loss(dsmoe_train_model *tm, const int32_t *tokens,
+                                              dsmoe_train_loss *out, unsigned flags);
+/* Zeroes the gradient array, then fills it with the gradient of the last loss.
+ * INVALID_ARGUMENT when no successful loss precedes it. */
+DSMOE_API dsmoe_status dsmoe_train_model_backward(dsmoe_train_model *tm);
+
+/* MoE layers (the MTP depths' included): their count, and for the k-th (in layer order) its layer index, the
+ * routing of the last loss (over the B·T positions, or NULL), and its bias. */
+DSMOE_API int32_t dsmoe_train_model_moe_count(const dsmoe_train_model *tm);
+DSMOE_API int32_t dsmoe_train_model_moe_layer(const dsmoe_train_model *tm, int32_t k);
+DSMOE_API const dsmoe_moe_routing *dsmoe_train_model_routing(const dsmoe_train_model *tm,
+                                                             int32_t k);
+DSMOE_API const float *dsmoe_train_model_bias(const dsmoe_train_model *tm, int32_t k);
+/* Copies bias (E) into the k-th MoE layer (dsmoe_moe_set_bias: finite, else NON_FINITE
+ * and nothing changes). */
+DSMOE_API dsmoe_status dsmoe_train_model_set_bias(dsmoe_train_model *tm, int32_t k,
+                                                  const float *bias);
 
 #ifdef __cplusplus
 }
