@@ -108,6 +108,7 @@ static double cpu_now(void) {
 /* A streaming read of the bytes of one copy, split over nt threads (as the product
  * splits its rows). */
 static void read_copy(const char *p, size_t bytes, int nt) {
+    (void)nt; /* unused without OpenMP */
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int id = 0, n = 1;

@@ -670,6 +670,7 @@ void dsmoe__wlinear(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t 
     if (T <= 0 || R <= 0) return;
     const int isa = wl_isa();
     const int nt = n_threads > 1 ? n_threads : 1;
+    (void)nt; /* unused without OpenMP */
     if (C <= 0) {
         for (int64_t t = 0; t < T; t++) memset(y + t * ldy, 0, (size_t)R * sizeof(float));
         return;

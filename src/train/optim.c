@@ -83,6 +83,7 @@ void dsmoe_adamw_update(const dsmoe_adamw_config *c, float *p, float *m, float *
                  bc2 = 1.0 - pow((double)c->beta2, (double)t);
     const float step = (float)(lr / bc1), bc2s = (float)sqrt(bc2);
     const int nt = n_threads > 1 ? n_threads : 1;
+    (void)nt; /* unused without OpenMP */
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n > 65536)
     for (int64_t i = 0; i < n; i++) {
         float gi = g[i] * grad_scale;
