@@ -119,10 +119,12 @@ def met(ok):
 bw = [v[1] for v in res.values()]
 pk = [v[0] for v in res.values()]
 f32 = [v for k, v in res.items() if k[0] == "f32"]
-print("Targets: decode >= 70%% of the read bandwidth: %s (%s); prompt >= 50%% of the FMA peak: %s (%s); "
-      "fp32 dsmoe >= 3x PyTorch: prompt %s (%s), decode %s (%s)" % (
+# The model issue's targets: decode at >= 70% of the read bandwidth and >= 3x PyTorch with
+# both in fp32; the prompt at >= 50% of the FMA peak. The prompt against PyTorch is shown too.
+print("Targets: decode >= 70%% of the read bandwidth: %s (%s); decode >= 3x PyTorch in fp32: %s (%s); "
+      "prompt >= 50%% of the FMA peak: %s (%s). Not a target: the fp32 prompt against PyTorch (%s)" % (
           met(min(bw) >= 0.7), ", ".join("%.0f%%" % (100 * x) for x in bw),
+          met(min(v[3] for v in f32) >= 3), ", ".join("%.2fx" % v[3] for v in f32),
           met(min(pk) >= 0.5), ", ".join("%.0f%%" % (100 * x) for x in pk),
-          met(min(v[2] for v in f32) >= 3), ", ".join("%.2fx" % v[2] for v in f32),
-          met(min(v[3] for v in f32) >= 3), ", ".join("%.2fx" % v[3] for v in f32)))
+          ", ".join("%.2fx" % v[2] for v in f32)))
 EOF

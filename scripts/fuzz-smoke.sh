@@ -15,10 +15,10 @@ jobs=${JOBS:-2}
 
 cmake -S "$root" -B "$build" -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DDSMOE_FUZZ=ON -DDSMOE_TESTS=OFF -DDSMOE_OPENMP=OFF >/dev/null
-cmake --build "$build" -j "$jobs" --target fuzz_npy fuzz_safetensors fuzz_layer >/dev/null
+cmake --build "$build" -j "$jobs" --target fuzz_npy fuzz_safetensors fuzz_layer fuzz_config >/dev/null
 
 status=0
-for fmt in npy safetensors layer; do
+for fmt in npy safetensors layer config; do
   corpus="$build/corpus-$fmt"
   log="$build/fuzz_$fmt.log"
   rm -rf "$corpus"

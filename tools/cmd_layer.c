@@ -59,6 +59,17 @@ static const char *const layer_usage =
 /* With a config dsmoe saved in the file, each router flag given (applied alone to the
  * saved routing) and --capacity-factor must leave it unchanged. Returns 0 or prints
  * the contradiction and returns CLI_USAGE. */
+/* Two router configs route alike: every field equal (the struct has padding). */
+static int same_router(const dsmoe_router_config *a, const dsmoe_router_config *b) {
+    return a->n_experts == b->n_experts && a->n_groups == b->n_groups &&
+           a->topk_groups == b->topk_groups && a->top_k == b->top_k &&
+           a->score_func == b->score_func && a->group_score == b->group_score &&
+           a->group_topm == b->group_topm && a->group_mask == b->group_mask &&
+           a->normalize == b->normalize && a->norm_eps == b->norm_eps && a->scale == b->scale &&
+           a->use_bias == b->use_bias && a->precision == b->precision &&
+           a->nonfinite == b->nonfinite;
+}
+
 static int check_against_saved(const char *cmd, int argc, char **argv, const int *flag_at,
                                int n_flags, const dsmoe_moe_config *saved, const char *path,
                                int capacity_given, double capacity) {
@@ -79,7 +90,7 @@ static int check_against_saved(const char *cmd, int argc, char **argv, const int
             if (cli_router_flag(cmd, argc, argv, &j, &one) != 1) continue;
             c = one.cfg;
         }
-        if (memcmp(&c, &saved->router, sizeof c) != 0) {
+        if (!same_router(&c, &saved->router)) {
             int has_value = i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0;
             return cli_fail(CLI_USAGE, cmd,
                             "%s%s%s contradicts the routing config saved with the layer in %s: "

@@ -325,6 +325,7 @@ static int eval_text(const char *cmd, dsmoe_model *m, const char *path, int64_t 
             double mx = row[0], sum = 0.0;
             for (int64_t v = 1; v < V; v++) mx = row[v] > mx ? row[v] : mx;
             for (int64_t v = 0; v < V; v++) sum += exp((double)row[v] - mx);
+            // cppcheck-suppress invalidFunctionArg ; sum >= 1: the max's own term is exp(0)
             total += mx + log(sum) - (double)row[tok[s + t + 1]];
         }
         scored += len;
@@ -449,7 +450,7 @@ int cmd_eval(int argc, char **argv) {
         dsmoe_model_cache *cache = NULL;
         if (!lg || dsmoe_model_cache_create(m, T, &cache) != DSMOE_OK) {
             free(lg);
-            rc = cli_fail(CLI_RUNTIME, cmd, "out of memory for %lld x %lld logits", (long long)(B * T),
+            rc = cli_fail(CLI_RUNTIME, cmd, "out of memory for %lld x %lld logits", (long long)B * (long long)T,
                           (long long)V);
             goto done;
         }
@@ -655,8 +656,7 @@ int cmd_generate(int argc, char **argv) {
         decoded++;
     }
     const double t_decode = now_s() - t1;
-    if (!c->byte_vocab) printf("\n");
-    else if (!last_nl && isatty(1)) printf("\n");
+    if (!c->byte_vocab || (!last_nl && isatty(1))) printf("\n");
     fflush(stdout);
     char a[48], b[48];
     const int64_t pos = dsmoe_model_cache_length(cache);

@@ -123,7 +123,7 @@ static dsmoe_status load_mat(dsmoe_model *m, const char *name, dsmoe__wmat *w, f
     if ((size_t)w->cols > m->max_cols) m->max_cols = (size_t)w->cols;
     if (m->widen) {
         const int64_t rows = w->rows, cols = w->cols;
-        float *p;
+        float *p = NULL;
         if ((s = load_f32(m, name, &p)) != DSMOE_OK) return s;
         memset(w, 0, sizeof *w);
         w->data = p;
@@ -138,7 +138,8 @@ static dsmoe_status load_mat(dsmoe_model *m, const char *name, dsmoe__wmat *w, f
             if (!isfinite(row[k]))
                 return dsmoe__error(DSMOE_STATUS_NON_FINITE,
                                     "tensor %s: element %lld (row %lld, column %lld) is %g", name,
-                                    (long long)(i * w->cols + k), (long long)i, (long long)k,
+                                    (long long)i * (long long)w->cols + (long long)k, (long long)i,
+                                    (long long)k,
                                     (double)row[k]);
     }
     return DSMOE_OK;
@@ -401,7 +402,7 @@ static dsmoe_status model_load(dsmoe_model *m) {
     const int32_t L = c->num_hidden_layers;
     dsmoe_status s;
     m->layers = (mlayer *)calloc((size_t)L, sizeof *m->layers);
-    m->inv_freq = (double *)calloc((size_t)(c->qk_rope_head_dim / 2 + 1), sizeof(double));
+    m->inv_freq = (double *)calloc((size_t)(c->qk_rope_head_dim / 2) + 1, sizeof(double));
     /* the widest matrix row of the model, for the finiteness scan */
     int64_t wide = c->hidden_size;
     const int64_t others[] = {c->q_lora_rank, (int64_t)c->num_attention_heads * c->v_head_dim,
@@ -488,7 +489,7 @@ dsmoe_status dsmoe_model_cache_create(const dsmoe_model *m, int64_t capacity,
                             "dsmoe_model_cache_create: capacity %lld outside 1 .. %lld "
                             "(max_position_embeddings)", (long long)capacity,
                             (long long)c->max_position_embeddings);
-    size_t row = (size_t)(c->kv_lora_rank + c->qk_rope_head_dim), kvn, per, scr;
+    size_t row = (size_t)c->kv_lora_rank + (size_t)c->qk_rope_head_dim, kvn, per, scr;
     per = dsmoe__attn_scratch_floats(c, capacity);
     if (!dsmoe__mul_size((size_t)c->num_hidden_layers * row, (size_t)capacity, &kvn) ||
         !dsmoe__mul_size(kvn, sizeof(float), &kvn) ||

@@ -227,7 +227,7 @@ static void gen_copy_sort(dbuf *b, dsmoe_rng *r) {
     int lines = 1 + (int)below(r, 5);
     for (int i = 0; i < lines; i++) {
         int task = (int)below(r, 3), n = 3 + (int)below(r, 8);
-        char s[16], o[16];
+        char s[16] = {0}, o[16] = {0};
         for (int k = 0; k < n; k++) s[k] = (char)('a' + below(r, 26));
         memcpy(o, s, (size_t)n);
         if (task == 1)
@@ -313,7 +313,7 @@ static dsmoe_status fortunes_load(const char *dir, fortunes *fo) {
     memset(fo, 0, sizeof *fo);
     DIR *d = opendir(dir);
     if (!d) return DSMOE_OK; /* no folder: no entries */
-    char *names[512];
+    char *names[512] = {0};
     int nn = 0;
     for (struct dirent *e; (e = readdir(d)) != NULL && nn < 512;) {
         if (e->d_name[0] == '.' || ends_with(e->d_name, ".dat") || ends_with(e->d_name, ".u8"))
