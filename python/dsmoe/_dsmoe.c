@@ -1397,68 +1397,25 @@ static PyObject *moe_save_unlocked(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *moe_tensors(PyObject *self, PyObject *unused) {
-    moe_lock(self);
-    PyObject *r = moe_tensors_unlocked(self, unused);
-    moe_unlock(self);
-    return r;
-}
-
-static PyObject *moe_tensor_copy(PyObject *self, PyObject *args) {
-    moe_lock(self);
-    PyObject *r = moe_tensor_copy_unlocked(self, args);
-    moe_unlock(self);
-    return r;
-}
-
-static PyObject *moe_set_bias(PyObject *self, PyObject *arg) {
-    moe_lock(self);
-    PyObject *r = moe_set_bias_unlocked(self, arg);
-    moe_unlock(self);
-    return r;
-}
-
-static PyObject *moe_get_bias(PyObject *self, PyObject *arg) {
-    moe_lock(self);
-    PyObject *r = moe_get_bias_unlocked(self, arg);
-    moe_unlock(self);
-    return r;
-}
-
-static PyObject *moe_forward(PyObject *self, PyObject *args) {
-    moe_lock(self);
-    PyObject *r = moe_forward_unlocked(self, args);
-    moe_unlock(self);
-    return r;
-}
-
-static PyObject *moe_backward(PyObject *self, PyObject *args) {
-    moe_lock(self);
-    PyObject *r = moe_backward_unlocked(self, args);
-    moe_unlock(self);
-    return r;
-}
-
-static PyObject *moe_init_random(PyObject *self, PyObject *args) {
-    moe_lock(self);
-    PyObject *r = moe_init_random_unlocked(self, args);
-    moe_unlock(self);
-    return r;
-}
-
-static PyObject *moe_zero_grad(PyObject *self, PyObject *unused) {
-    moe_lock(self);
-    PyObject *r = moe_zero_grad_unlocked(self, unused);
-    moe_unlock(self);
-    return r;
-}
-
-static PyObject *moe_save(PyObject *self, PyObject *args) {
-    moe_lock(self);
-    PyObject *r = moe_save_unlocked(self, args);
-    moe_unlock(self);
-    return r;
-}
+/* The methods as Python sees them: each runs its _unlocked body holding the layer's lock
+ * (one call at a time per layer; the GIL is released inside for the C work). */
+#define MOE_LOCKED(name)                                                                       \
+    static PyObject *name(PyObject *self, PyObject *arg) {                                     \
+        moe_lock(self);                                                                        \
+        PyObject *r = name##_unlocked(self, arg);                                              \
+        moe_unlock(self);                                                                      \
+        return r;                                                                              \
+    }
+MOE_LOCKED(moe_tensors)
+MOE_LOCKED(moe_tensor_copy)
+MOE_LOCKED(moe_set_bias)
+MOE_LOCKED(moe_get_bias)
+MOE_LOCKED(moe_forward)
+MOE_LOCKED(moe_backward)
+MOE_LOCKED(moe_init_random)
+MOE_LOCKED(moe_zero_grad)
+MOE_LOCKED(moe_save)
+#undef MOE_LOCKED
 
 static PyMethodDef moe_methods[] = {
     {"tensors", moe_tensors, METH_NOARGS, NULL},
