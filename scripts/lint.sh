@@ -38,8 +38,20 @@ fi
 echo "== clang-tidy (${#files[@]} files)"
 # Findings go to stdout; stderr carries "N warnings generated." and any real trouble
 # (a config that does not parse, a file that does not compile).
+# The files are split over JOBS clang-tidy processes (each file is analysed alone anyway).
+jobs=${JOBS:-2}
 tidy_rc=0
-"$clang_tidy" -p "$build" --quiet "${files[@]}" >"$tmp/tidy.out" 2>"$tmp/tidy.err" || tidy_rc=$?
+pids=()
+for ((p = 0; p < jobs; p++)); do
+  part=()
+  for ((i = p; i < ${#files[@]}; i += jobs)); do part+=("${files[$i]}"); done
+  [ ${#part[@]} -gt 0 ] || continue
+  ( "$clang_tidy" -p "$build" --quiet "${part[@]}" >"$tmp/tidy.$p.out" 2>"$tmp/tidy.$p.err" ) &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || tidy_rc=$?; done
+cat "$tmp"/tidy.*.out >"$tmp/tidy.out" 2>/dev/null || true
+cat "$tmp"/tidy.*.err >"$tmp/tidy.err" 2>/dev/null || true
 if grep -qE "(warning|error):" "$tmp/tidy.out"; then
   grep -E "(warning|error):" "$tmp/tidy.out"
   status=1
