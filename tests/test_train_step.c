@@ -15,6 +15,9 @@ enum { TB = 2, TT = 8 };
  * in both layers. */
 static int variant = 0;
 
+/* The balance loss kind make() sets (the expert-level test changes it). */
+static int32_t g_kind = DSMOE_BALANCE_LOSS_SEQ;
+
 static dsmoe_train_model *make(int nt, float std, float alpha, uint64_t seed, int B, int T) {
     dsmoe_model_config c;
     ASSERT_OK(dsmoe_model_config_preset("tiny", &c));
@@ -31,6 +34,7 @@ static dsmoe_train_model *make(int nt, float std, float alpha, uint64_t seed, in
     o.seq_len = T;
     o.init_std = std;
     o.balance_alpha = alpha;
+    o.balance_kind = g_kind;
     o.seed = seed;
     dsmoe_train_model *tm = NULL;
     ASSERT_OK(dsmoe_train_model_create(&c, &o, &tm));
@@ -234,6 +238,12 @@ static void fd_check_all(float alpha) {
 static void test_fd_plain(void) { fd_check_all(0.0f); }
 /* A large α, so that the balance loss's gradient is not lost in the tolerance. */
 static void test_fd_balance(void) { fd_check_all(0.5f); }
+/* The expert-level loss over the whole batch (the aux-loss and v2 strategies). */
+static void test_fd_balance_expert(void) {
+    g_kind = DSMOE_BALANCE_LOSS_EXPERT;
+    fd_check_all(0.5f);
+    g_kind = DSMOE_BALANCE_LOSS_SEQ;
+}
 static void test_against_inference(void);
 static void test_fd_variant(void) {
     variant = 1;
@@ -564,6 +574,7 @@ int main(void) {
     RUN(test_against_inference);
     RUN(test_fd_plain);
     RUN(test_fd_balance);
+    RUN(test_fd_balance_expert);
     RUN(test_fd_variant);
     RUN(test_mtp_by_hand);
     RUN(test_threads);

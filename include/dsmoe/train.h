@@ -1,6 +1,6 @@
 /*
- * dsmoe/train.h — training small DeepSeek-V3-style models. What exists now: the data
- * and the optimizer (AdamW, learning-rate schedule, gradient clipping).
+ * dsmoe/train.h — training small DeepSeek-V3-style models: the data, the optimizer
+ * (AdamW, learning-rate schedule, gradient clipping), the training model and runs.
  *
  * Byte-level vocabulary. Token ids 0 .. 255 are the bytes of UTF-8 text; 256 begins a
  * document, 257 ends one, 258 pads; the vocabulary has DSMOE_BYTE_VOCAB_SIZE ids (one
@@ -41,6 +41,7 @@
 #define DSMOE_TRAIN_H
 
 #include "core.h"
+#include "balance.h"
 #include "model.h"
 
 #ifdef __cplusplus
@@ -203,8 +204,9 @@ DSMOE_API void dsmoe_adamw_update(const dsmoe_adamw_config *cfg, float *p, float
  * module); mtp = mean_k ce_k;  loss = ce + mtp_lambda · mtp + balance.
  * CE is the mean over the positions whose target is not the pad id (byte vocabulary:
  * DSMOE_BYTE_VOCAB_PAD; otherwise none). With balance_alpha > 0 the loss adds, for every
- * MoE layer, DeepSeek-V3's complementary sequence-wise balance loss (dsmoe_balance_loss,
- * DSMOE_BALANCE_LOSS_SEQ, one sequence = the T positions of a batch row) with that α,
+ * MoE layer, the balance loss of balance_kind (dsmoe_balance_loss; by default DeepSeek-V3's
+ * complementary sequence-wise loss, DSMOE_BALANCE_LOSS_SEQ, one sequence = the T
+ * positions of a batch row; EXPERT, SWITCH and ZLOSS over the whole batch) with that α,
  * its gradient entering the router logits.
  *
  * Threads: the blocks' fixed work split; the loss and every gradient are the same bits
@@ -222,10 +224,14 @@ typedef struct dsmoe_train_model_options {
     float balance_alpha; /* α of the sequence-wise balance loss; 0: none */
     int32_t mtp_depths;  /* MTP depths trained, <= num_nextn_predict_layers; -1: all */
     float mtp_lambda;    /* λ, the weight of the MTP loss (>= 0) */
+    int32_t balance_kind; /* dsmoe_balance_loss_kind of the balance loss: SEQ (default,
+                             one sequence = a batch row's T positions), EXPERT or SWITCH
+                             (over the whole batch: DeepSeek-V2's expert-level loss, the
+                             loss-free balancing paper's auxiliary-loss baseline) or ZLOSS */
 } dsmoe_train_model_options;
 
 /* n_threads 0, batch 8, seq_len 64, seed 1, init_std 0.02, balance_alpha 0,
- * mtp_depths -1, mtp_lambda 0.3 (DeepSeek-V3's first phase). */
+ * mtp_depths -1, mtp_lambda 0.3 (DeepSeek-V3's first phase), balance_kind SEQ. */
 DSMOE_API void dsmoe_train_model_options_default(dsmoe_train_model_options *opts);
 /* Creates the model with initialised parameters (deterministic from seed: tensor i's
  * values come from a stream seeded by (seed, i), whatever the other tensors).
@@ -286,6 +292,121 @@ DSMOE_API const float *dsmoe_train_model_bias(const dsmoe_train_model *tm, int32
  * and nothing changes). */
 DSMOE_API dsmoe_status dsmoe_train_model_set_bias(dsmoe_train_model *tm, int32_t k,
                                                   const float *bias);
+
+
+/* ------------------------------------------------------------------ runs -- */
+/* A training run: a model, its routing strategy, data, optimizer and schedule, trained
+ * step by step with evaluations, metrics and checkpoints in a run folder. `dsmoe train`
+ * and `dsmoe study` are thin layers over this.
+ *
+ * Strategies (dsmoe_run_strategy_apply) set the routing fields of the model config and
+ * the run's balancing, on the same model and data:
+ *   v3               sigmoid scores, noaux_tc, selected weights normalized; bias
+ *                    controller γ = 1e-3 (sign rule); sequence-wise loss α = 1e-4
+ *   v3-no-balance    v3 with γ = 0 and α = 0
+ *   v3-proportional  v3 with the proportional bias rule
+ *   v3-no-norm       v3 without normalization of the selected weights
+ *   aux-loss         sigmoid, normalized, no bias controller; the loss-free balancing
+ *                    paper's auxiliary-loss baseline: expert-level loss over the batch,
+ *                    α = 1e-3 (a flag)
+ *   v2               softmax, group_limited_greedy (group max), not normalized;
+ *                    DeepSeek-V2's expert-level loss α = 3e-3
+ *   softmax-norm     v2 with the selected weights normalized
+ * Every part stays settable afterwards (the CLI's flags apply after the strategy).
+ *
+ * Run folder (out_dir):
+ *   metrics.jsonl       one JSON object per line; schema in docs/train.md ("run",
+ *                       "train" and "eval" records)
+ *   checkpoint/         the latest checkpoint: a Hugging Face model directory that
+ *                       dsmoe_model_open, `dsmoe eval` and `dsmoe generate` read
+ *                       (config.json, model.safetensors under the HF names with the MTP
+ *                       depths and the correction biases), plus the training state
+ *                       beside it (optimizer moments, balancers, data order, RNG, step,
+ *                       the run config); written with dsmoe__dir_begin/_commit, so a
+ *                       kill at any moment leaves the previous checkpoint whole.
+ * A resumed run continues bit for bit as the uninterrupted run would (same parameters,
+ * biases, losses and metrics lines, apart from times and speeds). */
+
+typedef struct dsmoe_run_config {
+    dsmoe_model_config model;        /* architecture and routing */
+    dsmoe_train_model_options train; /* batch, seq_len, init, balance loss (alpha, kind),
+                                        MTP depths and λ; n_threads is ignored here */
+    dsmoe_adamw_config adamw;        /* total_steps is set to steps by the run */
+    dsmoe_balancer_config balancer;  /* the bias controller; gamma 0: none (biases stay 0) */
+    dsmoe_corpus_config corpus;      /* the built-in corpus, when n_data_files is 0 */
+    char strategy[32];               /* the name applied last (recorded; "custom" if none) */
+    char preset[32];                 /* the model preset the config came from, or "custom" */
+    const char *const *data_files;   /* UTF-8 text files instead of the built-in corpus */
+    int32_t n_data_files;
+    int64_t steps;                   /* optimizer steps in all (>= 1) */
+    uint64_t seed;                   /* data order (batches drawn from a stream of it) */
+    int64_t eval_every;              /* evaluate every this many steps and after the last; 0:
+                                        only after the last */
+    int64_t eval_tokens;             /* validation tokens per evaluation (whole windows);
+                                        0: the whole validation split */
+    int64_t save_every;              /* checkpoint every this many steps and after the last;
+                                        0: only after the last */
+    int64_t log_every;               /* a "train" record every this many steps (1 default) */
+} dsmoe_run_config;
+
+/* The run config of a model preset ("tiny", "small", "default") with the v3 strategy,
+ * batch and sequence length sized for the preset, steps so that the default trains in
+ * about five minutes on two cores. INVALID_CONFIG for an unknown preset (named). */
+DSMOE_API dsmoe_status dsmoe_run_config_default(const char *preset, dsmoe_run_config *rc);
+/* Applies strategy name (above) to rc. INVALID_CONFIG naming an unknown strategy and
+ * listing the known ones; rc unchanged then. */
+DSMOE_API dsmoe_status dsmoe_run_strategy_apply(const char *name, dsmoe_run_config *rc);
+/* The i-th strategy name (0 .. count − 1), NULL past the end. */
+DSMOE_API const char *dsmoe_run_strategy_name(int i);
+/* INVALID_CONFIG naming the field (the model config's, the training options', the
+ * optimizer's, the balancer's, the corpus's, or the run's own). */
+DSMOE_API dsmoe_status dsmoe_run_config_validate(const dsmoe_run_config *rc);
+
+/* What a run reports as it goes (to a callback, once per step and once per evaluation). */
+typedef struct dsmoe_run_progress {
+    int64_t step, steps;     /* the step just done (1-based) of steps */
+    int32_t is_eval;         /* 1: an evaluation just finished (val_* are set) */
+    double loss;             /* total training loss of the step */
+    double ce;               /* its cross-entropy */
+    double maxvio_batch;     /* mean over the main model's MoE layers of the batch MaxVio */
+    double tokens_per_s;     /* training tokens per second, over this session of the run */
+    double eta_s;            /* estimated seconds to the end */
+    double val_loss;         /* validation cross-entropy (is_eval) */
+    double val_maxvio;       /* MaxVio_global over the validation set (is_eval): the mean
+                                over the main model's MoE layers of each layer's MaxVio of
+                                the counts summed over the validation set */
+} dsmoe_run_progress;
+
+typedef void (*dsmoe_run_progress_fn)(const dsmoe_run_progress *p, void *user);
+
+typedef struct dsmoe_run_options {
+    int32_t n_threads;   /* <= 0: dsmoe_default_threads() */
+    int32_t resume;      /* 1: continue the run in out_dir from its checkpoint (config NULL:
+                            the run's own; otherwise it must equal the saved one) */
+    int64_t stop_at;     /* > 0: end after this step's checkpoint, as an interruption would */
+    dsmoe_run_progress_fn progress; /* may be NULL */
+    void *user;
+} dsmoe_run_options;
+
+typedef struct dsmoe_run_result {
+    int64_t step;            /* the last step done */
+    double train_loss;       /* of the last step */
+    double val_loss;         /* of the last evaluation */
+    double val_maxvio;       /* MaxVio_global of the last evaluation */
+    double tokens_per_s;
+    double seconds;          /* wall time of this call */
+} dsmoe_run_result;
+
+/* Trains (or with opts->resume continues) the run in out_dir, creating the folder.
+ * Errors stop the run with a message naming the cause and leave the last good
+ * checkpoint as it was: INVALID_CONFIG, IO (naming the path: missing data, unwritable
+ * folder), FORMAT (a corrupt or foreign checkpoint, naming the file), NON_FINITE (a NaN
+ * or Inf loss or gradient, naming the step), OUT_OF_MEMORY. res may be NULL. */
+DSMOE_API dsmoe_status dsmoe_run(const dsmoe_run_config *rc, const char *out_dir,
+                                 const dsmoe_run_options *opts, dsmoe_run_result *res);
+/* Reads the run config saved in run folder dir's checkpoint (its data_files point into
+ * storage owned by the library until the next call from this thread). */
+DSMOE_API dsmoe_status dsmoe_run_config_load(const char *dir, dsmoe_run_config *rc);
 
 #ifdef __cplusplus
 }

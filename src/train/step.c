@@ -83,6 +83,7 @@ void dsmoe_train_model_options_default(dsmoe_train_model_options *o) {
     o->balance_alpha = 0.0f;
     o->mtp_depths = -1;
     o->mtp_lambda = 0.3f;
+    o->balance_kind = DSMOE_BALANCE_LOSS_SEQ;
 }
 
 void dsmoe_train_model_free(dsmoe_train_model *tm) {
@@ -235,6 +236,12 @@ dsmoe_status dsmoe_train_model_create(const dsmoe_model_config *cfg,
         return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
                             "train model: mtp_depths %d above num_nextn_predict_layers %d",
                             (int)o.mtp_depths, (int)cfg->num_nextn_predict_layers);
+    if (o.balance_kind != DSMOE_BALANCE_LOSS_SEQ && o.balance_kind != DSMOE_BALANCE_LOSS_EXPERT &&
+        o.balance_kind != DSMOE_BALANCE_LOSS_SWITCH && o.balance_kind != DSMOE_BALANCE_LOSS_ZLOSS)
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "train model: balance_kind must be seq, expert, switch or zloss, "
+                            "found %d",
+                            (int)o.balance_kind);
     if (!(o.mtp_lambda >= 0 && isfinite(o.mtp_lambda)))
         return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
                             "train model: mtp_lambda must be >= 0, found %g", (double)o.mtp_lambda);
@@ -266,9 +273,9 @@ dsmoe_status dsmoe_train_model_create(const dsmoe_model_config *cfg,
         mc.max_tokens = N;
         mc.n_threads = tm->nt;
         tm->rc = mc.router;
-        dsmoe_balance_loss_config_default(DSMOE_BALANCE_LOSS_SEQ, &tm->blc);
+        dsmoe_balance_loss_config_default((dsmoe_balance_loss_kind)o.balance_kind, &tm->blc);
         tm->blc.alpha = o.balance_alpha;
-        tm->blc.seq_len = tm->T;
+        tm->blc.seq_len = o.balance_kind == DSMOE_BALANCE_LOSS_SEQ ? tm->T : 0;
     }
 
     /* The layout. */
