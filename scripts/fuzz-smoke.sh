@@ -17,22 +17,38 @@ cmake -S "$root" -B "$build" -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWith
   -DDSMOE_FUZZ=ON -DDSMOE_TESTS=OFF -DDSMOE_OPENMP=OFF >/dev/null
 cmake --build "$build" -j "$jobs" --target fuzz_npy fuzz_safetensors fuzz_layer fuzz_config >/dev/null
 
-status=0
-for fmt in npy safetensors layer config; do
-  corpus="$build/corpus-$fmt"
-  log="$build/fuzz_$fmt.log"
+# One target per core at a time (each libFuzzer run is single-threaded), so the
+# smoke takes about ceil(targets / JOBS) * FUZZ_SECONDS.
+run_one() {
+  local fmt=$1 corpus="$build/corpus-$1" log="$build/fuzz_$1.log"
   rm -rf "$corpus"
   mkdir -p "$corpus"
   cp "$root/fuzz/seeds/$fmt/"* "$corpus/"
-  echo "fuzz-smoke: fuzz_$fmt for ${secs}s (log: $log)"
-  if "$build/fuzz_$fmt" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=4096 \
-      -dict="$root/fuzz/$fmt.dict" -artifact_prefix="$build/fuzz_$fmt-" -print_final_stats=1 \
-      "$corpus" >"$log" 2>&1; then
-    grep -E '^stat::number_of_executed_units|^stat::new_units_added' "$log" | sed 's/^/  /'
-  else
-    status=1
-    echo "fuzz-smoke: fuzz_$fmt FAILED; the end of its log:" >&2
-    tail -n 60 "$log" >&2
-  fi
+  "$build/fuzz_$fmt" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=4096 \
+    -dict="$root/fuzz/$fmt.dict" -artifact_prefix="$build/fuzz_$fmt-" -print_final_stats=1 \
+    "$corpus" >"$log" 2>&1
+}
+
+status=0
+fmts=(npy safetensors layer config)
+for ((i = 0; i < ${#fmts[@]}; i += jobs)); do
+  batch=("${fmts[@]:i:jobs}")
+  pids=()
+  for fmt in "${batch[@]}"; do
+    echo "fuzz-smoke: fuzz_$fmt for ${secs}s (log: $build/fuzz_$fmt.log)"
+    run_one "$fmt" &
+    pids+=($!)
+  done
+  for k in "${!batch[@]}"; do
+    fmt=${batch[$k]}
+    if wait "${pids[$k]}"; then
+      grep -E '^stat::number_of_executed_units|^stat::new_units_added' "$build/fuzz_$fmt.log" |
+        sed "s/^/  fuzz_$fmt: /"
+    else
+      status=1
+      echo "fuzz-smoke: fuzz_$fmt FAILED; the end of its log:" >&2
+      tail -n 60 "$build/fuzz_$fmt.log" >&2
+    fi
+  done
 done
 exit "$status"
