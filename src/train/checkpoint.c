@@ -417,16 +417,6 @@ dsmoe_status dsmoe__ckpt_load(const char *dir, dsmoe__ckpt_state *s) {
                          (long long)si[5], (int)n_moe);
         goto done;
     }
-    if ((uint64_t)si[7] != s->corpus_hash) {
-        r = dsmoe__error(DSMOE_STATUS_FORMAT,
-                         "%s: the training data differ from the run's (the corpus's tokens changed)",
-                         spath);
-        goto done;
-    }
-    if (!all_finite(vm.data, (int64_t)np) || !all_finite(vv.data, (int64_t)np)) {
-        r = dsmoe__error(DSMOE_STATUS_FORMAT, "%s: adamw moments hold a NaN or Inf", spath);
-        goto done;
-    }
     if (s->rc->n_data_files > 0) {
         dsmoe_tensor_view db, dh;
         const int64_t nd = s->rc->n_data_files;
@@ -446,6 +436,16 @@ dsmoe_status dsmoe__ckpt_load(const char *dir, dsmoe__ckpt_state *s) {
                 goto done;
             }
         }
+    }
+    if (!all_finite(vm.data, (int64_t)np) || !all_finite(vv.data, (int64_t)np)) {
+        r = dsmoe__error(DSMOE_STATUS_FORMAT, "%s: adamw moments hold a NaN or Inf", spath);
+        goto done;
+    }
+    if ((uint64_t)si[7] != s->corpus_hash) {
+        r = dsmoe__error(DSMOE_STATUS_FORMAT,
+                         "%s: the training data differ from the run's (the corpus's tokens changed)",
+                         spath);
+        goto done;
     }
     if (s->bal) {
         nb = (dsmoe_balancer **)calloc((size_t)n_moe, sizeof *nb);

@@ -12,6 +12,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +21,17 @@
 #include <unistd.h>
 
 enum { HIST_BINS = 20, ND = DSMOE_DOMAIN_COUNT };
+
+/* Re-issues the current error with a formatted prefix ("step 12: ..."). */
+static dsmoe_status prefixed(dsmoe_status st, const char *fmt, ...) DSMOE__PRINTF(2, 3);
+static dsmoe_status prefixed(dsmoe_status st, const char *fmt, ...) {
+    char pre[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(pre, sizeof pre, fmt, ap);
+    va_end(ap);
+    return dsmoe__error_prefix(st, pre);
+}
 
 static double now_s(void) {
     struct timespec ts;
@@ -316,8 +328,7 @@ static dsmoe_status evaluate(run *r, int64_t step, double *val_loss, double *val
         }
         dsmoe_train_loss l;
         if ((st = dsmoe_train_model_loss(r->tm, r->batch, &l, 0)) != DSMOE_OK)
-            return dsmoe__error(st, "evaluation at step %lld: %s", (long long)step,
-                                dsmoe_last_error());
+            return prefixed(st, "evaluation at step %lld", (long long)step);
         if ((st = dsmoe__train_model_position_ce(r->tm, r->pos_ce)) != DSMOE_OK) return st;
         for (int32_t b = 0; b < B; b++)
             for (int32_t t = 0; t < T; t++) {
@@ -527,7 +538,7 @@ static dsmoe_status setup(run *r, const char *out_dir, const dsmoe_run_options *
     for (int32_t i = 0; i < nf; i++) {
         uint64_t h;
         if ((st = dsmoe__hash_file(rc->data_files[i], &h, &r->data_bytes[i])) != DSMOE_OK)
-            return dsmoe__error(st, "data file %s", dsmoe_last_error());
+            return prefixed(st, "data file");
         r->data_hash[i] = (int64_t)h;
     }
     if (nf > 0) st = dsmoe_corpus_from_files(rc->data_files, nf, &rc->corpus, &r->corpus);
@@ -615,14 +626,14 @@ static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_resul
             return st;
         dsmoe_train_loss l;
         if ((st = dsmoe_train_model_loss(r->tm, r->batch, &l, 0)) != DSMOE_OK)
-            return dsmoe__error(st, "step %lld: %s", (long long)step, dsmoe_last_error());
+            return prefixed(st, "step %lld", (long long)step);
         if (!isfinite(l.total))
             return dsmoe__error(DSMOE_STATUS_NON_FINITE,
                                 "step %lld: the loss is %g (ce %g, mtp %g, balance %g); stopped, the "
                                 "last checkpoint is as it was",
                                 (long long)step, l.total, l.ce, l.mtp, l.balance);
         if ((st = dsmoe_train_model_backward(r->tm)) != DSMOE_OK)
-            return dsmoe__error(st, "step %lld: %s", (long long)step, dsmoe_last_error());
+            return prefixed(st, "step %lld", (long long)step);
         double ss = 0;
         for (int64_t i = 0; i < n_tensors; i++) {
             dsmoe_train_tensor t;
@@ -655,9 +666,8 @@ static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_resul
                     (st = dsmoe_balancer_step(r->bal[k])) != DSMOE_OK ||
                     (st = dsmoe_train_model_set_bias(r->tm, k, dsmoe_balancer_bias(r->bal[k]))) !=
                         DSMOE_OK)
-                    return dsmoe__error(st, "step %lld: balancer of layer %d: %s", (long long)step,
-                                        (int)dsmoe_train_model_moe_layer(r->tm, k),
-                                        dsmoe_last_error());
+                    return prefixed(st, "step %lld: balancer of layer %d", (long long)step,
+                                    (int)dsmoe_train_model_moe_layer(r->tm, k));
             }
         }
         if (r->n_main_moe > 0) maxvio_batch /= r->n_main_moe;
@@ -733,8 +743,7 @@ dsmoe_status dsmoe_run(const dsmoe_run_config *rc_in, const char *out_dir,
             want.adamw.total_steps = want.steps;
             if (want.model.n_routed_experts > 0) want.balancer.n_experts = want.model.n_routed_experts;
             if ((st = dsmoe__run_config_compare(&want, &r.cs.rc)) != DSMOE_OK) {
-                st = dsmoe__error(st, "%s: cannot resume with another config: %s", ckpt,
-                                  dsmoe_last_error());
+                st = prefixed(st, "%s: cannot resume with another config", ckpt);
                 goto done;
             }
         }
