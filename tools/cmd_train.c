@@ -302,7 +302,7 @@ int cmd_train(int argc, char **argv) {
     const char *cmd = "train", *preset = "default", *strategy = "v3", *out = NULL;
     const char *sample_prompt = "";
     long long threads = 0, stop_at = 0, sample_tokens = 200, progress_every = 0;
-    int resume = 0, quiet = 0, config_flags = 0;
+    int resume = 0, quiet = 0, config_flags = 0, warmup_given = 0;
     for (int i = 1; i < argc; i++)
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             print_usage();
@@ -448,6 +448,7 @@ int cmd_train(int argc, char **argv) {
             for (int f = 0; f < N_FLAGS && !used; f++)
                 if (cli_opt(argc, argv, &i, flags[f].flag, &v, &missing)) {
                     used = config_flags = 1;
+                    warmup_given |= strcmp(flags[f].flag, "--warmup") == 0;
                     if (!missing && !set_flag(&flags[f], &rc, v)) {
                         cli_fail(CLI_USAGE, cmd, "%s expects %s in [%g, %g], got '%s'", flags[f].flag,
                                  flags[f].kind >= K_F32 ? "a number" : "an integer", flags[f].lo,
@@ -471,6 +472,8 @@ int cmd_train(int argc, char **argv) {
     }
     rc.data_files = n_data > 0 ? data : NULL;
     rc.n_data_files = n_data;
+    /* A shorter run than the preset's keeps its warm-up inside the run. */
+    if (!warmup_given && rc.adamw.warmup_steps > rc.steps / 10) rc.adamw.warmup_steps = rc.steps / 10;
     rc.adamw.total_steps = rc.steps;
     if (rc.model.n_routed_experts > 0) rc.balancer.n_experts = rc.model.n_routed_experts;
     if (rc.train.mtp_depths > rc.model.num_nextn_predict_layers) rc.train.mtp_depths = -1;

@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #define CKPT_SUMS "dsmoe_checksums.txt"
 #define STATE_VERSION 1
@@ -350,6 +351,10 @@ static dsmoe_status state_config(const dsmoe_safetensors *st, const char *path,
 }
 
 dsmoe_status dsmoe__ckpt_read_config(const char *dir, dsmoe__run_config_store *out) {
+    dsmoe__dir_recover(dir);
+    struct stat sb;
+    if (stat(dir, &sb) != 0)
+        return dsmoe__error(DSMOE_STATUS_IO, "%s: no checkpoint there (%s)", dir, strerror(errno));
     dsmoe_status s = verify_sums(dir);
     if (s != DSMOE_OK) return s;
     dsmoe_model_config model;
