@@ -1,5 +1,8 @@
 # Thin wrapper over CMake for the README's commands.
-#   make run     install missing Debian packages, build, run the main demo
+#   make run     install missing Debian packages, build, train the default model (v3
+#                strategy, a few minutes on two cores) into $(RUN_DIR): progress, then
+#                validation loss, MaxVio over the validation set and a generated sample
+#   make simulate  the balancing simulation (dsmoe simulate) on its default traffic
 #   make test    install missing Debian packages, build, run the whole test suite
 #                (Release + AddressSanitizer/UBSan + clang -Werror build + fuzz smoke
 #                + install check + clang-tidy/cppcheck)
@@ -12,8 +15,10 @@ PREFIX ?= /usr/local
 JOBS ?= 2
 FUZZ_SECONDS ?= 20
 CMAKE_FLAGS ?=
+RUN_DIR ?= runs/default
+TRAIN_FLAGS ?=
 
-.PHONY: all build deps run test test-release test-asan test-clang fuzz-smoke install bench lint clean
+.PHONY: all build deps run simulate test test-release test-asan test-clang fuzz-smoke install bench lint clean
 
 all: build
 
@@ -25,6 +30,10 @@ build:
 	cmake --build $(BUILD) -j $(JOBS)
 
 run: deps build
+	rm -rf $(RUN_DIR)
+	./$(BUILD)/dsmoe train --preset default --strategy v3 --out $(RUN_DIR) $(TRAIN_FLAGS)
+
+simulate: deps build
 	./$(BUILD)/dsmoe simulate
 
 test: deps

@@ -10,6 +10,7 @@ typedef struct {
 } cli_command;
 
 static const cli_command commands[] = {
+    {"train", cmd_train, "train a small DeepSeek-V3-style model from scratch (or resume a run)"},
     {"route", cmd_route, "route tokens: logits or hidden states -> expert indices and weights"},
     {"simulate", cmd_simulate, "drive the router and a load balancer with synthetic or recorded traffic"},
     {"layer", cmd_layer, "run one MoE layer from a safetensors file on .npy hidden states"},

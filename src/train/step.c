@@ -698,3 +698,17 @@ dsmoe_status dsmoe_train_model_backward(dsmoe_train_model *tm) {
     dsmoe__embed_backward(tm->g_embed, dh, tm->inputs, N, D, nt);
     return DSMOE_OK;
 }
+
+dsmoe_status dsmoe__train_model_position_ce(dsmoe_train_model *tm, double *ce) {
+    if (!tm || !ce || !tm->have_forward)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "train model position losses: no successful loss precedes");
+    const int32_t D = tm->D, V = tm->V;
+    for (int64_t t = 0; t < tm->N; t++) {
+        dsmoe_status st = dsmoe__head_loss(&ce[t], NULL, NULL, NULL, tm->x_fin + t * D, tm->head,
+                                           tm->targets + t, tm->ignore_id, 1.0f, 1, D, V, tm->ws,
+                                           tm->ws_size, 0, 1);
+        if (st != DSMOE_OK) return st;
+    }
+    return DSMOE_OK;
+}

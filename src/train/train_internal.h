@@ -13,4 +13,9 @@
  * (overlong forms, surrogates and code points above U+10FFFF are invalid), or -1. */
 int64_t dsmoe__utf8_invalid_at(const uint8_t *s, int64_t n);
 
+/* The main model's cross-entropy at each of the B·T positions of the last successful
+ * dsmoe_train_model_loss (0 where the target is the pad id) into ce (B·T), for
+ * evaluations by domain. INVALID_ARGUMENT when no loss precedes it. */
+dsmoe_status dsmoe__train_model_position_ce(dsmoe_train_model *tm, double *ce);
+
 #endif /* DSMOE_TRAIN_INTERNAL_H */

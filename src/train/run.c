@@ -1,0 +1,818 @@
+/*
+ * run.c — a training run (dsmoe_run): batches from the corpus in a seeded order, the
+ * training model's loss and backward, the global gradient norm and clipping, AdamW over
+ * the trainable tensors on the warm-up + cosine schedule, the bias controller of every
+ * MoE layer, evaluations over the validation windows, metrics.jsonl, and checkpoints
+ * from which a resumed run continues bit for bit (see dsmoe/train.h, "runs", and
+ * docs/train.md for the metrics' schema).
+ */
+#include "train/run_internal.h"
+
+#include "io/io_internal.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+enum { HIST_BINS = 20, ND = DSMOE_DOMAIN_COUNT };
+
+/* Re-issues the current error with a formatted prefix ("step 12: ..."). */
+static dsmoe_status prefixed(dsmoe_status st, const char *fmt, ...) DSMOE__PRINTF(2, 3);
+static dsmoe_status prefixed(dsmoe_status st, const char *fmt, ...) {
+    char pre[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(pre, sizeof pre, fmt, ap);
+    va_end(ap);
+    return dsmoe__error_prefix(st, pre);
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static char *join(const char *dir, const char *name) {
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = (char *)malloc(n);
+    if (p) snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+/* mkdir -p. IO naming the folder. */
+static dsmoe_status make_dirs(const char *dir) {
+    size_t n = strlen(dir);
+    char *p = (char *)malloc(n + 1);
+    if (!p) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+    memcpy(p, dir, n + 1);
+    for (size_t i = 1; i <= n; i++) {
+        if (p[i] != '/' && p[i] != '\0') continue;
+        char c = p[i];
+        p[i] = '\0';
+        struct stat st;
+        if (stat(p, &st) != 0) {
+            if (mkdir(p, 0777) != 0 && errno != EEXIST) {
+                dsmoe_status s = dsmoe__error(DSMOE_STATUS_IO, "cannot create folder '%s': %s", p,
+                                              strerror(errno));
+                free(p);
+                return s;
+            }
+        } else if (!S_ISDIR(st.st_mode)) {
+            dsmoe_status s = dsmoe__error(DSMOE_STATUS_IO, "'%s' exists and is not a folder", p);
+            free(p);
+            return s;
+        }
+        p[i] = c;
+    }
+    free(p);
+    return DSMOE_OK;
+}
+
+/* ------------------------------------------------------------------ state -- */
+
+typedef struct run {
+    dsmoe__run_config_store cs; /* the run's own config */
+    const dsmoe_run_config *rc;
+    char *ckpt_dir, *metrics_path;
+    int nt;
+    int32_t B, T, E, K, n_moe;
+    int64_t N;
+    dsmoe_corpus *corpus;
+    dsmoe_train_model *tm;
+    size_t np;
+    float *m, *v;
+    dsmoe_balancer **bal;
+    int32_t *is_mtp;     /* (n_moe) */
+    int32_t n_main_moe;  /* MoE layers of the main model */
+    int32_t *batch;      /* (B, T + 1) */
+    uint8_t *edom;       /* (B, T + 1) eval domains */
+    double *pos_ce;      /* (N) */
+    int64_t *bcounts;    /* (n_moe, E) the last batch's counts */
+    int64_t *ecounts;    /* (n_moe, E) */
+    int64_t *edc;        /* (n_moe, ND, E) */
+    int64_t *ehist;      /* (n_moe, HIST_BINS) */
+    double *esent;       /* (n_moe) score entropy sums */
+    int64_t *etok;       /* (n_moe) tokens counted */
+    double dom_loss[ND];
+    int64_t dom_tok[ND];
+    int64_t *data_bytes, *data_hash;
+    FILE *metrics;
+    dsmoe__ckpt_state ck;
+    double elapsed0;     /* seconds of earlier sessions */
+} run;
+
+static void run_free(run *r) {
+    if (r->metrics) fclose(r->metrics);
+    if (r->bal)
+        for (int32_t k = 0; k < r->n_moe; k++) dsmoe_balancer_free(r->bal[k]);
+    free((void *)r->bal);
+    dsmoe_train_model_free(r->tm);
+    dsmoe_corpus_free(r->corpus);
+    dsmoe_free(r->m);
+    dsmoe_free(r->v);
+    free(r->is_mtp);
+    free(r->batch);
+    free(r->edom);
+    free(r->pos_ce);
+    free(r->bcounts);
+    free(r->ecounts);
+    free(r->edc);
+    free(r->ehist);
+    free(r->esent);
+    free(r->etok);
+    free(r->data_bytes);
+    free(r->data_hash);
+    free(r->ckpt_dir);
+    free(r->metrics_path);
+    free(r->cs.block);
+}
+
+/* ---------------------------------------------------------------- metrics -- */
+
+static void jnum(FILE *f, double x) {
+    if (isfinite(x)) fprintf(f, "%.9g", x);
+    else fputs("null", f);
+}
+
+static void jkey(FILE *f, const char *key, double x) {
+    fprintf(f, ",\"%s\":", key);
+    jnum(f, x);
+}
+
+/* Entropy in bits of counts (E) (0 when they sum to 0). */
+static double entropy_bits(const int64_t *c, int32_t E) {
+    double tot = 0, h = 0;
+    for (int32_t e = 0; e < E; e++) tot += (double)c[e];
+    if (tot <= 0) return 0;
+    for (int32_t e = 0; e < E; e++)
+        if (c[e] > 0) {
+            double p = (double)c[e] / tot;
+            h -= p * log2(p);
+        }
+    return h;
+}
+
+static double maxvio_of(const int64_t *c, int32_t E) {
+    dsmoe_load_stats ls;
+    if (dsmoe_load_stats_compute(c, E, 1, &ls) != DSMOE_OK) return NAN;
+    return ls.maxvio;
+}
+
+static void jcounts(FILE *f, const int64_t *c, int32_t n) {
+    fputc('[', f);
+    for (int32_t i = 0; i < n; i++) fprintf(f, "%s%lld", i ? "," : "", (long long)c[i]);
+    fputc(']', f);
+}
+
+/* The model config's JSON on one line. */
+static void jmodel(FILE *f, const dsmoe_model_config *c) {
+    char buf[4096];
+    if (dsmoe_model_config_to_json(c, buf, sizeof buf) < 0) {
+        fputs("null", f);
+        return;
+    }
+    for (const char *p = buf; *p; p++) {
+        if (*p == '\n') {
+            while (p[1] == ' ') p++;
+            continue;
+        }
+        fputc(*p, f);
+    }
+}
+
+static void write_run_record(run *r) {
+    const dsmoe_run_config *rc = r->rc;
+    FILE *f = r->metrics;
+    fprintf(f, "{\"type\":\"run\",\"version\":1,\"strategy\":\"%s\",\"preset\":\"%s\",\"steps\":%lld,"
+               "\"batch\":%d,\"seq_len\":%d,\"seed\":%llu,\"threads\":%d,\"experts\":%d,\"top_k\":%d",
+            rc->strategy, rc->preset, (long long)rc->steps, (int)r->B, (int)r->T,
+            (unsigned long long)rc->seed, r->nt, (int)r->E, (int)r->K);
+    fputs(",\"domains\":[", f);
+    for (int d = 0; d < ND; d++) fprintf(f, "%s\"%s\"", d ? "," : "", dsmoe_domain_name(d));
+    fputs("],\"moe_layers\":[", f);
+    for (int32_t k = 0; k < r->n_moe; k++)
+        fprintf(f, "%s{\"layer\":%d,\"mtp\":%s}", k ? "," : "",
+                (int)dsmoe_train_model_moe_layer(r->tm, k), r->is_mtp[k] ? "true" : "false");
+    fputs("],\"model\":", f);
+    jmodel(f, &rc->model);
+    const dsmoe_adamw_config *a = &rc->adamw;
+    fputs(",\"optimizer\":{\"name\":\"adamw\"", f);
+    jkey(f, "lr", a->lr);
+    jkey(f, "beta1", a->beta1);
+    jkey(f, "beta2", a->beta2);
+    jkey(f, "eps", a->eps);
+    jkey(f, "weight_decay", a->weight_decay);
+    jkey(f, "clip_norm", a->clip_norm);
+    fprintf(f, ",\"warmup_steps\":%lld,\"total_steps\":%lld", (long long)a->warmup_steps,
+            (long long)rc->steps);
+    jkey(f, "min_lr_ratio", a->min_lr_ratio);
+    fputs("},\"balancer\":{", f);
+    fputs("\"gamma\":", f);
+    jnum(f, r->bal ? rc->balancer.gamma : 0.0);
+    fprintf(f, ",\"rule\":\"%s\"", rc->balancer.rule == DSMOE_BALANCE_RULE_SIGN ? "sign" : "proportional");
+    jkey(f, "gamma_after", rc->balancer.gamma_after);
+    fprintf(f, ",\"gamma_until_tokens\":%lld,\"recenter\":%d}",
+            (long long)rc->balancer.gamma_until_tokens, (int)rc->balancer.recenter);
+    fprintf(f, ",\"balance_loss\":{\"kind\":\"%s\"",
+            dsmoe_balance_loss_kind_name((dsmoe_balance_loss_kind)rc->train.balance_kind));
+    jkey(f, "alpha", rc->train.balance_alpha);
+    fprintf(f, "},\"mtp\":{\"depths\":%d", (int)(rc->train.mtp_depths < 0
+                                                     ? rc->model.num_nextn_predict_layers
+                                                     : rc->train.mtp_depths));
+    jkey(f, "lambda", rc->train.mtp_lambda);
+    fprintf(f, "},\"corpus\":{\"seed\":%llu,\"tokens\":%lld", (unsigned long long)rc->corpus.seed,
+            (long long)rc->corpus.tokens);
+    jkey(f, "valid_fraction", rc->corpus.valid_fraction);
+    fputs(",\"data_files\":[", f);
+    for (int32_t i = 0; i < rc->n_data_files; i++) {
+        fputs(i ? ",\"" : "\"", f);
+        for (const char *p = rc->data_files[i]; *p; p++) {
+            if (*p == '"' || *p == '\\') fprintf(f, "\\%c", *p);
+            else if ((unsigned char)*p < 0x20) fprintf(f, "\\u%04x", (unsigned)(unsigned char)*p);
+            else fputc(*p, f);
+        }
+        fputc('"', f);
+    }
+    fprintf(f, "]},\"params\":%zu,\"train_tokens\":%lld,\"valid_tokens\":%lld}\n", r->np,
+            (long long)dsmoe_corpus_length(r->corpus, DSMOE_SPLIT_TRAIN),
+            (long long)dsmoe_corpus_length(r->corpus, DSMOE_SPLIT_VALID));
+    fflush(f);
+}
+
+static void write_train_record(run *r, int64_t step, double lr, const dsmoe_train_loss *l,
+                               double gnorm, double tps, double elapsed, double maxvio_batch) {
+    FILE *f = r->metrics;
+    fprintf(f, "{\"type\":\"train\",\"step\":%lld", (long long)step);
+    jkey(f, "lr", lr);
+    jkey(f, "loss", l->total);
+    jkey(f, "ce", l->ce);
+    jkey(f, "mtp", l->mtp);
+    jkey(f, "balance", l->balance);
+    jkey(f, "grad_norm", gnorm);
+    fprintf(f, ",\"tokens\":%lld", (long long)r->ck.tokens);
+    jkey(f, "tokens_per_s", tps);
+    jkey(f, "elapsed_s", elapsed);
+    jkey(f, "maxvio_batch", maxvio_batch);
+    fputs(",\"layers\":[", f);
+    for (int32_t k = 0; k < r->n_moe; k++) {
+        const int64_t *c = r->bcounts + (size_t)k * (size_t)r->E;
+        fprintf(f, "%s{\"layer\":%d,\"mtp\":%s,\"counts\":", k ? "," : "",
+                (int)dsmoe_train_model_moe_layer(r->tm, k), r->is_mtp[k] ? "true" : "false");
+        jcounts(f, c, r->E);
+        jkey(f, "maxvio", maxvio_of(c, r->E));
+        jkey(f, "entropy", entropy_bits(c, r->E));
+        const float *b = dsmoe_train_model_bias(r->tm, k);
+        double mean = 0, var = 0, mn = 0, mx = 0;
+        if (b) {
+            mn = mx = b[0];
+            for (int32_t e = 0; e < r->E; e++) {
+                mean += b[e];
+                mn = b[e] < mn ? b[e] : mn;
+                mx = b[e] > mx ? b[e] : mx;
+            }
+            mean /= r->E;
+            for (int32_t e = 0; e < r->E; e++) var += ((double)b[e] - mean) * ((double)b[e] - mean);
+            var /= r->E;
+        }
+        jkey(f, "bias_mean", mean);
+        jkey(f, "bias_std", sqrt(var));
+        jkey(f, "bias_min", mn);
+        jkey(f, "bias_max", mx);
+        fputc('}', f);
+    }
+    fputs("]}\n", f);
+    fflush(f);
+}
+
+/* ------------------------------------------------------------- evaluation -- */
+
+/* Evaluates over the first validation windows; writes the "eval" record and sets
+ * *val_loss and *val_maxvio. */
+static dsmoe_status evaluate(run *r, int64_t step, double *val_loss, double *val_maxvio) {
+    const int32_t B = r->B, T = r->T, E = r->E, K = r->K;
+    const int64_t nwin_all = dsmoe_corpus_window_count(r->corpus, DSMOE_SPLIT_VALID, T);
+    int64_t nwin = nwin_all;
+    if (r->rc->eval_tokens > 0) {
+        int64_t want = (r->rc->eval_tokens + T - 1) / T;
+        if (want < nwin) nwin = want;
+    }
+    const size_t nm = (size_t)r->n_moe;
+    memset(r->ecounts, 0, nm * (size_t)E * sizeof(int64_t));
+    memset(r->edc, 0, nm * ND * (size_t)E * sizeof(int64_t));
+    memset(r->ehist, 0, nm * HIST_BINS * sizeof(int64_t));
+    memset(r->esent, 0, nm * sizeof(double));
+    memset(r->etok, 0, nm * sizeof(int64_t));
+    memset(r->dom_loss, 0, sizeof r->dom_loss);
+    memset(r->dom_tok, 0, sizeof r->dom_tok);
+    double loss_sum = 0;
+    int64_t n_tgt = 0;
+    dsmoe_status st;
+    for (int64_t w0 = 0; w0 < nwin; w0 += B) {
+        for (int32_t b = 0; b < B; b++) {
+            int32_t *tok = r->batch + (size_t)b * (size_t)(T + 1);
+            uint8_t *dom = r->edom + (size_t)b * (size_t)(T + 1);
+            if (w0 + b < nwin) {
+                if (dsmoe_corpus_window(r->corpus, DSMOE_SPLIT_VALID, T, w0 + b, tok, dom) < 0)
+                    return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "evaluation: window %lld",
+                                        (long long)(w0 + b));
+            } else {
+                for (int32_t t = 0; t <= T; t++) tok[t] = DSMOE_BYTE_VOCAB_PAD, dom[t] = 255;
+            }
+        }
+        dsmoe_train_loss l;
+        if ((st = dsmoe_train_model_loss(r->tm, r->batch, &l, 0)) != DSMOE_OK)
+            return prefixed(st, "evaluation at step %lld", (long long)step);
+        if ((st = dsmoe__train_model_position_ce(r->tm, r->pos_ce)) != DSMOE_OK) return st;
+        for (int32_t b = 0; b < B; b++)
+            for (int32_t t = 0; t < T; t++) {
+                const size_t i = (size_t)b * (size_t)(T + 1) + (size_t)t;
+                if (r->batch[i + 1] == DSMOE_BYTE_VOCAB_PAD) continue;
+                const double ce = r->pos_ce[(size_t)b * (size_t)T + (size_t)t];
+                loss_sum += ce;
+                n_tgt++;
+                const uint8_t d = r->edom[i + 1];
+                if (d < ND) r->dom_loss[d] += ce, r->dom_tok[d]++;
+            }
+        for (int32_t k = 0; k < r->n_moe; k++) {
+            const dsmoe_moe_routing *ro = dsmoe_train_model_routing(r->tm, k);
+            if (!ro) continue;
+            int64_t *cnt = r->ecounts + (size_t)k * (size_t)E;
+            int64_t *dc = r->edc + (size_t)k * ND * (size_t)E;
+            int64_t *hist = r->ehist + (size_t)k * HIST_BINS;
+            for (int32_t b = 0; b < B; b++)
+                for (int32_t t = 0; t < T; t++) {
+                    const size_t i = (size_t)b * (size_t)(T + 1) + (size_t)t;
+                    if (r->batch[i] == DSMOE_BYTE_VOCAB_PAD) continue;
+                    const size_t p = (size_t)b * (size_t)T + (size_t)t;
+                    const uint8_t d = r->edom[i];
+                    const int32_t *idx = ro->indices + p * (size_t)K;
+                    const float *wt = ro->weights + p * (size_t)K;
+                    double wmax = 0, wsum = 0;
+                    for (int32_t j = 0; j < K; j++) {
+                        cnt[idx[j]]++;
+                        if (d < ND) dc[(size_t)d * (size_t)E + (size_t)idx[j]]++;
+                        wsum += wt[j];
+                        wmax = wt[j] > wmax ? wt[j] : wmax;
+                    }
+                    int bin = wsum > 0 ? (int)(wmax / wsum * HIST_BINS) : 0;
+                    hist[bin < 0 ? 0 : bin >= HIST_BINS ? HIST_BINS - 1 : bin]++;
+                    const float *s = ro->scores + p * (size_t)E;
+                    double ssum = 0, h = 0;
+                    for (int32_t e = 0; e < E; e++) ssum += s[e];
+                    if (ssum > 0)
+                        for (int32_t e = 0; e < E; e++)
+                            if (s[e] > 0) {
+                                double q = s[e] / ssum;
+                                h -= q * log2(q);
+                            }
+                    r->esent[k] += h;
+                    r->etok[k]++;
+                }
+        }
+    }
+    const double vl = n_tgt > 0 ? loss_sum / (double)n_tgt : NAN;
+    double mv = 0;
+    for (int32_t k = 0; k < r->n_moe; k++)
+        if (!r->is_mtp[k]) mv += maxvio_of(r->ecounts + (size_t)k * (size_t)E, E);
+    mv = r->n_main_moe > 0 ? mv / r->n_main_moe : 0;
+    FILE *f = r->metrics;
+    fprintf(f, "{\"type\":\"eval\",\"step\":%lld", (long long)step);
+    jkey(f, "loss", vl);
+    jkey(f, "ppl", exp(vl));
+    jkey(f, "bits_per_byte", vl / log(2.0));
+    fprintf(f, ",\"tokens\":%lld", (long long)n_tgt);
+    jkey(f, "maxvio_global", mv);
+    fputs(",\"domains\":{", f);
+    int first = 1;
+    for (int d = 0; d < ND; d++) {
+        if (!r->dom_tok[d]) continue;
+        fprintf(f, "%s\"%s\":{\"loss\":", first ? "" : ",", dsmoe_domain_name(d));
+        jnum(f, r->dom_loss[d] / (double)r->dom_tok[d]);
+        fprintf(f, ",\"tokens\":%lld}", (long long)r->dom_tok[d]);
+        first = 0;
+    }
+    fputs("},\"layers\":[", f);
+    for (int32_t k = 0; k < r->n_moe; k++) {
+        const int64_t *c = r->ecounts + (size_t)k * (size_t)E;
+        const int64_t *dc = r->edc + (size_t)k * ND * (size_t)E;
+        fprintf(f, "%s{\"layer\":%d,\"mtp\":%s,\"counts\":", k ? "," : "",
+                (int)dsmoe_train_model_moe_layer(r->tm, k), r->is_mtp[k] ? "true" : "false");
+        jcounts(f, c, E);
+        jkey(f, "maxvio_global", maxvio_of(c, E));
+        jkey(f, "entropy", entropy_bits(c, E));
+        int dead = 0;
+        double tot = 0;
+        for (int32_t e = 0; e < E; e++) dead += c[e] == 0, tot += (double)c[e];
+        fprintf(f, ",\"dead_experts\":%d,\"domain_counts\":[", dead);
+        for (int d = 0; d < ND; d++) {
+            if (d) fputc(',', f);
+            jcounts(f, dc + (size_t)d * (size_t)E, E);
+        }
+        fputc(']', f);
+        /* Mutual information between a routed pair's domain and its expert. */
+        double mi = 0, dtot = 0;
+        for (int d = 0; d < ND; d++)
+            for (int32_t e = 0; e < E; e++) dtot += (double)dc[(size_t)d * (size_t)E + (size_t)e];
+        if (dtot > 0) {
+            for (int d = 0; d < ND; d++) {
+                double pd = 0;
+                for (int32_t e = 0; e < E; e++) pd += (double)dc[(size_t)d * (size_t)E + (size_t)e];
+                if (pd <= 0) continue;
+                pd /= dtot;
+                for (int32_t e = 0; e < E; e++) {
+                    double pde = (double)dc[(size_t)d * (size_t)E + (size_t)e] / dtot;
+                    if (pde <= 0) continue;
+                    double pe = 0;
+                    for (int dd = 0; dd < ND; dd++) pe += (double)dc[(size_t)dd * (size_t)E + (size_t)e];
+                    pe /= dtot;
+                    mi += pde * log2(pde / (pd * pe));
+                }
+            }
+        }
+        jkey(f, "mutual_information", mi);
+        fputs(",\"top_weight_hist\":", f);
+        jcounts(f, r->ehist + (size_t)k * HIST_BINS, HIST_BINS);
+        jkey(f, "score_entropy", r->etok[k] > 0 ? r->esent[k] / (double)r->etok[k] : 0.0);
+        fputc('}', f);
+    }
+    fputs("]}\n", f);
+    fflush(f);
+    *val_loss = vl;
+    *val_maxvio = mv;
+    return DSMOE_OK;
+}
+
+/* -------------------------------------------------------------- metrics io -- */
+
+/* Drops the lines of metrics.jsonl after step `keep` (and any incomplete line), so the
+ * file reads as the run up to its checkpoint. */
+static dsmoe_status truncate_metrics(const char *path, int64_t keep) {
+    FILE *f = fopen(path, "rb+");
+    if (!f) {
+        if (errno == ENOENT) return DSMOE_OK;
+        return dsmoe__error(DSMOE_STATUS_IO, "%s: cannot open: %s", path, strerror(errno));
+    }
+    char *line = NULL;
+    size_t cap = 0;
+    long cut = 0;
+    for (;;) {
+        long at = ftell(f);
+        size_t n = 0;
+        int c;
+        while ((c = fgetc(f)) != EOF) {
+            if (n + 2 > cap) {
+                size_t nc = cap ? cap * 2 : 4096;
+                char *nl = (char *)realloc(line, nc);
+                if (!nl) {
+                    free(line);
+                    fclose(f);
+                    return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "%s: out of memory", path);
+                }
+                line = nl, cap = nc;
+            }
+            line[n++] = (char)c;
+            if (c == '\n') break;
+        }
+        if (n == 0 || line[n - 1] != '\n') {
+            cut = at;
+            break;
+        }
+        line[n] = '\0';
+        const char *s = strstr(line, "\"step\":");
+        if (strncmp(line, "{\"type\":\"run\"", 13) != 0 && (!s || strtoll(s + 7, NULL, 10) > keep)) {
+            cut = at;
+            break;
+        }
+        cut = ftell(f);
+    }
+    free(line);
+    int bad = fflush(f) != 0 || ftruncate(fileno(f), (off_t)cut) != 0;
+    fclose(f);
+    if (bad) return dsmoe__error(DSMOE_STATUS_IO, "%s: cannot truncate: %s", path, strerror(errno));
+    return DSMOE_OK;
+}
+
+static dsmoe_status sync_metrics(run *r) {
+    if (fflush(r->metrics) != 0 || fsync(fileno(r->metrics)) != 0)
+        return dsmoe__error(DSMOE_STATUS_IO, "%s: cannot write: %s", r->metrics_path, strerror(errno));
+    return DSMOE_OK;
+}
+
+/* ------------------------------------------------------------------ setup -- */
+
+static uint64_t corpus_hash(const dsmoe_corpus *c) {
+    uint64_t h = DSMOE__HASH_INIT;
+    for (int s = 0; s < 2; s++) {
+        int64_t n = dsmoe_corpus_length(c, (dsmoe_split)s);
+        h = dsmoe__hash_bytes(h, &n, sizeof n);
+        h = dsmoe__hash_bytes(h, dsmoe_corpus_tokens(c, (dsmoe_split)s), (size_t)n * sizeof(uint16_t));
+        h = dsmoe__hash_bytes(h, dsmoe_corpus_domains(c, (dsmoe_split)s), (size_t)n);
+    }
+    return h;
+}
+
+static dsmoe_status setup(run *r, const char *out_dir, const dsmoe_run_options *opts) {
+    const dsmoe_run_config *rc = r->rc;
+    dsmoe_status st;
+    r->nt = opts && opts->n_threads > 0 ? opts->n_threads : dsmoe_default_threads();
+    r->B = rc->train.batch;
+    r->T = rc->train.seq_len;
+    r->N = (int64_t)r->B * r->T;
+    r->E = rc->model.n_routed_experts;
+    r->K = rc->model.num_experts_per_tok;
+    if (!(r->ckpt_dir = join(out_dir, "checkpoint")) ||
+        !(r->metrics_path = join(out_dir, "metrics.jsonl")))
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
+    /* Data. */
+    const int32_t nf = rc->n_data_files;
+    r->data_bytes = (int64_t *)calloc((size_t)(nf > 0 ? nf : 1), sizeof(int64_t));
+    r->data_hash = (int64_t *)calloc((size_t)(nf > 0 ? nf : 1), sizeof(int64_t));
+    if (!r->data_bytes || !r->data_hash) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
+    for (int32_t i = 0; i < nf; i++) {
+        uint64_t h;
+        if ((st = dsmoe__hash_file(rc->data_files[i], &h, &r->data_bytes[i])) != DSMOE_OK)
+            return prefixed(st, "data file");
+        r->data_hash[i] = (int64_t)h;
+    }
+    if (nf > 0) st = dsmoe_corpus_from_files(rc->data_files, nf, &rc->corpus, &r->corpus);
+    else st = dsmoe_corpus_builtin(&rc->corpus, &r->corpus);
+    if (st != DSMOE_OK) return st;
+    const int64_t ntrain = dsmoe_corpus_length(r->corpus, DSMOE_SPLIT_TRAIN),
+                  nvalid = dsmoe_corpus_length(r->corpus, DSMOE_SPLIT_VALID);
+    if (ntrain < (int64_t)r->T + 1)
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "run: the training split has %lld tokens, fewer than seq_len + 1 = %d",
+                            (long long)ntrain, (int)r->T + 1);
+    if (nvalid < 2)
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "run: the validation split has %lld tokens (raise valid_fraction or the "
+                            "data)",
+                            (long long)nvalid);
+    /* Model, optimizer, balancers. */
+    dsmoe_train_model_options to = rc->train;
+    to.n_threads = r->nt;
+    if ((st = dsmoe_train_model_create(&rc->model, &to, &r->tm)) != DSMOE_OK) return st;
+    dsmoe_train_model_params(r->tm, &r->np);
+    r->m = (float *)dsmoe_malloc(r->np * sizeof(float) + 64);
+    r->v = (float *)dsmoe_malloc(r->np * sizeof(float) + 64);
+    if (!r->m || !r->v) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
+    memset(r->m, 0, r->np * sizeof(float));
+    memset(r->v, 0, r->np * sizeof(float));
+    r->n_moe = dsmoe_train_model_moe_count(r->tm);
+    const size_t nm = (size_t)(r->n_moe > 0 ? r->n_moe : 1), E = (size_t)(r->E > 0 ? r->E : 1);
+    r->is_mtp = (int32_t *)calloc(nm, sizeof(int32_t));
+    r->batch = (int32_t *)calloc((size_t)r->B * (size_t)(r->T + 1), sizeof(int32_t));
+    r->edom = (uint8_t *)calloc((size_t)r->B * (size_t)(r->T + 1), 1);
+    r->pos_ce = (double *)calloc((size_t)r->N, sizeof(double));
+    r->bcounts = (int64_t *)calloc(nm * E, sizeof(int64_t));
+    r->ecounts = (int64_t *)calloc(nm * E, sizeof(int64_t));
+    r->edc = (int64_t *)calloc(nm * ND * E, sizeof(int64_t));
+    r->ehist = (int64_t *)calloc(nm * HIST_BINS, sizeof(int64_t));
+    r->esent = (double *)calloc(nm, sizeof(double));
+    r->etok = (int64_t *)calloc(nm, sizeof(int64_t));
+    if (!r->is_mtp || !r->batch || !r->edom || !r->pos_ce || !r->bcounts || !r->ecounts ||
+        !r->edc || !r->ehist || !r->esent || !r->etok)
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
+    for (int32_t k = 0; k < r->n_moe; k++) {
+        r->is_mtp[k] = dsmoe_train_model_moe_layer(r->tm, k) >= rc->model.num_hidden_layers;
+        r->n_main_moe += !r->is_mtp[k];
+    }
+    if (r->n_moe > 0 && rc->model.topk_method == DSMOE_TOPK_METHOD_NOAUX_TC) {
+        r->bal = (dsmoe_balancer **)calloc(nm, sizeof *r->bal);
+        if (!r->bal) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
+        dsmoe_balancer_config bc = rc->balancer;
+        bc.n_experts = r->E;
+        for (int32_t k = 0; k < r->n_moe; k++)
+            if ((st = dsmoe_balancer_create(&bc, &r->bal[k])) != DSMOE_OK) return st;
+    }
+    r->ck.rc = rc;
+    r->ck.tm = r->tm;
+    r->ck.m = r->m;
+    r->ck.v = r->v;
+    r->ck.bal = r->bal;
+    r->ck.corpus_hash = corpus_hash(r->corpus);
+    r->ck.data_bytes = r->data_bytes;
+    r->ck.data_hash = r->data_hash;
+    r->ck.last_train_loss = r->ck.last_val_loss = r->ck.last_val_maxvio = NAN;
+    dsmoe_rng_seed(&r->ck.rng, rc->seed);
+    return DSMOE_OK;
+}
+
+/* -------------------------------------------------------------------- run -- */
+
+static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_result *res,
+                          double t_start) {
+    const dsmoe_run_config *rc = r->rc;
+    dsmoe_adamw_config ac = rc->adamw;
+    ac.total_steps = rc->steps;
+    const int64_t step0 = r->ck.step;
+    int64_t last = rc->steps;
+    if (opts && opts->stop_at > 0 && opts->stop_at < last) last = opts->stop_at;
+    const int64_t n_tensors = dsmoe_train_model_tensor_count(r->tm);
+    dsmoe_status st = DSMOE_OK;
+    double t_train = 0;
+    int64_t session_tokens = 0;
+    for (int64_t step = step0 + 1; step <= last; step++) {
+        const double t0 = now_s();
+        if ((st = dsmoe_corpus_sample(r->corpus, DSMOE_SPLIT_TRAIN, &r->ck.rng, r->B, r->T,
+                                      r->batch, NULL)) != DSMOE_OK)
+            return st;
+        dsmoe_train_loss l;
+        if ((st = dsmoe_train_model_loss(r->tm, r->batch, &l, 0)) != DSMOE_OK)
+            return prefixed(st, "step %lld", (long long)step);
+        if (!isfinite(l.total))
+            return dsmoe__error(DSMOE_STATUS_NON_FINITE,
+                                "step %lld: the loss is %g (ce %g, mtp %g, balance %g); stopped, the "
+                                "last checkpoint is as it was",
+                                (long long)step, l.total, l.ce, l.mtp, l.balance);
+        if ((st = dsmoe_train_model_backward(r->tm)) != DSMOE_OK)
+            return prefixed(st, "step %lld", (long long)step);
+        double ss = 0;
+        for (int64_t i = 0; i < n_tensors; i++) {
+            dsmoe_train_tensor t;
+            dsmoe_train_model_tensor(r->tm, i, &t);
+            if (t.trainable) ss += dsmoe_sum_squares(t.grad, t.n, r->nt);
+        }
+        const double gnorm = sqrt(ss);
+        if (!isfinite(gnorm))
+            return dsmoe__error(DSMOE_STATUS_NON_FINITE,
+                                "step %lld: the gradient norm is %g; stopped, the last checkpoint "
+                                "is as it was",
+                                (long long)step, gnorm);
+        const float scale = dsmoe_adamw_clip_factor(&ac, gnorm);
+        const double lr = dsmoe_adamw_lr(&ac, step);
+        for (int64_t i = 0; i < n_tensors; i++) {
+            dsmoe_train_tensor t;
+            dsmoe_train_model_tensor(r->tm, i, &t);
+            if (!t.trainable) continue;
+            dsmoe_adamw_update(&ac, t.data, r->m + t.offset, r->v + t.offset, t.grad, t.n, step, lr,
+                               t.decay ? (double)ac.weight_decay : 0.0, scale, r->nt);
+        }
+        double maxvio_batch = 0;
+        for (int32_t k = 0; k < r->n_moe; k++) {
+            const dsmoe_moe_routing *ro = dsmoe_train_model_routing(r->tm, k);
+            int64_t *c = r->bcounts + (size_t)k * (size_t)r->E;
+            memcpy(c, ro->counts, (size_t)r->E * sizeof(int64_t));
+            if (!r->is_mtp[k]) maxvio_batch += maxvio_of(c, r->E);
+            if (r->bal) {
+                if ((st = dsmoe_balancer_accumulate_counts(r->bal[k], c, r->N)) != DSMOE_OK ||
+                    (st = dsmoe_balancer_step(r->bal[k])) != DSMOE_OK ||
+                    (st = dsmoe_train_model_set_bias(r->tm, k, dsmoe_balancer_bias(r->bal[k]))) !=
+                        DSMOE_OK)
+                    return prefixed(st, "step %lld: balancer of layer %d", (long long)step,
+                                    (int)dsmoe_train_model_moe_layer(r->tm, k));
+            }
+        }
+        if (r->n_main_moe > 0) maxvio_batch /= r->n_main_moe;
+        r->ck.step = step;
+        r->ck.tokens += r->N;
+        r->ck.last_train_loss = l.total;
+        session_tokens += r->N;
+        t_train += now_s() - t0;
+        const double tps = t_train > 0 ? (double)session_tokens / t_train : 0;
+        const double elapsed = r->elapsed0 + (now_s() - t_start);
+        if (step % rc->log_every == 0 || step == rc->steps)
+            write_train_record(r, step, lr, &l, gnorm, tps, elapsed, maxvio_batch);
+        dsmoe_run_progress p;
+        memset(&p, 0, sizeof p);
+        p.step = step;
+        p.steps = rc->steps;
+        p.loss = l.total;
+        p.ce = l.ce;
+        p.maxvio_batch = maxvio_batch;
+        p.tokens_per_s = tps;
+        p.eta_s = (double)(rc->steps - step) * (now_s() - t_start) / (double)(step - step0);
+        p.val_loss = r->ck.last_val_loss;
+        p.val_maxvio = r->ck.last_val_maxvio;
+        if (opts && opts->progress) opts->progress(&p, opts->user);
+        if ((rc->eval_every > 0 && step % rc->eval_every == 0) || step == rc->steps) {
+            if ((st = evaluate(r, step, &r->ck.last_val_loss, &r->ck.last_val_maxvio)) != DSMOE_OK)
+                return st;
+            r->ck.last_eval_step = step;
+            p.is_eval = 1;
+            p.val_loss = r->ck.last_val_loss;
+            p.val_maxvio = r->ck.last_val_maxvio;
+            if (opts && opts->progress) opts->progress(&p, opts->user);
+        }
+        if ((rc->save_every > 0 && step % rc->save_every == 0) || step == rc->steps || step == last) {
+            r->ck.elapsed_s = r->elapsed0 + (now_s() - t_start);
+            if ((st = sync_metrics(r)) != DSMOE_OK) return st;
+            if ((st = dsmoe__ckpt_save(r->ckpt_dir, &r->ck)) != DSMOE_OK) return st;
+        }
+    }
+    if (res) {
+        res->tokens_per_s = t_train > 0 ? (double)session_tokens / t_train : 0;
+    }
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_run(const dsmoe_run_config *rc_in, const char *out_dir,
+                       const dsmoe_run_options *opts, dsmoe_run_result *res) {
+    const double t_start = now_s();
+    if (!out_dir || !out_dir[0] || (!rc_in && !(opts && opts->resume)))
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "run: NULL config (allowed only to resume) or out_dir");
+    if (res) {
+        memset(res, 0, sizeof *res);
+        res->train_loss = res->val_loss = res->val_maxvio = NAN;
+    }
+    run r;
+    memset(&r, 0, sizeof r);
+    dsmoe_status st = DSMOE_OK;
+    const int resume = opts && opts->resume;
+    char *ckpt = join(out_dir, "checkpoint");
+    if (!ckpt) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
+    struct stat sb;
+    if (resume) {
+        dsmoe__dir_recover(ckpt);
+        if (stat(ckpt, &sb) != 0) {
+            st = dsmoe__error(DSMOE_STATUS_IO, "%s: no checkpoint to resume from (%s)", ckpt,
+                              strerror(errno));
+            goto done;
+        }
+        if ((st = dsmoe__ckpt_read_config(ckpt, &r.cs)) != DSMOE_OK) goto done;
+        if (rc_in) {
+            dsmoe_run_config want = *rc_in;
+            want.adamw.total_steps = want.steps;
+            if (want.model.n_routed_experts > 0) want.balancer.n_experts = want.model.n_routed_experts;
+            if ((st = dsmoe__run_config_compare(&want, &r.cs.rc)) != DSMOE_OK) {
+                st = prefixed(st, "%s: cannot resume with another config", ckpt);
+                goto done;
+            }
+        }
+    } else {
+        if (stat(ckpt, &sb) == 0) {
+            st = dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                              "%s holds a run already: resume it, or train into another folder",
+                              out_dir);
+            goto done;
+        }
+        if ((st = dsmoe_run_config_validate(rc_in)) != DSMOE_OK) goto done;
+        if ((st = dsmoe__run_config_own(&r.cs, rc_in)) != DSMOE_OK) goto done;
+        r.cs.rc.adamw.total_steps = r.cs.rc.steps;
+        if (r.cs.rc.model.n_routed_experts > 0) r.cs.rc.balancer.n_experts = r.cs.rc.model.n_routed_experts;
+    }
+    r.rc = &r.cs.rc;
+    if ((st = dsmoe_run_config_validate(r.rc)) != DSMOE_OK) goto done;
+    if ((st = make_dirs(out_dir)) != DSMOE_OK) goto done;
+    if ((st = setup(&r, out_dir, opts)) != DSMOE_OK) goto done;
+    if (resume) {
+        if ((st = dsmoe__ckpt_load(r.ckpt_dir, &r.ck)) != DSMOE_OK) goto done;
+        r.elapsed0 = r.ck.elapsed_s;
+        if ((st = truncate_metrics(r.metrics_path, r.ck.step)) != DSMOE_OK) goto done;
+        int fresh = stat(r.metrics_path, &sb) != 0 || sb.st_size == 0;
+        if (!(r.metrics = fopen(r.metrics_path, "ab"))) {
+            st = dsmoe__error(DSMOE_STATUS_IO, "%s: cannot open for writing: %s", r.metrics_path,
+                              strerror(errno));
+            goto done;
+        }
+        if (fresh) write_run_record(&r);
+    } else {
+        if (!(r.metrics = fopen(r.metrics_path, "wb"))) {
+            st = dsmoe__error(DSMOE_STATUS_IO, "%s: cannot open for writing: %s", r.metrics_path,
+                              strerror(errno));
+            goto done;
+        }
+        write_run_record(&r);
+    }
+    if (ferror(r.metrics)) {
+        st = dsmoe__error(DSMOE_STATUS_IO, "%s: cannot write", r.metrics_path);
+        goto done;
+    }
+    st = train(&r, opts, res, t_start);
+    if (st == DSMOE_OK && ferror(r.metrics))
+        st = dsmoe__error(DSMOE_STATUS_IO, "%s: cannot write", r.metrics_path);
+done:
+    if (res) {
+        res->step = r.ck.step;
+        res->train_loss = r.ck.last_train_loss;
+        res->val_loss = r.ck.last_val_loss;
+        res->val_maxvio = r.ck.last_val_maxvio;
+        res->seconds = now_s() - t_start;
+    }
+    run_free(&r);
+    free(ckpt);
+    return st;
+}
+
+dsmoe_status dsmoe_run_config_load(const char *dir, dsmoe_run_config *rc) {
+    static _Thread_local char *block = NULL;
+    if (!dir || !rc) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "run config load: NULL argument");
+    char *ckpt = join(dir, "checkpoint");
+    if (!ckpt) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run config load: out of memory");
+    dsmoe__run_config_store s = {0};
+    dsmoe_status st = dsmoe__ckpt_read_config(ckpt, &s);
+    free(ckpt);
+    if (st != DSMOE_OK) return st;
+    free(block);
+    block = s.block;
+    *rc = s.rc;
+    return DSMOE_OK;
+}
