@@ -16,6 +16,8 @@
  */
 #include "model_testutil.h"
 
+#include "dsmoe/train.h"
+
 #include <math.h>
 
 #define REL 2e-5
@@ -210,14 +212,12 @@ static int64_t spec(dsmoe_model *m, int32_t N, int64_t cap, const int32_t *promp
 
 /* Spec and plain decoding agree token for token (greedy or sampled), the statistics add
  * up, and the next logits from spec's main cache are plain decoding's, bit for bit. */
-static void check_spec(dsmoe_model *m, int32_t N, int64_t P, int64_t G, float temp, uint64_t seed,
-                       dsmoe_model_spec_stats *stats_out) {
-    const dsmoe_model_config *c = dsmoe_model_get_config(m);
-    const int32_t V = c->vocab_size;
-    int32_t *prompt = (int32_t *)malloc((size_t)P * sizeof(int32_t));
+static void check_spec_prompt(dsmoe_model *m, int32_t N, const int32_t *prompt, int64_t P,
+                              int64_t G, float temp, uint64_t seed,
+                              dsmoe_model_spec_stats *stats_out) {
+    const int32_t V = dsmoe_model_get_config(m)->vocab_size;
     int32_t *a = (int32_t *)malloc((size_t)(G + 16) * sizeof(int32_t));
     int32_t *b = (int32_t *)malloc((size_t)(G + 16) * sizeof(int32_t));
-    make_prompt(prompt, P, V, seed);
     dsmoe_model_spec *s = NULL;
     const int64_t n = spec(m, N, P + G + N, prompt, P, G, temp, seed, a, &s);
     dsmoe_model_cache *k = plain(m, prompt, P, n, temp, seed, b);
@@ -256,9 +256,85 @@ static void check_spec(dsmoe_model *m, int32_t N, int64_t P, int64_t G, float te
     }
     dsmoe_model_spec_free(s);
     dsmoe_model_cache_free(k);
-    free(prompt);
     free(a);
     free(b);
+}
+
+/* check_spec_prompt on a prompt of P ids drawn from seed. */
+static void check_spec(dsmoe_model *m, int32_t N, int64_t P, int64_t G, float temp, uint64_t seed,
+                       dsmoe_model_spec_stats *stats_out) {
+    int32_t *prompt = (int32_t *)malloc((size_t)P * sizeof(int32_t));
+    make_prompt(prompt, P, dsmoe_model_get_config(m)->vocab_size, seed);
+    check_spec_prompt(m, N, prompt, P, G, temp, seed, stats_out);
+    free(prompt);
+}
+
+/* The drafts of every step against drafts computed from scratch (the main model and the
+ * depth chain over the whole sequence so far, fresh caches): what the depth caches
+ * kept between steps is what a recomputation gives. Argmax against argmax, skipping
+ * near ties of the recomputation (top two within 1e-4). */
+static void check_drafts(dsmoe_model *m, int32_t N, int64_t P, int64_t steps, uint64_t seed) {
+    const dsmoe_model_config *c = dsmoe_model_get_config(m);
+    const int32_t V = c->vocab_size, Dm = dsmoe_model_mtp_depths(m);
+    const int64_t D = c->hidden_size, cap = P + steps * (N + 1) + N + 1;
+    int32_t *seq = (int32_t *)malloc((size_t)(cap + N + 1) * sizeof(int32_t));
+    float *h = (float *)malloc((size_t)(cap * D) * sizeof(float));
+    float *h2 = (float *)malloc((size_t)(cap * D) * sizeof(float));
+    float *lg = (float *)malloc((size_t)V * sizeof(float));
+    make_prompt(seq, P, V, seed);
+    dsmoe_model_spec *s = NULL;
+    ASSERT_OK(dsmoe_model_spec_create(m, N, cap, &s));
+    if (!s) goto done;
+    ASSERT_OK(dsmoe_model_spec_prefill(s, seq, P, 0.0f, 1.0f, NULL, &seq[P]));
+    int64_t len = P + 1, compared = 0;
+    for (int64_t step = 0; step < steps; step++) {
+        const int64_t mpos = len - 1; /* t_m = seq[mpos] */
+        int32_t want[DSMOE_MODEL_SPEC_MAX_DRAFT];
+        int ok[DSMOE_MODEL_SPEC_MAX_DRAFT];
+        dsmoe_model_cache *k = NULL;
+        ASSERT_OK(dsmoe_model_cache_create(m, mpos, &k));
+        ASSERT_OK(dsmoe_model_forward_hidden(m, k, seq, mpos, NULL, h, 0));
+        dsmoe_model_cache_free(k);
+        for (int32_t d = 1; d <= N; d++) {
+            ASSERT_OK(dsmoe_model_mtp_cache_create(m, d < Dm ? d : Dm, mpos, &k));
+            /* positions 0 .. m − 1, tokens d .. m − 1 + d (drafts past m) */
+            ASSERT_OK(dsmoe_model_forward_mtp(m, k, h, seq + d, mpos, h2, lg, DSMOE_MODEL_LOGITS_LAST));
+            dsmoe_model_cache_free(k);
+            int32_t b = 0, b2 = -1;
+            for (int32_t v = 1; v < V; v++)
+                if (lg[v] > lg[b]) b = v;
+            for (int32_t v = 0; v < V; v++)
+                if (v != b && (b2 < 0 || lg[v] > lg[b2])) b2 = v;
+            want[d - 1] = b;
+            ok[d - 1] = lg[b] - lg[b2] > 1e-4f;
+            seq[mpos + d] = b;
+            float *t = h;
+            h = h2;
+            h2 = t;
+        }
+        int32_t out[DSMOE_MODEL_SPEC_MAX_DRAFT + 1], n = 0, nd = 0;
+        ASSERT_OK(dsmoe_model_spec_step(s, 0.0f, 1.0f, NULL, out, &n));
+        const int32_t *dr = dsmoe_model_spec_drafts(s, &nd);
+        ASSERT_EQ_INT(nd, N);
+        for (int32_t d = 0; d < nd && d < N; d++)
+            if (ok[d]) {
+                compared++;
+                if (dr[d] != want[d])
+                    TL_FAIL("step %lld: draft %d is %d, recomputed %d", (long long)step, (int)d + 1,
+                            (int)dr[d], (int)want[d]);
+                /* a draft stands in the sequence until the recomputation of the next one */
+                if (dr[d] != want[d]) break;
+            }
+        for (int32_t i = 0; i < n; i++) seq[len + i] = out[i];
+        len += n;
+    }
+    ASSERT_TRUE(compared >= steps);
+done:
+    dsmoe_model_spec_free(s);
+    free(seq);
+    free(h);
+    free(h2);
+    free(lg);
 }
 
 static void test_spec_golden_greedy(void) {
@@ -280,6 +356,7 @@ static void test_spec_golden_greedy(void) {
         check_spec(m, 2, 1, 130, 0.0f, 7, NULL);
         check_spec(m, 4, 60, 20, 0.0f, 8, NULL); /* decoding across position 64 */
         check_spec(m, DSMOE_MODEL_SPEC_MAX_DRAFT, 4, 70, 0.0f, 9, NULL);
+        check_drafts(m, 3, 5, 30, 10);
     }
     dsmoe_model_free(m);
 }
@@ -379,7 +456,133 @@ static void test_spec_random_mtp(void) {
                 (long long)st.passes, (long long)st.accepted[0], (long long)st.drafted[0]);
         ASSERT_TRUE(st.accepted[0] < st.drafted[0]);
         check_spec(m, 3, 65, 40, 0.7f, 32, NULL);
+        check_drafts(m, 3, 4, 40, 33);
     }
+    dsmoe_model_free(m);
+}
+
+/* ------------------------------------------------------- a trained model -- */
+/* The tiny preset with two MTP depths trained (the training model of train.h, AdamW) on
+ * a byte cycle of period 13 from random offsets: every token fixes the next ones, so the
+ * depths learn to draft and speculative decoding accepts most drafts. The checkpoint is
+ * written as a model directory (config.json, every tensor F32 under its HF name). */
+#define CYCLE 13
+static const int32_t cycle[CYCLE] = {'d', 's', 'm', 'o', 'e', ' ', 'M', 'T', 'P', '!', '\n', '#', '7'};
+
+static const char *trained_model(char *dir, size_t cap, double *train_mtp, int32_t *seq, int64_t T) {
+    mt_scratch(dir, cap, "mtp_trained_model");
+    dsmoe_model_config cfg;
+    ASSERT_OK(dsmoe_model_config_preset("tiny", &cfg));
+    cfg.num_nextn_predict_layers = 2;
+    dsmoe_train_model_options o;
+    dsmoe_train_model_options_default(&o);
+    o.batch = 4;
+    o.seq_len = (int32_t)T;
+    o.n_threads = 2;
+    dsmoe_train_model *tm = NULL;
+    ASSERT_OK(dsmoe_train_model_create(&cfg, &o, &tm));
+    if (!tm) return NULL;
+    dsmoe_adamw_config ac;
+    dsmoe_adamw_config_default(&ac);
+    ac.lr = 1e-2f;
+    ac.weight_decay = 0;
+    ac.warmup_steps = 10;
+    ac.total_steps = 150;
+    size_t np = 0;
+    float *p = dsmoe_train_model_params(tm, &np), *g = dsmoe_train_model_grads(tm, &np);
+    float *mom = (float *)calloc(np, sizeof(float)), *var = (float *)calloc(np, sizeof(float));
+    int32_t *batch = (int32_t *)malloc((size_t)(4 * (T + 1)) * sizeof(int32_t));
+    dsmoe_rng r;
+    dsmoe_rng_seed(&r, 5);
+    dsmoe_train_loss loss = {0, 0, 0, 0};
+    for (int64_t step = 1; step <= ac.total_steps; step++) {
+        for (int b = 0; b < 4; b++) {
+            int64_t off = (int64_t)(dsmoe_rng_next(&r) % CYCLE);
+            for (int64_t t = 0; t <= T; t++) batch[b * (T + 1) + t] = cycle[(off + t) % CYCLE];
+        }
+        ASSERT_OK(dsmoe_train_model_loss(tm, batch, &loss, 0));
+        ASSERT_OK(dsmoe_train_model_backward(tm));
+        const float cf = dsmoe_adamw_clip_factor(&ac, sqrt(dsmoe_sum_squares(g, (int64_t)np, 2)));
+        dsmoe_adamw_update(&ac, p, mom, var, g, (int64_t)np, step, dsmoe_adamw_lr(&ac, step), 0.0,
+                           cf, 2);
+    }
+    fprintf(stderr, "trained tiny model: ce %.4f, mtp %.4f after %lld steps\n", loss.ce, loss.mtp,
+            (long long)ac.total_steps);
+    /* the training model's MTP loss on one sequence (batch row 0 = seq), for comparison */
+    for (int b = 0; b < 4; b++)
+        for (int64_t t = 0; t <= T; t++) batch[b * (T + 1) + t] = seq[t];
+    ASSERT_OK(dsmoe_train_model_loss(tm, batch, &loss, 0));
+    *train_mtp = loss.mtp;
+    /* the checkpoint */
+    ASSERT_OK(dsmoe_model_config_write(&cfg, dir));
+    dsmoe_safetensors_writer *w = NULL;
+    ASSERT_OK(dsmoe_safetensors_writer_create(&w));
+    for (int64_t i = 0; w && i < dsmoe_train_model_tensor_count(tm); i++) {
+        dsmoe_train_tensor t;
+        ASSERT_OK(dsmoe_train_model_tensor(tm, i, &t));
+        ASSERT_OK(dsmoe_safetensors_writer_add(w, t.spec.name, DSMOE_DTYPE_F32, t.spec.ndim,
+                                               t.spec.shape, t.data));
+    }
+    char path[700];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    ASSERT_OK(dsmoe_safetensors_writer_save(w, path));
+    dsmoe_safetensors_writer_free(w);
+    dsmoe_train_model_free(tm);
+    free(mom);
+    free(var);
+    free(batch);
+    return dir;
+}
+
+/* Mean −log softmax(logits_i)[target_i] over n rows, in double. */
+static double mean_ce(const float *lg, const int32_t *target, int64_t n, int32_t V) {
+    double s = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float *l = lg + i * V;
+        double mx = l[0], z = 0;
+        for (int32_t v = 1; v < V; v++) mx = fmax(mx, l[v]);
+        for (int32_t v = 0; v < V; v++) z += exp(l[v] - mx);
+        s += log(z) + mx - l[target[i]];
+    }
+    return s / (double)n;
+}
+
+static void test_spec_trained(void) {
+    char dir[512];
+    enum { T = 24 };
+    int32_t seq[T + 1], prompt[8];
+    make_prompt(seq, T + 1, 256, 77); /* bytes off the cycle: a loss of several nats */
+    for (int t = 0; t < 8; t++) prompt[t] = cycle[(t + 4) % CYCLE];
+    double train_mtp = 0;
+    if (!trained_model(dir, sizeof dir, &train_mtp, seq, T)) return;
+    dsmoe_model *m = open_mtp(dir, 2, 0, 1);
+    if (!m) return;
+    ASSERT_EQ_INT(dsmoe_model_mtp_depths(m), 2);
+    /* inference's depths give training's MTP loss: the same math */
+    const int32_t V = dsmoe_model_get_config(m)->vocab_size;
+    float *lg[2];
+    lg[0] = (float *)malloc((size_t)(T * V) * sizeof(float));
+    lg[1] = (float *)malloc((size_t)(T * V) * sizeof(float));
+    mtp_all(m, seq, T, lg);
+    const double ce = 0.5 * (mean_ce(lg[0], seq + 2, T - 1, V) + mean_ce(lg[1], seq + 3, T - 2, V));
+    fprintf(stderr, "MTP loss: training %.9f, inference %.9f\n", train_mtp, ce);
+    ASSERT_TRUE(train_mtp > 1.0);
+    ASSERT_NEAR(ce, train_mtp, 1e-5 * train_mtp);
+    free(lg[0]);
+    free(lg[1]);
+    /* speculative decoding on the learnt cycle: most drafts accepted, plain's output */
+    dsmoe_model_spec_stats st;
+    memset(&st, 0, sizeof st);
+    check_spec_prompt(m, 2, prompt, 6, 90, 0.0f, 1, &st);
+    fprintf(stderr, "trained: %lld passes for %lld tokens; depth 1 accepted %lld of %lld, depth 2 "
+            "%lld of %lld\n", (long long)st.passes, (long long)st.produced, (long long)st.accepted[0],
+            (long long)st.drafted[0], (long long)st.accepted[1], (long long)st.drafted[1]);
+    ASSERT_TRUE(st.accepted[0] * 10 >= st.drafted[0] * 8);
+    ASSERT_TRUE(st.accepted[1] >= 1);
+    check_spec_prompt(m, 3, prompt, 3, 100, 0.0f, 2, NULL);
+    check_spec_prompt(m, 2, prompt, 8, 60, 0.6f, 3, NULL);
+    check_spec_prompt(m, 1, seq, 20, 60, 0.0f, 4, NULL); /* off the cycle */
+    check_drafts(m, 2, 10, 30, 5);
     dsmoe_model_free(m);
 }
 
@@ -489,6 +692,7 @@ int main(void) {
     RUN(test_spec_golden_sampled);
     RUN(test_spec_threads);
     RUN(test_spec_random_mtp);
+    RUN(test_spec_trained);
     RUN(test_errors);
     return TEST_SUMMARY();
 }

@@ -471,6 +471,8 @@ DSMOE_API dsmoe_status dsmoe_model_spec_step(dsmoe_model_spec *s, float temperat
                                              dsmoe_rng *rng, int32_t *out, int32_t *n_out);
 /* The counts since the prefill (NULL for NULL). */
 DSMOE_API const dsmoe_model_spec_stats *dsmoe_model_spec_get_stats(const dsmoe_model_spec *s);
+/* The drafts d_1 .. d_n of the last step (n into *n; 0 before the first step). */
+DSMOE_API const int32_t *dsmoe_model_spec_drafts(const dsmoe_model_spec *s, int32_t *n);
 /* The main model's cache: positions 0 .. m − 1 (every produced token but the last). */
 DSMOE_API dsmoe_model_cache *dsmoe_model_spec_cache(dsmoe_model_spec *s);
 

@@ -33,6 +33,7 @@ struct dsmoe_model_spec {
     float *logits;              /* (N + 1, V) */
     float *scratch;             /* (2 V) sampling */
     dsmoe_model_spec_stats st;
+    int32_t drafts[DSMOE_MODEL_SPEC_MAX_DRAFT], n_drafts; /* the last step's */
 };
 
 void dsmoe_model_spec_free(dsmoe_model_spec *s) {
@@ -116,6 +117,7 @@ dsmoe_status dsmoe_model_spec_prefill(dsmoe_model_spec *s, const int32_t *prompt
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_model_spec_prefill: NULL argument");
     s->pos = -1;
     memset(&s->st, 0, sizeof s->st);
+    s->n_drafts = 0;
     dsmoe_model_cache_truncate(s->main, 0);
     for (int32_t k = 0; k < s->N; k++) dsmoe_model_cache_truncate(s->depth[k], 0);
     if (P < 1 || P > s->cap)
@@ -165,10 +167,11 @@ dsmoe_status dsmoe_model_spec_step(dsmoe_model_spec *s, float temperature, float
                                      k < s->N ? s->hid[k] + from * D : NULL, s->logits,
                                      DSMOE_MODEL_LOGITS_LAST);
         if (st != DSMOE_OK) return fail(s, st);
-        s->tok[m + k] = argmax(s->logits, s->V);
+        s->tok[m + k] = s->drafts[k - 1] = argmax(s->logits, s->V);
         const int64_t com = m - k + 1 > 0 ? m - k + 1 : 0;
         dsmoe_model_cache_truncate(dc, com);
     }
+    s->n_drafts = N;
     /* verify t_m, d_1 .. d_N in one forward, absorbed: each position's logits are the
      * bits of a one-token forward */
     st = dsmoe_model_forward_hidden(s->m, s->main, s->tok + m, N + 1, s->logits, s->hid[0] + m * D,
@@ -198,6 +201,11 @@ dsmoe_status dsmoe_model_spec_step(dsmoe_model_spec *s, float temperature, float
 
 const dsmoe_model_spec_stats *dsmoe_model_spec_get_stats(const dsmoe_model_spec *s) {
     return s ? &s->st : NULL;
+}
+
+const int32_t *dsmoe_model_spec_drafts(const dsmoe_model_spec *s, int32_t *n) {
+    if (n) *n = s ? s->n_drafts : 0;
+    return s ? s->drafts : NULL;
 }
 
 dsmoe_model_cache *dsmoe_model_spec_cache(dsmoe_model_spec *s) { return s ? s->main : NULL; }
