@@ -7,6 +7,10 @@
  *   for l < L:  h += MLA_l(RMSNorm(h));  h += FFN_l(RMSNorm(h))   dense SwiGLU or MoE
  *   logits = head(RMSNorm(h))                                    head = embed when tied
  *
+ * and, with dsmoe_model_options.mtp, the MTP depths (dsmoe_model_forward_mtp): depth k's
+ * block is layers[L + k − 1], run on eh_proj [enorm(embed_k(t)) ; hnorm(h^{k−1})] with a
+ * cache of its own (one layer), then shared_head.norm and shared_head.head.
+ *
  * MLA here writes each new token's normalised latent and rotated k_pe into the cache
  * (the only per-position state) and attends through attention.c, naive or absorbed.
  * Products with stored weights go through dsmoe__wlinear (kernels/wlinear.h): F32,
