@@ -340,7 +340,7 @@ done:
 static void test_spec_golden_greedy(void) {
     char dir[512];
     dir_of(dir, sizeof dir, "v3_yarn_q"); /* one depth, 64 positions */
-    dsmoe_model *m = open_mtp(dir, 2, 0, 1);
+    dsmoe_model *m = open_mtp(dir, 1, 0, 1);
     if (m) {
         check_spec(m, 1, 1, 40, 0.0f, 1, NULL);
         check_spec(m, 1, 9, 50, 0.0f, 2, NULL);
@@ -349,7 +349,7 @@ static void test_spec_golden_greedy(void) {
     }
     dsmoe_model_free(m);
     dir_of(dir, sizeof dir, "v3_mtp2"); /* two depths, 256 positions */
-    m = open_mtp(dir, 2, 0, 1);
+    m = open_mtp(dir, 1, 0, 1);
     if (m) {
         check_spec(m, 1, 3, 80, 0.0f, 5, NULL);
         check_spec(m, 2, 70, 90, 0.0f, 6, NULL); /* a prompt past 64 positions */
@@ -365,7 +365,7 @@ static void test_spec_golden_greedy(void) {
 static void test_spec_golden_sampled(void) {
     char dir[512];
     dir_of(dir, sizeof dir, "v3_mtp2");
-    dsmoe_model *m = open_mtp(dir, 2, 0, 1);
+    dsmoe_model *m = open_mtp(dir, 1, 0, 1);
     if (m) {
         check_spec(m, 1, 5, 60, 0.8f, 11, NULL);
         check_spec(m, 2, 66, 40, 1.0f, 12, NULL);
@@ -378,7 +378,7 @@ static void test_spec_golden_sampled(void) {
 static void test_spec_threads(void) {
     char dir[512];
     dir_of(dir, sizeof dir, "v3_mtp2");
-    dsmoe_model *m1 = open_mtp(dir, 1, 0, 1), *m2 = open_mtp(dir, 2, 7, 1);
+    dsmoe_model *m1 = open_mtp(dir, 1, 0, 1), *m2 = open_mtp(dir, 2, 0, 1);
     if (m1 && m2) {
         int32_t prompt[20], a[120], b[120];
         make_prompt(prompt, 20, dsmoe_model_get_config(m1)->vocab_size, 21);
@@ -445,7 +445,7 @@ static const char *random_mtp_model(char *dir, size_t cap) {
 static void test_spec_random_mtp(void) {
     char dir[512];
     if (!random_mtp_model(dir, sizeof dir)) return;
-    dsmoe_model *m = open_mtp(dir, 2, 0, 1);
+    dsmoe_model *m = open_mtp(dir, 1, 0, 1);
     if (m) {
         ASSERT_EQ_INT(dsmoe_model_mtp_depths(m), 2);
         dsmoe_model_spec_stats st;
@@ -478,7 +478,7 @@ static const char *trained_model(char *dir, size_t cap, double *train_mtp, int32
     dsmoe_train_model_options_default(&o);
     o.batch = 4;
     o.seq_len = (int32_t)T;
-    o.n_threads = 2;
+    o.n_threads = 1;
     dsmoe_train_model *tm = NULL;
     ASSERT_OK(dsmoe_train_model_create(&cfg, &o, &tm));
     if (!tm) return NULL;
@@ -502,9 +502,9 @@ static const char *trained_model(char *dir, size_t cap, double *train_mtp, int32
         }
         ASSERT_OK(dsmoe_train_model_loss(tm, batch, &loss, 0));
         ASSERT_OK(dsmoe_train_model_backward(tm));
-        const float cf = dsmoe_adamw_clip_factor(&ac, sqrt(dsmoe_sum_squares(g, (int64_t)np, 2)));
+        const float cf = dsmoe_adamw_clip_factor(&ac, sqrt(dsmoe_sum_squares(g, (int64_t)np, 1)));
         dsmoe_adamw_update(&ac, p, mom, var, g, (int64_t)np, step, dsmoe_adamw_lr(&ac, step), 0.0,
-                           cf, 2);
+                           cf, 1);
     }
     fprintf(stderr, "trained tiny model: ce %.4f, mtp %.4f after %lld steps\n", loss.ce, loss.mtp,
             (long long)ac.total_steps);
@@ -555,7 +555,7 @@ static void test_spec_trained(void) {
     for (int t = 0; t < 8; t++) prompt[t] = cycle[(t + 4) % CYCLE];
     double train_mtp = 0;
     if (!trained_model(dir, sizeof dir, &train_mtp, seq, T)) return;
-    dsmoe_model *m = open_mtp(dir, 2, 0, 1);
+    dsmoe_model *m = open_mtp(dir, 1, 0, 1);
     if (!m) return;
     ASSERT_EQ_INT(dsmoe_model_mtp_depths(m), 2);
     /* inference's depths give training's MTP loss: the same math */
