@@ -4,6 +4,8 @@
  *                     (models with dsmoe's byte vocabulary);
  *   `dsmoe generate`  a prompt prefilled in one forward, then decoding token by token
  *                     with dsmoe_sample, streamed as text (byte vocabularies) or ids.
+ *                     (--mtp: speculative decoding with the MTP layers, dsmoe_model_spec,
+ *                     against plain decoding in the same run).
  * Public API only: dsmoe_model_open, the cache, dsmoe_model_forward, dsmoe_sample. */
 #include "cli.h"
 
@@ -181,7 +183,7 @@ int cmd_info(int argc, char **argv) {
            grouped(cb, a, sizeof a), (int)c.kv_lora_rank, (int)c.qk_rope_head_dim,
            grouped(mb, b, sizeof b), (double)mb / (double)cb);
     const int32_t depths = dsmoe_model_files_mtp_depths(mf);
-    printf("MTP depths       %d stored of %d configured (not used by eval or generate)\n",
+    printf("MTP depths       %d stored of %d configured (used by generate --mtp only)\n",
            (int)depths, (int)c.num_nextn_predict_layers);
 
     /* The files: per shard, tensors by dtype and bytes (F8 block scales included). */
@@ -505,13 +507,215 @@ static const char *const generate_usage =
     "  --top-p P            keep the smallest set of most likely tokens whose probability\n"
     "                       reaches P, in (0, 1] (default 0.95; 1 keeps every token)\n"
     "  --seed S             seed of the sampling (default 0): the same seed, the same text\n"
+    "  --mtp                speculative decoding with the model's MTP layers: each step\n"
+    "                       drafts the next tokens with the MTP depths and verifies them\n"
+    "                       with the main model in one forward; a draft is kept while it\n"
+    "                       equals the main model's own (sampled or greedy) token, so the\n"
+    "                       text is exactly plain decoding's with the same seed. The same\n"
+    "                       generation also runs plain; both are timed (the text is printed\n"
+    "                       after them) and stderr shows the acceptance rate per depth and\n"
+    "                       overall, tokens per verify pass, both tokens/s, the speed-up,\n"
+    "                       and whether the outputs agree\n"
+    "  --draft N            drafts per step with --mtp, 1..7 (default: the MTP depths\n"
+    "                       stored; depths past them reuse the last one)\n"
     "  --threads N          threads (default: all; results identical for any N)\n"
     "  --help               this text\n";
 
+/* One generation's tokens and timings. */
+typedef struct gen_run {
+    int32_t *out;      /* the tokens produced (room for max_tokens + draft) */
+    int64_t produced;  /* tokens produced */
+    int64_t steps;     /* forwards after the prompt's (plain) or verify passes (--mtp) */
+    double t_prefill, t_decode;
+    int stop_eos, stop_full, last_nl;
+} gen_run;
+
+/* Prints one produced token as generate streams it (bytes, or ids on one line). */
+static void emit(const dsmoe_model_config *c, int32_t next, gen_run *r) {
+    if (c->byte_vocab) {
+        if (next < 256) {
+            fputc(next, stdout);
+            r->last_nl = next == '\n';
+        }
+    } else {
+        printf("%s%d", r->produced > 1 ? " " : "", (int)next);
+    }
+    fflush(stdout);
+}
+
+/* Takes `next` as produced token; 1 when generation ends with it (EOS or max_tokens). */
+static int take(const dsmoe_model_config *c, int32_t next, int64_t max_tokens, int print, gen_run *r) {
+    r->out[r->produced++] = next;
+    if (print) emit(c, next, r);
+    if (next == c->eos_token_id) {
+        r->stop_eos = 1;
+        return 1;
+    }
+    return r->produced >= max_tokens;
+}
+
+/* Plain decoding: the prompt in one forward, then one forward per token. */
+static int run_plain(const char *cmd, const char *dir, dsmoe_model *m, const int32_t *tok, int64_t P,
+                     int64_t max_tokens, double temperature, double top_p, uint64_t seed, int print,
+                     gen_run *r, dsmoe_model_cache **cache_out) {
+    const dsmoe_model_config *c = dsmoe_model_get_config(m);
+    const int32_t V = c->vocab_size;
+    /* Positions: the prompt and every generated token but the last, which is never fed. */
+    int64_t capacity = P + max_tokens - 1;
+    if (capacity > c->max_position_embeddings) capacity = c->max_position_embeddings;
+    float *logits = (float *)malloc((size_t)V * sizeof(float));
+    float *scratch = (float *)malloc((size_t)V * 2 * sizeof(float));
+    dsmoe_model_cache *cache = NULL;
+    int rc = CLI_RUNTIME;
+    if (!logits || !scratch) {
+        cli_fail(CLI_RUNTIME, cmd, "out of memory");
+        goto done;
+    }
+    if (dsmoe_model_cache_create(m, capacity, &cache) != DSMOE_OK) {
+        cli_fail_file(CLI_RUNTIME, cmd, dir);
+        goto done;
+    }
+    dsmoe_rng rng;
+    dsmoe_rng_seed(&rng, seed);
+    const double t0 = now_s();
+    dsmoe_status st = dsmoe_model_forward(m, cache, tok, P, logits, DSMOE_MODEL_LOGITS_LAST);
+    r->t_prefill = now_s() - t0;
+    if (st != DSMOE_OK) {
+        cli_fail_status(cmd, "prompt forward", st);
+        goto done;
+    }
+    const double t1 = now_s();
+    for (;;) {
+        int32_t next = dsmoe_sample(logits, V, (float)temperature, (float)top_p, &rng, scratch);
+        if (next < 0) {
+            cli_fail(CLI_RUNTIME, cmd, "sampling token %lld: %s", (long long)r->produced,
+                     dsmoe_last_error());
+            goto done;
+        }
+        if (take(c, next, max_tokens, print, r)) break;
+        if (dsmoe_model_cache_length(cache) >= capacity) {
+            r->stop_full = 1;
+            break;
+        }
+        st = dsmoe_model_forward(m, cache, &next, 1, logits, DSMOE_MODEL_LOGITS_LAST);
+        if (st != DSMOE_OK) {
+            cli_fail_status(cmd, "decode forward", st);
+            goto done;
+        }
+        r->steps++;
+    }
+    r->t_decode = now_s() - t1;
+    rc = CLI_OK;
+done:
+    if (rc == CLI_OK && cache_out) *cache_out = cache;
+    else dsmoe_model_cache_free(cache);
+    free(logits);
+    free(scratch);
+    return rc;
+}
+
+/* Speculative decoding with N drafts per verify pass; the statistics into *stats. */
+static int run_spec(const char *cmd, dsmoe_model *m, int32_t N, const int32_t *tok, int64_t P,
+                    int64_t max_tokens, double temperature, double top_p, uint64_t seed, int print,
+                    gen_run *r, dsmoe_model_spec_stats *stats) {
+    const dsmoe_model_config *c = dsmoe_model_get_config(m);
+    const int64_t maxpos = c->max_position_embeddings;
+    /* the verify pass of the last tokens may reach N positions past plain decoding's */
+    int64_t capacity = P + max_tokens - 1 + N;
+    if (capacity > maxpos) capacity = maxpos;
+    dsmoe_model_spec *s = NULL;
+    int32_t step_out[DSMOE_MODEL_SPEC_MAX_DRAFT + 1];
+    if (dsmoe_model_spec_create(m, N, capacity, &s) != DSMOE_OK)
+        return cli_fail(CLI_RUNTIME, cmd, "%s", dsmoe_last_error());
+    dsmoe_rng rng;
+    dsmoe_rng_seed(&rng, seed);
+    int rc = CLI_RUNTIME;
+    int32_t first = -1;
+    const double t0 = now_s();
+    dsmoe_status st = dsmoe_model_spec_prefill(s, tok, P, (float)temperature, (float)top_p, &rng, &first);
+    r->t_prefill = now_s() - t0;
+    if (st != DSMOE_OK) {
+        cli_fail_status(cmd, "prompt forward", st);
+        goto done;
+    }
+    const double t1 = now_s();
+    int end = take(c, first, max_tokens, print, r);
+    while (!end) {
+        /* positions used: the prompt and every produced token but the last */
+        if (P + r->produced - 1 >= maxpos) {
+            r->stop_full = 1;
+            break;
+        }
+        int32_t n = 0;
+        st = dsmoe_model_spec_step(s, (float)temperature, (float)top_p, &rng, step_out, &n);
+        if (st != DSMOE_OK) {
+            cli_fail_status(cmd, "speculative step", st);
+            goto done;
+        }
+        r->steps++;
+        for (int32_t i = 0; i < n && !end; i++) end = take(c, step_out[i], max_tokens, print, r);
+    }
+    r->t_decode = now_s() - t1;
+    *stats = *dsmoe_model_spec_get_stats(s);
+    rc = CLI_OK;
+done:
+    dsmoe_model_spec_free(s);
+    return rc;
+}
+
+static const char *stop_reason(const gen_run *r) {
+    return r->stop_eos    ? "; stopped at EOS"
+           : r->stop_full ? "; stopped: max_position_embeddings positions used"
+                          : "";
+}
+
+/* The --mtp report on stderr; CLI_RUNTIME when the outputs differ (a bug). */
+static int spec_report(const dsmoe_model *m, int32_t N, int64_t P, const gen_run *sp,
+                       const gen_run *pl, const dsmoe_model_spec_stats *st) {
+    fprintf(stderr, "dsmoe generate --mtp: prompt %lld tokens in %.3f s; %lld generated%s\n",
+            (long long)P, sp->t_prefill, (long long)sp->produced, stop_reason(sp));
+    int64_t dr = 0, ac = 0;
+    fprintf(stderr, "dsmoe generate --mtp: %d drafts per verify pass (%d MTP depths stored); "
+            "acceptance:", (int)N, (int)dsmoe_model_mtp_depths(m));
+    for (int32_t k = 0; k < N; k++) {
+        dr += st->drafted[k];
+        ac += st->accepted[k];
+        fprintf(stderr, " depth %d %.1f%% (%lld/%lld)%s", (int)k + 1,
+                st->drafted[k] ? 100.0 * (double)st->accepted[k] / (double)st->drafted[k] : 0.0,
+                (long long)st->accepted[k], (long long)st->drafted[k], k + 1 < N ? "," : "");
+    }
+    fprintf(stderr, "; overall %.1f%% (%lld/%lld)\n", dr ? 100.0 * (double)ac / (double)dr : 0.0,
+            (long long)ac, (long long)dr);
+    /* the decode phase: every token after the prompt's forward */
+    const int64_t ns = sp->produced - 1, np = pl->produced - 1;
+    const double rs = sp->t_decode > 0 ? (double)ns / sp->t_decode : 0.0,
+                 rp = pl->t_decode > 0 ? (double)np / pl->t_decode : 0.0;
+    fprintf(stderr, "dsmoe generate --mtp: %lld verify passes, %.2f tokens per pass; decoding "
+            "%lld tokens in %.3f s (%.1f tokens/s)\n", (long long)sp->steps,
+            sp->steps ? (double)st->produced / (double)sp->steps : 0.0, (long long)ns,
+            sp->t_decode, rs);
+    fprintf(stderr, "dsmoe generate --mtp: plain decoding, same prompt and seed: %lld tokens in "
+            "%.3f s (%.1f tokens/s); speed-up %.2fx\n", (long long)np, pl->t_decode, rp,
+            rp > 0 ? rs / rp : 0.0);
+    int64_t diff = -1;
+    for (int64_t i = 0; i < sp->produced && i < pl->produced && diff < 0; i++)
+        if (sp->out[i] != pl->out[i]) diff = i;
+    if (diff < 0 && sp->produced != pl->produced)
+        diff = sp->produced < pl->produced ? sp->produced : pl->produced;
+    if (diff < 0) {
+        fprintf(stderr, "dsmoe generate --mtp: outputs identical (%lld tokens)\n",
+                (long long)sp->produced);
+        return CLI_OK;
+    }
+    return cli_fail(CLI_RUNTIME, "generate", "--mtp: the output differs from plain decoding at "
+                    "token %lld (a bug: please report it)", (long long)diff);
+}
+
 int cmd_generate(int argc, char **argv) {
     const char *cmd = "generate", *dir = NULL, *prompt = NULL, *prompt_path = NULL;
-    long long threads = 0, max_tokens = 128, seed = 0;
+    long long threads = 0, max_tokens = 128, seed = 0, draft = 0;
     double temperature = 0.8, top_p = 0.95;
+    int mtp = 0;
     if (is_help(argc, argv)) {
         fputs(generate_usage, stdout);
         return CLI_OK;
@@ -537,6 +741,12 @@ int cmd_generate(int argc, char **argv) {
         } else if (cli_opt(argc, argv, &i, "--threads", &v, &missing)) {
             if (!missing && !cli_parse_int(v, 1, 1024, &threads))
                 return cli_fail(CLI_USAGE, cmd, "--threads expects 1..1024, got '%s'", v);
+        } else if (strcmp(argv[i], "--mtp") == 0) {
+            mtp = 1;
+        } else if (cli_opt(argc, argv, &i, "--draft", &v, &missing)) {
+            if (!missing && !cli_parse_int(v, 1, DSMOE_MODEL_SPEC_MAX_DRAFT, &draft))
+                return cli_fail(CLI_USAGE, cmd, "--draft expects a number of drafts per step in "
+                                "1..%d, got '%s'", DSMOE_MODEL_SPEC_MAX_DRAFT, v);
         } else {
             return cli_fail(CLI_USAGE, cmd, "unknown option '%s' (see dsmoe generate --help)", argv[i]);
         }
@@ -545,6 +755,7 @@ int cmd_generate(int argc, char **argv) {
     if (!dir) return cli_fail(CLI_USAGE, cmd, "--model DIR is required");
     if (!prompt == !prompt_path)
         return cli_fail(CLI_USAGE, cmd, "give one prompt: --prompt TEXT or --prompt-tokens T.npy");
+    if (draft && !mtp) return cli_fail(CLI_USAGE, cmd, "--draft needs --mtp");
 
     dsmoe_array ids = {0};
     if (prompt_path) {
@@ -555,19 +766,37 @@ int cmd_generate(int argc, char **argv) {
             return cli_fail(CLI_RUNTIME, cmd, "%s: an empty prompt", prompt_path);
         }
     }
-    dsmoe_model *m = open_model(cmd, dir, threads);
-    if (!m) {
-        dsmoe_array_free(&ids);
-        return CLI_RUNTIME;
+    dsmoe_model *m = NULL;
+    {
+        dsmoe_model_options o;
+        dsmoe_model_options_default(&o);
+        o.n_threads = (int32_t)threads;
+        o.mtp = mtp;
+        if (dsmoe_model_open(dir, &o, &m) != DSMOE_OK) {
+            dsmoe_array_free(&ids);
+            return cli_fail_file(CLI_RUNTIME, cmd, dir);
+        }
     }
     const dsmoe_model_config *c = dsmoe_model_get_config(m);
     const int32_t V = c->vocab_size;
     const int64_t maxpos = c->max_position_embeddings;
     int32_t *tok = NULL;
-    float *logits = NULL, *scratch = NULL;
     dsmoe_model_cache *cache = NULL;
+    gen_run sp, pl;
+    memset(&sp, 0, sizeof sp);
+    memset(&pl, 0, sizeof pl);
+    sp.last_nl = pl.last_nl = 1;
     int64_t P = 0;
     int rc = CLI_RUNTIME;
+    if (mtp && dsmoe_model_mtp_depths(m) == 0) {
+        rc = cli_fail(CLI_USAGE, cmd, "--mtp needs a model with MTP layers; %s has none "
+                      "(num_nextn_predict_layers %d, %d stored)", dir,
+                      (int)c->num_nextn_predict_layers,
+                      (int)dsmoe_model_files_mtp_depths(dsmoe_model_get_files(m)));
+        goto done;
+    }
+    if (mtp && !draft) draft = dsmoe_model_mtp_depths(m);
+    if (draft > DSMOE_MODEL_SPEC_MAX_DRAFT) draft = DSMOE_MODEL_SPEC_MAX_DRAFT;
     if (prompt && !c->byte_vocab) {
         rc = cli_fail(CLI_USAGE, cmd, "--prompt %s; %s has a vocabulary of %d token ids without it "
                       "(give --prompt-tokens T.npy instead)", byte_vocab_hint, dir, (int)V);
@@ -583,10 +812,12 @@ int cmd_generate(int argc, char **argv) {
                       "max_position_embeddings (%lld)", (long long)P, (long long)maxpos);
         goto done;
     }
+    /* tokens produced: at most max_tokens, and at most maxpos − P + 1 */
+    const int64_t most = (max_tokens < maxpos - P + 1 ? max_tokens : maxpos - P + 1) + draft + 1;
     tok = (int32_t *)malloc((size_t)P * sizeof *tok);
-    logits = (float *)malloc((size_t)V * sizeof *logits);
-    scratch = (float *)malloc((size_t)V * 2 * sizeof *scratch);
-    if (!tok || !logits || !scratch) {
+    sp.out = (int32_t *)malloc((size_t)most * sizeof(int32_t));
+    pl.out = (int32_t *)malloc((size_t)most * sizeof(int32_t));
+    if (!tok || !sp.out || !pl.out) {
         cli_fail(CLI_RUNTIME, cmd, "out of memory");
         goto done;
     }
@@ -603,60 +834,27 @@ int cmd_generate(int argc, char **argv) {
                 goto done;
             }
     }
-    /* Positions: the prompt and every generated token but the last, which is never fed. */
-    int64_t capacity = P + max_tokens - 1;
-    if (capacity > maxpos) capacity = maxpos;
-    if (dsmoe_model_cache_create(m, capacity, &cache) != DSMOE_OK) {
-        cli_fail_file(CLI_RUNTIME, cmd, dir);
-        goto done;
-    }
-    dsmoe_rng rng;
-    dsmoe_rng_seed(&rng, (uint64_t)seed);
-    const double t0 = now_s();
-    dsmoe_status st = dsmoe_model_forward(m, cache, tok, P, logits, DSMOE_MODEL_LOGITS_LAST);
-    const double t_prefill = now_s() - t0;
-    if (st != DSMOE_OK) {
-        cli_fail_status(cmd, "prompt forward", st);
-        goto done;
-    }
-    int64_t produced = 0, decoded = 0;
-    int last_nl = 1, stop_eos = 0, stop_full = 0;
-    const double t1 = now_s();
-    for (;;) {
-        int32_t next = dsmoe_sample(logits, V, (float)temperature, (float)top_p, &rng, scratch);
-        if (next < 0) {
-            cli_fail(CLI_RUNTIME, cmd, "sampling token %lld: %s", (long long)produced,
-                     dsmoe_last_error());
+    if (mtp) {
+        dsmoe_model_spec_stats st;
+        memset(&st, 0, sizeof st);
+        /* both timed without printing (plain first), then the text */
+        if (run_plain(cmd, dir, m, tok, P, max_tokens, temperature, top_p, (uint64_t)seed, 0, &pl,
+                      NULL) != CLI_OK ||
+            run_spec(cmd, m, (int32_t)draft, tok, P, max_tokens, temperature, top_p,
+                     (uint64_t)seed, 0, &sp, &st) != CLI_OK)
             goto done;
-        }
-        produced++;
-        if (c->byte_vocab) {
-            if (next < 256) {
-                fputc(next, stdout);
-                last_nl = next == '\n';
-            }
-        } else {
-            printf("%s%d", produced > 1 ? " " : "", (int)next);
-        }
+        const int64_t n = sp.produced;
+        for (sp.produced = 1; sp.produced <= n; sp.produced++) emit(c, sp.out[sp.produced - 1], &sp);
+        sp.produced = n;
+        if (!c->byte_vocab || (!sp.last_nl && isatty(1))) printf("\n");
         fflush(stdout);
-        if (next == c->eos_token_id) {
-            stop_eos = 1;
-            break;
-        }
-        if (produced >= max_tokens) break;
-        if (dsmoe_model_cache_length(cache) >= capacity) {
-            stop_full = 1;
-            break;
-        }
-        st = dsmoe_model_forward(m, cache, &next, 1, logits, DSMOE_MODEL_LOGITS_LAST);
-        if (st != DSMOE_OK) {
-            cli_fail_status(cmd, "decode forward", st);
-            goto done;
-        }
-        decoded++;
+        rc = spec_report(m, (int32_t)draft, P, &sp, &pl, &st);
+        goto done;
     }
-    const double t_decode = now_s() - t1;
-    if (!c->byte_vocab || (!last_nl && isatty(1))) printf("\n");
+    if (run_plain(cmd, dir, m, tok, P, max_tokens, temperature, top_p, (uint64_t)seed, 1, &pl,
+                  &cache) != CLI_OK)
+        goto done;
+    if (!c->byte_vocab || (!pl.last_nl && isatty(1))) printf("\n");
     fflush(stdout);
     char a[48], b[48];
     const int64_t pos = dsmoe_model_cache_length(cache);
@@ -664,11 +862,9 @@ int cmd_generate(int argc, char **argv) {
     fprintf(stderr,
             "dsmoe generate: prompt %lld tokens in %.3f s (%.1f tokens/s); %lld generated, %lld "
             "decode steps in %.3f s (%.1f tokens/s)%s\n",
-            (long long)P, t_prefill, t_prefill > 0 ? (double)P / t_prefill : 0.0,
-            (long long)produced, (long long)decoded, t_decode,
-            t_decode > 0 ? (double)decoded / t_decode : 0.0,
-            stop_eos ? "; stopped at EOS"
-                     : stop_full ? "; stopped: max_position_embeddings positions used" : "");
+            (long long)P, pl.t_prefill, pl.t_prefill > 0 ? (double)P / pl.t_prefill : 0.0,
+            (long long)pl.produced, (long long)pl.steps, pl.t_decode,
+            pl.t_decode > 0 ? (double)pl.steps / pl.t_decode : 0.0, stop_reason(&pl));
     fprintf(stderr,
             "dsmoe generate: cache %lld positions x %lld bytes = %s bytes (a plain multi-head "
             "cache: %s bytes, %.1fx more)\n",
@@ -680,7 +876,7 @@ done:
     dsmoe_model_free(m);
     dsmoe_array_free(&ids);
     free(tok);
-    free(logits);
-    free(scratch);
+    free(sp.out);
+    free(pl.out);
     return rc;
 }

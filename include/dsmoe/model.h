@@ -261,7 +261,8 @@ DSMOE_API float dsmoe_fp8_e4m3_to_f32(uint8_t b);
  * widened to fp32 as the products stream it (dsmoe_model_options.widen_f32 widens all
  * of them once at open instead). MoE layers whose matrices are all BF16 or all F32 are
  * dsmoe_moe layers (a copy in that dtype); others (F8_E4M3 or F16 experts) run from the
- * stored weights. Stored MTP depths are checked and not used here.
+ * stored weights. Stored MTP depths are checked, and loaded only with
+ * dsmoe_model_options.mtp (for dsmoe_model_forward_mtp and speculative decoding, below).
  *
  * Tokens go through dsmoe_model_forward() with a cache (dsmoe_model_cache): the call
  * appends T tokens at the cache's next positions; they attend causally to the cached
@@ -287,9 +288,11 @@ typedef struct dsmoe_model_options {
     int32_t n_threads;  /* <= 0: dsmoe_default_threads() */
     int32_t max_tokens; /* tokens per internal chunk (scratch is sized for it); <= 0: 256 */
     int32_t widen_f32;  /* 1: widen every weight to fp32 once at open */
+    int32_t mtp;        /* 1: also load the stored MTP depths (dsmoe_model_mtp_depths);
+                           0: leave them unread (they cost memory and open time) */
 } dsmoe_model_options;
 
-/* n_threads 0, max_tokens 256, widen_f32 0. */
+/* n_threads 0, max_tokens 256, widen_f32 0, mtp 0. */
 DSMOE_API void dsmoe_model_options_default(dsmoe_model_options *opts);
 
 /* Opens the model directory dir (config.json and the weights, checked as
@@ -348,6 +351,130 @@ DSMOE_API int64_t dsmoe_model_mha_cache_bytes_per_token(const dsmoe_model_config
 DSMOE_API dsmoe_status dsmoe_model_forward(dsmoe_model *m, dsmoe_model_cache *cache,
                                            const int32_t *tokens, int64_t T, float *logits,
                                            unsigned flags);
+/* dsmoe_model_forward that also writes the final-norm hidden states it computed:
+ * hidden (T, hidden_size) = RMSNorm_final(h) of every token, the input of the head and of
+ * MTP depth 1 (NULL: none, exactly dsmoe_model_forward). A token's logits and hidden
+ * state are the same bits with or without hidden. Errors as dsmoe_model_forward; on
+ * NON_FINITE the hidden rows of chunks before the failing one may have been written. */
+DSMOE_API dsmoe_status dsmoe_model_forward_hidden(dsmoe_model *m, dsmoe_model_cache *cache,
+                                                  const int32_t *tokens, int64_t T,
+                                                  float *logits, float *hidden, unsigned flags);
+
+/* ---------------------------------------------------- multi-token prediction -- */
+/* The MTP depths (DeepSeek-V3 §2.2), with the math the training model uses
+ * (include/dsmoe/train.h): depth k = 1 .. Dm is layer L + k − 1 of the files and, at
+ * position i,
+ *   h'_i = eh_proj [enorm(embed_k(t_{i+k})) ; hnorm(h^{k−1}_i)]    (embedding first)
+ *   h^k_i = block_{L+k−1}(h')_i        (MLA over depth k's own cache, then FFN / MoE)
+ *   logits^k_i = head_k(shared_head.norm(h^k_i))          predicting token t_{i+k+1}
+ * with h^0 the main model's final-norm output (dsmoe_model_forward_hidden) and embed_k,
+ * head_k the depth's stored embed_tokens and shared_head.head (copies of the main
+ * model's in DeepSeek-V3 and in dsmoe's checkpoints). The block's rotary positions are
+ * the main model's: depth k's cache position i holds position i's latent. */
+
+/* MTP depths loaded (dsmoe_model_options.mtp): dsmoe_model_files_mtp_depths of the
+ * files, or 0 without the option (or for NULL). */
+DSMOE_API int32_t dsmoe_model_mtp_depths(const dsmoe_model *m);
+
+/* A cache of MTP depth `depth` (1 .. dsmoe_model_mtp_depths(m)): one layer's latents
+ * and rope keys for `capacity` positions (and attention scratch, as
+ * dsmoe_model_cache_create). Length, capacity and truncate as for the main model's
+ * cache; dsmoe_model_forward refuses it and dsmoe_model_forward_mtp refuses a main
+ * cache. Errors: INVALID_ARGUMENT (naming a depth the model has not loaded),
+ * OUT_OF_MEMORY. */
+DSMOE_API dsmoe_status dsmoe_model_mtp_cache_create(const dsmoe_model *m, int32_t depth,
+                                                    int64_t capacity, dsmoe_model_cache **out);
+/* The MTP depth of a cache (0 for a main model's cache or NULL). */
+DSMOE_API int32_t dsmoe_model_cache_mtp_depth(const dsmoe_model_cache *cache);
+
+/* Runs the cache's MTP depth k at positions len .. len + T − 1 (len: the cache's length)
+ * and appends them to the cache:
+ *   hidden     (T, hidden_size) h^{k−1} at those positions: for k = 1 the main model's
+ *              final-norm output there, else depth k − 1's hidden_out;
+ *   tokens     (T) t_{i+k}: the token k positions after each position i;
+ *   hidden_out (T, hidden_size) h^k, the block's output before shared_head.norm (the
+ *              next depth's input), or NULL;
+ *   logits     (T, vocab_size), or (vocab_size) with DSMOE_MODEL_LOGITS_LAST, or NULL:
+ *              depth k's logits for t_{i+k+1}.
+ * flags as dsmoe_model_forward's. Allocates nothing; the same bits for any n_threads.
+ * Errors, with the cache unchanged: INVALID_ARGUMENT (NULL, a main model's cache or
+ * another model's, T < 1, flags, a token outside [0, vocab_size) or a non-finite hidden
+ * value, naming its index), WORKSPACE_TOO_SMALL (capacity), NON_FINITE (naming the
+ * depth). */
+DSMOE_API dsmoe_status dsmoe_model_forward_mtp(dsmoe_model *m, dsmoe_model_cache *cache,
+                                               const float *hidden, const int32_t *tokens,
+                                               int64_t T, float *hidden_out, float *logits,
+                                               unsigned flags);
+
+/* ------------------------------------------------------ speculative decoding -- */
+/* Decoding with drafts from the MTP depths, verified by the main model, as DeepSeek-V3
+ * serves it. The last produced token t_m is not yet in the main cache (which holds
+ * positions 0 .. m − 1). Each step:
+ *   1. draft: depth k = 1 .. N runs at the positions it has not committed, ending at
+ *      m − 1, and its last position's largest logit is the draft d_k of t_{m+k}
+ *      (a depth k above the model's Dm reuses depth Dm's weights, with a cache of its
+ *      own, as vLLM does);
+ *   2. verify: ONE main forward of [t_m, d_1 .. d_N] (absorbed attention): logits and
+ *      final-norm hidden states of positions m .. m + N;
+ *   3. accept: for j = 0, 1, ..: s_j = dsmoe_sample(logits of position m + j) with the
+ *      caller's temperature, top_p and rng; while j < N and s_j == d_{j+1} the draft is
+ *      accepted and j advances; the first s_j that differs (or s_N) ends the step. The
+ *      step produces s_0 .. s_a (a accepted drafts, then the main model's own token)
+ *      and truncates the main cache to m + a + 1 positions.
+ * Every produced token is the main model's draw from its own distribution, one rng draw
+ * per produced token as in plain decoding (one forward per token), and the verify pass
+ * gives each position the same logit bits as plain decoding (absorbed attention, and
+ * products whose per-token bits do not depend on the other tokens for up to
+ * DSMOE_MODEL_SPEC_MAX_DRAFT + 1 tokens): the produced tokens are exactly those of plain
+ * decoding with the same rng, greedy or sampled; the drafts change only the speed. (This
+ * is the rule "accept when the sampled token equals the draft", not speculative
+ * sampling's min(1, p/q): simpler, exact, and with greedy drafts it accepts a draft with
+ * the main model's probability of it.)
+ * The depth caches keep only the positions whose inputs are all produced tokens; the
+ * positions that used drafts are recomputed at the next step. Memory: the main cache, N
+ * depth caches and N arrays of capacity × hidden_size floats (the hidden states that
+ * feed the depths), all allocated at create; steps allocate nothing. */
+#define DSMOE_MODEL_SPEC_MAX_DRAFT 7
+
+typedef struct dsmoe_model_spec dsmoe_model_spec;
+
+typedef struct dsmoe_model_spec_stats {
+    int64_t passes;   /* verify passes (steps) */
+    int64_t produced; /* tokens the steps produced (not the prefill's first) */
+    int64_t drafted[DSMOE_MODEL_SPEC_MAX_DRAFT];  /* drafts d_k offered (index k − 1) */
+    int64_t accepted[DSMOE_MODEL_SPEC_MAX_DRAFT]; /* drafts d_k accepted (so were d_1 ..
+                                                     d_{k−1}) */
+} dsmoe_model_spec_stats;
+
+/* A decoder of n_draft drafts per step (1 .. DSMOE_MODEL_SPEC_MAX_DRAFT) for sequences
+ * of up to `capacity` positions (1 .. max_position_embeddings) on model m, which must
+ * have MTP depths loaded; m must outlive it. Errors: INVALID_ARGUMENT (NULL, n_draft or
+ * capacity out of range, or "the model has no MTP depths loaded"), OUT_OF_MEMORY. */
+DSMOE_API dsmoe_status dsmoe_model_spec_create(dsmoe_model *m, int32_t n_draft, int64_t capacity,
+                                               dsmoe_model_spec **out);
+/* NULL is a no-op. */
+DSMOE_API void dsmoe_model_spec_free(dsmoe_model_spec *s);
+/* Starts a sequence (forgetting any earlier one): the prompt (P >= 1 tokens) in one
+ * main forward (DSMOE_MODEL_ATTN_AUTO and the last logits, as plain decoding prefills
+ * it), then *first = dsmoe_sample of its logits. The statistics restart. Errors: NULL
+ * arguments, those of dsmoe_model_forward and dsmoe_sample (the decoder then holds no
+ * sequence). */
+DSMOE_API dsmoe_status dsmoe_model_spec_prefill(dsmoe_model_spec *s, const int32_t *prompt,
+                                                int64_t P, float temperature, float top_p,
+                                                dsmoe_rng *rng, int32_t *first);
+/* One step: writes the 1 .. n_draft + 1 produced tokens to out (room for n_draft + 1)
+ * and their count to *n_out. Near the capacity it drafts fewer tokens (none when one
+ * position is left); with none left it is WORKSPACE_TOO_SMALL. Errors: INVALID_ARGUMENT
+ * (NULL, no sequence), those of the forwards and of dsmoe_sample (the decoder then holds
+ * no sequence). */
+DSMOE_API dsmoe_status dsmoe_model_spec_step(dsmoe_model_spec *s, float temperature, float top_p,
+                                             dsmoe_rng *rng, int32_t *out, int32_t *n_out);
+/* The counts since the prefill (NULL for NULL). */
+DSMOE_API const dsmoe_model_spec_stats *dsmoe_model_spec_get_stats(const dsmoe_model_spec *s);
+/* The drafts d_1 .. d_n of the last step (n into *n; 0 before the first step). */
+DSMOE_API const int32_t *dsmoe_model_spec_drafts(const dsmoe_model_spec *s, int32_t *n);
+/* The main model's cache: positions 0 .. m − 1 (every produced token but the last). */
+DSMOE_API dsmoe_model_cache *dsmoe_model_spec_cache(dsmoe_model_spec *s);
 
 /* Parameter counts of a configuration's main model (dsmoe info). */
 typedef struct dsmoe_model_counts {

@@ -7,6 +7,10 @@
  *   for l < L:  h += MLA_l(RMSNorm(h));  h += FFN_l(RMSNorm(h))   dense SwiGLU or MoE
  *   logits = head(RMSNorm(h))                                    head = embed when tied
  *
+ * and, with dsmoe_model_options.mtp, the MTP depths (dsmoe_model_forward_mtp): depth k's
+ * block is layers[L + k − 1], run on eh_proj [enorm(embed_k(t)) ; hnorm(h^{k−1})] with a
+ * cache of its own (one layer), then shared_head.norm and shared_head.head.
+ *
  * MLA here writes each new token's normalised latent and rotated k_pe into the cache
  * (the only per-position state) and attends through attention.c, naive or absorbed.
  * Products with stored weights go through dsmoe__wlinear (kernels/wlinear.h): F32,
@@ -43,6 +47,13 @@ typedef struct mlayer {
     dsmoe__moe_views *views;             /* MoE layers run from the stored weights */
 } mlayer;
 
+/* One MTP depth's own tensors (its block is layers[L + k − 1]). */
+typedef struct mdepth {
+    dsmoe__wmat embed, head;       /* (V, D) each: embed_tokens, shared_head.head */
+    dsmoe__wmat eh_proj;           /* (D, 2D) */
+    float *enorm, *hnorm, *sh_norm; /* (D) each */
+} mdepth;
+
 struct dsmoe_model {
     dsmoe_model_config cfg;
     dsmoe_model_files *mf;
@@ -51,7 +62,9 @@ struct dsmoe_model {
     int widen;
     dsmoe__wmat embed, head; /* (V, D) each */
     float *final_norm;       /* (D) */
-    mlayer *layers;          /* (L) */
+    mlayer *layers;          /* (L + Dm): the main layers, then the MTP depths' blocks */
+    int32_t Dm;              /* MTP depths loaded */
+    mdepth *depths;          /* (Dm) */
     float **owned;           /* widened tensors */
     int64_t n_owned, cap_owned;
     void *moe_params, *moe_ws;
@@ -69,14 +82,17 @@ struct dsmoe_model {
     float *att;         /* (Tm, H v) */
     float *ffn;         /* (2, Tm, I) */
     float *cs;          /* (Tm, r/2, 2) */
+    float *cat;         /* (Tm, 2D) an MTP depth's [enorm(embed) ; hnorm(h)], or NULL */
     void *wl;           /* nt · dsmoe__wlinear_scratch(max_cols, Tm) */
     size_t max_cols;
 };
 
 struct dsmoe_model_cache {
     const dsmoe_model *m;
+    int32_t depth;      /* 0: the main model's; k: MTP depth k's */
+    int32_t layer0, nl; /* the model layers it holds: layer0 .. layer0 + nl − 1 */
     int64_t cap, len;
-    float *kv;          /* (L, cap, c + r) */
+    float *kv;          /* (nl, cap, c + r) */
     float *scratch;     /* (nt, per_thread) attention scratch */
     size_t per_thread;
 };
@@ -86,6 +102,7 @@ void dsmoe_model_options_default(dsmoe_model_options *opts) {
     opts->n_threads = 0;
     opts->max_tokens = 256;
     opts->widen_f32 = 0;
+    opts->mtp = 0;
 }
 
 /* ------------------------------------------------------------ loading -- */
@@ -273,7 +290,7 @@ static dsmoe_status moe_fill(dsmoe_model *m, int32_t l, dsmoe_moe *moe, float *t
 
 static dsmoe_status moe_setup(dsmoe_model *m) {
     const dsmoe_model_config *c = &m->cfg;
-    const int32_t L = c->num_hidden_layers;
+    const int32_t L = c->num_hidden_layers + m->Dm;
     size_t total = 0, ws = 0;
     int any = 0, any_views = 0;
     dsmoe_status s0 = dsmoe_model_router_config(c, &m->rc);
@@ -377,11 +394,11 @@ static dsmoe_status scratch_setup(dsmoe_model *m) {
                   n = c->qk_nope_head_dim, r = c->qk_rope_head_dim, v = c->v_head_dim,
                   q = c->q_lora_rank, I = c->intermediate_size;
     int any_dense = 0;
-    for (int32_t l = 0; l < c->num_hidden_layers; l++)
+    for (int32_t l = 0; l < c->num_hidden_layers + m->Dm; l++)
         if (!dsmoe_model_layer_is_moe(c, l)) any_dense = 1;
     const size_t wl = dsmoe__wlinear_scratch((int64_t)m->max_cols, Tm);
     const int64_t parts[] = {Tm * D, Tm * D, Tm * D, Tm * H * (n + r), Tm * q, Tm * H * v,
-                             any_dense ? 2 * Tm * I : 0, Tm * r};
+                             any_dense ? 2 * Tm * I : 0, Tm * r, m->Dm > 0 ? 2 * Tm * D : 0};
     size_t total = 0;
     for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
         total += dsmoe__align64((size_t)parts[i] * sizeof(float));
@@ -390,18 +407,41 @@ static dsmoe_status scratch_setup(dsmoe_model *m) {
     if (!m->scratch)
         return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "model: %zu bytes of scratch", total);
     dsmoe__carver cv = {(char *)m->scratch, total, 0};
-    float **dst[] = {&m->h, &m->x, &m->y, &m->q, &m->qa, &m->att, &m->ffn, &m->cs};
+    float **dst[] = {&m->h, &m->x, &m->y, &m->q, &m->qa, &m->att, &m->ffn, &m->cs, &m->cat};
     for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
         *dst[i] = (float *)dsmoe__carve(&cv, (size_t)parts[i] * sizeof(float));
     m->wl = dsmoe__carve(&cv, (size_t)m->nt * wl);
     return DSMOE_OK;
 }
 
+/* MTP depth k's own tensors (its block is loaded as layer L + k − 1). */
+static dsmoe_status depth_load(dsmoe_model *m, int32_t k, float *row) {
+    const int32_t l = m->cfg.num_hidden_layers + k - 1;
+    mdepth *d = &m->depths[k - 1];
+    char name[DSMOE_MODEL_NAME_MAX + 32];
+    dsmoe_status s;
+    if ((s = lname(name, sizeof name, l, "embed_tokens.weight")) != DSMOE_OK ||
+        (s = load_mat(m, name, &d->embed, row)) != DSMOE_OK ||
+        (s = lname(name, sizeof name, l, "shared_head.head.weight")) != DSMOE_OK ||
+        (s = load_mat(m, name, &d->head, row)) != DSMOE_OK ||
+        (s = lname(name, sizeof name, l, "eh_proj.weight")) != DSMOE_OK ||
+        (s = load_mat(m, name, &d->eh_proj, row)) != DSMOE_OK ||
+        (s = lname(name, sizeof name, l, "enorm.weight")) != DSMOE_OK ||
+        (s = load_f32(m, name, &d->enorm)) != DSMOE_OK ||
+        (s = lname(name, sizeof name, l, "hnorm.weight")) != DSMOE_OK ||
+        (s = load_f32(m, name, &d->hnorm)) != DSMOE_OK ||
+        (s = lname(name, sizeof name, l, "shared_head.norm.weight")) != DSMOE_OK ||
+        (s = load_f32(m, name, &d->sh_norm)) != DSMOE_OK)
+        return s;
+    return layer_load(m, l, row);
+}
+
 static dsmoe_status model_load(dsmoe_model *m) {
     const dsmoe_model_config *c = &m->cfg;
     const int32_t L = c->num_hidden_layers;
     dsmoe_status s;
-    m->layers = (mlayer *)calloc((size_t)L, sizeof *m->layers);
+    m->layers = (mlayer *)calloc((size_t)(L + m->Dm), sizeof *m->layers);
+    m->depths = (mdepth *)calloc((size_t)m->Dm + 1, sizeof *m->depths);
     m->inv_freq = (double *)calloc((size_t)(c->qk_rope_head_dim / 2) + 1, sizeof(double));
     /* the widest matrix row of the model, for the finiteness scan */
     int64_t wide = c->hidden_size;
@@ -409,8 +449,9 @@ static dsmoe_status model_load(dsmoe_model *m) {
                               c->intermediate_size, c->kv_lora_rank};
     for (size_t i = 0; i < sizeof others / sizeof others[0]; i++)
         if (others[i] > wide) wide = others[i];
+    if (m->Dm > 0 && 2 * (int64_t)c->hidden_size > wide) wide = 2 * (int64_t)c->hidden_size;
     float *row = (float *)malloc((size_t)wide * sizeof(float));
-    if (!m->layers || !m->inv_freq || !row) {
+    if (!m->layers || !m->depths || !m->inv_freq || !row) {
         free(row);
         return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "model: %d layers", (int)L);
     }
@@ -421,6 +462,7 @@ static dsmoe_status model_load(dsmoe_model *m) {
         else s = load_mat(m, "lm_head.weight", &m->head, row);
     }
     for (int32_t l = 0; l < L && s == DSMOE_OK; l++) s = layer_load(m, l, row);
+    for (int32_t k = 1; k <= m->Dm && s == DSMOE_OK; k++) s = depth_load(m, k, row);
     free(row);
     if (s == DSMOE_OK) s = moe_setup(m);
     if (s == DSMOE_OK) s = scratch_setup(m);
@@ -444,6 +486,7 @@ dsmoe_status dsmoe_model_open(const char *dir, const dsmoe_model_options *opts,
     m->widen = o.widen_f32 != 0;
     dsmoe_status s = dsmoe_model_config_from_dir(dir, &m->cfg);
     if (s == DSMOE_OK) s = dsmoe_model_files_open(dir, &m->cfg, &m->mf);
+    if (s == DSMOE_OK && o.mtp) m->Dm = dsmoe_model_files_mtp_depths(m->mf);
     if (s == DSMOE_OK) s = model_load(m);
     if (s != DSMOE_OK) {
         dsmoe_model_free(m);
@@ -456,11 +499,12 @@ dsmoe_status dsmoe_model_open(const char *dir, const dsmoe_model_options *opts,
 void dsmoe_model_free(dsmoe_model *m) {
     if (!m) return;
     if (m->layers)
-        for (int32_t l = 0; l < m->cfg.num_hidden_layers; l++) {
+        for (int32_t l = 0; l < m->cfg.num_hidden_layers + m->Dm; l++) {
             dsmoe_moe_free(m->layers[l].moe);
             views_free(m->layers[l].views);
         }
     free(m->layers);
+    free(m->depths);
     for (int64_t i = 0; i < m->n_owned; i++) dsmoe_free(m->owned[i]);
     free(m->owned);
     dsmoe_free(m->moe_params);
@@ -476,25 +520,24 @@ const dsmoe_model_config *dsmoe_model_get_config(const dsmoe_model *m) { return 
 
 const dsmoe_model_files *dsmoe_model_get_files(const dsmoe_model *m) { return m ? m->mf : NULL; }
 
+int32_t dsmoe_model_mtp_depths(const dsmoe_model *m) { return m ? m->Dm : 0; }
+
 /* ------------------------------------------------------------ the cache -- */
 
-dsmoe_status dsmoe_model_cache_create(const dsmoe_model *m, int64_t capacity,
-                                      dsmoe_model_cache **out) {
-    if (out) *out = NULL;
-    if (!m || !out)
-        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_model_cache_create: NULL argument");
+/* A cache of nl layers from layer0 (depth 0: the main model's). */
+static dsmoe_status cache_create(const dsmoe_model *m, int32_t depth, int32_t layer0, int32_t nl,
+                                 int64_t capacity, dsmoe_model_cache **out, const char *fn) {
     const dsmoe_model_config *c = &m->cfg;
     if (capacity < 1 || capacity > c->max_position_embeddings)
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
-                            "dsmoe_model_cache_create: capacity %lld outside 1 .. %lld "
-                            "(max_position_embeddings)", (long long)capacity,
-                            (long long)c->max_position_embeddings);
+                            "%s: capacity %lld outside 1 .. %lld (max_position_embeddings)", fn,
+                            (long long)capacity, (long long)c->max_position_embeddings);
     size_t row = (size_t)c->kv_lora_rank + (size_t)c->qk_rope_head_dim, kvn, per, scr;
     per = dsmoe__attn_scratch_floats(c, capacity);
-    if (!dsmoe__mul_size((size_t)c->num_hidden_layers * row, (size_t)capacity, &kvn) ||
+    if (!dsmoe__mul_size((size_t)nl * row, (size_t)capacity, &kvn) ||
         !dsmoe__mul_size(kvn, sizeof(float), &kvn) ||
         !dsmoe__mul_size(per, (size_t)m->nt * sizeof(float), &scr))
-        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "dsmoe_model_cache_create: capacity %lld",
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "%s: capacity %lld", fn,
                             (long long)capacity);
     dsmoe_model_cache *k = (dsmoe_model_cache *)calloc(1, sizeof *k);
     if (k) {
@@ -503,16 +546,47 @@ dsmoe_status dsmoe_model_cache_create(const dsmoe_model *m, int64_t capacity,
     }
     if (!k || !k->kv || !k->scratch) {
         dsmoe_model_cache_free(k);
-        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY,
-                            "dsmoe_model_cache_create: %zu + %zu bytes for capacity %lld", kvn,
-                            scr, (long long)capacity);
+        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "%s: %zu + %zu bytes for capacity %lld",
+                            fn, kvn, scr, (long long)capacity);
     }
     k->m = m;
+    k->depth = depth;
+    k->layer0 = layer0;
+    k->nl = nl;
     k->cap = capacity;
     k->len = 0;
     k->per_thread = per;
     *out = k;
     return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_model_cache_create(const dsmoe_model *m, int64_t capacity,
+                                      dsmoe_model_cache **out) {
+    if (out) *out = NULL;
+    if (!m || !out)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_model_cache_create: NULL argument");
+    return cache_create(m, 0, 0, m->cfg.num_hidden_layers, capacity, out,
+                        "dsmoe_model_cache_create");
+}
+
+dsmoe_status dsmoe_model_mtp_cache_create(const dsmoe_model *m, int32_t depth, int64_t capacity,
+                                          dsmoe_model_cache **out) {
+    if (out) *out = NULL;
+    if (!m || !out)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_model_mtp_cache_create: NULL argument");
+    if (depth < 1 || depth > m->Dm)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "dsmoe_model_mtp_cache_create: depth %d outside 1 .. %d (the MTP "
+                            "depths loaded%s)", (int)depth, (int)m->Dm,
+                            m->Dm == 0 ? ": open the model with dsmoe_model_options.mtp and "
+                                         "stored MTP layers" : "");
+    return cache_create(m, depth, m->cfg.num_hidden_layers + depth - 1, 1, capacity, out,
+                        "dsmoe_model_mtp_cache_create");
+}
+
+int32_t dsmoe_model_cache_mtp_depth(const dsmoe_model_cache *cache) {
+    return cache ? cache->depth : 0;
 }
 
 void dsmoe_model_cache_free(dsmoe_model_cache *cache) {
@@ -562,8 +636,9 @@ static void mla(dsmoe_model *m, dsmoe_model_cache *k, int32_t l, int64_t T, int6
     } else {
         dsmoe__wlinear(m->q, H * (n + r), m->x, D, T, &L->q_proj, nt, m->wl);
     }
-    float *kv = k->kv + ((int64_t)l * k->cap) * (kc + r); /* the layer's rows */
-    float *kvn = kv + pos0 * (kc + r);                     /* the new tokens' rows */
+    /* the layer's rows */
+    float *kv = k->kv + ((int64_t)(l - k->layer0) * k->cap) * (kc + r);
+    float *kvn = kv + pos0 * (kc + r); /* the new tokens' rows */
     dsmoe__wlinear(kvn, kc + r, m->x, D, T, &L->kv_a, nt, m->wl);
     dsmoe__rmsnorm(kvn, kvn, L->kv_a_norm, T, (int32_t)kc, kc + r, kc + r, c->rms_norm_eps);
     for (int64_t t = 0; t < T; t++) {
@@ -578,88 +653,196 @@ static void mla(dsmoe_model *m, dsmoe_model_cache *k, int32_t l, int64_t T, int6
     dsmoe__wlinear(m->y, D, m->att, H * v, T, &L->o_proj, nt, m->wl);
 }
 
-/* One chunk of T <= Tm tokens at positions pos0 ..; logits (T, V) rows, or the last
- * token's (V) with last_only, or none (NULL). */
-static dsmoe_status chunk(dsmoe_model *m, dsmoe_model_cache *k, const int32_t *tokens, int64_t T,
-                          int64_t pos0, int naive, float *logits, int last_only) {
+/* Block l (a main layer or an MTP depth's) on the chunk's stream m->h (T, D), the rope
+ * table m->cs of positions pos0 .. already made. */
+static dsmoe_status block(dsmoe_model *m, dsmoe_model_cache *k, int32_t l, int64_t T, int64_t pos0,
+                          int naive) {
     const dsmoe_model_config *c = &m->cfg;
-    const int64_t D = c->hidden_size, I = c->intermediate_size, V = c->vocab_size;
+    const int64_t D = c->hidden_size, I = c->intermediate_size;
     const int nt = m->nt;
+    const mlayer *L = &m->layers[l];
+    dsmoe__rmsnorm(m->x, m->h, L->in_norm, T, (int32_t)D, D, D, c->rms_norm_eps);
+    mla(m, k, l, T, pos0, naive);
+    for (int64_t i = 0; i < T * D; i++) m->h[i] += m->y[i];
+    dsmoe__rmsnorm(m->x, m->h, L->post_norm, T, (int32_t)D, D, D, c->rms_norm_eps);
+    if (L->moe || L->views) {
+        dsmoe_status s = L->moe ? dsmoe_moe_forward(L->moe, m->y, m->x, T, nt)
+                                : dsmoe__moe_views_forward(L->views, c, &m->rc, m->y, m->x, T, nt,
+                                                           m->views_ws, m->views_ws_size);
+        if (s != DSMOE_OK)
+            return dsmoe__error(s, "model: layer %d (MoE): %s", (int)l, dsmoe_last_error());
+    } else {
+        float *g = m->ffn, *u = m->ffn + T * I;
+        dsmoe__wlinear(g, I, m->x, D, T, &L->gate, nt, m->wl);
+        dsmoe__wlinear(u, I, m->x, D, T, &L->up, nt, m->wl);
+        for (int64_t i = 0; i < T * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        dsmoe__wlinear(m->y, D, g, I, T, &L->down, nt, m->wl);
+    }
+    for (int64_t i = 0; i < T * D; i++) m->h[i] += m->y[i];
+    if (!all_finite(m->h, T * D)) {
+        if (k->depth > 0)
+            return dsmoe__error(DSMOE_STATUS_NON_FINITE,
+                                "model: the hidden state of MTP depth %d (layer %d, positions "
+                                "%lld .. %lld) is not finite", (int)k->depth, (int)l,
+                                (long long)pos0, (long long)(pos0 + T - 1));
+        return dsmoe__error(DSMOE_STATUS_NON_FINITE,
+                            "model: the hidden state after layer %d (positions %lld .. %lld) "
+                            "is not finite", (int)l, (long long)pos0, (long long)(pos0 + T - 1));
+    }
+    return DSMOE_OK;
+}
+
+/* The head on the stream m->h (T, D): final norm w into hidden (T, D) or m->x, then
+ * logits (T, V) rows, or the last token's (V) with last_only, or none (NULL). */
+static void head(dsmoe_model *m, const dsmoe__wmat *W, const float *w, int64_t T, float *logits,
+                 float *hidden, int last_only) {
+    const dsmoe_model_config *c = &m->cfg;
+    const int64_t D = c->hidden_size, V = c->vocab_size;
+    if (hidden) {
+        dsmoe__rmsnorm(hidden, m->h, w, T, (int32_t)D, D, D, c->rms_norm_eps);
+        if (!logits) return;
+        const int64_t t0 = last_only ? T - 1 : 0;
+        dsmoe__wlinear(logits, V, hidden + t0 * D, D, T - t0, W, m->nt, m->wl);
+        return;
+    }
+    if (!logits) return;
+    const int64_t t0 = last_only ? T - 1 : 0;
+    dsmoe__rmsnorm(m->x, m->h + t0 * D, w, T - t0, (int32_t)D, D, D, c->rms_norm_eps);
+    dsmoe__wlinear(logits, V, m->x, D, T - t0, W, m->nt, m->wl);
+}
+
+/* One chunk of T <= Tm tokens at positions pos0 .. of the main model. */
+static dsmoe_status chunk(dsmoe_model *m, dsmoe_model_cache *k, const int32_t *tokens, int64_t T,
+                          int64_t pos0, int naive, float *logits, float *hidden, int last_only) {
+    const dsmoe_model_config *c = &m->cfg;
+    const int64_t D = c->hidden_size;
     for (int64_t t = 0; t < T; t++) dsmoe__wmat_widen(m->h + t * D, &m->embed, tokens[t], tokens[t] + 1);
     dsmoe__rope_table(m->cs, m->inv_freq, c->qk_rope_head_dim / 2, pos0, T);
     for (int32_t l = 0; l < c->num_hidden_layers; l++) {
-        const mlayer *L = &m->layers[l];
-        dsmoe__rmsnorm(m->x, m->h, L->in_norm, T, (int32_t)D, D, D, c->rms_norm_eps);
-        mla(m, k, l, T, pos0, naive);
-        for (int64_t i = 0; i < T * D; i++) m->h[i] += m->y[i];
-        dsmoe__rmsnorm(m->x, m->h, L->post_norm, T, (int32_t)D, D, D, c->rms_norm_eps);
-        if (L->moe || L->views) {
-            dsmoe_status s = L->moe ? dsmoe_moe_forward(L->moe, m->y, m->x, T, nt)
-                                    : dsmoe__moe_views_forward(L->views, c, &m->rc, m->y, m->x, T,
-                                                               nt, m->views_ws, m->views_ws_size);
-            if (s != DSMOE_OK)
-                return dsmoe__error(s, "model: layer %d (MoE): %s", (int)l, dsmoe_last_error());
-        } else {
-            float *g = m->ffn, *u = m->ffn + T * I;
-            dsmoe__wlinear(g, I, m->x, D, T, &L->gate, nt, m->wl);
-            dsmoe__wlinear(u, I, m->x, D, T, &L->up, nt, m->wl);
-            for (int64_t i = 0; i < T * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-            dsmoe__wlinear(m->y, D, g, I, T, &L->down, nt, m->wl);
-        }
-        for (int64_t i = 0; i < T * D; i++) m->h[i] += m->y[i];
-        if (!all_finite(m->h, T * D))
-            return dsmoe__error(DSMOE_STATUS_NON_FINITE,
-                                "model: the hidden state after layer %d (positions %lld .. %lld) "
-                                "is not finite", (int)l, (long long)pos0,
-                                (long long)(pos0 + T - 1));
+        dsmoe_status s = block(m, k, l, T, pos0, naive);
+        if (s != DSMOE_OK) return s;
     }
-    if (!logits) return DSMOE_OK;
-    const int64_t t0 = last_only ? T - 1 : 0;
-    dsmoe__rmsnorm(m->x, m->h + t0 * D, m->final_norm, T - t0, (int32_t)D, D, D, c->rms_norm_eps);
-    dsmoe__wlinear(logits, V, m->x, D, T - t0, &m->head, nt, m->wl);
+    head(m, &m->head, m->final_norm, T, logits, hidden, last_only);
+    return DSMOE_OK;
+}
+
+/* One chunk of T <= Tm positions pos0 .. of MTP depth k->depth: hidden (T, D) h^{k−1},
+ * tokens t_{i+k}; h^k into hidden_out (or none), logits as chunk's. */
+static dsmoe_status chunk_mtp(dsmoe_model *m, dsmoe_model_cache *k, const float *hidden,
+                              const int32_t *tokens, int64_t T, int64_t pos0, int naive,
+                              float *hidden_out, float *logits, int last_only) {
+    const dsmoe_model_config *c = &m->cfg;
+    const int64_t D = c->hidden_size;
+    const mdepth *d = &m->depths[k->depth - 1];
+    for (int64_t t = 0; t < T; t++) dsmoe__wmat_widen(m->h + t * D, &d->embed, tokens[t], tokens[t] + 1);
+    /* [enorm(embed) ; hnorm(h)] (T, 2D), then eh_proj */
+    dsmoe__rmsnorm(m->cat, m->h, d->enorm, T, (int32_t)D, D, 2 * D, c->rms_norm_eps);
+    dsmoe__rmsnorm(m->cat + D, hidden, d->hnorm, T, (int32_t)D, D, 2 * D, c->rms_norm_eps);
+    dsmoe__wlinear(m->h, D, m->cat, 2 * D, T, &d->eh_proj, m->nt, m->wl);
+    dsmoe__rope_table(m->cs, m->inv_freq, c->qk_rope_head_dim / 2, pos0, T);
+    dsmoe_status s = block(m, k, k->layer0, T, pos0, naive);
+    if (s != DSMOE_OK) return s;
+    if (hidden_out) memcpy(hidden_out, m->h, (size_t)(T * D) * sizeof(float));
+    head(m, &d->head, d->sh_norm, T, logits, NULL, last_only);
+    return DSMOE_OK;
+}
+
+/* The checks both forwards share; *naive and *last from the flags. */
+static dsmoe_status check_call(const dsmoe_model *m, const dsmoe_model_cache *cache,
+                               const int32_t *tokens, int64_t T, unsigned flags, const char *fn,
+                               int *naive, int *last) {
+    if (T < 1)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: T = %lld < 1", fn, (long long)T);
+    const unsigned known = DSMOE_MODEL_ATTN_NAIVE | DSMOE_MODEL_ATTN_ABSORBED | DSMOE_MODEL_LOGITS_LAST;
+    if (flags & ~known)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: unknown flags 0x%x", fn,
+                            flags & ~known);
+    if ((flags & DSMOE_MODEL_ATTN_NAIVE) && (flags & DSMOE_MODEL_ATTN_ABSORBED))
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "%s: ATTN_NAIVE and ATTN_ABSORBED together", fn);
+    if (cache->m != m)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: the cache belongs to another model",
+                            fn);
+    const int32_t V = m->cfg.vocab_size;
+    for (int64_t t = 0; t < T; t++)
+        if (tokens[t] < 0 || tokens[t] >= V)
+            return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                                "%s: token %lld is %d, outside [0, %d) (vocab_size)", fn,
+                                (long long)t, (int)tokens[t], (int)V);
+    if (T > cache->cap - cache->len)
+        return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
+                            "%s: the cache holds %lld of %lld positions; %lld more tokens do not "
+                            "fit", fn, (long long)cache->len, (long long)cache->cap, (long long)T);
+    *naive = (flags & DSMOE_MODEL_ATTN_NAIVE)      ? 1
+             : (flags & DSMOE_MODEL_ATTN_ABSORBED) ? 0
+                                                   : T > 4;
+    *last = (flags & DSMOE_MODEL_LOGITS_LAST) != 0;
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_model_forward_hidden(dsmoe_model *m, dsmoe_model_cache *cache,
+                                        const int32_t *tokens, int64_t T, float *logits,
+                                        float *hidden, unsigned flags) {
+    const char *fn = hidden ? "dsmoe_model_forward_hidden" : "dsmoe_model_forward";
+    if (!m || !cache || !tokens)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: NULL %s", fn,
+                            !m ? "model" : !cache ? "cache" : "tokens");
+    if (cache->depth != 0)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "%s: the cache is MTP depth %d's, not the main model's (see "
+                            "dsmoe_model_forward_mtp)", fn, (int)cache->depth);
+    int naive = 0, last = 0;
+    dsmoe_status s = check_call(m, cache, tokens, T, flags, fn, &naive, &last);
+    if (s != DSMOE_OK) return s;
+    const int64_t V = m->cfg.vocab_size, D = m->cfg.hidden_size, len0 = cache->len;
+    for (int64_t t0 = 0; t0 < T; t0 += m->Tm) {
+        const int64_t Tc = T - t0 < m->Tm ? T - t0 : m->Tm;
+        float *lg = NULL;
+        if (logits && !last) lg = logits + t0 * V;
+        else if (logits && t0 + Tc == T) lg = logits;
+        s = chunk(m, cache, tokens + t0, Tc, cache->len, naive, lg, hidden ? hidden + t0 * D : NULL,
+                  last);
+        if (s != DSMOE_OK) {
+            cache->len = len0;
+            return s;
+        }
+        cache->len += Tc;
+    }
     return DSMOE_OK;
 }
 
 dsmoe_status dsmoe_model_forward(dsmoe_model *m, dsmoe_model_cache *cache, const int32_t *tokens,
                                  int64_t T, float *logits, unsigned flags) {
-    if (!m || !cache || !tokens)
+    return dsmoe_model_forward_hidden(m, cache, tokens, T, logits, NULL, flags);
+}
+
+dsmoe_status dsmoe_model_forward_mtp(dsmoe_model *m, dsmoe_model_cache *cache, const float *hidden,
+                                     const int32_t *tokens, int64_t T, float *hidden_out,
+                                     float *logits, unsigned flags) {
+    const char *fn = "dsmoe_model_forward_mtp";
+    if (!m || !cache || !hidden || !tokens)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: NULL %s", fn,
+                            !m ? "model" : !cache ? "cache" : !hidden ? "hidden" : "tokens");
+    if (cache->depth == 0)
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
-                            "dsmoe_model_forward: NULL %s", !m ? "model" : !cache ? "cache" : "tokens");
-    if (T < 1)
-        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_model_forward: T = %lld < 1",
-                            (long long)T);
-    const unsigned known = DSMOE_MODEL_ATTN_NAIVE | DSMOE_MODEL_ATTN_ABSORBED | DSMOE_MODEL_LOGITS_LAST;
-    if (flags & ~known)
-        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
-                            "dsmoe_model_forward: unknown flags 0x%x", flags & ~known);
-    if ((flags & DSMOE_MODEL_ATTN_NAIVE) && (flags & DSMOE_MODEL_ATTN_ABSORBED))
-        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
-                            "dsmoe_model_forward: ATTN_NAIVE and ATTN_ABSORBED together");
-    if (cache->m != m)
-        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
-                            "dsmoe_model_forward: the cache belongs to another model");
-    const int32_t V = m->cfg.vocab_size;
-    for (int64_t t = 0; t < T; t++)
-        if (tokens[t] < 0 || tokens[t] >= V)
+                            "%s: the cache is the main model's, not an MTP depth's (see "
+                            "dsmoe_model_mtp_cache_create)", fn);
+    int naive = 0, last = 0;
+    dsmoe_status s = check_call(m, cache, tokens, T, flags, fn, &naive, &last);
+    if (s != DSMOE_OK) return s;
+    const int64_t V = m->cfg.vocab_size, D = m->cfg.hidden_size, len0 = cache->len;
+    for (int64_t i = 0; i < T * D; i++)
+        if (!isfinite(hidden[i]))
             return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
-                                "dsmoe_model_forward: token %lld is %d, outside [0, %d) "
-                                "(vocab_size)", (long long)t, (int)tokens[t], (int)V);
-    if (T > cache->cap - cache->len)
-        return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
-                            "dsmoe_model_forward: the cache holds %lld of %lld positions; %lld "
-                            "more tokens do not fit", (long long)cache->len,
-                            (long long)cache->cap, (long long)T);
-    const int naive = (flags & DSMOE_MODEL_ATTN_NAIVE)      ? 1
-                      : (flags & DSMOE_MODEL_ATTN_ABSORBED) ? 0
-                                                            : T > 4;
-    const int last = (flags & DSMOE_MODEL_LOGITS_LAST) != 0;
-    const int64_t len0 = cache->len;
+                                "%s: hidden[%lld][%lld] is %g, not finite", fn, (long long)(i / D),
+                                (long long)(i % D), (double)hidden[i]);
     for (int64_t t0 = 0; t0 < T; t0 += m->Tm) {
         const int64_t Tc = T - t0 < m->Tm ? T - t0 : m->Tm;
         float *lg = NULL;
-        if (logits && !last) lg = logits + t0 * (int64_t)V;
+        if (logits && !last) lg = logits + t0 * V;
         else if (logits && t0 + Tc == T) lg = logits;
-        dsmoe_status s = chunk(m, cache, tokens + t0, Tc, cache->len, naive, lg, last);
+        s = chunk_mtp(m, cache, hidden + t0 * D, tokens + t0, Tc, cache->len, naive,
+                      hidden_out ? hidden_out + t0 * D : NULL, lg, last);
         if (s != DSMOE_OK) {
             cache->len = len0;
             return s;

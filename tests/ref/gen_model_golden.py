@@ -16,6 +16,8 @@ block scale):
     hidden.npy   (L+1, T, D) float64  the residual stream after the embedding and each layer
     attn0.npy    (T, D) float64       layer 0's attention output on its normalised input
     inv_freq.npy (r/2,) float64       RoPE frequencies (YaRN-interpolated when configured)
+    mtp_logits.npy (Dm, T - Dm, V) float64  cases with stored MTP depths: depth k's logits
+                                      (model_ref.forward_mtp) at positions 0 .. T - Dm - 1
 fp8 cases also hold dequant.<tensor>.npy (float32): fp32(fp8 value) * fp32 scale, which
 is exactly what an fp32 product gives, for the block-scale test.
 Refusal fixtures (no results): fp8_noscale/ (a _scale_inv missing), fp8_badscale/ (a
@@ -27,10 +29,13 @@ another case's weights laid out otherwise and have byte-identical tokens, logits
 hidden files: v2_glg_single (v2_glg_sharded's shards in one file), v3_yarn_q_nomtp
 (v3_yarn_q without its stored MTP layer, num_nextn_predict_layers 0), fp8_blocks_f32
 (fp8_blocks dequantized to F32, exactly: the block scales carry 16 significant bits, so
-fp8 * scale fits fp32; no quantization_config).
+fp8 * scale fits fp32; no quantization_config), then v3_mtp2 (two MTP depths, BF16,
+max_position_embeddings 256 for the MTP and speculative-decoding tests of
+test_model_mtp.c, which check its logits too: it is not in the MANIFEST).
 
 Routing decisions are kept away from ties: every routed token's decision margin (relative
-gap at the group and expert boundaries, dsmoe_ref.selection_margin) must be >= 1e-4 or the
+gap at the group and expert boundaries, dsmoe_ref.selection_margin; the MTP depths' MoE
+blocks included) must be >= 1e-4 or the
 case is redrawn with the next seed, so fp32 and fp64 pick the same experts. On every case
 the naive and absorbed attention forms agree, and decoding token by token from a cache of
 latents and rope keys (model_ref.forward_decode) gives the full forward's logits, and so
@@ -170,6 +175,15 @@ CASES = [
     dict(name="v2_glg_single", twin="v2_glg_sharded", shards=1),
     dict(name="v3_yarn_q_nomtp", twin="v3_yarn_q", drop_mtp=True),
     dict(name="fp8_blocks_f32", twin="fp8_blocks", dequant=True),
+    # Two MTP depths (layers 2 and 3, both MoE), plain q_proj, no YaRN, BF16, room for
+    # 256 positions.
+    dict(name="v3_mtp2", mtp_only=True, storage="BF16", shards=1, T=12, seed=101, config=base_config(
+        hidden_size=24, intermediate_size=20, moe_intermediate_size=8, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=None,
+        kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=6,
+        n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, scoring_func="sigmoid",
+        topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5, vocab_size=47,
+        num_nextn_predict_layers=2, max_position_embeddings=256)),
 ]
 
 
@@ -273,6 +287,8 @@ def draw(case):
         tokens = rng.integers(0, cfg.V, size=case["T"]).astype(np.int32)
         margins = []
         M.forward(cfg, exact, tokens, margins=margins)
+        if cfg.mtp:
+            M.forward_mtp(cfg, exact, tokens, margins=margins)
         if not margins or min(margins) >= MARGIN:
             return cfg, tensors, exact, tokens, margins
     raise RuntimeError(f"{case['name']}: no draw with routing margins >= {MARGIN}")
@@ -338,6 +354,9 @@ def gen_case(case, root, done):
     np.save(os.path.join(path, "hidden.npy"), trace["hidden"])
     np.save(os.path.join(path, "attn0.npy"), trace["attn0"])
     np.save(os.path.join(path, "inv_freq.npy"), M.rope_inv_freq(cfg))
+    if mtp:
+        ml = M.forward_mtp(cfg, exact, tokens)
+        np.save(os.path.join(path, "mtp_logits.npy"), np.stack([x[:T - mtp] for x in ml]))
     if case["storage"] == "F8":
         for name in ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.down_proj.weight",
                      "model.layers.1.self_attn.kv_b_proj.weight"):
@@ -391,7 +410,8 @@ def main():
         gen_case(case, a.out, done)
     with open(os.path.join(a.out, "MANIFEST"), "w") as f:
         for case in CASES:
-            f.write(case["name"] + "\n")
+            if not case.get("mtp_only"):
+                f.write(case["name"] + "\n")
 
 
 if __name__ == "__main__":

@@ -312,6 +312,46 @@ def forward(cfg, W, tokens, absorbed=False, margins=None, trace=None):
     return rmsnorm(h, W["model.norm.weight"], cfg.eps) @ head.T
 
 
+def block(cfg, W, l, h, margins=None):
+    """Layer l (a main layer or an MTP depth's block) on the stream h (T, D), positions 0 ..."""
+    p = f"model.layers.{l}."
+    h = h + attention(cfg, W, p, rmsnorm(h, W[p + "input_layernorm.weight"], cfg.eps))
+    x = rmsnorm(h, W[p + "post_attention_layernorm.weight"], cfg.eps)
+    return h + (moe(cfg, W, p + "mlp.", x, margins) if cfg.is_moe(l) else mlp(W, p + "mlp.", x))
+
+
+def final_hidden(cfg, W, tokens):
+    """The main model's final-norm output (T, D): the input of the head and of MTP depth 1."""
+    trace = {}
+    forward(cfg, W, tokens, trace=trace)
+    return rmsnorm(trace["hidden"][-1], W["model.norm.weight"], cfg.eps)
+
+
+def forward_mtp(cfg, W, tokens, depths=None, margins=None):
+    """The MTP depths' logits in fp64 (DeepSeek-V3 section 2.2, the math of dsmoe's training
+    model): depth k = 1 .. depths at positions i = 0 .. T - k - 1,
+        h'_i = eh_proj [enorm(embed_k(t_{i+k})) ; hnorm(h^{k-1}_i)]   (embedding first)
+        h^k = block_{L+k-1}(h')     (causal attention over the depth's own positions 0 ..)
+        logits^k_i = shared_head.head(shared_head.norm(h^k_i))      predicting t_{i+k+1}
+    with h^0 the main model's final-norm output and embed_k, the head the depth's own
+    stored embed_tokens and shared_head.head. Returns [(T - k, V) for k = 1 .. depths]."""
+    tokens = np.asarray(tokens)
+    T = len(tokens)
+    hp = final_hidden(cfg, W, tokens)
+    out = []
+    for k in range(1, (cfg.mtp if depths is None else depths) + 1):
+        l = cfg.L + k - 1
+        p = f"model.layers.{l}."
+        n = T - k
+        e = W[p + "embed_tokens.weight"][tokens[k:k + n]]
+        cat = np.concatenate([rmsnorm(e, W[p + "enorm.weight"], cfg.eps),
+                              rmsnorm(hp[:n], W[p + "hnorm.weight"], cfg.eps)], axis=1)
+        h = block(cfg, W, l, cat @ W[p + "eh_proj.weight"].T, margins)
+        out.append(rmsnorm(h, W[p + "shared_head.norm.weight"], cfg.eps) @ W[p + "shared_head.head.weight"].T)
+        hp = h
+    return out
+
+
 # ------------------------------------------------------------- decoding --
 
 def attention_step(cfg, W, p, x, pos, cache):
@@ -408,6 +448,26 @@ def _selfcheck():
         t2[-1] = (t2[-1] + 1) % 9
         c2 = forward(cfg, W, t2)
         assert np.array_equal(a[:-1], c2[:-1]) and not np.allclose(a[-1], c2[-1])
+    # MTP: a depth's logits at position i depend on tokens up to i + k only (causal),
+    # and depth 2 stacks on depth 1 (depth 1's block changes both depths' logits, depth 2's
+    # block only depth 2's).
+    cfg = Config(dict(hidden_size=10, intermediate_size=7, num_hidden_layers=1, num_attention_heads=2,
+                      q_lora_rank=None, kv_lora_rank=6, qk_nope_head_dim=4, qk_rope_head_dim=4,
+                      v_head_dim=3, vocab_size=9, n_routed_experts=None, num_nextn_predict_layers=2))
+    W = {k: rng.normal(size=s) * (0.3 if len(s) == 2 else 1.0) for k, s in tensor_table(cfg, 2)}
+    toks = rng.integers(0, 9, size=7)
+    a = forward_mtp(cfg, W, toks)
+    assert [x.shape for x in a] == [(6, 9), (5, 9)]
+    t2 = toks.copy()
+    t2[-1] = (t2[-1] + 1) % 9
+    b = forward_mtp(cfg, W, t2)
+    assert np.array_equal(a[0][:-1], b[0][:-1]) and not np.allclose(a[0][-1], b[0][-1])
+    assert np.array_equal(a[1][:-1], b[1][:-1]) and not np.allclose(a[1][-1], b[1][-1])
+    for l, same0 in ((2, True), (1, False)):
+        W2 = dict(W)
+        W2[f"model.layers.{l}.mlp.down_proj.weight"] = W[f"model.layers.{l}.mlp.down_proj.weight"] * 1.5
+        c = forward_mtp(cfg, W2, toks)
+        assert np.array_equal(a[0], c[0]) == same0 and not np.allclose(a[1], c[1])
     print("model_ref self-checks passed")
 
 
