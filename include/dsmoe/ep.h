@@ -150,6 +150,8 @@ typedef struct dsmoe_ep_rank_stats {
     int64_t dispatch_bytes_sent; /* the dispatch part of bytes_sent */
     int64_t ranks_reached;   /* sum over its tokens of the ranks each reaches */
     int64_t remote_assignments; /* its tokens' assignments to experts of other ranks */
+    double expert_cpu_s;     /* CPU time of its experts' forward products (all its threads):
+                                its work, unaffected by waiting or by other processes */
 } dsmoe_ep_rank_stats;
 
 /* The last forward's figures, the same on every rank. per_rank (R entries) is owned by
@@ -159,6 +161,8 @@ typedef struct dsmoe_ep_stats {
     int64_t tokens;                /* global batch */
     double mean_ranks_per_token;   /* ranks a token reaches, averaged over the batch */
     double busiest_load_ratio;     /* max over ranks of assignments_in / their mean */
+    double max_expert_cpu_s;       /* max over ranks of expert_cpu_s: the step's critical
+                                      path when every rank has cores of its own */
     int64_t bytes_total;           /* sum of bytes_sent over ranks */
     const dsmoe_ep_rank_stats *per_rank;
 } dsmoe_ep_stats;

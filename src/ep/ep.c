@@ -31,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 _Static_assert(sizeof(int) == 4, "MPI_INT carries int32 assignment records");
 
@@ -92,9 +93,16 @@ struct dsmoe_ep {
     int64_t *statbuf; /* (R, 9) gathered figures */
     dsmoe_ep_stats gstats;
     int have_stats;
+    double cpu_s; /* expert products' CPU time in the last forward */
 };
 
 /* ---------------------------------------------------------------- helpers -- */
+
+static double ep_cpu_seconds(void) {
+    struct timespec ts;
+    if (clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts) != 0) return 0.0;
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 static int ep_grow(ep_buf *b, size_t n) {
     if (n <= b->size) return 1;
@@ -697,6 +705,7 @@ dsmoe_status dsmoe_ep_forward(dsmoe_ep *ep, float *y, const float *x, int64_t T,
             ntask++;
         }
     ep->n_tasks = ntask;
+    const double cpu0 = ep_cpu_seconds();
     {
         const int F = ep->F;
         float *Xg = (float *)ep->Xg.p, *GU = (float *)ep->GU.p, *H = (float *)ep->H.p,
@@ -708,6 +717,7 @@ dsmoe_status dsmoe_ep_forward(dsmoe_ep *ep, float *y, const float *x, int64_t T,
             ep_expert_forward(ep->w1[tk.e], ep->w2[tk.e], D, F, Xg + r0 * Dz, tk.n,
                               GU + r0 * 2 * (size_t)F, H + r0 * (size_t)F, Ye + r0 * Dz, tk.sgemm);
         }
+        ep->cpu_s = ep_cpu_seconds() - cpu0;
         float *ys = (float *)ep->ysend.p;
         for (int64_t j = 0; j < ep->n_asg; j++)
             memcpy(ys + (size_t)j * Dz, Ye + (size_t)slot[j] * Dz, Dz * 4);
@@ -755,11 +765,12 @@ dsmoe_status dsmoe_ep_forward(dsmoe_ep *ep, float *y, const float *x, int64_t T,
         mine[5] = disp_s;
         mine[6] = reached;
         mine[7] = remote_asg;
-        mine[8] = 0;
+        memcpy(&mine[8], &ep->cpu_s, sizeof(double));
         int64_t *all = ep->statbuf;
         MPI_Allgather(mine, 9, MPI_INT64_T, all, 9, MPI_INT64_T, ep->comm);
         {
             int64_t tot_asg = 0, max_asg = 0, tot_reached = 0, bytes = 0;
+            double max_cpu = 0.0;
             for (int r = 0; r < R; r++) {
                 const int64_t *v = all + (size_t)r * 9;
                 dsmoe_ep_rank_stats *s = &ep->stats[r];
@@ -773,6 +784,8 @@ dsmoe_status dsmoe_ep_forward(dsmoe_ep *ep, float *y, const float *x, int64_t T,
                 s->dispatch_bytes_sent = v[5];
                 s->ranks_reached = v[6];
                 s->remote_assignments = v[7];
+                memcpy(&s->expert_cpu_s, &v[8], sizeof(double));
+                if (s->expert_cpu_s > max_cpu) max_cpu = s->expert_cpu_s;
                 tot_asg += v[2];
                 if (v[2] > max_asg) max_asg = v[2];
                 tot_reached += v[6];
@@ -784,6 +797,7 @@ dsmoe_status dsmoe_ep_forward(dsmoe_ep *ep, float *y, const float *x, int64_t T,
             ep->gstats.busiest_load_ratio =
                 tot_asg ? (double)max_asg / ((double)tot_asg / (double)R) : 0.0;
             ep->gstats.bytes_total = bytes;
+            ep->gstats.max_expert_cpu_s = max_cpu;
             ep->gstats.per_rank = ep->stats;
             ep->have_stats = 1;
         }
@@ -1035,18 +1049,19 @@ dsmoe_status dsmoe_ep_stats_write_json(const dsmoe_ep_stats *st, const char *pat
     FILE *f = fopen(path, "w");
     if (!f) return dsmoe__error(DSMOE_STATUS_IO, "cannot write '%s'", path);
     fprintf(f, "{\"ranks\": %d, \"tokens\": %lld, \"mean_ranks_per_token\": %.6f, "
-               "\"busiest_load_ratio\": %.6f, \"bytes_total\": %lld, \"per_rank\": [",
+               "\"busiest_load_ratio\": %.6f, \"bytes_total\": %lld, \"max_expert_cpu_s\": %.6f, "
+               "\"per_rank\": [",
             (int)st->ranks, (long long)st->tokens, st->mean_ranks_per_token,
-            st->busiest_load_ratio, (long long)st->bytes_total);
+            st->busiest_load_ratio, (long long)st->bytes_total, st->max_expert_cpu_s);
     for (int r = 0; r < st->ranks; r++) {
         const dsmoe_ep_rank_stats *s = &st->per_rank[r];
         fprintf(f, "%s{\"rank\": %d, \"experts\": [%d, %d], \"tokens\": %lld, \"tokens_in\": %lld, "
                    "\"assignments_in\": %lld, \"bytes_sent\": %lld, \"bytes_received\": %lld, "
-                   "\"dispatch_bytes_sent\": %lld, \"remote_assignments\": %lld}",
+                   "\"dispatch_bytes_sent\": %lld, \"remote_assignments\": %lld, \"expert_cpu_s\": %.6f}",
                 r ? ", " : "", r, (int)s->first_expert, (int)s->last_expert, (long long)s->tokens,
                 (long long)s->tokens_in, (long long)s->assignments_in, (long long)s->bytes_sent,
                 (long long)s->bytes_received, (long long)s->dispatch_bytes_sent,
-                (long long)s->remote_assignments);
+                (long long)s->remote_assignments, s->expert_cpu_s);
     }
     fprintf(f, "]}\n");
     if (fclose(f) != 0) return dsmoe__error(DSMOE_STATUS_IO, "cannot write '%s'", path);
