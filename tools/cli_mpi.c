@@ -12,12 +12,14 @@
 
 static int mpi_on, mpi_rank, mpi_size = 1;
 
+#ifdef DSMOE_HAVE_MPI
 static int launched_by_mpi(void) {
     const char *v[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"};
     for (size_t i = 0; i < sizeof v / sizeof v[0]; i++)
         if (getenv(v[i])) return 1;
     return 0;
 }
+#endif
 
 int cli_mpi_init(int *argc, char ***argv) {
 #ifdef DSMOE_HAVE_MPI

@@ -148,11 +148,14 @@ typedef struct layer_ep_outputs {
 } layer_ep_outputs;
 
 /* Gathers rows of `unit` elements (slices in rank order) to rank 0. */
-static void layer_gather(const void *mine, int64_t n, void *all, const int64_t *off, int unit,
-                         MPI_Datatype type) {
-    const int R = cli_mpi_size();
+static void layer_gather(const void *mine, int64_t n, void *all, const int64_t *off, int R,
+                         int unit, MPI_Datatype type) {
     int *cnt = (int *)malloc((size_t)R * 2 * sizeof(int));
-    if (!cnt) MPI_Abort(MPI_COMM_WORLD, 1); /* a few ints: the gather cannot go on */
+    if (!cnt || !off) { /* a few ints: the gather cannot go on */
+        free(cnt);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+        return;
+    }
     for (int r = 0; r < R; r++) {
         cnt[r] = (int)((off[r + 1] - off[r]) * unit);
         cnt[R + r] = (int)(off[r] * unit);
@@ -198,7 +201,6 @@ static int layer_ep(const char *cmd, dsmoe_moe *moe, const float *x, int64_t T, 
         }
         ok = ok && y;
     }
-    s = ok ? DSMOE_OK : DSMOE_STATUS_OUT_OF_MEMORY;
     if (!ok) cli_fail(CLI_RUNTIME, cmd, "out of memory for %lld tokens", (long long)T);
     if (cli_mpi_agree(ok ? CLI_OK : CLI_RUNTIME, cmd) != CLI_OK) goto done;
     s = dsmoe_ep_forward(ep, y, x + (size_t)t0 * (size_t)D, n, threads);
@@ -207,10 +209,10 @@ static int layer_ep(const char *cmd, dsmoe_moe *moe, const float *x, int64_t T, 
         goto done;
     }
     const dsmoe_moe_routing *ro = dsmoe_ep_last_routing(ep);
-    layer_gather(y, n, yall, off, D, MPI_FLOAT);
-    layer_gather(ro->indices, n, iall, off, K, MPI_INT);
-    layer_gather(ro->weights, n, wall, off, K, MPI_FLOAT);
-    layer_gather(ro->logits, n, lall, off, E, MPI_FLOAT);
+    layer_gather(y, n, yall, off, R, D, MPI_FLOAT);
+    layer_gather(ro->indices, n, iall, off, R, K, MPI_INT);
+    layer_gather(ro->weights, n, wall, off, R, K, MPI_FLOAT);
+    layer_gather(ro->logits, n, lall, off, R, E, MPI_FLOAT);
     dsmoe_ep_stats st;
     dsmoe_ep_get_stats(ep, &st);
     rc = CLI_OK;

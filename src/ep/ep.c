@@ -321,25 +321,22 @@ dsmoe_status dsmoe_ep_create(MPI_Comm comm, dsmoe_moe *moe, const int32_t *bound
     if (out) *out = NULL;
     if (comm == MPI_COMM_NULL)
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_ep_create: MPI_COMM_NULL");
-    dsmoe_status st = DSMOE_OK;
     dsmoe_ep *ep = (dsmoe_ep *)calloc(1, sizeof *ep);
-    if (!ep) st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "dsmoe_ep_create: out of memory");
-    if (ep) {
-        ep->comm = MPI_COMM_NULL;
-        MPI_Comm_dup(comm, &ep->comm);
-        MPI_Comm_rank(ep->comm, &ep->rank);
-        MPI_Comm_size(ep->comm, &ep->R);
-    }
-    if (st == DSMOE_OK && (!moe || !out))
+    if (!ep) /* still agree with the others, on the communicator given */
+        return dsmoe_ep_agree(comm, dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY,
+                                                 "dsmoe_ep_create: out of memory"));
+    dsmoe_status st = DSMOE_OK;
+    ep->comm = MPI_COMM_NULL;
+    MPI_Comm_dup(comm, &ep->comm);
+    MPI_Comm_rank(ep->comm, &ep->rank);
+    MPI_Comm_size(ep->comm, &ep->R);
+    if (!moe || !out)
         st = dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_ep_create: NULL %s",
                           !moe ? "layer" : "out");
     if (st == DSMOE_OK) {
         ep->moe = moe;
         ep->cfg = *dsmoe_moe_get_config(moe);
         st = ep_setup(ep, bounds);
-    }
-    if (!ep) { /* still agree with the others, on the communicator given */
-        return dsmoe_ep_agree(comm, st);
     }
     st = dsmoe_ep_agree(ep->comm, st);
     if (st == DSMOE_OK) {
@@ -357,7 +354,7 @@ dsmoe_status dsmoe_ep_create(MPI_Comm comm, dsmoe_moe *moe, const int32_t *bound
                               "dsmoe_ep_create: the weights or bias of rank %d differ from rank "
                               "0's: every rank must load the same layer", bad);
     }
-    if (st != DSMOE_OK) {
+    if (st != DSMOE_OK || !out) {
         dsmoe_ep_free(ep);
         return st;
     }
@@ -567,7 +564,7 @@ dsmoe_status dsmoe_ep_forward(dsmoe_ep *ep, float *y, const float *x, int64_t T,
                           (long long)T);
     int32_t *idx = (int32_t *)ep->indices.p;
     float *wts = (float *)ep->weights.p;
-    if (st == DSMOE_OK && T > 0) {
+    if (st == DSMOE_OK && T > 0 && x) {
         const float *xr = x;
         if (Tr != T) {
             float *xp = (float *)ep->xpad.p;
@@ -587,6 +584,7 @@ dsmoe_status dsmoe_ep_forward(dsmoe_ep *ep, float *y, const float *x, int64_t T,
     }
     st = dsmoe_ep_agree(ep->comm, st);
     if (st != DSMOE_OK) return st;
+    if (T > 0 && (!x || !y)) return DSMOE_STATUS_INTERNAL; /* refused above, on every rank */
     int64_t *counts = (int64_t *)ep->counts.p;
     memset(counts, 0, (size_t)E * sizeof(int64_t));
     dsmoe__count_experts(counts, idx, T * K);
@@ -835,6 +833,7 @@ dsmoe_status dsmoe_ep_backward(dsmoe_ep *ep, float *dx, const float *dy, const f
                           !dy ? "dy" : "x");
     st = dsmoe_ep_agree(ep->comm, st);
     if (st != DSMOE_OK) return st;
+    if (T > 0 && (!dy || !x)) return DSMOE_STATUS_INTERNAL; /* refused above, on every rank */
     const int nt = ep_nthreads(ep, n_threads);
     const int32_t D = ep->D, E = ep->E, K = ep->K, F = ep->F, Fs = ep->Fs;
     const size_t Dz = (size_t)D;
