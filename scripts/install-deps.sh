@@ -9,7 +9,8 @@
 set -euo pipefail
 
 pkgs=(gcc make cmake pkg-config libc6-dev libblis-pthread-dev clang libclang-rt-14-dev libomp-dev clang-tidy cppcheck
-      python3 python3-dev python3-numpy)
+      python3 python3-dev python3-numpy
+      libopenmpi-dev openmpi-bin) # expert parallelism (src/ep) and its tests under mpirun
 optional=(python3-torch) # the Python package's PyTorch tests (large; skipped if unavailable)
 case "${1:-}" in
   bench|ref) pkgs+=(python3-torch); optional=() ;;

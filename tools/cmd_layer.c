@@ -3,9 +3,15 @@
  * .npy file, writing the layer output and optionally the routing. The tool an engine
  * author uses to check an MoE implementation against dsmoe. */
 #include "cli.h"
+#include "cli_mpi.h"
 
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+
+#ifdef DSMOE_HAVE_MPI
+#include "dsmoe/ep.h"
+#endif
 
 static const char *const layer_usage =
     "usage: dsmoe layer --weights L.safetensors --input X.npy --output Y.npy [options]\n"
@@ -49,6 +55,20 @@ static const char *const layer_usage =
     "bias (--bias B.npy replaces it; --no-bias routes without it). Every weight must be\n"
     "finite. Inputs of more than 8192 tokens are processed in chunks of 8192 (a capacity\n"
     "limit applies per chunk).\n"
+    "\n"
+    "expert parallelism (mpirun -np R dsmoe layer ...):\n"
+    "  every rank reads the same files; the routed experts are split over the ranks in\n"
+    "  contiguous blocks and the input's tokens too: --ep-split blocks (default) gives\n"
+    "  each rank whole blocks of 512 tokens (ceil(T/512/R) of them), which keeps the\n"
+    "  output bit-identical to one process on every CPU; --ep-split even gives rank r\n"
+    "  tokens [r*T/R, (r+1)*T/R) (bit-identical where BLIS's rows do not depend on the\n"
+    "  call's row count, as with its skx kernels). Rank 0 writes the outputs, in token\n"
+    "  order. The input is one step (no chunks of 8192). See docs/ep.md.\n"
+    "  --ep-stats S.json      the step's communication figures: {\"ranks\": R, \"per_rank\":\n"
+    "                         [{\"rank\": r, \"experts\": [first, last], \"tokens_in\": n,\n"
+    "                         \"bytes_sent\": b, \"bytes_received\": b, ...}, ...], ...}\n"
+    "                         (one process: \"ranks\": 1, no bytes)\n"
+    "  --ep-split blocks|even  how the tokens are split over the ranks (above)\n"
     "\n";
 
 #define LAYER_CHUNK 8192
@@ -106,12 +126,135 @@ static int check_against_saved(const char *cmd, int argc, char **argv, const int
     return 0;
 }
 
+/* --ep-stats of one process: every token stays on the only rank. */
+static int layer_stats_one(const char *cmd, const char *path, int64_t T, int32_t E, int32_t K) {
+    FILE *f = fopen(path, "w");
+    if (!f) return cli_fail(CLI_RUNTIME, cmd, "cannot write %s", path);
+    fprintf(f, "{\"ranks\": 1, \"tokens\": %lld, \"mean_ranks_per_token\": %.6f, "
+               "\"busiest_load_ratio\": %.6f, \"bytes_total\": 0, \"per_rank\": [{\"rank\": 0, "
+               "\"experts\": [0, %d], \"tokens\": %lld, \"tokens_in\": %lld, "
+               "\"assignments_in\": %lld, \"bytes_sent\": 0, \"bytes_received\": 0, "
+               "\"dispatch_bytes_sent\": 0, \"remote_assignments\": 0}]}\n",
+            (long long)T, T > 0 ? 1.0 : 0.0, T > 0 ? 1.0 : 0.0, (int)E - 1, (long long)T,
+            (long long)T, (long long)T * K);
+    if (fclose(f) != 0) return cli_fail(CLI_RUNTIME, cmd, "cannot write %s", path);
+    return 0;
+}
+
+#ifdef DSMOE_HAVE_MPI
+typedef struct layer_ep_outputs {
+    const char *y, *idx, *w, *logits, *stats, *prefix;
+    int json, even;
+} layer_ep_outputs;
+
+/* Gathers rows of `unit` elements (slices in rank order) to rank 0. */
+static void layer_gather(const void *mine, int64_t n, void *all, const int64_t *off, int R,
+                         int unit, MPI_Datatype type) {
+    int *cnt = (int *)malloc((size_t)R * 2 * sizeof(int));
+    if (!cnt || !off) { /* a few ints: the gather cannot go on */
+        free(cnt);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+        return;
+    }
+    for (int r = 0; r < R; r++) {
+        cnt[r] = (int)((off[r + 1] - off[r]) * unit);
+        cnt[R + r] = (int)(off[r] * unit);
+    }
+    MPI_Gatherv(mine, (int)(n * unit), type, all, cnt, cnt + R, type, 0, MPI_COMM_WORLD);
+    free(cnt);
+}
+
+/* The layer over the ranks: this rank's slice of x, outputs gathered and written by
+ * rank 0. Every rank returns the same code. */
+static int layer_ep(const char *cmd, dsmoe_moe *moe, const float *x, int64_t T, int threads,
+                    const layer_ep_outputs *o) {
+    const dsmoe_moe_config *cfg = dsmoe_moe_get_config(moe);
+    const int32_t D = cfg->hidden_size, E = cfg->router.n_experts, K = cfg->router.top_k;
+    const int R = cli_mpi_size(), rank = cli_mpi_rank();
+    if (T * (int64_t)(D > E ? D : E) > INT_MAX)
+        return cli_fail(CLI_RUNTIME, cmd, "%lld tokens of %d floats are too many for one MPI "
+                        "message: split the input", (long long)T, (int)(D > E ? D : E));
+    dsmoe_ep *ep = NULL;
+    dsmoe_status s = dsmoe_ep_create(MPI_COMM_WORLD, moe, NULL, &ep);
+    if (s != DSMOE_OK) return cli_fail_status(cmd, "expert parallelism", s);
+    int64_t *off = (int64_t *)malloc((size_t)(R + 1) * sizeof(int64_t));
+    const int64_t nb = (T + 511) / 512, per = (nb + R - 1) / R;
+    int rc = CLI_RUNTIME;
+    float *y = NULL, *yall = NULL, *wall = NULL, *lall = NULL;
+    int32_t *iall = NULL;
+    int ok = off != NULL;
+    if (off)
+        for (int r = 0; r <= R; r++) {
+            int64_t v = o->even ? T * r / R : per * r * 512;
+            off[r] = v < T ? v : T;
+        }
+    const int64_t t0 = off ? off[rank] : 0, n = off ? off[rank + 1] - t0 : 0;
+    if (ok) {
+        y = (float *)malloc((size_t)(n > 0 ? n : 1) * (size_t)D * sizeof(float));
+        if (rank == 0) {
+            size_t TT = (size_t)(T > 0 ? T : 1);
+            yall = (float *)malloc(TT * (size_t)D * sizeof(float));
+            iall = (int32_t *)malloc(TT * (size_t)K * sizeof(int32_t));
+            wall = (float *)malloc(TT * (size_t)K * sizeof(float));
+            lall = (float *)malloc(TT * (size_t)E * sizeof(float));
+            ok = yall && iall && wall && lall;
+        }
+        ok = ok && y;
+    }
+    if (!ok) cli_fail(CLI_RUNTIME, cmd, "out of memory for %lld tokens", (long long)T);
+    if (cli_mpi_agree(ok ? CLI_OK : CLI_RUNTIME, cmd) != CLI_OK) goto done;
+    s = dsmoe_ep_forward(ep, y, x + (size_t)t0 * (size_t)D, n, threads);
+    if (s != DSMOE_OK) {
+        rc = cli_fail_status(cmd, "forward", s);
+        goto done;
+    }
+    const dsmoe_moe_routing *ro = dsmoe_ep_last_routing(ep);
+    layer_gather(y, n, yall, off, R, D, MPI_FLOAT);
+    layer_gather(ro->indices, n, iall, off, R, K, MPI_INT);
+    layer_gather(ro->weights, n, wall, off, R, K, MPI_FLOAT);
+    layer_gather(ro->logits, n, lall, off, R, E, MPI_FLOAT);
+    dsmoe_ep_stats st;
+    dsmoe_ep_get_stats(ep, &st);
+    rc = CLI_OK;
+    if (rank == 0) {
+        int64_t shd[2] = {T, D}, shk[2] = {T, K}, she[2] = {T, E};
+        if ((o->y && cli_save_npy(cmd, o->y, DSMOE_DTYPE_F32, 2, shd, yall)) ||
+            (o->idx && cli_save_npy(cmd, o->idx, DSMOE_DTYPE_I32, 2, shk, iall)) ||
+            (o->w && cli_save_npy(cmd, o->w, DSMOE_DTYPE_F32, 2, shk, wall)) ||
+            (o->logits && cli_save_npy(cmd, o->logits, DSMOE_DTYPE_F32, 2, she, lall)))
+            rc = CLI_RUNTIME;
+        if (rc == CLI_OK && o->stats && dsmoe_ep_stats_write_json(&st, o->stats) != DSMOE_OK)
+            rc = cli_fail_file(CLI_RUNTIME, cmd, o->stats);
+        if (rc == CLI_OK && o->json) {
+            char cj[2048];
+            const int64_t *gc = dsmoe_ep_global_counts(ep);
+            dsmoe_moe_config_json(cfg, cj, sizeof cj);
+            printf("{\"tokens\": %lld, \"prefix\": \"%s\", \"dropped\": 0, \"isa\": \"%s\", "
+                   "\"ranks\": %d, \"config\": %s, \"counts\": [",
+                   (long long)T, o->prefix, dsmoe_isa(), R, cj);
+            for (int32_t e = 0; e < E; e++) printf("%s%lld", e ? ", " : "", (long long)gc[e]);
+            printf("]}\n");
+        }
+    }
+    rc = cli_mpi_agree(rc, cmd);
+done:
+    free(off);
+    free(y);
+    free(yall);
+    free(iall);
+    free(wall);
+    free(lall);
+    dsmoe_ep_free(ep);
+    return rc;
+}
+#endif
+
 int cmd_layer(int argc, char **argv) {
     const char *cmd = "layer";
     cli_router_flags rf;
     const char *weights_path = NULL, *prefix_arg = NULL, *in_path = NULL, *out_path = NULL;
     const char *out_idx = NULL, *out_w = NULL, *out_l = NULL, *dtype_arg = NULL;
-    const char *layout_arg = NULL, *save_path = NULL;
+    const char *layout_arg = NULL, *save_path = NULL, *ep_stats = NULL, *ep_split = NULL;
     long long threads = 0, n_shared = -1;
     double capacity = 0.0;
     int json = 0, experts_given = 0, capacity_given = 0, n_flags = 0;
@@ -143,6 +286,8 @@ int cmd_layer(int argc, char **argv) {
         else if (cli_opt(argc, argv, &i, "--out-weights", &v, &missing)) out_w = v;
         else if (cli_opt(argc, argv, &i, "--out-logits", &v, &missing)) out_l = v;
         else if (cli_opt(argc, argv, &i, "--save", &v, &missing)) save_path = v;
+        else if (cli_opt(argc, argv, &i, "--ep-stats", &v, &missing)) ep_stats = v;
+        else if (cli_opt(argc, argv, &i, "--ep-split", &v, &missing)) ep_split = v;
         else if (cli_opt(argc, argv, &i, "--dtype", &v, &missing)) dtype_arg = v;
         else if (cli_opt(argc, argv, &i, "--layout", &v, &missing)) layout_arg = v;
         else if (cli_opt(argc, argv, &i, "--shared-experts", &v, &missing)) {
@@ -164,7 +309,9 @@ int cmd_layer(int argc, char **argv) {
     }
     if (!weights_path) return cli_fail(CLI_USAGE, cmd, "--weights L.safetensors is required");
     if (!in_path) return cli_fail(CLI_USAGE, cmd, "--input X.npy is required");
-    if (!out_path && !out_idx && !out_w && !out_l && !json && !save_path)
+    if (ep_split && strcmp(ep_split, "blocks") != 0 && strcmp(ep_split, "even") != 0)
+        return cli_fail(CLI_USAGE, cmd, "--ep-split expects blocks or even, got '%s'", ep_split);
+    if (!out_path && !out_idx && !out_w && !out_l && !json && !save_path && !ep_stats)
         return cli_fail(CLI_USAGE, cmd, "nothing to write: give --output (or --out-indices, "
                                         "--out-weights, --out-logits, --save, --json)");
     dsmoe_dtype storage = DSMOE_DTYPE_F32;
@@ -180,7 +327,7 @@ int cmd_layer(int argc, char **argv) {
         else return cli_fail(CLI_USAGE, cmd, "--layout expects checkpoint or packed, got '%s'", layout_arg);
     }
 
-    int rc = CLI_RUNTIME;
+    int rc = CLI_RUNTIME, agreed = 0;
     dsmoe_safetensors *st = NULL;
     dsmoe_moe *moe = NULL;
     dsmoe_array x = {0}, bias = {0};
@@ -269,7 +416,7 @@ int cmd_layer(int argc, char **argv) {
             goto done;
         }
     }
-    if (save_path) {
+    if (save_path && cli_mpi_rank() == 0) { /* under mpirun, rank 0 writes */
         s = dsmoe_moe_save(moe, save_path, prefix);
         if (s != DSMOE_OK) {
             cli_fail_file(CLI_RUNTIME, cmd, save_path);
@@ -279,6 +426,17 @@ int cmd_layer(int argc, char **argv) {
     int64_t want[2] = {-1, D};
     if (cli_load_npy(cmd, in_path, DSMOE_DTYPE_F32, 2, want, &x)) goto done;
     const int64_t T = x.shape[0];
+    if (cli_mpi_active()) { /* every rank got here, or all fail here */
+        agreed = 1;
+        rc = cli_mpi_agree(CLI_OK, cmd);
+        if (rc != CLI_OK) goto done;
+#ifdef DSMOE_HAVE_MPI
+        layer_ep_outputs o = {out_path, out_idx, out_w, out_l, ep_stats, prefix, json,
+                              ep_split && strcmp(ep_split, "even") == 0};
+        rc = layer_ep(cmd, moe, (const float *)x.data, T, (int)threads, &o);
+#endif
+        goto done;
+    }
     s = dsmoe_moe_reserve(moe, T < 1 ? 1 : (T < LAYER_CHUNK ? T : LAYER_CHUNK), (int)threads);
     if (s != DSMOE_OK) {
         cli_fail_status(cmd, "reserving the workspace", s);
@@ -306,6 +464,7 @@ int cmd_layer(int argc, char **argv) {
     if (out_idx && cli_save_npy(cmd, out_idx, DSMOE_DTYPE_I32, 2, shk, idx)) goto done;
     if (out_w && cli_save_npy(cmd, out_w, DSMOE_DTYPE_F32, 2, shk, w)) goto done;
     if (out_l && cli_save_npy(cmd, out_l, DSMOE_DTYPE_F32, 2, she, lg)) goto done;
+    if (ep_stats && layer_stats_one(cmd, ep_stats, T, E, K)) goto done;
     if (json) {
         char cj[2048];
         dsmoe_moe_config_json(dsmoe_moe_get_config(moe), cj, sizeof cj);
@@ -317,6 +476,7 @@ int cmd_layer(int argc, char **argv) {
     }
     rc = CLI_OK;
 done:
+    if (cli_mpi_active() && !agreed) rc = cli_mpi_agree(rc, cmd); /* no rank left waiting */
     free(y);
     free(idx);
     free(w);

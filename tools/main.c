@@ -1,5 +1,6 @@
 /* main.c — `dsmoe <command> [options]`: dispatch to the subcommands. */
 #include "cli.h"
+#include "cli_mpi.h"
 
 #include <string.h>
 
@@ -44,7 +45,12 @@ int main(int argc, char **argv) {
         return CLI_OK;
     }
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
-        if (strcmp(argv[1], commands[i].name) == 0) return commands[i].fn(argc - 1, argv + 1);
+        if (strcmp(argv[1], commands[i].name) == 0) {
+            int rc = cli_mpi_init(&argc, &argv); /* under mpirun only (cli_mpi.h) */
+            if (rc == 0) rc = commands[i].fn(argc - 1, argv + 1);
+            cli_mpi_finalize();
+            return rc;
+        }
     fprintf(stderr, "dsmoe: unknown command '%s'\n\n", argv[1]);
     usage(stderr);
     return CLI_USAGE;

@@ -1,0 +1,22 @@
+/* cli_mpi.h — the CLI under mpirun: MPI is initialised only when the process was
+ * launched by an MPI launcher (Open MPI's OMPI_COMM_WORLD_SIZE, or PMI_SIZE /
+ * PMIX_RANK), so that `dsmoe ...` alone runs exactly as before. Without MPI in the
+ * build, a launch by mpirun with more than one process is refused (each process would
+ * write the same files). */
+#ifndef DSMOE_CLI_MPI_H
+#define DSMOE_CLI_MPI_H
+
+/* Returns 0, or CLI_USAGE after printing why (a multi-process launch of a build
+ * without MPI). */
+int cli_mpi_init(int *argc, char ***argv);
+void cli_mpi_finalize(void);
+/* 1 when MPI was initialised (under mpirun, even with one process). */
+int cli_mpi_active(void);
+int cli_mpi_rank(void);
+int cli_mpi_size(void);
+/* Collective (when active): every rank passes its exit code so far; returns CLI_OK if
+ * all are, else the lowest failing rank's code on every rank. The ranks that did not
+ * fail print "dsmoe CMD: rank r failed: <its last library error>". Inactive: rc. */
+int cli_mpi_agree(int rc, const char *cmd);
+
+#endif
