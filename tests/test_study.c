@@ -420,8 +420,9 @@ static void test_hostile(void) {
     snprintf(p, sizeof p, "%s/summary.json", tl_tmp("study_hostile"));
     char *js = read_all(p);
     ASSERT_TRUE(js && strstr(js, "<") == NULL); /* < > & as \u escapes: safe inside HTML too */
+    if (!js) return;
     dsmoe__jtree t = {0};
-    if (js) ASSERT_OK(dsmoe__jtree_parse(&t, js, strlen(js), "summary.json"));
+    ASSERT_OK(dsmoe__jtree_parse(&t, js, strlen(js), "summary.json"));
     int32_t r0 = dsmoe__jv_at(&t, dsmoe__jv_get(&t, 0, "runs"), 0);
     ASSERT_TRUE(r0 >= 0 && strcmp(t.nodes[dsmoe__jv_get(&t, r0, "name")].str, "x<i>\"'&amp;-seed1") == 0);
     dsmoe__jtree_free(&t);

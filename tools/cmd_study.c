@@ -244,7 +244,7 @@ int cmd_study(int argc, char **argv) {
         goto done;
     }
     char path[4096];
-    if ((st = dsmoe_report_write(out, NULL, path, sizeof path))) {
+    if (dsmoe_report_write(out, NULL, path, sizeof path) != DSMOE_OK) {
         rc_code = cli_fail(CLI_RUNTIME, "study", "report: %s", dsmoe_last_error());
         goto done;
     }

@@ -22,7 +22,7 @@ typedef struct jparser {
 } jparser;
 
 static dsmoe_status jfail(const jparser *p, const char *problem) {
-    return dsmoe__error(DSMOE_STATUS_FORMAT, "%s: %s at column %zu", p->what, problem, p->pos + 1);
+    return DSMOE__FAIL(DSMOE_STATUS_FORMAT, "%s: %s at column %zu", p->what, problem, p->pos + 1);
 }
 
 static void jws(jparser *p) {
@@ -36,7 +36,7 @@ static dsmoe_status jnode(jparser *p, dsmoe__jv_kind kind, int32_t *out) {
     if (t->n == t->cap) {
         int32_t nc = t->cap ? t->cap * 2 : 256;
         dsmoe__jv *nn = realloc(t->nodes, (size_t)nc * sizeof *nn);
-        if (!nn) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "%s: out of memory", p->what);
+        if (!nn) return DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "%s: out of memory", p->what);
         t->nodes = nn;
         t->cap = nc;
     }
@@ -261,7 +261,7 @@ dsmoe_status dsmoe__jtree_parse(dsmoe__jtree *t, const char *s, size_t n, const 
     t->text_used = 0;
     if (t->text_cap < n + 1) {
         char *nt = realloc(t->text, n + 1);
-        if (!nt) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "%s: out of memory", what);
+        if (!nt) return DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "%s: out of memory", what);
         t->text = nt;
         t->text_cap = n + 1;
     }
@@ -411,7 +411,7 @@ void dsmoe__buf_free(dsmoe__buf *b) {
 }
 
 dsmoe_status dsmoe__buf_save(const dsmoe__buf *b, const char *path) {
-    if (b->oom) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "%s: out of memory", path);
+    if (b->oom) return DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "%s: out of memory", path);
     dsmoe__atomic_file f;
     dsmoe_status st = dsmoe__atomic_open(&f, path);
     if (st) return st;

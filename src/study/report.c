@@ -60,7 +60,7 @@ static void emit(rep *R, const char *file, const char *caption, dsmoe__buf *svg)
     size_t L = strlen(R->svg_dir) + strlen(file) + 2;
     char *p = malloc(L);
     if (!p) {
-        R->st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+        R->st = DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
         return;
     }
     snprintf(p, L, "%s/%s", R->svg_dir, file);
@@ -92,7 +92,7 @@ static void chart_loss(rep *R) {
     double **xs = calloc(n2, sizeof *xs);
     char (*lab)[160] = calloc(n2, sizeof *lab);
     if (!s || !xs || !lab) {
-        R->st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+        R->st = DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
         goto done;
     }
     for (int32_t i = 0; i < R->n; i++) {
@@ -100,7 +100,7 @@ static void chart_loss(rep *R) {
         int first = R->first[R->group[i]] == i;
         double *x = malloc((size_t)(t->nt + t->ne + 1) * sizeof *x);
         if (!x) {
-            R->st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+            R->st = DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
             goto done;
         }
         xs[i] = x;
@@ -131,7 +131,7 @@ static void chart_maxvio(rep *R) {
     dsmoe__series *s = calloc(n, sizeof *s);
     double **xs = calloc(n, sizeof *xs), **ys = calloc(n, sizeof *ys);
     if (!s || !xs || !ys) {
-        R->st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+        R->st = DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
         goto done;
     }
     for (int32_t i = 0; i < R->n; i++) {
@@ -139,7 +139,7 @@ static void chart_maxvio(rep *R) {
         xs[i] = malloc((size_t)(t->nt + 1) * sizeof(double));
         ys[i] = malloc((size_t)(t->nt + 1) * sizeof(double));
         if (!xs[i] || !ys[i]) {
-            R->st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+            R->st = DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
             goto done;
         }
         for (int64_t r = 0; r < t->nt; r++) {
@@ -177,7 +177,7 @@ static void chart_load(rep *R, int32_t g) {
     if (!v || !w) {
         free(v);
         free(w);
-        R->st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+        R->st = DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
         return;
     }
     double vmax = 0;
@@ -224,7 +224,7 @@ static void chart_domains(rep *R, int32_t g) {
     char (*cl)[12] = calloc((size_t)E, sizeof *cl);
     const char **clp = calloc((size_t)E, sizeof *clp);
     if (!v || !rl || !cl || !clp) {
-        R->st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+        R->st = DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
         goto done;
     }
     double vmax = 0;
@@ -269,7 +269,7 @@ static void chart_topweight(rep *R) {
     dsmoe__series *s = calloc(ng, sizeof *s);
     double x[DSMOE__HIST_BINS];
     if (!h || !s) {
-        R->st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+        R->st = DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
         goto done;
     }
     for (int k = 0; k < DSMOE__HIST_BINS; k++) x[k] = (k + 0.5) / DSMOE__HIST_BINS;
@@ -338,7 +338,7 @@ static void header(rep *R, const char *dir) {
 }
 
 dsmoe_status dsmoe_report_write(const char *dir, const dsmoe_report_options *opts, char *path_out, size_t cap) {
-    if (!dir) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_report_write: NULL folder");
+    if (!dir) return DSMOE__FAIL(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_report_write: NULL folder");
     dsmoe_report_options o;
     dsmoe_report_options_default(&o);
     if (opts) o = *opts;
@@ -349,13 +349,14 @@ dsmoe_status dsmoe_report_write(const char *dir, const dsmoe_report_options *opt
     char *html_path = NULL, *svg_dir = NULL;
     dsmoe_status st = dsmoe__list_runs(dir, &paths, &n);
     if (st) return st;
+    if (n < 1) return DSMOE__FAIL(DSMOE_STATUS_IO, "%s: no runs", dir);
     R.tr = calloc((size_t)n, sizeof *R.tr);
     R.sum = calloc((size_t)n, sizeof *R.sum);
     R.group = calloc((size_t)n, sizeof *R.group);
     R.first = calloc((size_t)n, sizeof *R.first);
     R.lmain = calloc((size_t)n, sizeof *R.lmain);
     if (!R.tr || !R.sum || !R.group || !R.first || !R.lmain) {
-        st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+        st = DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
         goto done;
     }
     for (int32_t i = 0; i < n; i++) {
@@ -375,7 +376,7 @@ dsmoe_status dsmoe_report_write(const char *dir, const dsmoe_report_options *opt
             char list[256] = "";
             for (int32_t k = 0; k < R.tr[i].n_main && strlen(list) < 200; k++)
                 snprintf(list + strlen(list), sizeof list - strlen(list), "%s%d", k ? ", " : "", R.tr[i].main_layer[k]);
-            st = dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "--layer %d is not a main MoE layer of run %s (those are: %s)",
+            st = DSMOE__FAIL(DSMOE_STATUS_INVALID_ARGUMENT, "--layer %d is not a main MoE layer of run %s (those are: %s)",
                               R.layer, R.tr[i].name, list);
             goto done;
         }
@@ -388,7 +389,7 @@ dsmoe_status dsmoe_report_write(const char *dir, const dsmoe_report_options *opt
         snprintf(html_path, L, "%s/report.html", dir);
     }
     if (!html_path) {
-        st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+        st = DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
         goto done;
     }
     if (o.svg_dir) {
@@ -403,7 +404,7 @@ dsmoe_status dsmoe_report_write(const char *dir, const dsmoe_report_options *opt
         }
     }
     if (!svg_dir) {
-        st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+        st = DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
         goto done;
     }
     R.svg_dir = svg_dir;

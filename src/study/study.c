@@ -30,12 +30,12 @@
 #endif
 
 static dsmoe_status no_runs(const char *what) {
-    return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: training runs (dsmoe_run) are not built into this library",
+    return DSMOE__FAIL(DSMOE_STATUS_INVALID_ARGUMENT, "%s: training runs (dsmoe_run) are not built into this library",
                         what);
 }
 
 dsmoe_status dsmoe_study_config_default(const char *preset, dsmoe_study_config *sc) {
-    if (!sc) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_study_config_default: NULL config");
+    if (!sc) return DSMOE__FAIL(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_study_config_default: NULL config");
     if (!dsmoe_run_config_default) return no_runs("dsmoe_study_config_default");
     dsmoe_study_config tmp;
     memset(&tmp, 0, sizeof tmp);
@@ -69,26 +69,26 @@ typedef struct planned {
 static dsmoe_status plan(const dsmoe_study_config *sc, planned *out, int32_t cap, int32_t *n) {
     *n = 0;
     if (sc->n_seeds < 1 || sc->n_seeds > 1000)
-        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG, "seeds = %d: must be 1..1000", sc->n_seeds);
+        return DSMOE__FAIL(DSMOE_STATUS_INVALID_CONFIG, "seeds = %d: must be 1..1000", sc->n_seeds);
     if (sc->n_alphas < 0 || (sc->n_alphas > 0 && !sc->alphas))
-        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG, "alphas: %d values but no array", sc->n_alphas);
+        return DSMOE__FAIL(DSMOE_STATUS_INVALID_CONFIG, "alphas: %d values but no array", sc->n_alphas);
     for (int32_t a = 0; a < sc->n_alphas; a++)
         if (!(sc->alphas[a] >= 0) || !isfinite(sc->alphas[a]))
-            return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG, "alpha = %g: must be finite and >= 0", sc->alphas[a]);
+            return DSMOE__FAIL(DSMOE_STATUS_INVALID_CONFIG, "alpha = %g: must be finite and >= 0", sc->alphas[a]);
     int ns = n_strategies(sc);
-    if (ns < 1) return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG, "strategies: none given");
+    if (ns < 1) return DSMOE__FAIL(DSMOE_STATUS_INVALID_CONFIG, "strategies: none given");
     for (int i = 0; i < ns; i++) {
         const char *s = strategy_at(sc, i);
         if (!s || !s[0] || strlen(s) > 60 || strchr(s, '/'))
-            return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG, "strategies: a bad name '%s'", s ? s : "(null)");
+            return DSMOE__FAIL(DSMOE_STATUS_INVALID_CONFIG, "strategies: a bad name '%s'", s ? s : "(null)");
         for (int j = 0; j < i; j++)
             if (strcmp(strategy_at(sc, j), s) == 0)
-                return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG, "strategies: '%s' given twice", s);
+                return DSMOE__FAIL(DSMOE_STATUS_INVALID_CONFIG, "strategies: '%s' given twice", s);
         int aux = strcmp(s, "aux-loss") == 0 && sc->n_alphas > 0;
         int na = aux ? sc->n_alphas : 1;
         for (int a = 0; a < na; a++)
             for (int32_t k = 1; k <= sc->n_seeds; k++) {
-                if (*n == cap) return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG, "more than %d runs", cap);
+                if (*n == cap) return DSMOE__FAIL(DSMOE_STATUS_INVALID_CONFIG, "more than %d runs", cap);
                 planned *p = &out[(*n)++];
                 p->strategy = s;
                 p->alpha = aux ? sc->alphas[a] : NAN;
@@ -102,9 +102,9 @@ static dsmoe_status plan(const dsmoe_study_config *sc, planned *out, int32_t cap
 
 dsmoe_status dsmoe_study_plan(const dsmoe_study_config *sc, char (*names)[128], int32_t cap, int32_t *n_runs) {
     if (!sc || !n_runs || (cap > 0 && !names))
-        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_study_plan: NULL argument");
+        return DSMOE__FAIL(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_study_plan: NULL argument");
     planned *p = calloc(DSMOE_STUDY_MAX_RUNS, sizeof *p);
-    if (!p) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+    if (!p) return DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
     int32_t n;
     dsmoe_status st = plan(sc, p, DSMOE_STUDY_MAX_RUNS, &n);
     if (!st) {
@@ -140,7 +140,7 @@ static int is_dir(const char *p) {
 
 static dsmoe_status make_dir(const char *p) {
     if (mkdir(p, 0777) == 0 || (errno == EEXIST && is_dir(p))) return DSMOE_OK;
-    return dsmoe__error(DSMOE_STATUS_IO, "%s: cannot create the folder: %s", p, strerror(errno));
+    return DSMOE__FAIL(DSMOE_STATUS_IO, "%s: cannot create the folder: %s", p, strerror(errno));
 }
 
 /* 1: the run in dir reached `steps` (a train and an eval record at that step, and a
@@ -200,7 +200,7 @@ static void on_step(const dsmoe_run_progress *p, void *user) {
 
 dsmoe_status dsmoe_study_run(const dsmoe_study_config *sc, const char *out_dir, int32_t n_threads,
                              dsmoe_study_progress_fn progress, void *user) {
-    if (!sc || !out_dir) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_study_run: NULL argument");
+    if (!sc || !out_dir) return DSMOE__FAIL(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_study_run: NULL argument");
     if (!dsmoe_run || !dsmoe_run_strategy_apply || (!sc->strategies && !dsmoe_run_strategy_name))
         return no_runs("dsmoe_study_run");
     planned *pl = calloc(DSMOE_STUDY_MAX_RUNS, sizeof *pl);
@@ -211,7 +211,7 @@ dsmoe_status dsmoe_study_run(const dsmoe_study_config *sc, const char *out_dir, 
     dsmoe_status st = DSMOE_OK;
     int32_t n = 0;
     if (!pl || !rcs || !done || !runs || !dir) {
-        st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+        st = DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
         goto out;
     }
     if ((st = plan(sc, pl, DSMOE_STUDY_MAX_RUNS, &n))) goto out;

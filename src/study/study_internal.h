@@ -12,6 +12,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* dsmoe__error whose result is visibly the (nonzero) status, for the static analyzer. */
+#define DSMOE__FAIL(status, ...) ((void)dsmoe__error(status, __VA_ARGS__), (status))
+
 /* ------------------------------------------------------------- JSON tree -- */
 typedef enum { DSMOE__JV_NULL, DSMOE__JV_BOOL, DSMOE__JV_NUM, DSMOE__JV_STR, DSMOE__JV_ARR,
                DSMOE__JV_OBJ } dsmoe__jv_kind;

@@ -229,7 +229,7 @@ void dsmoe__summarize_trace(const dsmoe__trace *tr, dsmoe_run_summary *s) {
 }
 
 dsmoe_status dsmoe_run_summarize(const char *run_dir, dsmoe_run_summary *s) {
-    if (!run_dir || !s) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_run_summarize: NULL argument");
+    if (!run_dir || !s) return DSMOE__FAIL(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_run_summarize: NULL argument");
     dsmoe__trace tr;
     dsmoe_status st = dsmoe__trace_load(run_dir, &tr);
     if (st) return st;
@@ -266,7 +266,7 @@ dsmoe_status dsmoe__list_runs(const char *dir, char ***paths, int32_t *n) {
         char **p = malloc(sizeof *p);
         if (!p || !(p[0] = strdup(dir))) {
             free(p);
-            return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+            return DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
         }
         *paths = p;
         *n = 1;
@@ -274,12 +274,12 @@ dsmoe_status dsmoe__list_runs(const char *dir, char ***paths, int32_t *n) {
     }
     size_t L = strlen(dir) + 8;
     char *runs = malloc(L);
-    if (!runs) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+    if (!runs) return DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
     snprintf(runs, L, "%s/runs", dir);
     DIR *d = opendir(runs);
     if (!d) {
         free(runs);
-        return dsmoe__error(DSMOE_STATUS_IO, "%s: neither a run folder (no metrics.jsonl) nor a study folder (no runs/)",
+        return DSMOE__FAIL(DSMOE_STATUS_IO, "%s: neither a run folder (no metrics.jsonl) nor a study folder (no runs/)",
                             dir);
     }
     char **list = NULL;
@@ -291,7 +291,7 @@ dsmoe_status dsmoe__list_runs(const char *dir, char ***paths, int32_t *n) {
         size_t pl = strlen(runs) + strlen(de->d_name) + 2;
         char *p = malloc(pl);
         if (!p) {
-            st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+            st = DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
             break;
         }
         snprintf(p, pl, "%s/%s", runs, de->d_name);
@@ -301,7 +301,7 @@ dsmoe_status dsmoe__list_runs(const char *dir, char ***paths, int32_t *n) {
         }
         if (cnt == DSMOE_STUDY_MAX_RUNS) {
             free(p);
-            st = dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "%s: more than %d runs", runs, DSMOE_STUDY_MAX_RUNS);
+            st = DSMOE__FAIL(DSMOE_STATUS_INVALID_ARGUMENT, "%s: more than %d runs", runs, DSMOE_STUDY_MAX_RUNS);
             break;
         }
         if (cnt == cap) {
@@ -309,7 +309,7 @@ dsmoe_status dsmoe__list_runs(const char *dir, char ***paths, int32_t *n) {
             char **nl = realloc(list, (size_t)cap * sizeof *nl);
             if (!nl) {
                 free(p);
-                st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+                st = DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
                 break;
             }
             list = nl;
@@ -317,7 +317,7 @@ dsmoe_status dsmoe__list_runs(const char *dir, char ***paths, int32_t *n) {
         list[cnt++] = p;
     }
     closedir(d);
-    if (!st && cnt == 0) st = dsmoe__error(DSMOE_STATUS_IO, "%s: no run folder with a metrics.jsonl", runs);
+    if (!st && cnt == 0) st = DSMOE__FAIL(DSMOE_STATUS_IO, "%s: no run folder with a metrics.jsonl", runs);
     free(runs);
     if (st) {
         dsmoe__free_list(list, cnt);
@@ -412,12 +412,13 @@ static dsmoe_status study_sum_build(const char *dir, study_sum *ss) {
     int32_t n;
     dsmoe_status st = dsmoe__list_runs(dir, &paths, &n);
     if (st) return st;
+    if (n < 1) return DSMOE__FAIL(DSMOE_STATUS_IO, "%s: no runs", dir);
     ss->rs = calloc((size_t)n, sizeof *ss->rs);
     ss->gs = calloc((size_t)n, sizeof *ss->gs);
     if (!ss->rs || !ss->gs) {
         dsmoe__free_list(paths, n);
         study_sum_free(ss);
-        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+        return DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
     }
     for (int32_t i = 0; i < n && !st; i++) st = dsmoe_run_summarize(paths[i], &ss->rs[i]);
     dsmoe__free_list(paths, n);
@@ -562,7 +563,7 @@ static void write_csv(const study_sum *ss, dsmoe__buf *b) {
 static dsmoe_status save_in(const char *out_dir, const char *file, const dsmoe__buf *b) {
     size_t L = strlen(out_dir) + strlen(file) + 2;
     char *p = malloc(L);
-    if (!p) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+    if (!p) return DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
     snprintf(p, L, "%s/%s", out_dir, file);
     dsmoe_status st = dsmoe__buf_save(b, p);
     free(p);
@@ -570,7 +571,7 @@ static dsmoe_status save_in(const char *out_dir, const char *file, const dsmoe__
 }
 
 dsmoe_status dsmoe_study_summarize(const char *dir, const char *out_dir) {
-    if (!dir || !out_dir) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_study_summarize: NULL argument");
+    if (!dir || !out_dir) return DSMOE__FAIL(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_study_summarize: NULL argument");
     study_sum ss;
     dsmoe_status st = study_sum_build(dir, &ss);
     if (st) return st;

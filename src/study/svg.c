@@ -88,15 +88,15 @@ void dsmoe__svg_lines(dsmoe__buf *b, const dsmoe__chart *c, const dsmoe__series 
     /* grid and ticks */
     char t[48];
     double xs = tick_step(x1 - x0, 6);
-    for (double v = ceil(x0 / xs) * xs; v <= x1 + xs * 1e-9; v += xs) {
-        double px = PX(v);
+    for (int64_t k = (int64_t)ceil(x0 / xs); (double)k * xs <= x1 + xs * 1e-9; k++) {
+        double v = (double)k * xs, px = PX(v);
         fmt_tick(t, sizeof t, v, xs);
         dsmoe__buf_printf(b, "<line x1=\"%.1f\" y1=\"%d\" x2=\"%.1f\" y2=\"%d\" stroke=\"#dddddd\"/>"
                              "<text x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">%s</text>\n",
                           px, MT, px, MT + H, px, MT + H + 16, t);
     }
     if (log_y) {
-        for (double e = floor(y0); e <= ceil(y1); e += 1)
+        for (int e = (int)floor(y0); e <= (int)ceil(y1); e++)
             for (int m = 1; m <= 9; m++) {
                 double v = e + log10((double)m);
                 if (v < y0 || v > y1) continue;
@@ -110,8 +110,8 @@ void dsmoe__svg_lines(dsmoe__buf *b, const dsmoe__chart *c, const dsmoe__series 
             }
     } else {
         double ys = tick_step(y1 - y0, 5);
-        for (double v = ceil(y0 / ys) * ys; v <= y1 + ys * 1e-9; v += ys) {
-            double py = PY(v);
+        for (int64_t k = (int64_t)ceil(y0 / ys); (double)k * ys <= y1 + ys * 1e-9; k++) {
+            double v = (double)k * ys, py = PY(v);
             fmt_tick(t, sizeof t, v, ys);
             dsmoe__buf_printf(b, "<line x1=\"%d\" y1=\"%.1f\" x2=\"%d\" y2=\"%.1f\" stroke=\"#dddddd\"/>"
                                  "<text x=\"%d\" y=\"%.1f\" text-anchor=\"end\">%s</text>\n",

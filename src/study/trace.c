@@ -25,7 +25,7 @@ typedef struct ctx {
 } ctx;
 
 static dsmoe_status bad(const ctx *c, const char *field, const char *problem) {
-    return dsmoe__error(DSMOE_STATUS_FORMAT, "%s line %lld: field '%s': %s", c->path,
+    return DSMOE__FAIL(DSMOE_STATUS_FORMAT, "%s line %lld: field '%s': %s", c->path,
                         (long long)c->line, field, problem);
 }
 
@@ -134,7 +134,7 @@ static dsmoe_status parse_run(const ctx *c, int32_t root, dsmoe__trace *tr) {
     tr->D = c->t->nodes[doms].n;
     if (tr->D > DSMOE_SUMMARY_MAX_DOMAINS) return bad(c, "domains", "more than 16 domains");
     tr->domains = calloc((size_t)(tr->D ? tr->D : 1), sizeof *tr->domains);
-    if (!tr->domains) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "%s: out of memory", c->path);
+    if (!tr->domains) return DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "%s: out of memory", c->path);
     int32_t k = 0;
     for (int32_t i = c->t->nodes[doms].first; i >= 0; i = c->t->nodes[i].next, k++) {
         if (c->t->nodes[i].kind != DSMOE__JV_STR) return wrong_type(c, "domains", i, "strings");
@@ -149,7 +149,7 @@ static dsmoe_status parse_run(const ctx *c, int32_t root, dsmoe__trace *tr) {
     tr->layer_mtp = calloc((size_t)tr->n_layers, 1);
     tr->main_layer = calloc((size_t)tr->n_layers, sizeof *tr->main_layer);
     if (!tr->layer_id || !tr->layer_mtp || !tr->main_layer)
-        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "%s: out of memory", c->path);
+        return DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "%s: out of memory", c->path);
     k = 0;
     for (int32_t i = c->t->nodes[ls].first; i >= 0; i = c->t->nodes[i].next, k++) {
         if (c->t->nodes[i].kind != DSMOE__JV_OBJ) return wrong_type(c, "moe_layers", i, "objects");
@@ -182,7 +182,7 @@ static dsmoe_status grow_train(dsmoe__trace *tr) {
         !grow((void **)&tr->t_grad, nc, sizeof(double)) || !grow((void **)&tr->t_tps, nc, sizeof(double)) ||
         !grow((void **)&tr->t_counts, nc, LE * sizeof(double)) ||
         !grow((void **)&tr->t_bias_absmax, nc, (size_t)tr->n_main * sizeof(double)))
-        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "metrics: out of memory");
+        return DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "metrics: out of memory");
     tr->cap_t = nc;
     return DSMOE_OK;
 }
@@ -197,7 +197,7 @@ static dsmoe_status grow_eval(dsmoe__trace *tr) {
         !grow((void **)&tr->e_dcounts, nc, LE * D * sizeof(double)) ||
         !grow((void **)&tr->e_hist, nc, (size_t)tr->n_main * DSMOE__HIST_BINS * sizeof(double)) ||
         !grow((void **)&tr->e_sent, nc, (size_t)tr->n_main * sizeof(double)))
-        return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "metrics: out of memory");
+        return DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "metrics: out of memory");
     tr->cap_e = nc;
     return DSMOE_OK;
 }
@@ -349,7 +349,7 @@ dsmoe_status dsmoe__trace_parse(const char *text, size_t n, const char *path, ds
         }
         ctx c = {&t, path, line};
         if (t.nodes[0].kind != DSMOE__JV_OBJ) {
-            st = dsmoe__error(DSMOE_STATUS_FORMAT, "%s: not a JSON object", what);
+            st = DSMOE__FAIL(DSMOE_STATUS_FORMAT, "%s: not a JSON object", what);
             break;
         }
         char type[16];
@@ -364,7 +364,7 @@ dsmoe_status dsmoe__trace_parse(const char *text, size_t n, const char *path, ds
         }
         if (!have_run) {
             if (strcmp(type, "run") != 0) {
-                st = dsmoe__error(DSMOE_STATUS_FORMAT, "%s: the first record is not the \"run\" record", what);
+                st = DSMOE__FAIL(DSMOE_STATUS_FORMAT, "%s: the first record is not the \"run\" record", what);
                 break;
             }
             if ((st = parse_run(&c, 0, tr))) break;
@@ -372,12 +372,12 @@ dsmoe_status dsmoe__trace_parse(const char *text, size_t n, const char *path, ds
             mains = calloc((size_t)tr->n_main, sizeof *mains);
             seen = calloc((size_t)tr->n_main, 1);
             if (!items || !mains || !seen) {
-                st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "%s: out of memory", path);
+                st = DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "%s: out of memory", path);
                 break;
             }
             have_run = 1;
         } else if (strcmp(type, "run") == 0) {
-            st = dsmoe__error(DSMOE_STATUS_FORMAT, "%s: a second \"run\" record", what);
+            st = DSMOE__FAIL(DSMOE_STATUS_FORMAT, "%s: a second \"run\" record", what);
             break;
         } else if (strcmp(type, "train") == 0) {
             if ((st = parse_train(&c, 0, tr, items, mains, seen))) break;
@@ -385,7 +385,7 @@ dsmoe_status dsmoe__trace_parse(const char *text, size_t n, const char *path, ds
             if ((st = parse_eval(&c, 0, tr, items, mains, seen))) break;
         }
     }
-    if (!st && !have_run) st = dsmoe__error(DSMOE_STATUS_FORMAT, "%s: no \"run\" record (empty file)", path);
+    if (!st && !have_run) st = DSMOE__FAIL(DSMOE_STATUS_FORMAT, "%s: no \"run\" record (empty file)", path);
     free(items);
     free(mains);
     free(seen);
@@ -397,7 +397,7 @@ dsmoe_status dsmoe__trace_load(const char *dir, dsmoe__trace *tr) {
     memset(tr, 0, sizeof *tr);
     size_t L = strlen(dir);
     char *path = malloc(L + 32);
-    if (!path) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
+    if (!path) return DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
     snprintf(path, L + 32, "%s/metrics.jsonl", dir);
     const char *base = dir + L;
     while (base > dir && base[-1] == '/') base--;
