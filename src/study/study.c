@@ -29,6 +29,8 @@
 #pragma weak dsmoe_run_config_validate
 #endif
 
+dsmoe__study_hooks dsmoe__study_test_hooks = {NULL, NULL};
+
 static dsmoe_status no_runs(const char *what) {
     return DSMOE__FAIL(DSMOE_STATUS_INVALID_ARGUMENT, "%s: training runs (dsmoe_run) are not built into this library",
                         what);
@@ -118,7 +120,8 @@ dsmoe_status dsmoe_study_plan(const dsmoe_study_config *sc, char (*names)[128], 
 /* The config of one planned run. */
 static dsmoe_status run_config(const dsmoe_study_config *sc, const planned *p, dsmoe_run_config *rc) {
     *rc = sc->base;
-    dsmoe_status st = dsmoe_run_strategy_apply(p->strategy, rc);
+    dsmoe_status st = dsmoe__study_test_hooks.strategy_apply ? dsmoe__study_test_hooks.strategy_apply(p->strategy, rc)
+                                                             : dsmoe_run_strategy_apply(p->strategy, rc);
     if (st) return st;
     rc->seed = (uint64_t)p->seed;
     rc->train.seed = (uint64_t)p->seed;
@@ -201,7 +204,10 @@ static void on_step(const dsmoe_run_progress *p, void *user) {
 dsmoe_status dsmoe_study_run(const dsmoe_study_config *sc, const char *out_dir, int32_t n_threads,
                              dsmoe_study_progress_fn progress, void *user) {
     if (!sc || !out_dir) return DSMOE__FAIL(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_study_run: NULL argument");
-    if (!dsmoe_run || !dsmoe_run_strategy_apply || (!sc->strategies && !dsmoe_run_strategy_name))
+    dsmoe_status (*run)(const dsmoe_run_config *, const char *, const dsmoe_run_options *, dsmoe_run_result *) =
+        dsmoe__study_test_hooks.run ? dsmoe__study_test_hooks.run : dsmoe_run;
+    if (!run || (!dsmoe_run_strategy_apply && !dsmoe__study_test_hooks.strategy_apply) ||
+        (!sc->strategies && !dsmoe_run_strategy_name))
         return no_runs("dsmoe_study_run");
     planned *pl = calloc(DSMOE_STUDY_MAX_RUNS, sizeof *pl);
     dsmoe_run_config *rcs = calloc(DSMOE_STUDY_MAX_RUNS, sizeof *rcs);
@@ -221,7 +227,7 @@ dsmoe_status dsmoe_study_run(const dsmoe_study_config *sc, const char *out_dir, 
             st = run_error(st, pl[i].name);
             goto out;
         }
-        if (dsmoe_run_config_validate && (st = dsmoe_run_config_validate(&rcs[i]))) {
+        if (!dsmoe__study_test_hooks.run && dsmoe_run_config_validate && (st = dsmoe_run_config_validate(&rcs[i]))) {
             st = run_error(st, pl[i].name);
             goto out;
         }
@@ -260,7 +266,7 @@ dsmoe_status dsmoe_study_run(const dsmoe_study_config *sc, const char *out_dir, 
         ro.resume = has_checkpoint(dir);
         ro.progress = on_step;
         ro.user = &cb;
-        if ((st = dsmoe_run(&rcs[i], dir, &ro, NULL))) {
+        if ((st = run(&rcs[i], dir, &ro, NULL))) {
             st = run_error(st, pl[i].name);
             goto out;
         }

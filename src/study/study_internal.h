@@ -99,6 +99,15 @@ void dsmoe__summarize_trace(const dsmoe__trace *tr, dsmoe_run_summary *s);
 dsmoe_status dsmoe__list_runs(const char *dir, char ***paths, int32_t *n);
 void dsmoe__free_list(char **paths, int32_t n);
 
+/* Tests only: non-NULL entries replace the train layer's functions in dsmoe_study_run
+ * (so the orchestration, skipping and resuming are tested without training). */
+typedef struct dsmoe__study_hooks {
+    dsmoe_status (*run)(const dsmoe_run_config *rc, const char *out_dir, const dsmoe_run_options *opts,
+                        dsmoe_run_result *res);
+    dsmoe_status (*strategy_apply)(const char *name, dsmoe_run_config *rc);
+} dsmoe__study_hooks;
+extern dsmoe__study_hooks dsmoe__study_test_hooks;
+
 /* ------------------------------------------------------------------ text -- */
 typedef struct dsmoe__buf {
     char *s;
