@@ -5,9 +5,11 @@
  * from its checkpoint, so an interrupted study continues where it stopped. Ends by
  * writing the summary files.
  *
- * The train layer's runs (dsmoe_run and the run configs) are referenced weakly while
- * they are being written: until they are linked in, dsmoe_study_run and
- * dsmoe_study_config_default fail with INVALID_ARGUMENT saying so, and everything else in this layer (summaries, reports) works.
+ * The train layer's runs (dsmoe_run and the run configs, src/train/run*.c) are referenced
+ * weakly in a tree that does not have them yet (CMake defines DSMOE_HAVE_RUNS when
+ * src/train/run.c exists): without them dsmoe_study_run and dsmoe_study_config_default
+ * fail with INVALID_ARGUMENT saying so, and everything else in this layer (summaries,
+ * reports) works.
  */
 #include "study_internal.h"
 
@@ -21,12 +23,15 @@
 #include <sys/stat.h>
 #include <time.h>
 
-#if defined(__GNUC__)
+#if defined(DSMOE_HAVE_RUNS) || !defined(__GNUC__)
+#define HAVE(fn) 1
+#else
 #pragma weak dsmoe_run
 #pragma weak dsmoe_run_config_default
 #pragma weak dsmoe_run_strategy_apply
 #pragma weak dsmoe_run_strategy_name
 #pragma weak dsmoe_run_config_validate
+#define HAVE(fn) ((fn) != NULL)
 #endif
 
 dsmoe__study_hooks dsmoe__study_test_hooks = {NULL, NULL};
@@ -38,7 +43,7 @@ static dsmoe_status no_runs(const char *what) {
 
 dsmoe_status dsmoe_study_config_default(const char *preset, dsmoe_study_config *sc) {
     if (!sc) return DSMOE__FAIL(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_study_config_default: NULL config");
-    if (!dsmoe_run_config_default) return no_runs("dsmoe_study_config_default");
+    if (!HAVE(dsmoe_run_config_default)) return no_runs("dsmoe_study_config_default");
     dsmoe_study_config tmp;
     memset(&tmp, 0, sizeof tmp);
     dsmoe_status st = dsmoe_run_config_default(preset ? preset : "default", &tmp.base);
@@ -51,7 +56,7 @@ dsmoe_status dsmoe_study_config_default(const char *preset, dsmoe_study_config *
 static int n_strategies(const dsmoe_study_config *sc) {
     if (sc->strategies) return sc->n_strategies;
     int n = 0;
-    if (dsmoe_run_strategy_name)
+    if (HAVE(dsmoe_run_strategy_name))
         while (dsmoe_run_strategy_name(n)) n++;
     return n;
 }
@@ -205,9 +210,9 @@ dsmoe_status dsmoe_study_run(const dsmoe_study_config *sc, const char *out_dir, 
                              dsmoe_study_progress_fn progress, void *user) {
     if (!sc || !out_dir) return DSMOE__FAIL(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_study_run: NULL argument");
     dsmoe_status (*run)(const dsmoe_run_config *, const char *, const dsmoe_run_options *, dsmoe_run_result *) =
-        dsmoe__study_test_hooks.run ? dsmoe__study_test_hooks.run : dsmoe_run;
-    if (!run || (!dsmoe_run_strategy_apply && !dsmoe__study_test_hooks.strategy_apply) ||
-        (!sc->strategies && !dsmoe_run_strategy_name))
+        dsmoe__study_test_hooks.run ? dsmoe__study_test_hooks.run : HAVE(dsmoe_run) ? dsmoe_run : NULL;
+    if (!run || (!HAVE(dsmoe_run_strategy_apply) && !dsmoe__study_test_hooks.strategy_apply) ||
+        (!sc->strategies && !HAVE(dsmoe_run_strategy_name)))
         return no_runs("dsmoe_study_run");
     planned *pl = calloc(DSMOE_STUDY_MAX_RUNS, sizeof *pl);
     dsmoe_run_config *rcs = calloc(DSMOE_STUDY_MAX_RUNS, sizeof *rcs);
@@ -227,7 +232,7 @@ dsmoe_status dsmoe_study_run(const dsmoe_study_config *sc, const char *out_dir, 
             st = run_error(st, pl[i].name);
             goto out;
         }
-        if (!dsmoe__study_test_hooks.run && dsmoe_run_config_validate && (st = dsmoe_run_config_validate(&rcs[i]))) {
+        if (!dsmoe__study_test_hooks.run && HAVE(dsmoe_run_config_validate) && (st = dsmoe_run_config_validate(&rcs[i]))) {
             st = run_error(st, pl[i].name);
             goto out;
         }
