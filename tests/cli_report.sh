@@ -40,8 +40,8 @@ cp -r "$SRC/tests/golden/study" "$TMP/study"
 expect 0 "" -- "$DSMOE" report "$TMP/study"
 [ "$(cat "$TMP/out.txt")" = "$TMP/study/report.html" ] || fail "report printed '$(cat "$TMP/out.txt")'"
 H=$TMP/study/report.html
-for f in loss.svg maxvio.svg topweight.svg load-0-aux-loss.svg load-1-v3.svg domains-0-aux-loss.svg \
-         domains-1-v3.svg summary.json summary.csv; do
+for f in loss.svg maxvio.svg topweight.svg load-0-v3.svg load-1-aux-loss.svg domains-0-v3.svg \
+         domains-1-aux-loss.svg summary.json summary.csv; do
   [ -s "$TMP/study/$f" ] || fail "no $f"
 done
 [ "$(grep -c '<figure class="chart"' "$H")" = 7 ] || fail "report.html lacks its 7 charts"
@@ -66,7 +66,8 @@ for m in re.finditer(r"<svg .*?</svg>\n", html, re.S):
 for f in svgs:
     assert open(f, encoding="utf-8").read() in html, f
 s = json.load(open(d + "/summary.json"))
-assert [r["name"] for r in s["runs"]] == ["aux-loss-seed1", "aux-loss-seed2", "v3-seed1", "v3-seed2"]
+# the strategies in their documented order (v3 first), then seeds by number
+assert [r["name"] for r in s["runs"]] == ["v3-seed1", "v3-seed2", "aux-loss-seed1", "aux-loss-seed2"]
 assert s["reference"] == "v3"
 rows = list(csv.DictReader(open(d + "/summary.csv")))
 assert [r["kind"] for r in rows] == ["run"] * 4 + ["mean", "std", "min", "max"] * 2, rows

@@ -174,7 +174,8 @@ static void test_golden_study(void) {
     /* v3 is the reference; aux-loss's MaxVio_global is far outside the seeds' spread,
      * its spike count equal (within the spread) */
     ASSERT_TRUE(strcmp(t.nodes[dsmoe__jv_get(&t, 0, "reference")].str, "v3") == 0);
-    int32_t aux = dsmoe__jv_at(&t, groups, 0);
+    ASSERT_TRUE(strcmp(t.nodes[dsmoe__jv_get(&t, dsmoe__jv_at(&t, groups, 0), "name")].str, "v3") == 0);
+    int32_t aux = dsmoe__jv_at(&t, groups, 1); /* after v3: the strategies' order */
     int32_t vs = dsmoe__jv_get(&t, aux, "vs_reference");
     ASSERT_TRUE(vs >= 0);
     if (vs >= 0) {
@@ -429,6 +430,32 @@ static void test_hostile(void) {
     free(js);
 }
 
+/* Runs in the strategies' documented order, unknown ones after, seeds by number. */
+static void test_order(void) {
+    static const char *const names[5] = {"zzz-seed1", "v3-seed10", "aux-loss-a0.01-seed1", "v2-seed1", "v3-seed2"};
+    for (int i = 0; i < 5; i++) {
+        char d[4096];
+        snprintf(d, sizeof d, "%s/runs/%s", tl_tmp("study_order"), names[i]);
+        write_file(d, "metrics.jsonl", RUN_LINE TRAIN_LINE EVAL_LINE);
+    }
+    ASSERT_OK(dsmoe_study_summarize(tl_tmp("study_order"), tl_tmp("study_order")));
+    char p[4096];
+    snprintf(p, sizeof p, "%s/summary.json", tl_tmp("study_order"));
+    char *js = read_all(p);
+    if (!js) {
+        TL_FAIL("no %s", p);
+        return;
+    }
+    const char *want[5] = {"\"v3-seed2\"", "\"v3-seed10\"", "\"aux-loss-a0.01-seed1\"", "\"v2-seed1\"", "\"zzz-seed1\""};
+    const char *at = js;
+    for (int i = 0; i < 5; i++) {
+        const char *q = strstr(at, want[i]);
+        ASSERT_TRUE(q != NULL);
+        if (q) at = q;
+    }
+    free(js);
+}
+
 /* The JSON tree itself: escapes, surrogates, limits. */
 static void test_jtree(void) {
     dsmoe__jtree t = {0};
@@ -458,6 +485,7 @@ int main(void) {
     RUN(test_no_values);
     RUN(test_malformed);
     RUN(test_hostile);
+    RUN(test_order);
     RUN(test_jtree);
     return TEST_SUMMARY();
 }

@@ -97,6 +97,8 @@ static dsmoe_status apply_flags(dsmoe_run_config *rc, const char *strategy, void
         int i = f->at[k];
         if (train_flag(f->argc, f->argv, &i, rc) != 1) return DSMOE_STATUS_INVALID_CONFIG; /* checked before */
     }
+    /* as `dsmoe train`: a shorter run keeps the preset's warm-up inside it */
+    if (rc->adamw.warmup_steps > rc->steps / 10) rc->adamw.warmup_steps = rc->steps / 10;
     return DSMOE_OK;
 }
 

@@ -250,7 +250,46 @@ static int has_metrics(const char *dir) {
     return ok;
 }
 
-static int cmp_str(const void *a, const void *b) {
+/* Run order: the strategies in the order of docs/train.md (unknown ones after them, by
+ * name), a strategy's α variants by name, then the seeds by number. */
+static void split_name(const char *path, char *group, size_t cap, long long *seed) {
+    const char *base = strrchr(path, '/');
+    base = base ? base + 1 : path;
+    snprintf(group, cap, "%s", base);
+    *seed = -1;
+    char *dash = strstr(group, "-seed");
+    while (dash) {
+        char *p = dash + 5;
+        if (*p && strspn(p, "0123456789") == strlen(p) && strlen(p) < 12) {
+            *seed = atoll(p);
+            *dash = '\0';
+            break;
+        }
+        dash = strstr(dash + 1, "-seed");
+    }
+}
+
+static int strategy_rank(const char *group) {
+    static const char *const order[] = {"v3", "v3-no-balance", "v3-proportional", "v3-no-norm", "aux-loss", "v2",
+                                        "softmax-norm"};
+    const int n = (int)(sizeof order / sizeof order[0]);
+    for (int i = 0; i < n; i++) {
+        size_t L = strlen(order[i]);
+        if (strncmp(group, order[i], L) == 0 && (group[L] == '\0' || strncmp(group + L, "-a", 2) == 0)) return i;
+    }
+    return n;
+}
+
+static int cmp_runs(const void *a, const void *b) {
+    char ga[256], gb[256];
+    long long sa, sb;
+    split_name(*(const char *const *)a, ga, sizeof ga, &sa);
+    split_name(*(const char *const *)b, gb, sizeof gb, &sb);
+    int ra = strategy_rank(ga), rb = strategy_rank(gb);
+    if (ra != rb) return ra < rb ? -1 : 1;
+    int c = strcmp(ga, gb);
+    if (c) return c;
+    if (sa != sb) return sa < sb ? -1 : 1;
     return strcmp(*(const char *const *)a, *(const char *const *)b);
 }
 
@@ -323,7 +362,7 @@ dsmoe_status dsmoe__list_runs(const char *dir, char ***paths, int32_t *n) {
         dsmoe__free_list(list, cnt);
         return st;
     }
-    qsort(list, (size_t)cnt, sizeof *list, cmp_str);
+    qsort(list, (size_t)cnt, sizeof *list, cmp_runs);
     *paths = list;
     *n = cnt;
     return DSMOE_OK;
