@@ -11,9 +11,10 @@ set -euo pipefail
 pkgs=(gcc make cmake pkg-config libc6-dev libblis-pthread-dev clang libclang-rt-14-dev libomp-dev clang-tidy cppcheck
       python3 python3-dev python3-numpy
       libopenmpi-dev openmpi-bin) # expert parallelism (src/ep) and its tests under mpirun
-optional=(python3-torch) # the Python package's PyTorch tests (large; skipped if unavailable)
+optional=(python3-torch  # the Python package's PyTorch tests (large; skipped if unavailable)
+          chromium)      # the report's screenshot test (about 35 s to install; skipped if unavailable)
 case "${1:-}" in
-  bench|ref) pkgs+=(python3-torch); optional=() ;;
+  bench|ref) pkgs+=(python3-torch); optional=(chromium) ;;
   "") ;;
   *) echo "usage: $0 [bench|ref]" >&2; exit 2 ;;
 esac
@@ -43,5 +44,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 if [ ${#opt_missing[@]} -gt 0 ] &&
    ! $SUDO apt-get install -y -qq --no-install-recommends "${opt_missing[@]}" >/dev/null; then
-  echo "install-deps: could not install ${opt_missing[*]}: the Python package's PyTorch tests will be skipped" >&2
+  echo "install-deps: could not install ${opt_missing[*]}: the tests that need them (PyTorch, the report's screenshot) will be skipped" >&2
 fi

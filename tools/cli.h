@@ -24,6 +24,8 @@ int cmd_info(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
 int cmd_generate(int argc, char **argv);
 int cmd_train(int argc, char **argv);
+int cmd_study(int argc, char **argv);
+int cmd_report(int argc, char **argv);
 
 /* Prints "dsmoe <cmd>: <message>" to stderr and returns `code`. */
 int cli_fail(int code, const char *cmd, const char *fmt, ...)

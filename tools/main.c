@@ -18,6 +18,8 @@ static const cli_command commands[] = {
     {"info", cmd_info, "describe a model directory: config, parameter counts, cache size, files"},
     {"eval", cmd_eval, "logits of token ids, or loss and perplexity of a text file, from a model"},
     {"generate", cmd_generate, "generate text or token ids from a model directory"},
+    {"study", cmd_study, "train routing strategies x seeds side by side: runs, summary, report"},
+    {"report", cmd_report, "a run or study folder as one HTML page with SVG charts and a summary"},
     {"bench", cmd_bench, "benchmarks (bench route)"},
 };
 
