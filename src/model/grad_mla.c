@@ -14,6 +14,7 @@
 #include "model/model_grad.h"
 
 #include "kernels/blas.h"
+#include "kernels/kernels.h"
 
 #include <math.h>
 #include <string.h>
@@ -291,30 +292,33 @@ static void attn_scores(const mla_dims *m, const mla_save *s, int64_t b, int64_t
            n > 0 ? 1.0f : 0.0f, S, m->T);
 }
 
+/* Row i of a block of raw scores: p[0..i] = softmax(scale · p[0..i]) (the kernels'
+ * vectorised softmax, kernels.h), p[i+1..keys) = 0; returns the log-sum-exp of the scaled
+ * scores (max − log p[argmax], the largest one's probability being 1 / Σ exp(· − max)).
+ * The backward recomputes the same raw scores and calls this again: the same bits. */
+static float softmax_row(const dsmoe__kernel_table *kt, float *p, int64_t i, int64_t keys,
+                         float scale) {
+    int64_t am = 0;
+    for (int64_t j = 0; j <= i; j++) {
+        p[j] *= scale;
+        am = p[j] > p[am] ? j : am;
+    }
+    const float mx = p[am];
+    kt->softmax(p, p, i + 1);
+    for (int64_t j = i + 1; j < keys; j++) p[j] = 0.0f;
+    return mx - logf(p[am]);
+}
+
 /* The attention of sequence b, head h: out and lse of its rows; P (qb, T) is scratch. */
 static void attn_forward_task(const mla_dims *m, const mla_save *s, int64_t b, int64_t h, float *P,
                               float scale) {
     const int64_t H = m->H, n = m->n, v = m->v, r0 = b * m->T;
+    const dsmoe__kernel_table *kt = dsmoe__kernels();
     for (int64_t i0 = 0; i0 < m->T; i0 += m->qb) {
         const int64_t rows = m->T - i0 < m->qb ? m->T - i0 : m->qb, keys = i0 + rows;
         attn_scores(m, s, b, h, i0, rows, keys, P);
-        for (int64_t ii = 0; ii < rows; ii++) {
-            const int64_t i = i0 + ii;
-            float *p = P + ii * m->T;
-            float mx = -INFINITY;
-            for (int64_t j = 0; j <= i; j++) {
-                p[j] *= scale;
-                if (p[j] > mx) mx = p[j];
-            }
-            float sum = 0.0f;
-            for (int64_t j = 0; j <= i; j++) {
-                p[j] = expf(p[j] - mx);
-                sum += p[j];
-            }
-            for (int64_t j = 0; j <= i; j++) p[j] /= sum;
-            for (int64_t j = i + 1; j < keys; j++) p[j] = 0.0f;
-            s->lse[(r0 + i) * H + h] = mx + logf(sum);
-        }
+        for (int64_t ii = 0; ii < rows; ii++)
+            s->lse[(r0 + i0 + ii) * H + h] = softmax_row(kt, P + ii * m->T, i0 + ii, keys, scale);
         mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, v, keys, P, m->T, s->kvb + (r0 * H + h) * (n + v) + n,
            H * (n + v), 0.0f, s->out + ((r0 + i0) * H + h) * v, H * v);
     }
@@ -370,6 +374,7 @@ static void attn_backward_task(const mla_dims *m, const mla_save *s, const mla_b
     const float *Kn = s->kvb + (r0 * H + h) * (n + v), *V = Kn + n, *Kp = s->kv + r0 * ckr + m->c;
     float *dKn = g->dkvb + (r0 * H + h) * (n + v), *dV = dKn + n;
     float *dKp = g->dkpe_h + (r0 * H + h) * r;
+    const dsmoe__kernel_table *kt = dsmoe__kernels();
     for (int64_t j = 0; j < m->T; j++) {
         memset(dKn + j * H * (n + v), 0, (size_t)(n + v) * sizeof(float));
         memset(dKp + j * H * r, 0, (size_t)r * sizeof(float));
@@ -385,15 +390,12 @@ static void attn_backward_task(const mla_dims *m, const mla_save *s, const mla_b
         for (int64_t ii = 0; ii < rows; ii++) {
             const int64_t i = i0 + ii, ri = r0 + i;
             const float *doi = dO + ii * H * v, *oi = s->out + (ri * H + h) * v;
-            const float lse = s->lse[ri * H + h];
             float *p = P + ii * m->T, *dp = dP + ii * m->T;
             float Di = 0.0f;
             for (int64_t k = 0; k < v; k++) Di += doi[k] * oi[k];
-            for (int64_t j = 0; j <= i; j++) {
-                p[j] = expf(p[j] * scale - lse);
-                dp[j] = p[j] * (dp[j] - Di) * scale; /* dS */
-            }
-            for (int64_t j = i + 1; j < keys; j++) p[j] = dp[j] = 0.0f;
+            softmax_row(kt, p, i, keys, scale); /* the forward's probabilities, bit for bit */
+            for (int64_t j = 0; j <= i; j++) dp[j] = p[j] * (dp[j] - Di) * scale; /* dS */
+            for (int64_t j = i + 1; j < keys; j++) dp[j] = 0.0f;
         }
         /* dQ = dS · [Kn | Kp];  dK += dSᵀ · Q;  dV += Pᵀ · dO. */
         mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, n, keys, dP, m->T, Kn, H * (n + v), 0.0f, dQ,
