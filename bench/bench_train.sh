@@ -40,6 +40,12 @@ trap 'rm -rf "$out"' EXIT
 # dsmoe takes its thread count from --threads; every pool of PyTorch's is pinned to the
 # same count by train_torch.py --threads (pin_threads.py, before torch is imported)
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+# Both programs' OpenMP threads sleep when idle unless the caller says otherwise: with the
+# default (active) policy libgomp spins at every region's end, and on a machine shared with
+# other jobs the spinning thread takes the time slices the working one needs (2 threads
+# measured 4-8x slower than 1 there, with 6-9x the CPU time); passive costs a futex wake
+# per region on a quiet machine. The table's header says which policy ran.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 
 # steps per timing and timings, by preset (B = 8; T = 64, 128, 256)
 steps_of() {
@@ -67,8 +73,9 @@ for round in $(seq 1 "$rounds"); do
 done
 
 if [ -n "$save" ]; then cp "$out/results.jsonl" "$save"; fi
-"$py" - "$out/results.jsonl" <<'EOF'
+"$py" - "$out/results.jsonl" "$OMP_WAIT_POLICY" <<'EOF'
 import json, sys
+wait = sys.argv[2]
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 m = [r for r in rows if r["impl"] == "machine"]
 c = m[0]
@@ -77,6 +84,7 @@ print("CPU: %s (%s family 0x%X model 0x%X stepping %d: %s), AVX-512F %s; dsmoe k
     c["cpu_name"], c["cpu_vendor"], c["cpu_family"], c["cpu_model"], c["cpu_stepping"], c["uarch"],
     "yes" if c["avx512f"] else "no", c["isa"], tv))
 p2 = [r["fma_peak_2"] for r in m]
+print("OpenMP wait policy (both programs): %s" % wait)
 print("FMA peak (register-only fp32 FMA loop) on two threads, measured at each start: %.0f .. %.0f GFLOP/s; "
       "each share below is of the two-thread figure measured again just before its timings" % (min(p2), max(p2)))
 models = {r["preset"]: r for r in rows if r.get("test") == "model"}

@@ -139,7 +139,8 @@ size_t dsmoe__mla_save_size(const dsmoe_model_config *c, int64_t B, int64_t T);
 /* Workspace bytes of the training forward and backward (the larger of the two): the
  * backward's (B·T) × (H(2n + 2r + 2v) + 2c + r + 2q) floats, the RoPE table, and for each
  * (sequence, head) two blocks of min(T, 64) × T floats (a block of query rows' scores
- * and their gradient): B·H·2·64·T floats, linear in T. */
+ * and their gradient) and two of T × (n + r) (its keys [k_nope | k_pe] side by side and
+ * their gradient): B·H·2·(64 + n + r)·T floats, linear in T. */
 size_t dsmoe__mla_train_workspace_size(const dsmoe_model_config *c, int64_t B, int64_t T);
 /* y (B·T, D) = naive MLA of x (B·T, D), each sequence causal at positions 0 .. T − 1,
  * as dsmoe__mla_forward (softmax in fp32; products through BLAS, so equal to it up to
