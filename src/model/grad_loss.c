@@ -6,15 +6,16 @@
 #include "model/model_grad.h"
 
 #include "kernels/blas.h"
+#include "kernels/kernels.h"
 
 #include <math.h>
 #include <string.h>
 
-/* Columns of dE per block of the embedding backward; logit columns per block of the
- * head; rows per block of the head's dx. */
+/* Columns of dE per block of the embedding backward; rows per block of the head's logits
+ * and dx; rows of the head's weight gradient per block. */
 #define EMBED_COL_BLOCK 64
-#define HEAD_V_BLOCK 256
-#define HEAD_ROW_BLOCK 16
+#define HEAD_ROW_BLOCK 64
+#define HEAD_W_BLOCK 64
 
 /* ------------------------------------------------------------------ embedding */
 
@@ -55,11 +56,17 @@ void dsmoe__embed_backward(float *dE, const float *dh, const int32_t *tokens, in
 
 /* ------------------------------------------------------------------ head and loss */
 
-static int64_t chunk_rows(int64_t N) { return N < DSMOE__LOSS_CHUNK ? N : DSMOE__LOSS_CHUNK; }
+/* Rows of logits alive at once: DSMOE__LOSS_LOGITS floats, in whole blocks of
+ * HEAD_ROW_BLOCK rows (at least one), at most N. */
+static int64_t chunk_rows(int64_t N, int32_t V) {
+    int64_t r = DSMOE__LOSS_LOGITS / (V > 0 ? V : 1) / HEAD_ROW_BLOCK * HEAD_ROW_BLOCK;
+    if (r < HEAD_ROW_BLOCK) r = HEAD_ROW_BLOCK;
+    return N < r ? N : r;
+}
 
 size_t dsmoe__head_loss_workspace_size(int32_t V, int64_t N) {
     if (V < 1 || N < 0) return 0;
-    const int64_t R = chunk_rows(N);
+    const int64_t R = chunk_rows(N, V);
     return dsmoe__align64((size_t)R * (size_t)V * sizeof(float)) +
            dsmoe__align64((size_t)R * sizeof(double));
 }
@@ -88,66 +95,57 @@ dsmoe_status dsmoe__head_loss(double *loss, int64_t *n_targets, float *dx, float
     }
     const int nt = dsmoe__threads(n_threads);
     const int want_grad = dx || dW;
-    const int64_t R = chunk_rows(N);
+    const int64_t R = chunk_rows(N, V);
     float *L = (float *)ws;
     double *rl = (double *)(void *)((char *)ws + dsmoe__align64((size_t)R * (size_t)V * sizeof(float)));
     const float g_scale = n > 0 ? (float)((double)weight / (double)n) : 0.0f;
-    const int64_t nvb = (V + HEAD_V_BLOCK - 1) / HEAD_V_BLOCK;
+    const dsmoe__kernel_table *kt = dsmoe__kernels();
     double total = 0.0;
     (void)nt;
     for (int64_t r0 = 0; r0 < N; r0 += R) {
         const int64_t rows = N - r0 < R ? N - r0 : R;
         const float *xc = x + r0 * D;
-        /* Logits (rows, V), blocks of V. */
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nvb > 1)
-        for (int64_t b = 0; b < nvb; b++) {
-            const int64_t v0 = b * HEAD_V_BLOCK;
-            const int vb = (int)(V - v0 < HEAD_V_BLOCK ? V - v0 : HEAD_V_BLOCK);
-            dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__TRANS, (int)rows, vb, D, 1.0f, xc, D, W + v0 * D,
-                         D, 0.0f, L + v0, V);
-        }
-        /* Per row: the loss and, in place, the logits' gradient. */
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows > 1)
-        for (int64_t i = 0; i < rows; i++) {
-            float *l = L + i * V;
-            const int32_t tg = targets[r0 + i];
-            if (tg == ignore_id) {
-                rl[i] = 0.0;
-                if (want_grad) memset(l, 0, (size_t)V * sizeof(float));
-                continue;
+        /* Per block of rows: the logits (one product over all of V), the loss of each row
+         * and, in place, the logits' gradient, then that block's dx = g · W. */
+        const int64_t nrb = (rows + HEAD_ROW_BLOCK - 1) / HEAD_ROW_BLOCK;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && nrb > 1)
+        for (int64_t b = 0; b < nrb; b++) {
+            const int64_t i0 = b * HEAD_ROW_BLOCK;
+            const int rb = (int)(rows - i0 < HEAD_ROW_BLOCK ? rows - i0 : HEAD_ROW_BLOCK);
+            dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__TRANS, rb, V, D, 1.0f, xc + i0 * D, D, W, D, 0.0f,
+                         L + i0 * V, V);
+            for (int64_t i = i0; i < i0 + rb; i++) {
+                float *l = L + i * V;
+                const int32_t tg = targets[r0 + i];
+                if (tg == ignore_id) {
+                    rl[i] = 0.0;
+                    if (want_grad) memset(l, 0, (size_t)V * sizeof(float));
+                    continue;
+                }
+                /* p = softmax(l) in place (the vectorised kernel); the largest logit's
+                 * p is 1 / Σ exp(l − max), so lse = max − log p[argmax] */
+                int32_t am = 0;
+                for (int32_t k = 1; k < V; k++) am = l[k] > l[am] ? k : am;
+                const double mx = (double)l[am], lt = (double)l[tg];
+                kt->softmax(l, l, V);
+                rl[i] = mx - log((double)l[am]) - lt;
+                if (want_grad) {
+                    for (int32_t k = 0; k < V; k++) l[k] *= g_scale;
+                    l[tg] -= g_scale;
+                }
             }
-            float mx = l[0];
-            for (int32_t k = 1; k < V; k++) mx = l[k] > mx ? l[k] : mx;
-            double sum = (double)expf(l[0] - mx); /* V >= 1 */
-            for (int32_t k = 1; k < V; k++) sum += (double)expf(l[k] - mx);
-            const double lse = (double)mx + log(sum);
-            rl[i] = lse - (double)l[tg];
-            if (want_grad) {
-                const float inv = (float)(1.0 / sum);
-                for (int32_t k = 0; k < V; k++) l[k] = expf(l[k] - mx) * inv * g_scale;
-                l[tg] -= g_scale;
-            }
-        }
-        for (int64_t i = 0; i < rows; i++) total += rl[i];
-        if (!want_grad) continue;
-        /* dx (rows, D) = g · W, blocks of rows. */
-        if (dx) {
-            const int64_t nrb = (rows + HEAD_ROW_BLOCK - 1) / HEAD_ROW_BLOCK;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nrb > 1)
-            for (int64_t b = 0; b < nrb; b++) {
-                const int64_t i0 = b * HEAD_ROW_BLOCK;
-                const int rb = (int)(rows - i0 < HEAD_ROW_BLOCK ? rows - i0 : HEAD_ROW_BLOCK);
+            if (dx)
                 dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, rb, D, V, 1.0f, L + i0 * V, V, W, D,
                              acc_dx ? 1.0f : 0.0f, dx + (r0 + i0) * D, D);
-            }
         }
+        for (int64_t i = 0; i < rows; i++) total += rl[i];
         /* dW (V, D) += gᵀ · x, blocks of V's rows. */
         if (dW) {
-            const int64_t nwb = (V + DSMOE__GRAD_ROW_BLOCK - 1) / DSMOE__GRAD_ROW_BLOCK;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nwb > 1)
+            const int64_t nwb = (V + HEAD_W_BLOCK - 1) / HEAD_W_BLOCK;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && nwb > 1)
             for (int64_t b = 0; b < nwb; b++) {
-                const int64_t v0 = b * DSMOE__GRAD_ROW_BLOCK;
-                const int vb = (int)(V - v0 < DSMOE__GRAD_ROW_BLOCK ? V - v0 : DSMOE__GRAD_ROW_BLOCK);
+                const int64_t v0 = b * HEAD_W_BLOCK;
+                const int vb = (int)(V - v0 < HEAD_W_BLOCK ? V - v0 : HEAD_W_BLOCK);
                 dsmoe__sgemm(DSMOE__TRANS, DSMOE__NOTRANS, vb, D, (int)rows, 1.0f, L + v0, V, xc, D,
                              1.0f, dW + v0 * D, D);
             }

@@ -14,6 +14,7 @@
 #include "model/model_grad.h"
 
 #include "kernels/blas.h"
+#include "kernels/kernels.h"
 
 #include <math.h>
 #include <string.h>
@@ -95,13 +96,20 @@ static mla_save save_at(const mla_dims *m, const void *base) {
     return s;
 }
 
+/* Scratch floats of one attention task: `copies` (1: forward, 2: backward) blocks of
+ * scores (qb, T) and of keys (T, n + r). */
+static int64_t task_floats(const mla_dims *m, int64_t copies) {
+    return copies * (m->qb * m->T + m->T * (m->n + m->r));
+}
+
 typedef struct mla_fws_off {
     size_t qa_n, lat_n, cs, inv_freq, att, total;
 } mla_fws_off;
 typedef struct mla_fws {
     float *qa_n, *lat_n, *cs; /* (N, q), (N, c), (T, r) */
     double *inv_freq;         /* (r / 2) */
-    float *att;               /* (B·H, qb, T): each task's probabilities */
+    float *att;               /* (B·H, qb·T + T(n + r)): each task's probabilities and its
+                                 keys [k_nope | k_pe] side by side */
 } mla_fws;
 
 static mla_fws_off fws_offsets(const mla_dims *m) {
@@ -111,7 +119,7 @@ static mla_fws_off fws_offsets(const mla_dims *m) {
     o.lat_n = take(&l, m->N * m->c, sizeof(float));
     o.cs = take(&l, m->T * m->r, sizeof(float));
     o.inv_freq = take(&l, m->half, sizeof(double));
-    o.att = take(&l, m->B * m->H * m->qb * m->T, sizeof(float));
+    o.att = take(&l, m->B * m->H * task_floats(m, 1), sizeof(float));
     o.total = l.off;
     return o;
 }
@@ -139,7 +147,8 @@ typedef struct mla_bws {
     float *dlat, *dqa;    /* (N, c), (N, q) */
     float *cs;            /* (T, r) */
     double *inv_freq;     /* (r / 2) */
-    float *att;           /* (B·H, 2, qb, T): each task's probabilities and their gradient */
+    float *att;           /* (B·H, 2·qb·T + 2·T(n + r)): each task's probabilities and their
+                             gradient, its keys [k_nope | k_pe] and their gradient */
 } mla_bws;
 
 static mla_bws_off bws_offsets(const mla_dims *m) {
@@ -156,7 +165,7 @@ static mla_bws_off bws_offsets(const mla_dims *m) {
     o.dqa = take(&l, m->N * m->q, sizeof(float));
     o.cs = take(&l, m->T * m->r, sizeof(float));
     o.inv_freq = take(&l, m->half, sizeof(double));
-    o.att = take(&l, m->B * m->H * 2 * m->qb * m->T, sizeof(float));
+    o.att = take(&l, m->B * m->H * task_floats(m, 2), sizeof(float));
     o.total = l.off;
     return o;
 }
@@ -278,43 +287,55 @@ static void mm(int ta, int tb, int64_t M, int64_t N, int64_t K, const float *A, 
     dsmoe__sgemm(ta, tb, (int)M, (int)N, (int)K, 1.0f, A, (int)lda, B, (int)ldb, beta, C, (int)ldc);
 }
 
-/* Raw scores S (rows, keys) [ld T] of queries i0 .. i0 + rows − 1 of sequence b, head h,
- * against keys 0 .. keys − 1: q_nope · k_nope + q_pe · k_pe. */
-static void attn_scores(const mla_dims *m, const mla_save *s, int64_t b, int64_t h, int64_t i0,
-                        int64_t rows, int64_t keys, float *S) {
+/* The keys of sequence b, head h side by side, K (T, n + r) = [k_nope | k_pe]: one
+ * product of n + r for the scores, dQ and dK instead of two each. */
+static void attn_keys(const mla_dims *m, const mla_save *s, int64_t b, int64_t h, float *K) {
     const int64_t H = m->H, n = m->n, r = m->r, v = m->v, r0 = b * m->T;
-    const float *Q = s->qf + ((r0 + i0) * H + h) * (n + r);
-    const float *Kn = s->kvb + (r0 * H + h) * (n + v), *Kp = s->kv + r0 * (m->c + r) + m->c;
-    mm(DSMOE__NOTRANS, DSMOE__TRANS, rows, keys, n, Q, H * (n + r), Kn, H * (n + v), 0.0f, S, m->T);
-    if (r > 0)
-        mm(DSMOE__NOTRANS, DSMOE__TRANS, rows, keys, r, Q + n, H * (n + r), Kp, m->c + r,
-           n > 0 ? 1.0f : 0.0f, S, m->T);
+    for (int64_t j = 0; j < m->T; j++) {
+        memcpy(K + j * (n + r), s->kvb + ((r0 + j) * H + h) * (n + v), (size_t)n * sizeof(float));
+        memcpy(K + j * (n + r) + n, s->kv + (r0 + j) * (m->c + r) + m->c, (size_t)r * sizeof(float));
+    }
 }
 
-/* The attention of sequence b, head h: out and lse of its rows; P (qb, T) is scratch. */
+/* Raw scores S (rows, keys) [ld T] of queries i0 .. i0 + rows − 1 of sequence b, head h,
+ * against keys 0 .. keys − 1 of K (attn_keys): q_nope · k_nope + q_pe · k_pe. */
+static void attn_scores(const mla_dims *m, const mla_save *s, const float *K, int64_t b, int64_t h,
+                        int64_t i0, int64_t rows, int64_t keys, float *S) {
+    const int64_t H = m->H, n = m->n, r = m->r, r0 = b * m->T;
+    const float *Q = s->qf + ((r0 + i0) * H + h) * (n + r);
+    mm(DSMOE__NOTRANS, DSMOE__TRANS, rows, keys, n + r, Q, H * (n + r), K, n + r, 0.0f, S, m->T);
+}
+
+/* Row i of a block of raw scores: p[0..i] = softmax(scale · p[0..i]) (the kernels'
+ * vectorised softmax, kernels.h), p[i+1..keys) = 0; returns the log-sum-exp of the scaled
+ * scores (max − log p[argmax], the largest one's probability being 1 / Σ exp(· − max)).
+ * The backward recomputes the same raw scores and calls this again: the same bits. */
+static float softmax_row(const dsmoe__kernel_table *kt, float *p, int64_t i, int64_t keys,
+                         float scale) {
+    int64_t am = 0;
+    for (int64_t j = 0; j <= i; j++) {
+        p[j] *= scale;
+        am = p[j] > p[am] ? j : am;
+    }
+    const float mx = p[am];
+    kt->softmax(p, p, i + 1);
+    for (int64_t j = i + 1; j < keys; j++) p[j] = 0.0f;
+    return mx - logf(p[am]);
+}
+
+/* The attention of sequence b, head h: out and lse of its rows; P (task_floats(m, 1)) is
+ * scratch. */
 static void attn_forward_task(const mla_dims *m, const mla_save *s, int64_t b, int64_t h, float *P,
                               float scale) {
     const int64_t H = m->H, n = m->n, v = m->v, r0 = b * m->T;
+    const dsmoe__kernel_table *kt = dsmoe__kernels();
+    float *K = P + m->qb * m->T;
+    attn_keys(m, s, b, h, K);
     for (int64_t i0 = 0; i0 < m->T; i0 += m->qb) {
         const int64_t rows = m->T - i0 < m->qb ? m->T - i0 : m->qb, keys = i0 + rows;
-        attn_scores(m, s, b, h, i0, rows, keys, P);
-        for (int64_t ii = 0; ii < rows; ii++) {
-            const int64_t i = i0 + ii;
-            float *p = P + ii * m->T;
-            float mx = -INFINITY;
-            for (int64_t j = 0; j <= i; j++) {
-                p[j] *= scale;
-                if (p[j] > mx) mx = p[j];
-            }
-            float sum = 0.0f;
-            for (int64_t j = 0; j <= i; j++) {
-                p[j] = expf(p[j] - mx);
-                sum += p[j];
-            }
-            for (int64_t j = 0; j <= i; j++) p[j] /= sum;
-            for (int64_t j = i + 1; j < keys; j++) p[j] = 0.0f;
-            s->lse[(r0 + i) * H + h] = mx + logf(sum);
-        }
+        attn_scores(m, s, K, b, h, i0, rows, keys, P);
+        for (int64_t ii = 0; ii < rows; ii++)
+            s->lse[(r0 + i0 + ii) * H + h] = softmax_row(kt, P + ii * m->T, i0 + ii, keys, scale);
         mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, v, keys, P, m->T, s->kvb + (r0 * H + h) * (n + v) + n,
            H * (n + v), 0.0f, s->out + ((r0 + i0) * H + h) * v, H * v);
     }
@@ -356,55 +377,52 @@ dsmoe_status dsmoe__mla_train_forward(const dsmoe_model_config *c, const dsmoe__
     const int64_t ntask = m.B * m.H;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && ntask > 1)
     for (int64_t k = 0; k < ntask; k++)
-        attn_forward_task(&m, &s, k / m.H, k % m.H, f.att + k * m.qb * m.T, scale);
+        attn_forward_task(&m, &s, k / m.H, k % m.H, f.att + k * task_floats(&m, 1), scale);
     const int32_t Hv = (int32_t)(m.H * m.v);
     dsmoe__linear_forward(y, D, s.out, Hv, w->o_proj, m.N, Hv, D, nt);
     return DSMOE_OK;
 }
 
 /* The backward of the attention of sequence b, head h: dq of its rows, its dk_nope and
- * dv columns of dkvb and its part of dk_pe; P, dP (qb, T) scratch. */
+ * dv columns of dkvb and its part of dk_pe; P (task_floats(m, 2)) scratch. */
 static void attn_backward_task(const mla_dims *m, const mla_save *s, const mla_bws *g, int64_t b,
-                               int64_t h, float *P, float *dP, float scale) {
-    const int64_t H = m->H, n = m->n, r = m->r, v = m->v, ckr = m->c + m->r, r0 = b * m->T;
-    const float *Kn = s->kvb + (r0 * H + h) * (n + v), *V = Kn + n, *Kp = s->kv + r0 * ckr + m->c;
+                               int64_t h, float *P, float scale) {
+    const int64_t H = m->H, n = m->n, r = m->r, v = m->v, r0 = b * m->T, nr = n + r;
+    const float *V = s->kvb + (r0 * H + h) * (n + v) + n;
     float *dKn = g->dkvb + (r0 * H + h) * (n + v), *dV = dKn + n;
     float *dKp = g->dkpe_h + (r0 * H + h) * r;
-    for (int64_t j = 0; j < m->T; j++) {
-        memset(dKn + j * H * (n + v), 0, (size_t)(n + v) * sizeof(float));
-        memset(dKp + j * H * r, 0, (size_t)r * sizeof(float));
-    }
+    float *dP = P + m->qb * m->T, *K = dP + m->qb * m->T, *dK = K + m->T * nr;
+    const dsmoe__kernel_table *kt = dsmoe__kernels();
+    attn_keys(m, s, b, h, K);
+    memset(dK, 0, (size_t)(m->T * nr) * sizeof(float));
+    for (int64_t j = 0; j < m->T; j++) memset(dV + j * H * (n + v), 0, (size_t)v * sizeof(float));
     for (int64_t i0 = 0; i0 < m->T; i0 += m->qb) {
         const int64_t rows = m->T - i0 < m->qb ? m->T - i0 : m->qb, keys = i0 + rows;
         const float *Q = s->qf + ((r0 + i0) * H + h) * (n + r);
         const float *dO = g->dout + ((r0 + i0) * H + h) * v;
         float *dQ = g->dq + ((r0 + i0) * H + h) * (n + r);
-        attn_scores(m, s, b, h, i0, rows, keys, P);
+        attn_scores(m, s, K, b, h, i0, rows, keys, P);
         /* dP = dO · Vᵀ */
         mm(DSMOE__NOTRANS, DSMOE__TRANS, rows, keys, v, dO, H * v, V, H * (n + v), 0.0f, dP, m->T);
         for (int64_t ii = 0; ii < rows; ii++) {
             const int64_t i = i0 + ii, ri = r0 + i;
             const float *doi = dO + ii * H * v, *oi = s->out + (ri * H + h) * v;
-            const float lse = s->lse[ri * H + h];
             float *p = P + ii * m->T, *dp = dP + ii * m->T;
             float Di = 0.0f;
             for (int64_t k = 0; k < v; k++) Di += doi[k] * oi[k];
-            for (int64_t j = 0; j <= i; j++) {
-                p[j] = expf(p[j] * scale - lse);
-                dp[j] = p[j] * (dp[j] - Di) * scale; /* dS */
-            }
-            for (int64_t j = i + 1; j < keys; j++) p[j] = dp[j] = 0.0f;
+            softmax_row(kt, p, i, keys, scale); /* the forward's probabilities, bit for bit */
+            for (int64_t j = 0; j <= i; j++) dp[j] = p[j] * (dp[j] - Di) * scale; /* dS */
+            for (int64_t j = i + 1; j < keys; j++) dp[j] = 0.0f;
         }
-        /* dQ = dS · [Kn | Kp];  dK += dSᵀ · Q;  dV += Pᵀ · dO. */
-        mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, n, keys, dP, m->T, Kn, H * (n + v), 0.0f, dQ,
-           H * (n + r));
-        mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, r, keys, dP, m->T, Kp, ckr, 0.0f, dQ + n,
-           H * (n + r));
-        mm(DSMOE__TRANS, DSMOE__NOTRANS, keys, n, rows, dP, m->T, Q, H * (n + r), 1.0f, dKn,
-           H * (n + v));
-        mm(DSMOE__TRANS, DSMOE__NOTRANS, keys, r, rows, dP, m->T, Q + n, H * (n + r), 1.0f, dKp,
-           H * r);
+        /* dQ = dS · K;  dK += dSᵀ · Q;  dV += Pᵀ · dO. */
+        mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, nr, keys, dP, m->T, K, nr, 0.0f, dQ, H * nr);
+        mm(DSMOE__TRANS, DSMOE__NOTRANS, keys, nr, rows, dP, m->T, Q, H * nr, 1.0f, dK, nr);
         mm(DSMOE__TRANS, DSMOE__NOTRANS, keys, v, rows, P, m->T, dO, H * v, 1.0f, dV, H * (n + v));
+    }
+    /* dK back to its places: dk_nope into dkvb, this head's part of dk_pe */
+    for (int64_t j = 0; j < m->T; j++) {
+        memcpy(dKn + j * H * (n + v), dK + j * nr, (size_t)n * sizeof(float));
+        memcpy(dKp + j * H * r, dK + j * nr + n, (size_t)r * sizeof(float));
     }
 }
 
@@ -436,8 +454,7 @@ dsmoe_status dsmoe__mla_train_backward(const dsmoe_model_config *c, const dsmoe_
     const int64_t ntask = m.B * m.H;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && ntask > 1)
     for (int64_t k = 0; k < ntask; k++) {
-        float *P = g.att + k * 2 * m.qb * m.T;
-        attn_backward_task(&m, &s, &g, k / m.H, k % m.H, P, P + m.qb * m.T, scale);
+        attn_backward_task(&m, &s, &g, k / m.H, k % m.H, g.att + k * task_floats(&m, 2), scale);
     }
     /* dk_pe: the heads' parts summed in head order, into dkv's k_pe columns. */
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && m.N > 64)

@@ -48,8 +48,8 @@
 
 /* Rows per block of the row-blocked products (the unit of work of the threads). */
 #define DSMOE__GRAD_ROW_BLOCK 64
-/* Rows of logits alive at once in dsmoe__head_loss. */
-#define DSMOE__LOSS_CHUNK 64
+/* Floats of logits alive at once in dsmoe__head_loss (4 MiB): the rows of a chunk. */
+#define DSMOE__LOSS_LOGITS (1 << 20)
 
 /* ------------------------------------------------------------------ RMSNorm */
 
@@ -132,13 +132,15 @@ typedef struct dsmoe__mla_grads {
  *   the attention output before o_proj, H v; the log-sum-exp of each head's scores, H.
  * In all 4 · (H(2n + r + 2v + 1) + c + r + 1 + (q > 0 ? q + 1 : 0)) bytes per token
  * (each array rounded up to 64 bytes): no T × T probabilities are kept, the backward
- * recomputes them from the scores and the log-sum-exp. The input x is not saved: the
+ * recomputes them from the scores (the same products and softmax: the same bits); the
+ * log-sum-exp is kept for callers. The input x is not saved: the
  * backward takes it as an argument. */
 size_t dsmoe__mla_save_size(const dsmoe_model_config *c, int64_t B, int64_t T);
 /* Workspace bytes of the training forward and backward (the larger of the two): the
  * backward's (B·T) × (H(2n + 2r + 2v) + 2c + r + 2q) floats, the RoPE table, and for each
  * (sequence, head) two blocks of min(T, 64) × T floats (a block of query rows' scores
- * and their gradient): B·H·2·64·T floats, linear in T. */
+ * and their gradient) and two of T × (n + r) (its keys [k_nope | k_pe] side by side and
+ * their gradient): B·H·2·(64 + n + r)·T floats, linear in T. */
 size_t dsmoe__mla_train_workspace_size(const dsmoe_model_config *c, int64_t B, int64_t T);
 /* y (B·T, D) = naive MLA of x (B·T, D), each sequence causal at positions 0 .. T − 1,
  * as dsmoe__mla_forward (softmax in fp32; products through BLAS, so equal to it up to
@@ -155,7 +157,8 @@ dsmoe_status dsmoe__mla_train_forward(const dsmoe_model_config *c, const dsmoe__
 /* dx (B·T, D) (= or += by acc_dx) and every gradient of g (+=) from dy (B·T, D), the
  * forward's input x and save:
  *   dout = dy · o_proj;  d o_proj += dyᵀ · out
- *   per (sequence, head), j <= i: p = exp(s_ij − lse_i), dp = dout_i · v_j,
+ *   per (sequence, head), j <= i: p = softmax_j(scale · s_ij) as the forward had it,
+ *     dp = dout_i · v_j,
  *     D_i = dout_i · out_i, ds = p (dp − D_i) · scale;
  *     dq_i += ds k_j,  dk_j += ds q_i,  dv_j += p dout_i
  *     (k_pe is shared by the heads: each head's part is kept apart and summed in head
@@ -183,8 +186,9 @@ dsmoe_status dsmoe__embed_forward(float *h, const float *E, const int32_t *token
 void dsmoe__embed_backward(float *dE, const float *dh, const int32_t *tokens, int64_t N, int32_t D,
                            int n_threads);
 
-/* Workspace bytes of dsmoe__head_loss: the logits of min(N, DSMOE__LOSS_CHUNK) rows
- * (that many × V floats: 64 × V × 4 bytes at most, whatever N) and their losses. */
+/* Workspace bytes of dsmoe__head_loss: the logits of a chunk of rows and their losses.
+ * A chunk is min(N, R) rows, R the multiple of 64 rows at or below DSMOE__LOSS_LOGITS / V
+ * (at least 64): 4 MiB of logits at most for V up to 16384, 64 × V floats above. */
 size_t dsmoe__head_loss_workspace_size(int32_t V, int64_t N);
 /* The head and the cross-entropy loss of the rows of x (N, D) (the final norm's output):
  *   logits = x · Wᵀ, W (V, D);  ℓ_t = logsumexp(logits_t) − logits_t[targets[t]];
@@ -193,9 +197,10 @@ size_t dsmoe__head_loss_workspace_size(int32_t V, int64_t N);
  * With dx or dW non-NULL, also the gradients of weight · *loss (weight: an MTP depth's
  * λ / D, or 1): with g = (softmax(logits_t) − onehot(targets[t])) · weight / n (0 for
  * ignored rows), dx (N, D) (= or += by acc_dx) = g · W, dW (V, D) += gᵀ · x.
- * The logits exist only DSMOE__LOSS_CHUNK rows at a time; chunks run in order (dW sums
- * them in that order), and inside a chunk the threads share fixed blocks of V or of
- * rows. Softmax: exponentials in fp32, their sum and the loss in double.
+ * The logits exist a chunk of rows at a time (above); chunks run in order (dW sums them
+ * in that order), and inside a chunk the threads share fixed blocks of 64 rows (logits,
+ * loss, dx) or of 64 rows of W (dW). Softmax: the kernels' vectorised softmax (fp32,
+ * kernels.h), lse = max − log p[argmax] and the loss in double.
  * INVALID_ARGUMENT naming the first target outside 0 .. V − 1 that is not ignore_id
  * (nothing is written then), NULL arguments; WORKSPACE_TOO_SMALL. */
 dsmoe_status dsmoe__head_loss(double *loss, int64_t *n_targets, float *dx, float *dW,

@@ -15,6 +15,35 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Per-block timers, compiled only into the benchmark's profiling build
+ * (bench/bench_train.c, target bench_train_prof); nothing otherwise. */
+#ifdef DSMOE_TRAIN_PROFILE
+#include <time.h>
+enum {
+    PROF_NORM, PROF_MLA_F, PROF_MOE_F, PROF_BAL_F, PROF_FFN_F, PROF_RESID, PROF_HEAD_F, PROF_MTP_F,
+    PROF_ZERO, PROF_HEAD_B, PROF_MOE_B, PROF_BAL_B, PROF_FFN_B, PROF_NORM_B, PROF_MLA_B,
+    PROF_MTP_B, PROF_EMBED, PROF_COUNT
+};
+double dsmoe__train_prof[PROF_COUNT];
+const char *const dsmoe__train_prof_names[PROF_COUNT] = {
+    "norm_f", "mla_f", "moe_f", "balance_f", "dense_ffn_f", "residual_f", "head_f", "mtp_f",
+    "zero_grads", "head_b", "moe_b", "balance_b", "dense_ffn_b", "norm_b", "mla_b", "mtp_b",
+    "embed"};
+const int dsmoe__train_prof_count = PROF_COUNT;
+static double prof_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+#define PROF_BEGIN() double prof_t0_ = prof_now()
+#define PROF_END(id) (dsmoe__train_prof[id] += prof_now() - prof_t0_, prof_t0_ = prof_now())
+#define PROF_RESTART() (prof_t0_ = prof_now())
+#else
+#define PROF_RESTART() (void)0
+#define PROF_BEGIN() (void)0
+#define PROF_END(id) (void)0
+#endif
+
 /* One transformer layer's parameters, gradients and saved activations. */
 typedef struct tm_layer {
     const float *w_in, *w_post;
@@ -509,14 +538,20 @@ static dsmoe_status block_forward(dsmoe_train_model *tm, int32_t l, float *h_out
     const size_t ND = (size_t)(N * D);
     tm_layer *ly = &tm->layers[l];
     dsmoe_status st;
+    PROF_BEGIN();
     dsmoe__rmsnorm_train_forward(ly->x1, ly->inv1, ly->h_in, ly->w_in, N, D, D, D, eps, nt);
+    PROF_END(PROF_NORM);
     if ((st = dsmoe__mla_train_forward(&tm->cfg, &ly->mla, tm->a, ly->x1, B, T, ly->mla_save,
                                        tm->mla_save_size, tm->ws, tm->ws_size, nt)) != DSMOE_OK)
         return st;
+    PROF_END(PROF_MLA_F);
     for (size_t i = 0; i < ND; i++) ly->h_mid[i] = ly->h_in[i] + tm->a[i];
+    PROF_END(PROF_RESID);
     dsmoe__rmsnorm_train_forward(ly->x2, ly->inv2, ly->h_mid, ly->w_post, N, D, D, D, eps, nt);
+    PROF_END(PROF_NORM);
     if (ly->moe) {
         if ((st = dsmoe_moe_forward(ly->moe, tm->a, ly->x2, N, nt)) != DSMOE_OK) return st;
+        PROF_END(PROF_MOE_F);
         if (tm->blc.alpha > 0) {
             const dsmoe_moe_routing *r = dsmoe_moe_last_routing(ly->moe);
             double bl = 0;
@@ -524,6 +559,7 @@ static dsmoe_status block_forward(dsmoe_train_model *tm, int32_t l, float *h_out
                                          r->logits, N, tm->bal_ws, tm->bal_ws_size, nt)) != DSMOE_OK)
                 return st;
             *bal += bl;
+            PROF_END(PROF_BAL_F);
         }
     } else if ((st = dsmoe__swiglu_train_forward(tm->a, ly->x2, &ly->mlp, N, D,
                                                  tm->cfg.intermediate_size, ly->ffn_save,
@@ -531,7 +567,9 @@ static dsmoe_status block_forward(dsmoe_train_model *tm, int32_t l, float *h_out
                DSMOE_OK) {
         return st;
     }
+    PROF_END(PROF_FFN_F);
     for (size_t i = 0; i < ND; i++) h_out[i] = ly->h_mid[i] + tm->a[i];
+    PROF_END(PROF_RESID);
     return DSMOE_OK;
 }
 
@@ -543,6 +581,7 @@ static dsmoe_status block_backward(dsmoe_train_model *tm, int32_t l, float *dh) 
     float *dx = tm->dx;
     tm_layer *ly = &tm->layers[l];
     dsmoe_status st;
+    PROF_BEGIN();
     if (ly->moe) {
         const float *dl = NULL;
         if (tm->blc.alpha > 0) {
@@ -553,9 +592,11 @@ static dsmoe_status block_backward(dsmoe_train_model *tm, int32_t l, float *dh) 
                                          r->logits, N, tm->bal_ws, tm->bal_ws_size, nt)) != DSMOE_OK)
                 return st;
             dl = tm->dlogits;
+            PROF_END(PROF_BAL_B);
         }
         memset(dx, 0, (size_t)(N * D) * sizeof(float));
         if ((st = dsmoe_moe_backward(ly->moe, dx, dh, ly->x2, dl, N, nt)) != DSMOE_OK) return st;
+        PROF_END(PROF_MOE_B);
     } else {
         dsmoe__mlp_grads mg = ly->mlp_g;
         if ((st = dsmoe__swiglu_train_backward(dx, &mg, dh, ly->x2, &ly->mlp, N, D,
@@ -563,14 +604,18 @@ static dsmoe_status block_backward(dsmoe_train_model *tm, int32_t l, float *dh) 
                                                tm->ffn_save_size, tm->ws, tm->ws_size, 0, nt)) !=
             DSMOE_OK)
             return st;
+        PROF_END(PROF_FFN_B);
     }
     dsmoe__rmsnorm_backward(dh, ly->g_post, dx, ly->h_mid, ly->w_post, ly->inv2, N, D, D, D, D, 1,
                             nt);
+    PROF_END(PROF_NORM_B);
     if ((st = dsmoe__mla_train_backward(&tm->cfg, &ly->mla, &ly->mla_g, dx, dh, ly->x1, B, T,
                                         ly->mla_save, tm->mla_save_size, tm->ws, tm->ws_size, 0,
                                         nt)) != DSMOE_OK)
         return st;
+    PROF_END(PROF_MLA_B);
     dsmoe__rmsnorm_backward(dh, ly->g_in, dx, ly->h_in, ly->w_in, ly->inv1, N, D, D, D, D, 1, nt);
+    PROF_END(PROF_NORM_B);
     return DSMOE_OK;
 }
 
@@ -608,16 +653,21 @@ dsmoe_status dsmoe_train_model_loss(dsmoe_train_model *tm, const int32_t *tokens
     dsmoe_status st;
     double bal = 0.0;
     float *h = tm->L > 0 ? tm->layers[0].h_in : tm->h_fin;
+    PROF_BEGIN();
     if ((st = dsmoe__embed_forward(h, tm->embed, tm->inputs, N, D, V, nt)) != DSMOE_OK) return st;
+    PROF_END(PROF_EMBED);
     for (int32_t l = 0; l < tm->L; l++) {
         float *h_next = l + 1 < tm->L ? tm->layers[l + 1].h_in : tm->h_fin;
         if ((st = block_forward(tm, l, h_next, &bal)) != DSMOE_OK) return st;
     }
+    PROF_RESTART(); /* the blocks timed themselves */
     dsmoe__rmsnorm_train_forward(tm->x_fin, tm->inv_fin, tm->h_fin, tm->norm, N, D, D, D, eps, nt);
+    PROF_END(PROF_NORM);
     double ce = 0;
     if ((st = dsmoe__head_loss(&ce, NULL, NULL, NULL, tm->x_fin, tm->head, tm->targets,
                                tm->ignore_id, 1.0f, N, D, V, tm->ws, tm->ws_size, 0, nt)) != DSMOE_OK)
         return st;
+    PROF_END(PROF_HEAD_F);
     /* MTP depth k = d + 1, position i: the embedding of token i + k and the previous
      * depth's state at i predict token i + k + 1 (ignored past the window's end). */
     double mtp = 0;
@@ -637,7 +687,9 @@ dsmoe_status dsmoe_train_model_loss(dsmoe_train_model *tm, const int32_t *tokens
                                      2 * D, eps, nt);
         tm_layer *ly = &tm->layers[tm->L + d];
         dsmoe__linear_forward(ly->h_in, D, dp->cat, 2 * D, dp->eh_proj, N, 2 * D, D, nt);
+        PROF_END(PROF_MTP_F);
         if ((st = block_forward(tm, tm->L + d, dp->h_out, &bal)) != DSMOE_OK) return st;
+        PROF_RESTART();
         dsmoe__rmsnorm_train_forward(dp->x_sh, dp->inv_sh, dp->h_out, dp->sh_norm, N, D, D, D, eps,
                                      nt);
         double l_d = 0;
@@ -645,6 +697,7 @@ dsmoe_status dsmoe_train_model_loss(dsmoe_train_model *tm, const int32_t *tokens
                                    tm->ignore_id, 1.0f, N, D, V, tm->ws, tm->ws_size, 0, nt)) !=
             DSMOE_OK)
             return st;
+        PROF_END(PROF_HEAD_F);
         mtp += l_d;
     }
     if (tm->Dm > 0) mtp /= tm->Dm;
@@ -665,7 +718,9 @@ dsmoe_status dsmoe_train_model_backward(dsmoe_train_model *tm) {
     const int32_t D = tm->D, V = tm->V;
     const int nt = tm->nt;
     dsmoe_status st;
+    PROF_BEGIN();
     memset(tm->grads, 0, tm->n_params * sizeof(float));
+    PROF_END(PROF_ZERO);
     float *dh = tm->dh;
     /* MTP depths, last first: dh carries dL/d(depth d's block output), the hnorm
      * backward hands dL/d(previous state) on (to dx_fin for depth 0). */
@@ -676,9 +731,12 @@ dsmoe_status dsmoe_train_model_backward(dsmoe_train_model *tm) {
                                    tm->ignore_id, wd, N, D, V, tm->ws, tm->ws_size, 0, nt)) !=
             DSMOE_OK)
             return st;
+        PROF_END(PROF_HEAD_B);
         dsmoe__rmsnorm_backward(dh, dp->g_sh_norm, tm->dx, dp->h_out, dp->sh_norm, dp->inv_sh, N, D,
                                 D, D, D, d == tm->Dm - 1 ? 0 : 1, nt);
+        PROF_END(PROF_NORM_B);
         if ((st = block_backward(tm, tm->L + d, dh)) != DSMOE_OK) return st;
+        PROF_RESTART();
         dsmoe__linear_backward(tm->dcat, 2 * D, dp->g_eh_proj, dh, D, dp->cat, 2 * D, dp->eh_proj, N,
                                2 * D, D, 0, nt);
         dsmoe__rmsnorm_backward(tm->de, dp->g_enorm, tm->dcat, dp->e, dp->enorm, dp->inv_e, N, D, D,
@@ -686,16 +744,21 @@ dsmoe_status dsmoe_train_model_backward(dsmoe_train_model *tm) {
         dsmoe__embed_backward(tm->g_embed, tm->de, dp->tok, N, D, nt);
         dsmoe__rmsnorm_backward(d == 0 ? tm->dx_fin : dh, dp->g_hnorm, tm->dcat + D, depth_prev(tm, d),
                                 dp->hnorm, dp->inv_h, N, D, D, 2 * D, D, 0, nt);
+        PROF_END(PROF_MTP_B);
     }
     if ((st = dsmoe__head_loss(NULL, NULL, tm->dx_fin, tm->g_head, tm->x_fin, tm->head, tm->targets,
                                tm->ignore_id, 1.0f, N, D, V, tm->ws, tm->ws_size, tm->Dm > 0 ? 1 : 0,
                                nt)) != DSMOE_OK)
         return st;
+    PROF_END(PROF_HEAD_B);
     dsmoe__rmsnorm_backward(dh, tm->g_norm, tm->dx_fin, tm->h_fin, tm->norm, tm->inv_fin, N, D, D, D,
                             D, 0, nt);
+    PROF_END(PROF_NORM_B);
     for (int32_t l = tm->L - 1; l >= 0; l--)
         if ((st = block_backward(tm, l, dh)) != DSMOE_OK) return st;
+    PROF_RESTART();
     dsmoe__embed_backward(tm->g_embed, dh, tm->inputs, N, D, nt);
+    PROF_END(PROF_EMBED);
     return DSMOE_OK;
 }
 
