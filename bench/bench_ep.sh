@@ -19,7 +19,7 @@ bin="$build/bench_ep"
 [ -x "$bin" ] || { echo "bench_ep: not built (MPI missing? apt-get install libopenmpi-dev openmpi-bin)" >&2; exit 2; }
 flags=(--oversubscribe)
 [ "$(id -u)" = 0 ] && flags+=(--allow-run-as-root)
-export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE OMPI_MCA_mpi_yield_when_idle=1
+export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE OMPI_MCA_mpi_yield_when_idle=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 for np in 1 2 4; do

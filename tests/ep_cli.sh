@@ -14,7 +14,7 @@ source "$(dirname "$0")/clilib.sh" "$DS" "$SR" "$TD"
 G="$SRC/tests/golden/moe"
 L="$G/v3_groups.safetensors"
 ROUTER=(--prefix model.layers.1.mlp. --experts 16 --groups 4 --topk-groups 2 --top-k 4 --scale 2.5)
-export OMP_WAIT_POLICY=PASSIVE OMPI_MCA_mpi_yield_when_idle=1 OMP_NUM_THREADS=1
+export OMP_WAIT_POLICY=PASSIVE OMPI_MCA_mpi_yield_when_idle=1 OMPI_MCA_btl_vader_single_copy_mechanism=none OMP_NUM_THREADS=1
 
 # 1100 tokens: the golden input (13, 20) repeated, so that blocks of 512 split it
 X="$TMP/x.npy"

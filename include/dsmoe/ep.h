@@ -37,17 +37,19 @@
  * the weights it received) and the input gradients of the experts come back as the
  * combine did.
  *
- * Bits. Forward outputs, the routing, the input gradient dx and every routed expert's
- * weight gradient (on its owner rank) are bit-identical to dsmoe_moe_forward /
- * dsmoe_moe_backward of one process on the global batch (same layer, same bias),
- * whatever R and the split. The per-token dense products (the gate projection, the
- * shared experts, the gate's input gradient) are computed by the token's rank; their
- * BLIS SGEMM results do not depend on the number of rows in a call with the skx
- * kernels, so any split of the tokens gives the single process's bits there. With
- * other BLIS kernel sets (haswell, zen) a row's result can depend on the call's row
- * count: splits whose every rank starts at a multiple of 512 tokens in the global
- * batch (the router's projection block) make every such call the single process's and
- * the bits identical; other splits agree to rounding (tests/test_ep.c checks both).
+ * Bits. Given the same routing, each expert computes exactly what it computes in
+ * dsmoe_moe_forward / dsmoe_moe_backward of one process on the global batch (same
+ * layer, same bias): the same rows, row blocks and products, whatever R and the split,
+ * and the combine adds in the same order. The per-token dense products (the gate
+ * projection, the shared experts, the gate's input gradient) are computed by the
+ * token's rank, on its part of each of the single process's token blocks. With BLIS's
+ * skx kernels (AVX-512) a row's result does not depend on the call's row count, so the
+ * forward output, the routing, dx and the routed experts' weight gradients (on their
+ * owner ranks) are bit-identical to one process for any split.
+ * With other BLIS kernel sets (haswell, zen) it can: splits in which every rank starts
+ * at a multiple of 512 tokens of the global batch (the router's projection block) make
+ * every such call the single process's, and everything bit-identical; other splits
+ * agree to rounding (tests/test_ep_mpi.c checks both ways).
  *
  * Gradients of the replicated parameters (gate weight, shared experts) are per rank:
  * rank r's are its tokens' contribution. Sum them over ranks (dsmoe_ep_allreduce_grads,

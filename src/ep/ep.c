@@ -538,7 +538,7 @@ dsmoe_status dsmoe_ep_forward(dsmoe_ep *ep, float *y, const float *x, int64_t T,
     else if (T > 0 && (!y || !x))
         st = dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_ep_forward: NULL %s",
                           !y ? "y" : "x");
-    else if (T > (int64_t)INT_MAX / (K > 0 ? K : 1) / (D > 0 ? D : 1))
+    else if (T > (int64_t)INT_MAX / (K > 0 ? K : 1) / (D > 3 ? D : 3))
         st = dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
                           "dsmoe_ep_forward: T = %lld tokens of %d floats exceed MPI's int counts",
                           (long long)T, (int)D);
@@ -651,7 +651,7 @@ dsmoe_status dsmoe_ep_forward(dsmoe_ep *ep, float *y, const float *x, int64_t T,
     ep->n_rows = ep->r_rows_off[R];
     ep->n_asg = ep->r_asg_off[R];
     st = DSMOE_OK;
-    if (ep->n_rows > INT_MAX / D || ep->n_asg > INT_MAX / D)
+    if (ep->n_rows > INT_MAX / D || ep->n_asg > INT_MAX / (D > 3 ? D : 3))
         st = dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
                           "dsmoe_ep_forward: rank %d would receive %lld rows of %d floats, over "
                           "MPI's int counts (use fewer tokens per step)",
