@@ -29,7 +29,7 @@ done
     >"$TMP/whole.out" 2>"$TMP/whole.err" || { fail "tiny run"; cat "$TMP/whole.err" >&2; }
 grep -q "validation loss" "$TMP/whole.err" || fail "no validation loss in the summary"
 grep -q "MaxVio_global" "$TMP/whole.err" || fail "no MaxVio_global in the summary"
-grep -q "a sample" "$TMP/whole.err" || fail "no sample"
+grep -q "samples" "$TMP/whole.err" || fail "no samples"; [ "$(grep -c -- "--- sample" "$TMP/whole.out")" = 3 ] || fail "not 3 samples"
 [ -f "$TMP/whole/metrics.jsonl" ] || fail "no metrics.jsonl"
 [ "$(grep -c '"type":"train"' "$TMP/whole/metrics.jsonl")" = 30 ] || fail "30 train records"
 "$DSMOE" info --model "$TMP/whole/checkpoint" >/dev/null || fail "info on the checkpoint"

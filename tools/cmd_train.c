@@ -211,8 +211,8 @@ static const char *const train_usage_head =
     "  --threads N          threads (default: all; the results are the same bits for any N)\n"
     "  --progress-every N   without a terminal, a progress line every N steps (default: about\n"
     "                       20 lines per run)\n"
-    "  --sample-tokens N    bytes of the final sample (default 200; 0: none)\n"
-    "  --sample-prompt TEXT its prompt (default: the beginning of a document)\n"
+    "  --sample-tokens N    bytes of each of the three final samples (default 200; 0: none)\n"
+    "  --sample-prompt TEXT their prompt (default: the beginning of a document)\n"
     "  --quiet              no progress lines\n"
     "\n"
     "routing and losses (after the strategy):\n"
@@ -533,21 +533,27 @@ int cmd_train(int argc, char **argv) {
     fprintf(stderr, "dsmoe train: checkpoint %s/checkpoint, metrics %s/metrics.jsonl\n", out, out);
     rcode = CLI_OK;
     if (sample_tokens > 0 && res.step == shown->steps) {
-        /* The sample comes from `dsmoe generate` on the checkpoint, as a user would run it. */
-        char model[4096], ntok[32], nth[32];
+        /* Samples come from `dsmoe generate` on the checkpoint, as a user would run it; a
+         * few seeds, since a document often ends (EOS) after a line or two. */
+        char model[4096], ntok[32], nth[32], seed[16];
         snprintf(model, sizeof model, "%s/checkpoint", out);
         snprintf(ntok, sizeof ntok, "%lld", sample_tokens);
         snprintf(nth, sizeof nth, "%lld", threads > 0 ? threads : (long long)dsmoe_default_threads());
-        char *gargv[] = {(char *)"generate", (char *)"--model", model, (char *)"--prompt",
-                         (char *)sample_prompt, (char *)"--max-tokens", ntok, (char *)"--seed",
-                         (char *)"1", (char *)"--temperature", (char *)"0.8", (char *)"--threads",
-                         nth};
-        fprintf(stderr, "dsmoe train: a sample (dsmoe generate --model %s --prompt '%s' "
-                        "--max-tokens %s --seed 1):\n", model, sample_prompt, ntok);
-        fflush(stderr);
-        printf("%s", sample_prompt);
-        fflush(stdout);
-        rcode = cmd_generate((int)(sizeof gargv / sizeof gargv[0]), gargv);
+        fprintf(stderr, "dsmoe train: samples (dsmoe generate --model %s --prompt '%s' "
+                        "--max-tokens %s --seed 1, 2, 3):\n", model, sample_prompt, ntok);
+        for (int k = 1; k <= 3 && rcode == CLI_OK; k++) {
+            snprintf(seed, sizeof seed, "%d", k);
+            char *gargv[] = {(char *)"generate", (char *)"--model", model, (char *)"--prompt",
+                             (char *)sample_prompt, (char *)"--max-tokens", ntok, (char *)"--seed",
+                             seed, (char *)"--temperature", (char *)"0.8", (char *)"--threads",
+                             nth};
+            fflush(stderr);
+            printf("--- sample %d\n%s", k, sample_prompt);
+            fflush(stdout);
+            rcode = cmd_generate((int)(sizeof gargv / sizeof gargv[0]), gargv);
+            printf("\n");
+            fflush(stdout);
+        }
     }
 done:
     free((void *)data);

@@ -186,7 +186,7 @@ dsmoe_status dsmoe__ckpt_save(const char *dir, const dsmoe__ckpt_state *s) {
         char text[512];
         size_t o = (size_t)snprintf(text, sizeof text, "dsmoe checkpoint 1\n");
         for (int i = 0; i < 3; i++) {
-            uint64_t h;
+            uint64_t h = 0;
             int64_t bytes;
             if ((st = dsmoe__hash_file(paths[i], &h, &bytes)) != DSMOE_OK) goto fail;
             o += (size_t)snprintf(text + o, sizeof text - o, "%s %lld %016" PRIx64 "\n",
@@ -226,9 +226,9 @@ static dsmoe_status verify_sums(const char *dir) {
     char line[512];
     int ok = fgets(line, sizeof line, f) && strcmp(line, "dsmoe checkpoint 1\n") == 0;
     for (int i = 0; ok && i < 3; i++) {
-        char name[64];
-        long long bytes;
-        unsigned long long h;
+        char name[64] = "";
+        long long bytes = -1;
+        unsigned long long h = 0;
         if (!fgets(line, sizeof line, f) ||
             sscanf(line, "%63s %lld %16llx", name, &bytes, &h) != 3 ||
             strcmp(name, ckpt_files[i]) != 0) {
@@ -240,8 +240,8 @@ static dsmoe_status verify_sums(const char *dir) {
             ok = 0;
             break;
         }
-        uint64_t fh;
-        int64_t fb;
+        uint64_t fh = 0;
+        int64_t fb = -1;
         st = dsmoe__hash_file(p, &fh, &fb);
         if (st == DSMOE_OK && fb != bytes)
             st = dsmoe__error(DSMOE_STATUS_FORMAT,
@@ -453,7 +453,7 @@ dsmoe_status dsmoe__ckpt_load(const char *dir, dsmoe__ckpt_state *s) {
         goto done;
     }
     if (s->bal) {
-        nb = (dsmoe_balancer **)calloc((size_t)n_moe, sizeof *nb);
+        nb = (dsmoe_balancer **)calloc((size_t)n_moe, sizeof(dsmoe_balancer *));
         if (!nb) {
             r = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "checkpoint: out of memory");
             goto done;

@@ -321,7 +321,7 @@ static dsmoe_status evaluate(run *r, int64_t step, double *val_loss, double *val
             if (w0 + b < nwin) {
                 if (dsmoe_corpus_window(r->corpus, DSMOE_SPLIT_VALID, T, w0 + b, tok, dom) < 0)
                     return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "evaluation: window %lld",
-                                        (long long)(w0 + b));
+                                        (long long)w0 + b);
             } else {
                 for (int32_t t = 0; t <= T; t++) tok[t] = DSMOE_BYTE_VOCAB_PAD, dom[t] = 255;
             }
@@ -490,7 +490,6 @@ static dsmoe_status truncate_metrics(const char *path, int64_t keep) {
             cut = at;
             break;
         }
-        cut = ftell(f);
     }
     free(line);
     int bad = fflush(f) != 0 || ftruncate(fileno(f), (off_t)cut) != 0;
@@ -536,7 +535,7 @@ static dsmoe_status setup(run *r, const char *out_dir, const dsmoe_run_options *
     r->data_hash = (int64_t *)calloc((size_t)(nf > 0 ? nf : 1), sizeof(int64_t));
     if (!r->data_bytes || !r->data_hash) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
     for (int32_t i = 0; i < nf; i++) {
-        uint64_t h;
+        uint64_t h = 0;
         if ((st = dsmoe__hash_file(rc->data_files[i], &h, &r->data_bytes[i])) != DSMOE_OK)
             return prefixed(st, "data file");
         r->data_hash[i] = (int64_t)h;
@@ -585,7 +584,7 @@ static dsmoe_status setup(run *r, const char *out_dir, const dsmoe_run_options *
         r->n_main_moe += !r->is_mtp[k];
     }
     if (r->n_moe > 0 && rc->model.topk_method == DSMOE_TOPK_METHOD_NOAUX_TC) {
-        r->bal = (dsmoe_balancer **)calloc(nm, sizeof *r->bal);
+        r->bal = (dsmoe_balancer **)calloc(nm, sizeof(dsmoe_balancer *));
         if (!r->bal) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
         dsmoe_balancer_config bc = rc->balancer;
         bc.n_experts = r->E;

@@ -305,7 +305,7 @@ dsmoe_status dsmoe__run_config_compare(const dsmoe_run_config *a, const dsmoe_ru
                                 "%s = %lld differs from the saved run's %lld", int_fields[i].name,
                                 (long long)ia[i], (long long)ib[i]);
     for (int i = 0; i < DSMOE__RUN_FLOAT_FIELDS; i++)
-        if (memcmp(&fa[i], &fb[i], sizeof(double)) != 0)
+        if (fa[i] != fb[i])
             return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
                                 "%s = %.9g differs from the saved run's %.9g", float_fields[i].name,
                                 fa[i], fb[i]);
