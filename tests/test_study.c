@@ -434,7 +434,7 @@ static void test_hostile(void) {
 static void test_order(void) {
     static const char *const names[5] = {"zzz-seed1", "v3-seed10", "aux-loss-a0.01-seed1", "v2-seed1", "v3-seed2"};
     for (int i = 0; i < 5; i++) {
-        char d[4096];
+        char d[8192];
         snprintf(d, sizeof d, "%s/runs/%s", tl_tmp("study_order"), names[i]);
         write_file(d, "metrics.jsonl", RUN_LINE TRAIN_LINE EVAL_LINE);
     }
