@@ -460,6 +460,35 @@ static void test_order(void) {
     free(js);
 }
 
+/* A long series is drawn with at most DSMOE__MAX_POINTS points, the last one included;
+ * a NaN breaks the line. */
+static void test_svg_points(void) {
+    enum { N = 5000 };
+    static double x[N], y[N];
+    for (int i = 0; i < N; i++) x[i] = y[i] = i;
+    dsmoe__series s = {"a", 0, x, y, N, 0, 0};
+    dsmoe__chart c = {"t", "x", "y", 0, 760, 360};
+    dsmoe__buf b = {0};
+    dsmoe__svg_lines(&b, &c, &s, 1);
+    ASSERT_TRUE(b.s != NULL);
+    if (!b.s) return;
+    const char *p = strstr(b.s, "points=\"");
+    ASSERT_TRUE(p != NULL);
+    int pts = 0;
+    for (const char *q = p ? p + 8 : ""; *q && *q != '"'; q++) pts += *q == ',';
+    ASSERT_TRUE(pts <= DSMOE__MAX_POINTS + 1 && pts >= DSMOE__MAX_POINTS / 2);
+    ASSERT_TRUE(strstr(b.s, "570.0,") != NULL); /* the last point, at the right edge */
+    dsmoe__buf_free(&b);
+    y[2500] = NAN;
+    s.n = 10;
+    y[5] = NAN;
+    dsmoe__svg_lines(&b, &c, &s, 1);
+    int lines = 0;
+    for (const char *q = b.s; q && (q = strstr(q, "<polyline")) != NULL; q++) lines++;
+    ASSERT_EQ_INT(lines, 2);
+    dsmoe__buf_free(&b);
+}
+
 /* The JSON tree itself: escapes, surrogates, limits. */
 static void test_jtree(void) {
     dsmoe__jtree t = {0};
@@ -490,6 +519,7 @@ int main(void) {
     RUN(test_malformed);
     RUN(test_hostile);
     RUN(test_order);
+    RUN(test_svg_points);
     RUN(test_jtree);
     return TEST_SUMMARY();
 }
