@@ -438,8 +438,9 @@ static void test_hostile(void) {
 static void test_order(void) {
     static const char *const names[5] = {"zzz-seed1", "v3-seed10", "aux-loss-a0.01-seed1", "v2-seed1", "v3-seed2"};
     for (int i = 0; i < 5; i++) {
-        char d[8192];
-        snprintf(d, sizeof d, "%s/runs/%s", tl_tmp("study_order"), names[i]);
+        char d[4096];
+        ASSERT_TRUE(snprintf(d, sizeof d, "%s/runs/%s", tl_tmp("study_order"), names[i]) <
+                    (int)sizeof d);
         write_file(d, "metrics.jsonl", RUN_LINE TRAIN_LINE EVAL_LINE);
     }
     ASSERT_OK(dsmoe_study_summarize(tl_tmp("study_order"), tl_tmp("study_order")));
