@@ -158,19 +158,23 @@ static void test_golden_study(void) {
         for (int32_t k = 0; k < 2; k++) {
             int32_t g = dsmoe__jv_at(&t, groups, k);
             if (strcmp(t.nodes[dsmoe__jv_get(&t, g, "name")].str, b) != 0) continue;
-            int32_t mm = dsmoe__jv_get(&t, dsmoe__jv_get(&t, g, "metrics"), c);
+            int dom = strncmp(c, "domain:", 7) == 0;
+            int32_t mm = dom ? dsmoe__jv_get(&t, dsmoe__jv_get(&t, g, "domain_loss"), c + 7)
+                             : dsmoe__jv_get(&t, dsmoe__jv_get(&t, g, "metrics"), c);
             ASSERT_TRUE(mm >= 0);
             if (mm < 0) continue;
             static const char *const keys[4] = {"mean", "std", "min", "max"};
             for (int q = 0; q < 4; q++) {
                 char what[300];
                 snprintf(what, sizeof what, "group %s %s %s", b, c, keys[q]);
-                expect_close(what, t.nodes[dsmoe__jv_get(&t, mm, keys[q])].num, strtod(v[q], NULL));
+                int32_t x = dsmoe__jv_get(&t, mm, keys[q]);
+                double got = t.nodes[x].kind == DSMOE__JV_NULL ? NAN : t.nodes[x].num;
+                expect_close(what, got, strcmp(v[q], "nan") == 0 ? NAN : strtod(v[q], NULL));
             }
             checked++;
         }
     }
-    ASSERT_EQ_INT(checked, 4 + 2 * DSMOE_SM_COUNT);
+    ASSERT_EQ_INT(checked, 4 + 2 * (DSMOE_SM_COUNT + 3));
     /* v3 is the reference; aux-loss's MaxVio_global is far outside the seeds' spread,
      * its spike count equal (within the spread) */
     ASSERT_TRUE(strcmp(t.nodes[dsmoe__jv_get(&t, 0, "reference")].str, "v3") == 0);
@@ -457,6 +461,35 @@ static void test_order(void) {
     free(js);
 }
 
+/* A long series is drawn with at most DSMOE__MAX_POINTS points, the last one included;
+ * a NaN breaks the line. */
+static void test_svg_points(void) {
+    enum { N = 5000 };
+    static double x[N], y[N];
+    for (int i = 0; i < N; i++) x[i] = y[i] = i;
+    dsmoe__series s = {"a", 0, x, y, N, 0, 0};
+    dsmoe__chart c = {"t", "x", "y", 0, 760, 360};
+    dsmoe__buf b = {0};
+    dsmoe__svg_lines(&b, &c, &s, 1);
+    ASSERT_TRUE(b.s != NULL);
+    if (!b.s) return;
+    const char *p = strstr(b.s, "points=\"");
+    ASSERT_TRUE(p != NULL);
+    int pts = 0;
+    for (const char *q = p ? p + 8 : ""; *q && *q != '"'; q++) pts += *q == ',';
+    ASSERT_TRUE(pts <= DSMOE__MAX_POINTS + 1 && pts >= DSMOE__MAX_POINTS / 2);
+    ASSERT_TRUE(strstr(b.s, "570.0,") != NULL); /* the last point, at the right edge */
+    dsmoe__buf_free(&b);
+    y[2500] = NAN;
+    s.n = 10;
+    y[5] = NAN;
+    dsmoe__svg_lines(&b, &c, &s, 1);
+    int lines = 0;
+    for (const char *q = b.s; q && (q = strstr(q, "<polyline")) != NULL; q++) lines++;
+    ASSERT_EQ_INT(lines, 2);
+    dsmoe__buf_free(&b);
+}
+
 /* The JSON tree itself: escapes, surrogates, limits. */
 static void test_jtree(void) {
     dsmoe__jtree t = {0};
@@ -487,6 +520,7 @@ int main(void) {
     RUN(test_malformed);
     RUN(test_hostile);
     RUN(test_order);
+    RUN(test_svg_points);
     RUN(test_jtree);
     return TEST_SUMMARY();
 }

@@ -163,6 +163,12 @@ static void test_plan(void) {
     sc.strategies = twice;
     ASSERT_STATUS(dsmoe_study_plan(&sc, names, 16, &n), DSMOE_STATUS_INVALID_CONFIG);
     sc = config();
+    static const char *const only_v3[1] = {"v3"};
+    sc.strategies = only_v3;
+    sc.n_strategies = 1;
+    ASSERT_STATUS(dsmoe_study_plan(&sc, names, 16, &n), DSMOE_STATUS_INVALID_CONFIG);
+    ASSERT_TRUE(strstr(dsmoe_last_error(), "aux-loss") != NULL);
+    sc = config();
     static const double neg[1] = {-1};
     sc.alphas = neg;
     sc.n_alphas = 1;
@@ -236,6 +242,7 @@ static void test_study_and_resume(void) {
     /* a bad strategy: refused before anything is trained or created */
     static const char *const bad[2] = {"v3", "nonsense"};
     sc.strategies = bad;
+    sc.n_alphas = 0;
     ASSERT_STATUS(dsmoe_study_run(&sc, tl_tmp("study_bad"), 1, NULL, NULL), DSMOE_STATUS_INVALID_CONFIG);
     ASSERT_TRUE(strstr(dsmoe_last_error(), "nonsense") != NULL);
     ASSERT_EQ_INT(calls, 0);

@@ -20,6 +20,7 @@
 #define CHART_W 760
 #define CHART_H 360
 #define MAX_COLS 150
+#define MAX_CELLS 20000
 
 void dsmoe_report_options_default(dsmoe_report_options *o) {
     if (!o) return;
@@ -171,7 +172,9 @@ static void chart_load(rep *R, int32_t g) {
     int32_t i = R->first[g];
     const dsmoe__trace *t = &R->tr[i];
     const int32_t E = t->E, lm = R->lmain[i];
-    int32_t cols = t->nt < MAX_COLS ? (int32_t)t->nt : MAX_COLS;
+    /* at most MAX_COLS columns, and about MAX_CELLS cells for many experts */
+    int32_t maxc = E > MAX_CELLS / MAX_COLS ? (MAX_CELLS / E > 10 ? MAX_CELLS / E : 10) : MAX_COLS;
+    int32_t cols = t->nt < maxc ? (int32_t)t->nt : maxc;
     double *v = calloc((size_t)E * (size_t)(cols ? cols : 1), sizeof *v);
     double *w = calloc((size_t)(cols ? cols : 1), sizeof *w);
     if (!v || !w) {

@@ -84,6 +84,12 @@ static dsmoe_status plan(const dsmoe_study_config *sc, planned *out, int32_t cap
             return DSMOE__FAIL(DSMOE_STATUS_INVALID_CONFIG, "alpha = %g: must be finite and >= 0", sc->alphas[a]);
     int ns = n_strategies(sc);
     if (ns < 1) return DSMOE__FAIL(DSMOE_STATUS_INVALID_CONFIG, "strategies: none given");
+    if (sc->n_alphas > 0) {
+        int has_aux = 0;
+        for (int i = 0; i < ns; i++) has_aux |= strategy_at(sc, i) && strcmp(strategy_at(sc, i), "aux-loss") == 0;
+        if (!has_aux)
+            return DSMOE__FAIL(DSMOE_STATUS_INVALID_CONFIG, "alpha: values for aux-loss, which is not among the strategies");
+    }
     for (int i = 0; i < ns; i++) {
         const char *s = strategy_at(sc, i);
         if (!s || !s[0] || strlen(s) > 60 || strchr(s, '/'))
@@ -126,7 +132,8 @@ dsmoe_status dsmoe_study_plan(const dsmoe_study_config *sc, char (*names)[128], 
 static dsmoe_status run_config(const dsmoe_study_config *sc, const planned *p, dsmoe_run_config *rc) {
     *rc = sc->base;
     dsmoe_status st = dsmoe__study_test_hooks.strategy_apply ? dsmoe__study_test_hooks.strategy_apply(p->strategy, rc)
-                                                             : dsmoe_run_strategy_apply(p->strategy, rc);
+                      : HAVE(dsmoe_run_strategy_apply)       ? dsmoe_run_strategy_apply(p->strategy, rc)
+                                                             : no_runs("dsmoe_study_run");
     if (st) return st;
     rc->seed = (uint64_t)p->seed;
     rc->train.seed = (uint64_t)p->seed;

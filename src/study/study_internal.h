@@ -131,6 +131,7 @@ dsmoe_status dsmoe__summary_table(const char *dir, dsmoe__buf *b);
 
 /* ------------------------------------------------------------------ SVG -- */
 #define DSMOE__MAX_SERIES 256
+#define DSMOE__MAX_POINTS 1200 /* per line: longer series are drawn every k-th point */
 typedef struct dsmoe__series {
     const char *label;        /* legend text (escaped when written); NULL: no entry */
     int32_t color;            /* palette index */

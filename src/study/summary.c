@@ -369,23 +369,35 @@ dsmoe_status dsmoe__list_runs(const char *dir, char ***paths, int32_t *n) {
 }
 
 /* ---------------------------------------------------------- study summary -- */
+/* Statistics of the measures (0 .. DSMOE_SM_COUNT - 1), then of the validation loss of
+ * each domain of the first run (DSMOE_SM_COUNT + d). */
+#define NSTAT (DSMOE_SM_COUNT + DSMOE_SUMMARY_MAX_DOMAINS)
 typedef struct group_stat {
     char name[128];
     int32_t runs;
-    double mean[DSMOE_SM_COUNT], sd[DSMOE_SM_COUNT], mn[DSMOE_SM_COUNT], mx[DSMOE_SM_COUNT];
-    int32_t n[DSMOE_SM_COUNT];
+    double mean[NSTAT], sd[NSTAT], mn[NSTAT], mx[NSTAT];
+    int32_t n[NSTAT];
 } group_stat;
+
+/* Measure m of run r, or its loss on domain m - DSMOE_SM_COUNT of run `first`. */
+static double run_value(const dsmoe_run_summary *r, const dsmoe_run_summary *first, int m) {
+    if (m < DSMOE_SM_COUNT) return r->m[m];
+    const char *dn = first->domains[m - DSMOE_SM_COUNT];
+    for (int32_t d = 0; d < r->n_domains; d++)
+        if (strcmp(r->domains[d], dn) == 0) return r->domain_loss[d];
+    return NAN;
+}
 
 static void group_stats(const dsmoe_run_summary *rs, int32_t nr, const char *name, group_stat *g) {
     memset(g, 0, sizeof *g);
     snprintf(g->name, sizeof g->name, "%s", name);
-    for (int m = 0; m < DSMOE_SM_COUNT; m++) {
+    for (int m = 0; m < DSMOE_SM_COUNT + rs[0].n_domains; m++) {
         double sum = 0, lo = INFINITY, hi = -INFINITY;
         int32_t n = 0;
         for (int32_t i = 0; i < nr; i++) {
             if (strcmp(rs[i].group, name) != 0) continue;
             if (m == 0) g->runs++;
-            double v = rs[i].m[m];
+            double v = run_value(&rs[i], &rs[0], m);
             if (!isfinite(v)) continue;
             sum += v;
             lo = v < lo ? v : lo;
@@ -398,8 +410,10 @@ static void group_stats(const dsmoe_run_summary *rs, int32_t nr, const char *nam
             continue;
         }
         double mean = sum / n, ss = 0;
-        for (int32_t i = 0; i < nr; i++)
-            if (strcmp(rs[i].group, name) == 0 && isfinite(rs[i].m[m])) ss += (rs[i].m[m] - mean) * (rs[i].m[m] - mean);
+        for (int32_t i = 0; i < nr; i++) {
+            double v = run_value(&rs[i], &rs[0], m);
+            if (strcmp(rs[i].group, name) == 0 && isfinite(v)) ss += (v - mean) * (v - mean);
+        }
         g->mean[m] = mean;
         g->sd[m] = n > 1 ? sqrt(ss / (n - 1)) : 0;
         g->mn[m] = lo;
@@ -555,6 +569,27 @@ static void write_json(const study_sum *ss, dsmoe__buf *b) {
             dsmoe__buf_json_num(b, G->mx[m]);
             dsmoe__buf_printf(b, "}");
         }
+        dsmoe__buf_printf(b, "},\"domain_loss\":{");
+        const dsmoe_run_summary *r0 = &ss->rs[0];
+        for (int32_t d = 0; d < r0->n_domains; d++) {
+            int m = DSMOE_SM_COUNT + d;
+            if (d) dsmoe__buf_put(b, ",", 1);
+            dsmoe__buf_json_str(b, r0->domains[d]);
+            dsmoe__buf_printf(b, ":{\"n\":%d,\"mean\":", G->n[m]);
+            dsmoe__buf_json_num(b, G->mean[m]);
+            dsmoe__buf_printf(b, ",\"std\":");
+            dsmoe__buf_json_num(b, G->sd[m]);
+            dsmoe__buf_printf(b, ",\"min\":");
+            dsmoe__buf_json_num(b, G->mn[m]);
+            dsmoe__buf_printf(b, ",\"max\":");
+            dsmoe__buf_json_num(b, G->mx[m]);
+            if (g != ss->ref) {
+                dsmoe__buf_printf(b, ",\"diff\":");
+                dsmoe__buf_json_num(b, G->mean[m] - ref->mean[m]);
+                dsmoe__buf_printf(b, ",\"verdict\":\"%s\"", verdict(G, ref, m));
+            }
+            dsmoe__buf_printf(b, "}");
+        }
         dsmoe__buf_printf(b, "}");
         if (g != ss->ref) {
             dsmoe__buf_printf(b, ",\"vs_reference\":{");
@@ -573,6 +608,13 @@ static void write_json(const study_sum *ss, dsmoe__buf *b) {
 static void write_csv(const study_sum *ss, dsmoe__buf *b) {
     dsmoe__buf_printf(b, "kind,name,group,seed");
     for (int m = 0; m < DSMOE_SM_COUNT; m++) dsmoe__buf_printf(b, ",%s", metric_names[m]);
+    const int nm = DSMOE_SM_COUNT + ss->rs[0].n_domains;
+    for (int32_t d = 0; d < ss->rs[0].n_domains; d++) {
+        char col[64];
+        snprintf(col, sizeof col, "loss:%s", ss->rs[0].domains[d]);
+        dsmoe__buf_put(b, ",", 1);
+        csv_str(b, col);
+    }
     dsmoe__buf_printf(b, "\n");
     for (int32_t i = 0; i < ss->nr; i++) {
         const dsmoe_run_summary *r = &ss->rs[i];
@@ -581,7 +623,7 @@ static void write_csv(const study_sum *ss, dsmoe__buf *b) {
         dsmoe__buf_put(b, ",", 1);
         csv_str(b, r->group);
         dsmoe__buf_printf(b, ",%lld", (long long)r->seed);
-        for (int m = 0; m < DSMOE_SM_COUNT; m++) csv_num(b, r->m[m]);
+        for (int m = 0; m < nm; m++) csv_num(b, run_value(r, &ss->rs[0], m));
         dsmoe__buf_printf(b, "\n");
     }
     static const char *const kinds[4] = {"mean", "std", "min", "max"};
@@ -594,7 +636,7 @@ static void write_csv(const study_sum *ss, dsmoe__buf *b) {
             dsmoe__buf_put(b, ",", 1);
             csv_str(b, G->name);
             dsmoe__buf_printf(b, ",");
-            for (int m = 0; m < DSMOE_SM_COUNT; m++) csv_num(b, v[m]);
+            for (int m = 0; m < nm; m++) csv_num(b, v[m]);
             dsmoe__buf_printf(b, "\n");
         }
 }
@@ -625,6 +667,20 @@ dsmoe_status dsmoe_study_summarize(const char *dir, const char *out_dir) {
     return st;
 }
 
+/* A table cell: mean ± sd over seeds, marked by its verdict against ref (NULL: none). */
+static void stat_cell(dsmoe__buf *b, const group_stat *G, const group_stat *ref, int m) {
+    if (G->n[m] == 0) {
+        dsmoe__buf_printf(b, "<td>&#8211;</td>");
+        return;
+    }
+    const char *v = ref ? verdict(G, ref, m) : "";
+    const char *cls = strcmp(v, "differs") == 0 ? " class=\"diff\"" :
+                      strcmp(v, "within seed spread") == 0 ? " class=\"ns\"" : "";
+    dsmoe__buf_printf(b, "<td%s title=\"%s\">%.4g", cls, v, G->mean[m]);
+    if (G->n[m] > 1) dsmoe__buf_printf(b, " &#177; %.2g", G->sd[m]);
+    dsmoe__buf_printf(b, "</td>");
+}
+
 dsmoe_status dsmoe__summary_table(const char *dir, dsmoe__buf *b) {
     study_sum ss;
     dsmoe_status st = study_sum_build(dir, &ss);
@@ -645,19 +701,7 @@ dsmoe_status dsmoe__summary_table(const char *dir, dsmoe__buf *b) {
         dsmoe__buf_printf(b, "<tr><td>");
         dsmoe__buf_xml(b, G->name);
         dsmoe__buf_printf(b, "%s</td><td>%d</td>", g == ss.ref ? " (reference)" : "", G->runs);
-        for (int k = 0; k < ns; k++) {
-            int m = shown[k];
-            if (G->n[m] == 0) {
-                dsmoe__buf_printf(b, "<td>&#8211;</td>");
-                continue;
-            }
-            const char *v = g == ss.ref ? "" : verdict(G, ref, m);
-            const char *cls = strcmp(v, "differs") == 0 ? " class=\"diff\"" :
-                              strcmp(v, "within seed spread") == 0 ? " class=\"ns\"" : "";
-            dsmoe__buf_printf(b, "<td%s title=\"%s\">%.4g", cls, v, G->mean[m]);
-            if (G->n[m] > 1) dsmoe__buf_printf(b, " &#177; %.2g", G->sd[m]);
-            dsmoe__buf_printf(b, "</td>");
-        }
+        for (int k = 0; k < ns; k++) stat_cell(b, G, g == ss.ref ? NULL : ref, shown[k]);
         dsmoe__buf_printf(b, "</tr>\n");
     }
     dsmoe__buf_printf(b, "</tbody></table>\n<p class=\"note\">mean &#177; standard deviation over seeds. "
@@ -671,6 +715,26 @@ dsmoe_status dsmoe__summary_table(const char *dir, dsmoe__buf *b) {
         dsmoe__buf_printf(b, ".");
     }
     dsmoe__buf_printf(b, "</p>\n");
+    /* validation loss per domain */
+    const dsmoe_run_summary *r0 = &ss.rs[0];
+    if (r0->n_domains > 0) {
+        dsmoe__buf_printf(b, "<table class=\"sum\"><thead><tr><th>validation loss (nats) per domain</th>");
+        for (int32_t d = 0; d < r0->n_domains; d++) {
+            dsmoe__buf_printf(b, "<th>");
+            dsmoe__buf_xml(b, r0->domains[d]);
+            dsmoe__buf_printf(b, "</th>");
+        }
+        dsmoe__buf_printf(b, "</tr></thead><tbody>\n");
+        for (int32_t g = 0; g < ss.ng; g++) {
+            const group_stat *G = &ss.gs[g];
+            dsmoe__buf_printf(b, "<tr><td>");
+            dsmoe__buf_xml(b, G->name);
+            dsmoe__buf_printf(b, "</td>");
+            for (int32_t d = 0; d < r0->n_domains; d++) stat_cell(b, G, g == ss.ref ? NULL : ref, DSMOE_SM_COUNT + d);
+            dsmoe__buf_printf(b, "</tr>\n");
+        }
+        dsmoe__buf_printf(b, "</tbody></table>\n");
+    }
     /* the runs, one row each */
     dsmoe__buf_printf(b, "<details><summary>every run</summary><table class=\"sum\"><thead><tr><th>run</th><th>steps</th>");
     for (int k = 0; k < ns; k++) dsmoe__buf_printf(b, "<th>%s</th>", metric_names[shown[k]]);

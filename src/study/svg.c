@@ -124,12 +124,14 @@ void dsmoe__svg_lines(dsmoe__buf *b, const dsmoe__chart *c, const dsmoe__series 
                       MT + H / 2, MT + H / 2);
     dsmoe__buf_xml(b, c->ylabel);
     dsmoe__buf_printf(b, "</text>\n");
-    /* series */
+    /* series: at most DSMOE__MAX_POINTS points each (every stride-th, and the last) */
     for (int32_t k = 0; k < ns; k++) {
         const char *col = dsmoe__palette(s[k].color);
         int open = 0;
-        int64_t npts = 0;
-        for (int64_t i = 0; i < s[k].n; i++) {
+        int64_t npts = 0, stride = (s[k].n + DSMOE__MAX_POINTS - 1) / DSMOE__MAX_POINTS;
+        if (stride < 1) stride = 1;
+        /* i steps by stride; the step that would pass the end lands on the last point */
+        for (int64_t i = 0; i < s[k].n; i += (i + stride < s[k].n || i == s[k].n - 1) ? stride : s[k].n - 1 - i) {
             double x = s[k].x[i], y = s[k].y[i];
             int ok = isfinite(x) && isfinite(y) && !(log_y && !(y > 0));
             if (!ok) {

@@ -10,7 +10,8 @@ domains, two main MoE layers and one MTP layer (whose values are absurd, so that
 summary that does not leave MTP layers out is caught), nulls where the schema allows
 them, a loss spike planted at a known step, evaluations at steps 12 and 30. Writes
 runs/<name>/metrics.jsonl and expected.txt: "<run> <metric> <value>" per line (nan for
-a value that cannot be computed), plus "group <name> <metric> <mean> <std> <min> <max>".
+a value that cannot be computed), plus "group <name> <metric> <mean> <std> <min> <max>"
+(metric "domain:<d>": the validation loss on domain d).
 """
 import json
 import math
@@ -207,6 +208,13 @@ def main():
                 v = np.array([s[m] for n, (gg, s) in sums.items() if gg == g], np.float64)
                 v = v[np.isfinite(v)]
                 f.write(f"group {g} {m} {v.mean()!r} {v.std(ddof=1)!r} {v.min()!r} {v.max()!r}\n")
+            for d in DOMAINS:
+                v = np.array([s["domain_loss"][d] for n, (gg, s) in sums.items() if gg == g], np.float64)
+                v = v[np.isfinite(v)]
+                if len(v):
+                    f.write(f"group {g} domain:{d} {v.mean()!r} {v.std(ddof=1)!r} {v.min()!r} {v.max()!r}\n")
+                else:
+                    f.write(f"group {g} domain:{d} nan nan nan nan\n")
 
 
 if __name__ == "__main__":
