@@ -18,10 +18,10 @@ for case in "v3_mtp2 80 0 1" "v3_mtp2 80 0 2" "v3_mtp2 60 0.9 3" "v3_yarn_q 40 0
             --temperature "$3" --seed 5 --threads "$t"
         cp "$TMP/out.txt" "$TMP/plain.txt"
         expect 0 "outputs identical" -- "$DSMOE" generate --model "$m" --prompt-tokens "$m/tokens.npy" \
-            --max-tokens "$2" --temperature "$3" --seed 5 --threads "$t" --mtp --draft "$4"
+            --max-tokens "$2" --temperature "$3" --seed 5 --threads "$t" --mtp --draft "$4" --runs 2
         cmp -s "$TMP/out.txt" "$TMP/plain.txt" || fail "$case threads $t: --mtp printed '$(cat "$TMP/out.txt")', plain '$(cat "$TMP/plain.txt")'"
         for needle in "$4 drafts per verify pass" "acceptance: depth 1 " "overall " "tokens per pass" \
-            "plain decoding, same prompt and seed" "speed-up" " generated"; do
+            "plain decoding, same prompt and seed" "speed-up" "fastest of 2 runs each" " generated"; do
             grep -qF -- "$needle" "$TMP/err.txt" || fail "$case: stderr lacks '$needle'"
         done
         [ "$4" -lt 2 ] || grep -qF "depth $4 " "$TMP/err.txt" || fail "$case: no depth $4 rate"
@@ -41,6 +41,8 @@ for bad in 0 8 -1 x 1.5; do
         --model "$G/v3_mtp2" --prompt-tokens "$G/v3_mtp2/tokens.npy" --mtp --draft "$bad"
 done
 expect 2 "--draft needs a value" -- "$DSMOE" generate --model "$G/v3_mtp2" --prompt-tokens "$G/v3_mtp2/tokens.npy" --mtp --draft
+expect 2 "--runs needs --mtp" -- "$DSMOE" generate --model "$G/v3_mtp2" --prompt-tokens "$G/v3_mtp2/tokens.npy" --runs 2
+expect 2 "--runs expects 1..100, got '0'" -- "$DSMOE" generate --model "$G/v3_mtp2" --prompt-tokens "$G/v3_mtp2/tokens.npy" --mtp --runs 0
 expect 2 "--draft needs --mtp" -- "$DSMOE" generate --model "$G/v3_mtp2" --prompt-tokens "$G/v3_mtp2/tokens.npy" --draft 2
 "$DSMOE" generate --help | grep -qF -- "--mtp" || fail "generate --help lacks --mtp"
 "$DSMOE" generate --help | grep -qF -- "--draft N" || fail "generate --help lacks --draft"
