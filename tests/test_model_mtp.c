@@ -539,9 +539,13 @@ static double mean_ce(const float *lg, const int32_t *target, int64_t n, int32_t
     double s = 0;
     for (int64_t i = 0; i < n; i++) {
         const float *l = lg + i * V;
-        double mx = l[0], z = 0;
-        for (int32_t v = 1; v < V; v++) mx = fmax(mx, l[v]);
-        for (int32_t v = 0; v < V; v++) z += exp(l[v] - mx);
+        int32_t b = 0;
+        for (int32_t v = 1; v < V; v++)
+            if (l[v] > l[b]) b = v;
+        const double mx = l[b];
+        double z = 1.0; /* exp(0) of the largest, then the others */
+        for (int32_t v = 0; v < V; v++)
+            if (v != b) z += exp(l[v] - mx);
         s += log(z) + mx - l[target[i]];
     }
     return s / (double)n;

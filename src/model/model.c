@@ -440,7 +440,7 @@ static dsmoe_status model_load(dsmoe_model *m) {
     const dsmoe_model_config *c = &m->cfg;
     const int32_t L = c->num_hidden_layers;
     dsmoe_status s;
-    m->layers = (mlayer *)calloc((size_t)(L + m->Dm), sizeof *m->layers);
+    m->layers = (mlayer *)calloc((size_t)L + (size_t)m->Dm, sizeof *m->layers);
     m->depths = (mdepth *)calloc((size_t)m->Dm + 1, sizeof *m->depths);
     m->inv_freq = (double *)calloc((size_t)(c->qk_rope_head_dim / 2) + 1, sizeof(double));
     /* the widest matrix row of the model, for the finiteness scan */
