@@ -13,6 +13,7 @@
 #   --presets   comma-separated presets (default: tiny,small,default)
 #   --rounds N  repeat the whole comparison N times (default 1; the table shows each round)
 #   --save FILE also keep the raw JSON lines of both programs in FILE
+# OMP_WAIT_POLICY (default here: passive) applies to both programs.
 # Needs Debian's /usr/bin/python3 with python3-torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
