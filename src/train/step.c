@@ -32,7 +32,7 @@ const char *const dsmoe__train_prof_names[PROF_COUNT] = {
 const int dsmoe__train_prof_count = PROF_COUNT;
 static double prof_now(void) {
     struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
+    timespec_get(&t, TIME_UTC); /* C11 (the POSIX clocks need feature macros) */
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 #define PROF_BEGIN() double prof_t0_ = prof_now()
