@@ -365,6 +365,7 @@ int main(int argc, char **argv) {
         for (int64_t i = 0; i < os.nt; i++)
             if (dsmoe_train_model_tensor(tm, i, &os.t[i]) != DSMOE_OK) die("tensor");
         const mem_model mm = memory_model(tm, N, Dm);
+        const double mem_create = (double)(__atomic_load_n(&alloc_now, __ATOMIC_RELAXED) - base);
         const double flops = train_flops(&cfg, B, T, Dm);
         if (ti == 0)
             printf("{\"impl\": \"dsmoe\", \"test\": \"model\", \"preset\": \"%s\", \"batch\": %d, \"seq\": %d, "
@@ -418,11 +419,11 @@ int main(int argc, char **argv) {
                "\"peak_fraction\": %.4f, \"peak2_gflops\": %.3f, \"peak2_fraction\": %.4f, "
                "\"loss_s\": %.6f, \"backward_s\": %.6f, \"optimizer_s\": %.6f, \"first_loss\": %.5f, "
                "\"last_loss\": %.5f, \"alloc_peak_bytes\": %.0f, \"model_bytes\": %.0f, "
-               "\"memory_ratio\": %.4f, \"maxrss_bytes\": %.0f}\n",
+               "\"memory_ratio\": %.4f, \"alloc_create_bytes\": %.0f, \"maxrss_bytes\": %.0f}\n",
                min_of(cpus, repeat), N * steps / min_of(cpus, repeat), N * steps / sec,
                flops * steps / sec * 1e-9, peak, flops * steps / sec * 1e-9 / peak,
                peak2, flops * steps / sec * 1e-9 / peak2, t_loss / tot, t_back / tot, t_opt / tot,
-               first_loss, last_loss, mem_peak, mm.total_bytes, mem_peak / mm.total_bytes,
+               first_loss, last_loss, mem_peak, mm.total_bytes, mem_peak / mm.total_bytes, mem_create,
                (double)ru.ru_maxrss * 1024.0);
 #ifdef DSMOE_TRAIN_PROFILE
         if (profile) {

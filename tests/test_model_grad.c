@@ -862,6 +862,43 @@ static void test_head_loss(void) {
     free_tens(&Lc.W);
 }
 
+/* A vocabulary large enough that the logits go a chunk of 64 rows at a time: two chunks
+ * (64 + 6 rows), the second's dx at its rows and dW summed over both, against fp64 finite
+ * differences; 2 threads give the same bits. */
+static void test_head_loss_chunks(void) {
+    tl_seed(33);
+    Lc.N = 70;
+    Lc.D = 3;
+    Lc.V = 17000;
+    Lc.ignore = 5;
+    /* fewer rows than N held at once */
+    ASSERT_TRUE(dsmoe__head_loss_workspace_size(Lc.V, Lc.N) < (size_t)Lc.N * (size_t)Lc.V * 4);
+    Lc.x = mk_tens("x", Lc.N * Lc.D, 1.0);
+    Lc.W = mk_tens("W", (int64_t)Lc.V * Lc.D, 0.5);
+    Lc.tg = (int32_t *)malloc((size_t)Lc.N * sizeof(int32_t));
+    for (int64_t t = 0; t < Lc.N; t++)
+        Lc.tg[t] = t % 11 == 3 ? Lc.ignore : (int32_t)(tl_next() % (uint64_t)Lc.V);
+    double loss = 0, loss2 = 0;
+    head_run(&loss, NULL, Lc.x.g, Lc.W.g, 1.0f, 0, 1);
+    const double ref = ce_loss();
+    ASSERT_NEAR(loss, ref, 1e-6 * ref);
+    g_stride = 3;
+    fd_check("head loss, 2 chunks", &Lc.x, ce_loss, 1e-5);
+    g_stride = 1009;
+    fd_check("head loss, 2 chunks", &Lc.W, ce_loss, 1e-5);
+    g_stride = 1;
+    float *dx = zerov(Lc.x.n), *dW = zerov(Lc.W.n);
+    head_run(&loss2, NULL, dx, dW, 1.0f, 0, 2);
+    ASSERT_TRUE(loss2 == loss);
+    tl_same_bits("head dx, 2 chunks, 2 threads", dx, Lc.x.g, Lc.x.n);
+    tl_same_bits("head dW, 2 chunks, 2 threads", dW, Lc.W.g, Lc.W.n);
+    free(dx);
+    free(dW);
+    free(Lc.tg);
+    free_tens(&Lc.x);
+    free_tens(&Lc.W);
+}
+
 /* ------------------------------------------------------------------ one layer composed */
 
 /* A one-layer model composed from the blocks as model_grad.h describes (embedding,
@@ -1006,6 +1043,7 @@ int main(void) {
     RUN(test_mla_props);
     RUN(test_embedding);
     RUN(test_head_loss);
+    RUN(test_head_loss_chunks);
     RUN(test_compose_layer);
     return TEST_SUMMARY();
 }

@@ -54,6 +54,24 @@ void dsmoe__rmsnorm_train_forward(float *y, float *inv_rms, const float *x, cons
     }
 }
 
+void dsmoe__add_rmsnorm_train_forward(float *h, float *y, float *inv_rms, const float *a,
+                                      const float *b, const float *w, int64_t N, int32_t n,
+                                      float eps, int n_threads) {
+    const int nt = dsmoe__threads(n_threads);
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N > 1)
+    for (int64_t t = 0; t < N; t++) {
+        const float *ar = a + t * n, *br = b + t * n;
+        float *hr = h + t * n, *yr = y + t * n;
+        for (int32_t i = 0; i < n; i++) hr[i] = ar[i] + br[i];
+        float ss = 0.0f;
+        for (int32_t i = 0; i < n; i++) ss += hr[i] * hr[i];
+        float inv = 1.0f / sqrtf(ss / (float)n + eps);
+        inv_rms[t] = inv;
+        for (int32_t i = 0; i < n; i++) yr[i] = hr[i] * inv * w[i];
+    }
+}
+
 void dsmoe__rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
                              const float *w, const float *inv_rms, int64_t N, int32_t n,
                              int64_t lddx, int64_t lddy, int64_t ldx, int acc_dx, int n_threads) {

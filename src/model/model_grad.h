@@ -59,6 +59,12 @@
 void dsmoe__rmsnorm_train_forward(float *y, float *inv_rms, const float *x, const float *w,
                                   int64_t N, int32_t n, int64_t ldx, int64_t ldy, float eps,
                                   int n_threads);
+/* h (N, n) = a + b (rows of n, all three with row stride n), then y and inv_rms from h
+ * as dsmoe__rmsnorm_train_forward (ldy = n): the residual add and the next norm in one
+ * pass over the rows, the same bits as the two apart. y may not overlap a, b or h. */
+void dsmoe__add_rmsnorm_train_forward(float *h, float *y, float *inv_rms, const float *a,
+                                      const float *b, const float *w, int64_t N, int32_t n,
+                                      float eps, int n_threads);
 /* dx (N, n) [lddx] (= or += by acc_dx) and dw (n) += from dy (N, n) [lddy], the forward's
  * input x [ldx] and inv_rms (N):
  *   dx = inv · (w ⊙ dy − x · inv² · Σ(dy ⊙ w ⊙ x) / n),  dw += Σ_rows dy ⊙ x · inv.

@@ -32,7 +32,7 @@ const char *const dsmoe__train_prof_names[PROF_COUNT] = {
 const int dsmoe__train_prof_count = PROF_COUNT;
 static double prof_now(void) {
     struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
+    timespec_get(&t, TIME_UTC); /* C11 (the POSIX clocks need feature macros) */
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 #define PROF_BEGIN() double prof_t0_ = prof_now()
@@ -545,9 +545,8 @@ static dsmoe_status block_forward(dsmoe_train_model *tm, int32_t l, float *h_out
                                        tm->mla_save_size, tm->ws, tm->ws_size, nt)) != DSMOE_OK)
         return st;
     PROF_END(PROF_MLA_F);
-    for (size_t i = 0; i < ND; i++) ly->h_mid[i] = ly->h_in[i] + tm->a[i];
-    PROF_END(PROF_RESID);
-    dsmoe__rmsnorm_train_forward(ly->x2, ly->inv2, ly->h_mid, ly->w_post, N, D, D, D, eps, nt);
+    dsmoe__add_rmsnorm_train_forward(ly->h_mid, ly->x2, ly->inv2, ly->h_in, tm->a, ly->w_post, N,
+                                     D, eps, nt);
     PROF_END(PROF_NORM);
     if (ly->moe) {
         if ((st = dsmoe_moe_forward(ly->moe, tm->a, ly->x2, N, nt)) != DSMOE_OK) return st;
@@ -568,6 +567,8 @@ static dsmoe_status block_forward(dsmoe_train_model *tm, int32_t l, float *h_out
         return st;
     }
     PROF_END(PROF_FFN_F);
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && ND > 65536)
     for (size_t i = 0; i < ND; i++) h_out[i] = ly->h_mid[i] + tm->a[i];
     PROF_END(PROF_RESID);
     return DSMOE_OK;
