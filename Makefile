@@ -1,7 +1,8 @@
 # Thin wrapper over CMake for the README's commands.
 #   make run     install missing Debian packages, build, train the default model (v3
 #                strategy, a few minutes on two cores) into $(RUN_DIR): progress, then
-#                validation loss, MaxVio over the validation set and a generated sample
+#                validation loss, MaxVio over the validation set and a generated sample;
+#                ends with the run's report (dsmoe report), whose path it prints
 #   make simulate  the balancing simulation (dsmoe simulate) on its default traffic
 #   make test    install missing Debian packages, build, run the whole test suite
 #                (Release + AddressSanitizer/UBSan + clang -Werror build + fuzz smoke
@@ -36,6 +37,7 @@ run: deps build
 	rm -rf $(RUN_DIR)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} \
 	  ./$(BUILD)/dsmoe train --preset default --strategy v3 --out $(RUN_DIR) $(TRAIN_FLAGS)
+	./$(BUILD)/dsmoe report $(RUN_DIR)
 
 simulate: deps build
 	./$(BUILD)/dsmoe simulate

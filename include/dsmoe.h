@@ -9,7 +9,9 @@
  *   dsmoe/balance.h  loss-free bias balancing, balance losses, load statistics
  *   dsmoe/moe.h      the MoE layer: dispatch, SwiGLU experts, combine; backward
  *   dsmoe/model.h    whole models: config.json, tensor table, model directories
- *   dsmoe/train.h    training data: the byte vocabulary, the built-in corpus, text files
+ *   dsmoe/train.h    training: the byte vocabulary, the built-in corpus, text files, the
+ *                    optimizer, the training model, runs (dsmoe_run)
+ *   dsmoe/study.h    routing studies: run measures, summaries across seeds, the report
  *
  * Conventions: arrays are row-major (tokens × features); expert indices are
  * int32_t; compute is fp32. Every fallible call returns dsmoe_status and leaves a
@@ -26,5 +28,6 @@
 #include "dsmoe/moe.h"
 #include "dsmoe/model.h"
 #include "dsmoe/train.h"
+#include "dsmoe/study.h"
 
 #endif /* DSMOE_H */

@@ -20,13 +20,50 @@ expect 2 "--layer" -- "$DSMOE" report "$TMP" --layer -1
 expect 2 "one folder only" -- "$DSMOE" report a b
 expect 0 "" -- "$DSMOE" study --help
 grep -q -- "--strategies" "$TMP/out.txt" || fail "study --help does not describe --strategies"
+for f in --hidden-size --lr --warmup --data --domains --score --bias-rule --balance-loss --gamma \
+    --corpus-tokens --eval-tokens --log-every; do
+  grep -qF -- "$f" "$TMP/out.txt" || fail "study --help lacks dsmoe train's $f"
+done
 expect 2 "--out DIR is required" -- "$DSMOE" study
 expect 2 "--seeds" -- "$DSMOE" study --out "$TMP/s" --seeds 0
 expect 2 "--alpha" -- "$DSMOE" study --out "$TMP/s" --alpha 1e-3,x
 expect 2 "--strategies" -- "$DSMOE" study --out "$TMP/s" --strategies v3,,aux-loss
 expect 2 "--steps" -- "$DSMOE" study --out "$TMP/s" --steps 0
 expect 2 "unknown option '--bogus'" -- "$DSMOE" study --out "$TMP/s" --bogus
+expect 2 "--hidden-size expects an integer" -- "$DSMOE" study --out "$TMP/s" --hidden-size 0
+expect 2 "--score expects sigmoid or softmax" -- "$DSMOE" study --out "$TMP/s" --score relu
+expect 2 "--seed: the study sets each run's seeds" -- "$DSMOE" study --out "$TMP/s" --seed 4
+expect 2 "--strategies" -- "$DSMOE" study --out "$TMP/s" --strategy v3
+expect 2 "--top-k" -- "$DSMOE" study --out "$TMP/s" --preset tiny --top-k 9
 [ -e "$TMP/s" ] && fail "a refused study created its folder"
+
+# ------------------------------------- dsmoe train's flags reach every run --
+# A tiny study of two strategies: the model, optimizer, routing and data flags given to
+# the study are in each run's config (its metrics.jsonl "run" record), after the
+# strategy's own settings; the warm-up stays within steps / 10 unless --warmup is given.
+ST="--preset tiny --strategies v3,aux-loss --seeds 1 --threads 1 --quiet --corpus-tokens 60000 --eval-tokens 512"
+expect 0 "" -- "$DSMOE" study $ST --steps 20 --hidden-size 48 --lr 0.002 --bias-rule proportional \
+    --corpus-seed 7 --out "$TMP/flags"
+expect 0 "" -- "$DSMOE" study $ST --steps 20 --warmup 7 --score softmax --out "$TMP/flags2"
+$PY - "$TMP" <<'PYEOF' || fail "a study flag did not reach its runs"
+import json, sys
+def run(d, name):
+    with open(f"{sys.argv[1]}/{d}/runs/{name}/metrics.jsonl") as f:
+        r = json.loads(f.readline())
+    assert r["type"] == "run", r
+    return r
+for name, kind in (("v3-seed1", "seq"), ("aux-loss-seed1", "expert")):
+    r = run("flags", name)
+    assert r["model"]["hidden_size"] == 48, (name, r["model"]["hidden_size"])
+    assert abs(r["optimizer"]["lr"] - 0.002) < 1e-9, (name, r["optimizer"])
+    assert r["optimizer"]["warmup_steps"] <= 2 and r["optimizer"]["total_steps"] == 20, r["optimizer"]
+    assert r["balancer"]["rule"] == "proportional", r["balancer"]
+    assert r["balance_loss"]["kind"] == kind, r["balance_loss"]   # the strategy's, kept
+    assert r["corpus"]["seed"] == 7, r["corpus"]
+    r = run("flags2", name)
+    assert r["optimizer"]["warmup_steps"] == 7, r["optimizer"]
+    assert r["model"]["scoring_func"] == "softmax", r["model"]["scoring_func"]
+PYEOF
 
 # ---------------------------------------------------------- bad input: 1 --
 expect 1 "$TMP/none" -- "$DSMOE" report "$TMP/none"

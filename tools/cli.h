@@ -75,6 +75,24 @@ int cli_router_flag(const char *cmd, int argc, char **argv, int *i, cli_router_f
 int cli_router_validate(const char *cmd, const cli_router_flags *f);
 extern const char *const cli_router_help;
 
+/* `dsmoe train`'s run-config flags (model, training, optimizer, bias controller, data,
+ * routing and losses, schedule), shared by `dsmoe study`. cli_train_flag() consumes the
+ * flag at argv[*i] into *rc (after the preset and the strategy): 1 consumed, 0 not such
+ * a flag, -1 a bad or missing value (message printed as "dsmoe <cmd>: ..."). *warmup_given
+ * (may be NULL) is set when --warmup is seen. --data files are kept in storage that
+ * outlives the parse (the config points to it; replaying the flags onto a fresh config
+ * rewrites the same entries), up to 4096. cli_train_finish() applies the rules that
+ * follow from the flags together: a warm-up of at most steps / 10 unless --warmup was
+ * given, the cosine over steps, the bias controller's experts, the MTP depths. */
+int cli_train_flag(const char *cmd, int argc, char **argv, int *i, dsmoe_run_config *rc,
+                   int *warmup_given);
+void cli_train_finish(dsmoe_run_config *rc, int warmup_given);
+/* A library message in those flags' terms (num_experts_per_tok -> --top-k, lr = 0 ->
+ * --lr 0, ...); always NUL-terminates out when cap >= 1. */
+void cli_train_flag_message(const char *msg, char *out, size_t cap);
+/* The help text of those flags (sections data:, routing and losses:, model:, ...). */
+void cli_train_flags_help(FILE *out);
+
 /* Loads a .npy file and checks dtype and rank; dims with -1 are free. Prints an
  * error naming the file and returns 1 on failure. */
 int cli_load_npy(const char *cmd, const char *path, dsmoe_dtype dtype, int ndim,

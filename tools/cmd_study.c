@@ -3,11 +3,10 @@
  * the same model, data and budget, one run folder each, then the summary files and the
  * report (library: dsmoe/study.h, dsmoe_study_run).
  *
- * Training flags apply to every run after its strategy, as in `dsmoe train`: they are
- * checked once here and recorded (study_flags), then replayed onto each run's config by
- * the study's apply hook. The flags known here are the run's own (steps, evaluation,
- * logging, checkpoints, batch, sequence length); `dsmoe train`'s whole flag parser plugs
- * in at train_flag() below.
+ * Training flags apply to every run after its strategy, as in `dsmoe train`: every
+ * `dsmoe train` run-config flag is accepted (cli_train_flag), checked once here and its
+ * place recorded (study_flags), then replayed onto each run's config by the study's apply
+ * hook, which ends with `dsmoe train`'s own rules (cli_train_finish).
  */
 #include "cli.h"
 
@@ -39,48 +38,21 @@ static const char *const study_usage =
     "  --threads N          threads per run (default: all cores; results do not depend on it)\n"
     "  --quiet              no progress display\n"
     "  --help               this text\n"
-    "training options (every run):\n"
-    "  --steps N            optimizer steps per run\n"
-    "  --batch N            sequences per step\n"
-    "  --seq-len N          tokens per sequence\n"
-    "  --eval-every N       evaluate every N steps (and after the last)\n"
-    "  --eval-tokens N      validation tokens per evaluation (0: the whole split)\n"
-    "  --log-every N        a metrics line every N steps\n"
-    "  --save-every N       checkpoint every N steps (and after the last)\n"
     "\n"
-    "Definitions of every measure: docs/study.md.\n";
+    "Every `dsmoe train` flag below applies to every run, after its strategy. The study's\n"
+    "own --alpha (a list, above) takes the place of train's; the seeds come from --seeds\n"
+    "(--seed and --init-seed are refused); each run resumes by itself (--resume is\n"
+    "accepted and changes nothing). Definitions of every measure: docs/study.md.\n";
 
-/* One training flag at argv[*i] onto rc: 1 consumed, 0 not a training flag, -1 bad
- * value (message printed). The hook for `dsmoe train`'s parser: replace the body by a
- * call of its flag function with the same contract. */
-static int train_flag(int argc, char **argv, int *i, dsmoe_run_config *rc) {
-    static const struct {
-        const char *name;
-        long long lo, hi;
-    } flags[] = {{"--steps", 1, 1LL << 40},     {"--batch", 1, 1 << 20},      {"--seq-len", 1, 1 << 24},
-                 {"--eval-every", 0, 1LL << 40}, {"--eval-tokens", 0, 1LL << 40}, {"--log-every", 1, 1LL << 40},
-                 {"--save-every", 0, 1LL << 40}};
-    for (size_t k = 0; k < sizeof flags / sizeof flags[0]; k++) {
-        const char *v = NULL;
-        int missing = 0;
-        if (!cli_opt(argc, argv, i, flags[k].name, &v, &missing)) continue;
-        long long x;
-        if (missing || !cli_parse_int(v, flags[k].lo, flags[k].hi, &x)) {
-            cli_fail(CLI_USAGE, "study", "%s needs an integer in %lld..%lld", flags[k].name, flags[k].lo, flags[k].hi);
-            return -1;
-        }
-        switch (k) {
-        case 0: rc->steps = x; break;
-        case 1: rc->train.batch = (int32_t)x; break;
-        case 2: rc->train.seq_len = (int32_t)x; break;
-        case 3: rc->eval_every = x; break;
-        case 4: rc->eval_tokens = x; break;
-        case 5: rc->log_every = x; break;
-        default: rc->save_every = x; break;
-        }
-        return 1;
-    }
-    return 0;
+static void print_usage(void) {
+    fputs(study_usage, stdout);
+    fputs("\n", stdout);
+    cli_train_flags_help(stdout);
+    fputs("\nExamples:\n"
+          "  dsmoe study --out studies/default                 # the published study (hours)\n"
+          "  dsmoe study --preset tiny --strategies v3,aux-loss --seeds 2 --steps 200 --out studies/tiny\n"
+          "  dsmoe report studies/tiny\n",
+          stdout);
 }
 
 typedef struct study_flags {
@@ -93,12 +65,13 @@ typedef struct study_flags {
 static dsmoe_status apply_flags(dsmoe_run_config *rc, const char *strategy, void *user) {
     (void)strategy;
     const study_flags *f = user;
+    int warmup_given = 0;
     for (int k = 0; k < f->n; k++) {
         int i = f->at[k];
-        if (train_flag(f->argc, f->argv, &i, rc) != 1) return DSMOE_STATUS_INVALID_CONFIG; /* checked before */
+        if (cli_train_flag("study", f->argc, f->argv, &i, rc, &warmup_given) != 1)
+            return DSMOE_STATUS_INVALID_CONFIG; /* checked before */
     }
-    /* as `dsmoe train`: a shorter run keeps the preset's warm-up inside it */
-    if (rc->adamw.warmup_steps > rc->steps / 10) rc->adamw.warmup_steps = rc->steps / 10;
+    cli_train_finish(rc, warmup_given);
     return DSMOE_OK;
 }
 
@@ -169,7 +142,7 @@ int cmd_study(int argc, char **argv) {
         const char *v = NULL;
         int missing = 0, t;
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            fputs(study_usage, stdout);
+            print_usage();
             goto done;
         } else if (cli_opt(argc, argv, &i, "--out", &v, &missing)) {
             if (missing) { rc_code = cli_fail(CLI_USAGE, "study", "--out needs a folder"); goto done; }
@@ -208,9 +181,17 @@ int cmd_study(int argc, char **argv) {
             }
         } else if (strcmp(argv[i], "--quiet") == 0) {
             quiet = 1;
+        } else if (strcmp(argv[i], "--resume") == 0) {
+            /* a study always resumes */
+        } else if (strcmp(argv[i], "--seed") == 0 || strcmp(argv[i], "--init-seed") == 0) {
+            rc_code = cli_fail(CLI_USAGE, "study", "%s: the study sets each run's seeds (1..N of --seeds N)", argv[i]);
+            goto done;
+        } else if (strcmp(argv[i], "--strategy") == 0) {
+            rc_code = cli_fail(CLI_USAGE, "study", "--strategy: a study takes --strategies LIST");
+            goto done;
         } else {
             int at = i;
-            t = train_flag(argc, argv, &i, &scratch);
+            t = cli_train_flag("study", argc, argv, &i, &scratch, NULL);
             if (t < 0) { rc_code = CLI_USAGE; goto done; }
             if (t == 0) {
                 rc_code = cli_fail(CLI_USAGE, "study", "unknown option '%s' (see dsmoe study --help)", argv[i]);
@@ -241,8 +222,9 @@ int cmd_study(int argc, char **argv) {
     st = dsmoe_study_run(&sc, out, (int32_t)threads, on_progress, &ps);
     if (ps.tty && !quiet) fprintf(stderr, "\r\033[K");
     if (st) {
-        rc_code = st == DSMOE_STATUS_INVALID_CONFIG ? cli_fail_config(CLI_USAGE, "study", "%s", dsmoe_last_error())
-                                                    : cli_fail(CLI_RUNTIME, "study", "%s", dsmoe_last_error());
+        char msg[1536];
+        cli_train_flag_message(dsmoe_last_error(), msg, sizeof msg);
+        rc_code = cli_fail(st == DSMOE_STATUS_INVALID_CONFIG ? CLI_USAGE : CLI_RUNTIME, "study", "%s", msg);
         goto done;
     }
     char path[4096];

@@ -201,10 +201,6 @@ static const char *const train_usage_head =
     "                                          loss α 3e-3\n"
     "                         softmax-norm     v2 with normalised weights\n"
     "  --out DIR            the run folder (created)\n"
-    "  --data FILE          train on UTF-8 text files instead of the built-in corpus (repeat)\n"
-    "  --domains LIST       built-in domains, comma-separated (arithmetic,records,markov,\n"
-    "                       copy-sort,english; default: all available)\n"
-    "  --fortunes DIR       folder of fortune(6) files for the english domain\n"
     "  --resume             continue the run in --out from its checkpoint to its steps (other\n"
     "                       flags, if given, must equal the run's)\n"
     "  --stop-at STEP       end after STEP's checkpoint, as an interruption would\n"
@@ -213,7 +209,14 @@ static const char *const train_usage_head =
     "                       20 lines per run)\n"
     "  --sample-tokens N    bytes of each of the three final samples (default 200; 0: none)\n"
     "  --sample-prompt TEXT their prompt (default: the beginning of a document)\n"
-    "  --quiet              no progress lines\n"
+    "  --quiet              no progress lines\n";
+
+static const char *const train_flags_head =
+    "data:\n"
+    "  --data FILE          train on UTF-8 text files instead of the built-in corpus (repeat)\n"
+    "  --domains LIST       built-in domains, comma-separated (arithmetic,records,markov,\n"
+    "                       copy-sort,english; default: all available)\n"
+    "  --fortunes DIR       folder of fortune(6) files for the english domain\n"
     "\n"
     "routing and losses (after the strategy):\n"
     "  --score NAME         sigmoid | softmax\n"
@@ -222,8 +225,8 @@ static const char *const train_usage_head =
     "  --bias-rule NAME     sign | proportional (the bias controller's update)\n"
     "  --balance-loss KIND  seq | expert | switch | zloss\n";
 
-static void print_usage(void) {
-    fputs(train_usage_head, stdout);
+void cli_train_flags_help(FILE *out) {
+    fputs(train_flags_head, out);
     const char *sections[] = {"--hidden-size", "model (after the preset):",
                               "--batch", "training:",
                               "--lr", "optimizer (AdamW, warm-up and cosine decay):",
@@ -232,12 +235,18 @@ static void print_usage(void) {
                               "--steps", "schedule:"};
     for (int f = 0; f < N_FLAGS; f++) {
         for (size_t s = 0; s < sizeof sections / sizeof sections[0]; s += 2)
-            if (strcmp(flags[f].flag, sections[s]) == 0) printf("\n%s\n", sections[s + 1]);
+            if (strcmp(flags[f].flag, sections[s]) == 0) fprintf(out, "\n%s\n", sections[s + 1]);
         char left[64];
         snprintf(left, sizeof left, "%s %s", flags[f].flag,
                  flags[f].kind == K_BOOL ? "0|1" : flags[f].kind >= K_F32 ? "X" : "N");
-        printf("  %-26s %s\n", left, flags[f].help);
+        fprintf(out, "  %-26s %s\n", left, flags[f].help);
     }
+}
+
+static void print_usage(void) {
+    fputs(train_usage_head, stdout);
+    fputs("\n", stdout);
+    cli_train_flags_help(stdout);
     printf("\n  --help                     this text\n"
            "\nExamples:\n"
            "  dsmoe train --out runs/default                        # about five minutes\n"
@@ -298,6 +307,104 @@ static int parse_domains(const char *v, uint32_t *out) {
     return bits != 0;
 }
 
+/* The --data files of the run being parsed: they must outlive the parse (the run config
+ * points here), and a replay onto a fresh config (dsmoe study, one per run) rewrites the
+ * same entries. */
+enum { MAX_DATA_FILES = 4096 };
+static const char *data_files[MAX_DATA_FILES];
+
+int cli_train_flag(const char *cmd, int argc, char **argv, int *i, dsmoe_run_config *rc,
+                   int *warmup_given) {
+    const char *v = NULL, *a = argv[*i];
+    int missing = 0;
+    if (cli_opt(argc, argv, i, "--data", &v, &missing)) {
+        if (missing) return cli_fail(CLI_USAGE, cmd, "%s needs a value", a), -1;
+        if (rc->n_data_files >= MAX_DATA_FILES)
+            return cli_fail(CLI_USAGE, cmd, "--data: at most %d files", MAX_DATA_FILES), -1;
+        if (rc->n_data_files < 0 || (rc->n_data_files > 0 && rc->data_files != data_files))
+            rc->n_data_files = 0; /* files that came from elsewhere are replaced */
+        data_files[rc->n_data_files++] = v;
+        rc->data_files = data_files;
+        return 1;
+    }
+    if (cli_opt(argc, argv, i, "--score", &v, &missing)) {
+        if (missing) return cli_fail(CLI_USAGE, cmd, "%s needs a value", a), -1;
+        if (strcmp(v, "sigmoid") == 0) rc->model.scoring_func = DSMOE_SCORE_FUNC_SIGMOID;
+        else if (strcmp(v, "softmax") == 0) rc->model.scoring_func = DSMOE_SCORE_FUNC_SOFTMAX;
+        else return cli_fail(CLI_USAGE, cmd, "--score expects sigmoid or softmax, got '%s'", v), -1;
+        return 1;
+    }
+    if (cli_opt(argc, argv, i, "--topk-method", &v, &missing)) {
+        if (missing) return cli_fail(CLI_USAGE, cmd, "%s needs a value", a), -1;
+        if (strcmp(v, "noaux_tc") == 0) rc->model.topk_method = DSMOE_TOPK_METHOD_NOAUX_TC;
+        else if (strcmp(v, "group_limited_greedy") == 0)
+            rc->model.topk_method = DSMOE_TOPK_METHOD_GROUP_LIMITED_GREEDY;
+        else if (strcmp(v, "greedy") == 0) rc->model.topk_method = DSMOE_TOPK_METHOD_GREEDY;
+        else
+            return cli_fail(CLI_USAGE, cmd,
+                            "--topk-method expects noaux_tc, group_limited_greedy or greedy, got '%s'", v),
+                   -1;
+        return 1;
+    }
+    if (cli_opt(argc, argv, i, "--bias-rule", &v, &missing)) {
+        if (missing) return cli_fail(CLI_USAGE, cmd, "%s needs a value", a), -1;
+        if (strcmp(v, "sign") == 0) rc->balancer.rule = DSMOE_BALANCE_RULE_SIGN;
+        else if (strcmp(v, "proportional") == 0) rc->balancer.rule = DSMOE_BALANCE_RULE_PROPORTIONAL;
+        else return cli_fail(CLI_USAGE, cmd, "--bias-rule expects sign or proportional, got '%s'", v), -1;
+        return 1;
+    }
+    if (cli_opt(argc, argv, i, "--balance-loss", &v, &missing)) {
+        if (missing) return cli_fail(CLI_USAGE, cmd, "%s needs a value", a), -1;
+        dsmoe_balance_loss_kind k;
+        if (dsmoe_balance_loss_kind_parse(v, &k) != DSMOE_OK ||
+            !(k == DSMOE_BALANCE_LOSS_SEQ || k == DSMOE_BALANCE_LOSS_EXPERT ||
+              k == DSMOE_BALANCE_LOSS_SWITCH || k == DSMOE_BALANCE_LOSS_ZLOSS))
+            return cli_fail(CLI_USAGE, cmd, "--balance-loss expects seq, expert, switch or zloss, got '%s'", v),
+                   -1;
+        rc->train.balance_kind = (int32_t)k;
+        return 1;
+    }
+    if (cli_opt(argc, argv, i, "--domains", &v, &missing)) {
+        if (missing) return cli_fail(CLI_USAGE, cmd, "%s needs a value", a), -1;
+        if (!parse_domains(v, &rc->corpus.domains))
+            return cli_fail(CLI_USAGE, cmd,
+                            "--domains expects names among arithmetic, records, markov, copy-sort, "
+                            "english (comma-separated), got '%s'", v),
+                   -1;
+        return 1;
+    }
+    if (cli_opt(argc, argv, i, "--fortunes", &v, &missing)) {
+        if (missing) return cli_fail(CLI_USAGE, cmd, "%s needs a value", a), -1;
+        rc->corpus.fortunes_dir = v;
+        return 1;
+    }
+    for (int f = 0; f < N_FLAGS; f++)
+        if (cli_opt(argc, argv, i, flags[f].flag, &v, &missing)) {
+            if (missing) return cli_fail(CLI_USAGE, cmd, "%s needs a value", a), -1;
+            if (!set_flag(&flags[f], rc, v))
+                return cli_fail(CLI_USAGE, cmd, "%s expects %s in [%g, %g], got '%s'", flags[f].flag,
+                                flags[f].kind >= K_F32 ? "a number" : "an integer", flags[f].lo, flags[f].hi, v),
+                       -1;
+            if (warmup_given && strcmp(flags[f].flag, "--warmup") == 0) *warmup_given = 1;
+            return 1;
+        }
+    return 0;
+}
+
+void cli_train_flag_message(const char *msg, char *out, size_t cap) {
+    if (cap == 0) return;
+    flag_terms(msg, out, cap);
+}
+
+void cli_train_finish(dsmoe_run_config *rc, int warmup_given) {
+    if (rc->n_data_files == 0) rc->data_files = NULL;
+    /* A shorter run than the preset's keeps its warm-up inside the run. */
+    if (!warmup_given && rc->adamw.warmup_steps > rc->steps / 10) rc->adamw.warmup_steps = rc->steps / 10;
+    rc->adamw.total_steps = rc->steps;
+    if (rc->model.n_routed_experts > 0) rc->balancer.n_experts = rc->model.n_routed_experts;
+    if (rc->train.mtp_depths > rc->model.num_nextn_predict_layers) rc->train.mtp_depths = -1;
+}
+
 int cmd_train(int argc, char **argv) {
     const char *cmd = "train", *preset = "default", *strategy = "v3", *out = NULL;
     const char *sample_prompt = "";
@@ -327,9 +434,7 @@ int cmd_train(int argc, char **argv) {
         return cli_fail(CLI_USAGE, cmd, "--preset: %s", dsmoe_last_error());
     if (dsmoe_run_strategy_apply(strategy, &rc) != DSMOE_OK)
         return cli_fail(CLI_USAGE, cmd, "--strategy: %s", dsmoe_last_error());
-    const char **data = (const char **)calloc((size_t)argc, sizeof *data);
-    if (!data) return cli_fail(CLI_RUNTIME, cmd, "out of memory");
-    int n_data = 0, rcode = CLI_USAGE;
+    int rcode = CLI_USAGE;
     for (int i = 1; i < argc; i++) {
         const char *v = NULL;
         int missing = 0, used = 0;
@@ -346,9 +451,6 @@ int cmd_train(int argc, char **argv) {
         } else if (strcmp(a, "--quiet") == 0) {
             quiet = 1;
             used = 1;
-        } else if (cli_opt(argc, argv, &i, "--data", &v, &missing)) {
-            if (!missing) data[n_data++] = v;
-            used = config_flags = 1;
         } else if (cli_opt(argc, argv, &i, "--stop-at", &v, &missing)) {
             if (!missing && !cli_parse_int(v, 1, INT64_MAX, &stop_at)) {
                 cli_fail(CLI_USAGE, cmd, "--stop-at expects a step >= 1, got '%s'", v);
@@ -376,86 +478,10 @@ int cmd_train(int argc, char **argv) {
         } else if (cli_opt(argc, argv, &i, "--sample-prompt", &v, &missing)) {
             sample_prompt = v;
             used = 1;
-        } else if (cli_opt(argc, argv, &i, "--score", &v, &missing)) {
-            used = config_flags = 1;
-            if (missing) {
-                cli_fail(CLI_USAGE, cmd, "%s needs a value", a);
-                goto done;
-            }
-            if (strcmp(v, "sigmoid") == 0) rc.model.scoring_func = DSMOE_SCORE_FUNC_SIGMOID;
-            else if (strcmp(v, "softmax") == 0) rc.model.scoring_func = DSMOE_SCORE_FUNC_SOFTMAX;
-            else {
-                cli_fail(CLI_USAGE, cmd, "--score expects sigmoid or softmax, got '%s'", v);
-                goto done;
-            }
-        } else if (cli_opt(argc, argv, &i, "--topk-method", &v, &missing)) {
-            used = config_flags = 1;
-            if (missing) {
-                cli_fail(CLI_USAGE, cmd, "%s needs a value", a);
-                goto done;
-            }
-            if (strcmp(v, "noaux_tc") == 0) rc.model.topk_method = DSMOE_TOPK_METHOD_NOAUX_TC;
-            else if (strcmp(v, "group_limited_greedy") == 0)
-                rc.model.topk_method = DSMOE_TOPK_METHOD_GROUP_LIMITED_GREEDY;
-            else if (strcmp(v, "greedy") == 0) rc.model.topk_method = DSMOE_TOPK_METHOD_GREEDY;
-            else {
-                cli_fail(CLI_USAGE, cmd,
-                         "--topk-method expects noaux_tc, group_limited_greedy or greedy, got '%s'", v);
-                goto done;
-            }
-        } else if (cli_opt(argc, argv, &i, "--bias-rule", &v, &missing)) {
-            used = config_flags = 1;
-            if (missing) {
-                cli_fail(CLI_USAGE, cmd, "%s needs a value", a);
-                goto done;
-            }
-            if (strcmp(v, "sign") == 0) rc.balancer.rule = DSMOE_BALANCE_RULE_SIGN;
-            else if (strcmp(v, "proportional") == 0) rc.balancer.rule = DSMOE_BALANCE_RULE_PROPORTIONAL;
-            else {
-                cli_fail(CLI_USAGE, cmd, "--bias-rule expects sign or proportional, got '%s'", v);
-                goto done;
-            }
-        } else if (cli_opt(argc, argv, &i, "--balance-loss", &v, &missing)) {
-            used = config_flags = 1;
-            if (missing) {
-                cli_fail(CLI_USAGE, cmd, "%s needs a value", a);
-                goto done;
-            }
-            dsmoe_balance_loss_kind k;
-            if (dsmoe_balance_loss_kind_parse(v, &k) != DSMOE_OK ||
-                !(k == DSMOE_BALANCE_LOSS_SEQ || k == DSMOE_BALANCE_LOSS_EXPERT ||
-                  k == DSMOE_BALANCE_LOSS_SWITCH || k == DSMOE_BALANCE_LOSS_ZLOSS)) {
-                cli_fail(CLI_USAGE, cmd, "--balance-loss expects seq, expert, switch or zloss, got '%s'", v);
-                goto done;
-            }
-            rc.train.balance_kind = (int32_t)k;
-        } else if (cli_opt(argc, argv, &i, "--domains", &v, &missing)) {
-            used = config_flags = 1;
-            if (missing) {
-                cli_fail(CLI_USAGE, cmd, "%s needs a value", a);
-                goto done;
-            }
-            if (!parse_domains(v, &rc.corpus.domains)) {
-                cli_fail(CLI_USAGE, cmd,
-                         "--domains expects names among arithmetic, records, markov, copy-sort, "
-                         "english (comma-separated), got '%s'", v);
-                goto done;
-            }
-        } else if (cli_opt(argc, argv, &i, "--fortunes", &v, &missing)) {
-            used = config_flags = 1;
-            rc.corpus.fortunes_dir = v;
         } else {
-            for (int f = 0; f < N_FLAGS && !used; f++)
-                if (cli_opt(argc, argv, &i, flags[f].flag, &v, &missing)) {
-                    used = config_flags = 1;
-                    warmup_given |= strcmp(flags[f].flag, "--warmup") == 0;
-                    if (!missing && !set_flag(&flags[f], &rc, v)) {
-                        cli_fail(CLI_USAGE, cmd, "%s expects %s in [%g, %g], got '%s'", flags[f].flag,
-                                 flags[f].kind >= K_F32 ? "a number" : "an integer", flags[f].lo,
-                                 flags[f].hi, v);
-                        goto done;
-                    }
-                }
+            int t = cli_train_flag(cmd, argc, argv, &i, &rc, &warmup_given);
+            if (t < 0) goto done;
+            if (t > 0) used = config_flags = 1;
         }
         if (!used) {
             cli_fail(CLI_USAGE, cmd, "unknown option '%s' (see dsmoe train --help)", a);
@@ -470,13 +496,7 @@ int cmd_train(int argc, char **argv) {
         cli_fail(CLI_USAGE, cmd, "--out DIR is required (the run folder)");
         goto done;
     }
-    rc.data_files = n_data > 0 ? data : NULL;
-    rc.n_data_files = n_data;
-    /* A shorter run than the preset's keeps its warm-up inside the run. */
-    if (!warmup_given && rc.adamw.warmup_steps > rc.steps / 10) rc.adamw.warmup_steps = rc.steps / 10;
-    rc.adamw.total_steps = rc.steps;
-    if (rc.model.n_routed_experts > 0) rc.balancer.n_experts = rc.model.n_routed_experts;
-    if (rc.train.mtp_depths > rc.model.num_nextn_predict_layers) rc.train.mtp_depths = -1;
+    cli_train_finish(&rc, warmup_given);
     if (!resume || config_flags) {
         if (dsmoe_run_config_validate(&rc) != DSMOE_OK) {
             char msg[1536];
@@ -556,6 +576,5 @@ int cmd_train(int argc, char **argv) {
         }
     }
 done:
-    free((void *)data);
     return rcode;
 }
