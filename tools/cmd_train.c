@@ -3,6 +3,7 @@
  * MaxVio over the validation set and a sample generated from the checkpoint (through
  * `dsmoe generate`). Public API only. */
 #include "cli.h"
+#include "cli_mpi.h"
 
 #include <math.h>
 #include <stddef.h>
@@ -485,7 +486,9 @@ int cmd_train(int argc, char **argv) {
             goto done;
         }
     }
-    progress_state ps = {cli_stderr_is_tty(), quiet, progress_every};
+    /* Under mpirun: a data-parallel run; rank 0 prints (every rank gets the same result). */
+    const int lead = cli_mpi_rank() == 0;
+    progress_state ps = {cli_stderr_is_tty(), quiet || !lead, progress_every};
     dsmoe_run_options o;
     memset(&o, 0, sizeof o);
     o.n_threads = (int32_t)threads;
@@ -493,6 +496,7 @@ int cmd_train(int argc, char **argv) {
     o.stop_at = stop_at;
     o.progress = on_progress;
     o.user = &ps;
+    o.collective = cli_mpi_run_collective();
     const dsmoe_run_config *shown = &rc;
     dsmoe_run_config saved;
     if (resume && !config_flags) {
@@ -503,26 +507,32 @@ int cmd_train(int argc, char **argv) {
         shown = &saved;
     }
     if (ps.every <= 0) ps.every = shown->steps >= 20 ? shown->steps / 20 : 1;
-    if (!quiet) {
+    if (!ps.quiet) {
         dsmoe_model_counts mc;
         char pbuf[64] = "?";
         if (dsmoe_model_count_params(&shown->model, &mc) == DSMOE_OK)
             snprintf(pbuf, sizeof pbuf, "%.2f M", (double)mc.total / 1e6);
         fprintf(stderr,
                 "dsmoe train: %s preset %s, strategy %s: %s parameters (main model), %d layers, "
-                "%d experts top-%d; batch %d x %d tokens, %lld steps%s -> %s\n",
+                "%d experts top-%d; batch %d x %d tokens, %lld steps%s%s -> %s\n",
                 resume ? "resuming" : "training", shown->preset, shown->strategy, pbuf,
                 (int)shown->model.num_hidden_layers, (int)shown->model.n_routed_experts,
                 (int)shown->model.num_experts_per_tok, (int)shown->train.batch,
                 (int)shown->train.seq_len, (long long)shown->steps,
-                stop_at > 0 ? " (stopping early)" : "", out);
+                stop_at > 0 ? " (stopping early)" : "", cli_mpi_size() > 1 ? ", data-parallel" : "",
+                out);
     }
     dsmoe_run_result res;
     dsmoe_status st = dsmoe_run(resume && !config_flags ? NULL : &rc, out, &o, &res);
     if (st != DSMOE_OK) {
+        const int code = st == DSMOE_STATUS_INVALID_CONFIG ? CLI_USAGE : CLI_RUNTIME;
         char msg[1536];
         flag_terms(dsmoe_last_error(), msg, sizeof msg);
-        rcode = cli_fail(st == DSMOE_STATUS_INVALID_CONFIG ? CLI_USAGE : CLI_RUNTIME, cmd, "%s", msg);
+        rcode = lead ? cli_fail(code, cmd, "%s", msg) : code; /* the same error on every rank */
+        goto done;
+    }
+    if (!lead) { /* rank 0 reports and samples */
+        rcode = CLI_OK;
         goto done;
     }
     fprintf(stderr,
