@@ -7,7 +7,7 @@
 # batch % ranks != 0 and the whole-batch balance losses are refused naming them; a data
 # file one rank cannot read and an unwritable run folder fail on every rank with the
 # failing rank's message, within the timeout, instead of hanging. `mpirun -np 2 dsmoe
-# eval --text` prints what one process prints.
+# eval --text` prints what one process prints, and `--tokens` writes the same logits.
 # Usage: bash ep_train.sh <dsmoe> <source-dir> <tmpdir> <mpirun> [mpirun flags...]
 set -u
 DS=$1 SR=$2 TD=$3 MPIRUN=$4
@@ -90,6 +90,17 @@ expect 1 "rank 0" -- "${MPI[@]}" -np 2 "$DSMOE" train "${T[@]}" --out "$TMP/afil
 expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" eval --model "$TMP/one/checkpoint" --text "$TMP/data.txt" \
     --context 64 --threads 1
 cmp -s "$TMP/e1.txt" "$TMP/out.txt" || { fail "eval under 2 ranks prints otherwise"; diff "$TMP/e1.txt" "$TMP/out.txt" >&2; }
+
+# eval --tokens: sequences dealt to the ranks, rank 0 writes the one-process logits
+/usr/bin/python3 -c "
+import numpy as np, sys
+np.save(sys.argv[1], (np.arange(3 * 20).reshape(3, 20) * 7 % 250).astype(np.int32))
+" "$TMP/tok.npy" || fail "cannot write the tokens"
+"$DSMOE" eval --model "$TMP/one/checkpoint" --tokens "$TMP/tok.npy" --out-logits "$TMP/l1.npy" \
+    --threads 1 2>/dev/null || fail "eval --tokens, one process"
+expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" eval --model "$TMP/one/checkpoint" --tokens "$TMP/tok.npy" \
+    --out-logits "$TMP/l2.npy" --threads 1
+cmp -s "$TMP/l1.npy" "$TMP/l2.npy" || fail "eval --tokens under 2 ranks wrote other logits"
 
 [ $fails -eq 0 ] && echo "ep_train: all passed"
 exit $((fails > 0))

@@ -220,3 +220,28 @@ int cli_mpi_sum_f64(double *x, int64_t n) {
     return 0;
 #endif
 }
+
+int cli_mpi_gather_rows_f32(float *rows, int64_t n, int64_t len) {
+#ifdef DSMOE_HAVE_MPI
+    if (!mpi_on || mpi_size == 1) return 0;
+    if (len > INT32_MAX) return 1;
+    for (int64_t i = 0; i < n; i++) {
+        const int owner = (int)(i % mpi_size);
+        if (owner == 0) continue;
+        float *row = rows + i * len;
+        if (mpi_rank == owner) {
+            if (MPI_Send(row, (int)len, MPI_FLOAT, 0, 7, MPI_COMM_WORLD) != MPI_SUCCESS) return 1;
+        } else if (mpi_rank == 0) {
+            if (MPI_Recv(row, (int)len, MPI_FLOAT, owner, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE) !=
+                MPI_SUCCESS)
+                return 1;
+        }
+    }
+    return 0;
+#else
+    (void)rows;
+    (void)n;
+    (void)len;
+    return 0;
+#endif
+}

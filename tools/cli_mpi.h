@@ -29,5 +29,9 @@ const dsmoe_run_collective *cli_mpi_run_collective(void);
 /* Collective (when active): x (n) summed over the ranks in rank order, on every rank.
  * Returns 0, nonzero on a failed communication. Inactive: 0, x unchanged. */
 int cli_mpi_sum_f64(double *x, int64_t n);
+/* Collective (when active): rows (n rows of len floats) where row i was computed by rank
+ * i % R; afterwards rank 0 holds every row (the others' are left as they were). Returns
+ * 0, nonzero on a failed communication. Inactive: 0. */
+int cli_mpi_gather_rows_f32(float *rows, int64_t n, int64_t len);
 
 #endif

@@ -252,7 +252,7 @@ static const char *const eval_usage =
     "Runs a model directory forward. Each sequence starts at position 0 and attends\n"
     "causally; multi-token-prediction depths are not used. Under `mpirun -np R`, --text\n"
     "deals its windows to the ranks and rank 0 prints the one-process result; --tokens\n"
-    "runs on rank 0.\n"
+    "deals the sequences (b to rank b % R) and rank 0 writes the logits.\n"
     "\n"
     "  --model DIR         the model directory (config.json + safetensors)\n"
     "  --tokens T.npy      token ids, int32, (T,) or (B, T): B sequences of T tokens, each\n"
@@ -460,7 +460,7 @@ static int eval_main(int argc, char **argv) {
         rc = eval_text(cmd, m, text_path, C);
         if (rc != CLI_OK) goto done;
     }
-    if (tok_path && cli_mpi_rank() == 0) { /* under mpirun: rank 0 alone (not split yet) */
+    if (tok_path) { /* under mpirun: sequence b on rank b % R, rank 0 gathers and writes */
         const int64_t B = ids.ndim == 2 ? ids.shape[0] : 1, T = ids.shape[ids.ndim - 1];
         const int64_t V = c->vocab_size;
         const int32_t *tk = (const int32_t *)ids.data;
@@ -491,13 +491,21 @@ static int eval_main(int argc, char **argv) {
             goto done;
         }
         const double t0 = now_s();
+        const int R = cli_mpi_size(), me = cli_mpi_rank();
         for (int64_t b = 0; b < B && rc == CLI_OK; b++) {
+            if (b % R != me) continue;
             dsmoe_model_cache_truncate(cache, 0);
             dsmoe_status st = dsmoe_model_forward(m, cache, tk + b * T, T, lg + b * T * V, 0);
             if (st != DSMOE_OK) rc = cli_fail_status(cmd, "forward", st);
         }
+        if (cli_mpi_active()) {
+            eval_agreed = 1;
+            rc = cli_mpi_agree(rc, cmd);
+            if (rc == CLI_OK && cli_mpi_gather_rows_f32(lg, B, T * V))
+                rc = cli_fail(CLI_RUNTIME, cmd, "gathering the ranks' logits failed (communication)");
+        }
         const double secs = now_s() - t0;
-        if (rc == CLI_OK) {
+        if (rc == CLI_OK && me == 0) {
             int64_t shape[3] = {B, T, V};
             if (ids.ndim == 1) {
                 shape[0] = T;
@@ -505,7 +513,7 @@ static int eval_main(int argc, char **argv) {
             }
             rc = cli_save_npy(cmd, out_path, DSMOE_DTYPE_F32, ids.ndim + 1, shape, lg);
         }
-        if (rc == CLI_OK)
+        if (rc == CLI_OK && me == 0)
             fprintf(stderr, "dsmoe eval: %lld x %lld tokens in %.3f s (%.1f tokens/s) -> %s\n",
                     (long long)B, (long long)T, secs, secs > 0 ? (double)(B * T) / secs : 0.0,
                     out_path);
