@@ -333,7 +333,7 @@ int cmd_train(int argc, char **argv) {
         return cli_fail(CLI_USAGE, cmd, "--strategy: %s", dsmoe_last_error());
     const char **data = (const char **)calloc((size_t)argc, sizeof *data);
     if (!data) return cli_fail(CLI_RUNTIME, cmd, "out of memory");
-    int n_data = 0, rcode = CLI_USAGE;
+    int n_data = 0, rcode = CLI_USAGE, agreed = 0;
     for (int i = 1; i < argc; i++) {
         const char *v = NULL;
         int missing = 0, used = 0;
@@ -525,6 +525,10 @@ int cmd_train(int argc, char **argv) {
                 stop_at > 0 ? " (stopping early)" : "", cli_mpi_size() > 1 ? ", data-parallel" : "",
                 out);
     }
+    if (cli_mpi_active()) { /* a rank that failed above meets the others at done: */
+        agreed = 1;
+        if ((rcode = cli_mpi_agree(CLI_OK, cmd)) != CLI_OK) goto done;
+    }
     dsmoe_run_result res;
     dsmoe_status st = dsmoe_run(resume && !config_flags ? NULL : &rc, out, &o, &res);
     if (st != DSMOE_OK) {
@@ -563,6 +567,7 @@ int cmd_train(int argc, char **argv) {
         rcode = cmd_generate((int)(sizeof gargv / sizeof gargv[0]), gargv);
     }
 done:
+    if (cli_mpi_active() && !agreed) rcode = cli_mpi_agree(rcode, cmd); /* no rank left waiting */
     free((void *)data);
     return rcode;
 }
