@@ -709,15 +709,16 @@ static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_resul
         /* This rank's rows of the global batch (all of it in one process). */
         const int32_t *rows = r->batch + (size_t)r->rank * (size_t)r->Bl * (size_t)(r->T + 1);
         dsmoe_train_loss l;
-        if ((st = dsmoe_train_model_loss(r->tm, rows, &l, 0)) != DSMOE_OK)
-            st = prefixed(st, "step %lld", (long long)step);
-        else if (!isfinite(l.total))
+        st = dsmoe_train_model_loss(r->tm, rows, &l, 0);
+        if (st == DSMOE_OK && !isfinite(l.total)) {
             st = dsmoe__error(DSMOE_STATUS_NON_FINITE,
                               "step %lld: the loss is %g (ce %g, mtp %g, balance %g); stopped, the "
                               "last checkpoint is as it was",
                               (long long)step, l.total, l.ce, l.mtp, l.balance);
-        else if ((st = dsmoe_train_model_backward(r->tm)) != DSMOE_OK)
-            st = prefixed(st, "step %lld", (long long)step);
+        } else {
+            if (st == DSMOE_OK) st = dsmoe_train_model_backward(r->tm);
+            if (st != DSMOE_OK) st = prefixed(st, "step %lld", (long long)step);
+        }
         if ((st = agree(r->coll, st)) != DSMOE_OK) return st;
         if (is_dp(r->coll)) {
             /* Every part of the loss is a mean over equally many rows (or sequences) per
