@@ -8,6 +8,8 @@
 # file one rank cannot read and an unwritable run folder fail on every rank with the
 # failing rank's message, within the timeout, instead of hanging. `mpirun -np 2 dsmoe
 # eval --text` prints what one process prints, and `--tokens` writes the same logits.
+# --expert-parallel (each MoE layer through dsmoe_ep): the same tolerance against one
+# process, repeatable, not the data-parallel bits, resumable in one process.
 # Usage: bash ep_train.sh <dsmoe> <source-dir> <tmpdir> <mpirun> [mpirun flags...]
 set -u
 DS=$1 SR=$2 TD=$3 MPIRUN=$4
@@ -66,6 +68,22 @@ expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" train --resume --threads 1 --quiet --s
     --out "$TMP/s12"
 compare "$TMP/one" "$TMP/s12" || fail "one process resumed by 2 ranks: off the one-process run"
 [ "$(grep -c '"type":"train"' "$TMP/s12/metrics.jsonl")" = 8 ] || fail "resumed run: 8 train records"
+
+# --expert-parallel: the MoE layers through dsmoe_ep (each rank runs its block of
+# experts); the same losses within the tolerance, repeatable, resumable in one process
+for np in 2 4; do
+    expect 0 "" -- "${MPI[@]}" -np $np "$DSMOE" train "${T[@]}" --expert-parallel --out "$TMP/x$np"
+    compare "$TMP/one" "$TMP/x$np" || fail "$np expert-parallel ranks differ from one process"
+done
+expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" train "${T[@]}" --expert-parallel --out "$TMP/x2b"
+cmp -s "$TMP/x2/checkpoint/model.safetensors" "$TMP/x2b/checkpoint/model.safetensors" ||
+    fail "two expert-parallel runs of 2 ranks wrote different checkpoints"
+cmp -s "$TMP/r2/checkpoint/model.safetensors" "$TMP/x2/checkpoint/model.safetensors" &&
+    fail "--expert-parallel gave the data-parallel bits: dsmoe_ep not used?"
+expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" train "${T[@]}" --expert-parallel --stop-at 3 \
+    --out "$TMP/xs"
+expect 0 "" -- "$DSMOE" train --resume --threads 1 --quiet --sample-tokens 0 --out "$TMP/xs"
+compare "$TMP/one" "$TMP/xs" || fail "expert-parallel run resumed in one process"
 
 # refusals, the same on every rank
 expect 2 "not a multiple of the 4 ranks" -- "${MPI[@]}" -np 4 "$DSMOE" train "${T[@]}" --batch 6 \

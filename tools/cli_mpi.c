@@ -8,6 +8,8 @@
 
 #ifdef DSMOE_HAVE_MPI
 #include <mpi.h>
+
+#include "dsmoe/ep.h"
 #endif
 
 static int mpi_on, mpi_rank, mpi_size = 1;
@@ -191,12 +193,65 @@ static int32_t coll_agree(void *ctx, int32_t status, char *msg, size_t cap, int3
     return code;
 }
 
+/* Expert parallelism in training: each MoE layer of the training model through a
+ * dsmoe_ep over MPI_COMM_WORLD (experts in contiguous blocks; the gate and shared
+ * experts replicated). */
+static dsmoe_ep **ep_layers;
+static int32_t ep_count;
+
+static dsmoe_status ep_fwd(void *ctx, int32_t k, float *y, const float *x, int64_t N, int nt) {
+    (void)ctx;
+    return dsmoe_ep_forward(ep_layers[k], y, x, N, nt);
+}
+
+static dsmoe_status ep_bwd(void *ctx, int32_t k, float *dx, const float *dy, const float *x,
+                           const float *dl, int64_t N, int nt) {
+    (void)ctx;
+    return dsmoe_ep_backward(ep_layers[k], dx, dy, x, dl, N, nt);
+}
+
+static const dsmoe_moe_routing *ep_routing(void *ctx, int32_t k) {
+    (void)ctx;
+    return dsmoe_ep_last_routing(ep_layers[k]);
+}
+
+static void coll_detach(void *ctx) {
+    (void)ctx;
+    for (int32_t k = 0; k < ep_count; k++) dsmoe_ep_free(ep_layers[k]);
+    free((void *)ep_layers);
+    ep_layers = NULL;
+    ep_count = 0;
+}
+
+static dsmoe_status coll_attach(void *ctx, dsmoe_train_model *tm) {
+    const int32_t n = dsmoe_train_model_moe_count(tm);
+    ep_layers = (dsmoe_ep **)calloc((size_t)(n > 0 ? n : 1), sizeof *ep_layers);
+    dsmoe_status st = dsmoe_ep_agree(MPI_COMM_WORLD, ep_layers ? DSMOE_OK : DSMOE_STATUS_OUT_OF_MEMORY);
+    if (st != DSMOE_OK) {
+        coll_detach(ctx);
+        return st;
+    }
+    for (int32_t k = 0; k < n; k++) {
+        /* collective; its errors are the same on every rank */
+        if ((st = dsmoe_ep_create(MPI_COMM_WORLD, dsmoe_train_model_moe(tm, k), NULL,
+                                  &ep_layers[k])) != DSMOE_OK) {
+            coll_detach(ctx);
+            return st;
+        }
+        ep_count = k + 1;
+    }
+    const dsmoe_train_moe_exec ex = {NULL, ep_fwd, ep_bwd, ep_routing};
+    return dsmoe_train_model_set_moe_exec(tm, &ex);
+}
+
 static dsmoe_run_collective run_coll;
 #endif
 
-const dsmoe_run_collective *cli_mpi_run_collective(void) {
+const dsmoe_run_collective *cli_mpi_run_collective(int expert_parallel) {
 #ifdef DSMOE_HAVE_MPI
     if (!mpi_on) return NULL;
+    run_coll.attach = expert_parallel ? coll_attach : NULL;
+    run_coll.detach = expert_parallel ? coll_detach : NULL;
     run_coll.rank = mpi_rank;
     run_coll.size = mpi_size;
     run_coll.ctx = NULL;
@@ -206,6 +261,7 @@ const dsmoe_run_collective *cli_mpi_run_collective(void) {
     run_coll.agree = coll_agree;
     return &run_coll;
 #else
+    (void)expert_parallel;
     return NULL;
 #endif
 }

@@ -24,8 +24,9 @@ int cli_mpi_size(void);
  * fail print "dsmoe CMD: rank r failed: <its last library error>". Inactive: rc. */
 int cli_mpi_agree(int rc, const char *cmd);
 /* The collective operations of a data-parallel run (dsmoe_run_options.collective) over
- * MPI_COMM_WORLD, or NULL when MPI is not active. */
-const dsmoe_run_collective *cli_mpi_run_collective(void);
+ * MPI_COMM_WORLD, or NULL when MPI is not active. expert_parallel: the MoE layers also
+ * shard their routed experts over the ranks (dsmoe_ep). */
+const dsmoe_run_collective *cli_mpi_run_collective(int expert_parallel);
 /* Collective (when active): x (n) summed over the ranks in rank order, on every rank.
  * Returns 0, nonzero on a failed communication. Inactive: 0, x unchanged. */
 int cli_mpi_sum_f64(double *x, int64_t n);

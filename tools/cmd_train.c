@@ -218,6 +218,8 @@ static const char *const train_usage_head =
     "  --sample-tokens N    bytes of the final sample (default 200; 0: none)\n"
     "  --sample-prompt TEXT its prompt (default: the beginning of a document)\n"
     "  --quiet              no progress lines\n"
+    "  --expert-parallel    under mpirun: also shard each MoE layer's routed experts over\n"
+    "                       the ranks (dsmoe_ep; each rank computes its experts' products)\n"
     "\n"
     "routing and losses (after the strategy):\n"
     "  --score NAME         sigmoid | softmax\n"
@@ -306,7 +308,7 @@ int cmd_train(int argc, char **argv) {
     const char *cmd = "train", *preset = "default", *strategy = "v3", *out = NULL;
     const char *sample_prompt = "";
     long long threads = 0, stop_at = 0, sample_tokens = 200, progress_every = 0;
-    int resume = 0, quiet = 0, config_flags = 0, warmup_given = 0;
+    int resume = 0, quiet = 0, config_flags = 0, warmup_given = 0, expert_parallel = 0;
     for (int i = 1; i < argc; i++)
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             print_usage();
@@ -349,6 +351,9 @@ int cmd_train(int argc, char **argv) {
             used = 1;
         } else if (strcmp(a, "--quiet") == 0) {
             quiet = 1;
+            used = 1;
+        } else if (strcmp(a, "--expert-parallel") == 0) {
+            expert_parallel = 1;
             used = 1;
         } else if (cli_opt(argc, argv, &i, "--data", &v, &missing)) {
             if (!missing) data[n_data++] = v;
@@ -499,7 +504,7 @@ int cmd_train(int argc, char **argv) {
     o.stop_at = stop_at;
     o.progress = on_progress;
     o.user = &ps;
-    o.collective = cli_mpi_run_collective();
+    o.collective = cli_mpi_run_collective(expert_parallel);
     const dsmoe_run_config *shown = &rc;
     dsmoe_run_config saved;
     if (resume && !config_flags) {

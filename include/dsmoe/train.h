@@ -293,6 +293,25 @@ DSMOE_API const float *dsmoe_train_model_bias(const dsmoe_train_model *tm, int32
 DSMOE_API dsmoe_status dsmoe_train_model_set_bias(dsmoe_train_model *tm, int32_t k,
                                                   const float *bias);
 
+/* The k-th MoE layer's object (its weights are views of the parameter array, its weight
+ * gradients of the gradient array), or NULL out of range. */
+DSMOE_API dsmoe_moe *dsmoe_train_model_moe(dsmoe_train_model *tm, int32_t k);
+/* MoE layers run by the caller instead of dsmoe_moe_forward / _backward on the layer
+ * object (e.g. expert parallelism: dsmoe_ep, whose MPI the library never sees). forward
+ * and backward get the k-th MoE layer's call with the same arguments and contract as
+ * dsmoe_moe_forward (y, x, N) and dsmoe_moe_backward (dx, dy, x, dlogits_extra, N);
+ * routing returns the routing of the last forward of layer k (over its N positions). */
+typedef struct dsmoe_train_moe_exec {
+    void *ctx;
+    dsmoe_status (*forward)(void *ctx, int32_t k, float *y, const float *x, int64_t N, int nt);
+    dsmoe_status (*backward)(void *ctx, int32_t k, float *dx, const float *dy, const float *x,
+                             const float *dlogits_extra, int64_t N, int nt);
+    const dsmoe_moe_routing *(*routing)(void *ctx, int32_t k);
+} dsmoe_train_moe_exec;
+/* ex copied; NULL: back to the local layers. INVALID_ARGUMENT when a function is NULL. */
+DSMOE_API dsmoe_status dsmoe_train_model_set_moe_exec(dsmoe_train_model *tm,
+                                                      const dsmoe_train_moe_exec *ex);
+
 
 /* ------------------------------------------------------------------ runs -- */
 /* A training run: a model, its routing strategy, data, optimizer and schedule, trained
@@ -406,6 +425,14 @@ typedef struct dsmoe_run_collective {
      * status of the lowest failing rank, whose index goes to *first_rank and whose
      * message is copied into msg on every rank. */
     int32_t (*agree)(void *ctx, int32_t status, char *msg, size_t cap, int32_t *first_rank);
+    /* Optional (NULL: none). attach is called on every rank once the training model is
+     * created (before a resumed run's checkpoint is loaded into it) and may install a
+     * dsmoe_train_moe_exec (expert parallelism); its errors are agreed on like any
+     * other. detach is called before the model is freed. With an exec installed, every
+     * rank runs every loss (evaluations too, on padding when its rows are past the end),
+     * as its collective MoE layers need. */
+    dsmoe_status (*attach)(void *ctx, dsmoe_train_model *tm);
+    void (*detach)(void *ctx);
 } dsmoe_run_collective;
 
 typedef struct dsmoe_run_options {

@@ -103,6 +103,7 @@ typedef struct run {
     const dsmoe_run_config *rc;
     const dsmoe_run_collective *coll; /* NULL: one process */
     int32_t rank, R, Bl;              /* this rank, the ranks, the rows per rank (B / R) */
+    int attached;                     /* coll->attach succeeded: detach before the model goes */
     char *ckpt_dir, *metrics_path;
     int nt;
     int32_t B, T, E, K, n_moe;
@@ -132,6 +133,8 @@ typedef struct run {
 } run;
 
 static void run_free(run *r) {
+    if (r->attached && r->coll->detach) r->coll->detach(r->coll->ctx);
+    r->attached = 0;
     if (r->metrics) fclose(r->metrics);
     if (r->bal)
         for (int32_t k = 0; k < r->n_moe; k++) dsmoe_balancer_free(r->bal[k]);
@@ -370,7 +373,8 @@ static dsmoe_status evaluate(run *r, int64_t step, double *val_loss, double *val
                 for (int32_t t = 0; t <= T; t++) tok[t] = DSMOE_BYTE_VOCAB_PAD, dom[t] = 255;
             }
         }
-        if (!any) continue; /* this rank's rows are all past the end */
+        if (!any && !r->attached) continue; /* this rank's rows are all past the end (an
+                                               attached MoE exec is collective: run them) */
         dsmoe_train_loss l;
         if ((st = dsmoe_train_model_loss(r->tm, r->batch, &l, 0)) != DSMOE_OK) {
             st = prefixed(st, "evaluation at step %lld", (long long)step);
@@ -877,6 +881,13 @@ dsmoe_status dsmoe_run(const dsmoe_run_config *rc_in, const char *out_dir,
 agreed_a:
     if ((st = agree(coll, st)) != DSMOE_OK) goto done;
     if ((st = setup(&r, out_dir, opts)) != DSMOE_OK) goto agreed_b;
+    if (is_dp(coll) && coll->attach) {
+        /* collective: every rank that got here calls it, the others wait in agreed_b's
+         * agreement first */
+        if ((st = agree(coll, DSMOE_OK)) != DSMOE_OK) goto done;
+        if ((st = coll->attach(coll->ctx, r.tm)) != DSMOE_OK) goto agreed_b;
+        r.attached = 1;
+    }
     if (resume) {
         if ((st = dsmoe__ckpt_load(r.ckpt_dir, &r.ck)) != DSMOE_OK) goto agreed_b;
         r.elapsed0 = r.ck.elapsed_s;
