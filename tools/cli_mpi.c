@@ -225,7 +225,7 @@ static void coll_detach(void *ctx) {
 
 static dsmoe_status coll_attach(void *ctx, dsmoe_train_model *tm) {
     const int32_t n = dsmoe_train_model_moe_count(tm);
-    ep_layers = (dsmoe_ep **)calloc((size_t)(n > 0 ? n : 1), sizeof *ep_layers);
+    ep_layers = (dsmoe_ep **)calloc((size_t)(n > 0 ? n : 1), sizeof(dsmoe_ep *));
     dsmoe_status st = dsmoe_ep_agree(MPI_COMM_WORLD, ep_layers ? DSMOE_OK : DSMOE_STATUS_OUT_OF_MEMORY);
     if (st != DSMOE_OK) {
         coll_detach(ctx);

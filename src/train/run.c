@@ -133,7 +133,7 @@ typedef struct run {
 } run;
 
 static void run_free(run *r) {
-    if (r->attached && r->coll->detach) r->coll->detach(r->coll->ctx);
+    if (r->attached && r->coll && r->coll->detach) r->coll->detach(r->coll->ctx);
     r->attached = 0;
     if (r->metrics) fclose(r->metrics);
     if (r->bal)
