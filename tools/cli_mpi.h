@@ -6,6 +6,11 @@
 #ifndef DSMOE_CLI_MPI_H
 #define DSMOE_CLI_MPI_H
 
+#include "dsmoe.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
 /* Returns 0, or CLI_USAGE after printing why (a multi-process launch of a build
  * without MPI). */
 int cli_mpi_init(int *argc, char ***argv);
@@ -18,5 +23,16 @@ int cli_mpi_size(void);
  * all are, else the lowest failing rank's code on every rank. The ranks that did not
  * fail print "dsmoe CMD: rank r failed: <its last library error>". Inactive: rc. */
 int cli_mpi_agree(int rc, const char *cmd);
+/* The collective operations of a data-parallel run (dsmoe_run_options.collective) over
+ * MPI_COMM_WORLD, or NULL when MPI is not active. expert_parallel: the MoE layers also
+ * shard their routed experts over the ranks (dsmoe_ep). */
+const dsmoe_run_collective *cli_mpi_run_collective(int expert_parallel);
+/* Collective (when active): x (n) summed over the ranks in rank order, on every rank.
+ * Returns 0, nonzero on a failed communication. Inactive: 0, x unchanged. */
+int cli_mpi_sum_f64(double *x, int64_t n);
+/* Collective (when active): rows (n rows of len floats) where row i was computed by rank
+ * i % R; afterwards rank 0 holds every row (the others' are left as they were). Returns
+ * 0, nonzero on a failed communication. Inactive: 0. */
+int cli_mpi_gather_rows_f32(float *rows, int64_t n, int64_t len);
 
 #endif

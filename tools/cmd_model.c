@@ -8,6 +8,7 @@
  *                     against plain decoding in the same run).
  * Public API only: dsmoe_model_open, the cache, dsmoe_model_forward, dsmoe_sample. */
 #include "cli.h"
+#include "cli_mpi.h"
 
 #include <errno.h>
 #include <math.h>
@@ -249,7 +250,9 @@ static const char *const eval_usage =
     "usage: dsmoe eval --model DIR (--tokens T.npy --out-logits L.npy | --text FILE) [options]\n"
     "\n"
     "Runs a model directory forward. Each sequence starts at position 0 and attends\n"
-    "causally; multi-token-prediction depths are not used.\n"
+    "causally; multi-token-prediction depths are not used. Under `mpirun -np R`, --text\n"
+    "deals its windows to the ranks and rank 0 prints the one-process result; --tokens\n"
+    "deals the sequences (b to rank b % R) and rank 0 writes the logits.\n"
     "\n"
     "  --model DIR         the model directory (config.json + safetensors)\n"
     "  --tokens T.npy      token ids, int32, (T,) or (B, T): B sequences of T tokens, each\n"
@@ -266,6 +269,13 @@ static const char *const eval_usage =
     "  --help              this text\n";
 
 /* Loss of the text file at path under the byte vocabulary, in windows of C positions. */
+/* Under mpirun, 1 once eval_text's ranks agreed on its outcome (cmd_eval then does not
+ * agree again). */
+static int eval_agreed;
+
+/* Under mpirun the windows are dealt to the ranks (window w to rank w % R); each
+ * window's loss sum goes back to every rank and rank 0 adds them in window order, so it
+ * prints the bits one process prints. */
 static int eval_text(const char *cmd, dsmoe_model *m, const char *path, int64_t C) {
     const dsmoe_model_config *c = dsmoe_model_get_config(m);
     FILE *f = fopen(path, "rb");
@@ -297,9 +307,11 @@ static int eval_text(const char *cmd, dsmoe_model *m, const char *path, int64_t 
     const int64_t N = (int64_t)n + have_bos, V = c->vocab_size;
     int32_t *tok = (int32_t *)malloc((size_t)N * sizeof *tok);
     float *lg = (float *)malloc((size_t)C * (size_t)V * sizeof *lg);
+    const int64_t nwin = (N - 1 + C - 1) / C;
+    double *wsum = (double *)calloc((size_t)(nwin > 0 ? nwin : 1), sizeof *wsum);
     dsmoe_model_cache *cache = NULL;
     int rc = CLI_RUNTIME;
-    if (!tok || !lg) {
+    if (!tok || !lg || !wsum) {
         cli_fail(CLI_RUNTIME, cmd, "out of memory for %lld tokens", (long long)N);
         goto done;
     }
@@ -314,31 +326,53 @@ static int eval_text(const char *cmd, dsmoe_model *m, const char *path, int64_t 
     double total = 0.0;
     int64_t scored = 0, windows = 0;
     const double t0 = now_s();
+    const int R = cli_mpi_size(), me = cli_mpi_rank();
+    int frc = CLI_OK;
     for (int64_t s = 0; s + 1 < N; s += C) {
         const int64_t len = (N - 1 - s) < C ? (N - 1 - s) : C;
+        scored += len;
+        windows++;
+        if ((windows - 1) % R != me) continue;
         dsmoe_model_cache_truncate(cache, 0);
         dsmoe_status st = dsmoe_model_forward(m, cache, tok + s, len, lg, 0);
         if (st != DSMOE_OK) {
-            cli_fail_status(cmd, "forward", st);
-            goto done;
+            frc = cli_fail_status(cmd, "forward", st);
+            break;
         }
+        double ws = 0.0;
         for (int64_t t = 0; t < len; t++) {
             const float *row = lg + t * V;
             double mx = row[0], sum = 0.0;
             for (int64_t v = 1; v < V; v++) mx = row[v] > mx ? row[v] : mx;
             for (int64_t v = 0; v < V; v++) sum += exp((double)row[v] - mx);
             // cppcheck-suppress invalidFunctionArg ; sum >= 1: the max's own term is exp(0)
-            total += mx + log(sum) - (double)row[tok[s + t + 1]];
+            ws += mx + log(sum) - (double)row[tok[s + t + 1]];
         }
-        scored += len;
-        windows++;
+        wsum[windows - 1] = ws;
     }
+    if (cli_mpi_active()) {
+        eval_agreed = 1;
+        if ((frc = cli_mpi_agree(frc, cmd)) != CLI_OK) {
+            rc = frc;
+            goto done;
+        }
+        /* each window's sum is nonzero on one rank only: the sum is exact */
+        if (cli_mpi_sum_f64(wsum, nwin)) {
+            cli_fail(CLI_RUNTIME, cmd, "the ranks' window sums failed (communication)");
+            goto done;
+        }
+    } else if (frc != CLI_OK) {
+        goto done;
+    }
+    for (int64_t w = 0; w < nwin; w++) total += wsum[w];
     const double secs = now_s() - t0;
     if (scored == 0) {
         cli_fail(CLI_RUNTIME, cmd, "%s: one byte and no BOS in the config: nothing to predict", path);
         goto done;
     }
     const double loss = total / (double)scored;
+    rc = CLI_OK;
+    if (me != 0) goto done; /* rank 0 prints */
     printf("text         %s: %zu bytes, %lld predicted, %lld window%s of at most %lld positions\n",
            path, n, (long long)scored, (long long)windows, windows == 1 ? "" : "s", (long long)C);
     printf("loss         %.6f nats per byte\n", loss);
@@ -346,16 +380,16 @@ static int eval_text(const char *cmd, dsmoe_model *m, const char *path, int64_t 
     printf("perplexity   %.6f\n", exp(loss));
     fprintf(stderr, "dsmoe eval: %lld tokens in %.3f s (%.1f tokens/s)\n", (long long)scored, secs,
             secs > 0 ? (double)scored / secs : 0.0);
-    rc = CLI_OK;
 done:
     dsmoe_model_cache_free(cache);
     free(tok);
     free(lg);
+    free(wsum);
     free(text);
     return rc;
 }
 
-int cmd_eval(int argc, char **argv) {
+static int eval_main(int argc, char **argv) {
     const char *cmd = "eval", *dir = NULL, *tok_path = NULL, *out_path = NULL, *text_path = NULL;
     long long threads = 0, context = 0;
     if (is_help(argc, argv)) {
@@ -426,7 +460,7 @@ int cmd_eval(int argc, char **argv) {
         rc = eval_text(cmd, m, text_path, C);
         if (rc != CLI_OK) goto done;
     }
-    if (tok_path) {
+    if (tok_path) { /* under mpirun: sequence b on rank b % R, rank 0 gathers and writes */
         const int64_t B = ids.ndim == 2 ? ids.shape[0] : 1, T = ids.shape[ids.ndim - 1];
         const int64_t V = c->vocab_size;
         const int32_t *tk = (const int32_t *)ids.data;
@@ -457,13 +491,21 @@ int cmd_eval(int argc, char **argv) {
             goto done;
         }
         const double t0 = now_s();
+        const int R = cli_mpi_size(), me = cli_mpi_rank();
         for (int64_t b = 0; b < B && rc == CLI_OK; b++) {
+            if (b % R != me) continue;
             dsmoe_model_cache_truncate(cache, 0);
             dsmoe_status st = dsmoe_model_forward(m, cache, tk + b * T, T, lg + b * T * V, 0);
             if (st != DSMOE_OK) rc = cli_fail_status(cmd, "forward", st);
         }
+        if (cli_mpi_active()) {
+            eval_agreed = 1;
+            rc = cli_mpi_agree(rc, cmd);
+            if (rc == CLI_OK && cli_mpi_gather_rows_f32(lg, B, T * V))
+                rc = cli_fail(CLI_RUNTIME, cmd, "gathering the ranks' logits failed (communication)");
+        }
         const double secs = now_s() - t0;
-        if (rc == CLI_OK) {
+        if (rc == CLI_OK && me == 0) {
             int64_t shape[3] = {B, T, V};
             if (ids.ndim == 1) {
                 shape[0] = T;
@@ -471,7 +513,7 @@ int cmd_eval(int argc, char **argv) {
             }
             rc = cli_save_npy(cmd, out_path, DSMOE_DTYPE_F32, ids.ndim + 1, shape, lg);
         }
-        if (rc == CLI_OK)
+        if (rc == CLI_OK && me == 0)
             fprintf(stderr, "dsmoe eval: %lld x %lld tokens in %.3f s (%.1f tokens/s) -> %s\n",
                     (long long)B, (long long)T, secs, secs > 0 ? (double)(B * T) / secs : 0.0,
                     out_path);
@@ -481,6 +523,16 @@ int cmd_eval(int argc, char **argv) {
 done:
     dsmoe_model_free(m);
     dsmoe_array_free(&ids);
+    return rc;
+}
+
+/* Under mpirun: every rank runs eval_main; a rank that failed before eval_text's
+ * agreement still meets the others there (no rank left waiting), and every rank exits
+ * with the same code. */
+int cmd_eval(int argc, char **argv) {
+    eval_agreed = 0;
+    int rc = eval_main(argc, argv);
+    if (cli_mpi_active() && !eval_agreed) rc = cli_mpi_agree(rc, "eval");
     return rc;
 }
 

@@ -3,6 +3,7 @@
  * MaxVio over the validation set and a sample generated from the checkpoint (through
  * `dsmoe generate`). Public API only. */
 #include "cli.h"
+#include "cli_mpi.h"
 
 #include <math.h>
 #include <stddef.h>
@@ -187,6 +188,9 @@ static const char *const train_usage_head =
     "directory that `dsmoe eval` and `dsmoe generate` read. Checkpoints are written\n"
     "atomically; --resume continues bit for bit as if never interrupted. At the end: the\n"
     "validation loss, MaxVio over the validation set, and a sample of generated text.\n"
+    "Under `mpirun -np R`: data-parallel, each rank on B/R rows of the same global batch\n"
+    "(B % R == 0), gradients averaged, rank 0 prints and writes; any R resumes any run\n"
+    "(docs/train.md, \"Data-parallel runs\").\n"
     "\n"
     "run:\n"
     "  --preset NAME        tiny | small | default (model size, batch, steps; default: default)\n"
@@ -209,7 +213,9 @@ static const char *const train_usage_head =
     "                       20 lines per run)\n"
     "  --sample-tokens N    bytes of each of the three final samples (default 200; 0: none)\n"
     "  --sample-prompt TEXT their prompt (default: the beginning of a document)\n"
-    "  --quiet              no progress lines\n";
+    "  --quiet              no progress lines\n"
+    "  --expert-parallel    under mpirun: also shard each MoE layer's routed experts over\n"
+    "                       the ranks (dsmoe_ep; each rank computes its experts' products)\n";
 
 static const char *const train_flags_head =
     "data:\n"
@@ -409,7 +415,7 @@ int cmd_train(int argc, char **argv) {
     const char *cmd = "train", *preset = "default", *strategy = "v3", *out = NULL;
     const char *sample_prompt = "";
     long long threads = 0, stop_at = 0, sample_tokens = 200, progress_every = 0;
-    int resume = 0, quiet = 0, config_flags = 0, warmup_given = 0;
+    int resume = 0, quiet = 0, config_flags = 0, warmup_given = 0, expert_parallel = 0;
     for (int i = 1; i < argc; i++)
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             print_usage();
@@ -434,7 +440,7 @@ int cmd_train(int argc, char **argv) {
         return cli_fail(CLI_USAGE, cmd, "--preset: %s", dsmoe_last_error());
     if (dsmoe_run_strategy_apply(strategy, &rc) != DSMOE_OK)
         return cli_fail(CLI_USAGE, cmd, "--strategy: %s", dsmoe_last_error());
-    int rcode = CLI_USAGE;
+    int rcode = CLI_USAGE, agreed = 0;
     for (int i = 1; i < argc; i++) {
         const char *v = NULL;
         int missing = 0, used = 0;
@@ -450,6 +456,9 @@ int cmd_train(int argc, char **argv) {
             used = 1;
         } else if (strcmp(a, "--quiet") == 0) {
             quiet = 1;
+            used = 1;
+        } else if (strcmp(a, "--expert-parallel") == 0) {
+            expert_parallel = 1;
             used = 1;
         } else if (cli_opt(argc, argv, &i, "--stop-at", &v, &missing)) {
             if (!missing && !cli_parse_int(v, 1, INT64_MAX, &stop_at)) {
@@ -505,7 +514,9 @@ int cmd_train(int argc, char **argv) {
             goto done;
         }
     }
-    progress_state ps = {cli_stderr_is_tty(), quiet, progress_every};
+    /* Under mpirun: a data-parallel run; rank 0 prints (every rank gets the same result). */
+    const int lead = cli_mpi_rank() == 0;
+    progress_state ps = {cli_stderr_is_tty(), quiet || !lead, progress_every};
     dsmoe_run_options o;
     memset(&o, 0, sizeof o);
     o.n_threads = (int32_t)threads;
@@ -513,6 +524,7 @@ int cmd_train(int argc, char **argv) {
     o.stop_at = stop_at;
     o.progress = on_progress;
     o.user = &ps;
+    o.collective = cli_mpi_run_collective(expert_parallel);
     const dsmoe_run_config *shown = &rc;
     dsmoe_run_config saved;
     if (resume && !config_flags) {
@@ -523,26 +535,36 @@ int cmd_train(int argc, char **argv) {
         shown = &saved;
     }
     if (ps.every <= 0) ps.every = shown->steps >= 20 ? shown->steps / 20 : 1;
-    if (!quiet) {
+    if (!ps.quiet) {
         dsmoe_model_counts mc;
         char pbuf[64] = "?";
         if (dsmoe_model_count_params(&shown->model, &mc) == DSMOE_OK)
             snprintf(pbuf, sizeof pbuf, "%.2f M", (double)mc.total / 1e6);
         fprintf(stderr,
                 "dsmoe train: %s preset %s, strategy %s: %s parameters (main model), %d layers, "
-                "%d experts top-%d; batch %d x %d tokens, %lld steps%s -> %s\n",
+                "%d experts top-%d; batch %d x %d tokens, %lld steps%s%s -> %s\n",
                 resume ? "resuming" : "training", shown->preset, shown->strategy, pbuf,
                 (int)shown->model.num_hidden_layers, (int)shown->model.n_routed_experts,
                 (int)shown->model.num_experts_per_tok, (int)shown->train.batch,
                 (int)shown->train.seq_len, (long long)shown->steps,
-                stop_at > 0 ? " (stopping early)" : "", out);
+                stop_at > 0 ? " (stopping early)" : "", cli_mpi_size() > 1 ? ", data-parallel" : "",
+                out);
+    }
+    if (cli_mpi_active()) { /* a rank that failed above meets the others at done: */
+        agreed = 1;
+        if ((rcode = cli_mpi_agree(CLI_OK, cmd)) != CLI_OK) goto done;
     }
     dsmoe_run_result res;
     dsmoe_status st = dsmoe_run(resume && !config_flags ? NULL : &rc, out, &o, &res);
     if (st != DSMOE_OK) {
+        const int code = st == DSMOE_STATUS_INVALID_CONFIG ? CLI_USAGE : CLI_RUNTIME;
         char msg[1536];
         flag_terms(dsmoe_last_error(), msg, sizeof msg);
-        rcode = cli_fail(st == DSMOE_STATUS_INVALID_CONFIG ? CLI_USAGE : CLI_RUNTIME, cmd, "%s", msg);
+        rcode = lead ? cli_fail(code, cmd, "%s", msg) : code; /* the same error on every rank */
+        goto done;
+    }
+    if (!lead) { /* rank 0 reports and samples */
+        rcode = CLI_OK;
         goto done;
     }
     fprintf(stderr,
@@ -576,5 +598,6 @@ int cmd_train(int argc, char **argv) {
         }
     }
 done:
+    if (cli_mpi_active() && !agreed) rcode = cli_mpi_agree(rcode, cmd); /* no rank left waiting */
     return rcode;
 }

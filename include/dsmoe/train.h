@@ -293,6 +293,25 @@ DSMOE_API const float *dsmoe_train_model_bias(const dsmoe_train_model *tm, int32
 DSMOE_API dsmoe_status dsmoe_train_model_set_bias(dsmoe_train_model *tm, int32_t k,
                                                   const float *bias);
 
+/* The k-th MoE layer's object (its weights are views of the parameter array, its weight
+ * gradients of the gradient array), or NULL out of range. */
+DSMOE_API dsmoe_moe *dsmoe_train_model_moe(dsmoe_train_model *tm, int32_t k);
+/* MoE layers run by the caller instead of dsmoe_moe_forward / _backward on the layer
+ * object (e.g. expert parallelism: dsmoe_ep, whose MPI the library never sees). forward
+ * and backward get the k-th MoE layer's call with the same arguments and contract as
+ * dsmoe_moe_forward (y, x, N) and dsmoe_moe_backward (dx, dy, x, dlogits_extra, N);
+ * routing returns the routing of the last forward of layer k (over its N positions). */
+typedef struct dsmoe_train_moe_exec {
+    void *ctx;
+    dsmoe_status (*forward)(void *ctx, int32_t k, float *y, const float *x, int64_t N, int nt);
+    dsmoe_status (*backward)(void *ctx, int32_t k, float *dx, const float *dy, const float *x,
+                             const float *dlogits_extra, int64_t N, int nt);
+    const dsmoe_moe_routing *(*routing)(void *ctx, int32_t k);
+} dsmoe_train_moe_exec;
+/* ex copied; NULL: back to the local layers. INVALID_ARGUMENT when a function is NULL. */
+DSMOE_API dsmoe_status dsmoe_train_model_set_moe_exec(dsmoe_train_model *tm,
+                                                      const dsmoe_train_moe_exec *ex);
+
 
 /* ------------------------------------------------------------------ runs -- */
 /* A training run: a model, its routing strategy, data, optimizer and schedule, trained
@@ -379,6 +398,43 @@ typedef struct dsmoe_run_progress {
 
 typedef void (*dsmoe_run_progress_fn)(const dsmoe_run_progress *p, void *user);
 
+/* Data-parallel runs: the collective operations of a group of R processes ("ranks", e.g.
+ * MPI's; libdsmoe itself never needs MPI: the caller supplies them, as the CLI does over
+ * MPI_COMM_WORLD under mpirun). Every rank calls dsmoe_run with the same config, out_dir
+ * and options; the batch B (B % R == 0, else INVALID_CONFIG) is the one-process run's
+ * global batch: every rank draws it and trains on rows [r·B/R, (r+1)·B/R). Losses and
+ * gradients are averaged over the ranks, the balancers' counts summed, so every rank
+ * applies the same AdamW and bias updates; evaluations split the validation windows the
+ * same way. Rank 0 alone writes metrics.jsonl and the checkpoint (which does not record
+ * R: a run saved by R ranks resumes with any other count). Any rank's error stops every
+ * rank with the same status and the message "rank r: <that rank's message>".
+ * Each function is collective (every rank calls it, in the same order) and returns 0, or
+ * nonzero when the communication failed. */
+typedef struct dsmoe_run_collective {
+    int32_t rank, size; /* this rank (0 .. size − 1) and the rank count R >= 1 */
+    void *ctx;          /* passed to every function */
+    /* x (n) = scale · (the ranks' x summed in rank order 0, 1, .., R − 1 in double),
+     * rounded to float: the same bits on every rank and in every repeated run. */
+    int (*sum_f32)(void *ctx, float *x, int64_t n, double scale);
+    /* x (n) = the ranks' x summed in rank order (double): the same bits everywhere. */
+    int (*sum_f64)(void *ctx, double *x, int64_t n);
+    /* x (n) = the ranks' x summed (exact). */
+    int (*sum_i64)(void *ctx, int64_t *x, int64_t n);
+    /* Error agreement: each rank passes its status (0: OK) and, when failing, its message
+     * in msg (NUL-terminated, cap bytes). Returns 0 if every rank passed 0, else the
+     * status of the lowest failing rank, whose index goes to *first_rank and whose
+     * message is copied into msg on every rank. */
+    int32_t (*agree)(void *ctx, int32_t status, char *msg, size_t cap, int32_t *first_rank);
+    /* Optional (NULL: none). attach is called on every rank once the training model is
+     * created (before a resumed run's checkpoint is loaded into it) and may install a
+     * dsmoe_train_moe_exec (expert parallelism); its errors are agreed on like any
+     * other. detach is called before the model is freed. With an exec installed, every
+     * rank runs every loss (evaluations too, on padding when its rows are past the end),
+     * as its collective MoE layers need. */
+    dsmoe_status (*attach)(void *ctx, dsmoe_train_model *tm);
+    void (*detach)(void *ctx);
+} dsmoe_run_collective;
+
 typedef struct dsmoe_run_options {
     int32_t n_threads;   /* <= 0: dsmoe_default_threads() */
     int32_t resume;      /* 1: continue the run in out_dir from its checkpoint (config NULL:
@@ -386,6 +442,8 @@ typedef struct dsmoe_run_options {
     int64_t stop_at;     /* > 0: end after this step's checkpoint, as an interruption would */
     dsmoe_run_progress_fn progress; /* may be NULL */
     void *user;
+    const dsmoe_run_collective *collective; /* NULL (or size 1): one process; else a
+                                               data-parallel run (above) */
 } dsmoe_run_options;
 
 typedef struct dsmoe_run_result {

@@ -75,11 +75,35 @@ static dsmoe_status make_dirs(const char *dir) {
     return DSMOE_OK;
 }
 
+/* ------------------------------------------------------------ collectives -- */
+
+static int is_dp(const dsmoe_run_collective *c) { return c && c->size > 1; }
+
+/* Every rank passes its status and gets the lowest failing rank's, with that rank's
+ * message ("rank r: ..."). One process: st as it is. */
+static dsmoe_status agree(const dsmoe_run_collective *c, dsmoe_status st) {
+    if (!is_dp(c)) return st;
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", st != DSMOE_OK ? dsmoe_last_error() : "");
+    int32_t first = 0;
+    int32_t s = c->agree(c->ctx, (int32_t)st, msg, sizeof msg, &first);
+    if (s == 0) return DSMOE_OK;
+    msg[sizeof msg - 1] = '\0';
+    return dsmoe__error((dsmoe_status)s, "rank %d: %s", (int)first, msg);
+}
+
+static dsmoe_status comm_failed(const char *what) {
+    return dsmoe__error(DSMOE_STATUS_IO, "run: the ranks' %s failed (communication)", what);
+}
+
 /* ------------------------------------------------------------------ state -- */
 
 typedef struct run {
     dsmoe__run_config_store cs; /* the run's own config */
     const dsmoe_run_config *rc;
+    const dsmoe_run_collective *coll; /* NULL: one process */
+    int32_t rank, R, Bl;              /* this rank, the ranks, the rows per rank (B / R) */
+    int attached;                     /* coll->attach succeeded: detach before the model goes */
     char *ckpt_dir, *metrics_path;
     int nt;
     int32_t B, T, E, K, n_moe;
@@ -109,6 +133,8 @@ typedef struct run {
 } run;
 
 static void run_free(run *r) {
+    if (r->attached && r->coll && r->coll->detach) r->coll->detach(r->coll->ctx);
+    r->attached = 0;
     if (r->metrics) fclose(r->metrics);
     if (r->bal)
         for (int32_t k = 0; k < r->n_moe; k++) dsmoe_balancer_free(r->bal[k]);
@@ -132,6 +158,16 @@ static void run_free(run *r) {
     free(r->ckpt_dir);
     free(r->metrics_path);
     free(r->cs.block);
+}
+
+static dsmoe_status sum_f64(const run *r, double *x, int64_t n, const char *what) {
+    if (!is_dp(r->coll) || n <= 0) return DSMOE_OK;
+    return r->coll->sum_f64(r->coll->ctx, x, n) ? comm_failed(what) : DSMOE_OK;
+}
+
+static dsmoe_status sum_i64(const run *r, int64_t *x, int64_t n, const char *what) {
+    if (!is_dp(r->coll) || n <= 0) return DSMOE_OK;
+    return r->coll->sum_i64(r->coll->ctx, x, n) ? comm_failed(what) : DSMOE_OK;
 }
 
 /* ---------------------------------------------------------------- metrics -- */
@@ -190,10 +226,12 @@ static void jmodel(FILE *f, const dsmoe_model_config *c) {
 static void write_run_record(run *r) {
     const dsmoe_run_config *rc = r->rc;
     FILE *f = r->metrics;
+    if (!f) return; /* not rank 0 */
     fprintf(f, "{\"type\":\"run\",\"version\":1,\"strategy\":\"%s\",\"preset\":\"%s\",\"steps\":%lld,"
                "\"batch\":%d,\"seq_len\":%d,\"seed\":%llu,\"threads\":%d,\"experts\":%d,\"top_k\":%d",
             rc->strategy, rc->preset, (long long)rc->steps, (int)r->B, (int)r->T,
             (unsigned long long)rc->seed, r->nt, (int)r->E, (int)r->K);
+    if (r->R > 1) fprintf(f, ",\"ranks\":%d", (int)r->R);
     fputs(",\"domains\":[", f);
     for (int d = 0; d < ND; d++) fprintf(f, "%s\"%s\"", d ? "," : "", dsmoe_domain_name(d));
     fputs("],\"moe_layers\":[", f);
@@ -249,6 +287,7 @@ static void write_run_record(run *r) {
 static void write_train_record(run *r, int64_t step, double lr, const dsmoe_train_loss *l,
                                double gnorm, double tps, double elapsed, double maxvio_batch) {
     FILE *f = r->metrics;
+    if (!f) return; /* not rank 0 */
     fprintf(f, "{\"type\":\"train\",\"step\":%lld", (long long)step);
     jkey(f, "lr", lr);
     jkey(f, "loss", l->total);
@@ -296,7 +335,10 @@ static void write_train_record(run *r, int64_t step, double lr, const dsmoe_trai
 /* Evaluates over the first validation windows; writes the "eval" record and sets
  * *val_loss and *val_maxvio. */
 static dsmoe_status evaluate(run *r, int64_t step, double *val_loss, double *val_maxvio) {
-    const int32_t B = r->B, T = r->T, E = r->E, K = r->K;
+    /* Data-parallel: rank r evaluates rows [r·Bl, (r+1)·Bl) of each batch of B windows;
+     * the sums are reduced over the ranks afterwards. */
+    const int32_t B = r->B, Bl = r->Bl, T = r->T, E = r->E, K = r->K;
+    const int64_t row0 = (int64_t)r->rank * Bl;
     const int64_t nwin_all = dsmoe_corpus_window_count(r->corpus, DSMOE_SPLIT_VALID, T);
     int64_t nwin = nwin_all;
     if (r->rc->eval_tokens > 0) {
@@ -313,24 +355,33 @@ static dsmoe_status evaluate(run *r, int64_t step, double *val_loss, double *val
     memset(r->dom_tok, 0, sizeof r->dom_tok);
     double loss_sum = 0;
     int64_t n_tgt = 0;
-    dsmoe_status st;
+    dsmoe_status st = DSMOE_OK;
     for (int64_t w0 = 0; w0 < nwin; w0 += B) {
-        for (int32_t b = 0; b < B; b++) {
+        int any = 0;
+        for (int32_t b = 0; b < Bl; b++) {
             int32_t *tok = r->batch + (size_t)b * (size_t)(T + 1);
             uint8_t *dom = r->edom + (size_t)b * (size_t)(T + 1);
-            if (w0 + b < nwin) {
-                if (dsmoe_corpus_window(r->corpus, DSMOE_SPLIT_VALID, T, w0 + b, tok, dom) < 0)
-                    return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "evaluation: window %lld",
-                                        (long long)w0 + b);
+            const int64_t w = w0 + row0 + b;
+            if (w < nwin) {
+                any = 1;
+                if (dsmoe_corpus_window(r->corpus, DSMOE_SPLIT_VALID, T, w, tok, dom) < 0) {
+                    st = dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "evaluation: window %lld",
+                                      (long long)w);
+                    goto local_done;
+                }
             } else {
                 for (int32_t t = 0; t <= T; t++) tok[t] = DSMOE_BYTE_VOCAB_PAD, dom[t] = 255;
             }
         }
+        if (!any && !r->attached) continue; /* this rank's rows are all past the end (an
+                                               attached MoE exec is collective: run them) */
         dsmoe_train_loss l;
-        if ((st = dsmoe_train_model_loss(r->tm, r->batch, &l, 0)) != DSMOE_OK)
-            return prefixed(st, "evaluation at step %lld", (long long)step);
-        if ((st = dsmoe__train_model_position_ce(r->tm, r->pos_ce)) != DSMOE_OK) return st;
-        for (int32_t b = 0; b < B; b++)
+        if ((st = dsmoe_train_model_loss(r->tm, r->batch, &l, 0)) != DSMOE_OK) {
+            st = prefixed(st, "evaluation at step %lld", (long long)step);
+            goto local_done;
+        }
+        if ((st = dsmoe__train_model_position_ce(r->tm, r->pos_ce)) != DSMOE_OK) goto local_done;
+        for (int32_t b = 0; b < Bl; b++)
             for (int32_t t = 0; t < T; t++) {
                 const size_t i = (size_t)b * (size_t)(T + 1) + (size_t)t;
                 if (r->batch[i + 1] == DSMOE_BYTE_VOCAB_PAD) continue;
@@ -346,7 +397,7 @@ static dsmoe_status evaluate(run *r, int64_t step, double *val_loss, double *val
             int64_t *cnt = r->ecounts + (size_t)k * (size_t)E;
             int64_t *dc = r->edc + (size_t)k * ND * (size_t)E;
             int64_t *hist = r->ehist + (size_t)k * HIST_BINS;
-            for (int32_t b = 0; b < B; b++)
+            for (int32_t b = 0; b < Bl; b++)
                 for (int32_t t = 0; t < T; t++) {
                     const size_t i = (size_t)b * (size_t)(T + 1) + (size_t)t;
                     if (r->batch[i] == DSMOE_BYTE_VOCAB_PAD) continue;
@@ -377,12 +428,27 @@ static dsmoe_status evaluate(run *r, int64_t step, double *val_loss, double *val
                 }
         }
     }
+local_done:
+    if ((st = agree(r->coll, st)) != DSMOE_OK) return st;
+    if ((st = sum_f64(r, &loss_sum, 1, "evaluation sums")) != DSMOE_OK ||
+        (st = sum_f64(r, r->dom_loss, ND, "evaluation sums")) != DSMOE_OK ||
+        (st = sum_f64(r, r->esent, (int64_t)nm, "evaluation sums")) != DSMOE_OK ||
+        (st = sum_i64(r, &n_tgt, 1, "evaluation counts")) != DSMOE_OK ||
+        (st = sum_i64(r, r->dom_tok, ND, "evaluation counts")) != DSMOE_OK ||
+        (st = sum_i64(r, r->ecounts, (int64_t)(nm * (size_t)E), "evaluation counts")) != DSMOE_OK ||
+        (st = sum_i64(r, r->edc, (int64_t)(nm * ND * (size_t)E), "evaluation counts")) != DSMOE_OK ||
+        (st = sum_i64(r, r->ehist, (int64_t)(nm * HIST_BINS), "evaluation counts")) != DSMOE_OK ||
+        (st = sum_i64(r, r->etok, (int64_t)nm, "evaluation counts")) != DSMOE_OK)
+        return st;
     const double vl = n_tgt > 0 ? loss_sum / (double)n_tgt : NAN;
     double mv = 0;
     for (int32_t k = 0; k < r->n_moe; k++)
         if (!r->is_mtp[k]) mv += maxvio_of(r->ecounts + (size_t)k * (size_t)E, E);
     mv = r->n_main_moe > 0 ? mv / r->n_main_moe : 0;
+    *val_loss = vl;
+    *val_maxvio = mv;
     FILE *f = r->metrics;
+    if (!f) return DSMOE_OK; /* not rank 0 */
     fprintf(f, "{\"type\":\"eval\",\"step\":%lld", (long long)step);
     jkey(f, "loss", vl);
     jkey(f, "ppl", exp(vl));
@@ -444,8 +510,6 @@ static dsmoe_status evaluate(run *r, int64_t step, double *val_loss, double *val
     }
     fputs("]}\n", f);
     fflush(f);
-    *val_loss = vl;
-    *val_maxvio = mv;
     return DSMOE_OK;
 }
 
@@ -526,6 +590,27 @@ static dsmoe_status setup(run *r, const char *out_dir, const dsmoe_run_options *
     r->N = (int64_t)r->B * r->T;
     r->E = rc->model.n_routed_experts;
     r->K = rc->model.num_experts_per_tok;
+    r->coll = opts ? opts->collective : NULL;
+    r->R = is_dp(r->coll) ? r->coll->size : 1;
+    r->rank = is_dp(r->coll) ? r->coll->rank : 0;
+    if (r->rank < 0 || r->rank >= r->R)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "run: rank %d of %d ranks",
+                            (int)r->rank, (int)r->R);
+    if (r->B % r->R != 0)
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "run: batch = %d is not a multiple of the %d ranks (each rank trains on "
+                            "batch / ranks sequences of the global batch)",
+                            (int)r->B, (int)r->R);
+    if (r->R > 1 && rc->train.balance_alpha > 0 &&
+        (rc->train.balance_kind == DSMOE_BALANCE_LOSS_EXPERT ||
+         rc->train.balance_kind == DSMOE_BALANCE_LOSS_SWITCH))
+        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                            "run: the %s balance loss is computed over the whole batch, which no "
+                            "rank holds in a data-parallel run of %d ranks (seq and zloss work; "
+                            "or run one process)",
+                            dsmoe_balance_loss_kind_name((dsmoe_balance_loss_kind)rc->train.balance_kind),
+                            (int)r->R);
+    r->Bl = r->B / r->R;
     if (!(r->ckpt_dir = join(out_dir, "checkpoint")) ||
         !(r->metrics_path = join(out_dir, "metrics.jsonl")))
         return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
@@ -557,6 +642,7 @@ static dsmoe_status setup(run *r, const char *out_dir, const dsmoe_run_options *
     /* Model, optimizer, balancers. */
     dsmoe_train_model_options to = rc->train;
     to.n_threads = r->nt;
+    to.batch = r->Bl;
     if ((st = dsmoe_train_model_create(&rc->model, &to, &r->tm)) != DSMOE_OK) return st;
     dsmoe_train_model_params(r->tm, &r->np);
     r->m = (float *)dsmoe_malloc(r->np * sizeof(float) + 64);
@@ -623,16 +709,30 @@ static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_resul
         if ((st = dsmoe_corpus_sample(r->corpus, DSMOE_SPLIT_TRAIN, &r->ck.rng, r->B, r->T,
                                       r->batch, NULL)) != DSMOE_OK)
             return st;
+        /* This rank's rows of the global batch (all of it in one process). */
+        const int32_t *rows = r->batch + (size_t)r->rank * (size_t)r->Bl * (size_t)(r->T + 1);
         dsmoe_train_loss l;
-        if ((st = dsmoe_train_model_loss(r->tm, r->batch, &l, 0)) != DSMOE_OK)
-            return prefixed(st, "step %lld", (long long)step);
-        if (!isfinite(l.total))
-            return dsmoe__error(DSMOE_STATUS_NON_FINITE,
-                                "step %lld: the loss is %g (ce %g, mtp %g, balance %g); stopped, the "
-                                "last checkpoint is as it was",
-                                (long long)step, l.total, l.ce, l.mtp, l.balance);
-        if ((st = dsmoe_train_model_backward(r->tm)) != DSMOE_OK)
-            return prefixed(st, "step %lld", (long long)step);
+        st = dsmoe_train_model_loss(r->tm, rows, &l, 0);
+        if (st == DSMOE_OK && !isfinite(l.total)) {
+            st = dsmoe__error(DSMOE_STATUS_NON_FINITE,
+                              "step %lld: the loss is %g (ce %g, mtp %g, balance %g); stopped, the "
+                              "last checkpoint is as it was",
+                              (long long)step, l.total, l.ce, l.mtp, l.balance);
+        } else {
+            if (st == DSMOE_OK) st = dsmoe_train_model_backward(r->tm);
+            if (st != DSMOE_OK) st = prefixed(st, "step %lld", (long long)step);
+        }
+        if ((st = agree(r->coll, st)) != DSMOE_OK) return st;
+        if (is_dp(r->coll)) {
+            /* Every part of the loss is a mean over equally many rows (or sequences) per
+             * rank: the global batch's is the mean of the ranks'. So is the gradient. */
+            double lv[4] = {l.total, l.ce, l.mtp, l.balance};
+            if ((st = sum_f64(r, lv, 4, "loss sum")) != DSMOE_OK) return st;
+            l.total = lv[0] / r->R, l.ce = lv[1] / r->R, l.mtp = lv[2] / r->R, l.balance = lv[3] / r->R;
+            size_t ng = 0;
+            float *g = dsmoe_train_model_grads(r->tm, &ng);
+            if (r->coll->sum_f32(r->coll->ctx, g, (int64_t)ng, 1.0 / r->R)) return comm_failed("gradient sum");
+        }
         double ss = 0;
         for (int64_t i = 0; i < n_tensors; i++) {
             dsmoe_train_tensor t;
@@ -657,8 +757,13 @@ static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_resul
         double maxvio_batch = 0;
         for (int32_t k = 0; k < r->n_moe; k++) {
             const dsmoe_moe_routing *ro = dsmoe_train_model_routing(r->tm, k);
+            memcpy(r->bcounts + (size_t)k * (size_t)r->E, ro->counts, (size_t)r->E * sizeof(int64_t));
+        }
+        /* The global batch's counts: the same bias update on every rank. */
+        if ((st = sum_i64(r, r->bcounts, (int64_t)r->n_moe * r->E, "expert counts")) != DSMOE_OK)
+            return st;
+        for (int32_t k = 0; k < r->n_moe; k++) {
             int64_t *c = r->bcounts + (size_t)k * (size_t)r->E;
-            memcpy(c, ro->counts, (size_t)r->E * sizeof(int64_t));
             if (!r->is_mtp[k]) maxvio_batch += maxvio_of(c, r->E);
             if (r->bal) {
                 if ((st = dsmoe_balancer_accumulate_counts(r->bal[k], c, r->N)) != DSMOE_OK ||
@@ -702,8 +807,10 @@ static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_resul
         }
         if ((rc->save_every > 0 && step % rc->save_every == 0) || step == rc->steps || step == last) {
             r->ck.elapsed_s = r->elapsed0 + (now_s() - t_start);
-            if ((st = sync_metrics(r)) != DSMOE_OK) return st;
-            if ((st = dsmoe__ckpt_save(r->ckpt_dir, &r->ck)) != DSMOE_OK) return st;
+            if (r->rank == 0) { /* rank 0 writes; every rank hears of a failure */
+                if ((st = sync_metrics(r)) == DSMOE_OK) st = dsmoe__ckpt_save(r->ckpt_dir, &r->ck);
+            }
+            if ((st = agree(r->coll, st)) != DSMOE_OK) return st;
         }
     }
     if (res) {
@@ -726,24 +833,33 @@ dsmoe_status dsmoe_run(const dsmoe_run_config *rc_in, const char *out_dir,
     memset(&r, 0, sizeof r);
     dsmoe_status st = DSMOE_OK;
     const int resume = opts && opts->resume;
+    /* Data-parallel: rank 0 alone changes the folder; the others read it once rank 0
+     * is done (each phase ends with an agreement, which also shares any rank's error). */
+    const dsmoe_run_collective *coll = opts ? opts->collective : NULL;
+    const int lead = !is_dp(coll) || coll->rank == 0;
     char *ckpt = join(out_dir, "checkpoint");
-    if (!ckpt) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
+    if (!ckpt) st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
+    if ((st = agree(coll, st)) != DSMOE_OK) {
+        free(ckpt);
+        return st;
+    }
     struct stat sb;
     if (resume) {
-        dsmoe__dir_recover(ckpt);
+        if (lead) dsmoe__dir_recover(ckpt);
+        if ((st = agree(coll, DSMOE_OK)) != DSMOE_OK) goto done;
         if (stat(ckpt, &sb) != 0) {
             st = dsmoe__error(DSMOE_STATUS_IO, "%s: no checkpoint to resume from (%s)", ckpt,
                               strerror(errno));
-            goto done;
+            goto agreed_a;
         }
-        if ((st = dsmoe__ckpt_read_config(ckpt, &r.cs)) != DSMOE_OK) goto done;
+        if ((st = dsmoe__ckpt_read_config(ckpt, &r.cs)) != DSMOE_OK) goto agreed_a;
         if (rc_in) {
             dsmoe_run_config want = *rc_in;
             want.adamw.total_steps = want.steps;
             if (want.model.n_routed_experts > 0) want.balancer.n_experts = want.model.n_routed_experts;
             if ((st = dsmoe__run_config_compare(&want, &r.cs.rc)) != DSMOE_OK) {
                 st = prefixed(st, "%s: cannot resume with another config", ckpt);
-                goto done;
+                goto agreed_a;
             }
         }
     } else {
@@ -751,43 +867,56 @@ dsmoe_status dsmoe_run(const dsmoe_run_config *rc_in, const char *out_dir,
             st = dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
                               "%s holds a run already: resume it, or train into another folder",
                               out_dir);
-            goto done;
+            goto agreed_a;
         }
-        if ((st = dsmoe_run_config_validate(rc_in)) != DSMOE_OK) goto done;
-        if ((st = dsmoe__run_config_own(&r.cs, rc_in)) != DSMOE_OK) goto done;
+        if ((st = dsmoe_run_config_validate(rc_in)) != DSMOE_OK) goto agreed_a;
+        if ((st = dsmoe__run_config_own(&r.cs, rc_in)) != DSMOE_OK) goto agreed_a;
         r.cs.rc.adamw.total_steps = r.cs.rc.steps;
         if (r.cs.rc.model.n_routed_experts > 0) r.cs.rc.balancer.n_experts = r.cs.rc.model.n_routed_experts;
     }
     r.rc = &r.cs.rc;
-    if ((st = dsmoe_run_config_validate(r.rc)) != DSMOE_OK) goto done;
-    if ((st = make_dirs(out_dir)) != DSMOE_OK) goto done;
-    if ((st = setup(&r, out_dir, opts)) != DSMOE_OK) goto done;
+    if ((st = dsmoe_run_config_validate(r.rc)) != DSMOE_OK) goto agreed_a;
+    if (lead && (st = make_dirs(out_dir)) != DSMOE_OK) goto agreed_a;
+agreed_a:
+    if ((st = agree(coll, st)) != DSMOE_OK) goto done;
+    if ((st = setup(&r, out_dir, opts)) != DSMOE_OK) goto agreed_b;
+    if (is_dp(coll) && coll->attach) {
+        /* collective: every rank that got here calls it, the others wait in agreed_b's
+         * agreement first */
+        if ((st = agree(coll, DSMOE_OK)) != DSMOE_OK) goto done;
+        if ((st = coll->attach(coll->ctx, r.tm)) != DSMOE_OK) goto agreed_b;
+        r.attached = 1;
+    }
     if (resume) {
-        if ((st = dsmoe__ckpt_load(r.ckpt_dir, &r.ck)) != DSMOE_OK) goto done;
+        if ((st = dsmoe__ckpt_load(r.ckpt_dir, &r.ck)) != DSMOE_OK) goto agreed_b;
         r.elapsed0 = r.ck.elapsed_s;
-        if ((st = truncate_metrics(r.metrics_path, r.ck.step)) != DSMOE_OK) goto done;
+        if (!lead) goto agreed_b;
+        if ((st = truncate_metrics(r.metrics_path, r.ck.step)) != DSMOE_OK) goto agreed_b;
         int fresh = stat(r.metrics_path, &sb) != 0 || sb.st_size == 0;
         if (!(r.metrics = fopen(r.metrics_path, "ab"))) {
             st = dsmoe__error(DSMOE_STATUS_IO, "%s: cannot open for writing: %s", r.metrics_path,
                               strerror(errno));
-            goto done;
+            goto agreed_b;
         }
         if (fresh) write_run_record(&r);
-    } else {
+    } else if (lead) {
         if (!(r.metrics = fopen(r.metrics_path, "wb"))) {
             st = dsmoe__error(DSMOE_STATUS_IO, "%s: cannot open for writing: %s", r.metrics_path,
                               strerror(errno));
-            goto done;
+            goto agreed_b;
         }
         write_run_record(&r);
     }
-    if (ferror(r.metrics)) {
+    if (r.metrics && ferror(r.metrics))
         st = dsmoe__error(DSMOE_STATUS_IO, "%s: cannot write", r.metrics_path);
-        goto done;
+agreed_b:
+    if ((st = agree(coll, st)) != DSMOE_OK) goto done;
+    /* train's errors are the same on every rank (agreed, or from the same reduced values) */
+    if ((st = train(&r, opts, res, t_start)) == DSMOE_OK) {
+        if (r.metrics && ferror(r.metrics))
+            st = dsmoe__error(DSMOE_STATUS_IO, "%s: cannot write", r.metrics_path);
+        st = agree(coll, st);
     }
-    st = train(&r, opts, res, t_start);
-    if (st == DSMOE_OK && ferror(r.metrics))
-        st = dsmoe__error(DSMOE_STATUS_IO, "%s: cannot write", r.metrics_path);
 done:
     if (res) {
         res->step = r.ck.step;

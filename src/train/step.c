@@ -90,6 +90,7 @@ struct dsmoe_train_model {
     tm_depth *depths;
     int32_t n_moe;
     int32_t *moe_layer;  /* layer index of the k-th MoE layer */
+    dsmoe_train_moe_exec exec; /* MoE layers run by the caller (forward NULL: locally) */
     dsmoe_router_config rc;
     dsmoe_balance_loss_config blc;
     const float *embed, *norm, *head;
@@ -509,9 +510,36 @@ int32_t dsmoe_train_model_moe_layer(const dsmoe_train_model *tm, int32_t k) {
     return tm && k >= 0 && k < tm->n_moe ? tm->moe_layer[k] : -1;
 }
 
+/* The k of MoE layer l. */
+static int32_t moe_index(const dsmoe_train_model *tm, int32_t l) {
+    for (int32_t k = 0; k < tm->n_moe; k++)
+        if (tm->moe_layer[k] == l) return k;
+    return -1;
+}
+
+static const dsmoe_moe_routing *layer_routing(const dsmoe_train_model *tm, int32_t l) {
+    if (tm->exec.forward) return tm->exec.routing(tm->exec.ctx, moe_index(tm, l));
+    return dsmoe_moe_last_routing(tm->layers[l].moe);
+}
+
 const dsmoe_moe_routing *dsmoe_train_model_routing(const dsmoe_train_model *tm, int32_t k) {
     if (!tm || k < 0 || k >= tm->n_moe || !tm->have_forward) return NULL;
-    return dsmoe_moe_last_routing(tm->layers[tm->moe_layer[k]].moe);
+    return layer_routing(tm, tm->moe_layer[k]);
+}
+
+dsmoe_moe *dsmoe_train_model_moe(dsmoe_train_model *tm, int32_t k) {
+    return tm && k >= 0 && k < tm->n_moe ? tm->layers[tm->moe_layer[k]].moe : NULL;
+}
+
+dsmoe_status dsmoe_train_model_set_moe_exec(dsmoe_train_model *tm, const dsmoe_train_moe_exec *ex) {
+    if (!tm) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "train model set_moe_exec: NULL");
+    if (ex && (!ex->forward || !ex->backward || !ex->routing))
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "train model set_moe_exec: forward, backward and routing are all needed");
+    if (ex) tm->exec = *ex;
+    else memset(&tm->exec, 0, sizeof tm->exec);
+    tm->have_forward = 0;
+    return DSMOE_OK;
 }
 
 const float *dsmoe_train_model_bias(const dsmoe_train_model *tm, int32_t k) {
@@ -549,10 +577,13 @@ static dsmoe_status block_forward(dsmoe_train_model *tm, int32_t l, float *h_out
                                      D, eps, nt);
     PROF_END(PROF_NORM);
     if (ly->moe) {
-        if ((st = dsmoe_moe_forward(ly->moe, tm->a, ly->x2, N, nt)) != DSMOE_OK) return st;
+        if ((st = tm->exec.forward
+                      ? tm->exec.forward(tm->exec.ctx, moe_index(tm, l), tm->a, ly->x2, N, nt)
+                      : dsmoe_moe_forward(ly->moe, tm->a, ly->x2, N, nt)) != DSMOE_OK)
+            return st;
         PROF_END(PROF_MOE_F);
         if (tm->blc.alpha > 0) {
-            const dsmoe_moe_routing *r = dsmoe_moe_last_routing(ly->moe);
+            const dsmoe_moe_routing *r = layer_routing(tm, l);
             double bl = 0;
             if ((st = dsmoe_balance_loss(&tm->blc, &tm->rc, &bl, NULL, r->scores, r->indices,
                                          r->logits, N, tm->bal_ws, tm->bal_ws_size, nt)) != DSMOE_OK)
@@ -586,7 +617,7 @@ static dsmoe_status block_backward(dsmoe_train_model *tm, int32_t l, float *dh) 
     if (ly->moe) {
         const float *dl = NULL;
         if (tm->blc.alpha > 0) {
-            const dsmoe_moe_routing *r = dsmoe_moe_last_routing(ly->moe);
+            const dsmoe_moe_routing *r = layer_routing(tm, l);
             double bl = 0;
             memset(tm->dlogits, 0, (size_t)(N * tm->E) * sizeof(float));
             if ((st = dsmoe_balance_loss(&tm->blc, &tm->rc, &bl, tm->dlogits, r->scores, r->indices,
@@ -596,7 +627,10 @@ static dsmoe_status block_backward(dsmoe_train_model *tm, int32_t l, float *dh) 
             PROF_END(PROF_BAL_B);
         }
         memset(dx, 0, (size_t)(N * D) * sizeof(float));
-        if ((st = dsmoe_moe_backward(ly->moe, dx, dh, ly->x2, dl, N, nt)) != DSMOE_OK) return st;
+        if ((st = tm->exec.forward
+                      ? tm->exec.backward(tm->exec.ctx, moe_index(tm, l), dx, dh, ly->x2, dl, N, nt)
+                      : dsmoe_moe_backward(ly->moe, dx, dh, ly->x2, dl, N, nt)) != DSMOE_OK)
+            return st;
         PROF_END(PROF_MOE_B);
     } else {
         dsmoe__mlp_grads mg = ly->mlp_g;

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# ep_train.sh — data-parallel training under mpirun (`mpirun -np R dsmoe train`), at the
+# tiny preset: 2 and 4 ranks follow the one-process run on the same global batch (every
+# train and eval loss within a relative 1e-5; measured: a few 1e-8), repeated runs of 2
+# ranks are byte-identical (metrics apart from times, checkpoint); a run saved by 2 ranks
+# resumes in one process and the other way round, ending within the same tolerance;
+# batch % ranks != 0 and the whole-batch balance losses are refused naming them; a data
+# file one rank cannot read and an unwritable run folder fail on every rank with the
+# failing rank's message, within the timeout, instead of hanging. `mpirun -np 2 dsmoe
+# eval --text` prints what one process prints, and `--tokens` writes the same logits.
+# --expert-parallel (each MoE layer through dsmoe_ep): the same tolerance against one
+# process, repeatable, not the data-parallel bits, resumable in one process.
+# Usage: bash ep_train.sh <dsmoe> <source-dir> <tmpdir> <mpirun> [mpirun flags...]
+set -u
+DS=$1 SR=$2 TD=$3 MPIRUN=$4
+shift 4
+MPIFLAGS=("$@")
+source "$(dirname "$0")/clilib.sh" "$DS" "$SR" "$TD"
+export OMP_WAIT_POLICY=PASSIVE OMPI_MCA_mpi_yield_when_idle=1 OMPI_MCA_btl_vader_single_copy_mechanism=none OMP_NUM_THREADS=1
+MPI=(timeout 120 "$MPIRUN" "${MPIFLAGS[@]}")
+T=(--preset tiny --threads 1 --quiet --corpus-tokens 60000 --eval-tokens 512 --sample-tokens 0
+   --steps 8 --eval-every 4 --batch 8)
+
+# compare A B [exact]: the train and eval records of two runs (step by step)
+compare() {
+    /usr/bin/python3 - "$1/metrics.jsonl" "$2/metrics.jsonl" "${3:-}" <<'PY'
+import json, sys
+a = [json.loads(l) for l in open(sys.argv[1])]
+b = [json.loads(l) for l in open(sys.argv[2])]
+exact = sys.argv[3] == "exact"
+assert len(a) == len(b), (len(a), len(b))
+worst = 0.0
+for x, y in zip(a[1:], b[1:]):
+    assert (x["type"], x["step"]) == (y["type"], y["step"]), (x["type"], y["type"])
+    keys = ["loss", "ce", "mtp", "balance", "grad_norm"] if x["type"] == "train" else ["loss"]
+    for k in keys:
+        d = abs(x[k] - y[k]) / max(abs(x[k]), 1e-30)
+        worst = max(worst, d)
+        if exact: assert x[k] == y[k], (x["step"], k, x[k], y[k])
+        else: assert d <= 1e-5, (x["type"], x["step"], k, x[k], y[k])
+    assert x["tokens"] == y["tokens"]
+print("largest relative difference %.3g" % worst)
+PY
+}
+
+# one process, then 2 ranks (twice) and 4 ranks on the same global batch
+expect 0 "" -- "$DSMOE" train "${T[@]}" --out "$TMP/one"
+for np in 2 4; do
+    expect 0 "" -- "${MPI[@]}" -np $np "$DSMOE" train "${T[@]}" --out "$TMP/r$np"
+    compare "$TMP/one" "$TMP/r$np" || fail "$np ranks differ from one process"
+    grep -q "\"ranks\":$np" "$TMP/r$np/metrics.jsonl" || fail "the run record lacks \"ranks\":$np"
+done
+expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" train "${T[@]}" --out "$TMP/r2b"
+compare "$TMP/r2" "$TMP/r2b" exact || fail "two runs of 2 ranks differ"
+cmp -s "$TMP/r2/checkpoint/model.safetensors" "$TMP/r2b/checkpoint/model.safetensors" ||
+    fail "two runs of 2 ranks wrote different checkpoints"
+# -np 1 under mpirun is the one-process run, bit for bit
+expect 0 "" -- "${MPI[@]}" -np 1 "$DSMOE" train "${T[@]}" --out "$TMP/r1"
+cmp -s "$TMP/one/checkpoint/model.safetensors" "$TMP/r1/checkpoint/model.safetensors" ||
+    fail "mpirun -np 1 differs from one process"
+
+# resume across a change of R: 2 ranks then one process, one process then 2 ranks
+expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" train "${T[@]}" --stop-at 3 --out "$TMP/s21"
+expect 0 "" -- "$DSMOE" train --resume --threads 1 --quiet --sample-tokens 0 --out "$TMP/s21"
+compare "$TMP/one" "$TMP/s21" || fail "2 ranks resumed in one process: off the one-process run"
+expect 0 "" -- "$DSMOE" train "${T[@]}" --stop-at 5 --out "$TMP/s12"
+expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" train --resume --threads 1 --quiet --sample-tokens 0 \
+    --out "$TMP/s12"
+compare "$TMP/one" "$TMP/s12" || fail "one process resumed by 2 ranks: off the one-process run"
+[ "$(grep -c '"type":"train"' "$TMP/s12/metrics.jsonl")" = 8 ] || fail "resumed run: 8 train records"
+
+# --expert-parallel: the MoE layers through dsmoe_ep (each rank runs its block of
+# experts); the same losses within the tolerance, repeatable, resumable in one process
+for np in 2 4; do
+    expect 0 "" -- "${MPI[@]}" -np $np "$DSMOE" train "${T[@]}" --expert-parallel --out "$TMP/x$np"
+    compare "$TMP/one" "$TMP/x$np" || fail "$np expert-parallel ranks differ from one process"
+done
+expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" train "${T[@]}" --expert-parallel --out "$TMP/x2b"
+cmp -s "$TMP/x2/checkpoint/model.safetensors" "$TMP/x2b/checkpoint/model.safetensors" ||
+    fail "two expert-parallel runs of 2 ranks wrote different checkpoints"
+cmp -s "$TMP/r2/checkpoint/model.safetensors" "$TMP/x2/checkpoint/model.safetensors" &&
+    fail "--expert-parallel gave the data-parallel bits: dsmoe_ep not used?"
+expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" train "${T[@]}" --expert-parallel --stop-at 3 \
+    --out "$TMP/xs"
+expect 0 "" -- "$DSMOE" train --resume --threads 1 --quiet --sample-tokens 0 --out "$TMP/xs"
+compare "$TMP/one" "$TMP/xs" || fail "expert-parallel run resumed in one process"
+
+# refusals, the same on every rank
+expect 2 "not a multiple of the 4 ranks" -- "${MPI[@]}" -np 4 "$DSMOE" train "${T[@]}" --batch 6 \
+    --out "$TMP/b6"
+grep -q -- "--batch" "$TMP/err.txt" || fail "the batch error does not name --batch"
+expect 2 "whole batch" -- "${MPI[@]}" -np 2 "$DSMOE" train "${T[@]}" --strategy aux-loss \
+    --out "$TMP/aux"
+[ -e "$TMP/b6/checkpoint" ] && fail "a refused run wrote a checkpoint"
+# a data file rank 1 cannot read: every rank stops, naming rank 1 and the file
+for i in $(seq 1 300); do echo "line $i of a small text file"; echo; done >"$TMP/data.txt"
+expect 1 "rank 1" -- "${MPI[@]}" -np 2 bash -c \
+    'D="$1"; [ "$OMPI_COMM_WORLD_RANK" = 1 ] && D="$1.missing"; shift; exec "$@" --data "$D"' \
+    _ "$TMP/data.txt" "$DSMOE" train "${T[@]}" --seq-len 16 --valid-fraction 0.2 --out "$TMP/miss"
+grep -q "data.txt.missing" "$TMP/err.txt" || fail "the failing rank's message lacks the file"
+# a run folder rank 0 cannot create: every rank stops
+: >"$TMP/afile"
+expect 1 "rank 0" -- "${MPI[@]}" -np 2 "$DSMOE" train "${T[@]}" --out "$TMP/afile/run"
+
+# eval --text: rank 0 prints the one-process lines
+"$DSMOE" eval --model "$TMP/one/checkpoint" --text "$TMP/data.txt" --context 64 --threads 1 \
+    >"$TMP/e1.txt" 2>/dev/null || fail "eval, one process"
+expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" eval --model "$TMP/one/checkpoint" --text "$TMP/data.txt" \
+    --context 64 --threads 1
+cmp -s "$TMP/e1.txt" "$TMP/out.txt" || { fail "eval under 2 ranks prints otherwise"; diff "$TMP/e1.txt" "$TMP/out.txt" >&2; }
+
+# eval --tokens: sequences dealt to the ranks, rank 0 writes the one-process logits
+/usr/bin/python3 -c "
+import numpy as np, sys
+np.save(sys.argv[1], (np.arange(3 * 20).reshape(3, 20) * 7 % 250).astype(np.int32))
+" "$TMP/tok.npy" || fail "cannot write the tokens"
+"$DSMOE" eval --model "$TMP/one/checkpoint" --tokens "$TMP/tok.npy" --out-logits "$TMP/l1.npy" \
+    --threads 1 2>/dev/null || fail "eval --tokens, one process"
+expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" eval --model "$TMP/one/checkpoint" --tokens "$TMP/tok.npy" \
+    --out-logits "$TMP/l2.npy" --threads 1
+cmp -s "$TMP/l1.npy" "$TMP/l2.npy" || fail "eval --tokens under 2 ranks wrote other logits"
+
+[ $fails -eq 0 ] && echo "ep_train: all passed"
+exit $((fails > 0))

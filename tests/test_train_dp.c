@@ -1,0 +1,332 @@
+/*
+ * test_train_dp.c — data-parallel runs through dsmoe_run_options.collective without MPI:
+ * R threads, each a rank with its own dsmoe_run, joined by an in-process collective
+ * (sums in rank order over shared memory, error agreement). At the tiny preset: every
+ * rank sees the same losses, bit for bit; they follow the one-process run on the same
+ * global batch (relative 1e-5); two runs of 2 ranks write the same checkpoint bytes;
+ * R = 1 through the hook is the one-process run bit for bit; batch % R != 0 is refused
+ * on every rank naming the batch; a data file one rank cannot read stops every rank
+ * with that rank's message. (tests/ep_train.sh runs the same over MPI with the CLI.)
+ */
+#include "testlib.h"
+
+#include <pthread.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+enum { MAXR = 4, MAXSTEPS = 16 };
+
+/* ------------------------------------------------- in-process collective -- */
+
+typedef struct world {
+    int R;
+    pthread_barrier_t bar;
+    void *slot[MAXR];
+    int32_t st[MAXR];
+    char msg[MAXR][1024];
+} world;
+
+typedef struct rank_ctx {
+    world *w;
+    int rank;
+} rank_ctx;
+
+static int w_sum_f32(void *ctx, float *x, int64_t n, double scale) {
+    rank_ctx *c = (rank_ctx *)ctx;
+    world *w = c->w;
+    float *tmp = (float *)malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    if (!tmp) abort();
+    w->slot[c->rank] = x;
+    pthread_barrier_wait(&w->bar);
+    for (int64_t i = 0; i < n; i++) {
+        double a = 0;
+        for (int r = 0; r < w->R; r++) a += (double)((const float *)w->slot[r])[i];
+        tmp[i] = (float)(a * scale);
+    }
+    pthread_barrier_wait(&w->bar);
+    memcpy(x, tmp, (size_t)n * sizeof(float));
+    free(tmp);
+    return 0;
+}
+
+static int w_sum_f64(void *ctx, double *x, int64_t n) {
+    rank_ctx *c = (rank_ctx *)ctx;
+    world *w = c->w;
+    double *tmp = (double *)malloc((size_t)(n > 0 ? n : 1) * sizeof(double));
+    if (!tmp) abort();
+    w->slot[c->rank] = x;
+    pthread_barrier_wait(&w->bar);
+    for (int64_t i = 0; i < n; i++) {
+        double a = 0;
+        for (int r = 0; r < w->R; r++) a += ((const double *)w->slot[r])[i];
+        tmp[i] = a;
+    }
+    pthread_barrier_wait(&w->bar);
+    memcpy(x, tmp, (size_t)n * sizeof(double));
+    free(tmp);
+    return 0;
+}
+
+static int w_sum_i64(void *ctx, int64_t *x, int64_t n) {
+    rank_ctx *c = (rank_ctx *)ctx;
+    world *w = c->w;
+    int64_t *tmp = (int64_t *)malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
+    if (!tmp) abort();
+    w->slot[c->rank] = x;
+    pthread_barrier_wait(&w->bar);
+    for (int64_t i = 0; i < n; i++) {
+        int64_t a = 0;
+        for (int r = 0; r < w->R; r++) a += ((const int64_t *)w->slot[r])[i];
+        tmp[i] = a;
+    }
+    pthread_barrier_wait(&w->bar);
+    memcpy(x, tmp, (size_t)n * sizeof(int64_t));
+    free(tmp);
+    return 0;
+}
+
+static int32_t w_agree(void *ctx, int32_t status, char *msg, size_t cap, int32_t *first) {
+    rank_ctx *c = (rank_ctx *)ctx;
+    world *w = c->w;
+    w->st[c->rank] = status;
+    snprintf(w->msg[c->rank], sizeof w->msg[0], "%s", msg);
+    pthread_barrier_wait(&w->bar);
+    int32_t out = 0;
+    for (int r = 0; r < w->R; r++)
+        if (w->st[r] != 0) {
+            out = w->st[r];
+            *first = r;
+            snprintf(msg, cap, "%s", w->msg[r]);
+            break;
+        }
+    pthread_barrier_wait(&w->bar);
+    return out;
+}
+
+/* ---------------------------------------------------------------- ranks -- */
+
+typedef struct rank_job {
+    rank_ctx ctx;
+    dsmoe_run_collective coll;
+    const dsmoe_run_config *rc;
+    const char *dir;
+    dsmoe_status st;
+    char err[1024];
+    dsmoe_run_result res;
+    double loss[MAXSTEPS + 1];
+} rank_job;
+
+static void on_progress(const dsmoe_run_progress *p, void *user) {
+    rank_job *j = (rank_job *)user;
+    if (!p->is_eval && p->step <= MAXSTEPS) j->loss[p->step] = p->loss;
+}
+
+static void *rank_main(void *arg) {
+    rank_job *j = (rank_job *)arg;
+    dsmoe_run_options o;
+    memset(&o, 0, sizeof o);
+    o.n_threads = 1;
+    o.progress = on_progress;
+    o.user = j;
+    o.collective = &j->coll;
+    j->st = dsmoe_run(j->rc, j->dir, &o, &j->res);
+    snprintf(j->err, sizeof j->err, "%s", j->st != DSMOE_OK ? dsmoe_last_error() : "");
+    return NULL;
+}
+
+/* Runs R ranks; rcs[r] is rank r's config. */
+static void run_ranks(int R, const dsmoe_run_config *const *rcs, const char *dir, rank_job *jobs) {
+    world w;
+    memset(&w, 0, sizeof w);
+    w.R = R;
+    pthread_barrier_init(&w.bar, NULL, (unsigned)R);
+    pthread_t th[MAXR];
+    for (int r = 0; r < R; r++) {
+        memset(&jobs[r], 0, sizeof jobs[r]);
+        jobs[r].ctx.w = &w;
+        jobs[r].ctx.rank = r;
+        jobs[r].coll.rank = r;
+        jobs[r].coll.size = R;
+        jobs[r].coll.ctx = &jobs[r].ctx;
+        jobs[r].coll.sum_f32 = w_sum_f32;
+        jobs[r].coll.sum_f64 = w_sum_f64;
+        jobs[r].coll.sum_i64 = w_sum_i64;
+        jobs[r].coll.agree = w_agree;
+        jobs[r].rc = rcs[r];
+        jobs[r].dir = dir;
+        pthread_create(&th[r], NULL, rank_main, &jobs[r]);
+    }
+    for (int r = 0; r < R; r++) pthread_join(th[r], NULL);
+    pthread_barrier_destroy(&w.bar);
+}
+
+/* ---------------------------------------------------------------- utils -- */
+
+static void rm_rf(const char *path) {
+    char cmd[4200];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", path);
+    if (system(cmd) != 0) fprintf(stderr, "cannot remove %s\n", path);
+}
+
+static char *slurp(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *p = (char *)malloc((size_t)n + 1);
+    if (p && fread(p, 1, (size_t)n, f) != (size_t)n) {
+        free(p);
+        p = NULL;
+    }
+    fclose(f);
+    if (p) p[n] = '\0';
+    if (len) *len = (size_t)n;
+    return p;
+}
+
+static int same_file(const char *a, const char *b) {
+    size_t na = 0, nb = 0;
+    char *pa = slurp(a, &na), *pb = slurp(b, &nb);
+    int same = pa && pb && na == nb && memcmp(pa, pb, na) == 0;
+    free(pa);
+    free(pb);
+    return same;
+}
+
+static dsmoe_run_config tiny_config(void) {
+    dsmoe_run_config rc;
+    if (dsmoe_run_config_default("tiny", &rc) != DSMOE_OK) abort();
+    rc.steps = 6;
+    rc.adamw.warmup_steps = 1;
+    rc.corpus.tokens = 60000;
+    rc.eval_every = 3;
+    rc.eval_tokens = 512;
+    rc.train.batch = 8;
+    return rc;
+}
+
+static char dirs[6][4096];
+
+static const char *fresh(int i, const char *name) {
+    snprintf(dirs[i], sizeof dirs[i], "%s", tl_tmp(name));
+    rm_rf(dirs[i]);
+    return dirs[i];
+}
+
+/* ---------------------------------------------------------------- tests -- */
+
+static void test_matches_one_process(void) {
+    const dsmoe_run_config rc = tiny_config();
+    const dsmoe_run_config *rcs[MAXR] = {&rc, &rc, &rc, &rc};
+    rank_job one[1], two[MAXR], two_b[MAXR], four[MAXR], solo[1];
+    run_ranks(1, rcs, fresh(0, "train_dp_one"), one);
+    ASSERT_OK(one[0].st);
+    /* R = 1 through the hook: the one-process run, bit for bit */
+    run_ranks(1, rcs, fresh(4, "train_dp_solo"), solo);
+    ASSERT_OK(solo[0].st);
+    {
+        dsmoe_run_options o;
+        memset(&o, 0, sizeof o);
+        o.n_threads = 1;
+        ASSERT_OK(dsmoe_run(&rc, fresh(5, "train_dp_plain"), &o, NULL));
+        char a[4200], b[4200];
+        snprintf(a, sizeof a, "%s/checkpoint/model.safetensors", dirs[4]);
+        snprintf(b, sizeof b, "%s/checkpoint/model.safetensors", dirs[5]);
+        ASSERT_TRUE(same_file(a, b));
+    }
+    run_ranks(2, rcs, fresh(1, "train_dp_two"), two);
+    run_ranks(2, rcs, fresh(2, "train_dp_two_b"), two_b);
+    run_ranks(4, rcs, fresh(3, "train_dp_four"), four);
+    for (int r = 0; r < 4; r++) {
+        if (r < 2) ASSERT_OK(two[r].st);
+        if (r < 2) ASSERT_OK(two_b[r].st);
+        ASSERT_OK(four[r].st);
+    }
+    double worst = 0;
+    for (int s = 1; s <= 6; s++) {
+        const double l1 = one[0].loss[s];
+        ASSERT_TRUE(l1 > 0);
+        for (int r = 0; r < 4; r++) {
+            ASSERT_TRUE(four[r].loss[s] == four[0].loss[s]); /* every rank the same bits */
+            if (r < 2) ASSERT_TRUE(two[r].loss[s] == two[0].loss[s]);
+        }
+        ASSERT_TRUE(two_b[0].loss[s] == two[0].loss[s]); /* repeated: the same bits */
+        ASSERT_NEAR(two[0].loss[s], l1, 1e-5 * l1);
+        ASSERT_NEAR(four[0].loss[s], l1, 1e-5 * l1);
+        double d2 = fabs(two[0].loss[s] - l1) / l1, d4 = fabs(four[0].loss[s] - l1) / l1;
+        worst = d2 > worst ? d2 : worst;
+        worst = d4 > worst ? d4 : worst;
+    }
+    ASSERT_NEAR(two[1].res.val_loss, one[0].res.val_loss, 1e-5 * one[0].res.val_loss);
+    ASSERT_NEAR(four[3].res.val_loss, one[0].res.val_loss, 1e-5 * one[0].res.val_loss);
+    fprintf(stderr, "     largest relative train-loss difference to one process: %.3g\n", worst);
+    char a[4200], b[4200];
+    snprintf(a, sizeof a, "%s/checkpoint/model.safetensors", dirs[1]);
+    snprintf(b, sizeof b, "%s/checkpoint/model.safetensors", dirs[2]);
+    ASSERT_TRUE(same_file(a, b));
+    /* rank 0 alone wrote the folder: metrics.jsonl holds one run */
+    snprintf(a, sizeof a, "%s/metrics.jsonl", dirs[3]);
+    char *m = slurp(a, NULL);
+    ASSERT_TRUE(m != NULL);
+    if (m) {
+        ASSERT_TRUE(strstr(m, "\"ranks\":4") != NULL);
+        int runs = 0;
+        for (char *p = m; (p = strstr(p, "\"type\":\"run\"")) != NULL; p++) runs++;
+        ASSERT_EQ_INT(runs, 1);
+    }
+    free(m);
+}
+
+static void test_errors(void) {
+    dsmoe_run_config rc = tiny_config();
+    const dsmoe_run_config *rcs[MAXR] = {&rc, &rc, &rc, &rc};
+    rank_job jobs[MAXR];
+    /* batch 8 over 3 ranks */
+    run_ranks(3, rcs, fresh(0, "train_dp_b3"), jobs);
+    for (int r = 0; r < 3; r++) {
+        ASSERT_EQ_INT(jobs[r].st, DSMOE_STATUS_INVALID_CONFIG);
+        ASSERT_TRUE(strstr(jobs[r].err, "batch = 8 is not a multiple of the 3 ranks") != NULL);
+    }
+    struct stat sb;
+    char p[4200];
+    snprintf(p, sizeof p, "%s/checkpoint", dirs[0]);
+    ASSERT_TRUE(stat(p, &sb) != 0);
+    /* a data file rank 1 cannot read */
+    char data[4200], missing[4300];
+    snprintf(data, sizeof data, "%s", tl_tmp("train_dp_data.txt"));
+    snprintf(missing, sizeof missing, "%s.missing", data);
+    FILE *f = fopen(data, "wb");
+    ASSERT_TRUE(f != NULL);
+    if (!f) return;
+    for (int i = 1; i <= 300; i++) fprintf(f, "line %d of a small text file\n\n", i);
+    fclose(f);
+    const char *files0[1] = {data}, *files1[1] = {missing};
+    dsmoe_run_config r0 = rc, r1 = rc;
+    r0.train.seq_len = r1.train.seq_len = 16;
+    r0.corpus.valid_fraction = r1.corpus.valid_fraction = 0.2;
+    r0.data_files = files0, r0.n_data_files = 1;
+    r1.data_files = files1, r1.n_data_files = 1;
+    const dsmoe_run_config *mixed[2] = {&r0, &r1};
+    run_ranks(2, mixed, fresh(1, "train_dp_miss"), jobs);
+    for (int r = 0; r < 2; r++) {
+        ASSERT_EQ_INT(jobs[r].st, DSMOE_STATUS_IO);
+        ASSERT_TRUE(strstr(jobs[r].err, "rank 1: ") != NULL);
+        ASSERT_TRUE(strstr(jobs[r].err, ".missing") != NULL);
+    }
+    /* the balance losses over the whole batch are refused with R > 1 */
+    dsmoe_run_config aux = rc;
+    ASSERT_OK(dsmoe_run_strategy_apply("aux-loss", &aux));
+    const dsmoe_run_config *auxs[2] = {&aux, &aux};
+    run_ranks(2, auxs, fresh(2, "train_dp_aux"), jobs);
+    for (int r = 0; r < 2; r++) {
+        ASSERT_EQ_INT(jobs[r].st, DSMOE_STATUS_INVALID_CONFIG);
+        ASSERT_TRUE(strstr(jobs[r].err, "whole batch") != NULL);
+    }
+}
+
+int main(void) {
+    RUN(test_matches_one_process);
+    RUN(test_errors);
+    return TEST_SUMMARY();
+}
