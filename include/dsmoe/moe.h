@@ -45,7 +45,7 @@
  * Each expert runs on its gathered rows as two products (X·W1ᵀ, SwiGLU, H·W2ᵀ), in
  * fixed blocks of at most DSMOE_MOE_ROW_BLOCK rows: the layer's own product, which
  * streams each weight row once for 4 rows of X at a time in registers (with AVX-512
- * for any number of rows, with AVX2 up to 16), or BLIS SGEMM (which packs the
+ * for blocks of up to 128 rows, with AVX2 up to 16), or BLIS SGEMM (which packs the
  * whole weight matrix first). The combine adds, for each token, w_0·y_0, w_1·y_1, ...
  * in k order (the router's order, descending selection score), then the shared
  * expert's output. For T <= DSMOE_MOE_DECODE_MAX_T tokens the layer skips the gather

@@ -24,6 +24,7 @@
 #include "core/internal.h"
 #include "kernels/blas.h"
 #include "kernels/kernels.h"
+#include "moe/moe_internal.h"
 
 #include <limits.h>
 #include <math.h>
@@ -388,14 +389,6 @@ void dsmoe_ep_attach_balancer(dsmoe_ep *ep, dsmoe_balancer *b) {
 
 /* ---------------------------------------------------------------- products -- */
 
-/* moe.c's moe_skinny_max: rows up to which the weight-streaming product is used. */
-static int ep_skinny_max(void) {
-    const char *k = dsmoe__kernels()->name;
-    if (strcmp(k, "avx512") == 0) return INT_MAX;
-    if (strcmp(k, "avx2") == 0) return 16;
-    return DSMOE_MOE_DECODE_MAX_T;
-}
-
 /* C (n, nout) [ldc] = X (n, k) · W (nout, k)ᵀ as moe.c's moe_product decides. */
 static void ep_product(float *C, int ldc, const float *X, int n, const float *W, int nout, int k,
                        int sgemm) {
@@ -507,7 +500,7 @@ static int ep_grow_expert(dsmoe_ep *ep, int64_t n_rows, int64_t A) {
 /* Shared experts on the local tokens, in the intersections with the global blocks. */
 static void ep_shared_forward(dsmoe_ep *ep, const float *x, int nt) {
     if (!ep->Fs || ep->T == 0) return;
-    const int D = ep->D, fs = ep->Fs, sk = ep_skinny_max();
+    const int D = ep->D, fs = ep->Fs, sk = dsmoe__moe_skinny_max();
     const int64_t b0 = ep->g0 / DSMOE_MOE_ROW_BLOCK,
                   b1 = (ep->g0 + ep->T - 1) / DSMOE_MOE_ROW_BLOCK;
     float *GUs = (float *)ep->GUs.p, *Hs = (float *)ep->Hs.p, *Ys = (float *)ep->Ys.p;
@@ -691,7 +684,7 @@ dsmoe_status dsmoe_ep_forward(dsmoe_ep *ep, float *y, const float *x, int64_t T,
         }
     }
     ep_task *tasks = (ep_task *)ep->tasks.p;
-    const int sk = ep_skinny_max();
+    const int sk = dsmoe__moe_skinny_max();
     int64_t ntask = 0;
     for (int32_t i = 0; i < ep->ne; i++)
         for (int64_t r = 0; r < ecnt[i]; r += DSMOE_MOE_ROW_BLOCK) {

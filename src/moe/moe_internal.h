@@ -29,6 +29,12 @@ dsmoe_status dsmoe__moe_load(dsmoe_moe *m, const dsmoe_safetensors *st, const ch
  * prefix, else "dsmoe.moe_config@<prefix>". Returns 0 if it does not fit. */
 int dsmoe__moe_config_key(char *buf, size_t size, const char *prefix);
 
+/* Rows of an expert's row block up to which the layer (and the EP layer, which must
+ * give the same bits) uses the weight-streaming product dsmoe__moe_gemm_nt, above which
+ * SGEMM, for the kernel set in use: 128 with AVX-512, 16 with AVX2, else
+ * DSMOE_MOE_DECODE_MAX_T. Always >= DSMOE_MOE_DECODE_MAX_T. */
+int dsmoe__moe_skinny_max(void);
+
 /* Test hooks: allocations of layer memory (parameters, gradients, bias, workspace)
  * so far, and the 1-based allocation to fail (0: none). */
 extern int64_t dsmoe__moe_alloc_calls;

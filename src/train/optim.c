@@ -73,19 +73,34 @@ float dsmoe_adamw_clip_factor(const dsmoe_adamw_config *c, double norm) {
     return f < 1.0 ? (float)f : 1.0f;
 }
 
-void dsmoe_adamw_update(const dsmoe_adamw_config *c, float *p, float *m, float *v, const float *g,
-                        int64_t n, int64_t t, double lr, double wd, float grad_scale, int n_threads) {
+/* The constants of one step: decay of a tensor without and with weight decay. */
+typedef struct adamw_step {
+    float decay[2], b1, b2, a1, a2, eps, step, bc2s;
+} adamw_step;
+
+static adamw_step adamw_step_of(const dsmoe_adamw_config *c, int64_t t, double lr, double wd) {
     if (t < 1) t = 1;
-    const float decay = (float)(1.0 - lr * wd);
-    const float b1 = c->beta1, b2 = c->beta2, a1 = (float)(1.0 - c->beta1),
-                a2 = (float)(1.0 - c->beta2), eps = c->eps;
+    adamw_step s;
+    s.decay[0] = (float)(1.0 - lr * 0.0);
+    s.decay[1] = (float)(1.0 - lr * wd);
+    s.b1 = c->beta1;
+    s.b2 = c->beta2;
+    s.a1 = (float)(1.0 - c->beta1);
+    s.a2 = (float)(1.0 - c->beta2);
+    s.eps = c->eps;
     const double bc1 = 1.0 - pow((double)c->beta1, (double)t),
                  bc2 = 1.0 - pow((double)c->beta2, (double)t);
-    const float step = (float)(lr / bc1), bc2s = (float)sqrt(bc2);
-    const int nt = n_threads > 1 ? n_threads : 1;
-    (void)nt; /* unused without OpenMP */
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n > 65536)
-    for (int64_t i = 0; i < n; i++) {
+    s.step = (float)(lr / bc1);
+    s.bc2s = (float)sqrt(bc2);
+    return s;
+}
+
+/* Elements [i0, i1) of one tensor. */
+static void adamw_range(const adamw_step *s, float decay, float *p, float *m, float *v,
+                        const float *g, int64_t i0, int64_t i1, float grad_scale) {
+    const float b1 = s->b1, b2 = s->b2, a1 = s->a1, a2 = s->a2, eps = s->eps, step = s->step,
+                bc2s = s->bc2s;
+    for (int64_t i = i0; i < i1; i++) {
         float gi = g[i] * grad_scale;
         float pi = p[i] * decay;
         float mi = m[i] * b1 + a1 * gi;
@@ -93,5 +108,46 @@ void dsmoe_adamw_update(const dsmoe_adamw_config *c, float *p, float *m, float *
         m[i] = mi;
         v[i] = vi;
         p[i] = pi + (-step * mi) / (sqrtf(vi) / bc2s + eps);
+    }
+}
+
+/* Elements per work item of the whole-model update: threads take items in a fixed
+ * static split; each element's operations are the same whoever runs it. */
+#define ADAMW_CHUNK 16384
+
+void dsmoe_adamw_update(const dsmoe_adamw_config *c, float *p, float *m, float *v, const float *g,
+                        int64_t n, int64_t t, double lr, double wd, float grad_scale, int n_threads) {
+    const adamw_step s = adamw_step_of(c, t, lr, wd);
+    const int nt = n_threads > 1 ? n_threads : 1;
+    (void)nt; /* unused without OpenMP */
+    if (nt > 1 && n > 65536) {
+        const int64_t nc = (n + ADAMW_CHUNK - 1) / ADAMW_CHUNK;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t k = 0; k < nc; k++) {
+            const int64_t i0 = k * ADAMW_CHUNK, i1 = i0 + ADAMW_CHUNK < n ? i0 + ADAMW_CHUNK : n;
+            adamw_range(&s, s.decay[1], p, m, v, g, i0, i1, grad_scale);
+        }
+    } else {
+        adamw_range(&s, s.decay[1], p, m, v, g, 0, n, grad_scale);
+    }
+}
+
+void dsmoe__adamw_update_all(const dsmoe_adamw_config *c, const dsmoe__adamw_segment *seg,
+                             int64_t n_seg, int64_t t, double lr, float grad_scale, int n_threads) {
+    const adamw_step s = adamw_step_of(c, t, lr, (double)c->weight_decay);
+    const int nt = n_threads > 1 ? n_threads : 1;
+    (void)nt; /* unused without OpenMP */
+    int64_t total = 0;
+    for (int64_t j = 0; j < n_seg; j++) total += seg[j].n;
+#pragma omp parallel num_threads(nt) if (nt > 1 && total > 65536)
+    for (int64_t j = 0; j < n_seg; j++) {
+        const dsmoe__adamw_segment *q = &seg[j];
+        const float decay = s.decay[q->decay != 0];
+        const int64_t nc = (q->n + ADAMW_CHUNK - 1) / ADAMW_CHUNK;
+#pragma omp for schedule(static) nowait
+        for (int64_t k = 0; k < nc; k++) {
+            const int64_t i0 = k * ADAMW_CHUNK, i1 = i0 + ADAMW_CHUNK < q->n ? i0 + ADAMW_CHUNK : q->n;
+            adamw_range(&s, decay, q->p, q->m, q->v, q->g, i0, i1, grad_scale);
+        }
     }
 }

@@ -112,6 +112,8 @@ typedef struct run {
     dsmoe_train_model *tm;
     size_t np;
     float *m, *v;
+    dsmoe__adamw_segment *seg; /* (n_seg) the trainable tensors, for AdamW */
+    int64_t n_seg;
     dsmoe_balancer **bal;
     int32_t *is_mtp;     /* (n_moe) */
     int32_t n_main_moe;  /* MoE layers of the main model */
@@ -143,6 +145,7 @@ static void run_free(run *r) {
     dsmoe_corpus_free(r->corpus);
     dsmoe_free(r->m);
     dsmoe_free(r->v);
+    free(r->seg);
     free(r->is_mtp);
     free(r->batch);
     free(r->edom);
@@ -704,6 +707,24 @@ static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_resul
     dsmoe_status st = DSMOE_OK;
     double t_train = 0;
     int64_t session_tokens = 0;
+    if (!r->seg) {
+        r->seg = (dsmoe__adamw_segment *)calloc((size_t)(n_tensors > 0 ? n_tensors : 1),
+                                                sizeof(dsmoe__adamw_segment));
+        if (!r->seg) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
+        r->n_seg = 0;
+        for (int64_t i = 0; i < n_tensors; i++) {
+            dsmoe_train_tensor t;
+            dsmoe_train_model_tensor(r->tm, i, &t);
+            if (!t.trainable) continue;
+            dsmoe__adamw_segment *q = &r->seg[r->n_seg++];
+            q->p = t.data;
+            q->m = r->m + t.offset;
+            q->v = r->v + t.offset;
+            q->g = t.grad;
+            q->n = t.n;
+            q->decay = t.decay;
+        }
+    }
     for (int64_t step = step0 + 1; step <= last; step++) {
         const double t0 = now_s();
         if ((st = dsmoe_corpus_sample(r->corpus, DSMOE_SPLIT_TRAIN, &r->ck.rng, r->B, r->T,
@@ -747,13 +768,8 @@ static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_resul
                                 (long long)step, gnorm);
         const float scale = dsmoe_adamw_clip_factor(&ac, gnorm);
         const double lr = dsmoe_adamw_lr(&ac, step);
-        for (int64_t i = 0; i < n_tensors; i++) {
-            dsmoe_train_tensor t;
-            dsmoe_train_model_tensor(r->tm, i, &t);
-            if (!t.trainable) continue;
-            dsmoe_adamw_update(&ac, t.data, r->m + t.offset, r->v + t.offset, t.grad, t.n, step, lr,
-                               t.decay ? (double)ac.weight_decay : 0.0, scale, r->nt);
-        }
+        /* every trainable tensor in one parallel region (the same bits as per tensor) */
+        dsmoe__adamw_update_all(&ac, r->seg, r->n_seg, step, lr, scale, r->nt);
         double maxvio_batch = 0;
         for (int32_t k = 0; k < r->n_moe; k++) {
             const dsmoe_moe_routing *ro = dsmoe_train_model_routing(r->tm, k);

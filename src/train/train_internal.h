@@ -18,4 +18,19 @@ int64_t dsmoe__utf8_invalid_at(const uint8_t *s, int64_t n);
  * evaluations by domain. INVALID_ARGUMENT when no loss precedes it. */
 dsmoe_status dsmoe__train_model_position_ce(dsmoe_train_model *tm, double *ce);
 
+/* One tensor of dsmoe__adamw_update_all: n parameters p, moments m, v and gradients g;
+ * decay != 0 if the tensor takes weight decay. */
+typedef struct dsmoe__adamw_segment {
+    float *p, *m, *v;
+    const float *g;
+    int64_t n;
+    int decay;
+} dsmoe__adamw_segment;
+
+/* dsmoe_adamw_update on each of the n_seg tensors (weight decay cfg->weight_decay where
+ * decay is set, else 0), in one parallel region: the same bits as one call per tensor,
+ * for any n_threads. */
+void dsmoe__adamw_update_all(const dsmoe_adamw_config *cfg, const dsmoe__adamw_segment *seg,
+                             int64_t n_seg, int64_t t, double lr, float grad_scale, int n_threads);
+
 #endif /* DSMOE_TRAIN_INTERNAL_H */
