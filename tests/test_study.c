@@ -224,21 +224,32 @@ static void test_measures(void) {
     /* spikes: flat with one jump; the jump must exceed 10% of the window's mean */
     double L[40];
     for (int i = 0; i < 40; i++) L[i] = 2.0;
-    ASSERT_EQ_INT(dsmoe__loss_spikes(L, 40, 20, 0.1, 5), 0);
+    ASSERT_EQ_INT(dsmoe__loss_spikes(L, 40, 20, 0.1, 0, 5), 0);
     L[30] = 2.2 + 1e-9; /* just above 10% over the mean */
-    ASSERT_EQ_INT(dsmoe__loss_spikes(L, 40, 20, 0.1, 5), 1);
+    ASSERT_EQ_INT(dsmoe__loss_spikes(L, 40, 20, 0.1, 0, 5), 1);
     L[30] = 2.2 - 1e-9;
-    ASSERT_EQ_INT(dsmoe__loss_spikes(L, 40, 20, 0.1, 5), 0);
+    ASSERT_EQ_INT(dsmoe__loss_spikes(L, 40, 20, 0.1, 0, 5), 0);
     L[3] = 9; /* before min_history records: not judged */
-    ASSERT_EQ_INT(dsmoe__loss_spikes(L, 40, 20, 0.1, 5), 0);
+    ASSERT_EQ_INT(dsmoe__loss_spikes(L, 40, 20, 0.1, 0, 5), 0);
     L[3] = 2;
     L[10] = NAN; /* skipped, not a spike, not in the mean */
     L[11] = 2.3;
-    ASSERT_EQ_INT(dsmoe__loss_spikes(L, 40, 20, 0.1, 5), 1);
+    ASSERT_EQ_INT(dsmoe__loss_spikes(L, 40, 20, 0.1, 0, 5), 1);
     /* the window: after a level shift from 1 to 1.5 the mean of the previous 20 is
      * 1 + 0.025 k at the k-th record; 1.5 - m > 0.1 m while m < 1.3636: k = 0..14 */
     for (int i = 0; i < 40; i++) L[i] = i < 20 ? 1.0 : 1.5;
-    ASSERT_EQ_INT(dsmoe__loss_spikes(L, 40, 20, 0.1, 5), 15);
+    ASSERT_EQ_INT(dsmoe__loss_spikes(L, 40, 20, 0.1, 0, 5), 15);
+    /* the noise band: losses alternating 1.6, 2.4 (a window of 20: mean 2, std 0.4, so
+     * 3 std = 1.2): a record 1.15 above the mean is far over 10% of it but inside the
+     * band, not a spike; 1.25 above is outside, a spike */
+    for (int i = 0; i < 40; i++) L[i] = i % 2 ? 2.4 : 1.6;
+    ASSERT_EQ_INT(dsmoe__loss_spikes(L, 40, 20, 0.1, 3, 5), 0);
+    L[30] = 2.0 + 1.15;
+    ASSERT_EQ_INT(dsmoe__loss_spikes(L, 40, 20, 0.1, 3, 5), 0);
+    /* the 10% rule alone: every 2.4 from the 6th record on (18) and record 30 */
+    ASSERT_EQ_INT(dsmoe__loss_spikes(L, 40, 20, 0.1, 0, 5), 19);
+    L[30] = 2.0 + 1.25;
+    ASSERT_EQ_INT(dsmoe__loss_spikes(L, 40, 20, 0.1, 3, 5), 1);
 }
 
 static void test_tail(void) {

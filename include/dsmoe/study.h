@@ -45,9 +45,11 @@ typedef enum dsmoe_summary_metric {
     DSMOE_SM_MI_KEPT,           /* mutual_information / the study's reference (the mean over
                                    seeds of v3-no-balance, else the largest strategy mean);
                                    NaN outside a study */
-    DSMOE_SM_LOSS_SPIKES,       /* train records whose loss exceeds the mean of the previous
-                                   DSMOE_SPIKE_WINDOW records by more than
-                                   DSMOE_SPIKE_THRESHOLD of that mean */
+    DSMOE_SM_LOSS_SPIKES,       /* train records whose loss exceeds the mean m of the previous
+                                   DSMOE_SPIKE_WINDOW records by more than both
+                                   DSMOE_SPIKE_THRESHOLD · m and DSMOE_SPIKE_SIGMAS times
+                                   their standard deviation (so that the batch-to-batch
+                                   noise of a mixed-domain corpus is not counted) */
     DSMOE_SM_GRAD_NORM_MAX,     /* largest gradient norm (before clipping) */
     DSMOE_SM_BIAS_DRIFT,        /* last train record: largest |bias| over main MoE layers
                                    (biases start at 0) */
@@ -62,6 +64,7 @@ typedef enum dsmoe_summary_metric {
 
 #define DSMOE_SPIKE_WINDOW 20
 #define DSMOE_SPIKE_THRESHOLD 0.10
+#define DSMOE_SPIKE_SIGMAS 3.0
 #define DSMOE_SPIKE_MIN_HISTORY 5  /* records before the first that can be a spike */
 #define DSMOE_TAIL_FRACTION 0.20
 #define DSMOE_SUMMARY_MAX_DOMAINS 16

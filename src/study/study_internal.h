@@ -87,8 +87,10 @@ void dsmoe__trace_free(dsmoe__trace *tr);
 double dsmoe__maxvio(const double *counts, int32_t E);
 double dsmoe__entropy_bits(const double *counts, int32_t n);
 double dsmoe__mutual_info_bits(const double *dcounts, int32_t D, int32_t E);
+/* Losses above the trailing window's mean m by more than max(threshold·|m|, sigmas · the
+ * window's standard deviation); NaN/Inf skipped; -1 when out of memory. */
 int64_t dsmoe__loss_spikes(const double *loss, int64_t n, int32_t window, double threshold,
-                           int32_t min_history);
+                           double sigmas, int32_t min_history);
 /* First train record index of the last DSMOE_TAIL_FRACTION of training. */
 int64_t dsmoe__tail_start(const dsmoe__trace *tr);
 void dsmoe__summarize_trace(const dsmoe__trace *tr, dsmoe_run_summary *s);

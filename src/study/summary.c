@@ -79,7 +79,7 @@ double dsmoe__mutual_info_bits(const double *dc, int32_t D, int32_t E) {
 }
 
 int64_t dsmoe__loss_spikes(const double *loss, int64_t n, int32_t window, double threshold,
-                           int32_t min_history) {
+                           double sigmas, int32_t min_history) {
     /* over the finite losses only, in order */
     int64_t spikes = 0, seen = 0;
     double *hist = malloc((size_t)(window > 0 ? window : 1) * sizeof *hist);
@@ -91,7 +91,14 @@ int64_t dsmoe__loss_spikes(const double *loss, int64_t n, int32_t window, double
             double m = 0;
             for (int64_t k = 0; k < w; k++) m += hist[(seen - 1 - k) % window];
             m /= (double)w;
-            if (loss[i] - m > threshold * fabs(m)) spikes++;
+            double var = 0;
+            for (int64_t k = 0; k < w; k++) {
+                const double d = hist[(seen - 1 - k) % window] - m;
+                var += d * d;
+            }
+            const double sd = sqrt(var / (double)w);
+            const double band = fmax(threshold * fabs(m), sigmas * sd);
+            if (loss[i] - m > band) spikes++;
         }
         hist[seen % window] = loss[i];
         seen++;
@@ -176,7 +183,7 @@ void dsmoe__summarize_trace(const dsmoe__trace *tr, dsmoe_run_summary *s) {
         s->m[DSMOE_SM_EP_MAX_SHARE] = nsh ? sh / (double)nsh : NAN;
         s->m[DSMOE_SM_EP_STEP_REL] = (double)tr->E * s->m[DSMOE_SM_EP_MAX_SHARE];
         int64_t sp = dsmoe__loss_spikes(tr->t_loss, tr->nt, DSMOE_SPIKE_WINDOW, DSMOE_SPIKE_THRESHOLD,
-                                        DSMOE_SPIKE_MIN_HISTORY);
+                                        DSMOE_SPIKE_SIGMAS, DSMOE_SPIKE_MIN_HISTORY);
         s->m[DSMOE_SM_LOSS_SPIKES] = sp >= 0 ? (double)sp : NAN;
         double g = NAN;
         double *tps = malloc((size_t)tr->nt * sizeof *tps);

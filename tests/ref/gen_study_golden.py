@@ -47,7 +47,7 @@ def make_run(strategy, seed, skew):
     for s in range(1, STEPS + 1):
         loss = 4.0 * math.exp(-s / 15) + 1.0 + 0.02 * rng.standard_normal()
         if s == 22 + seed:  # a planted spike
-            loss *= 2.5
+            loss *= 4.0
         if s == 5:
             loss = None  # a non-finite loss, written as null
         grad = float(rng.uniform(0.5, 2.0)) if s != 9 else None
@@ -136,12 +136,13 @@ def mutual_info(dc):
     return float((p[nz] * np.log2(p[nz] / (pd * pe)[nz])).sum())
 
 
-def spikes(loss, window=20, thr=0.10, min_hist=5):
+def spikes(loss, window=20, thr=0.10, sigmas=3.0, min_hist=5):
     x = [v for v in loss if np.isfinite(v)]
     n = 0
     for i in range(min_hist, len(x)):
-        m = np.mean(x[max(0, i - window):i])
-        n += x[i] - m > thr * abs(m)
+        w = np.array(x[max(0, i - window):i])
+        m = w.mean()
+        n += x[i] - m > max(thr * abs(m), sigmas * w.std())
     return n
 
 
