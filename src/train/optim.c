@@ -136,9 +136,10 @@ void dsmoe__adamw_update_all(const dsmoe_adamw_config *c, const dsmoe__adamw_seg
                              int64_t n_seg, int64_t t, double lr, float grad_scale, int n_threads) {
     const adamw_step s = adamw_step_of(c, t, lr, (double)c->weight_decay);
     const int nt = n_threads > 1 ? n_threads : 1;
-    (void)nt; /* unused without OpenMP */
     int64_t total = 0;
     for (int64_t j = 0; j < n_seg; j++) total += seg[j].n;
+    (void)nt; /* nt and total: read only by the OpenMP pragma */
+    (void)total;
 #pragma omp parallel num_threads(nt) if (nt > 1 && total > 65536)
     for (int64_t j = 0; j < n_seg; j++) {
         const dsmoe__adamw_segment *q = &seg[j];
