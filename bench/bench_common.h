@@ -24,4 +24,22 @@ static inline void *bench_malloc(const char *prog, size_t n) {
     return p;
 }
 
+/* Parses a comma-separated list of thread counts ("1,2") into th[0 .. max-1]; returns the
+ * count, or -1 (after a message naming prog) when an entry is not a number >= 1. */
+static inline int bench_parse_threads(const char *prog, const char *arg, int *th, int max) {
+    int n = 0;
+    for (const char *p = arg; *p && n < max;) {
+        th[n] = atoi(p);
+        if (th[n] < 1) {
+            fprintf(stderr, "%s: --threads takes counts >= 1, got '%s'\n", prog, arg);
+            return -1;
+        }
+        n++;
+        p = strchr(p, ',');
+        if (!p) break;
+        p++;
+    }
+    return n;
+}
+
 #endif

@@ -170,18 +170,9 @@ int main(int argc, char **argv) {
                         "--check-tokens >= 1\n");
         return 2;
     }
-    int th[8], nth = 0;
-    for (const char *p = threads_arg; *p && nth < 8;) {
-        th[nth] = atoi(p);
-        if (th[nth] < 1) {
-            fprintf(stderr, PROG ": bad --threads %s\n", threads_arg);
-            return 2;
-        }
-        nth++;
-        p = strchr(p, ',');
-        if (!p) break;
-        p++;
-    }
+    int th[8];
+    const int nth = bench_parse_threads(PROG, threads_arg, th, 8);
+    if (nth < 0) return 2;
     int maxth = 1;
     for (int i = 0; i < nth; i++) maxth = th[i] > maxth ? th[i] : maxth;
 

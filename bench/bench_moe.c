@@ -303,18 +303,9 @@ int main(int argc, char **argv) {
         if (!p) break;
         p++;
     }
-    int th[16] = {1}, nth = 0;
-    for (const char *p = threads_arg; *p && nth < 16;) {
-        th[nth] = atoi(p);
-        if (th[nth] < 1) {
-            fprintf(stderr, "bench_moe: --threads takes counts >= 1, got '%s'\n", threads_arg);
-            return 2;
-        }
-        nth++;
-        p = strchr(p, ',');
-        if (!p) break;
-        p++;
-    }
+    int th[16] = {1};
+    int nth = bench_parse_threads("bench_moe", threads_arg, th, 16);
+    if (nth < 0) return 2;
     if (nth == 0) nth = 1;
     const int threads = th[0];
     /* the machine: CPU, FMA peak, read bandwidth (1 GiB streaming sum), most threads asked */
