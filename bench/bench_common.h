@@ -24,6 +24,16 @@ static inline void *bench_malloc(const char *prog, size_t n) {
     return p;
 }
 
+/* The benchmarks' token ids, as the PyTorch twins (model_torch.py, train_torch.py) draw
+ * them: a 64-bit LCG from seed, id = (x >> 33) % V. */
+static inline void bench_tokens(int32_t *out, int64_t n, int32_t V, uint64_t seed) {
+    uint64_t x = seed;
+    for (int64_t i = 0; i < n; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        out[i] = (int32_t)((x >> 33) % (uint64_t)V);
+    }
+}
+
 /* Parses a comma-separated list of thread counts ("1,2") into th[0 .. max-1]; returns the
  * count, or -1 (after a message naming prog) when an entry is not a number >= 1. */
 static inline int bench_parse_threads(const char *prog, const char *arg, int *th, int max) {

@@ -46,15 +46,6 @@ static void die(const char *what) {
     exit(1);
 }
 
-/* The benchmark's token ids (model_torch.py's bench_tokens): id = (x >> 33) % V. */
-static void bench_tokens(int32_t *out, int64_t n, int32_t V, uint64_t seed) {
-    uint64_t x = seed;
-    for (int64_t i = 0; i < n; i++) {
-        x = x * 6364136223846793005ull + 1442695040888963407ull;
-        out[i] = (int32_t)((x >> 33) % (uint64_t)V);
-    }
-}
-
 static double dtype_bytes(const char *dt) {
     if (strcmp(dt, "F32") == 0) return 4.0;
     if (strcmp(dt, "F8_E4M3") == 0) return 1.0;

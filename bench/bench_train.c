@@ -113,15 +113,6 @@ static void die(const char *what) {
     exit(1);
 }
 
-/* The benchmark's token ids (train_torch.py's bench_tokens): id = (x >> 33) % V. */
-static void bench_tokens(int32_t *out, int64_t n, int32_t V, uint64_t seed) {
-    uint64_t x = seed;
-    for (int64_t i = 0; i < n; i++) {
-        x = x * 6364136223846793005ull + 1442695040888963407ull;
-        out[i] = (int32_t)((x >> 33) % (uint64_t)V);
-    }
-}
-
 /* Matrix parameters one token multiplies by in one transformer block (attention, then the
  * dense FFN or the router, the shared experts and K of the routed experts). */
 static double block_matmul_params(const dsmoe_model_config *c, int32_t l) {
