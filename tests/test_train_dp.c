@@ -6,7 +6,8 @@
  * global batch (relative 1e-5); two runs of 2 ranks write the same checkpoint bytes;
  * R = 1 through the hook is the one-process run bit for bit; batch % R != 0 is refused
  * on every rank naming the batch; a data file one rank cannot read stops every rank
- * with that rank's message. (tests/ep_train.sh runs the same over MPI with the CLI.)
+ * with that rank's message. The balance losses over the whole batch (aux-loss, v2) follow
+ * one process on 2 and 4 ranks too. (tests/ep_train.sh runs the same over MPI with the CLI.)
  */
 #include "testlib.h"
 
@@ -314,19 +315,85 @@ static void test_errors(void) {
         ASSERT_TRUE(strstr(jobs[r].err, "rank 1: ") != NULL);
         ASSERT_TRUE(strstr(jobs[r].err, ".missing") != NULL);
     }
-    /* the balance losses over the whole batch are refused with R > 1 */
-    dsmoe_run_config aux = rc;
-    ASSERT_OK(dsmoe_run_strategy_apply("aux-loss", &aux));
-    const dsmoe_run_config *auxs[2] = {&aux, &aux};
-    run_ranks(2, auxs, fresh(2, "train_dp_aux"), jobs);
-    for (int r = 0; r < 2; r++) {
-        ASSERT_EQ_INT(jobs[r].st, DSMOE_STATUS_INVALID_CONFIG);
-        ASSERT_TRUE(strstr(jobs[r].err, "whole batch") != NULL);
+}
+
+/* The value after "key": in the train record of step `step` in metrics.jsonl at path
+ * (NAN if absent). */
+static double train_field(const char *path, int step, const char *key) {
+    char *m = slurp(path, NULL);
+    double v = NAN;
+    char head[64], k[64];
+    snprintf(head, sizeof head, "{\"type\":\"train\",\"step\":%d,", step);
+    snprintf(k, sizeof k, "\"%s\":", key);
+    const char *line = m ? strstr(m, head) : NULL;
+    const char *end = line ? strchr(line, '\n') : NULL;
+    const char *p = line ? strstr(line, k) : NULL;
+    if (p && (!end || p < end)) v = strtod(p + strlen(k), NULL);
+    free(m);
+    return v;
+}
+
+/* The balance losses over the whole batch (aux-loss and v2: the expert kind, sigmoid and
+ * softmax scores; aux-loss with the switch kind) take f from the counts summed over the
+ * ranks: 2 and 4 ranks follow one process on the train loss, the balance loss, the
+ * gradient norm and the validation loss (1e-5). */
+static void test_batch_balance_losses(void) {
+    const char *strategies[3] = {"aux-loss", "v2", "aux-loss"};
+    double worst = 0;
+    for (int si = 0; si < 3; si++) {
+        dsmoe_run_config rc = tiny_config();
+        ASSERT_OK(dsmoe_run_strategy_apply(strategies[si], &rc));
+        ASSERT_TRUE(rc.train.balance_alpha > 0);
+        ASSERT_TRUE(rc.train.balance_kind == DSMOE_BALANCE_LOSS_EXPERT);
+        if (si == 2) rc.train.balance_kind = DSMOE_BALANCE_LOSS_SWITCH;
+        const dsmoe_run_config *rcs[MAXR] = {&rc, &rc, &rc, &rc};
+        rank_job one[1], two[MAXR], four[MAXR];
+        run_ranks(1, rcs, fresh(0, "train_dp_bal_one"), one);
+        run_ranks(2, rcs, fresh(1, "train_dp_bal_two"), two);
+        run_ranks(4, rcs, fresh(2, "train_dp_bal_four"), four);
+        ASSERT_OK(one[0].st);
+        for (int r = 0; r < 4; r++) {
+            if (r < 2) ASSERT_OK(two[r].st);
+            ASSERT_OK(four[r].st);
+        }
+        if (one[0].st != DSMOE_OK || two[0].st != DSMOE_OK || four[0].st != DSMOE_OK) {
+            fprintf(stderr, "     %s: %s | %s | %s\n", strategies[si], one[0].err, two[0].err,
+                    four[0].err);
+            continue;
+        }
+        char m1[4200], m2[4200], m4[4200];
+        snprintf(m1, sizeof m1, "%s/metrics.jsonl", dirs[0]);
+        snprintf(m2, sizeof m2, "%s/metrics.jsonl", dirs[1]);
+        snprintf(m4, sizeof m4, "%s/metrics.jsonl", dirs[2]);
+        const char *keys[3] = {"loss", "balance", "grad_norm"};
+        for (int s = 1; s <= 6; s++) {
+            for (int r = 1; r < 4; r++) {
+                ASSERT_TRUE(four[r].loss[s] == four[0].loss[s]);
+                if (r < 2) ASSERT_TRUE(two[r].loss[s] == two[0].loss[s]);
+            }
+            for (int ki = 0; ki < 3; ki++) {
+                const double a = train_field(m1, s, keys[ki]);
+                const double b = train_field(m2, s, keys[ki]);
+                const double c = train_field(m4, s, keys[ki]);
+                ASSERT_TRUE(a > 0);
+                ASSERT_NEAR(b, a, 1e-5 * a);
+                ASSERT_NEAR(c, a, 1e-5 * a);
+                const double d = fmax(fabs(b - a), fabs(c - a)) / a;
+                worst = d > worst ? d : worst;
+            }
+        }
+        ASSERT_NEAR(two[1].res.val_loss, one[0].res.val_loss, 1e-5 * one[0].res.val_loss);
+        ASSERT_NEAR(four[3].res.val_loss, one[0].res.val_loss, 1e-5 * one[0].res.val_loss);
     }
+    fprintf(stderr,
+            "     aux-loss, v2: largest relative difference to one process (loss, balance, "
+            "gradient norm): %.3g\n",
+            worst);
 }
 
 int main(void) {
     RUN(test_matches_one_process);
     RUN(test_errors);
+    RUN(test_batch_balance_losses);
     return TEST_SUMMARY();
 }

@@ -266,6 +266,29 @@ DSMOE_API dsmoe_status dsmoe_balance_loss(const dsmoe_balance_loss_config *lc,
                                           int64_t T, void *workspace, size_t workspace_size,
                                           int n_threads);
 
+/* dsmoe_balance_loss with f taken from given counts instead of this call's tokens, for
+ * a batch split over R processes (data parallelism) whose f is over the whole batch:
+ * counts (E) are the assignments per expert over all the batch's counts_T tokens (e.g.
+ * each process's counts — dsmoe_load_counts of its indices for ROUTED, its plain top-K
+ * for TOPK — summed over the processes), so f_i = E/(K·counts_T)·counts_i, while P and
+ * the gradient come from this call's T tokens (P_i its mean of s'_{i,t}, dL/ds' = w_i/T).
+ * With T = counts_T/R tokens on each process, the mean over the processes of their
+ * losses and gradients is the one-process loss and gradient of the whole batch.
+ * Kinds SEQ, EXPERT, SWITCH and DEVICE, over one sequence (seq_len 0 or T); indices may
+ * be NULL (not read). counts NULL: dsmoe_balance_loss. Errors as dsmoe_balance_loss,
+ * and INVALID_ARGUMENT for COMM or ZLOSS with counts, several sequences, counts_T < 1
+ * or a negative count (naming the expert). */
+DSMOE_API dsmoe_status dsmoe_balance_loss_ex(const dsmoe_balance_loss_config *lc,
+                                             const dsmoe_router_config *rc, double *loss,
+                                             float *dlogits,         /* (T, E) += or NULL */
+                                             const float *scores,    /* (T, E) */
+                                             const int32_t *indices, /* (T, K) or NULL */
+                                             const float *logits,    /* (T, E) or NULL */
+                                             int64_t T,
+                                             const int64_t *counts,  /* (E) or NULL */
+                                             int64_t counts_T, void *workspace,
+                                             size_t workspace_size, int n_threads);
+
 /* ============================================================ load statistics == */
 
 /* Statistics of per-expert loads. MaxVio = (max_i c_i − c̄)/c̄ (Wang et al. 2024);

@@ -271,8 +271,14 @@ typedef struct dsmoe_train_loss {
     double balance; /* the balance losses of every MoE layer, α included (0 without) */
 } dsmoe_train_loss;
 
+/* dsmoe_train_model_loss flag: the balance loss from this process's rows alone, without
+ * the counts sum of dsmoe_train_model_set_counts_sum (which is then not called): for
+ * losses whose balance part is not used and that not every process runs, such as
+ * evaluations. */
+#define DSMOE_TRAIN_LOSS_LOCAL_COUNTS 1u
+
 /* Loss of tokens (B, T + 1) (ids in 0 .. V − 1) into *out. Keeps what the backward needs
- * and each MoE layer's routing. flags: 0 (none defined yet). INVALID_ARGUMENT naming the first bad token (sequence,
+ * and each MoE layer's routing. flags: 0 or DSMOE_TRAIN_LOSS_LOCAL_COUNTS. INVALID_ARGUMENT naming the first bad token (sequence,
  * position, value): nothing changes then (the previous forward stays differentiable);
  * NON_FINITE from a router fed NaN/Inf. */
 DSMOE_API dsmoe_status dsmoe_train_model_loss(dsmoe_train_model *tm, const int32_t *tokens,
@@ -311,6 +317,23 @@ typedef struct dsmoe_train_moe_exec {
 /* ex copied; NULL: back to the local layers. INVALID_ARGUMENT when a function is NULL. */
 DSMOE_API dsmoe_status dsmoe_train_model_set_moe_exec(dsmoe_train_model *tm,
                                                       const dsmoe_train_moe_exec *ex);
+/* Data parallelism with the balance losses whose f is over the whole batch (EXPERT and
+ * SWITCH, e.g. the aux-loss and v2 strategies): fn sums n int64 values over the
+ * processes, in place (collective: every process calls it in the same order; 0 on
+ * success; e.g. dsmoe_run_collective.sum_i64 — dsmoe_run installs it when R > 1). Each
+ * loss then makes one call of E + 2 values per MoE layer, after the layer's routing:
+ * its counts per expert, its rows, and an error flag (a process that fails earlier in
+ * the loss makes that call with the flag set instead, so every process fails with IO
+ * instead of waiting). f comes from the summed counts and rows, P and the gradient from
+ * this process's rows (dsmoe_balance_loss_ex), and the backward reuses the sums: with
+ * equal row counts the mean over the processes of their losses and gradients is the
+ * one-process loss and gradient of the whole batch. NULL (the default): this process's
+ * counts. Other kinds, and losses with DSMOE_TRAIN_LOSS_LOCAL_COUNTS, never call it.
+ * The next backward needs a new loss. Errors: INVALID_ARGUMENT, OUT_OF_MEMORY. */
+DSMOE_API dsmoe_status dsmoe_train_model_set_counts_sum(dsmoe_train_model *tm,
+                                                        int (*fn)(void *ctx, int64_t *x,
+                                                                  int64_t n),
+                                                        void *ctx);
 
 
 /* ------------------------------------------------------------------ runs -- */

@@ -182,11 +182,13 @@ static void topk_raw(int32_t *sel, const float *s, int32_t E, int32_t K) {
 /* Error flags of phase 1 (first problem in a sequence). */
 enum { BAD_NONE = 0, BAD_INDEX = 1, BAD_SCORE = 2 };
 
-/* Phase 1 for sequence q: counts and score sums → weights w (E), loss.
+/* Phase 1 for sequence q: counts and score sums → weights w (E), loss. ext (E): counts
+ * over ext_T tokens to take f from instead of the sequence's own (NULL: its own).
  * Returns a BAD_* flag and the position of the first problem. */
 static int seq_phase1(const dsmoe_balance_loss_config *lc, const loss_dims *d,
-                      const float *scores, const int32_t *indices, int64_t q, double *w,
-                      double *P, double *dev, double *loss, int64_t *bad_t, int32_t *bad_e) {
+                      const float *scores, const int32_t *indices, const int64_t *ext,
+                      int64_t ext_T, int64_t q, double *w, double *P, double *dev, double *loss,
+                      int64_t *bad_t, int32_t *bad_e) {
     const int32_t E = d->E, K = d->K, D = d->D, EpD = d->E / d->D;
     const int64_t Ts = d->Ts, t0 = q * Ts;
     for (int32_t i = 0; i < E; i++) { w[i] = 0.0; P[i] = 0.0; }
@@ -211,6 +213,7 @@ static int seq_phase1(const dsmoe_balance_loss_config *lc, const loss_dims *d,
             for (int32_t i = 0; i < E; i++) P[i] += (double)s[i];
         }
         const int32_t *sel;
+        if (ext) continue; /* f from the given counts */
         if (lc->count_from == DSMOE_BALANCE_COUNT_ROUTED) {
             sel = indices + (size_t)t * K;
             for (int32_t k = 0; k < K; k++)
@@ -235,7 +238,9 @@ static int seq_phase1(const dsmoe_balance_loss_config *lc, const loss_dims *d,
     /* P_i = (1/T_s) Σ_t s'_{i,t}; f_i = E/(K T_s)·count_i. */
     const double alpha = (double)lc->alpha;
     for (int32_t i = 0; i < E; i++) P[i] /= (double)Ts;
-    const double fscale = (double)E / ((double)K * (double)Ts);
+    if (ext)
+        for (int32_t i = 0; i < E; i++) w[i] = (double)ext[i];
+    const double fscale = (double)E / ((double)K * (double)(ext ? ext_T : Ts));
     switch (lc->kind) {
     case DSMOE_BALANCE_LOSS_SEQ:
     case DSMOE_BALANCE_LOSS_EXPERT:
@@ -343,18 +348,47 @@ dsmoe_status dsmoe_balance_loss(const dsmoe_balance_loss_config *lc,
                                 const float *scores, const int32_t *indices,
                                 const float *logits, int64_t T, void *workspace,
                                 size_t workspace_size, int n_threads) {
+    return dsmoe_balance_loss_ex(lc, rc, loss, dlogits, scores, indices, logits, T, NULL, 0,
+                                 workspace, workspace_size, n_threads);
+}
+
+dsmoe_status dsmoe_balance_loss_ex(const dsmoe_balance_loss_config *lc,
+                                   const dsmoe_router_config *rc, double *loss, float *dlogits,
+                                   const float *scores, const int32_t *indices,
+                                   const float *logits, int64_t T, const int64_t *counts,
+                                   int64_t counts_T, void *workspace, size_t workspace_size,
+                                   int n_threads) {
     loss_dims d = {0, 0, 0, 0, 0, 0, 0};
     dsmoe_status st = check_config(lc, rc, T, &d);
     if (st != DSMOE_OK) return st;
     if (!loss) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "balance loss: loss is NULL");
     const int is_z = lc->kind == DSMOE_BALANCE_LOSS_ZLOSS;
+    if (counts) {
+        if (is_z || lc->kind == DSMOE_BALANCE_LOSS_COMM)
+            return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                                "balance loss: the %s loss takes no external counts",
+                                kind_names[lc->kind]);
+        if (d.n_seq > 1)
+            return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                                "balance loss: external counts need one sequence (seq_len = "
+                                "%lld splits T = %lld into %lld)",
+                                (long long)lc->seq_len, (long long)T, (long long)d.n_seq);
+        if (counts_T < 1)
+            return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                                "balance loss: counts_T = %lld < 1", (long long)counts_T);
+        for (int32_t i = 0; i < d.E; i++)
+            if (counts[i] < 0)
+                return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                                    "balance loss: counts[%d] = %lld < 0", (int)i,
+                                    (long long)counts[i]);
+    }
     if (T > 0) {
         if (is_z && !logits)
             return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
                                 "balance loss: the z-loss needs logits (NULL given)");
         if (!is_z && !scores)
             return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "balance loss: scores is NULL");
-        if (!is_z && lc->count_from == DSMOE_BALANCE_COUNT_ROUTED && !indices)
+        if (!is_z && !counts && lc->count_from == DSMOE_BALANCE_COUNT_ROUTED && !indices)
             return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
                                 "balance loss: indices is NULL (needed for ROUTED counts)");
     }
@@ -379,7 +413,7 @@ dsmoe_status dsmoe_balance_loss(const dsmoe_balance_loss_config *lc,
         double *base = ws + (size_t)q * per;
         int64_t bt = 0;
         int32_t be = 0;
-        int bad = seq_phase1(lc, &d, scores, indices, q, base, base + E, base + 2 * E,
+        int bad = seq_phase1(lc, &d, scores, indices, counts, counts_T, q, base, base + E, base + 2 * E,
                              base + 2 * E + d.D, &bt, &be);
         flags[3 * q] = bad;
         flags[3 * q + 1] = bt;

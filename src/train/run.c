@@ -379,7 +379,9 @@ static dsmoe_status evaluate(run *r, int64_t step, double *val_loss, double *val
         if (!any && !r->attached) continue; /* this rank's rows are all past the end (an
                                                attached MoE exec is collective: run them) */
         dsmoe_train_loss l;
-        if ((st = dsmoe_train_model_loss(r->tm, r->batch, &l, 0)) != DSMOE_OK) {
+        /* local counts: the balance loss is not used here, and ranks run unequal numbers */
+        if ((st = dsmoe_train_model_loss(r->tm, r->batch, &l, DSMOE_TRAIN_LOSS_LOCAL_COUNTS)) !=
+            DSMOE_OK) {
             st = prefixed(st, "evaluation at step %lld", (long long)step);
             goto local_done;
         }
@@ -604,15 +606,6 @@ static dsmoe_status setup(run *r, const char *out_dir, const dsmoe_run_options *
                             "run: batch = %d is not a multiple of the %d ranks (each rank trains on "
                             "batch / ranks sequences of the global batch)",
                             (int)r->B, (int)r->R);
-    if (r->R > 1 && rc->train.balance_alpha > 0 &&
-        (rc->train.balance_kind == DSMOE_BALANCE_LOSS_EXPERT ||
-         rc->train.balance_kind == DSMOE_BALANCE_LOSS_SWITCH))
-        return dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
-                            "run: the %s balance loss is computed over the whole batch, which no "
-                            "rank holds in a data-parallel run of %d ranks (seq and zloss work; "
-                            "or run one process)",
-                            dsmoe_balance_loss_kind_name((dsmoe_balance_loss_kind)rc->train.balance_kind),
-                            (int)r->R);
     r->Bl = r->B / r->R;
     if (!(r->ckpt_dir = join(out_dir, "checkpoint")) ||
         !(r->metrics_path = join(out_dir, "metrics.jsonl")))
@@ -896,6 +889,10 @@ dsmoe_status dsmoe_run(const dsmoe_run_config *rc_in, const char *out_dir,
 agreed_a:
     if ((st = agree(coll, st)) != DSMOE_OK) goto done;
     if ((st = setup(&r, out_dir, opts)) != DSMOE_OK) goto agreed_b;
+    /* the balance losses over the whole batch (expert, switch) sum their counts */
+    if (is_dp(coll) && (st = dsmoe_train_model_set_counts_sum(r.tm, coll->sum_i64, coll->ctx)) !=
+                           DSMOE_OK)
+        goto agreed_b;
     if (is_dp(coll) && coll->attach) {
         /* collective: every rank that got here calls it, the others wait in agreed_b's
          * agreement first */

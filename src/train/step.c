@@ -93,6 +93,15 @@ struct dsmoe_train_model {
     dsmoe_train_moe_exec exec; /* MoE layers run by the caller (forward NULL: locally) */
     dsmoe_router_config rc;
     dsmoe_balance_loss_config blc;
+    /* Data parallelism: the sum over the processes of the MoE layers' counts, for the
+     * balance losses over the whole batch (NULL: this process's counts). gcounts (n_moe,
+     * E + 2): per MoE layer, the last loss's summed counts, rows and error flag; cs_next:
+     * the MoE layer whose sum comes next in the running loss (-1: none pending); cs_used:
+     * the last loss took f from gcounts (its backward does too). */
+    int (*counts_sum)(void *ctx, int64_t *x, int64_t n);
+    void *counts_ctx;
+    int64_t *gcounts;
+    int32_t cs_next, cs_used;
     const float *embed, *norm, *head;
     float *g_embed, *g_norm, *g_head;
     /* Activations and scratch. */
@@ -167,6 +176,7 @@ void dsmoe_train_model_free(dsmoe_train_model *tm) {
     dsmoe_free(tm->ws);
     dsmoe_free(tm->moe_ws);
     dsmoe_free(tm->bal_ws);
+    dsmoe_free(tm->gcounts);
     free(tm);
 }
 
@@ -531,6 +541,60 @@ dsmoe_moe *dsmoe_train_model_moe(dsmoe_train_model *tm, int32_t k) {
     return tm && k >= 0 && k < tm->n_moe ? tm->layers[tm->moe_layer[k]].moe : NULL;
 }
 
+dsmoe_status dsmoe_train_model_set_counts_sum(dsmoe_train_model *tm,
+                                             int (*fn)(void *ctx, int64_t *x, int64_t n),
+                                             void *ctx) {
+    if (!tm) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "train model set_counts_sum: NULL");
+    if (fn && !tm->gcounts && tm->n_moe > 0) {
+        /* a row per MoE layer and a spare one for the error flag of a failed loss */
+        const size_t bytes = (size_t)(tm->n_moe + 1) * (size_t)(tm->E + 2) * sizeof(int64_t);
+        if (!(tm->gcounts = (int64_t *)dsmoe_malloc(bytes)))
+            return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "train model set_counts_sum: out of memory");
+        memset(tm->gcounts, 0, bytes);
+    }
+    tm->counts_sum = fn;
+    tm->counts_ctx = fn ? ctx : NULL;
+    tm->cs_used = 0;
+    tm->have_forward = 0; /* a backward must follow a loss of the new kind */
+    return DSMOE_OK;
+}
+
+/* The balance loss of MoE layer l over the N rows in the forward (dlogits NULL) or its
+ * gradient into dlogits (backward). With the counts sum in use (tm->cs_used), f comes
+ * from the counts the forward summed over the processes: the forward makes the call of
+ * E + 2 values (counts, rows, error flag 0) and keeps the result for the backward. */
+static dsmoe_status layer_balance_loss(dsmoe_train_model *tm, int32_t l, double *bl,
+                                       float *dlogits) {
+    const dsmoe_moe_routing *r = layer_routing(tm, l);
+    const int64_t N = tm->N;
+    if (!tm->cs_used)
+        return dsmoe_balance_loss(&tm->blc, &tm->rc, bl, dlogits, r->scores, r->indices,
+                                  r->logits, N, tm->bal_ws, tm->bal_ws_size, tm->nt);
+    const int32_t k = moe_index(tm, l), E = tm->E;
+    int64_t *g = tm->gcounts + (size_t)k * (size_t)(E + 2);
+    if (!dlogits) {
+        dsmoe_status st = dsmoe_load_counts(g, r->indices, NULL, N, tm->rc.top_k, E);
+        if (st != DSMOE_OK) return st; /* the caller sends the error flag */
+        g[E] = N;
+        g[E + 1] = 0;
+        tm->cs_next = k + 1 < tm->n_moe ? k + 1 : -1;
+        if (tm->counts_sum(tm->counts_ctx, g, E + 2)) {
+            tm->cs_next = -1;
+            return dsmoe__error(DSMOE_STATUS_IO,
+                                "train model: the sum of MoE layer %d's counts over the "
+                                "processes failed", (int)l);
+        }
+        if (g[E + 1] != 0) {
+            tm->cs_next = -1; /* every process fails here */
+            return dsmoe__error(DSMOE_STATUS_IO,
+                                "train model: MoE layer %d: another process failed in this loss",
+                                (int)l);
+        }
+    }
+    return dsmoe_balance_loss_ex(&tm->blc, &tm->rc, bl, dlogits, r->scores, r->indices,
+                                 r->logits, N, g, g[E], tm->bal_ws, tm->bal_ws_size, tm->nt);
+}
+
 dsmoe_status dsmoe_train_model_set_moe_exec(dsmoe_train_model *tm, const dsmoe_train_moe_exec *ex) {
     if (!tm) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "train model set_moe_exec: NULL");
     if (ex && (!ex->forward || !ex->backward || !ex->routing))
@@ -583,11 +647,8 @@ static dsmoe_status block_forward(dsmoe_train_model *tm, int32_t l, float *h_out
             return st;
         PROF_END(PROF_MOE_F);
         if (tm->blc.alpha > 0) {
-            const dsmoe_moe_routing *r = layer_routing(tm, l);
             double bl = 0;
-            if ((st = dsmoe_balance_loss(&tm->blc, &tm->rc, &bl, NULL, r->scores, r->indices,
-                                         r->logits, N, tm->bal_ws, tm->bal_ws_size, nt)) != DSMOE_OK)
-                return st;
+            if ((st = layer_balance_loss(tm, l, &bl, NULL)) != DSMOE_OK) return st;
             *bal += bl;
             PROF_END(PROF_BAL_F);
         }
@@ -617,12 +678,9 @@ static dsmoe_status block_backward(dsmoe_train_model *tm, int32_t l, float *dh) 
     if (ly->moe) {
         const float *dl = NULL;
         if (tm->blc.alpha > 0) {
-            const dsmoe_moe_routing *r = layer_routing(tm, l);
             double bl = 0;
             memset(tm->dlogits, 0, (size_t)(N * tm->E) * sizeof(float));
-            if ((st = dsmoe_balance_loss(&tm->blc, &tm->rc, &bl, tm->dlogits, r->scores, r->indices,
-                                         r->logits, N, tm->bal_ws, tm->bal_ws_size, nt)) != DSMOE_OK)
-                return st;
+            if ((st = layer_balance_loss(tm, l, &bl, tm->dlogits)) != DSMOE_OK) return st;
             dl = tm->dlogits;
             PROF_END(PROF_BAL_B);
         }
@@ -660,13 +718,8 @@ static const float *depth_prev(const dsmoe_train_model *tm, int32_t d) {
     return d == 0 ? tm->x_fin : tm->depths[d - 1].h_out;
 }
 
-dsmoe_status dsmoe_train_model_loss(dsmoe_train_model *tm, const int32_t *tokens,
-                                    dsmoe_train_loss *out, unsigned flags) {
-    if (!tm || !tokens || !out)
-        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "train model loss: NULL argument");
-    if (flags)
-        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "train model loss: unknown flags %#x",
-                            flags);
+static dsmoe_status train_loss(dsmoe_train_model *tm, const int32_t *tokens,
+                               dsmoe_train_loss *out, int32_t use_sum) {
     const int64_t B = tm->B, T = tm->T, N = tm->N;
     const int32_t D = tm->D, V = tm->V;
     for (int64_t b = 0; b < B; b++)
@@ -679,6 +732,7 @@ dsmoe_status dsmoe_train_model_loss(dsmoe_train_model *tm, const int32_t *tokens
                                     (int)v, (long long)b, (long long)t, (int)V - 1);
         }
     tm->have_forward = 0;
+    tm->cs_used = use_sum;
     for (int64_t b = 0; b < B; b++) {
         memcpy(tm->inputs + b * T, tokens + b * (T + 1), (size_t)T * sizeof(int32_t));
         memcpy(tm->targets + b * T, tokens + b * (T + 1) + 1, (size_t)T * sizeof(int32_t));
@@ -742,6 +796,34 @@ dsmoe_status dsmoe_train_model_loss(dsmoe_train_model *tm, const int32_t *tokens
     out->balance = bal;
     out->total = ce + (double)tm->opt.mtp_lambda * mtp + bal;
     return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_train_model_loss(dsmoe_train_model *tm, const int32_t *tokens,
+                                    dsmoe_train_loss *out, unsigned flags) {
+    if (!tm || !tokens || !out)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "train model loss: NULL argument");
+    if (flags & ~(unsigned)DSMOE_TRAIN_LOSS_LOCAL_COUNTS)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "train model loss: unknown flags %#x",
+                            flags);
+    /* the balance losses over the whole batch take f from the counts summed over the
+     * processes, unless told otherwise */
+    const int32_t use_sum = tm->counts_sum && tm->gcounts && tm->blc.alpha > 0 &&
+                            !(flags & DSMOE_TRAIN_LOSS_LOCAL_COUNTS) &&
+                            (tm->blc.kind == DSMOE_BALANCE_LOSS_EXPERT ||
+                             tm->blc.kind == DSMOE_BALANCE_LOSS_SWITCH);
+    tm->cs_next = use_sum ? 0 : -1;
+    dsmoe_status st = train_loss(tm, tokens, out, use_sum);
+    if (st != DSMOE_OK && tm->cs_next >= 0) {
+        /* This process failed before MoE layer cs_next's sum, in which the others wait:
+         * it joins that sum with the error flag set, so that they fail there too. */
+        const int32_t E = tm->E;
+        int64_t *g = tm->gcounts + (size_t)tm->n_moe * (size_t)(E + 2); /* the spare row */
+        memset(g, 0, (size_t)(E + 2) * sizeof(int64_t));
+        g[E + 1] = 1;
+        (void)tm->counts_sum(tm->counts_ctx, g, E + 2);
+        tm->cs_next = -1;
+    }
+    return st;
 }
 
 dsmoe_status dsmoe_train_model_backward(dsmoe_train_model *tm) {
