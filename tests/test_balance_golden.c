@@ -8,7 +8,10 @@
  * micro-batches: per-step counts must match exactly, the bias after every step to
  * 1e-6, MaxVio and the other statistics to 1e-12. Variants: sign, proportional,
  * sign re-centred, sign with a rate schedule, sign with padding masked out.
- * losses/: every loss and its dlogits on sigmoid and softmax routers.
+ * losses/: every loss and its dlogits on sigmoid and softmax routers; the batch split
+ * in two halves with f from the whole batch's counts (dsmoe_balance_loss_ex, as data
+ * parallelism uses it) against the reference, and the mean of the halves against the
+ * whole-batch call (1e-6 relative).
  */
 #include "testlib.h"
 
@@ -276,9 +279,130 @@ done:
 static void test_losses_sigmoid(void) { run_losses("sig", DSMOE_SCORE_FUNC_SIGMOID); }
 static void test_losses_softmax(void) { run_losses("smx", DSMOE_SCORE_FUNC_SOFTMAX); }
 
+/* The batch of 24 tokens split in two halves of 12 (two processes): each half's loss and
+ * gradient with f from the summed counts of the halves (dsmoe_load_counts of each) against
+ * the reference, and the mean of the halves against dsmoe_balance_loss over the batch. */
+static void run_splits(const char *rname, dsmoe_score_func f) {
+    enum { LT = 24, H = LT / 2 };
+    const struct {
+        const char *name;
+        dsmoe_balance_loss_kind kind;
+        float alpha;
+    } cases[] = {{"expert", DSMOE_BALANCE_LOSS_EXPERT, 0.2f},
+                 {"switch", DSMOE_BALANCE_LOSS_SWITCH, 0.05f},
+                 {"device1", DSMOE_BALANCE_LOSS_DEVICE, 0.1f}};
+    char rel[256];
+    dsmoe_array logits = {0}, scores = {0}, indices = {0};
+    snprintf(rel, sizeof rel, "balance/losses/%s_logits.npy", rname);
+    if (!load(rel, DSMOE_DTYPE_F32, &logits)) return;
+    snprintf(rel, sizeof rel, "balance/losses/%s_scores.npy", rname);
+    load(rel, DSMOE_DTYPE_F32, &scores);
+    snprintf(rel, sizeof rel, "balance/losses/%s_indices.npy", rname);
+    load(rel, DSMOE_DTYPE_I32, &indices);
+    if (!scores.data || !indices.data) goto done;
+    const float *s = (const float *)scores.data, *u = (const float *)logits.data;
+    const int32_t *idx = (const int32_t *)indices.data;
+    const dsmoe_router_config rc = golden_router(f);
+    /* each half counts its tokens; the sum is the batch's */
+    int64_t counts[E], half_counts[E];
+    ASSERT_OK(dsmoe_load_counts(counts, idx, NULL, H, K, E));
+    ASSERT_OK(dsmoe_load_counts(half_counts, idx + H * K, NULL, H, K, E));
+    for (int i = 0; i < E; i++) counts[i] += half_counts[i];
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        dsmoe_balance_loss_config lc;
+        dsmoe_balance_loss_config_default(cases[c].kind, &lc);
+        lc.alpha = cases[c].alpha;
+        lc.n_devices = G;
+        size_t wsn = dsmoe_balance_loss_workspace_size(&lc, &rc, LT);
+        void *ws = malloc(wsn);
+        float whole_g[LT * E], half_g[LT * E];
+        double whole = 0, mean = 0;
+        memset(whole_g, 0, sizeof whole_g);
+        memset(half_g, 0, sizeof half_g);
+        ASSERT_OK(dsmoe_balance_loss(&lc, &rc, &whole, whole_g, s, idx, u, LT, ws, wsn, 1));
+        for (int h = 0; h < 2; h++) {
+            double L = 0;
+            /* indices are not read with external counts: NULL */
+            ASSERT_OK(dsmoe_balance_loss_ex(&lc, &rc, &L, half_g + h * H * E, s + h * H * E, NULL,
+                                            u + h * H * E, H, counts, LT, ws, wsn, 2));
+            mean += L / 2;
+            dsmoe_array Lref = {0}, Gref = {0};
+            snprintf(rel, sizeof rel, "balance/losses/%s_%s_half%d_loss.npy", rname,
+                     cases[c].name, h);
+            if (!load(rel, DSMOE_DTYPE_F64, &Lref)) continue;
+            snprintf(rel, sizeof rel, "balance/losses/%s_%s_half%d_dlogits.npy", rname,
+                     cases[c].name, h);
+            if (load(rel, DSMOE_DTYPE_F64, &Gref)) {
+                const double lref = ((const double *)Lref.data)[0];
+                char what[128];
+                snprintf(what, sizeof what, "%s %s half %d loss %.12g vs %.12g", rname,
+                         cases[c].name, h, L, lref);
+                tl_checks++;
+                if (!(fabs(L - lref) <= 1e-6 * fabs(lref) + 1e-12)) TL_FAIL("%s", what);
+                double gmax = 0;
+                for (int i = 0; i < H * E; i++)
+                    gmax = fmax(gmax, fabs(((const double *)Gref.data)[i]));
+                snprintf(what, sizeof what, "%s %s half %d dlogits", rname, cases[c].name, h);
+                tl_allclose(what, half_g + h * H * E, (const double *)Gref.data, H * E,
+                            1e-5 * gmax, 1e-4);
+            }
+            dsmoe_array_free(&Lref);
+            dsmoe_array_free(&Gref);
+        }
+        /* the processes' mean: the whole batch's loss and gradient */
+        ASSERT_NEAR(mean, whole, 1e-6 * whole);
+        double gmax = 0, dmax = 0;
+        for (int i = 0; i < LT * E; i++) {
+            gmax = fmax(gmax, fabs(whole_g[i]));
+            dmax = fmax(dmax, fabs(half_g[i] / 2 - whole_g[i]));
+        }
+        ASSERT_TRUE(gmax > 0 && dmax <= 1e-6 * gmax);
+        free(ws);
+    }
+    /* refused: several sequences, the comm loss, no tokens counted, a negative count */
+    {
+        dsmoe_balance_loss_config lc;
+        dsmoe_balance_loss_config_default(DSMOE_BALANCE_LOSS_EXPERT, &lc);
+        char ws[65536];
+        double L = 7;
+        lc.seq_len = 6;
+        ASSERT_STATUS(dsmoe_balance_loss_ex(&lc, &rc, &L, NULL, s, NULL, u, H, counts, LT, ws,
+                                            sizeof ws, 1),
+                      DSMOE_STATUS_INVALID_ARGUMENT);
+        ASSERT_TRUE(strstr(dsmoe_last_error(), "one sequence") != NULL);
+        lc.seq_len = 0;
+        ASSERT_STATUS(dsmoe_balance_loss_ex(&lc, &rc, &L, NULL, s, NULL, u, H, counts, 0, ws,
+                                            sizeof ws, 1),
+                      DSMOE_STATUS_INVALID_ARGUMENT);
+        ASSERT_TRUE(strstr(dsmoe_last_error(), "counts_T") != NULL);
+        counts[5] = -1;
+        ASSERT_STATUS(dsmoe_balance_loss_ex(&lc, &rc, &L, NULL, s, NULL, u, H, counts, LT, ws,
+                                            sizeof ws, 1),
+                      DSMOE_STATUS_INVALID_ARGUMENT);
+        ASSERT_TRUE(strstr(dsmoe_last_error(), "counts[5]") != NULL);
+        counts[5] = 0;
+        dsmoe_balance_loss_config_default(DSMOE_BALANCE_LOSS_COMM, &lc);
+        lc.n_devices = G;
+        ASSERT_STATUS(dsmoe_balance_loss_ex(&lc, &rc, &L, NULL, s, idx, u, H, counts, LT, ws,
+                                            sizeof ws, 1),
+                      DSMOE_STATUS_INVALID_ARGUMENT);
+        ASSERT_TRUE(strstr(dsmoe_last_error(), "comm") != NULL);
+        ASSERT_TRUE(L == 7); /* unchanged */
+    }
+done:
+    dsmoe_array_free(&logits);
+    dsmoe_array_free(&scores);
+    dsmoe_array_free(&indices);
+}
+
+static void test_split_sigmoid(void) { run_splits("sig", DSMOE_SCORE_FUNC_SIGMOID); }
+static void test_split_softmax(void) { run_splits("smx", DSMOE_SCORE_FUNC_SOFTMAX); }
+
 int main(void) {
     RUN(test_steps);
     RUN(test_losses_sigmoid);
     RUN(test_losses_softmax);
+    RUN(test_split_sigmoid);
+    RUN(test_split_softmax);
     return TEST_SUMMARY();
 }

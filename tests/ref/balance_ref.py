@@ -130,8 +130,12 @@ def topk_raw(s, K):
 
 
 def balance_loss(kind, u, idx, E, K, score="sigmoid", alpha=1e-4, seq_len=0,
-                 count_from="routed", normalize=True, D=1, M=1):
-    """Loss (float) and dL/du (T, E) in float64 via torch autograd."""
+                 count_from="routed", normalize=True, D=1, M=1, counts=None, counts_T=0):
+    """Loss (float) and dL/du (T, E) in float64 via torch autograd.
+
+    counts (E), counts_T: f from these assignments over counts_T tokens (a batch split
+    over processes: the whole batch's counts) instead of the tokens given; one sequence,
+    kinds seq, expert, switch and device."""
     u = np.asarray(u, dtype=np.float64)
     T = u.shape[0]
     ut = torch.tensor(u, requires_grad=True)
@@ -154,11 +158,15 @@ def balance_loss(kind, u, idx, E, K, score="sigmoid", alpha=1e-4, seq_len=0,
         p = sq / sq.sum(dim=1, keepdim=True) if normalize else sq
         P = p.mean(dim=0)                                # (E)
         cnt = np.bincount(sel[q * Ts:(q + 1) * Ts].ravel(), minlength=E).astype(np.float64)
-        f = torch.tensor(E / (K * Ts) * cnt)
+        Tf = Ts
+        if counts is not None:
+            assert n_seq == 1 and kind in ("seq", "expert", "switch", "device")
+            cnt, Tf = np.asarray(counts, dtype=np.float64), counts_T
+        f = torch.tensor(E / (K * Tf) * cnt)
         if kind in ("seq", "expert"):
             Lq = alpha * (f * P).sum()
         elif kind == "switch":
-            Lq = alpha * E * (torch.tensor(cnt / (K * Ts)) * P).sum()
+            Lq = alpha * E * (torch.tensor(cnt / (K * Tf)) * P).sum()
         elif kind == "device":
             fd = f.reshape(D, EpD).mean(dim=1)
             Pd = P.reshape(D, EpD).sum(dim=1)

@@ -14,7 +14,10 @@ steps/   router E=16 G=4 TG=2 K=4 sigmoid top-2-sum with bias; 8 steps of 48 tok
          group_maxvio, groups_per_token of each step's counts (G = 4)
 losses/  T=24 tokens, seq_len 8 where used; per router config R (sig, smx):
          R_logits (T,E) f32, R_scores (T,E) f32, R_indices (T,K) i32, and per loss
-         case C: R_C_loss (1) f64, R_C_dlogits (T,E) f64
+         case C: R_C_loss (1) f64, R_C_dlogits (T,E) f64;
+         a batch split in two halves of T/2 tokens (data parallelism), f from the whole
+         batch's counts, per split case C and half h: R_C_half{h}_loss (1) f64,
+         R_C_half{h}_dlogits (T/2,E) f64 (the mean of the halves is the whole batch's)
 """
 
 import os
@@ -49,6 +52,12 @@ LOSSES = {
     "comm": ("comm", 0.15, 8, "routed", True),
     "switch": ("switch", 0.05, 0, "routed", True),
     "zloss": ("zloss", 0.01, 0, "routed", True),
+}
+# Split cases (one sequence): name -> (kind, alpha)
+SPLITS = {
+    "expert": ("expert", 0.2),
+    "switch": ("switch", 0.05),
+    "device1": ("device", 0.1),
 }
 LOSS_T = 24
 LOSS_D, LOSS_M = 4, 2
@@ -141,6 +150,23 @@ def gen_losses():
                                     alpha, seq_len, count_from, normalize, LOSS_D, LOSS_M)
             save("losses", f"{rname}_{cname}_loss", np.array([L]))
             save("losses", f"{rname}_{cname}_dlogits", g)
+        counts = np.bincount(idx.ravel(), minlength=E)
+        h2 = LOSS_T // 2
+        for cname, (kind, alpha) in SPLITS.items():
+            args = (E, K, rc["score"], alpha, 0, "routed", True, LOSS_D, LOSS_M)
+            L, g = ref.balance_loss(kind, logits.astype(np.float64), idx, *args)
+            parts = []
+            for h in range(2):
+                rows = slice(h * h2, (h + 1) * h2)
+                Lh, gh = ref.balance_loss(kind, logits[rows].astype(np.float64), idx[rows], *args,
+                                          counts=counts, counts_T=LOSS_T)
+                save("losses", f"{rname}_{cname}_half{h}_loss", np.array([Lh]))
+                save("losses", f"{rname}_{cname}_half{h}_dlogits", gh)
+                parts.append((Lh, gh))
+            # the mean over the two halves is the whole batch's loss and gradient
+            assert abs((parts[0][0] + parts[1][0]) / 2 - L) <= 1e-12 * abs(L)
+            assert np.allclose(np.concatenate([parts[0][1], parts[1][1]]) / 2, g,
+                               rtol=1e-10, atol=1e-15)
         print(f"losses {rname}: seed {seed}, margin {mg:.3g}")
 
 
