@@ -4,7 +4,9 @@
 # train and eval loss within a relative 1e-5; measured: a few 1e-8), repeated runs of 2
 # ranks are byte-identical (metrics apart from times, checkpoint); a run saved by 2 ranks
 # resumes in one process and the other way round, ending within the same tolerance;
-# batch % ranks != 0 and the whole-batch balance losses are refused naming them; a data
+# the balance losses over the whole batch (aux-loss, v2: f from the counts summed over the
+# ranks) follow one process within the same tolerance, v2 with --expert-parallel too;
+# batch % ranks != 0 is refused naming it; a data
 # file one rank cannot read and an unwritable run folder fail on every rank with the
 # failing rank's message, within the timeout, instead of hanging. `mpirun -np 2 dsmoe
 # eval --text` prints what one process prints, and `--tokens` writes the same logits.
@@ -85,12 +87,23 @@ expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" train "${T[@]}" --expert-parallel --st
 expect 0 "" -- "$DSMOE" train --resume --threads 1 --quiet --sample-tokens 0 --out "$TMP/xs"
 compare "$TMP/one" "$TMP/xs" || fail "expert-parallel run resumed in one process"
 
+# the balance losses over the whole batch: aux-loss (expert kind, sigmoid) on 2 ranks,
+# v2 (expert kind, softmax) on 2 expert-parallel ranks, against one process
+for s in aux-loss v2; do
+    x=""; [ $s = v2 ] && x=--expert-parallel
+    expect 0 "" -- "$DSMOE" train "${T[@]}" --strategy $s --out "$TMP/$s-1"
+    expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" train "${T[@]}" --strategy $s $x --out "$TMP/$s-2"
+    compare "$TMP/$s-1" "$TMP/$s-2" || fail "$s on 2 ranks $x differs from one process"
+    /usr/bin/python3 -c '
+import json, sys
+assert all(r["balance"] > 0 for r in map(json.loads, open(sys.argv[1])) if r["type"] == "train")
+' "$TMP/$s-2/metrics.jsonl" || fail "$s: a train record without a balance loss"
+done
+
 # refusals, the same on every rank
 expect 2 "not a multiple of the 4 ranks" -- "${MPI[@]}" -np 4 "$DSMOE" train "${T[@]}" --batch 6 \
     --out "$TMP/b6"
 grep -q -- "--batch" "$TMP/err.txt" || fail "the batch error does not name --batch"
-expect 2 "whole batch" -- "${MPI[@]}" -np 2 "$DSMOE" train "${T[@]}" --strategy aux-loss \
-    --out "$TMP/aux"
 [ -e "$TMP/b6/checkpoint" ] && fail "a refused run wrote a checkpoint"
 # a data file rank 1 cannot read: every rank stops, naming rank 1 and the file
 for i in $(seq 1 300); do echo "line $i of a small text file"; echo; done >"$TMP/data.txt"
