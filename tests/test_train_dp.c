@@ -391,9 +391,71 @@ static void test_batch_balance_losses(void) {
             worst);
 }
 
+/* A rank whose loss fails before a MoE layer's counts sum (here: a bad token) joins that
+ * sum with the error flag: the other rank fails too (IO, naming it) instead of waiting. */
+typedef struct loss_job {
+    dsmoe_train_model *tm;
+    const int32_t *tok;
+    dsmoe_status st;
+    char err[1024];
+} loss_job;
+
+static void *loss_main(void *arg) {
+    loss_job *j = (loss_job *)arg;
+    dsmoe_train_loss l;
+    j->st = dsmoe_train_model_loss(j->tm, j->tok, &l, 0);
+    snprintf(j->err, sizeof j->err, "%s", j->st != DSMOE_OK ? dsmoe_last_error() : "");
+    return NULL;
+}
+
+static void test_counts_sum_failure(void) {
+    dsmoe_run_config rc = tiny_config();
+    dsmoe_train_model_options o;
+    dsmoe_train_model_options_default(&o);
+    o.n_threads = 1;
+    o.batch = 2;
+    o.seq_len = 16;
+    o.balance_alpha = 1e-3f;
+    o.balance_kind = DSMOE_BALANCE_LOSS_EXPERT;
+    world w;
+    memset(&w, 0, sizeof w);
+    w.R = 2;
+    pthread_barrier_init(&w.bar, NULL, 2);
+    rank_ctx ctx[2] = {{&w, 0}, {&w, 1}};
+    loss_job jobs[2];
+    int32_t tok[2][2 * 17];
+    for (int r = 0; r < 2; r++) {
+        memset(&jobs[r], 0, sizeof jobs[r]);
+        ASSERT_OK(dsmoe_train_model_create(&rc.model, &o, &jobs[r].tm));
+        if (!jobs[r].tm) return;
+        ASSERT_OK(dsmoe_train_model_set_counts_sum(jobs[r].tm, w_sum_i64, &ctx[r]));
+        for (int i = 0; i < 2 * 17; i++) tok[r][i] = (i * 7 + r) % 200;
+        jobs[r].tok = tok[r];
+    }
+    tok[1][20] = -3; /* rank 1: a bad token, found before any MoE layer */
+    pthread_t th[2];
+    for (int r = 0; r < 2; r++) pthread_create(&th[r], NULL, loss_main, &jobs[r]);
+    for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+    ASSERT_EQ_INT(jobs[1].st, DSMOE_STATUS_INVALID_ARGUMENT);
+    ASSERT_TRUE(strstr(jobs[1].err, "token -3") != NULL);
+    ASSERT_EQ_INT(jobs[0].st, DSMOE_STATUS_IO);
+    ASSERT_TRUE(strstr(jobs[0].err, "another process failed") != NULL);
+    /* both well again: the losses run, and their backward */
+    tok[1][20] = 5;
+    for (int r = 0; r < 2; r++) pthread_create(&th[r], NULL, loss_main, &jobs[r]);
+    for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+    for (int r = 0; r < 2; r++) {
+        ASSERT_OK(jobs[r].st);
+        ASSERT_OK(dsmoe_train_model_backward(jobs[r].tm));
+        dsmoe_train_model_free(jobs[r].tm);
+    }
+    pthread_barrier_destroy(&w.bar);
+}
+
 int main(void) {
     RUN(test_matches_one_process);
     RUN(test_errors);
     RUN(test_batch_balance_losses);
+    RUN(test_counts_sum_failure);
     return TEST_SUMMARY();
 }
