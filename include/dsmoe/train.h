@@ -206,7 +206,8 @@ DSMOE_API void dsmoe_adamw_update(const dsmoe_adamw_config *cfg, float *p, float
  * DSMOE_BYTE_VOCAB_PAD; otherwise none). With balance_alpha > 0 the loss adds, for every
  * MoE layer, the balance loss of balance_kind (dsmoe_balance_loss; by default DeepSeek-V3's
  * complementary sequence-wise loss, DSMOE_BALANCE_LOSS_SEQ, one sequence = the T
- * positions of a batch row; EXPERT, SWITCH and ZLOSS over the whole batch) with that α,
+ * positions of a batch row; EXPERT, SWITCH and ZLOSS over the whole batch — for EXPERT
+ * and SWITCH that of every process with dsmoe_train_model_set_counts_sum) with that α,
  * its gradient entering the router logits.
  *
  * Threads: the blocks' fixed work split; the loss and every gradient are the same bits
@@ -427,8 +428,10 @@ typedef void (*dsmoe_run_progress_fn)(const dsmoe_run_progress *p, void *user);
  * and options; the batch B (B % R == 0, else INVALID_CONFIG) is the one-process run's
  * global batch: every rank draws it and trains on rows [r·B/R, (r+1)·B/R). Losses and
  * gradients are averaged over the ranks, the balancers' counts summed, so every rank
- * applies the same AdamW and bias updates; evaluations split the validation windows the
- * same way. Rank 0 alone writes metrics.jsonl and the checkpoint (which does not record
+ * applies the same AdamW and bias updates; the balance losses over the whole batch
+ * (EXPERT, SWITCH) take f from each MoE layer's counts summed over the ranks
+ * (dsmoe_train_model_set_counts_sum with sum_i64); evaluations split the validation
+ * windows the same way. Rank 0 alone writes metrics.jsonl and the checkpoint (which does not record
  * R: a run saved by R ranks resumes with any other count). Any rank's error stops every
  * rank with the same status and the message "rank r: <that rank's message>".
  * Each function is collective (every rank calls it, in the same order) and returns 0, or
