@@ -279,9 +279,11 @@ typedef struct dsmoe_train_loss {
 #define DSMOE_TRAIN_LOSS_LOCAL_COUNTS 1u
 
 /* Loss of tokens (B, T + 1) (ids in 0 .. V − 1) into *out. Keeps what the backward needs
- * and each MoE layer's routing. flags: 0 or DSMOE_TRAIN_LOSS_LOCAL_COUNTS. INVALID_ARGUMENT naming the first bad token (sequence,
- * position, value): nothing changes then (the previous forward stays differentiable);
- * NON_FINITE from a router fed NaN/Inf. */
+ * and each MoE layer's routing. flags: 0 or DSMOE_TRAIN_LOSS_LOCAL_COUNTS.
+ * INVALID_ARGUMENT naming the first bad token (sequence, position, value): nothing
+ * changes then (the previous forward stays differentiable); NON_FINITE from a router fed
+ * NaN/Inf; IO when a counts sum (dsmoe_train_model_set_counts_sum) fails or reports that
+ * another process failed. */
 DSMOE_API dsmoe_status dsmoe_train_model_loss(dsmoe_train_model *tm, const int32_t *tokens,
                                               dsmoe_train_loss *out, unsigned flags);
 /* Zeroes the gradient array, then fills it with the gradient of the last loss.

@@ -413,8 +413,8 @@ dsmoe_status dsmoe_balance_loss_ex(const dsmoe_balance_loss_config *lc,
         double *base = ws + (size_t)q * per;
         int64_t bt = 0;
         int32_t be = 0;
-        int bad = seq_phase1(lc, &d, scores, indices, counts, counts_T, q, base, base + E, base + 2 * E,
-                             base + 2 * E + d.D, &bt, &be);
+        int bad = seq_phase1(lc, &d, scores, indices, counts, counts_T, q, base, base + E,
+                             base + 2 * E, base + 2 * E + d.D, &bt, &be);
         flags[3 * q] = bad;
         flags[3 * q + 1] = bt;
         flags[3 * q + 2] = be;

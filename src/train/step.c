@@ -549,7 +549,8 @@ dsmoe_status dsmoe_train_model_set_counts_sum(dsmoe_train_model *tm,
         /* a row per MoE layer and a spare one for the error flag of a failed loss */
         const size_t bytes = (size_t)(tm->n_moe + 1) * (size_t)(tm->E + 2) * sizeof(int64_t);
         if (!(tm->gcounts = (int64_t *)dsmoe_malloc(bytes)))
-            return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "train model set_counts_sum: out of memory");
+            return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY,
+                                "train model set_counts_sum: out of memory");
         memset(tm->gcounts, 0, bytes);
     }
     tm->counts_sum = fn;
