@@ -12,6 +12,8 @@
 # eval --text` prints what one process prints, and `--tokens` writes the same logits.
 # --expert-parallel (each MoE layer through dsmoe_ep): the same tolerance against one
 # process, repeatable, not the data-parallel bits, resumable in one process.
+# `mpirun -np 2 dsmoe study`: each run data-parallel, within the tolerance of the
+# one-process study; rank 0 alone prints the report path; started again, it skips.
 # Usage: bash ep_train.sh <dsmoe> <source-dir> <tmpdir> <mpirun> [mpirun flags...]
 set -u
 DS=$1 SR=$2 TD=$3 MPIRUN=$4
@@ -99,6 +101,21 @@ import json, sys
 assert all(r["balance"] > 0 for r in map(json.loads, open(sys.argv[1])) if r["type"] == "train")
 ' "$TMP/$s-2/metrics.jsonl" || fail "$s: a train record without a balance loss"
 done
+
+# a study under mpirun: its runs data-parallel over the ranks, rank 0 writing the files
+S=(study --preset tiny --strategies v3,aux-loss --seeds 1 --steps 6 --eval-every 3
+   --eval-tokens 512 --corpus-tokens 60000 --batch 8 --threads 1 --quiet)
+expect 0 "" -- "$DSMOE" "${S[@]}" --out "$TMP/st1"
+expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" "${S[@]}" --out "$TMP/st2"
+[ "$(wc -l <"$TMP/out.txt")" = 1 ] || fail "study under 2 ranks: not one report line"
+for run in v3-seed1 aux-loss-seed1; do
+    compare "$TMP/st1/runs/$run" "$TMP/st2/runs/$run" || fail "study run $run on 2 ranks"
+    grep -q '"ranks":2' "$TMP/st2/runs/$run/metrics.jsonl" || fail "study run $run not data-parallel"
+done
+[ -s "$TMP/st2/summary.json" ] && [ -s "$TMP/st2/report.html" ] || fail "study: no summary or report"
+cp "$TMP/st2/runs/v3-seed1/metrics.jsonl" "$TMP/st2.m"
+expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" "${S[@]}" --out "$TMP/st2"
+cmp -s "$TMP/st2.m" "$TMP/st2/runs/v3-seed1/metrics.jsonl" || fail "a finished study ran again"
 
 # refusals, the same on every rank
 expect 2 "not a multiple of the 4 ranks" -- "${MPI[@]}" -np 4 "$DSMOE" train "${T[@]}" --batch 6 \

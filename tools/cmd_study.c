@@ -7,8 +7,12 @@
  * `dsmoe train` run-config flag is accepted (cli_train_flag), checked once here and its
  * place recorded (study_flags), then replayed onto each run's config by the study's apply
  * hook, which ends with `dsmoe train`'s own rules (cli_train_finish).
+ *
+ * Under mpirun every run is data-parallel over the ranks (as `mpirun dsmoe train`); rank 0
+ * prints, writes the summary files and the report.
  */
 #include "cli.h"
+#include "cli_mpi.h"
 
 #include "dsmoe/study.h"
 
@@ -25,6 +29,8 @@ static const char *const study_usage =
     "`dsmoe train` writes). An interrupted study started again with the same options skips\n"
     "the finished runs and resumes the unfinished one from its last checkpoint. Ends with\n"
     "DIR/summary.json, DIR/summary.csv and the report DIR/report.html (dsmoe report).\n"
+    "Under `mpirun -np R`: each run is data-parallel over the R ranks, as in `dsmoe train`\n"
+    "(the batch a multiple of R); rank 0 prints and writes the summary and the report.\n"
     "\n"
     "  --out DIR            the study folder (required)\n"
     "  --strategies LIST    comma-separated (default: all of v3, v3-no-balance,\n"
@@ -126,7 +132,8 @@ int cmd_study(int argc, char **argv) {
     char *strat_buf = NULL, *alpha_buf = NULL;
     const char *strategies[64];
     double alphas[32];
-    int n_strat = 0, n_alpha = 0, quiet = 0, rc_code = CLI_OK;
+    int n_strat = 0, n_alpha = 0, quiet = 0, rc_code = CLI_OK, agreed = 0;
+    const int lead = cli_mpi_rank() == 0;
     long long seeds = 3, threads = 0;
     study_flags sf = {argc, argv, NULL, 0};
     sf.at = calloc((size_t)argc + 1, sizeof *sf.at);
@@ -218,22 +225,32 @@ int cmd_study(int argc, char **argv) {
     sc.n_seeds = (int32_t)seeds;
     sc.apply = apply_flags;
     sc.apply_user = &sf;
-    progress_state ps = {cli_stderr_is_tty(), quiet, 0};
+    /* under mpirun: data-parallel runs; a rank that failed above meets the others here */
+    sc.collective = cli_mpi_run_collective(0);
+    if (cli_mpi_active() && (rc_code = cli_mpi_agree(CLI_OK, "study")) != CLI_OK) {
+        agreed = 1;
+        goto done;
+    }
+    progress_state ps = {cli_stderr_is_tty(), quiet || !lead, 0};
     st = dsmoe_study_run(&sc, out, (int32_t)threads, on_progress, &ps);
-    if (ps.tty && !quiet) fprintf(stderr, "\r\033[K");
-    if (st) {
+    if (ps.tty && !ps.quiet) fprintf(stderr, "\r\033[K");
+    if (st) { /* the same error on every rank: rank 0 prints it */
         char msg[1536];
         cli_train_flag_message(dsmoe_last_error(), msg, sizeof msg);
-        rc_code = cli_fail(st == DSMOE_STATUS_INVALID_CONFIG ? CLI_USAGE : CLI_RUNTIME, "study", "%s", msg);
+        const int code = st == DSMOE_STATUS_INVALID_CONFIG ? CLI_USAGE : CLI_RUNTIME;
+        rc_code = lead ? cli_fail(code, "study", "%s", msg) : code;
+        agreed = 1;
         goto done;
     }
     char path[4096];
+    if (!lead) goto done;
     if (dsmoe_report_write(out, NULL, path, sizeof path) != DSMOE_OK) {
         rc_code = cli_fail(CLI_RUNTIME, "study", "report: %s", dsmoe_last_error());
         goto done;
     }
     printf("%s\n", path);
 done:
+    if (cli_mpi_active() && !agreed) rc_code = cli_mpi_agree(rc_code, "study"); /* none left waiting */
     free(sf.at);
     free(strat_buf);
     free(alpha_buf);

@@ -131,6 +131,12 @@ typedef struct dsmoe_study_config {
     int32_t n_seeds;               /* >= 1 (default 3) */
     dsmoe_study_apply_fn apply;
     void *apply_user;
+    /* NULL (or size 1): one process. Else every run is a data-parallel run over the
+     * ranks (dsmoe_run_options.collective): every rank calls dsmoe_study_run with the
+     * same config and out_dir; rank 0 alone creates the folders, decides which runs are
+     * finished or resume, and writes the summary files; any rank's error stops every
+     * rank with the same status ("rank r: ..."). */
+    const dsmoe_run_collective *collective;
 } dsmoe_study_config;
 
 typedef struct dsmoe_study_progress {

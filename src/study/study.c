@@ -194,6 +194,19 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* Data-parallel studies: every rank passes its status and gets the lowest failing rank's,
+ * with that rank's message. One process: st as it is. */
+static dsmoe_status agree(const dsmoe_run_collective *c, dsmoe_status st) {
+    if (!c) return st;
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", st != DSMOE_OK ? dsmoe_last_error() : "");
+    int32_t first = 0;
+    int32_t s = c->agree(c->ctx, (int32_t)st, msg, sizeof msg, &first);
+    if (s == 0) return DSMOE_OK;
+    msg[sizeof msg - 1] = '\0';
+    return DSMOE__FAIL((dsmoe_status)s, "rank %d: %s", (int)first, msg);
+}
+
 typedef struct study_cb {
     dsmoe_study_progress sp;
     dsmoe_study_progress_fn fn;
@@ -232,6 +245,10 @@ dsmoe_status dsmoe_study_run(const dsmoe_study_config *sc, const char *out_dir, 
         st = DSMOE__FAIL(DSMOE_STATUS_OUT_OF_MEMORY, "out of memory");
         goto out;
     }
+    /* data-parallel: rank 0 alone touches the study folder; the others follow its word */
+    const dsmoe_run_collective *co =
+        sc->collective && sc->collective->size > 1 ? sc->collective : NULL;
+    const int lead = !co || co->rank == 0;
     if ((st = plan(sc, pl, DSMOE_STUDY_MAX_RUNS, &n))) goto out;
     /* every run's config first, so that a bad flag fails before any training */
     for (int32_t i = 0; i < n; i++) {
@@ -245,12 +262,23 @@ dsmoe_status dsmoe_study_run(const dsmoe_study_config *sc, const char *out_dir, 
         }
     }
     snprintf(runs, L, "%s/runs", out_dir);
-    if ((st = make_dir(out_dir)) || (st = make_dir(runs))) goto out;
-    int32_t left = 0;
+    if (lead && ((st = make_dir(out_dir)) || (st = make_dir(runs)))) goto agreed;
+    /* done[i]: 1 finished, 2 to resume, 0 to start (rank 0's view, sent to every rank) */
+    int64_t state[DSMOE_STUDY_MAX_RUNS];
     for (int32_t i = 0; i < n; i++) {
         snprintf(dir, L, "%s/%s", runs, pl[i].name);
-        done[i] = (uint8_t)finished(dir, rcs[i].steps);
-        left += !done[i];
+        state[i] = !lead ? 0 : finished(dir, rcs[i].steps) ? 1 : has_checkpoint(dir) ? 2 : 0;
+    }
+agreed:
+    if ((st = agree(co, st))) goto out;
+    if (co && co->sum_i64(co->ctx, state, n)) {
+        st = DSMOE__FAIL(DSMOE_STATUS_IO, "study: the ranks' run states failed (communication)");
+        goto out;
+    }
+    int32_t left = 0;
+    for (int32_t i = 0; i < n; i++) {
+        done[i] = (uint8_t)state[i];
+        left += done[i] != 1;
     }
     study_cb cb;
     memset(&cb, 0, sizeof cb);
@@ -262,7 +290,7 @@ dsmoe_status dsmoe_study_run(const dsmoe_study_config *sc, const char *out_dir, 
         cb.sp.run = i + 1;
         cb.sp.name = pl[i].name;
         cb.sp.step = NULL;
-        if (done[i]) {
+        if (done[i] == 1) {
             cb.sp.skipped = 1;
             cb.sp.study_eta_s = cb.done_runs > 0 ? cb.done_s / cb.done_runs * left : 0;
             if (progress) progress(&cb.sp, user);
@@ -275,9 +303,10 @@ dsmoe_status dsmoe_study_run(const dsmoe_study_config *sc, const char *out_dir, 
         dsmoe_run_options ro;
         memset(&ro, 0, sizeof ro);
         ro.n_threads = n_threads;
-        ro.resume = has_checkpoint(dir);
+        ro.resume = done[i] == 2;
         ro.progress = on_step;
         ro.user = &cb;
+        ro.collective = co;
         if ((st = run(&rcs[i], dir, &ro, NULL))) {
             st = run_error(st, pl[i].name);
             goto out;
@@ -285,7 +314,7 @@ dsmoe_status dsmoe_study_run(const dsmoe_study_config *sc, const char *out_dir, 
         cb.done_s += now_s() - cb.run_t0;
         cb.done_runs++;
     }
-    st = dsmoe_study_summarize(out_dir, out_dir);
+    st = agree(co, lead ? dsmoe_study_summarize(out_dir, out_dir) : DSMOE_OK);
 out:
     free(pl);
     free(rcs);
