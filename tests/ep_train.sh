@@ -13,7 +13,7 @@
 # --expert-parallel (each MoE layer through dsmoe_ep): the same tolerance against one
 # process, repeatable, not the data-parallel bits, resumable in one process.
 # `mpirun -np 2 dsmoe study`: each run data-parallel, within the tolerance of the
-# one-process study; rank 0 alone prints the report path; started again, it skips.
+# one-process study; rank 0 alone prints the report path; started again, it skips; errors stop every rank, printed once.
 # Usage: bash ep_train.sh <dsmoe> <source-dir> <tmpdir> <mpirun> [mpirun flags...]
 set -u
 DS=$1 SR=$2 TD=$3 MPIRUN=$4
@@ -116,6 +116,12 @@ done
 cp "$TMP/st2/runs/v3-seed1/metrics.jsonl" "$TMP/st2.m"
 expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" "${S[@]}" --out "$TMP/st2"
 cmp -s "$TMP/st2.m" "$TMP/st2/runs/v3-seed1/metrics.jsonl" || fail "a finished study ran again"
+# a study's errors stop every rank, printed once: a run's (batch 6 on 4 ranks), a folder's
+expect 2 "not a multiple of the 4 ranks" -- "${MPI[@]}" -np 4 "$DSMOE" "${S[@]}" --batch 6 \
+    --out "$TMP/st4"
+[ "$(grep -c "dsmoe study:" "$TMP/err.txt")" = 1 ] || fail "study error: not printed once"
+: >"$TMP/afile2"
+expect 1 "rank 0: " -- "${MPI[@]}" -np 2 "$DSMOE" "${S[@]}" --out "$TMP/afile2/st"
 
 # refusals, the same on every rank
 expect 2 "not a multiple of the 4 ranks" -- "${MPI[@]}" -np 4 "$DSMOE" train "${T[@]}" --batch 6 \
