@@ -13,7 +13,8 @@
 # --expert-parallel (each MoE layer through dsmoe_ep): the same tolerance against one
 # process, repeatable, not the data-parallel bits, resumable in one process.
 # `mpirun -np 2 dsmoe study`: each run data-parallel, within the tolerance of the
-# one-process study; rank 0 alone prints the report path; started again, it skips; errors stop every rank, printed once.
+# one-process study; rank 0 alone prints the report path; started again, it skips; its
+# errors stop every rank, printed once.
 # Usage: bash ep_train.sh <dsmoe> <source-dir> <tmpdir> <mpirun> [mpirun flags...]
 set -u
 DS=$1 SR=$2 TD=$3 MPIRUN=$4
