@@ -114,6 +114,12 @@ for run in v3-seed1 aux-loss-seed1; do
     grep -q '"ranks":2' "$TMP/st2/runs/$run/metrics.jsonl" || fail "study run $run not data-parallel"
 done
 [ -s "$TMP/st2/summary.json" ] && [ -s "$TMP/st2/report.html" ] || fail "study: no summary or report"
+# with --expert-parallel each run shards its experts over the ranks (dsmoe_ep): the same
+# study to the tolerance
+expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" "${S[@]}" --expert-parallel --out "$TMP/st2e"
+for run in v3-seed1 aux-loss-seed1; do
+    compare "$TMP/st1/runs/$run" "$TMP/st2e/runs/$run" || fail "study run $run on 2 expert-parallel ranks"
+done
 cp "$TMP/st2/runs/v3-seed1/metrics.jsonl" "$TMP/st2.m"
 expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" "${S[@]}" --out "$TMP/st2"
 cmp -s "$TMP/st2.m" "$TMP/st2/runs/v3-seed1/metrics.jsonl" || fail "a finished study ran again"

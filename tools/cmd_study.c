@@ -42,6 +42,8 @@ static const char *const study_usage =
     "                       variant per value (DIR/runs/aux-loss-a<alpha>-seed<k>/)\n"
     "  --preset NAME        model preset: tiny, small, default (default: default)\n"
     "  --threads N          threads per run (default: all cores; results do not depend on it)\n"
+    "  --expert-parallel    under mpirun: each run also shards its MoE layers' routed experts\n"
+    "                       over the ranks (as dsmoe train --expert-parallel)\n"
     "  --quiet              no progress display\n"
     "  --help               this text\n"
     "\n"
@@ -135,6 +137,7 @@ int cmd_study(int argc, char **argv) {
     int n_strat = 0, n_alpha = 0, quiet = 0, rc_code = CLI_OK, agreed = 0;
     const int lead = cli_mpi_rank() == 0;
     long long seeds = 3, threads = 0;
+    int expert_parallel = 0;
     study_flags sf = {argc, argv, NULL, 0};
     sf.at = calloc((size_t)argc + 1, sizeof *sf.at);
     if (!sf.at) return cli_fail(CLI_RUNTIME, "study", "out of memory");
@@ -188,6 +191,8 @@ int cmd_study(int argc, char **argv) {
             }
         } else if (strcmp(argv[i], "--quiet") == 0) {
             quiet = 1;
+        } else if (strcmp(argv[i], "--expert-parallel") == 0) {
+            expert_parallel = 1;
         } else if (strcmp(argv[i], "--resume") == 0) {
             /* a study always resumes */
         } else if (strcmp(argv[i], "--seed") == 0 || strcmp(argv[i], "--init-seed") == 0) {
@@ -226,7 +231,7 @@ int cmd_study(int argc, char **argv) {
     sc.apply = apply_flags;
     sc.apply_user = &sf;
     /* under mpirun: data-parallel runs; a rank that failed above meets the others here */
-    sc.collective = cli_mpi_run_collective(0);
+    sc.collective = cli_mpi_run_collective(expert_parallel);
     if (cli_mpi_active() && (rc_code = cli_mpi_agree(CLI_OK, "study")) != CLI_OK) {
         agreed = 1;
         goto done;
