@@ -477,8 +477,9 @@ typedef struct dsmoe_run_collective {
      * on rank 0 (copy_f32) and a resume reads each rank's own. Returns 0, or nonzero for
      * a failure (every rank fails the run). */
     int (*expert_shard)(void *ctx, int32_t n_experts, int32_t *first, int32_t *last);
-    /* Optional; needed with expert_shard. Collective: x (n) of rank `from` is copied into
-     * x of rank `to` (from != to); the other ranks take no part and return at once. */
+    /* Optional; needed with expert_shard. Collective (every rank calls it): x (n) of rank
+     * `from` is copied into x of rank `to` (from != to); the other ranks' x is untouched
+     * (over MPI they return at once). */
     int (*copy_f32)(void *ctx, float *x, int64_t n, int32_t from, int32_t to);
 } dsmoe_run_collective;
 
