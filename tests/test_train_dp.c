@@ -6,7 +6,10 @@
  * global batch (relative 1e-5); two runs of 2 ranks write the same checkpoint bytes;
  * R = 1 through the hook is the one-process run bit for bit; batch % R != 0 is refused
  * on every rank naming the batch; a data file one rank cannot read stops every rank
- * with that rank's message. (tests/ep_train.sh runs the same over MPI with the CLI.)
+ * with that rank's message. Expert sharding: a training model holding a block of experts
+ * has one process's values there and zeros elsewhere, and a sharded run whose blocks
+ * leave an expert out or that has no exec stops every rank naming it.
+ * (tests/ep_train.sh runs the same over MPI with the CLI, expert parallelism included.)
  */
 #include "testlib.h"
 
