@@ -58,6 +58,11 @@ void dsmoe__pages_release(void *base, size_t off, size_t len) {
     const size_t ps = dsmoe__page_size();
     const size_t a = (off + ps - 1) / ps * ps, b = (off + len) / ps * ps;
     if (!base || b <= a) return;
+#ifdef MADV_NOHUGEPAGE
+    /* and keeps them out of transparent huge pages, which a write next to the range
+     * would otherwise fault in whole (2 MiB) or khugepaged collapse */
+    madvise((char *)base + a, b - a, MADV_NOHUGEPAGE);
+#endif
     madvise((char *)base + a, b - a, MADV_DONTNEED);
 #else
     (void)base;

@@ -842,18 +842,21 @@ static dsmoe_status shard_gather(run *r) {
     return DSMOE_OK;
 }
 
-/* Rank 0 after writing: gives the pages of the other ranks' experts back again. */
-static void shard_release(run *r) {
-    if (r->bounds[1] >= r->E) return; /* rank 0 holds them all */
-    float *p = dsmoe_train_model_params(r->tm, NULL);
-    float *arr[3] = {p, r->m, r->v};
-    const int32_t n_moe = dsmoe_train_model_moe_count(r->tm);
+/* Gives back the pages of the other ranks' experts in the moments, and with params in
+ * the parameter array too (rank 0 after writing a checkpoint). */
+static void shard_release(run *r, int params) {
+    float *arr[3] = {r->m, r->v, dsmoe_train_model_params(r->tm, NULL)};
+    const int32_t n_moe = dsmoe_train_model_moe_count(r->tm), E = r->E;
+    const int64_t first = r->bounds[r->rank], end = r->bounds[r->rank + 1];
     for (int32_t k = 0; k < n_moe; k++) {
         int64_t lo = 0, per = 0;
         dsmoe_train_model_expert_range(r->tm, k, 0, &lo, &per);
-        const int64_t a = lo + (int64_t)r->bounds[1] * per, b = lo + (int64_t)r->E * per;
-        for (int j = 0; j < 3; j++)
-            dsmoe__pages_release(arr[j], (size_t)a * sizeof(float), (size_t)(b - a) * sizeof(float));
+        for (int j = 0; j < (params ? 3 : 2); j++) {
+            dsmoe__pages_release(arr[j], (size_t)lo * sizeof(float),
+                                 (size_t)(first * per) * sizeof(float));
+            dsmoe__pages_release(arr[j], (size_t)(lo + end * per) * sizeof(float),
+                                 (size_t)((E - end) * per) * sizeof(float));
+        }
     }
 }
 
@@ -984,7 +987,7 @@ static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_resul
             if (r->sharded && (st = shard_gather(r)) != DSMOE_OK) return st;
             if (r->rank == 0) { /* rank 0 writes; every rank hears of a failure */
                 if ((st = sync_metrics(r)) == DSMOE_OK) st = dsmoe__ckpt_save(r->ckpt_dir, &r->ck);
-                if (r->sharded) shard_release(r);
+                if (r->sharded) shard_release(r, 1);
             }
             if ((st = agree(r->coll, st)) != DSMOE_OK) return st;
         }
@@ -1066,6 +1069,7 @@ agreed_a:
             goto agreed_b;
         }
         if (r.sharded && (st = shard_setup(&r)) != DSMOE_OK) goto agreed_b;
+        if (r.sharded) shard_release(&r, 0); /* never written; kept out of huge pages */
         if (coll->attach) {
             if ((st = coll->attach(coll->ctx, r.tm)) != DSMOE_OK) goto agreed_b;
             r.attached = 1;
