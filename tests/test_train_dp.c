@@ -11,9 +11,16 @@
  * leave an expert out or that has no exec stops every rank naming it.
  * (tests/ep_train.sh runs the same over MPI with the CLI, expert parallelism included.)
  */
+/* mincore, which glibc declares only with _DEFAULT_SOURCE */
+#ifndef _DEFAULT_SOURCE
+#define _DEFAULT_SOURCE
+#endif
 #include "testlib.h"
 
 #include <pthread.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -353,6 +360,28 @@ static void test_errors(void) {
     }
 }
 
+/* Resident pages among those wholly inside floats [lo, hi) of a page-aligned array
+ * (-1 where mincore is not available). */
+static long resident_pages(const float *base, int64_t lo, int64_t hi) {
+#if defined(__linux__)
+    const size_t ps = (size_t)sysconf(_SC_PAGESIZE);
+    size_t a = ((size_t)lo * 4 + ps - 1) / ps * ps, b = (size_t)hi * 4 / ps * ps;
+    if (b <= a) return 0;
+    unsigned char *vec = (unsigned char *)malloc((b - a) / ps);
+    if (!vec || mincore((void *)((const char *)base + a), b - a, vec) != 0) {
+        free(vec);
+        return -1;
+    }
+    long n = 0;
+    for (size_t i = 0; i < (b - a) / ps; i++) n += vec[i] & 1;
+    free(vec);
+    return n;
+#else
+    (void)base, (void)lo, (void)hi;
+    return -1;
+#endif
+}
+
 /* A training model holding experts first .. last: the same values as the whole model's
  * there, zeros elsewhere, ranges that tile the layer, and no loss without an exec. */
 static void test_sharded_model(void) {
@@ -369,6 +398,28 @@ static void test_sharded_model(void) {
     ASSERT_TRUE(f == first && l == last);
     ASSERT_EQ_INT(dsmoe_train_model_expert_shard(full, &f, &l), 0);
     ASSERT_TRUE(f == 0 && l == E - 1);
+    /* the other experts' pages of the parameter and gradient arrays are not resident
+     * (checked before anything reads them: a read maps the zero page, which mincore
+     * counts) */
+    {
+        float *arr[2] = {dsmoe_train_model_params(part, NULL), dsmoe_train_model_grads(part, NULL)};
+        long pages = 0, res = 0;
+        for (int32_t k = 0; k < dsmoe_train_model_moe_count(part); k++)
+            for (int j = 0; j < 2; j++) {
+                int64_t lo = 0, per = 0;
+                ASSERT_OK(dsmoe_train_model_expert_range(part, k, 0, &lo, &per));
+                const int64_t cut[2][2] = {{lo, lo + first * per},
+                                           {lo + (last + 1) * per, lo + E * per}};
+                for (int c = 0; c < 2; c++) {
+                    long q = resident_pages(arr[j], cut[c][0], cut[c][1]);
+                    if (q < 0) res = -1000000;
+                    res += q;
+                    pages += (long)((cut[c][1] - cut[c][0]) * 4 / 4096);
+                }
+            }
+        if (res >= 0) ASSERT_EQ_INT(res, 0);
+        fprintf(stderr, "     other experts' pages resident: %ld (of about %ld)\n", res, pages);
+    }
     int held = 0, zero = 0, rep = 0;
     for (int64_t i = 0; i < dsmoe_train_model_tensor_count(full); i++) {
         dsmoe_train_tensor a, b;
