@@ -181,6 +181,7 @@ dsmoe_status dsmoe__ckpt_save(const char *dir, const dsmoe__ckpt_state *s) {
     }
     if ((st = dsmoe_model_config_write(&s->rc->model, t.tmp)) != DSMOE_OK) goto fail;
     if ((st = write_model(paths[1], s)) != DSMOE_OK) goto fail;
+    if (s->before_state && (st = s->before_state(s->hook_ctx)) != DSMOE_OK) goto fail;
     if ((st = write_state(paths[2], s)) != DSMOE_OK) goto fail;
     {
         char text[512];

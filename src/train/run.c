@@ -120,6 +120,7 @@ typedef struct run {
     int64_t *rep, *own;        /* (n_rep, 2), (n_own, 2): float ranges [lo, hi) of the
                                   replicated parameters and of this rank's experts */
     int32_t n_rep, n_own;
+    int gathered_moments;      /* rank 0 during a sharded checkpoint */
     dsmoe__adamw_segment *seg; /* (n_seg) the trainable tensors, for AdamW */
     int64_t n_seg;
     dsmoe_balancer **bal;
@@ -823,12 +824,12 @@ static dsmoe_status grad_norm(run *r, double *norm) {
     return DSMOE_OK;
 }
 
-/* Collective (sharded runs), before rank 0 writes a checkpoint: the other ranks'
- * experts (parameters and both moments) into rank 0's arrays, at their places. */
-static dsmoe_status shard_gather(run *r) {
+/* Collective (sharded runs) around rank 0's checkpoint: the other ranks' experts into
+ * rank 0's arrays, at their places: the parameters (what = 0) before it writes the model
+ * file, both moments (what = 1) before the training state. */
+static dsmoe_status shard_gather(run *r, int what) {
     const dsmoe_run_collective *c = r->coll;
-    float *p = dsmoe_train_model_params(r->tm, NULL);
-    float *arr[3] = {p, r->m, r->v};
+    float *arr[3] = {dsmoe_train_model_params(r->tm, NULL), r->m, r->v};
     const int32_t n_moe = dsmoe_train_model_moe_count(r->tm);
     for (int32_t k = 0; k < n_moe; k++)
         for (int32_t q = 1; q < r->R; q++) {
@@ -836,10 +837,48 @@ static dsmoe_status shard_gather(run *r) {
             int64_t lo = 0, per = 0;
             dsmoe_train_model_expert_range(r->tm, k, r->bounds[q], &lo, &per);
             const int64_t n = (int64_t)(r->bounds[q + 1] - r->bounds[q]) * per;
-            for (int j = 0; j < 3; j++)
+            for (int j = what == 0 ? 0 : 1; j < (what == 0 ? 1 : 3); j++)
                 if (c->copy_f32(c->ctx, arr[j] + lo, n, q, 0)) return comm_failed("expert gather");
         }
     return DSMOE_OK;
+}
+
+static void shard_release(run *r, int params);
+
+/* Rank 0's dsmoe__ckpt_state.before_state: the parameters of the other ranks' experts
+ * are written; give them back, then receive the moments. */
+static dsmoe_status shard_between(void *ctx) {
+    run *r = (run *)ctx;
+    r->gathered_moments = 1;
+    float *p = dsmoe_train_model_params(r->tm, NULL);
+    const int32_t n_moe = dsmoe_train_model_moe_count(r->tm);
+    for (int32_t k = 0; k < n_moe; k++) {
+        int64_t lo = 0, per = 0;
+        dsmoe_train_model_expert_range(r->tm, k, 0, &lo, &per);
+        const int64_t a = lo + (int64_t)r->bounds[1] * per, b = lo + (int64_t)r->E * per;
+        dsmoe__pages_release(p, (size_t)a * sizeof(float), (size_t)(b - a) * sizeof(float));
+    }
+    return shard_gather(r, 1);
+}
+
+/* Collective (sharded runs): a checkpoint. The other ranks send their experts'
+ * parameters, then their moments; rank 0 receives the parameters, writes the model file,
+ * gives them back, receives the moments (even when the model file failed, so that no
+ * rank waits), writes the training state, gives them back. Rank 0 holds at most two
+ * arrays of the other ranks' experts at a time. */
+static dsmoe_status shard_save(run *r) {
+    dsmoe_status st = shard_gather(r, 0);
+    if (st != DSMOE_OK) return st;
+    if (r->rank != 0) return shard_gather(r, 1);
+    r->gathered_moments = 0;
+    r->ck.before_state = shard_between;
+    r->ck.hook_ctx = r;
+    if ((st = sync_metrics(r)) == DSMOE_OK) st = dsmoe__ckpt_save(r->ckpt_dir, &r->ck);
+    r->ck.before_state = NULL;
+    dsmoe_status sg = DSMOE_OK;
+    if (!r->gathered_moments) sg = shard_gather(r, 1);
+    shard_release(r, 1);
+    return st != DSMOE_OK ? st : sg;
 }
 
 /* Gives back the pages of the other ranks' experts in the moments, and with params in
@@ -983,11 +1022,10 @@ static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_resul
         }
         if ((rc->save_every > 0 && step % rc->save_every == 0) || step == rc->steps || step == last) {
             r->ck.elapsed_s = r->elapsed0 + (now_s() - t_start);
-            /* sharded: rank 0 holds every expert while it writes (then gives them back) */
-            if (r->sharded && (st = shard_gather(r)) != DSMOE_OK) return st;
-            if (r->rank == 0) { /* rank 0 writes; every rank hears of a failure */
+            if (r->sharded) { /* rank 0 gathers the experts as it writes */
+                st = shard_save(r);
+            } else if (r->rank == 0) { /* rank 0 writes; every rank hears of a failure */
                 if ((st = sync_metrics(r)) == DSMOE_OK) st = dsmoe__ckpt_save(r->ckpt_dir, &r->ck);
-                if (r->sharded) shard_release(r, 1);
             }
             if ((st = agree(r->coll, st)) != DSMOE_OK) return st;
         }
