@@ -11,7 +11,9 @@
 # failing rank's message, within the timeout, instead of hanging. `mpirun -np 2 dsmoe
 # eval --text` prints what one process prints, and `--tokens` writes the same logits.
 # --expert-parallel (each MoE layer through dsmoe_ep): the same tolerance against one
-# process, repeatable, not the data-parallel bits, resumable in one process.
+# process, repeatable, not the data-parallel bits, resumable in one process and by other
+# rank counts; each rank's peak resident memory drops by its share of the other ranks'
+# experts (parameters, gradients, AdamW moments) against plain data parallelism.
 # `mpirun -np 2 dsmoe study`: each run data-parallel, within the tolerance of the
 # one-process study; rank 0 alone prints the report path; started again, it skips; its
 # errors stop every rank, printed once.
@@ -89,6 +91,63 @@ expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" train "${T[@]}" --expert-parallel --st
     --out "$TMP/xs"
 expect 0 "" -- "$DSMOE" train --resume --threads 1 --quiet --sample-tokens 0 --out "$TMP/xs"
 compare "$TMP/one" "$TMP/xs" || fail "expert-parallel run resumed in one process"
+# resumed with expert parallelism (each rank reads only its own experts): one process by
+# 2 ranks, 2 ranks by 4
+expect 0 "" -- "$DSMOE" train "${T[@]}" --stop-at 5 --out "$TMP/xs12"
+expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" train --resume --threads 1 --quiet --sample-tokens 0 \
+    --expert-parallel --out "$TMP/xs12"
+compare "$TMP/one" "$TMP/xs12" || fail "one process resumed by 2 expert-parallel ranks"
+expect 0 "" -- "${MPI[@]}" -np 2 "$DSMOE" train "${T[@]}" --expert-parallel --stop-at 3 \
+    --out "$TMP/xs24"
+expect 0 "" -- "${MPI[@]}" -np 4 "$DSMOE" train --resume --threads 1 --quiet --sample-tokens 0 \
+    --expert-parallel --out "$TMP/xs24"
+compare "$TMP/one" "$TMP/xs24" || fail "2 expert-parallel ranks resumed by 4"
+[ "$(grep -c '"type":"train"' "$TMP/xs24/metrics.jsonl")" = 8 ] || fail "xs24: 8 train records"
+
+# Memory: each expert-parallel rank keeps only its own experts' parameters, gradients and
+# AdamW moments resident. Peak resident memory (ru_maxrss of each rank's process) of 2
+# plain data-parallel ranks against 2 expert-parallel ranks, on a model whose routed
+# experts dominate it (E = 64, D = 32, F = 256, 4 MoE layers with the MTP depth's: 24 MiB
+# of experts per array). Expected saving: rank 1 the other half of the experts in all four
+# arrays; rank 0 in two (it receives the other experts' parameters, then their two
+# moments, to write the checkpoint after the last step).
+M=(--preset tiny --threads 1 --quiet --corpus-tokens 60000 --eval-tokens 128 --sample-tokens 0
+   --steps 2 --batch 2 --seq-len 32 --experts 64 --moe-intermediate-size 256 --layers 4)
+RSS='import resource, subprocess, sys
+c = subprocess.call(sys.argv[2:])
+open(sys.argv[1], "w").write("%d\n" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(c)'
+for mode in dp ep; do
+    flag=()
+    [ $mode = ep ] && flag=(--expert-parallel)
+    expect 0 "" -- "${MPI[@]}" -np 2 bash -c \
+        'exec /usr/bin/python3 -c "$1" "$2.$OMPI_COMM_WORLD_RANK" "${@:3}"' _ "$RSS" \
+        "$TMP/rss_$mode" "$DSMOE" train "${M[@]}" "${flag[@]}" --out "$TMP/mem_$mode"
+done
+/usr/bin/python3 - "$TMP" <<'PY' || fail "expert-parallel ranks do not save the experts' memory"
+import json, sys
+t = sys.argv[1]
+run = json.loads(open(t + "/mem_ep/metrics.jsonl").readline())
+m = run["model"]
+E, D, F = m["n_routed_experts"], m["hidden_size"], m["moe_intermediate_size"]
+pad = lambda n: (n + 15) // 16 * 16
+per = pad(2 * F * D) + pad(D * F)          # floats per expert
+n_moe = len(run["moe_layers"])
+experts = n_moe * E * per                  # floats of all the routed experts
+half = experts // 2 * 4 / 1024             # KiB of the other rank's experts, one array
+kb = {(mode, r): int(open("%s/rss_%s.%d" % (t, mode, r)).read()) for mode in ("dp", "ep") for r in (0, 1)}
+print("parameters %d floats, routed experts %d (%.0f%%)" % (run["params"], experts, 100.0 * experts / run["params"]))
+print("gradient average per step: %d bytes data-parallel, %d expert-parallel"
+      % (run["params"] * 4, (run["params"] - experts) * 4))
+ok = True
+for r, arrays in ((0, 2), (1, 4)):
+    drop, want = kb[("dp", r)] - kb[("ep", r)], arrays * half
+    print("rank %d peak RSS: %d KiB data-parallel, %d KiB expert-parallel: %d KiB less, expected %d KiB (%d arrays of half the experts) -> %.0f%%"
+          % (r, kb[("dp", r)], kb[("ep", r)], drop, want, arrays, 100.0 * drop / want))
+    ok = ok and drop >= 0.85 * want
+sys.exit(0 if ok else 1)
+PY
+compare "$TMP/mem_dp" "$TMP/mem_ep" || fail "the memory runs differ"
 
 # the balance losses over the whole batch: aux-loss (expert kind, sigmoid) on 2 ranks,
 # v2 (expert kind, softmax) on 2 expert-parallel ranks, against one process

@@ -7,11 +7,21 @@
  * R = 1 through the hook is the one-process run bit for bit; batch % R != 0 is refused
  * on every rank naming the batch; a data file one rank cannot read stops every rank
  * with that rank's message. The balance losses over the whole batch (aux-loss, v2) follow
- * one process on 2 and 4 ranks too. (tests/ep_train.sh runs the same over MPI with the CLI.)
+ * one process on 2 and 4 ranks too. Expert sharding: a training model holding a block of experts
+ * has one process's values there and zeros elsewhere, and a sharded run whose blocks
+ * leave an expert out or that has no exec stops every rank naming it.
+ * (tests/ep_train.sh runs the same over MPI with the CLI, expert parallelism included.)
  */
+/* mincore, which glibc declares only with _DEFAULT_SOURCE */
+#ifndef _DEFAULT_SOURCE
+#define _DEFAULT_SOURCE
+#endif
 #include "testlib.h"
 
 #include <pthread.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -104,6 +114,27 @@ static int32_t w_agree(void *ctx, int32_t status, char *msg, size_t cap, int32_t
     return out;
 }
 
+/* x of rank `from` into rank `to`'s (every rank calls it). */
+static int w_copy_f32(void *ctx, float *x, int64_t n, int32_t from, int32_t to) {
+    rank_ctx *c = (rank_ctx *)ctx;
+    world *w = c->w;
+    w->slot[c->rank] = x;
+    pthread_barrier_wait(&w->bar);
+    if (c->rank == to) memcpy(x, w->slot[from], (size_t)n * sizeof(float));
+    pthread_barrier_wait(&w->bar);
+    return 0;
+}
+
+/* Expert sharding: the default blocks (rank r: floor(r·E/R) .. floor((r+1)·E/R) − 1), or
+ * with shard_gap a split that leaves expert 0 to nobody. */
+static int shard_gap;
+static int w_expert_shard(void *ctx, int32_t E, int32_t *first, int32_t *last) {
+    rank_ctx *c = (rank_ctx *)ctx;
+    *first = (int32_t)((int64_t)c->rank * E / c->w->R) + (shard_gap && c->rank == 0);
+    *last = (int32_t)((int64_t)(c->rank + 1) * E / c->w->R) - 1;
+    return 0;
+}
+
 /* ---------------------------------------------------------------- ranks -- */
 
 typedef struct rank_job {
@@ -135,6 +166,8 @@ static void *rank_main(void *arg) {
     return NULL;
 }
 
+static int use_shard; /* give the ranks' collective expert_shard */
+
 /* Runs R ranks; rcs[r] is rank r's config. */
 static void run_ranks(int R, const dsmoe_run_config *const *rcs, const char *dir, rank_job *jobs) {
     world w;
@@ -153,6 +186,8 @@ static void run_ranks(int R, const dsmoe_run_config *const *rcs, const char *dir
         jobs[r].coll.sum_f64 = w_sum_f64;
         jobs[r].coll.sum_i64 = w_sum_i64;
         jobs[r].coll.agree = w_agree;
+        jobs[r].coll.expert_shard = use_shard ? w_expert_shard : NULL;
+        jobs[r].coll.copy_f32 = w_copy_f32;
         jobs[r].rc = rcs[r];
         jobs[r].dir = dir;
         pthread_create(&th[r], NULL, rank_main, &jobs[r]);
@@ -452,10 +487,140 @@ static void test_counts_sum_failure(void) {
     pthread_barrier_destroy(&w.bar);
 }
 
+/* Resident pages among those wholly inside floats [lo, hi) of a page-aligned array
+ * (-1 where mincore is not available). */
+static long resident_pages(const float *base, int64_t lo, int64_t hi) {
+#if defined(__linux__)
+    const size_t ps = (size_t)sysconf(_SC_PAGESIZE);
+    size_t a = ((size_t)lo * 4 + ps - 1) / ps * ps, b = (size_t)hi * 4 / ps * ps;
+    if (b <= a) return 0;
+    unsigned char *vec = (unsigned char *)malloc((b - a) / ps);
+    if (!vec || mincore((void *)((const char *)base + a), b - a, vec) != 0) {
+        free(vec);
+        return -1;
+    }
+    long n = 0;
+    for (size_t i = 0; i < (b - a) / ps; i++) n += vec[i] & 1;
+    free(vec);
+    return n;
+#else
+    (void)base, (void)lo, (void)hi;
+    return -1;
+#endif
+}
+
+/* A training model holding experts first .. last: the same values as the whole model's
+ * there, zeros elsewhere, ranges that tile the layer, and no loss without an exec. */
+static void test_sharded_model(void) {
+    const dsmoe_run_config rc = tiny_config();
+    dsmoe_train_model_options o = rc.train;
+    o.n_threads = 1;
+    dsmoe_train_model *full = NULL, *part = NULL;
+    ASSERT_OK(dsmoe_train_model_create(&rc.model, &o, &full));
+    const int32_t E = rc.model.n_routed_experts, first = 2, last = E / 2;
+    ASSERT_OK(dsmoe_train_model_create_sharded(&rc.model, &o, first, last, &part));
+    if (!full || !part) goto out;
+    int32_t f = -1, l = -1;
+    ASSERT_EQ_INT(dsmoe_train_model_expert_shard(part, &f, &l), 1);
+    ASSERT_TRUE(f == first && l == last);
+    ASSERT_EQ_INT(dsmoe_train_model_expert_shard(full, &f, &l), 0);
+    ASSERT_TRUE(f == 0 && l == E - 1);
+    /* the other experts' pages of the parameter and gradient arrays are not resident
+     * (checked before anything reads them: a read maps the zero page, which mincore
+     * counts) */
+    {
+        float *arr[2] = {dsmoe_train_model_params(part, NULL), dsmoe_train_model_grads(part, NULL)};
+        long pages = 0, res = 0;
+        for (int32_t k = 0; k < dsmoe_train_model_moe_count(part); k++)
+            for (int j = 0; j < 2; j++) {
+                int64_t lo = 0, per = 0;
+                ASSERT_OK(dsmoe_train_model_expert_range(part, k, 0, &lo, &per));
+                const int64_t cut[2][2] = {{lo, lo + first * per},
+                                           {lo + (last + 1) * per, lo + E * per}};
+                for (int c = 0; c < 2; c++) {
+                    long q = resident_pages(arr[j], cut[c][0], cut[c][1]);
+                    if (q < 0) res = -1000000;
+                    res += q;
+                    pages += (long)((cut[c][1] - cut[c][0]) * 4 / 4096);
+                }
+            }
+        if (res >= 0) ASSERT_EQ_INT(res, 0);
+        fprintf(stderr, "     other experts' pages resident: %ld (of about %ld)\n", res, pages);
+    }
+    int held = 0, zero = 0, rep = 0;
+    for (int64_t i = 0; i < dsmoe_train_model_tensor_count(full); i++) {
+        dsmoe_train_tensor a, b;
+        ASSERT_OK(dsmoe_train_model_tensor(full, i, &a));
+        ASSERT_OK(dsmoe_train_model_tensor(part, i, &b));
+        int32_t k = -1;
+        const int32_t e = dsmoe_train_model_tensor_expert(part, i, &k);
+        ASSERT_EQ_INT(e, dsmoe_train_model_tensor_expert(full, i, NULL));
+        if (!a.trainable) continue;
+        if (e >= 0) { /* inside its expert's range */
+            int64_t off = -1, n = 0;
+            ASSERT_OK(dsmoe_train_model_expert_range(part, k, e, &off, &n));
+            ASSERT_TRUE(b.offset >= off && b.offset + b.n <= off + n);
+        }
+        if (e < 0 || (e >= first && e <= last)) {
+            ASSERT_TRUE(memcmp(a.data, b.data, (size_t)a.n * sizeof(float)) == 0);
+            e < 0 ? rep++ : held++;
+        } else {
+            int nz = 0;
+            for (int64_t j = 0; j < b.n; j++) nz += b.data[j] != 0.0f;
+            ASSERT_EQ_INT(nz, 0);
+            zero++;
+        }
+    }
+    ASSERT_TRUE(held > 0 && zero > 0 && rep > 0);
+    /* experts e and e + 1 are adjacent; the block of all experts ends where it should */
+    int64_t o0 = 0, n0 = 0, o1 = 0, n1 = 0;
+    ASSERT_OK(dsmoe_train_model_expert_range(part, 0, 0, &o0, &n0));
+    ASSERT_OK(dsmoe_train_model_expert_range(part, 0, 1, &o1, &n1));
+    ASSERT_TRUE(o1 == o0 + n0 && n1 == n0);
+    ASSERT_STATUS(dsmoe_train_model_expert_range(part, 0, E, &o0, &n0), DSMOE_STATUS_INVALID_ARGUMENT);
+    int32_t *tok = (int32_t *)calloc((size_t)o.batch * (size_t)(o.seq_len + 1), sizeof(int32_t));
+    dsmoe_train_loss lo;
+    ASSERT_STATUS(dsmoe_train_model_loss(part, tok, &lo, 0), DSMOE_STATUS_INVALID_ARGUMENT);
+    ASSERT_TRUE(strstr(dsmoe_last_error(), "exec") != NULL);
+    free(tok);
+    dsmoe_train_model *bad = NULL;
+    ASSERT_STATUS(dsmoe_train_model_create_sharded(&rc.model, &o, 3, E, &bad),
+                  DSMOE_STATUS_INVALID_ARGUMENT);
+    ASSERT_TRUE(bad == NULL);
+out:
+    dsmoe_train_model_free(full);
+    dsmoe_train_model_free(part);
+}
+
+/* A sharded run: the ranks' blocks must cover the experts; without an exec that runs
+ * the experts elsewhere every rank stops naming it. */
+static void test_sharded_run_errors(void) {
+    const dsmoe_run_config rc = tiny_config();
+    const dsmoe_run_config *rcs[MAXR] = {&rc, &rc, &rc, &rc};
+    rank_job jobs[MAXR];
+    use_shard = 1;
+    shard_gap = 1;
+    run_ranks(2, rcs, fresh(0, "train_dp_shard_gap"), jobs);
+    for (int r = 0; r < 2; r++) {
+        ASSERT_EQ_INT(jobs[r].st, DSMOE_STATUS_INVALID_CONFIG);
+        ASSERT_TRUE(strstr(jobs[r].err, "expert shards must cover") != NULL);
+    }
+    shard_gap = 0;
+    run_ranks(2, rcs, fresh(1, "train_dp_shard_noexec"), jobs);
+    for (int r = 0; r < 2; r++) {
+        ASSERT_EQ_INT(jobs[r].st, DSMOE_STATUS_INVALID_ARGUMENT);
+        ASSERT_TRUE(strstr(jobs[r].err, "rank 0: ") != NULL);
+        ASSERT_TRUE(strstr(jobs[r].err, "exec") != NULL);
+    }
+    use_shard = 0;
+}
+
 int main(void) {
     RUN(test_matches_one_process);
     RUN(test_errors);
     RUN(test_batch_balance_losses);
     RUN(test_counts_sum_failure);
+    RUN(test_sharded_model);
+    RUN(test_sharded_run_errors);
     return TEST_SUMMARY();
 }

@@ -223,23 +223,62 @@ static void coll_detach(void *ctx) {
     ep_count = 0;
 }
 
+/* The default split of dsmoe_ep: rank r holds experts floor(r·E/R) .. floor((r+1)·E/R) − 1;
+ * the training model is created holding only those (expert sharding in memory). */
+static int coll_expert_shard(void *ctx, int32_t E, int32_t *first, int32_t *last) {
+    (void)ctx;
+    *first = (int32_t)((int64_t)mpi_rank * E / mpi_size);
+    *last = (int32_t)((int64_t)(mpi_rank + 1) * E / mpi_size) - 1;
+    return 0;
+}
+
+/* x of rank `from` into x of rank `to`, in messages below 2^31 floats. */
+static int coll_copy_f32(void *ctx, float *x, int64_t n, int32_t from, int32_t to) {
+    (void)ctx;
+    if (from == to || (mpi_rank != from && mpi_rank != to)) return 0;
+    for (int64_t s0 = 0; s0 < n;) {
+        const int len = (int)(n - s0 < (1 << 30) ? n - s0 : (1 << 30));
+        int rc = mpi_rank == from
+                     ? MPI_Send(x + s0, len, MPI_FLOAT, to, 11, MPI_COMM_WORLD)
+                     : MPI_Recv(x + s0, len, MPI_FLOAT, from, 11, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS) return 1;
+        s0 += len;
+    }
+    return 0;
+}
+
 static dsmoe_status coll_attach(void *ctx, dsmoe_train_model *tm) {
     const int32_t n = dsmoe_train_model_moe_count(tm);
     ep_layers = (dsmoe_ep **)calloc((size_t)(n > 0 ? n : 1), sizeof(dsmoe_ep *));
-    dsmoe_status st = dsmoe_ep_agree(MPI_COMM_WORLD, ep_layers ? DSMOE_OK : DSMOE_STATUS_OUT_OF_MEMORY);
+    int32_t *bounds = (int32_t *)calloc((size_t)mpi_size + 1, sizeof(int32_t));
+    dsmoe_status st = dsmoe_ep_agree(MPI_COMM_WORLD, ep_layers && bounds ? DSMOE_OK
+                                                                         : DSMOE_STATUS_OUT_OF_MEMORY);
     if (st != DSMOE_OK) {
+        free(bounds);
         coll_detach(ctx);
         return st;
     }
+    /* The model's own block on each rank (it holds only those experts' weights). */
+    int32_t fl[2] = {0, -1};
+    const int sharded = dsmoe_train_model_expert_shard(tm, &fl[0], &fl[1]);
+    int any = 0;
+    MPI_Allreduce(&sharded, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    if (any && n > 0) { /* the blocks are contiguous in rank order (the run checked) */
+        MPI_Allgather(&fl[0], 1, MPI_INT32_T, bounds, 1, MPI_INT32_T, MPI_COMM_WORLD);
+        bounds[mpi_size] = dsmoe_moe_get_config(dsmoe_train_model_moe(tm, 0))->router.n_experts;
+    }
     for (int32_t k = 0; k < n; k++) {
         /* collective; its errors are the same on every rank */
-        if ((st = dsmoe_ep_create(MPI_COMM_WORLD, dsmoe_train_model_moe(tm, k), NULL,
-                                  &ep_layers[k])) != DSMOE_OK) {
+        if ((st = dsmoe_ep_create_flags(MPI_COMM_WORLD, dsmoe_train_model_moe(tm, k),
+                                        any ? bounds : NULL, any ? DSMOE_EP_SHARDED : 0u,
+                                        &ep_layers[k])) != DSMOE_OK) {
+            free(bounds);
             coll_detach(ctx);
             return st;
         }
         ep_count = k + 1;
     }
+    free(bounds);
     const dsmoe_train_moe_exec ex = {NULL, ep_fwd, ep_bwd, ep_routing};
     return dsmoe_train_model_set_moe_exec(tm, &ex);
 }
@@ -259,6 +298,8 @@ const dsmoe_run_collective *cli_mpi_run_collective(int expert_parallel) {
     run_coll.sum_f64 = coll_sum_f64;
     run_coll.sum_i64 = coll_sum_i64;
     run_coll.agree = coll_agree;
+    run_coll.expert_shard = expert_parallel ? coll_expert_shard : NULL;
+    run_coll.copy_f32 = coll_copy_f32;
     return &run_coll;
 #else
     (void)expert_parallel;

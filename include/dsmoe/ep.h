@@ -12,9 +12,11 @@
  * intended a router group is a rank (or a block of ranks), so topk_groups limits the
  * ranks a token reaches; a group may also span ranks, or a rank several groups.
  *
- * Each rank holds a whole dsmoe_moe layer (the same parameters on every rank; loading
- * it is the caller's, e.g. dsmoe_moe_load): only its own experts' weights are read and
- * only their gradients are written. (The memory of the other experts is not saved yet.)
+ * Each rank holds a whole dsmoe_moe layer object (loading it is the caller's, e.g.
+ * dsmoe_moe_load): only its own experts' weights are read and only their gradients are
+ * written, so the other experts' parts of its arrays may be left unresident, holding
+ * anything (create with DSMOE_EP_SHARDED: expert-parallel training keeps only each
+ * rank's experts in memory, dsmoe_train_model_create_sharded).
  *
  * Tokens. Rank r passes its own T_r tokens; the layer's "global batch" is the ranks'
  * tokens concatenated in rank order (rank 0's first). Every call is collective: all
@@ -101,6 +103,14 @@ typedef struct dsmoe_ep dsmoe_ep;
  * naming a rank), OUT_OF_MEMORY. *out is NULL on error. */
 DSMOE_API dsmoe_status dsmoe_ep_create(MPI_Comm comm, dsmoe_moe *moe, const int32_t *bounds,
                                        dsmoe_ep **out);
+/* dsmoe_ep_create with flags: DSMOE_EP_SHARDED says each rank's layer holds valid
+ * weights only for its own experts (the others' memory released): the check of the
+ * weights across ranks then covers the replicated ones (gate, bias, shared experts).
+ * INVALID_ARGUMENT for unknown flags. */
+#define DSMOE_EP_SHARDED 1u
+DSMOE_API dsmoe_status dsmoe_ep_create_flags(MPI_Comm comm, dsmoe_moe *moe,
+                                             const int32_t *bounds, unsigned flags,
+                                             dsmoe_ep **out);
 /* Not collective. NULL is a no-op. The layer is not freed. */
 DSMOE_API void dsmoe_ep_free(dsmoe_ep *ep);
 /* This rank, the rank count, and the experts rank r owns (*first .. *last inclusive;

@@ -338,6 +338,37 @@ DSMOE_API dsmoe_status dsmoe_train_model_set_counts_sum(dsmoe_train_model *tm,
                                                                   int64_t n),
                                                         void *ctx);
 
+/* Expert sharding (one rank of an expert-parallel run). dsmoe_train_model_create_sharded
+ * is dsmoe_train_model_create for a model that holds only the routed experts first ..
+ * last (inclusive; last = first − 1: none) of every MoE layer. The parameter and
+ * gradient arrays keep their layout (the offsets above), but they are page allocations
+ * whose pages become resident when first written, and the other experts' ranges are
+ * never written: initialisation skips them (every tensor has its own stream, so the
+ * experts held get one process's values), the backward zeroes and fills only what is
+ * held, and the pages a MoE layer's create zeroes are given back at once. They read as
+ * zeros; the caller must not write them either (optimizer, checkpoint load: see
+ * dsmoe_train_model_tensor_expert). Every loss needs an exec (dsmoe_train_model_set_moe_exec)
+ * that runs the experts elsewhere, such as dsmoe_ep with this rank's block:
+ * INVALID_ARGUMENT otherwise. first = 0, last = E − 1 is dsmoe_train_model_create.
+ * Errors as create's, and INVALID_ARGUMENT for a range outside 0 .. E − 1. */
+DSMOE_API dsmoe_status dsmoe_train_model_create_sharded(const dsmoe_model_config *cfg,
+                                                        const dsmoe_train_model_options *opts,
+                                                        int32_t first, int32_t last,
+                                                        dsmoe_train_model **out);
+/* The routed experts held (*first .. *last); returns 1 when that is not all of them. */
+DSMOE_API int dsmoe_train_model_expert_shard(const dsmoe_train_model *tm, int32_t *first,
+                                             int32_t *last);
+/* Routed expert e of the k-th MoE layer occupies floats [*offset, *offset + *n) of the
+ * parameter and gradient arrays (its gate_proj and up_proj, down_proj, padding); experts
+ * e, e + 1, .. follow each other, so a block of experts is one range. INVALID_ARGUMENT
+ * out of range. */
+DSMOE_API dsmoe_status dsmoe_train_model_expert_range(const dsmoe_train_model *tm, int32_t k,
+                                                      int32_t e, int64_t *offset, int64_t *n);
+/* The routed expert whose weight tensor i is (*k: its MoE layer), or -1 for the other
+ * tensors (replicated in an expert-parallel run). */
+DSMOE_API int32_t dsmoe_train_model_tensor_expert(const dsmoe_train_model *tm, int64_t i,
+                                                  int32_t *k);
+
 
 /* ------------------------------------------------------------------ runs -- */
 /* A training run: a model, its routing strategy, data, optimizer and schedule, trained
@@ -461,6 +492,23 @@ typedef struct dsmoe_run_collective {
      * as its collective MoE layers need. */
     dsmoe_status (*attach)(void *ctx, dsmoe_train_model *tm);
     void (*detach)(void *ctx);
+    /* Optional (NULL: every rank holds every routed expert, as above). Expert sharding
+     * in memory: the routed experts this rank holds in every MoE layer of n_experts
+     * (*first .. *last; last = first − 1: none), asked for before the training model is
+     * created (dsmoe_train_model_create_sharded); the ranks' blocks must cover 0 .. E − 1
+     * in rank order, and attach must install an exec that runs each rank's block on it
+     * (dsmoe_train_model_expert_shard). Then each rank keeps resident, updates and sums
+     * only the replicated parameters and its own experts: the gradient average covers the
+     * replicated ranges (an expert's gradient is scaled by 1/R on its owner, the bits of
+     * the whole-array average), the norm adds the owners' sums of squares (sum_f64),
+     * AdamW and its moments cover what the rank holds, a checkpoint gathers the experts
+     * on rank 0 (copy_f32) and a resume reads each rank's own. Returns 0, or nonzero for
+     * a failure (every rank fails the run). */
+    int (*expert_shard)(void *ctx, int32_t n_experts, int32_t *first, int32_t *last);
+    /* Optional; needed with expert_shard. Collective (every rank calls it): x (n) of rank
+     * `from` is copied into x of rank `to` (from != to); the other ranks' x is untouched
+     * (over MPI they return at once). */
+    int (*copy_f32)(void *ctx, float *x, int64_t n, int32_t from, int32_t to);
 } dsmoe_run_collective;
 
 typedef struct dsmoe_run_options {

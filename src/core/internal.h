@@ -57,4 +57,16 @@ static inline int dsmoe__mul_size(size_t a, size_t b, size_t *out) {
     return 1;
 }
 
+/* Page-aligned allocations (pages.c). dsmoe__pages_alloc: `bytes` of zeros, page-aligned,
+ * whose pages become resident only when first written (anonymous mmap; elsewhere an
+ * aligned, zeroed malloc, all of it resident); NULL when out of memory. Free with
+ * dsmoe__pages_free and the same size. dsmoe__pages_release gives the whole pages inside
+ * bytes [off, off + len) of such an allocation back to the system: they are no longer
+ * resident and read as zeros afterwards (a no-op where the system has no madvise: the
+ * values stay). The pages at the range's edges that it only partly covers are kept. */
+size_t dsmoe__page_size(void);
+void *dsmoe__pages_alloc(size_t bytes);
+void dsmoe__pages_free(void *p, size_t bytes);
+void dsmoe__pages_release(void *base, size_t off, size_t len);
+
 #endif /* DSMOE_INTERNAL_H */

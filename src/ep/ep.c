@@ -74,6 +74,7 @@ struct dsmoe_ep {
     const float *sw1, *sw2;
     float *dsw1, *dsw2;
     int train;
+    unsigned flags;     /* DSMOE_EP_* of dsmoe_ep_create_flags */
     /* owner side, T tokens */
     int64_t T, Tg, g0;
     ep_buf xpad, rws, indices, weights, scores, logits, counts, gcounts;
@@ -305,13 +306,15 @@ static uint64_t ep_config_hash(const dsmoe_ep *ep) {
     return ep_hash(h, ep->bounds, (size_t)(ep->R + 1) * sizeof(int32_t));
 }
 
-/* Hash of every weight and the bias. */
+/* Hash of every weight and the bias (with DSMOE_EP_SHARDED, of the replicated ones: the
+ * gate, the bias and the shared experts). */
 static uint64_t ep_weight_hash(const dsmoe_ep *ep) {
     uint64_t h = 0xcbf29ce484222325ull;
     int64_t n = dsmoe_moe_tensor_count(ep->moe);
     for (int64_t i = 0; i < n; i++) {
         dsmoe_moe_tensor t;
         if (dsmoe_moe_tensor_at(ep->moe, i, &t) != DSMOE_OK) continue;
+        if ((ep->flags & DSMOE_EP_SHARDED) && strncmp(t.name, "experts.", 8) == 0) continue;
         h = ep_hash(h, t.data, (size_t)(t.shape[0] * (t.ndim > 1 ? t.shape[1] : 1)) * 4u);
     }
     return h;
@@ -319,6 +322,11 @@ static uint64_t ep_weight_hash(const dsmoe_ep *ep) {
 
 dsmoe_status dsmoe_ep_create(MPI_Comm comm, dsmoe_moe *moe, const int32_t *bounds,
                              dsmoe_ep **out) {
+    return dsmoe_ep_create_flags(comm, moe, bounds, 0, out);
+}
+
+dsmoe_status dsmoe_ep_create_flags(MPI_Comm comm, dsmoe_moe *moe, const int32_t *bounds,
+                                   unsigned flags, dsmoe_ep **out) {
     if (out) *out = NULL;
     if (comm == MPI_COMM_NULL)
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_ep_create: MPI_COMM_NULL");
@@ -331,9 +339,13 @@ dsmoe_status dsmoe_ep_create(MPI_Comm comm, dsmoe_moe *moe, const int32_t *bound
     MPI_Comm_dup(comm, &ep->comm);
     MPI_Comm_rank(ep->comm, &ep->rank);
     MPI_Comm_size(ep->comm, &ep->R);
+    ep->flags = flags;
     if (!moe || !out)
         st = dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_ep_create: NULL %s",
                           !moe ? "layer" : "out");
+    else if (flags & ~(unsigned)DSMOE_EP_SHARDED)
+        st = dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_ep_create: unknown flags %#x",
+                          flags);
     if (st == DSMOE_OK) {
         ep->moe = moe;
         ep->cfg = *dsmoe_moe_get_config(moe);

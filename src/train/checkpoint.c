@@ -181,6 +181,7 @@ dsmoe_status dsmoe__ckpt_save(const char *dir, const dsmoe__ckpt_state *s) {
     }
     if ((st = dsmoe_model_config_write(&s->rc->model, t.tmp)) != DSMOE_OK) goto fail;
     if ((st = write_model(paths[1], s)) != DSMOE_OK) goto fail;
+    if (s->before_state && (st = s->before_state(s->hook_ctx)) != DSMOE_OK) goto fail;
     if ((st = write_state(paths[2], s)) != DSMOE_OK) goto fail;
     {
         char text[512];
@@ -209,6 +210,31 @@ fail:
 }
 
 /* ------------------------------------------------------------------- load -- */
+
+static int all_finite(const void *p, int64_t n);
+
+/* Tensor i is a routed expert's that a sharded model does not hold: a resume reads only
+ * the rank's own experts (and every replicated tensor). */
+static int not_held(dsmoe_train_model *tm, int64_t i) {
+    int32_t first = 0, last = -1;
+    if (!dsmoe_train_model_expert_shard(tm, &first, &last)) return 0;
+    const int32_t e = dsmoe_train_model_tensor_expert(tm, i, NULL);
+    return e >= 0 && (e < first || e > last);
+}
+
+/* The moments of the tensors held are finite (the rest of the arrays, padding included,
+ * holds zeros by construction and is not read). */
+static int moments_finite(dsmoe_train_model *tm, const char *m, const char *v) {
+    const int64_t n_tensors = dsmoe_train_model_tensor_count(tm);
+    for (int64_t i = 0; i < n_tensors; i++) {
+        dsmoe_train_tensor t;
+        dsmoe_train_model_tensor(tm, i, &t);
+        if (!t.trainable || not_held(tm, i)) continue;
+        const size_t at = (size_t)t.offset * sizeof(float);
+        if (!all_finite(m + at, t.n) || !all_finite(v + at, t.n)) return 0;
+    }
+    return 1;
+}
 
 /* Checks every file of checkpoint dir against dsmoe_checksums.txt. */
 static dsmoe_status verify_sums(const char *dir) {
@@ -442,7 +468,7 @@ dsmoe_status dsmoe__ckpt_load(const char *dir, dsmoe__ckpt_state *s) {
             }
         }
     }
-    if (!all_finite(vm.data, (int64_t)np) || !all_finite(vv.data, (int64_t)np)) {
+    if (!moments_finite(s->tm, (const char *)vm.data, (const char *)vv.data)) {
         r = dsmoe__error(DSMOE_STATUS_FORMAT, "%s: adamw moments hold a NaN or Inf", spath);
         goto done;
     }
@@ -500,7 +526,7 @@ dsmoe_status dsmoe__ckpt_load(const char *dir, dsmoe__ckpt_state *s) {
                              (long long)t.spec.shape[1]);
             goto done;
         }
-        if (!all_finite(v.data, t.n)) {
+        if (!not_held(s->tm, i) && !all_finite(v.data, t.n)) {
             r = dsmoe__error(DSMOE_STATUS_FORMAT, "%s: tensor %s holds a NaN or Inf", mpath, t.spec.name);
             goto done;
         }
@@ -511,10 +537,13 @@ dsmoe_status dsmoe__ckpt_load(const char *dir, dsmoe__ckpt_state *s) {
         dsmoe_tensor_view v;
         dsmoe_train_model_tensor(s->tm, i, &t);
         dsmoe_safetensors_get(ms, t.spec.name, &v);
-        if (t.trainable) memcpy(t.data, v.data, (size_t)t.n * sizeof(float));
+        if (!t.trainable || not_held(s->tm, i)) continue;
+        memcpy(t.data, v.data, (size_t)t.n * sizeof(float));
+        /* the moments of the trainable tensors (elsewhere they are 0 in both arrays) */
+        const size_t at = (size_t)t.offset * sizeof(float), len = (size_t)t.n * sizeof(float);
+        memcpy(s->m + t.offset, (const char *)vm.data + at, len);
+        memcpy(s->v + t.offset, (const char *)vv.data + at, len);
     }
-    memcpy(s->m, vm.data, np * sizeof(float));
-    memcpy(s->v, vv.data, np * sizeof(float));
     (void)params;
     if (s->bal) {
         for (int32_t k = 0; k < n_moe; k++) {

@@ -111,7 +111,16 @@ typedef struct run {
     dsmoe_corpus *corpus;
     dsmoe_train_model *tm;
     size_t np;
-    float *m, *v;
+    float *m, *v;              /* page allocations of mv_bytes (core/internal.h) */
+    size_t mv_bytes;
+    /* Expert sharding (coll->expert_shard): each rank holds its block of every MoE
+     * layer's routed experts, rank q the experts bounds[q] .. bounds[q + 1] − 1. */
+    int sharded;
+    int32_t *bounds;           /* (R + 1) */
+    int64_t *rep, *own;        /* (n_rep, 2), (n_own, 2): float ranges [lo, hi) of the
+                                  replicated parameters and of this rank's experts */
+    int32_t n_rep, n_own;
+    int gathered_moments;      /* rank 0 during a sharded checkpoint */
     dsmoe__adamw_segment *seg; /* (n_seg) the trainable tensors, for AdamW */
     int64_t n_seg;
     dsmoe_balancer **bal;
@@ -143,8 +152,11 @@ static void run_free(run *r) {
     free((void *)r->bal);
     dsmoe_train_model_free(r->tm);
     dsmoe_corpus_free(r->corpus);
-    dsmoe_free(r->m);
-    dsmoe_free(r->v);
+    dsmoe__pages_free(r->m, r->mv_bytes);
+    dsmoe__pages_free(r->v, r->mv_bytes);
+    free(r->bounds);
+    free(r->rep);
+    free(r->own);
     free(r->seg);
     free(r->is_mtp);
     free(r->batch);
@@ -639,13 +651,20 @@ static dsmoe_status setup(run *r, const char *out_dir, const dsmoe_run_options *
     dsmoe_train_model_options to = rc->train;
     to.n_threads = r->nt;
     to.batch = r->Bl;
-    if ((st = dsmoe_train_model_create(&rc->model, &to, &r->tm)) != DSMOE_OK) return st;
+    int32_t first = 0, last = r->E - 1;
+    r->sharded = r->R > 1 && r->coll->expert_shard && r->E > 0;
+    if (r->sharded && r->coll->expert_shard(r->coll->ctx, r->E, &first, &last))
+        return comm_failed("expert shard");
+    if ((st = dsmoe_train_model_create_sharded(&rc->model, &to, first, last, &r->tm)) != DSMOE_OK)
+        return st;
+    if (dsmoe_train_model_moe_count(r->tm) == 0) r->sharded = 0; /* the same on every rank */
     dsmoe_train_model_params(r->tm, &r->np);
-    r->m = (float *)dsmoe_malloc(r->np * sizeof(float) + 64);
-    r->v = (float *)dsmoe_malloc(r->np * sizeof(float) + 64);
+    /* Zero pages, resident once written: a sharded rank never writes the other ranks'
+     * experts' moments. */
+    r->mv_bytes = (r->np > 0 ? r->np : 16) * sizeof(float);
+    r->m = (float *)dsmoe__pages_alloc(r->mv_bytes);
+    r->v = (float *)dsmoe__pages_alloc(r->mv_bytes);
     if (!r->m || !r->v) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
-    memset(r->m, 0, r->np * sizeof(float));
-    memset(r->v, 0, r->np * sizeof(float));
     r->n_moe = dsmoe_train_model_moe_count(r->tm);
     const size_t nm = (size_t)(r->n_moe > 0 ? r->n_moe : 1), E = (size_t)(r->E > 0 ? r->E : 1);
     r->is_mtp = (int32_t *)calloc(nm, sizeof(int32_t));
@@ -686,6 +705,193 @@ static dsmoe_status setup(run *r, const char *out_dir, const dsmoe_run_options *
     return DSMOE_OK;
 }
 
+/* ------------------------------------------------------ expert sharding -- */
+
+/* Collective (sharded runs): every rank's block of experts, checked to cover 0 .. E − 1
+ * in rank order, and this rank's ranges. */
+static dsmoe_status shard_setup(run *r) {
+    const int32_t R = r->R, n_moe = dsmoe_train_model_moe_count(r->tm);
+    int64_t *fl = (int64_t *)calloc((size_t)R * 2, sizeof(int64_t));
+    r->bounds = (int32_t *)calloc((size_t)R + 1, sizeof(int32_t));
+    r->rep = (int64_t *)calloc((size_t)n_moe * 2 + 2, sizeof(int64_t));
+    r->own = (int64_t *)calloc((size_t)n_moe * 2 + 2, sizeof(int64_t));
+    dsmoe_status st = DSMOE_OK;
+    if (!fl || !r->bounds || !r->rep || !r->own)
+        st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
+    if ((st = agree(r->coll, st)) != DSMOE_OK) {
+        free(fl);
+        return st;
+    }
+    int32_t first = 0, last = -1;
+    dsmoe_train_model_expert_shard(r->tm, &first, &last);
+    fl[2 * r->rank] = first;
+    fl[2 * r->rank + 1] = last;
+    if ((st = sum_i64(r, fl, 2 * (int64_t)R, "expert shards")) != DSMOE_OK) {
+        free(fl);
+        return st;
+    }
+    for (int32_t q = 0; q < R; q++) {
+        const int64_t want = q == 0 ? 0 : fl[2 * q - 1] + 1;
+        if (fl[2 * q] != want || fl[2 * q + 1] < fl[2 * q] - 1 ||
+            (q == R - 1 && fl[2 * q + 1] != r->E - 1)) {
+            st = dsmoe__error(DSMOE_STATUS_INVALID_CONFIG,
+                              "run: the ranks' expert shards must cover experts 0 .. %d in rank "
+                              "order; rank %d holds %lld .. %lld",
+                              (int)r->E - 1, (int)q, (long long)fl[2 * q], (long long)fl[2 * q + 1]);
+            free(fl);
+            return st;
+        }
+        r->bounds[q] = (int32_t)fl[2 * q];
+    }
+    r->bounds[R] = r->E;
+    free(fl);
+    /* The replicated ranges (around every layer's experts) and this rank's experts. */
+    int64_t cur = 0, per = 0;
+    for (int32_t k = 0; k < n_moe; k++) {
+        int64_t lo = 0;
+        dsmoe_train_model_expert_range(r->tm, k, 0, &lo, &per);
+        r->rep[2 * r->n_rep] = cur;
+        r->rep[2 * r->n_rep + 1] = lo;
+        r->n_rep++;
+        cur = lo + (int64_t)r->E * per;
+        if (last >= first) {
+            r->own[2 * r->n_own] = lo + (int64_t)first * per;
+            r->own[2 * r->n_own + 1] = lo + (int64_t)(last + 1) * per;
+            r->n_own++;
+        }
+    }
+    r->rep[2 * r->n_rep] = cur;
+    r->rep[2 * r->n_rep + 1] = (int64_t)r->np;
+    r->n_rep++;
+    return DSMOE_OK;
+}
+
+/* Tensor i is a routed expert's that this rank does not hold. */
+static int not_held(const run *r, int64_t i) {
+    if (!r->sharded) return 0;
+    const int32_t e = dsmoe_train_model_tensor_expert(r->tm, i, NULL);
+    return e >= 0 && (e < r->bounds[r->rank] || e >= r->bounds[r->rank + 1]);
+}
+
+/* The data-parallel gradient average: the whole array summed over the ranks (1/R), or
+ * when sharded the replicated ranges, and this rank's experts scaled by 1/R here (the
+ * others hold zeros there, so the sum in rank order is this value: the same bits). */
+static dsmoe_status grad_average(run *r) {
+    size_t ng = 0;
+    float *g = dsmoe_train_model_grads(r->tm, &ng);
+    const dsmoe_run_collective *c = r->coll;
+    const double scale = 1.0 / r->R;
+    if (!r->sharded)
+        return c->sum_f32(c->ctx, g, (int64_t)ng, scale) ? comm_failed("gradient sum") : DSMOE_OK;
+    for (int32_t j = 0; j < r->n_rep; j++)
+        if (r->rep[2 * j + 1] > r->rep[2 * j] &&
+            c->sum_f32(c->ctx, g + r->rep[2 * j], r->rep[2 * j + 1] - r->rep[2 * j], scale))
+            return comm_failed("gradient sum");
+    for (int32_t j = 0; j < r->n_own; j++)
+        for (int64_t i = r->own[2 * j]; i < r->own[2 * j + 1]; i++) {
+            const double a = 0.0 + (double)g[i]; /* as the sum's 0 + .. + g + .. + 0 */
+            g[i] = (float)(a * scale);
+        }
+    return DSMOE_OK;
+}
+
+/* The global gradient norm: the trainable tensors' sums of squares; when sharded the
+ * replicated ones here and the experts' summed over their owners. */
+static dsmoe_status grad_norm(run *r, double *norm) {
+    const int64_t n_tensors = dsmoe_train_model_tensor_count(r->tm);
+    double ss = 0, own = 0;
+    for (int64_t i = 0; i < n_tensors; i++) {
+        dsmoe_train_tensor t;
+        dsmoe_train_model_tensor(r->tm, i, &t);
+        if (!t.trainable || not_held(r, i)) continue;
+        const double q = dsmoe_sum_squares(t.grad, t.n, r->nt);
+        if (r->sharded && dsmoe_train_model_tensor_expert(r->tm, i, NULL) >= 0) own += q;
+        else ss += q;
+    }
+    if (r->sharded) {
+        dsmoe_status st = sum_f64(r, &own, 1, "gradient norm");
+        if (st != DSMOE_OK) return st;
+        ss += own;
+    }
+    *norm = sqrt(ss);
+    return DSMOE_OK;
+}
+
+/* Collective (sharded runs) around rank 0's checkpoint: the other ranks' experts into
+ * rank 0's arrays, at their places: the parameters (what = 0) before it writes the model
+ * file, both moments (what = 1) before the training state. */
+static dsmoe_status shard_gather(run *r, int what) {
+    const dsmoe_run_collective *c = r->coll;
+    float *arr[3] = {dsmoe_train_model_params(r->tm, NULL), r->m, r->v};
+    const int32_t n_moe = dsmoe_train_model_moe_count(r->tm);
+    for (int32_t k = 0; k < n_moe; k++)
+        for (int32_t q = 1; q < r->R; q++) {
+            if (r->bounds[q + 1] <= r->bounds[q]) continue;
+            int64_t lo = 0, per = 0;
+            dsmoe_train_model_expert_range(r->tm, k, r->bounds[q], &lo, &per);
+            const int64_t n = (int64_t)(r->bounds[q + 1] - r->bounds[q]) * per;
+            for (int j = what == 0 ? 0 : 1; j < (what == 0 ? 1 : 3); j++)
+                if (c->copy_f32(c->ctx, arr[j] + lo, n, q, 0)) return comm_failed("expert gather");
+        }
+    return DSMOE_OK;
+}
+
+static void shard_release(run *r, int params);
+
+/* Rank 0's dsmoe__ckpt_state.before_state: the parameters of the other ranks' experts
+ * are written; give them back, then receive the moments. */
+static dsmoe_status shard_between(void *ctx) {
+    run *r = (run *)ctx;
+    r->gathered_moments = 1;
+    float *p = dsmoe_train_model_params(r->tm, NULL);
+    const int32_t n_moe = dsmoe_train_model_moe_count(r->tm);
+    for (int32_t k = 0; k < n_moe; k++) {
+        int64_t lo = 0, per = 0;
+        dsmoe_train_model_expert_range(r->tm, k, 0, &lo, &per);
+        const int64_t a = lo + (int64_t)r->bounds[1] * per, b = lo + (int64_t)r->E * per;
+        dsmoe__pages_release(p, (size_t)a * sizeof(float), (size_t)(b - a) * sizeof(float));
+    }
+    return shard_gather(r, 1);
+}
+
+/* Collective (sharded runs): a checkpoint. The other ranks send their experts'
+ * parameters, then their moments; rank 0 receives the parameters, writes the model file,
+ * gives them back, receives the moments (even when the model file failed, so that no
+ * rank waits), writes the training state, gives them back. Rank 0 holds at most two
+ * arrays of the other ranks' experts at a time. */
+static dsmoe_status shard_save(run *r) {
+    dsmoe_status st = shard_gather(r, 0);
+    if (st != DSMOE_OK) return st;
+    if (r->rank != 0) return shard_gather(r, 1);
+    r->gathered_moments = 0;
+    r->ck.before_state = shard_between;
+    r->ck.hook_ctx = r;
+    if ((st = sync_metrics(r)) == DSMOE_OK) st = dsmoe__ckpt_save(r->ckpt_dir, &r->ck);
+    r->ck.before_state = NULL;
+    dsmoe_status sg = DSMOE_OK;
+    if (!r->gathered_moments) sg = shard_gather(r, 1);
+    shard_release(r, 1);
+    return st != DSMOE_OK ? st : sg;
+}
+
+/* Gives back the pages of the other ranks' experts in the moments, and with params in
+ * the parameter array too (rank 0 after writing a checkpoint). */
+static void shard_release(run *r, int params) {
+    float *arr[3] = {r->m, r->v, dsmoe_train_model_params(r->tm, NULL)};
+    const int32_t n_moe = dsmoe_train_model_moe_count(r->tm), E = r->E;
+    const int64_t first = r->bounds[r->rank], end = r->bounds[r->rank + 1];
+    for (int32_t k = 0; k < n_moe; k++) {
+        int64_t lo = 0, per = 0;
+        dsmoe_train_model_expert_range(r->tm, k, 0, &lo, &per);
+        for (int j = 0; j < (params ? 3 : 2); j++) {
+            dsmoe__pages_release(arr[j], (size_t)lo * sizeof(float),
+                                 (size_t)(first * per) * sizeof(float));
+            dsmoe__pages_release(arr[j], (size_t)(lo + end * per) * sizeof(float),
+                                 (size_t)((E - end) * per) * sizeof(float));
+        }
+    }
+}
+
 /* -------------------------------------------------------------------- run -- */
 
 static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_result *res,
@@ -708,7 +914,7 @@ static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_resul
         for (int64_t i = 0; i < n_tensors; i++) {
             dsmoe_train_tensor t;
             dsmoe_train_model_tensor(r->tm, i, &t);
-            if (!t.trainable) continue;
+            if (!t.trainable || not_held(r, i)) continue; /* AdamW over what it holds */
             dsmoe__adamw_segment *q = &r->seg[r->n_seg++];
             q->p = t.data;
             q->m = r->m + t.offset;
@@ -743,17 +949,10 @@ static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_resul
             double lv[4] = {l.total, l.ce, l.mtp, l.balance};
             if ((st = sum_f64(r, lv, 4, "loss sum")) != DSMOE_OK) return st;
             l.total = lv[0] / r->R, l.ce = lv[1] / r->R, l.mtp = lv[2] / r->R, l.balance = lv[3] / r->R;
-            size_t ng = 0;
-            float *g = dsmoe_train_model_grads(r->tm, &ng);
-            if (r->coll->sum_f32(r->coll->ctx, g, (int64_t)ng, 1.0 / r->R)) return comm_failed("gradient sum");
+            if ((st = grad_average(r)) != DSMOE_OK) return st;
         }
-        double ss = 0;
-        for (int64_t i = 0; i < n_tensors; i++) {
-            dsmoe_train_tensor t;
-            dsmoe_train_model_tensor(r->tm, i, &t);
-            if (t.trainable) ss += dsmoe_sum_squares(t.grad, t.n, r->nt);
-        }
-        const double gnorm = sqrt(ss);
+        double gnorm = 0;
+        if ((st = grad_norm(r, &gnorm)) != DSMOE_OK) return st;
         if (!isfinite(gnorm))
             return dsmoe__error(DSMOE_STATUS_NON_FINITE,
                                 "step %lld: the gradient norm is %g; stopped, the last checkpoint "
@@ -816,7 +1015,9 @@ static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_resul
         }
         if ((rc->save_every > 0 && step % rc->save_every == 0) || step == rc->steps || step == last) {
             r->ck.elapsed_s = r->elapsed0 + (now_s() - t_start);
-            if (r->rank == 0) { /* rank 0 writes; every rank hears of a failure */
+            if (r->sharded) { /* rank 0 gathers the experts as it writes */
+                st = shard_save(r);
+            } else if (r->rank == 0) { /* rank 0 writes; every rank hears of a failure */
                 if ((st = sync_metrics(r)) == DSMOE_OK) st = dsmoe__ckpt_save(r->ckpt_dir, &r->ck);
             }
             if ((st = agree(r->coll, st)) != DSMOE_OK) return st;
@@ -893,12 +1094,21 @@ agreed_a:
     if (is_dp(coll) && (st = dsmoe_train_model_set_counts_sum(r.tm, coll->sum_i64, coll->ctx)) !=
                            DSMOE_OK)
         goto agreed_b;
-    if (is_dp(coll) && coll->attach) {
+    if (is_dp(coll) && (coll->attach || r.sharded)) {
         /* collective: every rank that got here calls it, the others wait in agreed_b's
          * agreement first */
         if ((st = agree(coll, DSMOE_OK)) != DSMOE_OK) goto done;
-        if ((st = coll->attach(coll->ctx, r.tm)) != DSMOE_OK) goto agreed_b;
-        r.attached = 1;
+        if (r.sharded && !coll->copy_f32) {
+            st = dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                              "run: expert sharding needs the collective's copy_f32");
+            goto agreed_b;
+        }
+        if (r.sharded && (st = shard_setup(&r)) != DSMOE_OK) goto agreed_b;
+        if (r.sharded) shard_release(&r, 0); /* never written; kept out of huge pages */
+        if (coll->attach) {
+            if ((st = coll->attach(coll->ctx, r.tm)) != DSMOE_OK) goto agreed_b;
+            r.attached = 1;
+        }
     }
     if (resume) {
         if ((st = dsmoe__ckpt_load(r.ckpt_dir, &r.ck)) != DSMOE_OK) goto agreed_b;

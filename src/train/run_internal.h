@@ -47,6 +47,11 @@ typedef struct dsmoe__ckpt_state {
     double last_train_loss, last_val_loss, last_val_maxvio;
     double elapsed_s;            /* wall seconds of the run's sessions up to step */
     int64_t last_eval_step;      /* 0: none yet */
+    /* Optional: called by dsmoe__ckpt_save between the model file and the training
+     * state (an expert-sharded run's rank 0 gives the other ranks' parameters back and
+     * receives their moments there); its error fails the save. */
+    dsmoe_status (*before_state)(void *ctx);
+    void *hook_ctx;
 } dsmoe__ckpt_state;
 
 #define DSMOE__CKPT_MODEL "model.safetensors"

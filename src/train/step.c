@@ -81,8 +81,15 @@ struct dsmoe_train_model {
     int64_t B, T, N;
     int32_t D, V, E, L, LT; /* LT = L + Dm blocks */
     int32_t ignore_id;
-    float *params, *grads;
-    size_t n_params;
+    float *params, *grads; /* page allocations of params_bytes (core/internal.h) */
+    size_t n_params, params_bytes;
+    /* The routed experts held, the same in every MoE layer (all unless sharded): the
+     * others' pages of params and grads are never written and not resident. */
+    int32_t ex_first, ex_last, sharded;
+    int64_t *moe_exp;  /* (n_moe) float offset of the k-th MoE layer's expert 0 */
+    int64_t ex_stride; /* floats per expert (gate_proj and up_proj, down_proj, padding) */
+    int64_t *res;      /* (n_res, 2) the float ranges [lo, hi) of params / grads held */
+    int32_t n_res;
     int64_t n_tensors;
     tm_tensor *tensors;
     tm_layer *layers;        /* L main layers, then the Dm MTP depths' blocks */
@@ -159,8 +166,10 @@ void dsmoe_train_model_free(dsmoe_train_model *tm) {
     }
     free(tm->tensors);
     free(tm->moe_layer);
-    dsmoe_free(tm->params);
-    dsmoe_free(tm->grads);
+    free(tm->moe_exp);
+    free(tm->res);
+    dsmoe__pages_free(tm->params, tm->params_bytes);
+    dsmoe__pages_free(tm->grads, tm->params_bytes);
     dsmoe_free(tm->inputs);
     dsmoe_free(tm->targets);
     dsmoe_free(tm->h_fin);
@@ -245,14 +254,59 @@ static void bind_tensor(dsmoe_train_model *tm, const tm_tensor *t) {
         memset((ptr), 0, (bytes) > 0 ? (bytes) : 64);                                              \
     } while (0)
 
+/* Routed expert e of MoE tensor t ("...mlp.experts.<e>."), or -1. */
+static int32_t tensor_expert(const tm_tensor *t) {
+    if (t->moe < 0) return -1;
+    const char *p = strstr(t->spec.name, ".mlp.experts.");
+    return p ? (int32_t)strtol(p + 13, NULL, 10) : -1;
+}
+
+/* Tensor t is a routed expert's that this model does not hold. */
+static int not_held(const dsmoe_train_model *tm, const tm_tensor *t) {
+    const int32_t e = tm->sharded ? tensor_expert(t) : -1;
+    return e >= 0 && (e < tm->ex_first || e > tm->ex_last);
+}
+
+/* The float offset of expert 0 of layer moe in the parameter array and the floats per
+ * expert (the layer's layout: experts back to back, each padded to 16 floats). */
+static dsmoe_status expert_layout(const dsmoe_train_model *tm, dsmoe_moe *moe, int64_t *lo,
+                                  int64_t *stride) {
+    dsmoe_moe_tensor g0, d0, g1;
+    dsmoe_status st;
+    if ((st = dsmoe_moe_tensor_get(moe, "experts.0.gate_proj.weight", &g0)) != DSMOE_OK ||
+        (st = dsmoe_moe_tensor_get(moe, "experts.0.down_proj.weight", &d0)) != DSMOE_OK)
+        return st;
+    *lo = (int64_t)((const float *)g0.data - tm->params);
+    const int64_t d_off = (int64_t)((const float *)d0.data - tm->params);
+    *stride = d_off - *lo + ((d0.shape[0] * d0.shape[1] + 15) & ~(int64_t)15);
+    if (tm->E > 1) {
+        if ((st = dsmoe_moe_tensor_get(moe, "experts.1.gate_proj.weight", &g1)) != DSMOE_OK) return st;
+        if ((int64_t)((const float *)g1.data - tm->params) - *lo != *stride)
+            return dsmoe__error(DSMOE_STATUS_INTERNAL, "train model: unexpected expert layout");
+    }
+    return DSMOE_OK;
+}
+
 dsmoe_status dsmoe_train_model_create(const dsmoe_model_config *cfg,
                                       const dsmoe_train_model_options *opts,
                                       dsmoe_train_model **out) {
+    return dsmoe_train_model_create_sharded(cfg, opts, 0, cfg ? cfg->n_routed_experts - 1 : -1, out);
+}
+
+dsmoe_status dsmoe_train_model_create_sharded(const dsmoe_model_config *cfg,
+                                              const dsmoe_train_model_options *opts,
+                                              int32_t first, int32_t last,
+                                              dsmoe_train_model **out) {
     if (!out) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "train model: NULL out");
     *out = NULL;
     if (!cfg) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "train model: NULL config");
     dsmoe_status st = dsmoe_model_config_validate(cfg);
     if (st != DSMOE_OK) return st;
+    const int32_t E_all = cfg->n_routed_experts;
+    if (E_all > 0 && !(first >= 0 && last >= first - 1 && last < E_all))
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "train model: expert shard %d .. %d outside 0 .. %d", (int)first,
+                            (int)last, (int)E_all - 1);
     dsmoe_train_model_options o;
     if (opts) o = *opts;
     else dsmoe_train_model_options_default(&o);
@@ -301,6 +355,8 @@ dsmoe_status dsmoe_train_model_create(const dsmoe_model_config *cfg,
     tm->Dm = o.mtp_depths < 0 ? cfg->num_nextn_predict_layers : o.mtp_depths;
     tm->LT = tm->L + tm->Dm;
     tm->ignore_id = cfg->byte_vocab ? DSMOE_BYTE_VOCAB_PAD : -1;
+    tm->ex_first = tm->E > 0 ? first : 0;
+    tm->ex_last = tm->E > 0 ? last : -1;
     const int64_t N = tm->N, D = tm->D;
 
     dsmoe_moe_config mc;
@@ -328,7 +384,11 @@ dsmoe_status dsmoe_train_model_create(const dsmoe_model_config *cfg,
     tm->layers = (tm_layer *)calloc((size_t)tm->LT, sizeof *tm->layers);
     tm->depths = (tm_depth *)calloc((size_t)(tm->Dm > 0 ? tm->Dm : 1), sizeof *tm->depths);
     tm->moe_layer = (int32_t *)calloc((size_t)(tm->n_moe > 0 ? tm->n_moe : 1), sizeof(int32_t));
-    if (!tm->tensors || !tm->layers || !tm->depths || !tm->moe_layer) goto oom;
+    tm->moe_exp = (int64_t *)calloc((size_t)(tm->n_moe > 0 ? tm->n_moe : 1), sizeof(int64_t));
+    tm->res = (int64_t *)calloc((size_t)(2 * tm->n_moe + 2), sizeof(int64_t) * 2);
+    if (!tm->tensors || !tm->layers || !tm->depths || !tm->moe_layer || !tm->moe_exp || !tm->res)
+        goto oom;
+    tm->sharded = tm->n_moe > 0 && !(tm->ex_first == 0 && tm->ex_last == tm->E - 1);
     size_t off = 0;
     int64_t moe_block_off[1024];
     if (tm->LT > 1024) {
@@ -362,8 +422,12 @@ dsmoe_status dsmoe_train_model_create(const dsmoe_model_config *cfg,
         off += ((size_t)t->n + 15) & ~(size_t)15;
     }
     tm->n_params = off;
-    ALLOC(tm->params, off * sizeof(float));
-    ALLOC(tm->grads, off * sizeof(float));
+    /* Page allocations of zeros: a page becomes resident when first written, so the
+     * experts a sharded model does not hold never are (below). */
+    tm->params_bytes = (off > 0 ? off : 16) * sizeof(float);
+    if (!(tm->params = (float *)dsmoe__pages_alloc(tm->params_bytes)) ||
+        !(tm->grads = (float *)dsmoe__pages_alloc(tm->params_bytes)))
+        goto oom;
 
     /* Workspaces and activations. */
     size_t ws = dsmoe__mla_train_workspace_size(cfg, tm->B, tm->T);
@@ -425,6 +489,24 @@ dsmoe_status dsmoe_train_model_create(const dsmoe_model_config *cfg,
             dsmoe_moe_buffers b = {tm->params + moe_block_off[l], tm->grads + moe_block_off[l],
                                    tm->moe_ws, tm->moe_ws_size};
             if ((st = dsmoe_moe_create_with(&mc, &b, &ly->moe)) != DSMOE_OK) goto fail;
+            int64_t lo = 0, stride = 0;
+            if ((st = expert_layout(tm, ly->moe, &lo, &stride)) != DSMOE_OK) goto fail;
+            tm->moe_exp[k] = lo;
+            tm->ex_stride = stride;
+            if (tm->sharded) {
+                /* The layer zeroes its whole block at create: give the pages of the
+                 * experts not held back at once (one layer's are resident meanwhile). */
+                const int64_t a = lo + (int64_t)tm->ex_first * stride,
+                              b2 = lo + (int64_t)(tm->ex_last + 1) * stride,
+                              z = lo + (int64_t)tm->E * stride;
+                float *arr[2] = {tm->params, tm->grads};
+                for (int j = 0; j < 2; j++) {
+                    dsmoe__pages_release(arr[j], (size_t)lo * sizeof(float),
+                                         (size_t)(a - lo) * sizeof(float));
+                    dsmoe__pages_release(arr[j], (size_t)b2 * sizeof(float),
+                                         (size_t)(z - b2) * sizeof(float));
+                }
+            }
             k++;
         } else {
             ALLOC(ly->ffn_save, tm->ffn_save_size);
@@ -449,11 +531,33 @@ dsmoe_status dsmoe_train_model_create(const dsmoe_model_config *cfg,
         bind_tensor(tm, t);
     }
     if (cfg->tie_word_embeddings) tm->head = tm->embed, tm->g_head = tm->g_embed;
+    /* The ranges held: everything but the experts outside [ex_first, ex_last]. */
+    {
+        int64_t cur = 0;
+        for (int32_t k = 0; k < (tm->sharded ? tm->n_moe : 0); k++) {
+            const int64_t lo = tm->moe_exp[k];
+            tm->res[2 * tm->n_res] = cur; /* the replicated tensors before the experts */
+            tm->res[2 * tm->n_res + 1] = lo;
+            tm->n_res++;
+            if (tm->ex_last >= tm->ex_first) { /* the experts held */
+                tm->res[2 * tm->n_res] = lo + (int64_t)tm->ex_first * tm->ex_stride;
+                tm->res[2 * tm->n_res + 1] = lo + (int64_t)(tm->ex_last + 1) * tm->ex_stride;
+                tm->n_res++;
+            }
+            cur = lo + (int64_t)tm->E * tm->ex_stride;
+        }
+        tm->res[2 * tm->n_res] = cur;
+        tm->res[2 * tm->n_res + 1] = (int64_t)tm->n_params;
+        tm->n_res++;
+    }
 
-    /* Initialisation: tensor i from the stream (seed, i). */
+    /* Initialisation: tensor i from the stream (seed, i); a sharded model skips the
+     * experts it does not hold (each tensor has its own stream: the others' values are
+     * one process's). */
     for (int64_t i = 0; i < tm->n_tensors; i++) {
         tm_tensor *t = &tm->tensors[i];
         if (t->offset < 0) continue; /* the bias: 0 from create */
+        if (not_held(tm, t)) continue;
         float *p = tm->params + t->offset;
         if (t->spec.ndim == 1) {
             for (int64_t j = 0; j < t->n; j++) p[j] = 1.0f;
@@ -515,6 +619,33 @@ dsmoe_status dsmoe_train_model_tensor(dsmoe_train_model *tm, int64_t i, dsmoe_tr
 }
 
 int32_t dsmoe_train_model_moe_count(const dsmoe_train_model *tm) { return tm ? tm->n_moe : 0; }
+
+int dsmoe_train_model_expert_shard(const dsmoe_train_model *tm, int32_t *first, int32_t *last) {
+    if (first) *first = tm ? tm->ex_first : 0;
+    if (last) *last = tm ? tm->ex_last : -1;
+    return tm ? tm->sharded : 0;
+}
+
+dsmoe_status dsmoe_train_model_expert_range(const dsmoe_train_model *tm, int32_t k, int32_t e,
+                                            int64_t *offset, int64_t *n) {
+    if (!tm || !offset || !n)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "train model expert_range: NULL");
+    if (k < 0 || k >= tm->n_moe || e < 0 || e >= tm->E)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "train model expert_range: MoE layer %d, expert %d out of range",
+                            (int)k, (int)e);
+    *offset = tm->moe_exp[k] + (int64_t)e * tm->ex_stride;
+    *n = tm->ex_stride;
+    return DSMOE_OK;
+}
+
+int32_t dsmoe_train_model_tensor_expert(const dsmoe_train_model *tm, int64_t i, int32_t *k) {
+    if (!tm || i < 0 || i >= tm->n_tensors) return -1;
+    const tm_tensor *t = &tm->tensors[i];
+    const int32_t e = tensor_expert(t);
+    if (e >= 0 && k) *k = t->moe;
+    return e;
+}
 
 int32_t dsmoe_train_model_moe_layer(const dsmoe_train_model *tm, int32_t k) {
     return tm && k >= 0 && k < tm->n_moe ? tm->moe_layer[k] : -1;
@@ -732,6 +863,12 @@ static dsmoe_status train_loss(dsmoe_train_model *tm, const int32_t *tokens,
                                     "outside 0 .. %d",
                                     (int)v, (long long)b, (long long)t, (int)V - 1);
         }
+    if (tm->sharded && !tm->exec.forward)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
+                            "train model loss: the model holds routed experts %d .. %d only: its "
+                            "MoE layers need an exec that runs the others elsewhere "
+                            "(dsmoe_train_model_set_moe_exec)",
+                            (int)tm->ex_first, (int)tm->ex_last);
     tm->have_forward = 0;
     tm->cs_used = use_sum;
     for (int64_t b = 0; b < B; b++) {
@@ -837,7 +974,9 @@ dsmoe_status dsmoe_train_model_backward(dsmoe_train_model *tm) {
     const int nt = tm->nt;
     dsmoe_status st;
     PROF_BEGIN();
-    memset(tm->grads, 0, tm->n_params * sizeof(float));
+    for (int32_t j = 0; j < tm->n_res; j++) /* the ranges held (all of it unless sharded) */
+        memset(tm->grads + tm->res[2 * j], 0,
+               (size_t)(tm->res[2 * j + 1] - tm->res[2 * j]) * sizeof(float));
     PROF_END(PROF_ZERO);
     float *dh = tm->dh;
     /* MTP depths, last first: dh carries dL/d(depth d's block output), the hnorm
