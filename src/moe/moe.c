@@ -447,6 +447,22 @@ static dsmoe_status moe_check_buffer(const void *p, size_t align, const char *wh
     return DSMOE_OK;
 }
 
+/* Zeroes p (n bytes) writing only the 4 KiB pieces that are not zero already: a caller's
+ * fresh page allocation (e.g. a training model that holds only some experts, whose other
+ * experts' pages must never become resident) stays untouched, as reading a page never
+ * written maps no memory of its own. */
+static void zero_untouched(void *p, size_t n) {
+    unsigned char *c = (unsigned char *)p;
+    for (size_t at = 0; at < n; at += 4096) {
+        const size_t len = n - at < 4096 ? n - at : 4096;
+        for (size_t i = 0; i < len; i++)
+            if (c[at + i]) {
+                memset(c + at, 0, len);
+                break;
+            }
+    }
+}
+
 dsmoe_status dsmoe_moe_create_with(const dsmoe_moe_config *cfg, const dsmoe_moe_buffers *buf,
                                    dsmoe_moe **out) {
     if (!out) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "dsmoe_moe_create: NULL out");
@@ -501,9 +517,9 @@ dsmoe_status dsmoe_moe_create_with(const dsmoe_moe_config *cfg, const dsmoe_moe_
         dsmoe_moe_free(m); /* the caller's buffers untouched */
         return st;
     }
-    memset(m->params, 0, n_params * m->esz);
+    zero_untouched(m->params, n_params * m->esz);
     memset(m->bias, 0, E * sizeof(float));
-    if (m->grads) memset(m->grads, 0, n_params * sizeof(float));
+    if (m->grads) zero_untouched(m->grads, n_params * sizeof(float));
     *out = m;
     return DSMOE_OK;
 }

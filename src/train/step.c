@@ -494,8 +494,9 @@ dsmoe_status dsmoe_train_model_create_sharded(const dsmoe_model_config *cfg,
             tm->moe_exp[k] = lo;
             tm->ex_stride = stride;
             if (tm->sharded) {
-                /* The layer zeroes its whole block at create: give the pages of the
-                 * experts not held back at once (one layer's are resident meanwhile). */
+                /* The layer writes only pieces of its block that are not zero already
+                 * (fresh pages are not touched); releasing the experts not held makes
+                 * sure of it whatever the allocator gave. */
                 const int64_t a = lo + (int64_t)tm->ex_first * stride,
                               b2 = lo + (int64_t)(tm->ex_last + 1) * stride,
                               z = lo + (int64_t)tm->E * stride;
