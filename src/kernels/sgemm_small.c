@@ -89,6 +89,51 @@ SG_INLINE SG_AVX512 void sg512_tile(const int mr, const int nv, const float *A, 
     }
 }
 
+/* Rows r[0..16) transposed in registers: afterwards r[c] holds column c. */
+SG_INLINE SG_AVX512 void sg512_transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]),
+                      c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+            t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
+/* sg_pack_bt for w = 32 in blocks of 16 × 16 transposed in registers (the same panel:
+ * columns past nj are 0; the second half only when nj > 16). */
+SG_INLINE SG_AVX512 void sg512_pack_bt(float *P, const float *B, int ldb, int j0, int nj, int K) {
+    for (int jh = 0; jh < nj; jh += 16) {
+        const int rows = nj - jh < 16 ? nj - jh : 16;
+        const float *b = B + (size_t)(j0 + jh) * (size_t)ldb;
+        for (int k0 = 0; k0 < K; k0 += 16) {
+            const int kk = K - k0 < 16 ? K - k0 : 16;
+            const __mmask16 m = (__mmask16)(kk == 16 ? 0xFFFFu : (1u << kk) - 1u);
+            __m512 r[16];
+            for (int j = 0; j < 16; j++)
+                r[j] = j < rows ? _mm512_maskz_loadu_ps(m, b + (size_t)j * (size_t)ldb + k0)
+                                : _mm512_setzero_ps();
+            sg512_transpose16(r);
+            for (int q = 0; q < kk; q++) _mm512_storeu_ps(P + (size_t)(k0 + q) * 32 + jh, r[q]);
+        }
+    }
+}
+
 #define SG512_ROWS(nv)                                                                          \
     switch (mr) {                                                                               \
     case 8: sg512_tile(8, nv, a, ai, ak, Bp, ldbp, K, c, ldc, m0, m1, add); break;              \
@@ -114,7 +159,7 @@ SG_AVX512 void dsmoe__sgemm_small_avx512(int ta, int tb, int M, int N, int K, co
         const float *Bp;
         size_t ldbp;
         if (tb) {
-            sg_pack_bt(P, 32, B, ldb, j0, nj, K);
+            sg512_pack_bt(P, B, ldb, j0, nj, K);
             Bp = P, ldbp = 32;
         } else {
             Bp = B + j0, ldbp = (size_t)ldb;
