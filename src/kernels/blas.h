@@ -33,7 +33,7 @@ void dsmoe__sgemm(int ta, int tb, int M, int N, int K, float alpha, const float 
 /* Products of at most this many multiply-adds (M·N·K), with alpha 1 and beta 0 or 1,
  * take the small-product path (sgemm_small.c: no packing, no allocation) instead of
  * BLIS, with BLIS's bits (blas.c says when the path is enabled). */
-#define DSMOE__SGEMM_SMALL_MACS (64.0 * 1024 * 1024)
+#define DSMOE__SGEMM_SMALL_MACS (128.0 * 1024 * 1024)
 
 /* The small-product path itself, whatever the sizes (alpha 1; beta 0 or 1), in BLIS's
  * partition of K; for tests and benchmarks. */
