@@ -4,8 +4,8 @@
  *     C (M, N) [ldc] = C + op(A) · op(B)                   (add = 1)
  * row-major, for one block of K <= DSMOE__SGEMM_SMALL_KMAX. Nothing is allocated and
  * nothing is packed, except a transposed op(B) panel of at most KMAX × 32 floats (64 KB)
- * on the calling thread's stack: tiles of MR rows of C by one or two vectors of columns stay in registers while
- * k runs, op(A)'s elements broadcast from where they are stored.
+ * on the calling thread's stack: tiles of MR rows of C by one or two vectors of columns
+ * stay in registers while k runs, op(A)'s elements broadcast from where they are stored.
  *
  * Arithmetic (the same on every ISA, and BLIS's: blas.c relies on it): each element of
  * the block's product is one fma chain over k in increasing order starting from +0,
