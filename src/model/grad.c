@@ -15,8 +15,10 @@
 #include <math.h>
 #include <string.h>
 
-/* Columns per tile of a weight gradient's in dimension. */
-#define GRAD_COL_BLOCK 256
+/* Smallest cut of a weight gradient's larger dimension (it is cut in about 4 tiles): at
+ * 256, MLA's projections (256 x 128 .. 256 x 256) made one tile each and ran on one
+ * thread. A tile's elements are the same chains over the tokens whatever the cut. */
+#define GRAD_COL_BLOCK 64
 
 static int64_t nblocks(int64_t n, int64_t b) { return (n + b - 1) / b; }
 
