@@ -41,8 +41,8 @@ static int64_t piece(int64_t n, int64_t min_piece) {
  * region costs about as much as this (a futex wake with OMP_WAIT_POLICY passive), so at
  * the tiny sizes more threads only add time. Rows and blocks are the same either way:
  * the bits never depend on it. Elements of a row-wise pass; multiply-adds of a product. */
-#define PAR_MIN_ELEMS 8192
-#define PAR_MIN_MACS (1 << 20)
+#define PAR_MIN_ELEMS 65536
+#define PAR_MIN_MACS (1 << 22)
 #define PAR_ROWS(N, n) ((N) > 1 && (N) * (n) >= PAR_MIN_ELEMS)
 
 /* ------------------------------------------------------------------ RMSNorm */
