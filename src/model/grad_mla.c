@@ -22,6 +22,10 @@
 /* Query rows per block of the attention. */
 #define ATT_QB 64
 
+/* Elements below which a row-wise pass stays on the calling thread (a parallel region's
+ * wake and join cost about as much); the rows are the same either way. */
+#define MLA_PAR_MIN 65536
+
 typedef struct mla_dims {
     int64_t B, T, N, D, H, n, r, v, c, q, half;
     int64_t qb; /* rows of a query block: min(T, ATT_QB) */
@@ -257,7 +261,8 @@ static void rope_pairs(float *x, const float *cs, int64_t half, int dir) {
 static void rope_rows(const mla_dims *m, float *qf, float *kv, const float *cs, int dir, int nt) {
     const int64_t N = m->N;
     (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N > 64)
+#pragma omp parallel for schedule(static) num_threads(nt) \
+    if (nt > 1 && N * (m->H + 1) * m->r >= MLA_PAR_MIN)
     for (int64_t t = 0; t < N; t++) {
         const float *ct = cs + (t % m->T) * m->r;
         for (int64_t h = 0; h < m->H; h++)
@@ -270,7 +275,7 @@ static void rope_rows(const mla_dims *m, float *qf, float *kv, const float *cs, 
 static void rms_apply(float *y, int64_t ldy, const float *x, int64_t ldx, const float *w,
                       const float *inv, int64_t N, int64_t n, int nt) {
     (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N > 64)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N * n >= MLA_PAR_MIN)
     for (int64_t t = 0; t < N; t++)
         for (int64_t i = 0; i < n; i++) y[t * ldy + i] = x[t * ldx + i] * inv[t] * w[i];
 }
@@ -472,7 +477,8 @@ dsmoe_status dsmoe__mla_train_backward(const dsmoe_model_config *c, const dsmoe_
         attn_backward_task(&m, &s, &g, k / m.H, k % m.H, g.att + k * task_floats(&m, 2), scale);
     }
     /* dk_pe: the heads' parts summed in head order, into dkv's k_pe columns. */
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && m.N > 64)
+#pragma omp parallel for schedule(static) num_threads(nt) \
+    if (nt > 1 && m.N * m.H * m.r >= MLA_PAR_MIN)
     for (int64_t t = 0; t < m.N; t++)
         for (int64_t k = 0; k < m.r; k++) {
             float a = 0.0f;
