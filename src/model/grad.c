@@ -224,7 +224,7 @@ dsmoe_status dsmoe__swiglu_train_forward(float *y, const float *x, const dsmoe__
     const int64_t n = N * I, nc = nblocks(n, EW_CHUNK);
     const dsmoe__kernel_table *kt = dsmoe__kernels();
     (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nc > 1)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nc > 1 && n >= PAR_MIN_ELEMS)
     for (int64_t c = 0; c < nc; c++) {
         const int64_t k0 = c * EW_CHUNK, m = n - k0 < EW_CHUNK ? n - k0 : EW_CHUNK;
         kt->swiglu(h + k0, g + k0, u + k0, m);
@@ -251,14 +251,14 @@ dsmoe_status dsmoe__swiglu_train_backward(float *dx, const dsmoe__mlp_grads *gr,
     const int64_t n = N * I, nc = nblocks(n, EW_CHUNK);
     const dsmoe__kernel_table *kt = dsmoe__kernels();
     (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nc > 1)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nc > 1 && n >= PAR_MIN_ELEMS)
     for (int64_t c = 0; c < nc; c++) {
         const int64_t k0 = c * EW_CHUNK, m = n - k0 < EW_CHUNK ? n - k0 : EW_CHUNK;
         kt->swiglu(h + k0, g + k0, u + k0, m);
     }
     dsmoe__linear_backward(dh, I, gr->down, dy, D, h, I, p->down, N, I, D, 0, nt);
     /* h becomes σ(g), then du; dh becomes dg. */
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nc > 1)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nc > 1 && n >= PAR_MIN_ELEMS)
     for (int64_t c = 0; c < nc; c++) {
         const int64_t k0 = c * EW_CHUNK, m = n - k0 < EW_CHUNK ? n - k0 : EW_CHUNK;
         float *hc = h + k0, *dc = dh + k0;
