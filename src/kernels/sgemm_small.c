@@ -125,9 +125,11 @@ SG_INLINE SG_AVX512 void sg512_pack_bt(float *P, const float *B, int ldb, int j0
             const int kk = K - k0 < 16 ? K - k0 : 16;
             const __mmask16 m = (__mmask16)(kk == 16 ? 0xFFFFu : (1u << kk) - 1u);
             __m512 r[16];
-            for (int j = 0; j < 16; j++)
-                r[j] = j < rows ? _mm512_maskz_loadu_ps(m, b + (size_t)j * (size_t)ldb + k0)
-                                : _mm512_setzero_ps();
+            for (int j = 0; j < 16; j++) {
+                const float *bj = b + (size_t)j * (size_t)ldb + k0;
+                if (j < rows && k0 + 64 < K) _mm_prefetch((const char *)(bj + 64), _MM_HINT_T0);
+                r[j] = j < rows ? _mm512_maskz_loadu_ps(m, bj) : _mm512_setzero_ps();
+            }
             sg512_transpose16(r);
             for (int q = 0; q < kk; q++) _mm512_storeu_ps(P + (size_t)(k0 + q) * 32 + jh, r[q]);
         }
