@@ -278,18 +278,20 @@ def main():
     for _ in range(a.warmup):
         v = step()
         first = v if first is None else first
-    times, last = [], None
+    times, cpus, last = [], [], None
     for _ in range(a.repeat):
-        t = time.perf_counter()
+        t, c0 = time.perf_counter(), time.process_time()
         for _ in range(a.steps):
             last = step()
             first = last if first is None else first
         times.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c0)
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"impl": "torch", "test": "train", "preset": a.preset, "threads": THREADS,
                       "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
                       "batch": a.batch, "seq": a.seq, "steps": a.steps, "seconds": min(times),
                       "seconds_all": times, "tokens_per_s": a.batch * a.seq * a.steps / min(times),
+                      "cpu_seconds": min(cpus), "cpu_tokens_per_s": a.batch * a.seq * a.steps / min(cpus),
                       "params": params, "first_loss": first, "last_loss": last}), flush=True)
 
 

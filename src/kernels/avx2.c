@@ -256,4 +256,5 @@ const dsmoe__kernel_table dsmoe__kernels_avx2 = {
     .select_grouped = select_grouped_avx2,
     .gemm_nt = dsmoe__gemm_nt_avx2,
     .gemm_pk = dsmoe__gemm_pk_avx2,
+    .sgemm_small = dsmoe__sgemm_small_avx2,
 };

@@ -705,4 +705,5 @@ const dsmoe__kernel_table dsmoe__kernels_avx512 = {
     .select_grouped = select_grouped_avx512,
     .gemm_nt = dsmoe__gemm_nt_avx512,
     .gemm_pk = dsmoe__gemm_pk_avx512,
+    .sgemm_small = dsmoe__sgemm_small_avx512,
 };

@@ -30,6 +30,21 @@ enum { DSMOE__NOTRANS = 0, DSMOE__TRANS = 1 };
  * ta / tb are DSMOE__NOTRANS or DSMOE__TRANS. beta = 0 ignores C's old contents. */
 void dsmoe__sgemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
                   const float *B, int ldb, float beta, float *C, int ldc);
+/* Products of at most this many multiply-adds (M·N·K), with alpha 1 and beta 0 or 1,
+ * take the small-product path (sgemm_small.c: no packing, no allocation) instead of
+ * BLIS, with BLIS's bits (blas.c says when the path is enabled). */
+#define DSMOE__SGEMM_SMALL_MACS (128.0 * 1024 * 1024)
+
+/* The small-product path itself, whatever the sizes (alpha 1; beta 0 or 1), in BLIS's
+ * partition of K; for tests and benchmarks. */
+void dsmoe__sgemm_small(int ta, int tb, int M, int N, int K, const float *A, int lda,
+                        const float *B, int ldb, float beta, float *C, int ldc);
+/* dsmoe__sgemm always through BLIS, for tests and benchmarks. */
+void dsmoe__sgemm_blis(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
+                       const float *B, int ldb, float beta, float *C, int ldc);
+/* BLIS's KC (and its maximum into *kc_max) when the small path is enabled, else 0. */
+int dsmoe__sgemm_small_kc(int *kc_max);
+
 /* y (M) = A (M, N) [lda] · x */
 void dsmoe__sgemv(int M, int N, const float *A, int lda, const float *x, float *y);
 

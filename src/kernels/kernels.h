@@ -27,6 +27,15 @@
 typedef void (*dsmoe__gemm_fn)(float *C, int64_t ldc, const float *const *X, int n, const void *W,
                                int bf16, int r0, int r1, int K);
 
+/* The small products' ISA variants (sgemm_small.c): C (M, N) [ldc] = op(A) · op(B)
+ * (add = 0) or C + op(A) · op(B) (add = 1), row-major, op(X) = X or X^T (ta, tb),
+ * K <= DSMOE__SGEMM_SMALL_KMAX; each element one fma chain over k in increasing order
+ * from +0, then added to C: identical bits on every ISA. No allocation, no packing
+ * beyond a stack panel. blas.c's dsmoe__sgemm calls them for small products. */
+#define DSMOE__SGEMM_SMALL_KMAX 512
+typedef void (*dsmoe__sgemm_small_fn)(int ta, int tb, int M, int N, int K, const float *A, int lda,
+                                      const float *B, int ldb, int add, float *C, int ldc);
+
 typedef struct dsmoe__kernel_table {
     const char *name;
     /* out[i] = 1 / (1 + exp(-in[i])) */
@@ -74,6 +83,8 @@ typedef struct dsmoe__kernel_table {
      * (dsmoe__moe_gemm_nt) and on the packed layout (dsmoe__moe_gemm_pk). */
     dsmoe__gemm_fn gemm_nt;
     dsmoe__gemm_fn gemm_pk;
+    /* The small products (sgemm_small.c). */
+    dsmoe__sgemm_small_fn sgemm_small;
 } dsmoe__kernel_table;
 
 /* The active table (resolved once; thread-safe after the first call). */
@@ -86,12 +97,16 @@ void dsmoe__gemm_nt_ref(float *C, int64_t ldc, const float *const *X, int n, con
                         int r0, int r1, int K);
 void dsmoe__gemm_pk_ref(float *C, int64_t ldc, const float *const *X, int n, const void *W, int bf16,
                         int r0, int r1, int K);
+void dsmoe__sgemm_small_ref(int ta, int tb, int M, int N, int K, const float *A, int lda,
+    const float *B, int ldb, int add, float *C, int ldc);
 #if defined(DSMOE_HAVE_AVX2)
 extern const dsmoe__kernel_table dsmoe__kernels_avx2;
 void dsmoe__gemm_nt_avx2(float *C, int64_t ldc, const float *const *X, int n, const void *W,
                          int bf16, int r0, int r1, int K);
 void dsmoe__gemm_pk_avx2(float *C, int64_t ldc, const float *const *X, int n, const void *W,
                          int bf16, int r0, int r1, int K);
+void dsmoe__sgemm_small_avx2(int ta, int tb, int M, int N, int K, const float *A, int lda,
+    const float *B, int ldb, int add, float *C, int ldc);
 #endif
 #if defined(DSMOE_HAVE_AVX512)
 extern const dsmoe__kernel_table dsmoe__kernels_avx512;
@@ -99,6 +114,8 @@ void dsmoe__gemm_nt_avx512(float *C, int64_t ldc, const float *const *X, int n, 
                            int bf16, int r0, int r1, int K);
 void dsmoe__gemm_pk_avx512(float *C, int64_t ldc, const float *const *X, int n, const void *W,
                            int bf16, int r0, int r1, int K);
+void dsmoe__sgemm_small_avx512(int ta, int tb, int M, int N, int K, const float *A, int lda,
+    const float *B, int ldb, int add, float *C, int ldc);
 #endif
 
 /* Inserts (v, i) into the descending list (vals, ids) of length *n (capacity cap).

@@ -191,4 +191,5 @@ const dsmoe__kernel_table dsmoe__kernels_ref = {
     .topk_blocks = dsmoe__topk_blocks_ref,
     .gemm_nt = dsmoe__gemm_nt_ref,
     .gemm_pk = dsmoe__gemm_pk_ref,
+    .sgemm_small = dsmoe__sgemm_small_ref,
 };

@@ -15,8 +15,10 @@
 #include <math.h>
 #include <string.h>
 
-/* Columns per tile of a weight gradient's in dimension. */
-#define GRAD_COL_BLOCK 256
+/* Smallest cut of a weight gradient's larger dimension (it is cut in about 4 tiles): at
+ * 256, MLA's projections (256 x 128 .. 256 x 256) made one tile each and ran on one
+ * thread. A tile's elements are the same chains over the tokens whatever the cut. */
+#define GRAD_COL_BLOCK 64
 
 static int64_t nblocks(int64_t n, int64_t b) { return (n + b - 1) / b; }
 
@@ -35,6 +37,14 @@ static int64_t piece(int64_t n, int64_t min_piece) {
 /* Element-wise passes run over fixed chunks of this many elements. */
 #define EW_CHUNK 16384
 
+/* Work below which a pass stays on the calling thread: starting and joining a parallel
+ * region costs about as much as this (a futex wake with OMP_WAIT_POLICY passive), so at
+ * the tiny sizes more threads only add time. Rows and blocks are the same either way:
+ * the bits never depend on it. Elements of a row-wise pass; multiply-adds of a product. */
+#define PAR_MIN_ELEMS 65536
+#define PAR_MIN_MACS (1 << 22)
+#define PAR_ROWS(N, n) ((N) > 1 && (N) * (n) >= PAR_MIN_ELEMS)
+
 /* ------------------------------------------------------------------ RMSNorm */
 
 void dsmoe__rmsnorm_train_forward(float *y, float *inv_rms, const float *x, const float *w,
@@ -42,7 +52,7 @@ void dsmoe__rmsnorm_train_forward(float *y, float *inv_rms, const float *x, cons
                                   int n_threads) {
     const int nt = dsmoe__threads(n_threads);
     (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N > 1)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && PAR_ROWS(N, n))
     for (int64_t t = 0; t < N; t++) {
         const float *xr = x + t * ldx;
         float *yr = y + t * ldy;
@@ -59,7 +69,7 @@ void dsmoe__add_rmsnorm_train_forward(float *h, float *y, float *inv_rms, const 
                                       float eps, int n_threads) {
     const int nt = dsmoe__threads(n_threads);
     (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N > 1)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && PAR_ROWS(N, n))
     for (int64_t t = 0; t < N; t++) {
         const float *ar = a + t * n, *br = b + t * n;
         float *hr = h + t * n, *yr = y + t * n;
@@ -78,7 +88,7 @@ void dsmoe__rmsnorm_backward(float *dx, float *dw, const float *dy, const float 
     const int nt = dsmoe__threads(n_threads);
     (void)nt;
     if (dx) {
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N > 1)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && PAR_ROWS(N, n))
         for (int64_t t = 0; t < N; t++) {
             const float *xr = x + t * ldx, *gr = dy + t * lddy;
             float *dr = dx + t * lddx;
@@ -121,8 +131,9 @@ void dsmoe__linear_forward(float *y, int64_t ldy, const float *x, int64_t ldx, c
     }
     const int nt = dsmoe__threads(n_threads);
     const int64_t pr = piece(N, DSMOE__GRAD_ROW_BLOCK), nb = nblocks(N, pr);
-    (void)nt;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && nb > 1)
+    const int par = nt > 1 && nb > 1 && (double)N * in * out >= PAR_MIN_MACS;
+    (void)nt, (void)par;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (par)
     for (int64_t b = 0; b < nb; b++) {
         const int64_t r0 = b * pr;
         const int rows = (int)(N - r0 < pr ? N - r0 : pr);
@@ -136,14 +147,15 @@ void dsmoe__linear_backward(float *dx, int64_t lddx, float *dW, const float *dy,
                             int32_t out, int acc_dx, int n_threads) {
     if (N <= 0 || in <= 0) return;
     const int nt = dsmoe__threads(n_threads);
-    (void)nt;
+    const int big = (double)N * in * out >= PAR_MIN_MACS;
+    (void)nt, (void)big;
     if (dx) {
         const int64_t pr = piece(N, DSMOE__GRAD_ROW_BLOCK), nb = nblocks(N, pr);
         if (out <= 0) {
             if (!acc_dx)
                 for (int64_t t = 0; t < N; t++) memset(dx + t * lddx, 0, (size_t)in * sizeof(float));
         } else {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && nb > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && nb > 1 && big)
             for (int64_t b = 0; b < nb; b++) {
                 const int64_t r0 = b * pr;
                 const int rows = (int)(N - r0 < pr ? N - r0 : pr);
@@ -158,7 +170,7 @@ void dsmoe__linear_backward(float *dx, int64_t lddx, float *dW, const float *dy,
         const int64_t pi = out >= in ? in : piece(in, GRAD_COL_BLOCK);
         const int64_t nbo = nblocks(out, po), nbi = nblocks(in, pi);
         const int64_t ntile = nbo * nbi;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && ntile > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && ntile > 1 && big)
         for (int64_t k = 0; k < ntile; k++) {
             const int64_t o0 = (k / nbi) * po, i0 = (k % nbi) * pi;
             const int orows = (int)(out - o0 < po ? out - o0 : po);
@@ -212,7 +224,7 @@ dsmoe_status dsmoe__swiglu_train_forward(float *y, const float *x, const dsmoe__
     const int64_t n = N * I, nc = nblocks(n, EW_CHUNK);
     const dsmoe__kernel_table *kt = dsmoe__kernels();
     (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nc > 1)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nc > 1 && n >= PAR_MIN_ELEMS)
     for (int64_t c = 0; c < nc; c++) {
         const int64_t k0 = c * EW_CHUNK, m = n - k0 < EW_CHUNK ? n - k0 : EW_CHUNK;
         kt->swiglu(h + k0, g + k0, u + k0, m);
@@ -239,14 +251,14 @@ dsmoe_status dsmoe__swiglu_train_backward(float *dx, const dsmoe__mlp_grads *gr,
     const int64_t n = N * I, nc = nblocks(n, EW_CHUNK);
     const dsmoe__kernel_table *kt = dsmoe__kernels();
     (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nc > 1)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nc > 1 && n >= PAR_MIN_ELEMS)
     for (int64_t c = 0; c < nc; c++) {
         const int64_t k0 = c * EW_CHUNK, m = n - k0 < EW_CHUNK ? n - k0 : EW_CHUNK;
         kt->swiglu(h + k0, g + k0, u + k0, m);
     }
     dsmoe__linear_backward(dh, I, gr->down, dy, D, h, I, p->down, N, I, D, 0, nt);
     /* h becomes σ(g), then du; dh becomes dg. */
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nc > 1)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nc > 1 && n >= PAR_MIN_ELEMS)
     for (int64_t c = 0; c < nc; c++) {
         const int64_t k0 = c * EW_CHUNK, m = n - k0 < EW_CHUNK ? n - k0 : EW_CHUNK;
         float *hc = h + k0, *dc = dh + k0;

@@ -22,6 +22,10 @@
 /* Query rows per block of the attention. */
 #define ATT_QB 64
 
+/* Elements below which a row-wise pass stays on the calling thread (a parallel region's
+ * wake and join cost about as much); the rows are the same either way. */
+#define MLA_PAR_MIN 65536
+
 typedef struct mla_dims {
     int64_t B, T, N, D, H, n, r, v, c, q, half;
     int64_t qb; /* rows of a query block: min(T, ATT_QB) */
@@ -257,7 +261,8 @@ static void rope_pairs(float *x, const float *cs, int64_t half, int dir) {
 static void rope_rows(const mla_dims *m, float *qf, float *kv, const float *cs, int dir, int nt) {
     const int64_t N = m->N;
     (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N > 64)
+#pragma omp parallel for schedule(static) num_threads(nt) \
+    if (nt > 1 && N * (m->H + 1) * m->r >= MLA_PAR_MIN)
     for (int64_t t = 0; t < N; t++) {
         const float *ct = cs + (t % m->T) * m->r;
         for (int64_t h = 0; h < m->H; h++)
@@ -270,7 +275,7 @@ static void rope_rows(const mla_dims *m, float *qf, float *kv, const float *cs, 
 static void rms_apply(float *y, int64_t ldy, const float *x, int64_t ldx, const float *w,
                       const float *inv, int64_t N, int64_t n, int nt) {
     (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N > 64)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N * n >= MLA_PAR_MIN)
     for (int64_t t = 0; t < N; t++)
         for (int64_t i = 0; i < n; i++) y[t * ldy + i] = x[t * ldx + i] * inv[t] * w[i];
 }
@@ -307,20 +312,35 @@ static void attn_scores(const mla_dims *m, const mla_save *s, const float *K, in
 }
 
 /* Row i of a block of raw scores: p[0..i] = softmax(scale · p[0..i]) (the kernels'
- * vectorised softmax, kernels.h), p[i+1..keys) = 0; returns the log-sum-exp of the scaled
- * scores (max − log p[argmax], the largest one's probability being 1 / Σ exp(· − max)).
- * The backward recomputes the same raw scores and calls this again: the same bits. */
+ * vectorised softmax, kernels.h), p[i+1..keys) = 0; with lse, returns the log-sum-exp of
+ * the scaled scores (max − log p[argmax], the largest one's probability being
+ * 1 / Σ exp(· − max); argmax the first largest). The scaling and the maximum run over 16
+ * lanes (a maximum is exact in any order); the backward recomputes the same raw scores and
+ * calls this again: the same bits. */
 static float softmax_row(const dsmoe__kernel_table *kt, float *p, int64_t i, int64_t keys,
-                         float scale) {
-    int64_t am = 0;
-    for (int64_t j = 0; j <= i; j++) {
+                         float scale, int lse) {
+    const int64_t cnt = i + 1;
+    float m16[16];
+    for (int l = 0; l < 16; l++) m16[l] = -INFINITY;
+    int64_t j = 0;
+    for (; j + 16 <= cnt; j += 16)
+        for (int l = 0; l < 16; l++) {
+            const float x = p[j + l] * scale;
+            p[j + l] = x;
+            m16[l] = x > m16[l] ? x : m16[l];
+        }
+    float mx = -INFINITY;
+    for (; j < cnt; j++) {
         p[j] *= scale;
-        am = p[j] > p[am] ? j : am;
+        mx = p[j] > mx ? p[j] : mx;
     }
-    const float mx = p[am];
-    kt->softmax(p, p, i + 1);
-    for (int64_t j = i + 1; j < keys; j++) p[j] = 0.0f;
-    return mx - logf(p[am]);
+    for (int l = 0; l < 16; l++) mx = m16[l] > mx ? m16[l] : mx;
+    int64_t am = 0;
+    if (lse)
+        while (am < i && !(p[am] == mx)) am++;
+    kt->softmax(p, p, cnt);
+    for (j = cnt; j < keys; j++) p[j] = 0.0f;
+    return lse ? mx - logf(p[am]) : 0.0f;
 }
 
 /* The attention of sequence b, head h: out and lse of its rows; P (task_floats(m, 1)) is
@@ -335,7 +355,7 @@ static void attn_forward_task(const mla_dims *m, const mla_save *s, int64_t b, i
         const int64_t rows = m->T - i0 < m->qb ? m->T - i0 : m->qb, keys = i0 + rows;
         attn_scores(m, s, K, b, h, i0, rows, keys, P);
         for (int64_t ii = 0; ii < rows; ii++)
-            s->lse[(r0 + i0 + ii) * H + h] = softmax_row(kt, P + ii * m->T, i0 + ii, keys, scale);
+            s->lse[(r0 + i0 + ii) * H + h] = softmax_row(kt, P + ii * m->T, i0 + ii, keys, scale, 1);
         mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, v, keys, P, m->T, s->kvb + (r0 * H + h) * (n + v) + n,
            H * (n + v), 0.0f, s->out + ((r0 + i0) * H + h) * v, H * v);
     }
@@ -410,7 +430,7 @@ static void attn_backward_task(const mla_dims *m, const mla_save *s, const mla_b
             float *p = P + ii * m->T, *dp = dP + ii * m->T;
             float Di = 0.0f;
             for (int64_t k = 0; k < v; k++) Di += doi[k] * oi[k];
-            softmax_row(kt, p, i, keys, scale); /* the forward's probabilities, bit for bit */
+            softmax_row(kt, p, i, keys, scale, 0); /* the forward's probabilities */
             for (int64_t j = 0; j <= i; j++) dp[j] = p[j] * (dp[j] - Di) * scale; /* dS */
             for (int64_t j = i + 1; j < keys; j++) dp[j] = 0.0f;
         }
@@ -457,7 +477,8 @@ dsmoe_status dsmoe__mla_train_backward(const dsmoe_model_config *c, const dsmoe_
         attn_backward_task(&m, &s, &g, k / m.H, k % m.H, g.att + k * task_floats(&m, 2), scale);
     }
     /* dk_pe: the heads' parts summed in head order, into dkv's k_pe columns. */
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && m.N > 64)
+#pragma omp parallel for schedule(static) num_threads(nt) \
+    if (nt > 1 && m.N * m.H * m.r >= MLA_PAR_MIN)
     for (int64_t t = 0; t < m.N; t++)
         for (int64_t k = 0; k < m.r; k++) {
             float a = 0.0f;
