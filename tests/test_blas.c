@@ -6,7 +6,7 @@
  *              overwrites NaN in C, beta 1 accumulates, leading dimensions wider than
  *              the rows;
  *   threads    several threads calling at once, many times, over a mix of shapes
- *              (small ones on BLIS's unpacked path, larger ones packed), get exactly
+ *              (small ones on the small-product path, larger ones through BLIS), get exactly
  *              the bits of the same calls made one at a time;
  *   one thread BLIS_NUM_THREADS=4 in the environment: a large product still runs
  *              in the calling thread only (the process's thread count, sampled
