@@ -353,8 +353,8 @@ static void run_splits(const char *rname, dsmoe_score_func f) {
         ASSERT_NEAR(mean, whole, 1e-6 * whole);
         double gmax = 0, dmax = 0;
         for (int i = 0; i < LT * E; i++) {
-            gmax = fmax(gmax, fabs(whole_g[i]));
-            dmax = fmax(dmax, fabs(half_g[i] / 2 - whole_g[i]));
+            gmax = fmax(gmax, fabs((double)whole_g[i]));
+            dmax = fmax(dmax, fabs((double)half_g[i] / 2 - (double)whole_g[i]));
         }
         ASSERT_TRUE(gmax > 0 && dmax <= 1e-6 * gmax);
         free(ws);

@@ -18,7 +18,8 @@
 #include "testlib.h"
 
 static float *rand_buf(size_t n) {
-    float *v = (float *)malloc(n * sizeof(float) + 4);
+    float *v = (float *)calloc(n + 1, sizeof(float));
+    if (!v) abort();
     for (size_t i = 0; i < n; i++) v[i] = (float)tl_normal();
     return v;
 }

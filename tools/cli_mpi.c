@@ -253,10 +253,10 @@ static dsmoe_status coll_attach(void *ctx, dsmoe_train_model *tm) {
     int32_t *bounds = (int32_t *)calloc((size_t)mpi_size + 1, sizeof(int32_t));
     dsmoe_status st = dsmoe_ep_agree(MPI_COMM_WORLD, ep_layers && bounds ? DSMOE_OK
                                                                          : DSMOE_STATUS_OUT_OF_MEMORY);
-    if (st != DSMOE_OK) {
+    if (st != DSMOE_OK || !ep_layers || !bounds) { /* (a failed allocation: st says so) */
         free(bounds);
         coll_detach(ctx);
-        return st;
+        return st != DSMOE_OK ? st : DSMOE_STATUS_OUT_OF_MEMORY;
     }
     /* The model's own block on each rank (it holds only those experts' weights). */
     int32_t fl[2] = {0, -1};

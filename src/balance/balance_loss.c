@@ -189,7 +189,8 @@ static int seq_phase1(const dsmoe_balance_loss_config *lc, const loss_dims *d,
                       const float *scores, const int32_t *indices, const int64_t *ext,
                       int64_t ext_T, int64_t q, double *w, double *P, double *dev, double *loss,
                       int64_t *bad_t, int32_t *bad_e) {
-    const int32_t E = d->E, K = d->K, D = d->D, EpD = d->E / d->D;
+    /* (D divides E, D >= 1: checked by the caller) */
+    const int32_t E = d->E, K = d->K, D = d->D, EpD = D > 0 && E >= D ? E / D : 1;
     const int64_t Ts = d->Ts, t0 = q * Ts;
     for (int32_t i = 0; i < E; i++) { w[i] = 0.0; P[i] = 0.0; }
     for (int32_t i = 0; i < D; i++) dev[i] = 0.0;

@@ -718,9 +718,10 @@ static dsmoe_status shard_setup(run *r) {
     dsmoe_status st = DSMOE_OK;
     if (!fl || !r->bounds || !r->rep || !r->own)
         st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
-    if ((st = agree(r->coll, st)) != DSMOE_OK) {
+    /* (after the agreement a failed allocation has stopped every rank already) */
+    if ((st = agree(r->coll, st)) != DSMOE_OK || !fl || !r->bounds || !r->rep || !r->own) {
         free(fl);
-        return st;
+        return st != DSMOE_OK ? st : DSMOE_STATUS_OUT_OF_MEMORY;
     }
     int32_t first = 0, last = -1;
     dsmoe_train_model_expert_shard(r->tm, &first, &last);

@@ -385,7 +385,7 @@ dsmoe_status dsmoe_train_model_create_sharded(const dsmoe_model_config *cfg,
     tm->depths = (tm_depth *)calloc((size_t)(tm->Dm > 0 ? tm->Dm : 1), sizeof *tm->depths);
     tm->moe_layer = (int32_t *)calloc((size_t)(tm->n_moe > 0 ? tm->n_moe : 1), sizeof(int32_t));
     tm->moe_exp = (int64_t *)calloc((size_t)(tm->n_moe > 0 ? tm->n_moe : 1), sizeof(int64_t));
-    tm->res = (int64_t *)calloc((size_t)(2 * tm->n_moe + 2), sizeof(int64_t) * 2);
+    tm->res = (int64_t *)calloc(2 * (size_t)tm->n_moe + 2, sizeof(int64_t) * 2);
     if (!tm->tensors || !tm->layers || !tm->depths || !tm->moe_layer || !tm->moe_exp || !tm->res)
         goto oom;
     tm->sharded = tm->n_moe > 0 && !(tm->ex_first == 0 && tm->ex_last == tm->E - 1);
