@@ -1253,9 +1253,13 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
     }
 
     /* 3. phase B over weight-row blocks: dW1 += dGUᵀ·X, dW2 += dYᵀ·H, dWg += duᵀ·x.
-     * Task e: expert (or E: shared, E+1: gate); n: 0 = W1 rows, 1 = W2 rows. */
+     * Task e: expert (or E: shared, E+1: gate); n: 0 = W1 rows, 1 = W2 rows. The shared
+     * expert's tasks (over all T rows, the largest) are listed first so that the routed
+     * ones even out the threads' ends; each task writes its own gradient rows, so the
+     * order never changes a result. */
     int64_t nw = 0;
-    for (int32_t e = 0; e <= E + 1; e++) {
+    for (int32_t j = 0; j <= E + 1; j++) {
+        const int32_t e = j == 0 ? E : j <= E ? j - 1 : E + 1;
         int64_t rows1, rows2;
         if (e < E) {
             if (w->kept[e] == 0) continue;
