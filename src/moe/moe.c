@@ -1137,10 +1137,12 @@ static void moe_expert_backward_rows(const dsmoe_moe *m, int32_t e, int n, const
     const dsmoe__kernel_table *kt = dsmoe__kernels();
     dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, n, f, D, 1.0f, dY, D,
                 (const float *)moe_w2(m, e), f, 0.0f, dH, f);
-    memset(dGU, 0, (size_t)n * 2 * f * sizeof(float));
+    /* The kernel accumulates: each row is zeroed just before it, while it sits in L1
+     * (one pass over dGU instead of a memset pass and then the kernel's). */
     for (int i = 0; i < n; i++) {
         const float *gu = GU + (size_t)i * 2 * f;
         float *dgu = dGU + (size_t)i * 2 * f;
+        memset(dgu, 0, (size_t)2 * f * sizeof(float));
         kt->swiglu_backward(dgu, dgu + f, dH + (size_t)i * f, gu, gu + f, f);
     }
     dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, n, D, 2 * f, 1.0f, dGU, 2 * f,
@@ -1172,25 +1174,56 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
     const int32_t E = m->E, K = m->K, D = m->D, F = m->F, Fs = m->Fs;
     const size_t Dz = (size_t)D;
 
-    /* 0. dweights and the scaled output gradients of the routed rows */
+    /* 0. dweights and the scaled output gradients of the routed rows. Each dot product
+     * is one chain in d order; four of a token's chains run interleaved (latency, not
+     * throughput, bounds one chain), each with the same operations in the same order. */
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t t = 0; t < T; t++) {
         const float *dyt = dy + (size_t)t * Dz;
-        for (int32_t k = 0; k < K; k++) {
-            int32_t r = w->slot[t * K + k];
-            if (r < 0) {
-                w->dweights[t * K + k] = 0.0f;
+        for (int32_t k0 = 0; k0 < K; k0 += 4) {
+            const float *ye[4];
+            float *dye[4], wk[4];
+            int32_t kk[4];
+            int nv = 0;
+            for (int32_t k = k0; k < K && k < k0 + 4; k++) {
+                int32_t r = w->slot[t * K + k];
+                if (r < 0) {
+                    w->dweights[t * K + k] = 0.0f;
+                    continue;
+                }
+                ye[nv] = w->Ye + (size_t)r * Dz;
+                dye[nv] = w->dYe + (size_t)r * Dz;
+                wk[nv] = w->weights[t * K + k];
+                kk[nv] = k;
+                nv++;
+            }
+            if (nv == 4) {
+                float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+                for (size_t d = 0; d < Dz; d++) {
+                    const float g = dyt[d];
+                    s0 = s0 + g * ye[0][d];
+                    s1 = s1 + g * ye[1][d];
+                    s2 = s2 + g * ye[2][d];
+                    s3 = s3 + g * ye[3][d];
+                    dye[0][d] = wk[0] * g;
+                    dye[1][d] = wk[1] * g;
+                    dye[2][d] = wk[2] * g;
+                    dye[3][d] = wk[3] * g;
+                }
+                w->dweights[t * K + kk[0]] = s0;
+                w->dweights[t * K + kk[1]] = s1;
+                w->dweights[t * K + kk[2]] = s2;
+                w->dweights[t * K + kk[3]] = s3;
                 continue;
             }
-            const float *ye = w->Ye + (size_t)r * Dz;
-            float *dye = w->dYe + (size_t)r * Dz;
-            const float wk = w->weights[t * K + k];
-            float s = 0.0f;
-            for (size_t d = 0; d < Dz; d++) {
-                s = s + dyt[d] * ye[d];
-                dye[d] = wk * dyt[d];
+            for (int j = 0; j < nv; j++) {
+                float s = 0.0f;
+                for (size_t d = 0; d < Dz; d++) {
+                    s = s + dyt[d] * ye[j][d];
+                    dye[j][d] = wk[j] * dyt[d];
+                }
+                w->dweights[t * K + kk[j]] = s;
             }
-            w->dweights[t * K + k] = s;
         }
     }
     /* 1. router: dlogits = router_backward(dweights) + extra */
@@ -1220,9 +1253,13 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
     }
 
     /* 3. phase B over weight-row blocks: dW1 += dGUᵀ·X, dW2 += dYᵀ·H, dWg += duᵀ·x.
-     * Task e: expert (or E: shared, E+1: gate); n: 0 = W1 rows, 1 = W2 rows. */
+     * Task e: expert (or E: shared, E+1: gate); n: 0 = W1 rows, 1 = W2 rows. The shared
+     * expert's tasks (over all T rows, the largest) are listed first so that the routed
+     * ones even out the threads' ends; each task writes its own gradient rows, so the
+     * order never changes a result. */
     int64_t nw = 0;
-    for (int32_t e = 0; e <= E + 1; e++) {
+    for (int32_t j = 0; j <= E + 1; j++) {
+        const int32_t e = j == 0 ? E : j <= E ? j - 1 : E + 1;
         int64_t rows1, rows2;
         if (e < E) {
             if (w->kept[e] == 0) continue;
