@@ -217,7 +217,7 @@ static const dsmoe_moe_routing *ep_routing(void *ctx, int32_t k) {
 
 static void coll_detach(void *ctx) {
     (void)ctx;
-    for (int32_t k = 0; k < ep_count; k++) dsmoe_ep_free(ep_layers[k]);
+    for (int32_t k = 0; ep_layers && k < ep_count; k++) dsmoe_ep_free(ep_layers[k]);
     free((void *)ep_layers);
     ep_layers = NULL;
     ep_count = 0;
