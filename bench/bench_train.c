@@ -19,7 +19,8 @@
  * thread on a shared machine).
  *
  * Memory: every malloc / calloc / realloc / aligned_alloc of the program (the library,
- * BLIS's pools included) is counted by the linker's --wrap; the peak of the bytes alive
+ * BLIS's pools included) and every anonymous mmap (the training model's page-allocated
+ * arrays) is counted by the linker's --wrap; the peak of the bytes alive
  * from the model's creation to the last step is reported next to memory_model() below.
  *
  * Prints the machine header on stderr and one JSON line per measurement on stdout;
@@ -36,6 +37,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <sys/types.h>
 
 #define PROG "bench_train"
 
@@ -91,6 +95,53 @@ void __wrap_free(void *p) {
     count_sub(p);
     __real_free(p);
 }
+/* The training model's big arrays are page allocations (anonymous mmap, src/core/pages.c):
+ * counted at their whole size from mmap to munmap (pages given back with madvise still
+ * count), next to malloc's. File mappings (checkpoints read) are not allocations. */
+void *__real_mmap(void *a, size_t n, int prot, int flags, int fd, off_t off);
+int __real_munmap(void *a, size_t n);
+void *__wrap_mmap(void *a, size_t n, int prot, int flags, int fd, off_t off);
+int __wrap_munmap(void *a, size_t n);
+enum { MAP_SLOTS = 4096 };
+static struct { void *p; size_t n; } map_slot[MAP_SLOTS];
+static pthread_mutex_t map_lock = PTHREAD_MUTEX_INITIALIZER;
+static void count_bytes(size_t n, int add) {
+    if (!add) {
+        __atomic_sub_fetch(&alloc_now, n, __ATOMIC_RELAXED);
+        return;
+    }
+    size_t now = __atomic_add_fetch(&alloc_now, n, __ATOMIC_RELAXED);
+    size_t pk = __atomic_load_n(&alloc_peak, __ATOMIC_RELAXED);
+    while (now > pk && !__atomic_compare_exchange_n(&alloc_peak, &pk, now, 1, __ATOMIC_RELAXED,
+                                                    __ATOMIC_RELAXED)) {
+    }
+}
+void *__wrap_mmap(void *a, size_t n, int prot, int flags, int fd, off_t off) {
+    void *p = __real_mmap(a, n, prot, flags, fd, off);
+    if (p == MAP_FAILED || !(flags & MAP_ANONYMOUS)) return p;
+    pthread_mutex_lock(&map_lock);
+    for (int i = 0; i < MAP_SLOTS; i++)
+        if (!map_slot[i].p) {
+            map_slot[i].p = p;
+            map_slot[i].n = n;
+            count_bytes(n, 1);
+            break;
+        }
+    pthread_mutex_unlock(&map_lock);
+    return p;
+}
+int __wrap_munmap(void *a, size_t n) {
+    pthread_mutex_lock(&map_lock);
+    for (int i = 0; i < MAP_SLOTS; i++)
+        if (map_slot[i].p == a) {
+            count_bytes(map_slot[i].n, 0);
+            map_slot[i].p = NULL;
+            break;
+        }
+    pthread_mutex_unlock(&map_lock);
+    return __real_munmap(a, n);
+}
+
 static size_t alloc_peak_reset(void) {
     size_t now = __atomic_load_n(&alloc_now, __ATOMIC_RELAXED);
     __atomic_store_n(&alloc_peak, now, __ATOMIC_RELAXED);
