@@ -14,6 +14,7 @@
 #include "study_internal.h"
 
 #include "io/io_internal.h"
+#include "train/train_internal.h"
 
 #include <errno.h>
 #include <math.h>
@@ -197,14 +198,7 @@ static double now_s(void) {
 /* Data-parallel studies: every rank passes its status and gets the lowest failing rank's,
  * with that rank's message. One process: st as it is. */
 static dsmoe_status agree(const dsmoe_run_collective *c, dsmoe_status st) {
-    if (!c) return st;
-    char msg[1024];
-    snprintf(msg, sizeof msg, "%s", st != DSMOE_OK ? dsmoe_last_error() : "");
-    int32_t first = 0;
-    int32_t s = c->agree(c->ctx, (int32_t)st, msg, sizeof msg, &first);
-    if (s == 0) return DSMOE_OK;
-    msg[sizeof msg - 1] = '\0';
-    return DSMOE__FAIL((dsmoe_status)s, "rank %d: %s", (int)first, msg);
+    return dsmoe__run_agree(c, st);
 }
 
 typedef struct study_cb {

@@ -79,9 +79,7 @@ static dsmoe_status make_dirs(const char *dir) {
 
 static int is_dp(const dsmoe_run_collective *c) { return c && c->size > 1; }
 
-/* Every rank passes its status and gets the lowest failing rank's, with that rank's
- * message ("rank r: ..."). One process: st as it is. */
-static dsmoe_status agree(const dsmoe_run_collective *c, dsmoe_status st) {
+dsmoe_status dsmoe__run_agree(const dsmoe_run_collective *c, dsmoe_status st) {
     if (!is_dp(c)) return st;
     char msg[1024];
     snprintf(msg, sizeof msg, "%s", st != DSMOE_OK ? dsmoe_last_error() : "");
@@ -90,6 +88,9 @@ static dsmoe_status agree(const dsmoe_run_collective *c, dsmoe_status st) {
     if (s == 0) return DSMOE_OK;
     msg[sizeof msg - 1] = '\0';
     return dsmoe__error((dsmoe_status)s, "rank %d: %s", (int)first, msg);
+}
+static dsmoe_status agree(const dsmoe_run_collective *c, dsmoe_status st) {
+    return dsmoe__run_agree(c, st);
 }
 
 static dsmoe_status comm_failed(const char *what) {

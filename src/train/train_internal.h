@@ -33,4 +33,9 @@ typedef struct dsmoe__adamw_segment {
 void dsmoe__adamw_update_all(const dsmoe_adamw_config *cfg, const dsmoe__adamw_segment *seg,
                              int64_t n_seg, int64_t t, double lr, float grad_scale, int n_threads);
 
+/* Data-parallel runs (run.c): every rank passes its status and gets the lowest failing
+ * rank's, with that rank's message ("rank r: ..."); collective. One process (c NULL or
+ * one rank): st as it is. */
+dsmoe_status dsmoe__run_agree(const dsmoe_run_collective *c, dsmoe_status st);
+
 #endif /* DSMOE_TRAIN_INTERNAL_H */
