@@ -255,10 +255,10 @@ dsmoe_status dsmoe_study_run(const dsmoe_study_config *sc, const char *out_dir, 
             goto out;
         }
     }
+    /* done[i]: 1 finished, 2 to resume, 0 to start (rank 0's view, sent to every rank) */
+    int64_t state[DSMOE_STUDY_MAX_RUNS] = {0};
     snprintf(runs, L, "%s/runs", out_dir);
     if (lead && ((st = make_dir(out_dir)) || (st = make_dir(runs)))) goto agreed;
-    /* done[i]: 1 finished, 2 to resume, 0 to start (rank 0's view, sent to every rank) */
-    int64_t state[DSMOE_STUDY_MAX_RUNS];
     for (int32_t i = 0; i < n; i++) {
         snprintf(dir, L, "%s/%s", runs, pl[i].name);
         state[i] = !lead ? 0 : finished(dir, rcs[i].steps) ? 1 : has_checkpoint(dir) ? 2 : 0;
