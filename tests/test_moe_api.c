@@ -150,6 +150,36 @@ done0:
     dsmoe_moe_free(own_b);
 }
 
+/* Caller buffers that are mostly zero already (a fresh page allocation, as a sharded
+ * training model gives): the create skips the zero pieces, yet every stray nonzero value,
+ * wherever it sits in a 4 KiB piece or in the last, partial one, is zeroed. */
+static void test_caller_buffers_sparse_values(void) {
+    dsmoe_moe_config ca, cb;
+    two_configs(&ca, &cb, 1);
+    const size_t na = dsmoe_moe_param_count(&ca);
+    ASSERT_TRUE(na > 2048);
+    float *P = (float *)dsmoe_malloc(na * sizeof(float));
+    float *G = (float *)dsmoe_malloc(na * sizeof(float));
+    dsmoe_moe *la = NULL;
+    if (!P || !G) goto done;
+    memset(P, 0, na * sizeof(float));
+    memset(G, 0, na * sizeof(float));
+    P[0] = 1.0f;       /* first float of the first piece */
+    P[1023] = -2.0f;   /* last float of the first piece */
+    P[na - 1] = 3.0f;  /* the last piece */
+    G[1024] = 4.0f;    /* first float of the second piece */
+    G[na - 1] = NAN;
+    dsmoe_moe_buffers b = {P, G, NULL, 0};
+    ASSERT_OK(dsmoe_moe_create_with(&ca, &b, &la));
+    int zero = 1;
+    for (size_t i = 0; i < na; i++) zero &= P[i] == 0.0f && G[i] == 0.0f;
+    ASSERT_TRUE(zero);
+done:
+    dsmoe_moe_free(la);
+    dsmoe_free(P);
+    dsmoe_free(G);
+}
+
 static void test_buffer_errors(void) {
     dsmoe_moe_config c = cfg_of(12, 6, 8, 2, 2, 1, 1, 0);
     dsmoe_moe *m = (dsmoe_moe *)(uintptr_t)1;
@@ -760,6 +790,7 @@ static void test_find_prefix_none(void) {
 
 int main(void) {
     RUN(test_param_count_and_caller_buffers);
+    RUN(test_caller_buffers_sparse_values);
     RUN(test_buffer_errors);
     RUN(test_shared_workspace_inference);
     RUN(test_shared_workspace_training);
