@@ -198,32 +198,9 @@ static void run_ranks(int R, const dsmoe_run_config *const *rcs, const char *dir
 
 /* ---------------------------------------------------------------- utils -- */
 
-static void rm_rf(const char *path) {
-    char cmd[4200];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", path);
-    if (system(cmd) != 0) fprintf(stderr, "cannot remove %s\n", path);
-}
-
-static char *slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *p = (char *)malloc((size_t)n + 1);
-    if (p && fread(p, 1, (size_t)n, f) != (size_t)n) {
-        free(p);
-        p = NULL;
-    }
-    fclose(f);
-    if (p) p[n] = '\0';
-    if (len) *len = (size_t)n;
-    return p;
-}
-
 static int same_file(const char *a, const char *b) {
     size_t na = 0, nb = 0;
-    char *pa = slurp(a, &na), *pb = slurp(b, &nb);
+    char *pa = tl_slurp(a, &na), *pb = tl_slurp(b, &nb);
     int same = pa && pb && na == nb && memcmp(pa, pb, na) == 0;
     free(pa);
     free(pb);
@@ -246,7 +223,7 @@ static char dirs[6][4096];
 
 static const char *fresh(int i, const char *name) {
     snprintf(dirs[i], sizeof dirs[i], "%s", tl_tmp(name));
-    rm_rf(dirs[i]);
+    tl_rm_rf(dirs[i]);
     return dirs[i];
 }
 
@@ -303,7 +280,7 @@ static void test_matches_one_process(void) {
     ASSERT_TRUE(same_file(a, b));
     /* rank 0 alone wrote the folder: metrics.jsonl holds one run */
     snprintf(a, sizeof a, "%s/metrics.jsonl", dirs[3]);
-    char *m = slurp(a, NULL);
+    char *m = tl_slurp(a, NULL);
     ASSERT_TRUE(m != NULL);
     if (m) {
         ASSERT_TRUE(strstr(m, "\"ranks\":4") != NULL);
@@ -355,7 +332,7 @@ static void test_errors(void) {
 /* The value after "key": in the train record of step `step` in metrics.jsonl at path
  * (NAN if absent). */
 static double train_field(const char *path, int step, const char *key) {
-    char *m = slurp(path, NULL);
+    char *m = tl_slurp(path, NULL);
     double v = NAN;
     char head[64], k[64];
     snprintf(head, sizeof head, "{\"type\":\"train\",\"step\":%d,", step);

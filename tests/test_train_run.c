@@ -15,12 +15,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static void rm_rf(const char *path) {
-    char cmd[8192];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", path);
-    if (system(cmd) != 0) fprintf(stderr, "cannot remove %s\n", path);
-}
-
 /* out = a b c (cut to cap - 1 bytes). */
 static char *cat3(char *out, size_t cap, const char *a, const char *b, const char *c) {
     size_t o = 0;
@@ -38,24 +32,6 @@ static char *path_in(const char *dir, const char *name) {
     return cat3(buf[k], sizeof buf[k], dir, "/", name);
 }
 
-/* The whole file (NUL-terminated), or NULL. */
-static char *slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *p = (char *)malloc((size_t)n + 1);
-    if (p && fread(p, 1, (size_t)n, f) != (size_t)n) {
-        free(p);
-        p = NULL;
-    }
-    fclose(f);
-    if (p) p[n] = '\0';
-    if (len) *len = (size_t)n;
-    return p;
-}
-
 static int write_file(const char *path, const void *p, size_t n) {
     FILE *f = fopen(path, "wb");
     if (!f) return 0;
@@ -65,7 +41,7 @@ static int write_file(const char *path, const void *p, size_t n) {
 
 static int same_file(const char *a, const char *b) {
     size_t na, nb;
-    char *pa = slurp(a, &na), *pb = slurp(b, &nb);
+    char *pa = tl_slurp(a, &na), *pb = tl_slurp(b, &nb);
     int same = pa && pb && na == nb && memcmp(pa, pb, na) == 0;
     free(pa);
     free(pb);
@@ -74,7 +50,7 @@ static int same_file(const char *a, const char *b) {
 
 /* metrics.jsonl without what may differ between sessions: times, speeds, threads. */
 static char *metrics_core(const char *dir) {
-    char *s = slurp(path_in(dir, "metrics.jsonl"), NULL);
+    char *s = tl_slurp(path_in(dir, "metrics.jsonl"), NULL);
     if (!s) return NULL;
     static const char *const keys[] = {"\"tokens_per_s\":", "\"elapsed_s\":", "\"threads\":"};
     for (size_t k = 0; k < 3; k++)
@@ -173,7 +149,7 @@ static void test_learns(void) {
     rc.eval_tokens = 2048;
     rc.save_every = 0;
     const char *dir = tl_tmp("train_run_learns");
-    rm_rf(dir);
+    tl_rm_rf(dir);
     dsmoe_run_result res;
     ASSERT_OK(run_in(&rc, dir, 1, 0, 0, &res));
     dsmoe_corpus *c = NULL;
@@ -193,7 +169,7 @@ static void test_learns(void) {
     ASSERT_TRUE(res.train_loss < 0.75 * h);
     ASSERT_TRUE(res.val_maxvio >= 0 && res.val_maxvio < 2);
     /* The metrics: the run record, 200 train records, one eval record, steps in order. */
-    char *m = slurp(path_in(dir, "metrics.jsonl"), NULL);
+    char *m = tl_slurp(path_in(dir, "metrics.jsonl"), NULL);
     ASSERT_TRUE(m != NULL);
     if (!m) return;
     int lines = 0, train = 0, evals = 0;
@@ -208,7 +184,7 @@ static void test_learns(void) {
                 strstr(m, "\"mutual_information\":") && strstr(m, "\"top_weight_hist\":[") &&
                 strstr(m, "\"score_entropy\":") && strstr(m, "\"bias_std\":"));
     free(m);
-    rm_rf(dir);
+    tl_rm_rf(dir);
 }
 
 /* The checkpoint opens as a model whose loss on a window equals the training model's
@@ -216,7 +192,7 @@ static void test_learns(void) {
 static void test_checkpoint_model(void) {
     dsmoe_run_config rc = tiny_config(20);
     const char *dir = tl_tmp("train_run_ckpt");
-    rm_rf(dir);
+    tl_rm_rf(dir);
     ASSERT_OK(run_in(&rc, dir, 1, 0, 0, NULL));
     char ck[4096];
     cat3(ck, sizeof ck, dir, "/checkpoint", "");
@@ -284,7 +260,7 @@ static void test_checkpoint_model(void) {
     ASSERT_EQ_INT(back.steps, 20);
     ASSERT_TRUE(strcmp(back.strategy, "v3") == 0 && strcmp(back.preset, "tiny") == 0);
     ASSERT_TRUE(back.adamw.lr == rc.adamw.lr && back.balancer.gamma == rc.balancer.gamma);
-    rm_rf(dir);
+    tl_rm_rf(dir);
 }
 
 /* Stopped at 15 and at 27 (not save points), resumed each time: the same bits as the
@@ -294,8 +270,8 @@ static void test_resume_bits(void) {
     char a[4096], b[4096];
     cat3(a, sizeof a, tl_tmp("train_run_whole"), "", "");
     cat3(b, sizeof b, tl_tmp("train_run_parts"), "", "");
-    rm_rf(a);
-    rm_rf(b);
+    tl_rm_rf(a);
+    tl_rm_rf(b);
     dsmoe_run_result ra, rb;
     ASSERT_OK(run_in(&rc, a, 1, 0, 0, &ra));
     ASSERT_OK(run_in(&rc, b, 1, 0, 15, &rb));
@@ -312,7 +288,7 @@ static void test_resume_bits(void) {
     assert_same_runs(a, b);
     /* Metrics lines written after the checkpoint (a kill before the next one) are dropped
      * on resume. */
-    rm_rf(b);
+    tl_rm_rf(b);
     ASSERT_OK(run_in(&rc, b, 1, 0, 20, &rb));
     FILE *f = fopen(path_in(b, "metrics.jsonl"), "ab");
     if (f) {
@@ -321,8 +297,8 @@ static void test_resume_bits(void) {
     }
     ASSERT_OK(run_in(NULL, b, 1, 1, 0, &rb));
     assert_same_runs(a, b);
-    rm_rf(a);
-    rm_rf(b);
+    tl_rm_rf(a);
+    tl_rm_rf(b);
 }
 
 /* One thread and two: the same bits. */
@@ -331,13 +307,13 @@ static void test_threads(void) {
     char a[4096], b[4096];
     cat3(a, sizeof a, tl_tmp("train_run_t1"), "", "");
     cat3(b, sizeof b, tl_tmp("train_run_t2"), "", "");
-    rm_rf(a);
-    rm_rf(b);
+    tl_rm_rf(a);
+    tl_rm_rf(b);
     ASSERT_OK(run_in(&rc, a, 1, 0, 0, NULL));
     ASSERT_OK(run_in(&rc, b, 2, 0, 0, NULL));
     assert_same_runs(a, b);
-    rm_rf(a);
-    rm_rf(b);
+    tl_rm_rf(a);
+    tl_rm_rf(b);
 }
 
 /* Corrupt, truncated, foreign: refused naming the file; the checkpoint is unchanged. */
@@ -347,7 +323,7 @@ static void test_corrupt(void) {
     char dir[4096], ck[4096];
     cat3(dir, sizeof dir, dir0, "", "");
     cat3(ck, sizeof ck, dir, "/checkpoint", "");
-    rm_rf(dir);
+    tl_rm_rf(dir);
     ASSERT_OK(run_in(&rc, dir, 1, 0, 10, NULL));
     static const char *const files[] = {"model.safetensors", "training_state.safetensors",
                                         "config.json", "dsmoe_checksums.txt"};
@@ -355,7 +331,7 @@ static void test_corrupt(void) {
         for (int how = 0; how < 2; how++) { /* 0: truncate, 1: flip a byte */
             char *p = path_in(ck, files[f]);
             size_t n;
-            char *orig = slurp(p, &n);
+            char *orig = tl_slurp(p, &n);
             if (!orig) {
                 TL_FAIL("cannot read %s", p);
                 continue;
@@ -371,7 +347,7 @@ static void test_corrupt(void) {
                 TL_FAIL("%s %s: message \"%s\" does not name it", how ? "flipped" : "truncated",
                         files[f], dsmoe_last_error());
             size_t n2;
-            char *now = slurp(p, &n2); /* left as it was (damaged), nothing else written */
+            char *now = tl_slurp(p, &n2); /* left as it was (damaged), nothing else written */
             ASSERT_TRUE(now && n2 == bn && memcmp(now, bad, bn) == 0);
             free(now);
             ASSERT_EQ_INT(saved_step(dir), f == 1 ? saved_step(dir) : 10);
@@ -388,12 +364,12 @@ static void test_corrupt(void) {
     other.model.hidden_size = 48;
     ASSERT_STATUS(run_in(&other, dir, 1, 1, 0, NULL), DSMOE_STATUS_INVALID_CONFIG);
     /* A foreign folder: a model directory without the training files. */
-    rm_rf(path_in(ck, "dsmoe_checksums.txt"));
+    tl_rm_rf(path_in(ck, "dsmoe_checksums.txt"));
     ASSERT_STATUS(run_in(NULL, dir, 1, 1, 0, NULL), DSMOE_STATUS_FORMAT);
     ASSERT_TRUE(strstr(dsmoe_last_error(), "dsmoe_checksums.txt") != NULL);
     /* A fresh run does not overwrite a run's folder. */
     ASSERT_STATUS(run_in(&rc, dir, 1, 0, 0, NULL), DSMOE_STATUS_INVALID_ARGUMENT);
-    rm_rf(dir);
+    tl_rm_rf(dir);
     /* No checkpoint to resume. */
     ASSERT_STATUS(run_in(NULL, dir, 1, 1, 0, NULL), DSMOE_STATUS_IO);
     ASSERT_TRUE(strstr(dsmoe_last_error(), "checkpoint") != NULL);
@@ -408,7 +384,7 @@ static void test_io_errors(void) {
     const char *dir0 = tl_tmp("train_run_io");
     char dir[4096];
     cat3(dir, sizeof dir, dir0, "", "");
-    rm_rf(dir);
+    tl_rm_rf(dir);
     ASSERT_STATUS(run_in(&rc, dir, 1, 0, 0, NULL), DSMOE_STATUS_IO);
     if (!strstr(dsmoe_last_error(), "no/such/file.txt")) TL_FAIL("message: %s", dsmoe_last_error());
     /* A folder under a regular file. */
@@ -439,7 +415,7 @@ static void test_io_errors(void) {
     ASSERT_STATUS(run_in(NULL, dir, 1, 1, 0, NULL), DSMOE_STATUS_FORMAT);
     if (!strstr(dsmoe_last_error(), data)) TL_FAIL("message: %s", dsmoe_last_error());
     unlink(data);
-    rm_rf(dir);
+    tl_rm_rf(dir);
 }
 
 /* A NaN (an absurd learning rate) stops the run naming the step; the last checkpoint is
@@ -450,7 +426,7 @@ static void test_nan_stop(void) {
     rc.adamw.warmup_steps = 3;
     rc.save_every = 1;
     const char *dir = tl_tmp("train_run_nan");
-    rm_rf(dir);
+    tl_rm_rf(dir);
     dsmoe_run_result res;
     ASSERT_STATUS(run_in(&rc, dir, 1, 0, 0, &res), DSMOE_STATUS_NON_FINITE);
     char want[64];
@@ -466,7 +442,7 @@ static void test_nan_stop(void) {
     ASSERT_STATUS(run_in(NULL, dir, 1, 1, 0, &r2), DSMOE_STATUS_NON_FINITE);
     ASSERT_TRUE(strstr(dsmoe_last_error(), want) != NULL);
     ASSERT_EQ_INT(saved_step(dir), res.step);
-    rm_rf(dir);
+    tl_rm_rf(dir);
 }
 
 /* Every strategy trains a few steps; their routing fields and balancing. */
@@ -479,11 +455,11 @@ static void test_strategies(void) {
         ASSERT_OK(dsmoe_run_config_validate(&rc));
         ASSERT_TRUE(strcmp(rc.strategy, s) == 0);
         const char *dir = tl_tmp("train_run_strategy");
-        rm_rf(dir);
+        tl_rm_rf(dir);
         dsmoe_run_result res;
         ASSERT_OK(run_in(&rc, dir, 1, 0, 0, &res));
         ASSERT_TRUE(isfinite(res.val_loss));
-        rm_rf(dir);
+        tl_rm_rf(dir);
     }
     ASSERT_EQ_INT(n, 7);
     dsmoe_run_config rc = tiny_config(4);

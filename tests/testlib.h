@@ -177,6 +177,31 @@ static inline const char *tl_tmp(const char *name) {
     return buf;
 }
 
+/* The whole file (NUL-terminated; its size in *len when len is not NULL), or NULL. */
+static inline char *tl_slurp(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *p = n >= 0 ? (char *)malloc((size_t)n + 1) : NULL;
+    if (p && fread(p, 1, (size_t)n, f) != (size_t)n) {
+        free(p);
+        p = NULL;
+    }
+    fclose(f);
+    if (p) p[n] = '\0';
+    if (len) *len = p ? (size_t)n : 0;
+    return p;
+}
+
+/* Removes a scratch folder and everything in it. */
+static inline void tl_rm_rf(const char *path) {
+    char cmd[8192];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", path);
+    if (system(cmd) != 0) fprintf(stderr, "cannot remove %s\n", path);
+}
+
 /* Guarded buffers: 64 bytes of 0xA5 before and after; tl_guard_ok checks them. */
 #define TL_GUARD 64
 static inline void *tl_guarded_alloc(size_t nbytes) {
