@@ -195,12 +195,6 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* Data-parallel studies: every rank passes its status and gets the lowest failing rank's,
- * with that rank's message. One process: st as it is. */
-static dsmoe_status agree(const dsmoe_run_collective *c, dsmoe_status st) {
-    return dsmoe__run_agree(c, st);
-}
-
 typedef struct study_cb {
     dsmoe_study_progress sp;
     dsmoe_study_progress_fn fn;
@@ -264,7 +258,7 @@ dsmoe_status dsmoe_study_run(const dsmoe_study_config *sc, const char *out_dir, 
         state[i] = !lead ? 0 : finished(dir, rcs[i].steps) ? 1 : has_checkpoint(dir) ? 2 : 0;
     }
 agreed:
-    if ((st = agree(co, st))) goto out;
+    if ((st = dsmoe__run_agree(co, st))) goto out;
     if (co && co->sum_i64(co->ctx, state, n)) {
         st = DSMOE__FAIL(DSMOE_STATUS_IO, "study: the ranks' run states failed (communication)");
         goto out;
@@ -308,7 +302,7 @@ agreed:
         cb.done_s += now_s() - cb.run_t0;
         cb.done_runs++;
     }
-    st = agree(co, lead ? dsmoe_study_summarize(out_dir, out_dir) : DSMOE_OK);
+    st = dsmoe__run_agree(co, lead ? dsmoe_study_summarize(out_dir, out_dir) : DSMOE_OK);
 out:
     free(pl);
     free(rcs);

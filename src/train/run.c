@@ -89,9 +89,6 @@ dsmoe_status dsmoe__run_agree(const dsmoe_run_collective *c, dsmoe_status st) {
     msg[sizeof msg - 1] = '\0';
     return dsmoe__error((dsmoe_status)s, "rank %d: %s", (int)first, msg);
 }
-static dsmoe_status agree(const dsmoe_run_collective *c, dsmoe_status st) {
-    return dsmoe__run_agree(c, st);
-}
 
 static dsmoe_status comm_failed(const char *what) {
     return dsmoe__error(DSMOE_STATUS_IO, "run: the ranks' %s failed (communication)", what);
@@ -447,7 +444,7 @@ static dsmoe_status evaluate(run *r, int64_t step, double *val_loss, double *val
         }
     }
 local_done:
-    if ((st = agree(r->coll, st)) != DSMOE_OK) return st;
+    if ((st = dsmoe__run_agree(r->coll, st)) != DSMOE_OK) return st;
     if ((st = sum_f64(r, &loss_sum, 1, "evaluation sums")) != DSMOE_OK ||
         (st = sum_f64(r, r->dom_loss, ND, "evaluation sums")) != DSMOE_OK ||
         (st = sum_f64(r, r->esent, (int64_t)nm, "evaluation sums")) != DSMOE_OK ||
@@ -720,7 +717,7 @@ static dsmoe_status shard_setup(run *r) {
     if (!fl || !r->bounds || !r->rep || !r->own)
         st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
     /* (after the agreement a failed allocation has stopped every rank already) */
-    if ((st = agree(r->coll, st)) != DSMOE_OK || !fl || !r->bounds || !r->rep || !r->own) {
+    if ((st = dsmoe__run_agree(r->coll, st)) != DSMOE_OK || !fl || !r->bounds || !r->rep || !r->own) {
         free(fl);
         return st != DSMOE_OK ? st : DSMOE_STATUS_OUT_OF_MEMORY;
     }
@@ -944,7 +941,7 @@ static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_resul
             if (st == DSMOE_OK) st = dsmoe_train_model_backward(r->tm);
             if (st != DSMOE_OK) st = prefixed(st, "step %lld", (long long)step);
         }
-        if ((st = agree(r->coll, st)) != DSMOE_OK) return st;
+        if ((st = dsmoe__run_agree(r->coll, st)) != DSMOE_OK) return st;
         if (is_dp(r->coll)) {
             /* Every part of the loss is a mean over equally many rows (or sequences) per
              * rank: the global batch's is the mean of the ranks'. So is the gradient. */
@@ -1022,7 +1019,7 @@ static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_resul
             } else if (r->rank == 0) { /* rank 0 writes; every rank hears of a failure */
                 if ((st = sync_metrics(r)) == DSMOE_OK) st = dsmoe__ckpt_save(r->ckpt_dir, &r->ck);
             }
-            if ((st = agree(r->coll, st)) != DSMOE_OK) return st;
+            if ((st = dsmoe__run_agree(r->coll, st)) != DSMOE_OK) return st;
         }
     }
     if (res) {
@@ -1051,14 +1048,14 @@ dsmoe_status dsmoe_run(const dsmoe_run_config *rc_in, const char *out_dir,
     const int lead = !is_dp(coll) || coll->rank == 0;
     char *ckpt = join(out_dir, "checkpoint");
     if (!ckpt) st = dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
-    if ((st = agree(coll, st)) != DSMOE_OK) {
+    if ((st = dsmoe__run_agree(coll, st)) != DSMOE_OK) {
         free(ckpt);
         return st;
     }
     struct stat sb;
     if (resume) {
         if (lead) dsmoe__dir_recover(ckpt);
-        if ((st = agree(coll, DSMOE_OK)) != DSMOE_OK) goto done;
+        if ((st = dsmoe__run_agree(coll, DSMOE_OK)) != DSMOE_OK) goto done;
         if (stat(ckpt, &sb) != 0) {
             st = dsmoe__error(DSMOE_STATUS_IO, "%s: no checkpoint to resume from (%s)", ckpt,
                               strerror(errno));
@@ -1090,7 +1087,7 @@ dsmoe_status dsmoe_run(const dsmoe_run_config *rc_in, const char *out_dir,
     if ((st = dsmoe_run_config_validate(r.rc)) != DSMOE_OK) goto agreed_a;
     if (lead && (st = make_dirs(out_dir)) != DSMOE_OK) goto agreed_a;
 agreed_a:
-    if ((st = agree(coll, st)) != DSMOE_OK) goto done;
+    if ((st = dsmoe__run_agree(coll, st)) != DSMOE_OK) goto done;
     if ((st = setup(&r, out_dir, opts)) != DSMOE_OK) goto agreed_b;
     /* the balance losses over the whole batch (expert, switch) sum their counts */
     if (is_dp(coll) && (st = dsmoe_train_model_set_counts_sum(r.tm, coll->sum_i64, coll->ctx)) !=
@@ -1099,7 +1096,7 @@ agreed_a:
     if (is_dp(coll) && (coll->attach || r.sharded)) {
         /* collective: every rank that got here calls it, the others wait in agreed_b's
          * agreement first */
-        if ((st = agree(coll, DSMOE_OK)) != DSMOE_OK) goto done;
+        if ((st = dsmoe__run_agree(coll, DSMOE_OK)) != DSMOE_OK) goto done;
         if (r.sharded && !coll->copy_f32) {
             st = dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
                               "run: expert sharding needs the collective's copy_f32");
@@ -1135,12 +1132,12 @@ agreed_a:
     if (r.metrics && ferror(r.metrics))
         st = dsmoe__error(DSMOE_STATUS_IO, "%s: cannot write", r.metrics_path);
 agreed_b:
-    if ((st = agree(coll, st)) != DSMOE_OK) goto done;
+    if ((st = dsmoe__run_agree(coll, st)) != DSMOE_OK) goto done;
     /* train's errors are the same on every rank (agreed, or from the same reduced values) */
     if ((st = train(&r, opts, res, t_start)) == DSMOE_OK) {
         if (r.metrics && ferror(r.metrics))
             st = dsmoe__error(DSMOE_STATUS_IO, "%s: cannot write", r.metrics_path);
-        st = agree(coll, st);
+        st = dsmoe__run_agree(coll, st);
     }
 done:
     if (res) {
