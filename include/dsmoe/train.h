@@ -345,7 +345,7 @@ DSMOE_API dsmoe_status dsmoe_train_model_set_counts_sum(dsmoe_train_model *tm,
  * whose pages become resident when first written, and the other experts' ranges are
  * never written: initialisation skips them (every tensor has its own stream, so the
  * experts held get one process's values), the backward zeroes and fills only what is
- * held, and a MoE layer's create writes no piece that is zero already. They read as
+ * held, and the pages a MoE layer's create makes resident are given back at once. They read as
  * zeros; the caller must not write them either (optimizer, checkpoint load: see
  * dsmoe_train_model_tensor_expert). Every loss needs an exec (dsmoe_train_model_set_moe_exec)
  * that runs the experts elsewhere, such as dsmoe_ep with this rank's block:

@@ -494,9 +494,9 @@ dsmoe_status dsmoe_train_model_create_sharded(const dsmoe_model_config *cfg,
             tm->moe_exp[k] = lo;
             tm->ex_stride = stride;
             if (tm->sharded) {
-                /* The layer writes only pieces of its block that are not zero already
-                 * (fresh pages are not touched); releasing the experts not held makes
-                 * sure of it whatever the allocator gave. */
+                /* The layer writes only pieces of its block that are not zero already,
+                 * yet its creation still makes most of the other experts' pages
+                 * resident (test_train_dp's mincore check): give them back at once. */
                 const int64_t a = lo + (int64_t)tm->ex_first * stride,
                               b2 = lo + (int64_t)(tm->ex_last + 1) * stride,
                               z = lo + (int64_t)tm->E * stride;
