@@ -246,6 +246,7 @@ const dsmoe__kernel_table dsmoe__kernels_avx2 = {
     .sigmoid_bias = k_sigmoid_bias_avx2,
     .any_nonfinite = any_nonfinite_avx2,
     .softmax = k_softmax_avx2,
+    .softmax_scaled = k_softmax_scaled_avx2,
     .bf16_to_f32 = k_bf16_to_f32_avx2,
     .dot_bf16 = k_dot_bf16_avx2,
     .swiglu = k_swiglu_avx2,

@@ -695,6 +695,7 @@ const dsmoe__kernel_table dsmoe__kernels_avx512 = {
     .sigmoid_bias = k_sigmoid_bias_avx512,
     .any_nonfinite = any_nonfinite_avx512,
     .softmax = k_softmax_avx512,
+    .softmax_scaled = k_softmax_scaled_avx512,
     .bf16_to_f32 = k_bf16_to_f32_avx512,
     .dot_bf16 = k_dot_bf16_avx512,
     .swiglu = k_swiglu_avx512,

@@ -47,6 +47,11 @@ typedef struct dsmoe__kernel_table {
     int (*any_nonfinite)(const float *x, int64_t n);
     /* out = softmax(in) over n elements: exp(in - max) / (16-lane-tree sum) */
     void (*softmax)(float *out, const float *in, int64_t n);
+    /* One row of attention probabilities in place: x_j = p_j · scale and p_j = softmax(x)_j
+     * for j < n (n >= 1; exactly softmax's arithmetic on x: the same bits), p_j = 0 for
+     * n <= j < len. With lse, *lse = max(x) − log(1 / s), s the exps' 16-lane-tree sum:
+     * the log-sum-exp of x, 1 / s being the probability of the largest x. */
+    void (*softmax_scaled)(float *p, int64_t n, int64_t len, float scale, float *lse);
     /* out[i] = bf16 word in[i] widened to fp32 (exact) */
     void (*bf16_to_f32)(float *out, const uint16_t *in, int64_t n);
     /* 16-lane-tree sum of fmaf(x[i], w[i]) with w bf16 */

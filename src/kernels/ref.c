@@ -100,6 +100,24 @@ static void ref_softmax(float *out, const float *in, int64_t n) {
     for (int64_t i = 0; i < n; i++) out[i] = out[i] / s;
 }
 
+static void ref_softmax_scaled(float *p, int64_t n, int64_t len, float scale, float *lse) {
+    float m = p[0] * scale;
+    for (int64_t i = 0; i < n; i++) {
+        p[i] *= scale;
+        m = p[i] > m ? p[i] : m;
+    }
+    float acc[16] = {0};
+    for (int64_t i = 0; i < n; i++) {
+        float e = dsmoe__expf(p[i] - m);
+        p[i] = e;
+        acc[i & 15] += e;
+    }
+    float s = tree16(acc);
+    for (int64_t i = 0; i < n; i++) p[i] = p[i] / s;
+    for (int64_t i = n; i < len; i++) p[i] = 0.0f;
+    if (lse) *lse = m - logf(1.0f / s);
+}
+
 static void ref_bf16_to_f32(float *out, const uint16_t *in, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         uint32_t b = (uint32_t)in[i] << 16;
@@ -182,6 +200,7 @@ const dsmoe__kernel_table dsmoe__kernels_ref = {
     .sigmoid_bias = ref_sigmoid_bias,
     .any_nonfinite = ref_any_nonfinite,
     .softmax = ref_softmax,
+    .softmax_scaled = ref_softmax_scaled,
     .bf16_to_f32 = ref_bf16_to_f32,
     .dot_bf16 = ref_dot_bf16,
     .swiglu = ref_swiglu,

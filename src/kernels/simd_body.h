@@ -219,6 +219,67 @@ static void FN(k_softmax)(float *out, const float *in, int64_t n) {
     for (; i < n; i++) out[i] = out[i] / s;
 }
 
+/* kernels.h: softmax's arithmetic on the scaled row, in three vector passes (the
+ * maximum is exact in any order; the tail's exps run as one more block of 16 whose lanes
+ * past n hold −inf, whose exp is +0 and leaves the lane sums unchanged). */
+static void FN(k_softmax_scaled)(float *p, int64_t n, int64_t len, float scale, float *lse) {
+    const VF vsc = V_SET1(scale);
+    VF vmax = V_SET1(-INFINITY);
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+        VF x = V_MUL(V_LOAD(p + i), vsc);
+        V_STORE(p + i, x);
+        vmax = V_MAX(vmax, x);
+    }
+    float t[16];
+    V_STORE(t, vmax);
+    float m = -INFINITY;
+    for (int l = 0; l < W; l++) m = t[l] > m ? t[l] : m;
+    for (; i < n; i++) {
+        p[i] *= scale;
+        m = p[i] > m ? p[i] : m;
+    }
+    const VF vm = V_SET1(m);
+    VF acc0 = V_SET1(0.0f);
+#if W == 8
+    VF acc1 = V_SET1(0.0f);
+#endif
+    for (i = 0; i + 16 <= n; i += 16) {
+        VF e0 = FN(v_exp)(V_SUB(V_LOAD(p + i), vm));
+        V_STORE(p + i, e0);
+        acc0 = V_ADD(acc0, e0);
+#if W == 8
+        VF e1 = FN(v_exp)(V_SUB(V_LOAD(p + i + 8), vm));
+        V_STORE(p + i + 8, e1);
+        acc1 = V_ADD(acc1, e1);
+#endif
+    }
+    const int64_t rest = n - i;
+    if (rest > 0) {
+        for (int l = 0; l < 16; l++) t[l] = l < rest ? p[i + l] : -INFINITY;
+        VF e0 = FN(v_exp)(V_SUB(V_LOAD(t), vm));
+        V_STORE(t, e0);
+        acc0 = V_ADD(acc0, e0);
+#if W == 8
+        VF e1 = FN(v_exp)(V_SUB(V_LOAD(t + 8), vm));
+        V_STORE(t + 8, e1);
+        acc1 = V_ADD(acc1, e1);
+#endif
+        memcpy(p + i, t, (size_t)rest * sizeof(float));
+    }
+    float ps[16];
+    V_STORE(ps, acc0);
+#if W == 8
+    V_STORE(ps + 8, acc1);
+#endif
+    const float s = FN(tree16)(ps);
+    const VF vs = V_SET1(s);
+    for (i = 0; i + W <= n; i += W) V_STORE(p + i, V_DIV(V_LOAD(p + i), vs));
+    for (; i < n; i++) p[i] = p[i] / s;
+    if (len > n) memset(p + n, 0, (size_t)(len - n) * sizeof(float));
+    if (lse) *lse = m - logf(1.0f / s);
+}
+
 static void FN(k_bf16_to_f32)(float *out, const uint16_t *in, int64_t n) {
     int64_t i = 0;
     for (; i + W <= n; i += W) V_STORE(out + i, V_LOAD_BF16(in + i));

@@ -311,36 +311,15 @@ static void attn_scores(const mla_dims *m, const mla_save *s, const float *K, in
     mm(DSMOE__NOTRANS, DSMOE__TRANS, rows, keys, n + r, Q, H * (n + r), K, n + r, 0.0f, S, m->T);
 }
 
-/* Row i of a block of raw scores: p[0..i] = softmax(scale · p[0..i]) (the kernels'
- * vectorised softmax, kernels.h), p[i+1..keys) = 0; with lse, returns the log-sum-exp of
- * the scaled scores (max − log p[argmax], the largest one's probability being
- * 1 / Σ exp(· − max); argmax the first largest). The scaling and the maximum run over 16
- * lanes (a maximum is exact in any order); the backward recomputes the same raw scores and
- * calls this again: the same bits. */
+/* Row i of a block of raw scores: p[0..i] = softmax(scale · p[0..i]), p[i+1..keys) = 0
+ * (the kernels' softmax_scaled, kernels.h); with lse, returns the log-sum-exp of the
+ * scaled scores. The backward recomputes the same raw scores and calls this again: the
+ * same bits. */
 static float softmax_row(const dsmoe__kernel_table *kt, float *p, int64_t i, int64_t keys,
                          float scale, int lse) {
-    const int64_t cnt = i + 1;
-    float m16[16];
-    for (int l = 0; l < 16; l++) m16[l] = -INFINITY;
-    int64_t j = 0;
-    for (; j + 16 <= cnt; j += 16)
-        for (int l = 0; l < 16; l++) {
-            const float x = p[j + l] * scale;
-            p[j + l] = x;
-            m16[l] = x > m16[l] ? x : m16[l];
-        }
-    float mx = -INFINITY;
-    for (; j < cnt; j++) {
-        p[j] *= scale;
-        mx = p[j] > mx ? p[j] : mx;
-    }
-    for (int l = 0; l < 16; l++) mx = m16[l] > mx ? m16[l] : mx;
-    int64_t am = 0;
-    if (lse)
-        while (am < i && !(p[am] == mx)) am++;
-    kt->softmax(p, p, cnt);
-    for (j = cnt; j < keys; j++) p[j] = 0.0f;
-    return lse ? mx - logf(p[am]) : 0.0f;
+    float l = 0.0f;
+    kt->softmax_scaled(p, i + 1, keys, scale, lse ? &l : NULL);
+    return l;
 }
 
 /* The attention of sequence b, head h: out and lse of its rows; P (task_floats(m, 1)) is
