@@ -120,6 +120,12 @@ void *dsmoe_malloc(size_t nbytes) {
     if (nbytes == 0) nbytes = 64;
     size_t n = dsmoe__align64(nbytes);
     if (n < nbytes) return NULL;
+    if (n >= DSMOE__HUGE_MIN) { /* core.h: large buffers in huge pages */
+        const size_t h = (n + DSMOE__HUGE_ALIGN - 1) & ~(DSMOE__HUGE_ALIGN - 1);
+        void *p = h >= n ? aligned_alloc(DSMOE__HUGE_ALIGN, h) : NULL;
+        if (p) dsmoe__pages_huge(p, h);
+        return p;
+    }
     return aligned_alloc(64, n);
 }
 

@@ -29,12 +29,24 @@ size_t dsmoe__page_size(void) {
 #endif
 }
 
-void *dsmoe__pages_alloc(size_t bytes) {
+void dsmoe__pages_huge(void *p, size_t bytes) {
+#if defined(DSMOE__HAVE_PAGES) && defined(MADV_HUGEPAGE)
+    if (p) madvise(p, bytes, MADV_HUGEPAGE); /* advice only: a refusal changes nothing */
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
+void *dsmoe__pages_alloc(size_t bytes, int huge) {
     if (bytes == 0) bytes = 1;
 #ifdef DSMOE__HAVE_PAGES
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    return p == MAP_FAILED ? NULL : p;
+    if (p == MAP_FAILED) return NULL;
+    if (huge) dsmoe__pages_huge(p, bytes);
+    return p;
 #else
+    (void)huge;
     const size_t ps = dsmoe__page_size(), n = (bytes + ps - 1) / ps * ps;
     if (n < bytes) return NULL;
     void *p = aligned_alloc(ps, n);

@@ -660,8 +660,9 @@ static dsmoe_status setup(run *r, const char *out_dir, const dsmoe_run_options *
     /* Zero pages, resident once written: a sharded rank never writes the other ranks'
      * experts' moments. */
     r->mv_bytes = (r->np > 0 ? r->np : 16) * sizeof(float);
-    r->m = (float *)dsmoe__pages_alloc(r->mv_bytes);
-    r->v = (float *)dsmoe__pages_alloc(r->mv_bytes);
+    const int huge = !dsmoe_train_model_expert_shard(r->tm, NULL, NULL); /* else released */
+    r->m = (float *)dsmoe__pages_alloc(r->mv_bytes, huge);
+    r->v = (float *)dsmoe__pages_alloc(r->mv_bytes, huge);
     if (!r->m || !r->v) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
     r->n_moe = dsmoe_train_model_moe_count(r->tm);
     const size_t nm = (size_t)(r->n_moe > 0 ? r->n_moe : 1), E = (size_t)(r->E > 0 ? r->E : 1);

@@ -425,8 +425,8 @@ dsmoe_status dsmoe_train_model_create_sharded(const dsmoe_model_config *cfg,
     /* Page allocations of zeros: a page becomes resident when first written, so the
      * experts a sharded model does not hold never are (below). */
     tm->params_bytes = (off > 0 ? off : 16) * sizeof(float);
-    if (!(tm->params = (float *)dsmoe__pages_alloc(tm->params_bytes)) ||
-        !(tm->grads = (float *)dsmoe__pages_alloc(tm->params_bytes)))
+    if (!(tm->params = (float *)dsmoe__pages_alloc(tm->params_bytes, !tm->sharded)) ||
+        !(tm->grads = (float *)dsmoe__pages_alloc(tm->params_bytes, !tm->sharded)))
         goto oom;
 
     /* Workspaces and activations. */
