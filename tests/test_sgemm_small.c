@@ -116,6 +116,50 @@ static void test_isa_bits(void) {
     printf("  %d vector-variant products (%d kernel sets) against the scalar bits\n", cases, isa_n);
 }
 
+/* Tall products: op(A) = A^T with more than 64 rows copies each panel of B (AVX-512), and
+ * every product prefetches the next panel and tile; both against the scalar bits and
+ * float64, for column tails and both C modes. */
+static void test_tall(void) {
+    tl_seed(13);
+    static const char *const isas[] = {"avx512", "avx2"};
+    const dsmoe__kernel_table *ref = dsmoe__kernels_named("ref");
+    static const int Ms[] = {65, 72, 97, 130}, Ns[] = {1, 16, 17, 32, 33, 47, 66}, Ks[] = {1, 9, 100};
+    int cases = 0, bad_bits = 0, bad64 = 0;
+    for (size_t mi = 0; mi < sizeof Ms / sizeof Ms[0]; mi++)
+        for (size_t ni = 0; ni < sizeof Ns / sizeof Ns[0]; ni++)
+            for (size_t ki = 0; ki < sizeof Ks / sizeof Ks[0]; ki++)
+                for (int lay = 0; lay < 4; lay++) {
+                    const int M = Ms[mi], N = Ns[ni];
+                    sg_case c;
+                    sg_init(&c, lay >> 1, lay & 1, M, N, Ks[ki], (int)(mi + ni) % 3);
+                    const size_t nc = (size_t)M * (size_t)c.ldc;
+                    float *want = (float *)malloc(nc * sizeof(float));
+                    float *got = (float *)malloc(nc * sizeof(float));
+                    if (!want || !got) abort();
+                    const int add = (int)(ni + ki) % 2;
+                    memcpy(want, c.C0, nc * sizeof(float));
+                    ref->sgemm_small(c.ta, c.tb, M, N, c.K, c.A, c.lda, c.B, c.ldb, add, want, c.ldc);
+                    bad64 += sg_check64(&c, want, add) != 0;
+                    for (size_t s = 0; s < 2; s++) {
+                        const dsmoe__kernel_table *k = dsmoe__kernels_named(isas[s]);
+                        if (!k) continue;
+                        memcpy(got, c.C0, nc * sizeof(float));
+                        k->sgemm_small(c.ta, c.tb, M, N, c.K, c.A, c.lda, c.B, c.ldb, add, got, c.ldc);
+                        cases++;
+                        if (memcmp(got, want, nc * sizeof(float)) != 0 && bad_bits++ < 5)
+                            TL_FAIL("%s: %c%c M %d N %d K %d add %d differs from the scalar bits",
+                                    isas[s], c.ta ? 'T' : 'N', c.tb ? 'T' : 'N', M, N, c.K, add);
+                    }
+                    free(want);
+                    free(got);
+                    sg_free(&c);
+                }
+    tl_checks += 2;
+    if (bad64) TL_FAIL("%d tall scalar products off the float64 product", bad64);
+    if (dsmoe__kernels_named("avx2") && cases == 0) TL_FAIL("no vector variant ran");
+    printf("  %d tall vector-variant products against the scalar bits\n", cases);
+}
+
 /* dsmoe__sgemm_small over several BLIS blocks of K against float64 and BLIS. */
 static void test_blocks(void) {
     tl_seed(12);
@@ -201,6 +245,7 @@ static void test_edges(void) {
 
 int main(void) {
     RUN(test_isa_bits);
+    RUN(test_tall);
     RUN(test_blocks);
     RUN(test_blis_bits);
     RUN(test_edges);

@@ -187,6 +187,17 @@ SG_AVX512 void dsmoe__sgemm_small_avx512(int ta, int tb, int M, int N, int K, co
         if (tb) {
             sg512_pack_bt(P, B, ldb, j0, nj, K);
             Bp = P, ldbp = 32;
+        } else if (ta && M > 64) {
+            /* op(A) = A^T reads 8 floats of a row of A per k: B's panel is read once per
+             * tile of rows, so it goes to a contiguous copy (rows of B a power of two
+             * apart map to a few sets of the L1 cache) */
+            for (int k = 0; k < K; k++) {
+                const float *b = B + (size_t)k * (size_t)ldb + j0;
+                _mm512_store_ps(P + (size_t)k * 32, _mm512_maskz_loadu_ps(m0, b));
+                if (nv == 2)
+                    _mm512_store_ps(P + (size_t)k * 32 + 16, _mm512_maskz_loadu_ps(m1, b + 16));
+            }
+            Bp = P, ldbp = 32;
         } else {
             Bp = B + j0, ldbp = (size_t)ldb;
         }
