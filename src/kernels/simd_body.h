@@ -184,8 +184,18 @@ static float FN(tree16)(float *p) {
 
 static void FN(k_softmax)(float *out, const float *in, int64_t n) {
     if (n <= 0) return;
+    /* the maximum (exact in any order) of the finite values; when some are NaN every
+     * output is NaN whatever m is (their exps enter the sum) */
     float m = in[0];
-    for (int64_t i = 1; i < n; i++) m = in[i] > m ? in[i] : m;
+    {
+        VF vmax = V_SET1(in[0]);
+        int64_t i = 0;
+        for (; i + W <= n; i += W) vmax = V_MAX(vmax, V_LOAD(in + i));
+        float t[16];
+        V_STORE(t, vmax);
+        for (int l = 0; l < W; l++) m = t[l] > m ? t[l] : m;
+        for (; i < n; i++) m = in[i] > m ? in[i] : m;
+    }
     const VF vm = V_SET1(m);
     float p[16];
     VF acc0 = V_SET1(0.0f);
