@@ -121,6 +121,25 @@ static void test_clip_and_norm(void) {
     ASSERT_TRUE(dsmoe_sum_squares(g, 10000, 2) == want);
     ASSERT_TRUE(dsmoe_sum_squares(g, 0, 1) == 0.0);
     free(g);
+    /* Rounds of 64 blocks shared by the threads: for sizes around the rounds and blocks,
+     * exactly the blocks' float64 sums (4096 values each) added in block order. */
+    const int64_t big = 64 * 4096 * 2 + 4096 * 5 + 11;
+    g = (float *)malloc((size_t)big * sizeof *g);
+    if (!g) abort();
+    tl_seed(5);
+    for (int64_t i = 0; i < big; i++) g[i] = (float)tl_normal();
+    static const int64_t ns[] = {4096 * 8 - 1, 4096 * 8, 64 * 4096, 64 * 4096 + 1,
+                                 64 * 4096 * 2 + 4096 * 5 + 11};
+    for (size_t k = 0; k < sizeof ns / sizeof ns[0]; k++) {
+        double ref = 0.0;
+        for (int64_t b = 0; b < ns[k]; b += 4096) {
+            double sb = 0.0;
+            for (int64_t i = b; i < ns[k] && i < b + 4096; i++) sb += (double)g[i] * (double)g[i];
+            ref += sb;
+        }
+        for (int t = 1; t <= 3; t++) ASSERT_TRUE(dsmoe_sum_squares(g, ns[k], t) == ref);
+    }
+    free(g);
 }
 
 /* Threads do not change a bit; wd 0 leaves a zero-gradient parameter alone, wd > 0

@@ -57,32 +57,48 @@ double dsmoe_adamw_lr(const dsmoe_adamw_config *c, int64_t t) {
 }
 
 #define SS_BLOCK 4096
+#define SS_ROUND 64 /* blocks whose sums one parallel round computes */
+
+/* Σ g² of one block in float64, one chain in index order. */
+static double ss_block(const float *g, int64_t n) {
+    double s = 0.0;
+    for (int64_t i = 0; i < n; i++) s += (double)g[i] * (double)g[i];
+    return s;
+}
 
 double dsmoe_sum_squares(const float *g, int64_t n, int n_threads) {
-    (void)n_threads; /* memory-bound: one thread reads as fast; the order is fixed anyway */
+    /* The blocks' sums added in block order: the same bits for any thread count. Rounds
+     * of SS_ROUND blocks share the threads (a block each, four chains interleaved per
+     * thread where one chain is bound by the add's latency). */
+    const int nt = n_threads > 1 ? n_threads : 1;
+    (void)nt; /* unused without OpenMP */
     double total = 0.0;
-    int64_t b = 0;
-    /* Four whole blocks at a time, their chains interleaved (one chain is bound by the
-     * add's latency); each block's sum and the total keep their order and bits. */
-    for (; b + 4 * SS_BLOCK <= n; b += 4 * SS_BLOCK) {
-        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-        const float *g0 = g + b, *g1 = g0 + SS_BLOCK, *g2 = g1 + SS_BLOCK, *g3 = g2 + SS_BLOCK;
-        for (int64_t i = 0; i < SS_BLOCK; i++) {
-            s0 += (double)g0[i] * (double)g0[i];
-            s1 += (double)g1[i] * (double)g1[i];
-            s2 += (double)g2[i] * (double)g2[i];
-            s3 += (double)g3[i] * (double)g3[i];
+    for (int64_t r0 = 0; r0 < n; r0 += (int64_t)SS_ROUND * SS_BLOCK) {
+        double sums[SS_ROUND];
+        const int64_t rest = n - r0;
+        const int nb = (int)(rest >= (int64_t)SS_ROUND * SS_BLOCK ? SS_ROUND
+                                                                  : (rest + SS_BLOCK - 1) / SS_BLOCK);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nb >= 8)
+        for (int q = 0; q < nb; q += 4) {
+            const float *g0 = g + r0 + (int64_t)q * SS_BLOCK;
+            if (q + 4 <= nb && r0 + (int64_t)(q + 4) * SS_BLOCK <= n) {
+                double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+                const float *g1 = g0 + SS_BLOCK, *g2 = g1 + SS_BLOCK, *g3 = g2 + SS_BLOCK;
+                for (int64_t i = 0; i < SS_BLOCK; i++) {
+                    s0 += (double)g0[i] * (double)g0[i];
+                    s1 += (double)g1[i] * (double)g1[i];
+                    s2 += (double)g2[i] * (double)g2[i];
+                    s3 += (double)g3[i] * (double)g3[i];
+                }
+                sums[q] = s0, sums[q + 1] = s1, sums[q + 2] = s2, sums[q + 3] = s3;
+            } else {
+                for (int k = q; k < nb && k < q + 4; k++) {
+                    const int64_t b = r0 + (int64_t)k * SS_BLOCK;
+                    sums[k] = ss_block(g + b, n - b < SS_BLOCK ? n - b : SS_BLOCK);
+                }
+            }
         }
-        total += s0;
-        total += s1;
-        total += s2;
-        total += s3;
-    }
-    for (; b < n; b += SS_BLOCK) {
-        double s = 0.0;
-        int64_t e = b + SS_BLOCK < n ? b + SS_BLOCK : n;
-        for (int64_t i = b; i < e; i++) s += (double)g[i] * (double)g[i];
-        total += s;
+        for (int k = 0; k < nb; k++) total += sums[k];
     }
     return total;
 }
