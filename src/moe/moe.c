@@ -899,6 +899,13 @@ int64_t dsmoe__moe_dispatch(int64_t *counts, int64_t *kept, int64_t *offsets, in
     return dropped;
 }
 
+/* Larger blocks first, then lower expert (a key no two partial blocks share). */
+static int moe_task_cmp(const void *pa, const void *pb) {
+    const moe_task *a = (const moe_task *)pa, *b = (const moe_task *)pb;
+    if (a->n != b->n) return a->n > b->n ? -1 : 1;
+    return (a->e > b->e) - (a->e < b->e);
+}
+
 /* Dispatch with the layer's capacity policy, then the row tasks. */
 static void moe_dispatch(dsmoe_moe *m, int64_t T) {
     moe_ws *w = &m->ws;
@@ -910,17 +917,29 @@ static void moe_dispatch(dsmoe_moe *m, int64_t T) {
     }
     int64_t dropped = dsmoe__moe_dispatch(w->counts, w->kept, w->offsets, w->slot, w->row_tok,
                                           w->indices, T, K, E, cap);
-    /* tasks: routed experts in fixed row blocks, then the shared expert's token blocks */
-    int64_t nt = 0;
+    /* tasks: routed experts in fixed row blocks, then the shared expert's token blocks.
+     * The routed blocks run largest first (each expert's full blocks, then the partial
+     * ones by size), so that the threads' last tasks are small ones; each task writes
+     * its own rows, so the order never changes a result. */
+    int64_t nt = 0, npart = 0;
     for (int32_t e = 0; e < E; e++) {
-        for (int64_t r = 0; r < w->kept[e]; r += DSMOE_MOE_ROW_BLOCK) {
-            int64_t n = w->kept[e] - r < DSMOE_MOE_ROW_BLOCK ? w->kept[e] - r : DSMOE_MOE_ROW_BLOCK;
+        for (int64_t r = 0; r + DSMOE_MOE_ROW_BLOCK <= w->kept[e]; r += DSMOE_MOE_ROW_BLOCK) {
             w->tasks[nt].e = e;
             w->tasks[nt].r0 = w->offsets[e] + r;
-            w->tasks[nt].n = (int32_t)n;
+            w->tasks[nt].n = DSMOE_MOE_ROW_BLOCK;
             nt++;
         }
     }
+    for (int32_t e = 0; e < E; e++) {
+        const int64_t n = w->kept[e] % DSMOE_MOE_ROW_BLOCK;
+        if (n == 0) continue;
+        w->tasks[nt + npart].e = e;
+        w->tasks[nt + npart].r0 = w->offsets[e] + w->kept[e] - n;
+        w->tasks[nt + npart].n = (int32_t)n;
+        npart++;
+    }
+    qsort(w->tasks + nt, (size_t)npart, sizeof *w->tasks, moe_task_cmp);
+    nt += npart;
     int64_t ns = 0;
     if (m->Fs) {
         for (int64_t t0 = 0; t0 < T; t0 += DSMOE_MOE_ROW_BLOCK) {
