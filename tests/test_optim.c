@@ -121,7 +121,7 @@ static void test_clip_and_norm(void) {
     ASSERT_TRUE(dsmoe_sum_squares(g, 10000, 2) == want);
     ASSERT_TRUE(dsmoe_sum_squares(g, 0, 1) == 0.0);
     free(g);
-    /* Rounds of 64 blocks shared by the threads: for sizes around the rounds and blocks,
+    /* Blocks shared by the threads from 64 on: for sizes around that and the blocks,
      * exactly the blocks' float64 sums (4096 values each) added in block order. */
     const int64_t big = 64 * 4096 * 2 + 4096 * 5 + 11;
     g = (float *)malloc((size_t)big * sizeof *g);
@@ -139,6 +139,20 @@ static void test_clip_and_norm(void) {
         }
         for (int t = 1; t <= 3; t++) ASSERT_TRUE(dsmoe_sum_squares(g, ns[k], t) == ref);
     }
+    free(g);
+    /* past one region's 4096 blocks: two rounds, the block order kept across them */
+    const int64_t huge = (int64_t)4096 * 4096 + 4096 * 3 + 5;
+    g = (float *)malloc((size_t)huge * sizeof *g);
+    if (!g) abort();
+    for (int64_t i = 0; i < huge; i++) g[i] = (float)((i * 7919) % 1001) * 0.001f - 0.5f;
+    double ref = 0.0;
+    for (int64_t b = 0; b < huge; b += 4096) {
+        double sb = 0.0;
+        for (int64_t i = b; i < huge && i < b + 4096; i++) sb += (double)g[i] * (double)g[i];
+        ref += sb;
+    }
+    ASSERT_TRUE(dsmoe_sum_squares(g, huge, 1) == ref);
+    ASSERT_TRUE(dsmoe_sum_squares(g, huge, 2) == ref);
     free(g);
 }
 

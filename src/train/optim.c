@@ -57,7 +57,10 @@ double dsmoe_adamw_lr(const dsmoe_adamw_config *c, int64_t t) {
 }
 
 #define SS_BLOCK 4096
-#define SS_ROUND 64 /* blocks whose sums one parallel round computes */
+/* Blocks whose sums one parallel region computes (16.7 M values: one region for most
+ * tensors), and the fewest worth a region. */
+#define SS_ROUND 4096
+#define SS_PAR_MIN 64
 
 /* Σ g² of one block in float64, one chain in index order. */
 static double ss_block(const float *g, int64_t n) {
@@ -68,8 +71,8 @@ static double ss_block(const float *g, int64_t n) {
 
 double dsmoe_sum_squares(const float *g, int64_t n, int n_threads) {
     /* The blocks' sums added in block order: the same bits for any thread count. Rounds
-     * of SS_ROUND blocks share the threads (a block each, four chains interleaved per
-     * thread where one chain is bound by the add's latency). */
+     * of up to SS_ROUND blocks share the threads (four blocks a work item, their chains
+     * interleaved: one chain is bound by the add's latency). */
     const int nt = n_threads > 1 ? n_threads : 1;
     (void)nt; /* unused without OpenMP */
     double total = 0.0;
@@ -78,7 +81,7 @@ double dsmoe_sum_squares(const float *g, int64_t n, int n_threads) {
         const int64_t rest = n - r0;
         const int nb = (int)(rest >= (int64_t)SS_ROUND * SS_BLOCK ? SS_ROUND
                                                                   : (rest + SS_BLOCK - 1) / SS_BLOCK);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nb >= 8)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nb >= SS_PAR_MIN)
         for (int q = 0; q < nb; q += 4) {
             const float *g0 = g + r0 + (int64_t)q * SS_BLOCK;
             if (q + 4 <= nb && r0 + (int64_t)(q + 4) * SS_BLOCK <= n) {
