@@ -100,24 +100,26 @@ void dsmoe__rmsnorm_backward(float *dx, float *dw, const float *dy, const float 
                              const float *w, const float *inv_rms, int64_t N, int32_t n,
                              int64_t lddx, int64_t lddy, int64_t ldx, int acc_dx, int n_threads) {
     const int nt = dsmoe__threads(n_threads);
+    const int64_t nb = dw ? nblocks(n, DSMOE__GRAD_ROW_BLOCK) : 0;
     (void)nt;
-    if (dx) {
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && PAR_ROWS(N, n))
-        for (int64_t t = 0; t < N; t++) {
-            const float *xr = x + t * ldx, *gr = dy + t * lddy;
-            float *dr = dx + t * lddx;
-            const float inv = inv_rms[t];
-            const float k = inv * inv * dot3_lanes(gr, w, xr, n) / (float)n;
-            for (int32_t i = 0; i < n; i++) {
-                float d = inv * (w[i] * gr[i] - xr[i] * k);
-                dr[i] = acc_dx ? dr[i] + d : d;
+    /* One parallel region: dx by rows, then dw by column blocks (rows in order inside
+     * each); the two loops write different arrays, so no barrier between them. */
+#pragma omp parallel num_threads(nt) if (nt > 1 && ((dx && PAR_ROWS(N, n)) || nb > 1))
+    {
+        if (dx) {
+#pragma omp for schedule(static) nowait
+            for (int64_t t = 0; t < N; t++) {
+                const float *xr = x + t * ldx, *gr = dy + t * lddy;
+                float *dr = dx + t * lddx;
+                const float inv = inv_rms[t];
+                const float k = inv * inv * dot3_lanes(gr, w, xr, n) / (float)n;
+                for (int32_t i = 0; i < n; i++) {
+                    float d = inv * (w[i] * gr[i] - xr[i] * k);
+                    dr[i] = acc_dx ? dr[i] + d : d;
+                }
             }
         }
-    }
-    if (dw) {
-        /* Column blocks; rows in order inside each. */
-        const int64_t nb = nblocks(n, DSMOE__GRAD_ROW_BLOCK);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nb > 1)
+#pragma omp for schedule(static) nowait
         for (int64_t b = 0; b < nb; b++) {
             const int64_t i0 = b * DSMOE__GRAD_ROW_BLOCK;
             const int64_t i1 = i0 + DSMOE__GRAD_ROW_BLOCK < n ? i0 + DSMOE__GRAD_ROW_BLOCK : n;
@@ -161,34 +163,29 @@ void dsmoe__linear_backward(float *dx, int64_t lddx, float *dW, const float *dy,
     const int nt = dsmoe__threads(n_threads);
     const int big = (double)N * in * out >= PAR_MIN_MACS;
     (void)nt, (void)big;
-    if (dx) {
-        const int64_t pr = piece(N, DSMOE__GRAD_ROW_BLOCK), nb = nblocks(N, pr);
-        if (out <= 0) {
-            if (!acc_dx)
-                for (int64_t t = 0; t < N; t++) memset(dx + t * lddx, 0, (size_t)in * sizeof(float));
-        } else {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && nb > 1 && big)
-            for (int64_t b = 0; b < nb; b++) {
-                const int64_t r0 = b * pr;
-                const int rows = (int)(N - r0 < pr ? N - r0 : pr);
-                dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, in, out, 1.0f, dy + r0 * lddy,
-                             (int)lddy, W, in, acc_dx ? 1.0f : 0.0f, dx + r0 * lddx, (int)lddx);
-            }
-        }
-    }
-    if (dW && out > 0) {
-        /* the larger of the two dimensions is cut, the other kept whole */
-        const int64_t po = out >= in ? piece(out, GRAD_COL_BLOCK) : out;
-        const int64_t pi = out >= in ? in : piece(in, GRAD_COL_BLOCK);
-        const int64_t nbo = nblocks(out, po), nbi = nblocks(in, pi);
-        const int64_t ntile = nbo * nbi;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && ntile > 1 && big)
-        for (int64_t k = 0; k < ntile; k++) {
+    if (dx && out <= 0 && !acc_dx)
+        for (int64_t t = 0; t < N; t++) memset(dx + t * lddx, 0, (size_t)in * sizeof(float));
+    if (out <= 0) return;
+    /* One parallel loop over dW's tiles, then dx's row blocks (independent work: each
+     * task writes its own part of dW or dx). dW: the larger of the two dimensions is cut,
+     * the other kept whole. */
+    const int64_t pr = piece(N, DSMOE__GRAD_ROW_BLOCK), ndx = dx ? nblocks(N, pr) : 0;
+    const int64_t po = out >= in ? piece(out, GRAD_COL_BLOCK) : out;
+    const int64_t pi = out >= in ? in : piece(in, GRAD_COL_BLOCK);
+    const int64_t nbo = nblocks(out, po), nbi = nblocks(in, pi), ndw = dW ? nbo * nbi : 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && ndw + ndx > 1 && big)
+    for (int64_t k = 0; k < ndw + ndx; k++) {
+        if (k < ndw) {
             const int64_t o0 = (k / nbi) * po, i0 = (k % nbi) * pi;
             const int orows = (int)(out - o0 < po ? out - o0 : po);
             const int icols = (int)(in - i0 < pi ? in - i0 : pi);
             dsmoe__sgemm(DSMOE__TRANS, DSMOE__NOTRANS, orows, icols, (int)N, 1.0f, dy + o0,
                          (int)lddy, x + i0, (int)ldx, 1.0f, dW + o0 * in + i0, in);
+        } else {
+            const int64_t r0 = (k - ndw) * pr;
+            const int rows = (int)(N - r0 < pr ? N - r0 : pr);
+            dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, in, out, 1.0f, dy + r0 * lddy,
+                         (int)lddy, W, in, acc_dx ? 1.0f : 0.0f, dx + r0 * lddx, (int)lddx);
         }
     }
 }
