@@ -1,7 +1,8 @@
 /*
  * bench_train.c — times training steps of a preset's model through the public training
  * API (dsmoe_train_model_loss, _backward, then AdamW over the trainable tensors with the
- * global-norm clipping), next to the machine's FMA peak measured in the same run
+ * global-norm clipping, as `dsmoe train` runs it: one pass over every tensor with the
+ * library's internal dsmoe__adamw_update_all, moments in dsmoe_malloc's huge pages), next to the machine's FMA peak measured in the same run
  * (bench_machine.h), and counts the bytes the library allocates against a memory model
  * computed from the config.
  *
@@ -29,6 +30,7 @@
 #define _GNU_SOURCE
 #include "bench_common.h"
 #include "dsmoe.h"
+#include "train/train_internal.h"
 
 #include <malloc.h>
 #include <math.h>
@@ -261,8 +263,9 @@ static mem_model memory_model(dsmoe_train_model *tm, int64_t N, int32_t Dm) {
 typedef struct opt_state {
     dsmoe_adamw_config cfg;
     float *m, *v;
-    int64_t nt;
+    int64_t nt, nseg;
     dsmoe_train_tensor *t;
+    dsmoe__adamw_segment *seg; /* the trainable tensors, as run.c lists them */
 } opt_state;
 
 static void adamw_step(dsmoe_train_model *tm, opt_state *o, int64_t step, int nthreads) {
@@ -271,15 +274,8 @@ static void adamw_step(dsmoe_train_model *tm, opt_state *o, int64_t step, int nt
         if (o->t[i].trainable) ss += dsmoe_sum_squares(o->t[i].grad, o->t[i].n, nthreads);
     const float clip = dsmoe_adamw_clip_factor(&o->cfg, sqrt(ss));
     const double lr = dsmoe_adamw_lr(&o->cfg, step);
-    size_t np;
-    float *p0 = dsmoe_train_model_params(tm, &np);
-    for (int64_t i = 0; i < o->nt; i++) {
-        const dsmoe_train_tensor *t = &o->t[i];
-        if (!t->trainable) continue;
-        const int64_t off = t->data - p0;
-        dsmoe_adamw_update(&o->cfg, t->data, o->m + off, o->v + off, t->grad, t->n, step, lr,
-                           t->decay ? o->cfg.weight_decay : 0.0, clip, nthreads);
-    }
+    (void)tm;
+    dsmoe__adamw_update_all(&o->cfg, o->seg, o->nseg, step, lr, clip, nthreads);
 }
 
 /* CPU seconds of the whole process (all its threads): on a shared machine a one-thread
@@ -389,14 +385,23 @@ int main(int argc, char **argv) {
         os.cfg.warmup_steps = 10;
         size_t np;
         dsmoe_train_model_params(tm, &np);
-        os.m = (float *)bench_malloc(PROG, np * sizeof(float));
-        os.v = (float *)bench_malloc(PROG, np * sizeof(float));
+        os.m = (float *)dsmoe_malloc(np * sizeof(float));
+        os.v = (float *)dsmoe_malloc(np * sizeof(float));
+        if (!os.m || !os.v) die("out of memory");
         memset(os.m, 0, np * sizeof(float));
         memset(os.v, 0, np * sizeof(float));
         os.nt = dsmoe_train_model_tensor_count(tm);
         os.t = (dsmoe_train_tensor *)bench_malloc(PROG, sizeof(dsmoe_train_tensor) * (size_t)os.nt);
-        for (int64_t i = 0; i < os.nt; i++)
+        os.seg = (dsmoe__adamw_segment *)bench_malloc(PROG, sizeof *os.seg * (size_t)os.nt);
+        float *p0 = dsmoe_train_model_params(tm, NULL);
+        for (int64_t i = 0; i < os.nt; i++) {
             if (dsmoe_train_model_tensor(tm, i, &os.t[i]) != DSMOE_OK) die("tensor");
+            const dsmoe_train_tensor *t = &os.t[i];
+            if (!t->trainable) continue;
+            const int64_t off = t->data - p0;
+            os.seg[os.nseg++] =
+                (dsmoe__adamw_segment){t->data, os.m + off, os.v + off, t->grad, t->n, t->decay};
+        }
         const mem_model mm = memory_model(tm, N, Dm);
         const double mem_create = (double)(__atomic_load_n(&alloc_now, __ATOMIC_RELAXED) - base);
         const double flops = train_flops(&cfg, B, T, Dm);
@@ -468,6 +473,7 @@ int main(int argc, char **argv) {
 #endif
         fflush(stdout);
         dsmoe_free(os.t);
+        dsmoe_free(os.seg);
         dsmoe_free(os.m);
         dsmoe_free(os.v);
         dsmoe_train_model_free(tm);
