@@ -87,7 +87,8 @@ print("CPU: %s (%s family 0x%X model 0x%X stepping %d: %s), AVX-512F %s; dsmoe k
 p2 = [r["fma_peak_2"] for r in m]
 print("OpenMP wait policy (both programs): %s" % wait)
 print("FMA peak (register-only fp32 FMA loop) on two threads, measured at each start: %.0f .. %.0f GFLOP/s; "
-      "each share below is of the two-thread figure measured again just before its timings" % (min(p2), max(p2)))
+      "each share below is of the higher of that program's two two-thread figures (at its start and "
+      "just before its timings)" % (min(p2), max(p2)))
 models = {r["preset"]: r for r in rows if r.get("test") == "model"}
 for p, r in models.items():
     print("%-8s D %d, %d layers + %d MTP, %d experts top-%d, %.2f M parameters; batch %d x %d; %.2f GFLOP "
