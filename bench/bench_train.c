@@ -1,8 +1,9 @@
 /*
  * bench_train.c — times training steps of a preset's model through the public training
  * API (dsmoe_train_model_loss, _backward, then AdamW over the trainable tensors with the
- * global-norm clipping, as `dsmoe train` runs it: one pass over every tensor with the
- * library's internal dsmoe__adamw_update_all, moments in dsmoe_malloc's huge pages), next to the machine's FMA peak measured in the same run
+ * global-norm clipping, as `dsmoe train` runs it: the tensors' sums of squares and one
+ * pass over every tensor with the library's internal dsmoe__sum_squares_each and
+ * dsmoe__adamw_update_all, moments in dsmoe_malloc's huge pages), next to the machine's FMA peak measured in the same run
  * (bench_machine.h), and counts the bytes the library allocates against a memory model
  * computed from the config.
  *
@@ -266,12 +267,13 @@ typedef struct opt_state {
     int64_t nt, nseg;
     dsmoe_train_tensor *t;
     dsmoe__adamw_segment *seg; /* the trainable tensors, as run.c lists them */
+    double *ss;                /* their sums of squares */
 } opt_state;
 
 static void adamw_step(dsmoe_train_model *tm, opt_state *o, int64_t step, int nthreads) {
     double ss = 0.0;
-    for (int64_t i = 0; i < o->nt; i++)
-        if (o->t[i].trainable) ss += dsmoe_sum_squares(o->t[i].grad, o->t[i].n, nthreads);
+    dsmoe__sum_squares_each(o->seg, o->nseg, o->ss, nthreads);
+    for (int64_t j = 0; j < o->nseg; j++) ss += o->ss[j];
     const float clip = dsmoe_adamw_clip_factor(&o->cfg, sqrt(ss));
     const double lr = dsmoe_adamw_lr(&o->cfg, step);
     (void)tm;
@@ -393,6 +395,7 @@ int main(int argc, char **argv) {
         os.nt = dsmoe_train_model_tensor_count(tm);
         os.t = (dsmoe_train_tensor *)bench_malloc(PROG, sizeof(dsmoe_train_tensor) * (size_t)os.nt);
         os.seg = (dsmoe__adamw_segment *)bench_malloc(PROG, sizeof *os.seg * (size_t)os.nt);
+        os.ss = (double *)bench_malloc(PROG, sizeof *os.ss * (size_t)os.nt);
         float *p0 = dsmoe_train_model_params(tm, NULL);
         for (int64_t i = 0; i < os.nt; i++) {
             if (dsmoe_train_model_tensor(tm, i, &os.t[i]) != DSMOE_OK) die("tensor");
@@ -478,6 +481,7 @@ int main(int argc, char **argv) {
         fflush(stdout);
         dsmoe_free(os.t);
         dsmoe_free(os.seg);
+        dsmoe_free(os.ss);
         dsmoe_free(os.m);
         dsmoe_free(os.v);
         dsmoe_train_model_free(tm);

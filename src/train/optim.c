@@ -106,6 +106,16 @@ double dsmoe_sum_squares(const float *g, int64_t n, int n_threads) {
     return total;
 }
 
+void dsmoe__sum_squares_each(const dsmoe__adamw_segment *seg, int64_t n_seg, double *out,
+                             int n_threads) {
+    const int nt = n_threads > 1 ? n_threads : 1;
+    int64_t total = 0;
+    for (int64_t j = 0; j < n_seg; j++) total += seg[j].n;
+    (void)nt, (void)total; /* read only by the OpenMP pragma */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && n_seg > 1 && total > 65536)
+    for (int64_t j = 0; j < n_seg; j++) out[j] = dsmoe_sum_squares(seg[j].g, seg[j].n, 1);
+}
+
 float dsmoe_adamw_clip_factor(const dsmoe_adamw_config *c, double norm) {
     if (c->clip_norm <= 0) return 1.0f;
     double f = (double)c->clip_norm / (norm + 1e-6);

@@ -121,6 +121,8 @@ typedef struct run {
     int gathered_moments;      /* rank 0 during a sharded checkpoint */
     dsmoe__adamw_segment *seg; /* (n_seg) the trainable tensors, for AdamW */
     int64_t n_seg;
+    double *seg_ss;    /* (n_seg) their sums of squares, for the gradient norm */
+    uint8_t *seg_exp;  /* (n_seg) 1 for a routed expert's tensor */
     dsmoe_balancer **bal;
     int32_t *is_mtp;     /* (n_moe) */
     int32_t n_main_moe;  /* MoE layers of the main model */
@@ -156,6 +158,8 @@ static void run_free(run *r) {
     free(r->rep);
     free(r->own);
     free(r->seg);
+    free(r->seg_ss);
+    free(r->seg_exp);
     free(r->is_mtp);
     free(r->batch);
     free(r->edom);
@@ -798,15 +802,12 @@ static dsmoe_status grad_average(run *r) {
 /* The global gradient norm: the trainable tensors' sums of squares; when sharded the
  * replicated ones here and the experts' summed over their owners. */
 static dsmoe_status grad_norm(run *r, double *norm) {
-    const int64_t n_tensors = dsmoe_train_model_tensor_count(r->tm);
+    /* the tensors' sums on the threads, added in tensor order */
+    dsmoe__sum_squares_each(r->seg, r->n_seg, r->seg_ss, r->nt);
     double ss = 0, own = 0;
-    for (int64_t i = 0; i < n_tensors; i++) {
-        dsmoe_train_tensor t;
-        dsmoe_train_model_tensor(r->tm, i, &t);
-        if (!t.trainable || not_held(r, i)) continue;
-        const double q = dsmoe_sum_squares(t.grad, t.n, r->nt);
-        if (r->sharded && dsmoe_train_model_tensor_expert(r->tm, i, NULL) >= 0) own += q;
-        else ss += q;
+    for (int64_t j = 0; j < r->n_seg; j++) {
+        if (r->sharded && r->seg_exp[j]) own += r->seg_ss[j];
+        else ss += r->seg_ss[j];
     }
     if (r->sharded) {
         dsmoe_status st = sum_f64(r, &own, 1, "gradient norm");
@@ -907,14 +908,18 @@ static dsmoe_status train(run *r, const dsmoe_run_options *opts, dsmoe_run_resul
     double t_train = 0;
     int64_t session_tokens = 0;
     if (!r->seg) {
-        r->seg = (dsmoe__adamw_segment *)calloc((size_t)(n_tensors > 0 ? n_tensors : 1),
-                                                sizeof(dsmoe__adamw_segment));
-        if (!r->seg) return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
+        const size_t ns = (size_t)(n_tensors > 0 ? n_tensors : 1);
+        r->seg = (dsmoe__adamw_segment *)calloc(ns, sizeof(dsmoe__adamw_segment));
+        r->seg_ss = (double *)calloc(ns, sizeof(double));
+        r->seg_exp = (uint8_t *)calloc(ns, 1);
+        if (!r->seg || !r->seg_ss || !r->seg_exp)
+            return dsmoe__error(DSMOE_STATUS_OUT_OF_MEMORY, "run: out of memory");
         r->n_seg = 0;
         for (int64_t i = 0; i < n_tensors; i++) {
             dsmoe_train_tensor t;
             dsmoe_train_model_tensor(r->tm, i, &t);
             if (!t.trainable || not_held(r, i)) continue; /* AdamW over what it holds */
+            r->seg_exp[r->n_seg] = dsmoe_train_model_tensor_expert(r->tm, i, NULL) >= 0;
             dsmoe__adamw_segment *q = &r->seg[r->n_seg++];
             q->p = t.data;
             q->m = r->m + t.offset;

@@ -965,6 +965,8 @@ dsmoe_status dsmoe_train_model_loss(dsmoe_train_model *tm, const int32_t *tokens
     return st;
 }
 
+#define ZERO_CHUNK ((int64_t)1 << 16)
+
 dsmoe_status dsmoe_train_model_backward(dsmoe_train_model *tm) {
     if (!tm) return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "train model backward: NULL");
     if (!tm->have_forward)
@@ -975,9 +977,18 @@ dsmoe_status dsmoe_train_model_backward(dsmoe_train_model *tm) {
     const int nt = tm->nt;
     dsmoe_status st;
     PROF_BEGIN();
-    for (int32_t j = 0; j < tm->n_res; j++) /* the ranges held (all of it unless sharded) */
-        memset(tm->grads + tm->res[2 * j], 0,
-               (size_t)(tm->res[2 * j + 1] - tm->res[2 * j]) * sizeof(float));
+    /* The ranges held (all of it unless sharded), in chunks of 64 Ki floats on the
+     * threads (34 MB at the default preset: one thread wrote it while the other waited). */
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    for (int32_t j = 0; j < tm->n_res; j++) {
+        const int64_t a = tm->res[2 * j], b = tm->res[2 * j + 1];
+        const int64_t nc = (b - a + ZERO_CHUNK - 1) / ZERO_CHUNK;
+#pragma omp for schedule(static) nowait
+        for (int64_t c = 0; c < nc; c++) {
+            const int64_t c0 = a + c * ZERO_CHUNK, c1 = c0 + ZERO_CHUNK < b ? c0 + ZERO_CHUNK : b;
+            memset(tm->grads + c0, 0, (size_t)(c1 - c0) * sizeof(float));
+        }
+    }
     PROF_END(PROF_ZERO);
     float *dh = tm->dh;
     /* MTP depths, last first: dh carries dL/d(depth d's block output), the hnorm

@@ -33,6 +33,12 @@ typedef struct dsmoe__adamw_segment {
 void dsmoe__adamw_update_all(const dsmoe_adamw_config *cfg, const dsmoe__adamw_segment *seg,
                              int64_t n_seg, int64_t t, double lr, float grad_scale, int n_threads);
 
+/* out[j] = dsmoe_sum_squares(seg[j].g, seg[j].n) for each segment, the segments shared by
+ * the threads (each sum on one thread: the same bits as any thread count gives). For a
+ * model of many small tensors, whose sums one at a time ran on one thread. */
+void dsmoe__sum_squares_each(const dsmoe__adamw_segment *seg, int64_t n_seg, double *out,
+                             int n_threads);
+
 /* Data-parallel runs (run.c): every rank passes its status and gets the lowest failing
  * rank's, with that rank's message ("rank r: ..."); collective. One process (c NULL or
  * one rank): st as it is. */
