@@ -13,7 +13,7 @@
 #   --presets   comma-separated presets (default: tiny,small,default)
 #   --rounds N  repeat the whole comparison N times (default 1; the table shows each round)
 #   --save FILE also keep the raw JSON lines of both programs in FILE
-# OMP_WAIT_POLICY (default here: passive) applies to both programs.
+# OMP_WAIT_POLICY (unset here: the OpenMP runtime's default) applies to both programs.
 # Needs Debian's /usr/bin/python3 with python3-torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,12 +41,13 @@ trap 'rm -rf "$out"' EXIT
 # dsmoe takes its thread count from --threads; every pool of PyTorch's is pinned to the
 # same count by train_torch.py --threads (pin_threads.py, before torch is imported)
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
-# Both programs' OpenMP threads sleep when idle unless the caller says otherwise: with the
-# default (active) policy libgomp spins at every region's end, and on a machine shared with
-# other jobs the spinning thread takes the time slices the working one needs (2 threads
-# measured 4-8x slower than 1 there, with 6-9x the CPU time); passive costs a futex wake
-# per region on a quiet machine. The table's header says which policy ran.
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
+# Both programs run under the OpenMP runtime's own wait policy (libgomp: an idle thread
+# spins a while, then sleeps), which is what `dsmoe train` gets, unless the caller sets
+# OMP_WAIT_POLICY. On a machine shared with other jobs, OMP_WAIT_POLICY=passive keeps
+# spinning threads from taking the working ones' time slices (active: 2 threads measured
+# 4-8x slower than 1 there); on a quiet virtual machine it costs a wake-up of the sleeping
+# thread at each of a default-preset step's ~180 parallel regions (about 5% of the step
+# here). The table's header says which policy ran.
 
 # steps per timing and timings, by preset (B = 8; T = 64, 128, 256)
 steps_of() {
@@ -74,7 +75,7 @@ for round in $(seq 1 "$rounds"); do
 done
 
 if [ -n "$save" ]; then cp "$out/results.jsonl" "$save"; fi
-"$py" - "$out/results.jsonl" "$OMP_WAIT_POLICY" <<'EOF'
+"$py" - "$out/results.jsonl" "${OMP_WAIT_POLICY:-the runtime's default}" <<'EOF'
 import json, sys
 wait = sys.argv[2]
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
