@@ -75,7 +75,7 @@ for round in $(seq 1 "$rounds"); do
 done
 
 if [ -n "$save" ]; then cp "$out/results.jsonl" "$save"; fi
-"$py" - "$out/results.jsonl" "${OMP_WAIT_POLICY:-the runtime's default}" <<'EOF'
+"$py" - "$out/results.jsonl" "${OMP_WAIT_POLICY:-the OpenMP runtime default}" <<'EOF'
 import json, sys
 wait = sys.argv[2]
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]

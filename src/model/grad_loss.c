@@ -64,6 +64,23 @@ static int64_t chunk_rows(int64_t N, int32_t V) {
     return N < r ? N : r;
 }
 
+/* The first position of the largest of l[0..V) (finite values): the maximum over 16
+ * running lanes (exact in any order), then the first position holding it. One compare
+ * chain over V took longer than the row's softmax. */
+static int32_t first_argmax(const float *l, int32_t V) {
+    float m16[16];
+    for (int j = 0; j < 16; j++) m16[j] = l[0];
+    int32_t k = 0;
+    for (; k + 16 <= V; k += 16)
+        for (int j = 0; j < 16; j++) m16[j] = l[k + j] > m16[j] ? l[k + j] : m16[j];
+    float mx = m16[0];
+    for (int j = 1; j < 16; j++) mx = m16[j] > mx ? m16[j] : mx;
+    for (; k < V; k++) mx = l[k] > mx ? l[k] : mx;
+    int32_t am = 0;
+    while (am < V - 1 && !(l[am] == mx)) am++;
+    return am;
+}
+
 size_t dsmoe__head_loss_workspace_size(int32_t V, int64_t N) {
     if (V < 1 || N < 0) return 0;
     const int64_t R = chunk_rows(N, V);
@@ -124,8 +141,7 @@ dsmoe_status dsmoe__head_loss(double *loss, int64_t *n_targets, float *dx, float
                 }
                 /* p = softmax(l) in place (the vectorised kernel); the largest logit's
                  * p is 1 / Σ exp(l − max), so lse = max − log p[argmax] */
-                int32_t am = 0;
-                for (int32_t k = 1; k < V; k++) am = l[k] > l[am] ? k : am;
+                int32_t am = first_argmax(l, V);
                 const double mx = (double)l[am], lt = (double)l[tg];
                 kt->softmax(l, l, V);
                 rl[i] = mx - log((double)l[am]) - lt;
