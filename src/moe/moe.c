@@ -47,6 +47,7 @@ typedef struct moe_task {
     int32_t e;
     int32_t n;
     int64_t r0;
+    int64_t cost, idx; /* weight-gradient tasks: rows behind the task, place in the list */
 } moe_task;
 
 /* Workspace pointers, carved for max_T tokens and max_threads threads. */
@@ -899,6 +900,13 @@ int64_t dsmoe__moe_dispatch(int64_t *counts, int64_t *kept, int64_t *offsets, in
     return dropped;
 }
 
+/* Costlier first, then the order listed. */
+static int moe_wtask_cmp(const void *pa, const void *pb) {
+    const moe_task *a = (const moe_task *)pa, *b = (const moe_task *)pb;
+    if (a->cost != b->cost) return a->cost > b->cost ? -1 : 1;
+    return (a->idx > b->idx) - (a->idx < b->idx);
+}
+
 /* Larger blocks first, then lower expert (a key no two partial blocks share). */
 static int moe_task_cmp(const void *pa, const void *pb) {
     const moe_task *a = (const moe_task *)pa, *b = (const moe_task *)pb;
@@ -1305,6 +1313,16 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
             nw++;
         }
     }
+    /* Costlier tasks first (multiply-adds), ties in the order listed. */
+    for (int64_t i = 0; i < nw; i++) {
+        moe_task *q = &w->wtasks[i];
+        const int64_t rows = q->e < E ? w->kept[q->e] : T;
+        const int64_t f = q->e < E ? F : Fs, out = q->e > E ? E : q->n == 0 ? 2 * f : D;
+        const int64_t nr = out - q->r0 < MOE_WROW_BLOCK ? out - q->r0 : MOE_WROW_BLOCK;
+        q->cost = nr * (q->n == 0 || q->e > E ? D : f) * rows;
+        q->idx = i;
+    }
+    qsort(w->wtasks, (size_t)nw, sizeof *w->wtasks, moe_wtask_cmp);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t i = 0; i < nw; i++) {
         const moe_task tk = w->wtasks[i];
