@@ -69,51 +69,53 @@ static int sg_check64(const sg_case *c, const float *C, int add) {
     return bad;
 }
 
-static void test_isa_bits(void) {
-    tl_seed(11);
+/* One case with C overwritten (add 0) or added to (add 1): the scalar reference against
+ * float64, then every vector kernel set against the reference's bits. */
+typedef struct sg_tally {
+    int cases, bad_bits, bad64;
+} sg_tally;
+static void sg_run(const sg_case *c, int add, sg_tally *tl) {
     static const char *const isas[] = {"avx512", "avx2"};
     const dsmoe__kernel_table *ref = dsmoe__kernels_named("ref");
+    const size_t nc = (size_t)c->M * (size_t)c->ldc;
+    float *want = (float *)malloc(nc * sizeof(float));
+    float *got = (float *)malloc(nc * sizeof(float));
+    if (!want || !got) abort();
+    memcpy(want, c->C0, nc * sizeof(float));
+    ref->sgemm_small(c->ta, c->tb, c->M, c->N, c->K, c->A, c->lda, c->B, c->ldb, add, want, c->ldc);
+    tl->bad64 += sg_check64(c, want, add) != 0;
+    for (size_t s = 0; s < 2; s++) {
+        const dsmoe__kernel_table *k = dsmoe__kernels_named(isas[s]);
+        if (!k) continue;
+        memcpy(got, c->C0, nc * sizeof(float));
+        k->sgemm_small(c->ta, c->tb, c->M, c->N, c->K, c->A, c->lda, c->B, c->ldb, add, got, c->ldc);
+        tl->cases++;
+        if (memcmp(got, want, nc * sizeof(float)) != 0 && tl->bad_bits++ < 5)
+            TL_FAIL("%s: %c%c M %d N %d K %d add %d differs from the scalar bits", isas[s],
+                    c->ta ? 'T' : 'N', c->tb ? 'T' : 'N', c->M, c->N, c->K, add);
+    }
+    free(want);
+    free(got);
+}
+
+static void test_isa_bits(void) {
+    tl_seed(11);
     static const int Ks[] = {1, 2, 7, 33};
-    int cases = 0, bad_bits = 0, bad64 = 0, isa_n = 0;
-    for (size_t s = 0; s < 2; s++) isa_n += dsmoe__kernels_named(isas[s]) != NULL;
-    for (int M = 1; M <= 17; M++) {
-        for (int N = 1; N <= 66; N += (N < 40 ? 1 : 13)) {
-            for (size_t kk = 0; kk < sizeof Ks / sizeof Ks[0]; kk++) {
+    sg_tally tl = {0, 0, 0};
+    const int isa_n = (dsmoe__kernels_named("avx512") != NULL) + (dsmoe__kernels_named("avx2") != NULL);
+    for (int M = 1; M <= 17; M++)
+        for (int N = 1; N <= 66; N += (N < 40 ? 1 : 13))
+            for (size_t kk = 0; kk < sizeof Ks / sizeof Ks[0]; kk++)
                 for (int lay = 0; lay < 4; lay++) {
                     sg_case c;
                     sg_init(&c, lay >> 1, lay & 1, M, N, Ks[kk], (M + N) % 3);
-                    const size_t nc = (size_t)M * (size_t)c.ldc;
-                    float *want = (float *)malloc(nc * sizeof(float));
-                    float *got = (float *)malloc(nc * sizeof(float));
-                    for (int add = 0; add < 2; add++) {
-                        memcpy(want, c.C0, nc * sizeof(float));
-                        ref->sgemm_small(c.ta, c.tb, M, N, c.K, c.A, c.lda, c.B, c.ldb, add, want, c.ldc);
-                        bad64 += sg_check64(&c, want, add) != 0;
-                        for (size_t s = 0; s < 2; s++) {
-                            const dsmoe__kernel_table *k = dsmoe__kernels_named(isas[s]);
-                            if (!k) continue;
-                            memcpy(got, c.C0, nc * sizeof(float));
-                            k->sgemm_small(c.ta, c.tb, M, N, c.K, c.A, c.lda, c.B, c.ldb, add, got, c.ldc);
-                            cases++;
-                            if (memcmp(got, want, nc * sizeof(float)) != 0) {
-                                if (bad_bits++ < 5)
-                                    TL_FAIL("%s: %c%c M %d N %d K %d add %d differs from the scalar bits",
-                                            isas[s], c.ta ? 'T' : 'N', c.tb ? 'T' : 'N', M, N, c.K, add);
-                            }
-                        }
-                    }
-                    free(want);
-                    free(got);
+                    for (int add = 0; add < 2; add++) sg_run(&c, add, &tl);
                     sg_free(&c);
                 }
-            }
-        }
-    }
-    tl_checks++;
-    if (bad64) TL_FAIL("%d scalar products off the float64 product (or padding written)", bad64);
-    tl_checks++;
-    if (isa_n > 0 && cases == 0) TL_FAIL("no vector variant ran");
-    printf("  %d vector-variant products (%d kernel sets) against the scalar bits\n", cases, isa_n);
+    tl_checks += 2;
+    if (tl.bad64) TL_FAIL("%d scalar products off the float64 product (or padding written)", tl.bad64);
+    if (isa_n > 0 && tl.cases == 0) TL_FAIL("no vector variant ran");
+    printf("  %d vector-variant products (%d kernel sets) against the scalar bits\n", tl.cases, isa_n);
 }
 
 /* Tall products: op(A) = A^T with more than 64 rows copies each panel of B (AVX-512), and
@@ -121,43 +123,21 @@ static void test_isa_bits(void) {
  * float64, for column tails and both C modes. */
 static void test_tall(void) {
     tl_seed(13);
-    static const char *const isas[] = {"avx512", "avx2"};
-    const dsmoe__kernel_table *ref = dsmoe__kernels_named("ref");
     static const int Ms[] = {65, 72, 97, 130}, Ns[] = {1, 16, 17, 32, 33, 47, 66}, Ks[] = {1, 9, 100};
-    int cases = 0, bad_bits = 0, bad64 = 0;
+    sg_tally tl = {0, 0, 0};
     for (size_t mi = 0; mi < sizeof Ms / sizeof Ms[0]; mi++)
         for (size_t ni = 0; ni < sizeof Ns / sizeof Ns[0]; ni++)
             for (size_t ki = 0; ki < sizeof Ks / sizeof Ks[0]; ki++)
                 for (int lay = 0; lay < 4; lay++) {
-                    const int M = Ms[mi], N = Ns[ni];
                     sg_case c;
-                    sg_init(&c, lay >> 1, lay & 1, M, N, Ks[ki], (int)(mi + ni) % 3);
-                    const size_t nc = (size_t)M * (size_t)c.ldc;
-                    float *want = (float *)malloc(nc * sizeof(float));
-                    float *got = (float *)malloc(nc * sizeof(float));
-                    if (!want || !got) abort();
-                    const int add = (int)(ni + ki) % 2;
-                    memcpy(want, c.C0, nc * sizeof(float));
-                    ref->sgemm_small(c.ta, c.tb, M, N, c.K, c.A, c.lda, c.B, c.ldb, add, want, c.ldc);
-                    bad64 += sg_check64(&c, want, add) != 0;
-                    for (size_t s = 0; s < 2; s++) {
-                        const dsmoe__kernel_table *k = dsmoe__kernels_named(isas[s]);
-                        if (!k) continue;
-                        memcpy(got, c.C0, nc * sizeof(float));
-                        k->sgemm_small(c.ta, c.tb, M, N, c.K, c.A, c.lda, c.B, c.ldb, add, got, c.ldc);
-                        cases++;
-                        if (memcmp(got, want, nc * sizeof(float)) != 0 && bad_bits++ < 5)
-                            TL_FAIL("%s: %c%c M %d N %d K %d add %d differs from the scalar bits",
-                                    isas[s], c.ta ? 'T' : 'N', c.tb ? 'T' : 'N', M, N, c.K, add);
-                    }
-                    free(want);
-                    free(got);
+                    sg_init(&c, lay >> 1, lay & 1, Ms[mi], Ns[ni], Ks[ki], (int)(mi + ni) % 3);
+                    sg_run(&c, (int)(ni + ki) % 2, &tl);
                     sg_free(&c);
                 }
     tl_checks += 2;
-    if (bad64) TL_FAIL("%d tall scalar products off the float64 product", bad64);
-    if (dsmoe__kernels_named("avx2") && cases == 0) TL_FAIL("no vector variant ran");
-    printf("  %d tall vector-variant products against the scalar bits\n", cases);
+    if (tl.bad64) TL_FAIL("%d tall scalar products off the float64 product", tl.bad64);
+    if (dsmoe__kernels_named("avx2") && tl.cases == 0) TL_FAIL("no vector variant ran");
+    printf("  %d tall vector-variant products against the scalar bits\n", tl.cases);
 }
 
 /* dsmoe__sgemm_small over several BLIS blocks of K against float64 and BLIS. */

@@ -101,21 +101,15 @@ static void ref_softmax(float *out, const float *in, int64_t n) {
 }
 
 static void ref_softmax_scaled(float *p, int64_t n, int64_t len, float scale, float *lse) {
-    float m = p[0] * scale;
+    int64_t am = 0; /* the first largest scaled score: its probability is 1 / s */
     for (int64_t i = 0; i < n; i++) {
         p[i] *= scale;
-        m = p[i] > m ? p[i] : m;
+        am = p[i] > p[am] ? i : am;
     }
-    float acc[16] = {0};
-    for (int64_t i = 0; i < n; i++) {
-        float e = dsmoe__expf(p[i] - m);
-        p[i] = e;
-        acc[i & 15] += e;
-    }
-    float s = tree16(acc);
-    for (int64_t i = 0; i < n; i++) p[i] = p[i] / s;
+    const float m = p[am];
+    ref_softmax(p, p, n);
     for (int64_t i = n; i < len; i++) p[i] = 0.0f;
-    if (lse) *lse = m - logf(1.0f / s);
+    if (lse) *lse = m - logf(p[am]);
 }
 
 static void ref_bf16_to_f32(float *out, const uint16_t *in, int64_t n) {

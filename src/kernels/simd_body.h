@@ -182,22 +182,11 @@ static float FN(tree16)(float *p) {
     return p[0];
 }
 
-static void FN(k_softmax)(float *out, const float *in, int64_t n) {
-    if (n <= 0) return;
-    /* the maximum (exact in any order) of the finite values; when some are NaN every
-     * output is NaN whatever m is (their exps enter the sum) */
-    float m = in[0];
-    {
-        VF vmax = V_SET1(in[0]);
-        int64_t i = 0;
-        for (; i + W <= n; i += W) vmax = V_MAX(vmax, V_LOAD(in + i));
-        float t[16];
-        V_STORE(t, vmax);
-        for (int l = 0; l < W; l++) m = t[l] > m ? t[l] : m;
-        for (; i < n; i++) m = in[i] > m ? in[i] : m;
-    }
+/* out[j] = exp(in[j] − m) for j < n (out may be in) and their sum in 16 running lanes
+ * (lane j & 15) finished by tree16: softmax's arithmetic. The tail runs as one more block
+ * of 16 whose lanes past n hold −inf, whose exp is +0 and leaves the lane sums unchanged. */
+static float FN(exp_sum16)(float *out, const float *in, int64_t n, float m) {
     const VF vm = V_SET1(m);
-    float p[16];
     VF acc0 = V_SET1(0.0f);
 #if W == 8
     VF acc1 = V_SET1(0.0f);
@@ -213,25 +202,52 @@ static void FN(k_softmax)(float *out, const float *in, int64_t n) {
         acc1 = V_ADD(acc1, e1);
 #endif
     }
-    V_STORE(p, acc0);
+    const int64_t rest = n - i;
+    if (rest > 0) {
+        float t[16];
+        for (int l = 0; l < 16; l++) t[l] = l < rest ? in[i + l] : -INFINITY;
+        VF e0 = FN(v_exp)(V_SUB(V_LOAD(t), vm));
+        V_STORE(t, e0);
+        acc0 = V_ADD(acc0, e0);
 #if W == 8
-    V_STORE(p + 8, acc1);
+        VF e1 = FN(v_exp)(V_SUB(V_LOAD(t + 8), vm));
+        V_STORE(t + 8, e1);
+        acc1 = V_ADD(acc1, e1);
 #endif
-    for (; i < n; i++) {
-        float e = dsmoe__expf(in[i] - m);
-        out[i] = e;
-        p[i & 15] += e;
+        memcpy(out + i, t, (size_t)rest * sizeof(float));
     }
-    float s = FN(tree16)(p);
-    const VF vs = V_SET1(s);
-    i = 0;
-    for (; i + W <= n; i += W) V_STORE(out + i, V_DIV(V_LOAD(out + i), vs));
-    for (; i < n; i++) out[i] = out[i] / s;
+    float ps[16];
+    V_STORE(ps, acc0);
+#if W == 8
+    V_STORE(ps + 8, acc1);
+#endif
+    return FN(tree16)(ps);
 }
 
-/* kernels.h: softmax's arithmetic on the scaled row, in three vector passes (the
- * maximum is exact in any order; the tail's exps run as one more block of 16 whose lanes
- * past n hold −inf, whose exp is +0 and leaves the lane sums unchanged). */
+/* p[j] = p[j] / s for j < n */
+static void FN(div_all)(float *p, int64_t n, float s) {
+    const VF vs = V_SET1(s);
+    int64_t i = 0;
+    for (; i + W <= n; i += W) V_STORE(p + i, V_DIV(V_LOAD(p + i), vs));
+    for (; i < n; i++) p[i] = p[i] / s;
+}
+
+static void FN(k_softmax)(float *out, const float *in, int64_t n) {
+    if (n <= 0) return;
+    /* the maximum (exact in any order) of the finite values; when some are NaN every
+     * output is NaN whatever m is (their exps enter the sum) */
+    VF vmax = V_SET1(in[0]);
+    int64_t i = 0;
+    for (; i + W <= n; i += W) vmax = V_MAX(vmax, V_LOAD(in + i));
+    float t[16];
+    V_STORE(t, vmax);
+    float m = in[0];
+    for (int l = 0; l < W; l++) m = t[l] > m ? t[l] : m;
+    for (; i < n; i++) m = in[i] > m ? in[i] : m;
+    FN(div_all)(out, n, FN(exp_sum16)(out, in, n, m));
+}
+
+/* kernels.h: softmax's arithmetic on the scaled row, in three vector passes. */
 static void FN(k_softmax_scaled)(float *p, int64_t n, int64_t len, float scale, float *lse) {
     const VF vsc = V_SET1(scale);
     VF vmax = V_SET1(-INFINITY);
@@ -249,43 +265,8 @@ static void FN(k_softmax_scaled)(float *p, int64_t n, int64_t len, float scale, 
         p[i] *= scale;
         m = p[i] > m ? p[i] : m;
     }
-    const VF vm = V_SET1(m);
-    VF acc0 = V_SET1(0.0f);
-#if W == 8
-    VF acc1 = V_SET1(0.0f);
-#endif
-    for (i = 0; i + 16 <= n; i += 16) {
-        VF e0 = FN(v_exp)(V_SUB(V_LOAD(p + i), vm));
-        V_STORE(p + i, e0);
-        acc0 = V_ADD(acc0, e0);
-#if W == 8
-        VF e1 = FN(v_exp)(V_SUB(V_LOAD(p + i + 8), vm));
-        V_STORE(p + i + 8, e1);
-        acc1 = V_ADD(acc1, e1);
-#endif
-    }
-    const int64_t rest = n - i;
-    if (rest > 0) {
-        for (int l = 0; l < 16; l++) t[l] = l < rest ? p[i + l] : -INFINITY;
-        VF e0 = FN(v_exp)(V_SUB(V_LOAD(t), vm));
-        V_STORE(t, e0);
-        acc0 = V_ADD(acc0, e0);
-#if W == 8
-        VF e1 = FN(v_exp)(V_SUB(V_LOAD(t + 8), vm));
-        V_STORE(t + 8, e1);
-        acc1 = V_ADD(acc1, e1);
-#endif
-        memcpy(p + i, t, (size_t)rest * sizeof(float));
-    }
-    float ps[16];
-    V_STORE(ps, acc0);
-#if W == 8
-    V_STORE(ps + 8, acc1);
-#endif
-    const float s = FN(tree16)(ps);
-    const VF vs = V_SET1(s);
-    for (i = 0; i + W <= n; i += W) V_STORE(p + i, V_DIV(V_LOAD(p + i), vs));
-    for (; i < n; i++) p[i] = p[i] / s;
+    const float s = FN(exp_sum16)(p, p, n, m);
+    FN(div_all)(p, n, s);
     if (len > n) memset(p + n, 0, (size_t)(len - n) * sizeof(float));
     if (lse) *lse = m - logf(1.0f / s);
 }
