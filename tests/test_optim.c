@@ -156,6 +156,38 @@ static void test_clip_and_norm(void) {
     free(g);
 }
 
+/* dsmoe__sum_squares_each (the run's gradient norm): each segment's sum, whatever the
+ * thread count, equal to the float64 block-order sum of that segment alone. */
+static void test_sum_squares_each(void) {
+    static const int64_t sizes[] = {1, 4095, 4097, 70000, 300001, 17, 262144};
+    enum { NS = (int)(sizeof sizes / sizeof sizes[0]) };
+    dsmoe__adamw_segment seg[NS];
+    memset(seg, 0, sizeof seg);
+    tl_seed(9);
+    for (int j = 0; j < NS; j++) {
+        float *g = (float *)malloc((size_t)sizes[j] * sizeof(float));
+        if (!g) abort();
+        for (int64_t i = 0; i < sizes[j]; i++) g[i] = (float)tl_normal();
+        seg[j].g = g;
+        seg[j].n = sizes[j];
+    }
+    for (int t = 1; t <= 3; t++) {
+        double out[NS];
+        dsmoe__sum_squares_each(seg, NS, out, t);
+        for (int j = 0; j < NS; j++) {
+            double want = 0.0;
+            for (int64_t b = 0; b < sizes[j]; b += 4096) {
+                double sb = 0.0;
+                for (int64_t i = b; i < sizes[j] && i < b + 4096; i++)
+                    sb += (double)seg[j].g[i] * (double)seg[j].g[i];
+                want += sb;
+            }
+            ASSERT_TRUE(out[j] == want);
+        }
+    }
+    for (int j = 0; j < NS; j++) free((void *)seg[j].g);
+}
+
 /* Threads do not change a bit; wd 0 leaves a zero-gradient parameter alone, wd > 0
  * shrinks it by exactly (1 − lr·wd). */
 static void test_update_properties(void) {
@@ -259,6 +291,7 @@ int main(void) {
     RUN(test_against_torch);
     RUN(test_schedule);
     RUN(test_clip_and_norm);
+    RUN(test_sum_squares_each);
     RUN(test_update_properties);
     RUN(test_update_all);
     RUN(test_validate);
