@@ -35,9 +35,6 @@ static float *rand_buf(size_t n) {
 static size_t op_size(int trans, int rows, int cols, int ld) {
     return (size_t)(trans ? cols : rows) * (size_t)ld;
 }
-static double op_at(const float *X, int trans, int ld, int i, int j) {
-    return trans ? (double)X[(size_t)j * ld + i] : (double)X[(size_t)i * ld + j];
-}
 
 static void case_init(gemm_case *c, int ta, int tb, int M, int N, int K, int pad, float alpha,
                       float beta) {
@@ -82,12 +79,9 @@ static void case_check(const char *what, const gemm_case *c, const float *C) {
                 bad += memcmp(&C[at], &c->C0[at], sizeof(float)) != 0;
                 continue;
             }
-            double s = 0, mag = 0;
-            for (int k = 0; k < c->K; k++) {
-                const double p = op_at(c->A, c->ta, c->lda, i, k) * op_at(c->B, c->tb, c->ldb, k, j);
-                s += p;
-                mag += fabs(p);
-            }
+            double mag;
+            const double s =
+                tl_gemm64_at(c->A, c->ta, c->lda, c->B, c->tb, c->ldb, i, j, c->K, &mag);
             const double ref = c->alpha * s + (c->beta != 0.0f ? c->beta * (double)c->C0[at] : 0.0);
             mag = fabs((double)c->alpha) * mag + fabs(c->beta * (double)c->C0[at]);
             const double err = fabs((double)C[at] - ref);

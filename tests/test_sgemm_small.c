@@ -43,10 +43,6 @@ static void sg_free(sg_case *c) {
     free(c->B);
     free(c->C0);
 }
-static double op_at(const float *X, int trans, int ld, int i, int j) {
-    return trans ? (double)X[(size_t)j * ld + i] : (double)X[(size_t)i * ld + j];
-}
-
 /* C against the float64 product (+ C0 when add); padding columns must hold C0's bits. */
 static int sg_check64(const sg_case *c, const float *C, int add) {
     int bad = 0;
@@ -57,12 +53,9 @@ static int sg_check64(const sg_case *c, const float *C, int add) {
                 bad += memcmp(&C[at], &c->C0[at], sizeof(float)) != 0;
                 continue;
             }
-            double s = add ? (double)c->C0[at] : 0.0, mag = fabs(s);
-            for (int k = 0; k < c->K; k++) {
-                const double p = op_at(c->A, c->ta, c->lda, i, k) * op_at(c->B, c->tb, c->ldb, k, j);
-                s += p;
-                mag += fabs(p);
-            }
+            double mag;
+            double s = tl_gemm64_at(c->A, c->ta, c->lda, c->B, c->tb, c->ldb, i, j, c->K, &mag);
+            if (add) s = (double)c->C0[at] + s, mag += fabs((double)c->C0[at]);
             bad += !(fabs((double)C[at] - s) <= (2.0 * c->K + 4.0) * 0x1.0p-24 * mag + 1e-30);
         }
     }

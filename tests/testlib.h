@@ -202,6 +202,22 @@ static inline void tl_rm_rf(const char *path) {
     if (system(cmd) != 0) fprintf(stderr, "cannot remove %s\n", path);
 }
 
+/* Element (i, j) of op(A) · op(B) in float64 (row-major; op(X) = Xᵀ when its flag is
+ * set, X's rows ld apart), and the sum of the terms' magnitudes into *mag: the reference
+ * the matrix-product tests measure their rounding bounds against. */
+static inline double tl_gemm64_at(const float *A, int ta, int lda, const float *B, int tb,
+                                  int ldb, int i, int j, int K, double *mag) {
+    double s = 0.0, m = 0.0;
+    for (int k = 0; k < K; k++) {
+        const double a = ta ? (double)A[(size_t)k * lda + i] : (double)A[(size_t)i * lda + k];
+        const double b = tb ? (double)B[(size_t)j * ldb + k] : (double)B[(size_t)k * ldb + j];
+        s += a * b;
+        m += fabs(a * b);
+    }
+    *mag = m;
+    return s;
+}
+
 /* Guarded buffers: 64 bytes of 0xA5 before and after; tl_guard_ok checks them. */
 #define TL_GUARD 64
 static inline void *tl_guarded_alloc(size_t nbytes) {
