@@ -96,6 +96,50 @@ SG_INLINE SG_AVX512 void sg512_tile(const int mr, const int nv, const int pfa, c
     }
 }
 
+/* The 8 × 32 tile with every column present: unmasked loads, and op(A)'s 8 rows
+ * addressed from two pointers and three strides, so that the loop's addresses stay in
+ * registers (sg512_tile's eight row offsets and two masks were reloaded from the stack at
+ * every k). The same fma chains as sg512_tile. */
+#define SG512_ROW(r, row)                                                                       \
+    do {                                                                                        \
+        const __m512 x = _mm512_set1_ps(row);                                                   \
+        c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);                                                  \
+        c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);                                                  \
+    } while (0)
+
+SG_INLINE SG_AVX512 void sg512_tile_full(const int pfa, const float *A, size_t ai, size_t ak,
+                                         const float *Bp, size_t ldbp, int K, float *C, int ldc,
+                                         int add, const float *An) {
+    __m512 c0[8], c1[8];
+    for (int r = 0; r < 8; r++) c0[r] = c1[r] = _mm512_setzero_ps();
+    const size_t a2 = 2 * ai, a3 = 3 * ai;
+    const float *p = A, *q = A + 4 * ai, *b = Bp;
+    for (int k = 0; k < K; k++) {
+        if (pfa && (k & 15) == 0)
+            for (int r = 0; r < 8; r++)
+                _mm_prefetch((const char *)(An + (size_t)r * ai + k), _MM_HINT_T0);
+        const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+        SG512_ROW(0, p[0]);
+        SG512_ROW(1, p[ai]);
+        SG512_ROW(2, p[a2]);
+        SG512_ROW(3, p[a3]);
+        SG512_ROW(4, q[0]);
+        SG512_ROW(5, q[ai]);
+        SG512_ROW(6, q[a2]);
+        SG512_ROW(7, q[a3]);
+        p += ak, q += ak, b += ldbp;
+    }
+    for (int r = 0; r < 8; r++) {
+        float *c = C + (size_t)r * (size_t)ldc;
+        if (add) {
+            c0[r] = _mm512_add_ps(_mm512_loadu_ps(c), c0[r]);
+            c1[r] = _mm512_add_ps(_mm512_loadu_ps(c + 16), c1[r]);
+        }
+        _mm512_storeu_ps(c, c0[r]);
+        _mm512_storeu_ps(c + 16, c1[r]);
+    }
+}
+
 /* Rows r[0..16) transposed in registers: afterwards r[c] holds column c. */
 SG_INLINE SG_AVX512 void sg512_transpose16(__m512 r[16]) {
     __m512 t[16];
@@ -227,7 +271,10 @@ SG_AVX512 void dsmoe__sgemm_small_avx512(int ta, int tb, int M, int N, int K, co
                 }
                 if (!ta && j0 == 0 && mn == 8) an = a + (size_t)8 * ai;
             }
-            if (nv == 2) {
+            if (mr == 8 && nj == 32) {
+                if (an) sg512_tile_full(1, a, ai, ak, Bp, ldbp, K, c, ldc, add, an);
+                else sg512_tile_full(0, a, ai, ak, Bp, ldbp, K, c, ldc, add, an);
+            } else if (nv == 2) {
                 SG512_ROWS(2)
             } else {
                 SG512_ROWS(1)
