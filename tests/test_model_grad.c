@@ -256,6 +256,47 @@ static void test_linear(void) {
     free_tens(&P.w);
 }
 
+/* Many rows: the products go to the threads in pieces of falling size (a quarter of the
+ * rows twice, an eighth twice, ... down to 64 rows). Every row of y and dx, and dW
+ * summed over all of them, against fp64 on 1 and 2 threads: a piece that missed,
+ * doubled or shifted rows shows. */
+static void test_linear_pieces(void) {
+    tl_seed(14);
+    const int64_t N = 1000; /* N · in · out above the size that runs on the threads */
+    const int in = 64, out = 80;
+    float *x = randv(N * in, 1.0), *W = randv((int64_t)out * in, 0.2), *r = randv(N * out, 1.0);
+    double *y64 = (double *)calloc((size_t)(N * out), sizeof(double));
+    double *dx64 = (double *)calloc((size_t)(N * in), sizeof(double));
+    double *dw64 = (double *)calloc((size_t)(out * in), sizeof(double));
+    for (int64_t t = 0; t < N; t++)
+        for (int o = 0; o < out; o++) {
+            double a = 0;
+            for (int k = 0; k < in; k++) a += (double)x[t * in + k] * W[(int64_t)o * in + k];
+            y64[t * out + o] = a;
+            for (int k = 0; k < in; k++) {
+                dx64[t * in + k] += (double)r[t * out + o] * W[(int64_t)o * in + k];
+                dw64[(int64_t)o * in + k] += (double)r[t * out + o] * x[t * in + k];
+            }
+        }
+    for (int nt = 1; nt <= 2; nt++) {
+        float *y = zerov(N * out), *dx = zerov(N * in), *dw = zerov((int64_t)out * in);
+        dsmoe__linear_forward(y, out, x, in, W, N, in, out, nt);
+        dsmoe__linear_backward(dx, in, dw, r, out, x, in, W, N, in, out, 0, nt);
+        close_scaled(nt == 1 ? "linear y, 1000 rows" : "linear y, 1000 rows, 2 thr", y, y64, N * out, 5e-6);
+        close_scaled(nt == 1 ? "linear dx, 1000 rows" : "linear dx, 1000 rows, 2 thr", dx, dx64, N * in, 5e-6);
+        close_scaled(nt == 1 ? "linear dW, 1000 rows" : "linear dW, 1000 rows, 2 thr", dw, dw64, (int64_t)out * in, 5e-6);
+        free(y);
+        free(dx);
+        free(dw);
+    }
+    free(x);
+    free(W);
+    free(r);
+    free(y64);
+    free(dx64);
+    free(dw64);
+}
+
 /* ------------------------------------------------------------------ SwiGLU */
 
 static double swiglu_loss(void) {
@@ -1037,6 +1078,7 @@ static void test_compose_layer(void) {
 int main(void) {
     RUN(test_rmsnorm);
     RUN(test_linear);
+    RUN(test_linear_pieces);
     RUN(test_swiglu);
     RUN(test_swiglu_threads);
     RUN(test_mla_grad);

@@ -34,6 +34,34 @@ static int64_t piece(int64_t n, int64_t min_piece) {
     return p < n ? p : n;
 }
 
+/* Row task k of a product over n rows cut for the threads, largest first: pieces of a
+ * quarter of n (piece()), two of them, then two of half that, and so on down to
+ * min_piece rows, the rest in pieces of min_piece. The first tasks are large (few
+ * packings of the weights, the products' best speed); the last are small, so that
+ * the threads end close together (with four equal pieces, one thread waited for the
+ * other's last piece at the end of every product). *r0 and the return value: its first
+ * row and its rows; 0 past the last task. Fixed by n alone; each output row is the same
+ * chains whatever piece holds it. */
+static int64_t row_task(int64_t n, int64_t min_piece, int64_t k, int64_t *r0) {
+    int64_t p = piece(n, min_piece), at = 0;
+    for (int64_t i = 0; at < n; i++) {
+        if (i >= 2 && (i & 1) == 0 && p / 2 >= min_piece) p = (p / 2 + 15) / 16 * 16;
+        const int64_t rows = n - at < p ? n - at : p;
+        if (i == k) {
+            *r0 = at;
+            return rows;
+        }
+        at += rows;
+    }
+    return 0;
+}
+
+static int64_t row_tasks(int64_t n, int64_t min_piece) {
+    int64_t k = 0, r0;
+    while (row_task(n, min_piece, k, &r0) > 0) k++;
+    return k;
+}
+
 /* Element-wise passes run over fixed chunks of this many elements. */
 #define EW_CHUNK 16384
 
@@ -159,13 +187,13 @@ void dsmoe__linear_forward(float *y, int64_t ldy, const float *x, int64_t ldx, c
         return;
     }
     const int nt = dsmoe__threads(n_threads);
-    const int64_t pr = piece(N, DSMOE__GRAD_ROW_BLOCK), nb = nblocks(N, pr);
+    const int64_t nb = row_tasks(N, DSMOE__GRAD_ROW_BLOCK);
     const int par = nt > 1 && nb > 1 && (double)N * in * out >= PAR_MIN_MACS;
     (void)nt, (void)par;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (par)
     for (int64_t b = 0; b < nb; b++) {
-        const int64_t r0 = b * pr;
-        const int rows = (int)(N - r0 < pr ? N - r0 : pr);
+        int64_t r0 = 0;
+        const int rows = (int)row_task(N, DSMOE__GRAD_ROW_BLOCK, b, &r0);
         dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__TRANS, rows, out, in, 1.0f, x + r0 * ldx, (int)ldx, W,
                      in, 0.0f, y + r0 * ldy, (int)ldy);
     }
@@ -184,7 +212,7 @@ void dsmoe__linear_backward(float *dx, int64_t lddx, float *dW, const float *dy,
     /* One parallel loop over dW's tiles, then dx's row blocks (independent work: each
      * task writes its own part of dW or dx). dW: the larger of the two dimensions is cut,
      * the other kept whole. */
-    const int64_t pr = piece(N, DSMOE__GRAD_ROW_BLOCK), ndx = dx ? nblocks(N, pr) : 0;
+    const int64_t ndx = dx ? row_tasks(N, DSMOE__GRAD_ROW_BLOCK) : 0;
     const int64_t po = out >= in ? piece(out, GRAD_COL_BLOCK) : out;
     const int64_t pi = out >= in ? in : piece(in, GRAD_COL_BLOCK);
     const int64_t nbo = nblocks(out, po), nbi = nblocks(in, pi), ndw = dW ? nbo * nbi : 0;
@@ -197,8 +225,8 @@ void dsmoe__linear_backward(float *dx, int64_t lddx, float *dW, const float *dy,
             dsmoe__sgemm(DSMOE__TRANS, DSMOE__NOTRANS, orows, icols, (int)N, 1.0f, dy + o0,
                          (int)lddy, x + i0, (int)ldx, 1.0f, dW + o0 * in + i0, in);
         } else {
-            const int64_t r0 = (k - ndw) * pr;
-            const int rows = (int)(N - r0 < pr ? N - r0 : pr);
+            int64_t r0 = 0;
+            const int rows = (int)row_task(N, DSMOE__GRAD_ROW_BLOCK, k - ndw, &r0);
             dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, in, out, 1.0f, dy + r0 * lddy,
                          (int)lddy, W, in, acc_dx ? 1.0f : 0.0f, dx + r0 * lddx, (int)lddx);
         }
