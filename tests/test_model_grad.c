@@ -267,7 +267,7 @@ static void test_linear_pieces(void) {
     float *x = randv(N * in, 1.0), *W = randv((int64_t)out * in, 0.2), *r = randv(N * out, 1.0);
     double *y64 = (double *)calloc((size_t)(N * out), sizeof(double));
     double *dx64 = (double *)calloc((size_t)(N * in), sizeof(double));
-    double *dw64 = (double *)calloc((size_t)(out * in), sizeof(double));
+    double *dw64 = (double *)calloc((size_t)out * (size_t)in, sizeof(double));
     for (int64_t t = 0; t < N; t++)
         for (int o = 0; o < out; o++) {
             double a = 0;
