@@ -84,9 +84,7 @@ void dsmoe__rmsnorm_train_forward(float *y, float *inv_rms, const float *x, cons
     for (int64_t t = 0; t < N; t++) {
         const float *xr = x + t * ldx;
         float *yr = y + t * ldy;
-        float ss = 0.0f;
-        for (int32_t i = 0; i < n; i++) ss += xr[i] * xr[i];
-        float inv = 1.0f / sqrtf(ss / (float)n + eps);
+        const float inv = dsmoe__rms_inv(xr, n, eps);
         inv_rms[t] = inv;
         for (int32_t i = 0; i < n; i++) yr[i] = xr[i] * inv * w[i];
     }
@@ -102,9 +100,7 @@ void dsmoe__add_rmsnorm_train_forward(float *h, float *y, float *inv_rms, const 
         const float *ar = a + t * n, *br = b + t * n;
         float *hr = h + t * n, *yr = y + t * n;
         for (int32_t i = 0; i < n; i++) hr[i] = ar[i] + br[i];
-        float ss = 0.0f;
-        for (int32_t i = 0; i < n; i++) ss += hr[i] * hr[i];
-        float inv = 1.0f / sqrtf(ss / (float)n + eps);
+        const float inv = dsmoe__rms_inv(hr, n, eps);
         inv_rms[t] = inv;
         for (int32_t i = 0; i < n; i++) yr[i] = hr[i] * inv * w[i];
     }
