@@ -1157,6 +1157,20 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe *m, float *y, const float *x, int64_t T
 
 /* ---------------------------------------------------------------- backward -- */
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+float dsmoe__moe_dot(const float *a, const float *b, size_t n) {
+    float acc[16] = {0};
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] = acc[l] + a[i + l] * b[i + l];
+    for (int l = 0; i < n; i++, l++) acc[l] = acc[l] + a[i] * b[i];
+    for (int h = 8; h >= 1; h >>= 1)
+        for (int l = 0; l < h; l++) acc[l] = acc[l] + acc[l + h];
+    return acc[0];
+}
+
 /* Phase A for one row block: dH = dY·W2, dGU = swiglu'(dH), dX = dGU·W1. */
 static void moe_expert_backward_rows(const dsmoe_moe *m, int32_t e, int n, const float *dY,
                                      const float *GU, float *dH, float *dGU, float *dX) {
@@ -1201,56 +1215,21 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
     const int32_t E = m->E, K = m->K, D = m->D, F = m->F, Fs = m->Fs;
     const size_t Dz = (size_t)D;
 
-    /* 0. dweights and the scaled output gradients of the routed rows. Each dot product
-     * is one chain in d order; four of a token's chains run interleaved (latency, not
-     * throughput, bounds one chain), each with the same operations in the same order. */
+    /* 0. dweights (dsmoe__moe_dot: 16 running sums, the EP layer's bits) and the scaled
+     * output gradients of the routed rows. */
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t t = 0; t < T; t++) {
         const float *dyt = dy + (size_t)t * Dz;
-        for (int32_t k0 = 0; k0 < K; k0 += 4) {
-            const float *ye[4];
-            float *dye[4], wk[4];
-            int32_t kk[4];
-            int nv = 0;
-            for (int32_t k = k0; k < K && k < k0 + 4; k++) {
-                int32_t r = w->slot[t * K + k];
-                if (r < 0) {
-                    w->dweights[t * K + k] = 0.0f;
-                    continue;
-                }
-                ye[nv] = w->Ye + (size_t)r * Dz;
-                dye[nv] = w->dYe + (size_t)r * Dz;
-                wk[nv] = w->weights[t * K + k];
-                kk[nv] = k;
-                nv++;
-            }
-            if (nv == 4) {
-                float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-                for (size_t d = 0; d < Dz; d++) {
-                    const float g = dyt[d];
-                    s0 = s0 + g * ye[0][d];
-                    s1 = s1 + g * ye[1][d];
-                    s2 = s2 + g * ye[2][d];
-                    s3 = s3 + g * ye[3][d];
-                    dye[0][d] = wk[0] * g;
-                    dye[1][d] = wk[1] * g;
-                    dye[2][d] = wk[2] * g;
-                    dye[3][d] = wk[3] * g;
-                }
-                w->dweights[t * K + kk[0]] = s0;
-                w->dweights[t * K + kk[1]] = s1;
-                w->dweights[t * K + kk[2]] = s2;
-                w->dweights[t * K + kk[3]] = s3;
+        for (int32_t k = 0; k < K; k++) {
+            const int32_t r = w->slot[t * K + k];
+            if (r < 0) {
+                w->dweights[t * K + k] = 0.0f;
                 continue;
             }
-            for (int j = 0; j < nv; j++) {
-                float s = 0.0f;
-                for (size_t d = 0; d < Dz; d++) {
-                    s = s + dyt[d] * ye[j][d];
-                    dye[j][d] = wk[j] * dyt[d];
-                }
-                w->dweights[t * K + kk[j]] = s;
-            }
+            const float wk = w->weights[t * K + k];
+            float *dye = w->dYe + (size_t)r * Dz;
+            w->dweights[t * K + k] = dsmoe__moe_dot(dyt, w->Ye + (size_t)r * Dz, Dz);
+            for (size_t d = 0; d < Dz; d++) dye[d] = wk * dyt[d];
         }
     }
     /* 1. router: dlogits = router_backward(dweights) + extra */
