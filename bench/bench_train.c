@@ -191,7 +191,7 @@ static double block_matmul_params(const dsmoe_model_config *c, int32_t l) {
  * 2·H(n + r) for the scores and 2·H·v for the weighted values. The factor 3: the forward
  * (1) and the backward's two products per forward product (input and weight gradients;
  * for attention dQ / dK and dP / dV). Element-wise work (norms, softmax, SwiGLU, RoPE,
- * the optimizer) and the backward's recomputed scores are not counted. */
+ * the optimizer) and the products' masked halves of the diagonal blocks are not counted. */
 static double train_flops(const dsmoe_model_config *c, int64_t B, int64_t T, int32_t Dm) {
     const double D = c->hidden_size, V = c->vocab_size;
     double A = 0.0, pair = 0.0;
@@ -212,20 +212,23 @@ static double train_flops(const dsmoe_model_config *c, int64_t B, int64_t T, int
  *   block:     h_in, x1 = norm(h_in), h_mid, x2 = norm(h_mid): 4D; attention: the query
  *              H(n + r) (and with q_lora_rank the q_a output and its norm 2q), kv_a's
  *              output c + r, the latent's norm c, keys and values H(n + v), the softmax's
- *              log-sum-exp H, the output H·v; dense FFN: gate, up and their product 3I;
+ *              log-sum-exp H and its output (the probabilities, a T × T matrix per
+ *              sequence and head: H·T a token), the output H·v; dense FFN: gate, up and
+ *              their product 3I;
  *              MoE: router logits E, per routed slot (K) gate, up, product and the
  *              expert's output 3F + D, the shared experts 3·Fs
  *   ends:      the final norm's input and output 2D, the logits V (per head)
  *   MTP depth: the embedding, the concatenation, the block's output and its norm 5D
- * Attention's T × T probabilities are not counted (recomputed from the log-sum-exp). */
-static double activation_floats_per_token(const dsmoe_model_config *c, int32_t Dm) {
+ * dsmoe keeps the probabilities of the causal blocks only (grad_mla.c), about 5/8 of
+ * T × T at T = 256. */
+static double activation_floats_per_token(const dsmoe_model_config *c, int64_t T, int32_t Dm) {
     const double D = c->hidden_size, H = c->num_attention_heads, n = c->qk_nope_head_dim,
                  r = c->qk_rope_head_dim, v = c->v_head_dim, kc = c->kv_lora_rank,
                  q = c->q_lora_rank;
     double a = 0.0;
     for (int32_t l = 0; l < c->num_hidden_layers + Dm; l++) {
         a += 4.0 * D + H * (n + r) + (q > 0 ? 2.0 * q : 0.0) + (kc + r) + kc + H * (n + v) + H +
-             H * v;
+             H * (double)T + H * v;
         if (dsmoe_model_layer_is_moe(c, l)) {
             const double F = c->moe_intermediate_size;
             a += c->n_routed_experts + c->num_experts_per_tok * (3.0 * F + D) +
@@ -244,7 +247,7 @@ typedef struct mem_model {
 
 /* Parameters (trainable), their gradients and AdamW's two moments, fp32, plus the
  * activations above for N tokens. */
-static mem_model memory_model(dsmoe_train_model *tm, int64_t N, int32_t Dm) {
+static mem_model memory_model(dsmoe_train_model *tm, int64_t N, int64_t T, int32_t Dm) {
     mem_model m;
     memset(&m, 0, sizeof m);
     const int64_t nt = dsmoe_train_model_tensor_count(tm);
@@ -254,7 +257,7 @@ static mem_model memory_model(dsmoe_train_model *tm, int64_t N, int32_t Dm) {
         if (t.trainable) m.params += (double)t.n;
     }
     m.state_bytes = 4.0 * 4.0 * m.params;
-    m.activation_bytes = 4.0 * (double)N * activation_floats_per_token(dsmoe_train_model_config(tm), Dm);
+    m.activation_bytes = 4.0 * (double)N * activation_floats_per_token(dsmoe_train_model_config(tm), T, Dm);
     m.total_bytes = m.state_bytes + m.activation_bytes;
     return m;
 }
@@ -405,7 +408,7 @@ int main(int argc, char **argv) {
             os.seg[os.nseg++] =
                 (dsmoe__adamw_segment){t->data, os.m + off, os.v + off, t->grad, t->n, t->decay};
         }
-        const mem_model mm = memory_model(tm, N, Dm);
+        const mem_model mm = memory_model(tm, N, T, Dm);
         const double mem_create = (double)(__atomic_load_n(&alloc_now, __ATOMIC_RELAXED) - base);
         const double flops = train_flops(&cfg, B, T, Dm);
         if (ti == 0)

@@ -7,9 +7,10 @@
  * writes only that head's columns (and its own part of dk_pe), so the tasks run on any
  * threads in any order with the same bits. Inside a task the queries go in fixed blocks
  * of ATT_QB rows, in order: the scores of a block against the keys up to its last row,
- * a (rows × keys) matrix in the task's own scratch, come from BLAS products, the causal
- * mask and the softmax (fp32, as blocks.c) from plain loops, and the products with the
- * values and the backward's products from BLAS again.
+ * a (rows × keys) matrix written where the forward saves that block's probabilities,
+ * come from BLAS products, the causal mask and the softmax (fp32, as blocks.c) from the
+ * softmax_scaled kernel in place, and the products with the values and the backward's
+ * products (which read the saved probabilities) from BLAS again.
  */
 #include "model/model_grad.h"
 
@@ -61,7 +62,7 @@ static size_t take(lay *l, int64_t count, size_t elem) {
 #define AT(type, base, off) ((type *)(void *)((const char *)(base) + (off)))
 
 typedef struct mla_save_off {
-    size_t qa, qa_inv, qf, kv, kv_inv, kvb, out, lse, total;
+    size_t qa, qa_inv, qf, kv, kv_inv, kvb, out, lse, prob, total;
 } mla_save_off;
 typedef struct mla_save {
     float *qa, *qa_inv; /* (N, q), (N) — q > 0 only */
@@ -70,7 +71,22 @@ typedef struct mla_save {
     float *kvb;         /* (N, H, n + v) */
     float *out;         /* (N, H, v) */
     float *lse;         /* (N, H) */
+    float *prob;        /* (B·H, prob_floats): each task's probabilities, block by block */
 } mla_save;
+
+/* Floats of one (sequence, head)'s saved probabilities: each block of qb query rows from
+ * i0 keeps its (rows, i0 + rows) probabilities (zeros right of the diagonal), row-major;
+ * block i0 starts at prob_at(m, i0). The backward reads them instead of recomputing the
+ * scores and their softmax. */
+static int64_t prob_at(const mla_dims *m, int64_t i0) {
+    int64_t at = 0;
+    for (int64_t b0 = 0; b0 < i0 && b0 < m->T; b0 += m->qb) {
+        const int64_t rows = m->T - b0 < m->qb ? m->T - b0 : m->qb;
+        at += rows * (b0 + rows);
+    }
+    return at;
+}
+static int64_t prob_floats(const mla_dims *m) { return prob_at(m, m->T); }
 
 static mla_save_off save_offsets(const mla_dims *m) {
     lay l = {0};
@@ -83,6 +99,7 @@ static mla_save_off save_offsets(const mla_dims *m) {
     o.kvb = take(&l, m->N * m->H * (m->n + m->v), sizeof(float));
     o.out = take(&l, m->N * m->H * m->v, sizeof(float));
     o.lse = take(&l, m->N * m->H, sizeof(float));
+    o.prob = take(&l, m->B * m->H * prob_floats(m), sizeof(float));
     o.total = l.off;
     return o;
 }
@@ -97,13 +114,14 @@ static mla_save save_at(const mla_dims *m, const void *base) {
     s.kvb = AT(float, base, o.kvb);
     s.out = AT(float, base, o.out);
     s.lse = AT(float, base, o.lse);
+    s.prob = AT(float, base, o.prob);
     return s;
 }
 
-/* Scratch floats of one attention task: `copies` (1: forward, 2: backward) blocks of
- * scores (qb, T) and of keys (T, n + r). */
-static int64_t task_floats(const mla_dims *m, int64_t copies) {
-    return copies * (m->qb * m->T + m->T * (m->n + m->r));
+/* Scratch floats of one attention task: its keys (T, n + r) in the forward; the gradient
+ * of a block's probabilities (qb, T), the keys and their gradient in the backward. */
+static int64_t task_floats(const mla_dims *m, int backward) {
+    return (backward ? m->qb * m->T : 0) + (backward ? 2 : 1) * m->T * (m->n + m->r);
 }
 
 typedef struct mla_fws_off {
@@ -112,8 +130,8 @@ typedef struct mla_fws_off {
 typedef struct mla_fws {
     float *qa_n, *lat_n, *cs; /* (N, q), (N, c), (T, r) */
     double *inv_freq;         /* (r / 2) */
-    float *att;               /* (B·H, qb·T + T(n + r)): each task's probabilities and its
-                                 keys [k_nope | k_pe] side by side */
+    float *att;               /* (B·H, T(n + r)): each task's keys [k_nope | k_pe] side by
+                                 side */
 } mla_fws;
 
 static mla_fws_off fws_offsets(const mla_dims *m) {
@@ -123,7 +141,7 @@ static mla_fws_off fws_offsets(const mla_dims *m) {
     o.lat_n = take(&l, m->N * m->c, sizeof(float));
     o.cs = take(&l, m->T * m->r, sizeof(float));
     o.inv_freq = take(&l, m->half, sizeof(double));
-    o.att = take(&l, m->B * m->H * task_floats(m, 1), sizeof(float));
+    o.att = take(&l, m->B * m->H * task_floats(m, 0), sizeof(float));
     o.total = l.off;
     return o;
 }
@@ -151,8 +169,8 @@ typedef struct mla_bws {
     float *dlat, *dqa;    /* (N, c), (N, q) */
     float *cs;            /* (T, r) */
     double *inv_freq;     /* (r / 2) */
-    float *att;           /* (B·H, 2·qb·T + 2·T(n + r)): each task's probabilities and their
-                             gradient, its keys [k_nope | k_pe] and their gradient */
+    float *att;           /* (B·H, qb·T + 2·T(n + r)): each task's gradient of a block's
+                             probabilities, its keys [k_nope | k_pe] and their gradient */
 } mla_bws;
 
 static mla_bws_off bws_offsets(const mla_dims *m) {
@@ -169,7 +187,7 @@ static mla_bws_off bws_offsets(const mla_dims *m) {
     o.dqa = take(&l, m->N * m->q, sizeof(float));
     o.cs = take(&l, m->T * m->r, sizeof(float));
     o.inv_freq = take(&l, m->half, sizeof(double));
-    o.att = take(&l, m->B * m->H * task_floats(m, 2), sizeof(float));
+    o.att = take(&l, m->B * m->H * task_floats(m, 1), sizeof(float));
     o.total = l.off;
     return o;
 }
@@ -302,19 +320,18 @@ static void attn_keys(const mla_dims *m, const mla_save *s, int64_t b, int64_t h
     }
 }
 
-/* Raw scores S (rows, keys) [ld T] of queries i0 .. i0 + rows − 1 of sequence b, head h,
+/* Raw scores S (rows, keys) [ld lds] of queries i0 .. i0 + rows − 1 of sequence b, head h,
  * against keys 0 .. keys − 1 of K (attn_keys): q_nope · k_nope + q_pe · k_pe. */
 static void attn_scores(const mla_dims *m, const mla_save *s, const float *K, int64_t b, int64_t h,
-                        int64_t i0, int64_t rows, int64_t keys, float *S) {
+                        int64_t i0, int64_t rows, int64_t keys, float *S, int64_t lds) {
     const int64_t H = m->H, n = m->n, r = m->r, r0 = b * m->T;
     const float *Q = s->qf + ((r0 + i0) * H + h) * (n + r);
-    mm(DSMOE__NOTRANS, DSMOE__TRANS, rows, keys, n + r, Q, H * (n + r), K, n + r, 0.0f, S, m->T);
+    mm(DSMOE__NOTRANS, DSMOE__TRANS, rows, keys, n + r, Q, H * (n + r), K, n + r, 0.0f, S, lds);
 }
 
 /* Row i of a block of raw scores: p[0..i] = softmax(scale · p[0..i]), p[i+1..keys) = 0
  * (the kernels' softmax_scaled, kernels.h); with lse, returns the log-sum-exp of the
- * scaled scores. The backward recomputes the same raw scores and calls this again: the
- * same bits. */
+ * scaled scores. The forward keeps the probabilities for the backward. */
 static float softmax_row(const dsmoe__kernel_table *kt, float *p, int64_t i, int64_t keys,
                          float scale, int lse) {
     float l = 0.0f;
@@ -322,20 +339,22 @@ static float softmax_row(const dsmoe__kernel_table *kt, float *p, int64_t i, int
     return l;
 }
 
-/* The attention of sequence b, head h: out and lse of its rows; P (task_floats(m, 1)) is
- * scratch. */
+/* The attention of sequence b, head h: out, lse and the probabilities of its rows (saved
+ * for the backward); P (task_floats(m, 0)) is scratch for its keys. */
 static void attn_forward_task(const mla_dims *m, const mla_save *s, int64_t b, int64_t h, float *P,
                               float scale) {
     const int64_t H = m->H, n = m->n, v = m->v, r0 = b * m->T;
     const dsmoe__kernel_table *kt = dsmoe__kernels();
-    float *K = P + m->qb * m->T;
+    float *K = P;
+    float *prob = s->prob + (b * H + h) * prob_floats(m);
     attn_keys(m, s, b, h, K);
     for (int64_t i0 = 0; i0 < m->T; i0 += m->qb) {
         const int64_t rows = m->T - i0 < m->qb ? m->T - i0 : m->qb, keys = i0 + rows;
-        attn_scores(m, s, K, b, h, i0, rows, keys, P);
+        float *Pb = prob + prob_at(m, i0);
+        attn_scores(m, s, K, b, h, i0, rows, keys, Pb, keys);
         for (int64_t ii = 0; ii < rows; ii++)
-            s->lse[(r0 + i0 + ii) * H + h] = softmax_row(kt, P + ii * m->T, i0 + ii, keys, scale, 1);
-        mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, v, keys, P, m->T, s->kvb + (r0 * H + h) * (n + v) + n,
+            s->lse[(r0 + i0 + ii) * H + h] = softmax_row(kt, Pb + ii * keys, i0 + ii, keys, scale, 1);
+        mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, v, keys, Pb, keys, s->kvb + (r0 * H + h) * (n + v) + n,
            H * (n + v), 0.0f, s->out + ((r0 + i0) * H + h) * v, H * v);
     }
 }
@@ -376,22 +395,22 @@ dsmoe_status dsmoe__mla_train_forward(const dsmoe_model_config *c, const dsmoe__
     const int64_t ntask = m.B * m.H;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && ntask > 1)
     for (int64_t k = 0; k < ntask; k++)
-        attn_forward_task(&m, &s, k / m.H, k % m.H, f.att + k * task_floats(&m, 1), scale);
+        attn_forward_task(&m, &s, k / m.H, k % m.H, f.att + k * task_floats(&m, 0), scale);
     const int32_t Hv = (int32_t)(m.H * m.v);
     dsmoe__linear_forward(y, D, s.out, Hv, w->o_proj, m.N, Hv, D, nt);
     return DSMOE_OK;
 }
 
 /* The backward of the attention of sequence b, head h: dq of its rows, its dk_nope and
- * dv columns of dkvb and its part of dk_pe; P (task_floats(m, 2)) scratch. */
+ * dv columns of dkvb and its part of dk_pe; P (task_floats(m, 1)) scratch. */
 static void attn_backward_task(const mla_dims *m, const mla_save *s, const mla_bws *g, int64_t b,
                                int64_t h, float *P, float scale) {
     const int64_t H = m->H, n = m->n, r = m->r, v = m->v, r0 = b * m->T, nr = n + r;
     const float *V = s->kvb + (r0 * H + h) * (n + v) + n;
     float *dKn = g->dkvb + (r0 * H + h) * (n + v), *dV = dKn + n;
     float *dKp = g->dkpe_h + (r0 * H + h) * r;
-    float *dP = P + m->qb * m->T, *K = dP + m->qb * m->T, *dK = K + m->T * nr;
-    const dsmoe__kernel_table *kt = dsmoe__kernels();
+    float *dP = P, *K = dP + m->qb * m->T, *dK = K + m->T * nr;
+    const float *prob = s->prob + (b * H + h) * prob_floats(m);
     attn_keys(m, s, b, h, K);
     memset(dK, 0, (size_t)(m->T * nr) * sizeof(float));
     for (int64_t j = 0; j < m->T; j++) memset(dV + j * H * (n + v), 0, (size_t)v * sizeof(float));
@@ -400,23 +419,23 @@ static void attn_backward_task(const mla_dims *m, const mla_save *s, const mla_b
         const float *Q = s->qf + ((r0 + i0) * H + h) * (n + r);
         const float *dO = g->dout + ((r0 + i0) * H + h) * v;
         float *dQ = g->dq + ((r0 + i0) * H + h) * (n + r);
-        attn_scores(m, s, K, b, h, i0, rows, keys, P);
+        const float *Pb = prob + prob_at(m, i0); /* the forward's probabilities */
         /* dP = dO · Vᵀ */
         mm(DSMOE__NOTRANS, DSMOE__TRANS, rows, keys, v, dO, H * v, V, H * (n + v), 0.0f, dP, m->T);
         for (int64_t ii = 0; ii < rows; ii++) {
             const int64_t i = i0 + ii, ri = r0 + i;
             const float *doi = dO + ii * H * v, *oi = s->out + (ri * H + h) * v;
-            float *p = P + ii * m->T, *dp = dP + ii * m->T;
+            const float *p = Pb + ii * keys;
+            float *dp = dP + ii * m->T;
             float Di = 0.0f;
             for (int64_t k = 0; k < v; k++) Di += doi[k] * oi[k];
-            softmax_row(kt, p, i, keys, scale, 0); /* the forward's probabilities */
             for (int64_t j = 0; j <= i; j++) dp[j] = p[j] * (dp[j] - Di) * scale; /* dS */
             for (int64_t j = i + 1; j < keys; j++) dp[j] = 0.0f;
         }
         /* dQ = dS · K;  dK += dSᵀ · Q;  dV += Pᵀ · dO. */
         mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, nr, keys, dP, m->T, K, nr, 0.0f, dQ, H * nr);
         mm(DSMOE__TRANS, DSMOE__NOTRANS, keys, nr, rows, dP, m->T, Q, H * nr, 1.0f, dK, nr);
-        mm(DSMOE__TRANS, DSMOE__NOTRANS, keys, v, rows, P, m->T, dO, H * v, 1.0f, dV, H * (n + v));
+        mm(DSMOE__TRANS, DSMOE__NOTRANS, keys, v, rows, Pb, keys, dO, H * v, 1.0f, dV, H * (n + v));
     }
     /* dK back to its places: dk_nope into dkvb, this head's part of dk_pe */
     for (int64_t j = 0; j < m->T; j++) {
@@ -453,7 +472,7 @@ dsmoe_status dsmoe__mla_train_backward(const dsmoe_model_config *c, const dsmoe_
     const int64_t ntask = m.B * m.H;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && ntask > 1)
     for (int64_t k = 0; k < ntask; k++) {
-        attn_backward_task(&m, &s, &g, k / m.H, k % m.H, g.att + k * task_floats(&m, 2), scale);
+        attn_backward_task(&m, &s, &g, k / m.H, k % m.H, g.att + k * task_floats(&m, 1), scale);
     }
     /* dk_pe: the heads' parts summed in head order, into dkv's k_pe columns. */
 #pragma omp parallel for schedule(static) num_threads(nt) \

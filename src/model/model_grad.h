@@ -135,18 +135,20 @@ typedef struct dsmoe__mla_grads {
  *   kv_a's output with the latent before its norm and k_pe after RoPE (c + r), and the
  *   latent's inverse rms (1);
  *   kv_b's output [k_nope | value] per head, H(n + v);
- *   the attention output before o_proj, H v; the log-sum-exp of each head's scores, H.
- * In all 4 · (H(2n + r + 2v + 1) + c + r + 1 + (q > 0 ? q + 1 : 0)) bytes per token
- * (each array rounded up to 64 bytes): no T × T probabilities are kept, the backward
- * recomputes them from the scores (the same products and softmax: the same bits); the
- * log-sum-exp is kept for callers. The input x is not saved: the
- * backward takes it as an argument. */
+ *   the attention output before o_proj, H v; the log-sum-exp of each head's scores, H;
+ * and per (sequence, head) the attention probabilities of the causal blocks of 64 query
+ * rows: the block from query i0 keeps (rows, i0 + rows), Σ over the blocks (T² + 64·T)/2
+ * floats when 64 divides T. In all 4 · (H(2n + r + 2v + 1) + c + r + 1 + (q > 0 ? q + 1
+ * : 0)) bytes per token plus the probabilities (each array rounded up to 64 bytes). The
+ * backward reads the probabilities instead of recomputing the scores and their softmax
+ * (which took a tenth of its time); the log-sum-exp is kept for callers. The input x is
+ * not saved: the backward takes it as an argument. */
 size_t dsmoe__mla_save_size(const dsmoe_model_config *c, int64_t B, int64_t T);
 /* Workspace bytes of the training forward and backward (the larger of the two): the
  * backward's (B·T) × (H(2n + 2r + 2v) + 2c + r + 2q) floats, the RoPE table, and for each
- * (sequence, head) two blocks of min(T, 64) × T floats (a block of query rows' scores
- * and their gradient) and two of T × (n + r) (its keys [k_nope | k_pe] side by side and
- * their gradient): B·H·2·(64 + n + r)·T floats, linear in T. */
+ * (sequence, head) a block of min(T, 64) × T floats (the gradient of a block of query
+ * rows' probabilities) and two of T × (n + r) (its keys [k_nope | k_pe] side by side and
+ * their gradient): B·H·(64 + 2(n + r))·T floats, linear in T. */
 size_t dsmoe__mla_train_workspace_size(const dsmoe_model_config *c, int64_t B, int64_t T);
 /* y (B·T, D) = naive MLA of x (B·T, D), each sequence causal at positions 0 .. T − 1,
  * as dsmoe__mla_forward (softmax in fp32; products through BLAS, so equal to it up to

@@ -159,7 +159,7 @@ void dsmoe_train_model_free(dsmoe_train_model *tm) {
             dsmoe_free(ly->x2);
             dsmoe_free(ly->inv1);
             dsmoe_free(ly->inv2);
-            dsmoe_free(ly->mla_save);
+            dsmoe__pages_free(ly->mla_save, tm->mla_save_size);
             dsmoe_free(ly->ffn_save);
         }
         free(tm->layers);
@@ -484,7 +484,9 @@ dsmoe_status dsmoe_train_model_create_sharded(const dsmoe_model_config *cfg,
         ALLOC(ly->x2, ND);
         ALLOC(ly->inv1, (size_t)N * sizeof(float));
         ALLOC(ly->inv2, (size_t)N * sizeof(float));
-        ALLOC(ly->mla_save, tm->mla_save_size);
+        /* whole pages, not a 2 MiB-rounded buffer: a layer's attention probabilities
+         * (grad_mla.c) took its save just past dsmoe_malloc's huge-page size */
+        if (!(ly->mla_save = dsmoe__pages_alloc(tm->mla_save_size, 1))) goto oom;
         if (dsmoe_model_layer_is_moe(cfg, l)) {
             dsmoe_moe_buffers b = {tm->params + moe_block_off[l], tm->grads + moe_block_off[l],
                                    tm->moe_ws, tm->moe_ws_size};
