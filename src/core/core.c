@@ -116,6 +116,17 @@ void dsmoe_array_free(dsmoe_array *a) {
     memset(a, 0, sizeof *a);
 }
 
+DSMOE__CLONES float dsmoe__dot16(const float *a, const float *b, size_t n) {
+    float acc[16] = {0};
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] = acc[l] + a[i + l] * b[i + l];
+    for (int l = 0; i < n; i++, l++) acc[l] = acc[l] + a[i] * b[i];
+    for (int h = 8; h >= 1; h >>= 1)
+        for (int l = 0; l < h; l++) acc[l] = acc[l] + acc[l + h];
+    return acc[0];
+}
+
 void *dsmoe_malloc(size_t nbytes) {
     if (nbytes == 0) nbytes = 64;
     size_t n = dsmoe__align64(nbytes);

@@ -75,6 +75,20 @@ void dsmoe__pages_release(void *base, size_t off, size_t len);
  * times as long as in a small program doing the same, and the default preset's step ran
  * about 5% slower. Not for memory that dsmoe__pages_release thins out. */
 void dsmoe__pages_huge(void *p, size_t bytes);
+/* Element loops compiled once per CPU level (GCC's target_clones on x86-64 Linux: AVX-512,
+ * AVX2, baseline, chosen at load); the same operations in the same order on each, so the
+ * same bits. Empty elsewhere. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define DSMOE__CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DSMOE__CLONES
+#endif
+/* Σ a[i]·b[i] over i < n in 16 running sums (i into sum i mod 16), their halves then added
+ * pairwise: 16 chains the compiler vectorises where one chain of n dependent adds was
+ * bounded by the add latency. The RMSNorm forward's sum of squares and the MoE routing
+ * weights' gradients (the layer's and the EP layer's: the same bits) (core.c). */
+float dsmoe__dot16(const float *a, const float *b, size_t n);
+
 /* dsmoe_malloc's threshold and alignment for huge pages */
 #define DSMOE__HUGE_MIN ((size_t)4 << 20)
 #define DSMOE__HUGE_ALIGN ((size_t)2 << 20)

@@ -851,7 +851,7 @@ dsmoe_status dsmoe_ep_backward(dsmoe_ep *ep, float *dx, const float *dy, const f
     for (int64_t t = 0; t < T; t++) {
         const float *dyt = dy + (size_t)t * Dz;
         for (int32_t k = 0; k < K; k++) {
-            dweights[t * K + k] = dsmoe__moe_dot(dyt, yr + (size_t)asg_pos[t * K + k] * Dz, Dz);
+            dweights[t * K + k] = dsmoe__dot16(dyt, yr + (size_t)asg_pos[t * K + k] * Dz, Dz);
         }
     }
     {

@@ -20,24 +20,9 @@
 #include <math.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define RMS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RMS_CLONES
-#endif
-
-/* 16 running sums of squares (element i into sum i mod 16), then halves added pairwise:
- * 16 chains the compiler vectorises (one chain of n dependent adds bounded the norm by
- * the add latency), the same operations on every CPU. */
-RMS_CLONES float dsmoe__rms_inv(const float *x, int32_t n, float eps) {
-    float acc[16] = {0};
-    int32_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) acc[l] += x[i + l] * x[i + l];
-    for (int l = 0; i < n; i++, l++) acc[l] += x[i] * x[i];
-    for (int h = 8; h >= 1; h >>= 1)
-        for (int l = 0; l < h; l++) acc[l] += acc[l + h];
-    return 1.0f / sqrtf(acc[0] / (float)n + eps);
+/* The RMSNorm forward's scale: the sum of squares as dsmoe__dot16 adds. */
+float dsmoe__rms_inv(const float *x, int32_t n, float eps) {
+    return 1.0f / sqrtf(dsmoe__dot16(x, x, (size_t)(n > 0 ? n : 0)) / (float)n + eps);
 }
 
 void dsmoe__rmsnorm(float *y, const float *x, const float *w, int64_t T, int32_t n, int64_t ldx,

@@ -120,14 +120,8 @@ static float dot3_lanes(const float *g, const float *w, const float *x, int32_t 
     return acc[0];
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define GRAD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GRAD_CLONES
-#endif
-
 /* One row of the norm's dx (vectorised for the CPU at hand: the same operations). */
-GRAD_CLONES static void rms_dx_row(float *dr, const float *gr, const float *xr, const float *w,
+DSMOE__CLONES static void rms_dx_row(float *dr, const float *gr, const float *xr, const float *w,
                                    float inv, int32_t n, int acc_dx) {
     const float k = inv * inv * dot3_lanes(gr, w, xr, n) / (float)n;
     for (int32_t i = 0; i < n; i++) {
@@ -137,7 +131,7 @@ GRAD_CLONES static void rms_dx_row(float *dr, const float *gr, const float *xr, 
 }
 
 /* dw's columns [i0, i1) (at most DSMOE__GRAD_ROW_BLOCK) over all rows, in row order. */
-GRAD_CLONES static void rms_dw_block(float *dw, const float *dy, const float *x,
+DSMOE__CLONES static void rms_dw_block(float *dw, const float *dy, const float *x,
                                      const float *inv_rms, int64_t N, int64_t lddy, int64_t ldx,
                                      int64_t i0, int64_t i1) {
     float acc[DSMOE__GRAD_ROW_BLOCK] = {0};

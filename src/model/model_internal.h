@@ -30,8 +30,8 @@ dsmoe_status dsmoe__model_files_view(const dsmoe_model_files *mf, const char *na
 
 /* ------------------------------------------------ forward building blocks (blocks.c) */
 
-/* 1 / sqrt(mean(x²) + eps) over n values, the sum of squares in 16 running sums
- * (blocks.c): every RMSNorm forward's scale (inference and training, the same bits). */
+/* 1 / sqrt(mean(x²) + eps) over n values, the sum of squares by dsmoe__dot16 (blocks.c):
+ * every RMSNorm forward's scale (inference and training, the same bits). */
 float dsmoe__rms_inv(const float *x, int32_t n, float eps);
 /* y (T, n), row strides ldy / ldx = x · rsqrt(mean(x²) + eps) · w (n). y may equal x. */
 void dsmoe__rmsnorm(float *y, const float *x, const float *w, int64_t T, int32_t n, int64_t ldx,

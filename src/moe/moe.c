@@ -1157,20 +1157,6 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe *m, float *y, const float *x, int64_t T
 
 /* ---------------------------------------------------------------- backward -- */
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-float dsmoe__moe_dot(const float *a, const float *b, size_t n) {
-    float acc[16] = {0};
-    size_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) acc[l] = acc[l] + a[i + l] * b[i + l];
-    for (int l = 0; i < n; i++, l++) acc[l] = acc[l] + a[i] * b[i];
-    for (int h = 8; h >= 1; h >>= 1)
-        for (int l = 0; l < h; l++) acc[l] = acc[l] + acc[l + h];
-    return acc[0];
-}
-
 /* Phase A for one row block: dH = dY·W2, dGU = swiglu'(dH), dX = dGU·W1. */
 static void moe_expert_backward_rows(const dsmoe_moe *m, int32_t e, int n, const float *dY,
                                      const float *GU, float *dH, float *dGU, float *dX) {
@@ -1215,7 +1201,7 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
     const int32_t E = m->E, K = m->K, D = m->D, F = m->F, Fs = m->Fs;
     const size_t Dz = (size_t)D;
 
-    /* 0. dweights (dsmoe__moe_dot: 16 running sums, the EP layer's bits) and the scaled
+    /* 0. dweights (dsmoe__dot16: 16 running sums, the EP layer's bits) and the scaled
      * output gradients of the routed rows. */
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t t = 0; t < T; t++) {
@@ -1228,7 +1214,7 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
             }
             const float wk = w->weights[t * K + k];
             float *dye = w->dYe + (size_t)r * Dz;
-            w->dweights[t * K + k] = dsmoe__moe_dot(dyt, w->Ye + (size_t)r * Dz, Dz);
+            w->dweights[t * K + k] = dsmoe__dot16(dyt, w->Ye + (size_t)r * Dz, Dz);
             for (size_t d = 0; d < Dz; d++) dye[d] = wk * dyt[d];
         }
     }

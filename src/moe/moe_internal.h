@@ -29,11 +29,6 @@ dsmoe_status dsmoe__moe_load(dsmoe_moe *m, const dsmoe_safetensors *st, const ch
  * prefix, else "dsmoe.moe_config@<prefix>". Returns 0 if it does not fit. */
 int dsmoe__moe_config_key(char *buf, size_t size, const char *prefix);
 
-/* Σ a[d]·b[d] over d < n in 16 running sums (d into sum d mod 16), their halves then
- * added pairwise: a routing weight's gradient dy_t · Y_r, the same bits in the layer and
- * in the expert-parallel layer. */
-float dsmoe__moe_dot(const float *a, const float *b, size_t n);
-
 /* Rows of an expert's row block up to which the layer (and the EP layer, which must
  * give the same bits) uses the weight-streaming product dsmoe__moe_gemm_nt, above which
  * SGEMM, for the kernel set in use: 128 with AVX-512, 16 with AVX2, else
