@@ -401,6 +401,27 @@ dsmoe_status dsmoe__mla_train_forward(const dsmoe_model_config *c, const dsmoe__
     return DSMOE_OK;
 }
 
+/* dS = P ⊙ (dP − D) · scale over the causal part of a block of query rows i0 .. i0 + rows − 1
+ * (zeros right of the diagonal), D_i = dO_i · O_i. Each D_i is one chain over its v
+ * products in order, the chains of the block's rows run side by side (one row's chain
+ * alone was bounded by the add latency); dS element by element (vectorised). */
+DSMOE__CLONES static void attn_ds(float *dP, int64_t ldp, const float *Pb, int64_t keys,
+                                  const float *dO, const float *O, int64_t ldo, int64_t rows,
+                                  int64_t i0, int64_t v, float scale) {
+    float D[ATT_QB];
+    for (int64_t ii = 0; ii < rows; ii++) D[ii] = 0.0f;
+    for (int64_t k = 0; k < v; k++)
+        for (int64_t ii = 0; ii < rows; ii++) D[ii] += dO[ii * ldo + k] * O[ii * ldo + k];
+    for (int64_t ii = 0; ii < rows; ii++) {
+        const int64_t i = i0 + ii;
+        const float *p = Pb + ii * keys;
+        const float Di = D[ii];
+        float *dp = dP + ii * ldp;
+        for (int64_t j = 0; j <= i; j++) dp[j] = p[j] * (dp[j] - Di) * scale;
+        for (int64_t j = i + 1; j < keys; j++) dp[j] = 0.0f;
+    }
+}
+
 /* The backward of the attention of sequence b, head h: dq of its rows, its dk_nope and
  * dv columns of dkvb and its part of dk_pe; P (task_floats(m, 1)) scratch. */
 static void attn_backward_task(const mla_dims *m, const mla_save *s, const mla_bws *g, int64_t b,
@@ -422,16 +443,8 @@ static void attn_backward_task(const mla_dims *m, const mla_save *s, const mla_b
         const float *Pb = prob + prob_at(m, i0); /* the forward's probabilities */
         /* dP = dO · Vᵀ */
         mm(DSMOE__NOTRANS, DSMOE__TRANS, rows, keys, v, dO, H * v, V, H * (n + v), 0.0f, dP, m->T);
-        for (int64_t ii = 0; ii < rows; ii++) {
-            const int64_t i = i0 + ii, ri = r0 + i;
-            const float *doi = dO + ii * H * v, *oi = s->out + (ri * H + h) * v;
-            const float *p = Pb + ii * keys;
-            float *dp = dP + ii * m->T;
-            float Di = 0.0f;
-            for (int64_t k = 0; k < v; k++) Di += doi[k] * oi[k];
-            for (int64_t j = 0; j <= i; j++) dp[j] = p[j] * (dp[j] - Di) * scale; /* dS */
-            for (int64_t j = i + 1; j < keys; j++) dp[j] = 0.0f;
-        }
+        attn_ds(dP, m->T, Pb, keys, dO, s->out + ((r0 + i0) * H + h) * v, H * v, rows, i0, v,
+                scale);
         /* dQ = dS · K;  dK += dSᵀ · Q;  dV += Pᵀ · dO. */
         mm(DSMOE__NOTRANS, DSMOE__NOTRANS, rows, nr, keys, dP, m->T, K, nr, 0.0f, dQ, H * nr);
         mm(DSMOE__TRANS, DSMOE__NOTRANS, keys, nr, rows, dP, m->T, Q, H * nr, 1.0f, dK, nr);
