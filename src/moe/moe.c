@@ -1082,13 +1082,12 @@ static void moe_forward_decode(dsmoe_moe *m, const float *x, int64_t T, int nt) 
 }
 
 /* y_t = Σ_k w_tk · Ye[slot(t,k)] (k ascending) + Ys_t, over independent tokens. */
-static void moe_combine(dsmoe_moe *m, float *y, int64_t T, int nt) {
+/* Output rows [t0, t1): y_t = Σ_k w_tk · Ye[slot(t, k)] (in k order, from +0) + Ys_t. */
+DSMOE__CLONES static void moe_combine_rows(const dsmoe_moe *m, float *y, int64_t t0, int64_t t1) {
     const moe_ws *w = &m->ws;
     const size_t D = (size_t)m->D;
-    (void)nt;
     const int32_t K = m->K;
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t t = 0; t < T; t++) {
+    for (int64_t t = t0; t < t1; t++) {
         float *yt = y + (size_t)t * D;
         for (size_t d = 0; d < D; d++) yt[d] = 0.0f;
         for (int32_t k = 0; k < K; k++) {
@@ -1103,6 +1102,12 @@ static void moe_combine(dsmoe_moe *m, float *y, int64_t T, int nt) {
             for (size_t d = 0; d < D; d++) yt[d] = yt[d] + ys[d];
         }
     }
+}
+
+static void moe_combine(dsmoe_moe *m, float *y, int64_t T, int nt) {
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t t = 0; t < T; t++) moe_combine_rows(m, y, t, t + 1);
 }
 
 dsmoe_status dsmoe_moe_forward(dsmoe_moe *m, float *y, const float *x, int64_t T,
@@ -1174,6 +1179,29 @@ static void moe_expert_backward_rows(const dsmoe_moe *m, int32_t e, int n, const
     }
     dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, n, D, 2 * f, 1.0f, dGU, 2 * f,
                 (const float *)moe_w1(m, e), D, 0.0f, dX, D);
+}
+
+/* Rows [t0, t1) of dx += dxtmp + Σ_k dXg[slot(t, k)] (in k order) + dXs, the sum
+ * gathered in dxtmp (which holds du·Wg). */
+DSMOE__CLONES static void moe_dx_rows(const dsmoe_moe *m, float *dx, int64_t t0, int64_t t1) {
+    const moe_ws *w = &m->ws;
+    const size_t Dz = (size_t)m->D;
+    const int32_t K = m->K;
+    for (int64_t t = t0; t < t1; t++) {
+        float *acc = w->dxtmp + (size_t)t * Dz;
+        for (int32_t k = 0; k < K; k++) {
+            int32_t r = w->slot[t * K + k];
+            if (r < 0) continue;
+            const float *g = w->dXg + (size_t)r * Dz;
+            for (size_t d = 0; d < Dz; d++) acc[d] = acc[d] + g[d];
+        }
+        if (m->Fs) {
+            const float *g = w->dXs + (size_t)t * Dz;
+            for (size_t d = 0; d < Dz; d++) acc[d] = acc[d] + g[d];
+        }
+        float *dxt = dx + (size_t)t * Dz;
+        for (size_t d = 0; d < Dz; d++) dxt[d] = dxt[d] + acc[d];
+    }
 }
 
 dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const float *x,
@@ -1339,21 +1367,7 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
             float *tmp = w->dxtmp + (size_t)t0 * Dz;
             dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, n, D, E, 1.0f,
                         w->dlogits + (size_t)t0 * E, E, Wg, D, 0.0f, tmp, D);
-            for (int64_t t = t0; t < t0 + n; t++) {
-                float *acc = w->dxtmp + (size_t)t * Dz;
-                for (int32_t k = 0; k < K; k++) {
-                    int32_t r = w->slot[t * K + k];
-                    if (r < 0) continue;
-                    const float *g = w->dXg + (size_t)r * Dz;
-                    for (size_t d = 0; d < Dz; d++) acc[d] = acc[d] + g[d];
-                }
-                if (Fs) {
-                    const float *g = w->dXs + (size_t)t * Dz;
-                    for (size_t d = 0; d < Dz; d++) acc[d] = acc[d] + g[d];
-                }
-                float *dxt = dx + (size_t)t * Dz;
-                for (size_t d = 0; d < Dz; d++) dxt[d] = dxt[d] + acc[d];
-            }
+            moe_dx_rows(m, dx, t0, t0 + n);
         }
     }
     return DSMOE_OK;
