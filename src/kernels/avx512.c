@@ -33,6 +33,7 @@
 #define V_NEG(x) _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u)))
 #define V_LOAD_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(const void *)(p))), 16))
 
+#define SIMD_OWN_SOFTMAX_SCALED 1
 #include "simd_body.h"
 
 /* Selection kernels. Comparisons only, so exactness is by construction; the shapes
@@ -689,13 +690,101 @@ static int any_nonfinite_avx512(const float *x, int64_t n) {
     return _mm512_cmpeq_epi32_mask(m, expo) != 0;
 }
 
+/* v_exp (simd_body.h) of four vectors, stage by stage, so that the four dependency chains
+ * overlap (one chain alone filled the scheduler): the same operations per lane, the same
+ * bits. */
+#define EXP4(e) \
+    do {                                                                                  \
+        { enum { j = 0 }; e; } { enum { j = 1 }; e; } { enum { j = 2 }; e; } { enum { j = 3 }; e; } \
+    } while (0)
+static inline void v_exp4_avx512(__m512 x[4]) {
+    __m512 xc[4], n[4], r[4], z[4], p[4];
+    __m512i ni[4], n1[4], n2[4];
+    EXP4(xc[j] = _mm512_min_ps(_mm512_max_ps(x[j], _mm512_set1_ps(DSMOE__EXP_LO)), _mm512_set1_ps(DSMOE__EXP_HI)));
+    EXP4(n[j] = V_RINT(_mm512_mul_ps(xc[j], _mm512_set1_ps(DSMOE__LOG2E))));
+    EXP4(r[j] = _mm512_fmadd_ps(n[j], _mm512_set1_ps(-DSMOE__LN2_HI), xc[j]));
+    EXP4(r[j] = _mm512_fmadd_ps(n[j], _mm512_set1_ps(-DSMOE__LN2_LO), r[j]));
+    EXP4(z[j] = _mm512_mul_ps(r[j], r[j]));
+    EXP4(p[j] = _mm512_fmadd_ps(_mm512_set1_ps(DSMOE__EXP_C0), r[j], _mm512_set1_ps(DSMOE__EXP_C1)));
+    EXP4(p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(DSMOE__EXP_C2)));
+    EXP4(p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(DSMOE__EXP_C3)));
+    EXP4(p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(DSMOE__EXP_C4)));
+    EXP4(p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(DSMOE__EXP_C5)));
+    EXP4(p[j] = _mm512_add_ps(_mm512_fmadd_ps(p[j], z[j], r[j]), _mm512_set1_ps(1.0f)));
+    EXP4(ni[j] = _mm512_cvtps_epi32(n[j]));
+    EXP4(n1[j] = _mm512_srai_epi32(ni[j], 1));
+    EXP4(n2[j] = _mm512_sub_epi32(ni[j], n1[j]));
+    EXP4(p[j] = _mm512_mul_ps(_mm512_mul_ps(p[j], V_I_EXP2(n1[j])), V_I_EXP2(n2[j])));
+    EXP4(p[j] = V_SEL_GT(x[j], _mm512_set1_ps(DSMOE__EXP_HI), p[j], _mm512_set1_ps(INFINITY)));
+    EXP4(x[j] = V_SEL_LT(x[j], _mm512_set1_ps(DSMOE__EXP_LO), p[j], _mm512_setzero_ps()));
+}
+#undef EXP4
+
+/* kernels.h's softmax_scaled with a row's tail in masked lanes: the same lane operations
+ * as the simd_body.h body (whose tails went through a 16-float copy and scalar loops, a
+ * fixed cost that the attention's short rows paid on every row), so the same bits: the
+ * maximum is exact in any order, the sum's lanes are added in tree16's order, and the
+ * tail's lanes past n hold -inf for the exp, as there. */
+static void softmax_scaled_masked_avx512(float *p, int64_t n, int64_t len, float scale,
+                                         float *lse) {
+    const __m512 vsc = _mm512_set1_ps(scale);
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    const int64_t nf = n & ~(int64_t)15;
+    const __mmask16 tail = (__mmask16)((1u << (n - nf)) - 1u);
+    for (int64_t i = 0; i < nf; i += 16) {
+        const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(p + i), vsc);
+        _mm512_storeu_ps(p + i, x);
+        vmax = _mm512_max_ps(vmax, x);
+    }
+    if (tail) {
+        const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, p + nf), vsc);
+        _mm512_mask_storeu_ps(p + nf, tail, x);
+        vmax = _mm512_mask_max_ps(vmax, tail, vmax, x);
+    }
+    const float m = _mm512_reduce_max_ps(vmax);
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= nf; i += 64) {
+        __m512 e[4];
+        for (int q = 0; q < 4; q++) e[q] = _mm512_sub_ps(_mm512_loadu_ps(p + i + 16 * q), vm);
+        v_exp4_avx512(e);
+        for (int q = 0; q < 4; q++) {
+            _mm512_storeu_ps(p + i + 16 * q, e[q]);
+            acc = _mm512_add_ps(acc, e[q]);
+        }
+    }
+    for (; i < nf; i += 16) {
+        const __m512 e = v_exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(p + i), vm));
+        _mm512_storeu_ps(p + i, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    if (tail) {
+        const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail, p + nf);
+        const __m512 e = v_exp_avx512(_mm512_sub_ps(x, vm));
+        _mm512_mask_storeu_ps(p + nf, tail, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    /* tree16: lanes j + 8, then j + 4, j + 2, j + 1 added to lane j */
+    const __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(acc),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+    const __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+    const float s = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+    const __m512 vs = _mm512_set1_ps(s);
+    for (i = 0; i < nf; i += 16) _mm512_storeu_ps(p + i, _mm512_div_ps(_mm512_loadu_ps(p + i), vs));
+    if (tail) _mm512_mask_storeu_ps(p + nf, tail, _mm512_div_ps(_mm512_maskz_loadu_ps(tail, p + nf), vs));
+    for (i = n; i < len; i++) p[i] = 0.0f;
+    if (lse) *lse = m - logf(1.0f / s);
+}
+
 const dsmoe__kernel_table dsmoe__kernels_avx512 = {
     .name = "avx512",
     .sigmoid = k_sigmoid_avx512,
     .sigmoid_bias = k_sigmoid_bias_avx512,
     .any_nonfinite = any_nonfinite_avx512,
     .softmax = k_softmax_avx512,
-    .softmax_scaled = k_softmax_scaled_avx512,
+    .softmax_scaled = softmax_scaled_masked_avx512,
     .bf16_to_f32 = k_bf16_to_f32_avx512,
     .dot_bf16 = k_dot_bf16_avx512,
     .swiglu = k_swiglu_avx512,

@@ -247,6 +247,7 @@ static void FN(k_softmax)(float *out, const float *in, int64_t n) {
     FN(div_all)(out, n, FN(exp_sum16)(out, in, n, m));
 }
 
+#ifndef SIMD_OWN_SOFTMAX_SCALED /* avx512.c has its own, with masked tails */
 /* kernels.h: softmax's arithmetic on the scaled row, in three vector passes. */
 static void FN(k_softmax_scaled)(float *p, int64_t n, int64_t len, float scale, float *lse) {
     const VF vsc = V_SET1(scale);
@@ -270,6 +271,7 @@ static void FN(k_softmax_scaled)(float *p, int64_t n, int64_t len, float scale, 
     if (len > n) memset(p + n, 0, (size_t)(len - n) * sizeof(float));
     if (lse) *lse = m - logf(1.0f / s);
 }
+#endif
 
 static void FN(k_bf16_to_f32)(float *out, const uint16_t *in, int64_t n) {
     int64_t i = 0;

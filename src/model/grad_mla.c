@@ -310,14 +310,21 @@ static void mm(int ta, int tb, int64_t M, int64_t N, int64_t K, const float *A, 
     dsmoe__sgemm(ta, tb, (int)M, (int)N, (int)K, 1.0f, A, (int)lda, B, (int)ldb, beta, C, (int)ldc);
 }
 
+/* rows × cols floats from src (row stride lds) to dst (row stride ldd): the attention's
+ * short rows (a head's 16 .. 64 columns), where a library call per row cost more than
+ * its copy. */
+DSMOE__CLONES static void copy_cols(float *dst, int64_t ldd, const float *src, int64_t lds,
+                                    int64_t rows, int64_t cols) {
+    for (int64_t j = 0; j < rows; j++)
+        for (int64_t k = 0; k < cols; k++) dst[j * ldd + k] = src[j * lds + k];
+}
+
 /* The keys of sequence b, head h side by side, K (T, n + r) = [k_nope | k_pe]: one
  * product of n + r for the scores, dQ and dK instead of two each. */
 static void attn_keys(const mla_dims *m, const mla_save *s, int64_t b, int64_t h, float *K) {
     const int64_t H = m->H, n = m->n, r = m->r, v = m->v, r0 = b * m->T;
-    for (int64_t j = 0; j < m->T; j++) {
-        memcpy(K + j * (n + r), s->kvb + ((r0 + j) * H + h) * (n + v), (size_t)n * sizeof(float));
-        memcpy(K + j * (n + r) + n, s->kv + (r0 + j) * (m->c + r) + m->c, (size_t)r * sizeof(float));
-    }
+    copy_cols(K, n + r, s->kvb + (r0 * H + h) * (n + v), H * (n + v), m->T, n);
+    copy_cols(K + n, n + r, s->kv + r0 * (m->c + r) + m->c, m->c + r, m->T, r);
 }
 
 /* Raw scores S (rows, keys) [ld lds] of queries i0 .. i0 + rows − 1 of sequence b, head h,
@@ -451,10 +458,8 @@ static void attn_backward_task(const mla_dims *m, const mla_save *s, const mla_b
         mm(DSMOE__TRANS, DSMOE__NOTRANS, keys, v, rows, Pb, keys, dO, H * v, 1.0f, dV, H * (n + v));
     }
     /* dK back to its places: dk_nope into dkvb, this head's part of dk_pe */
-    for (int64_t j = 0; j < m->T; j++) {
-        memcpy(dKn + j * H * (n + v), dK + j * nr, (size_t)n * sizeof(float));
-        memcpy(dKp + j * H * r, dK + j * nr + n, (size_t)r * sizeof(float));
-    }
+    copy_cols(dKn, H * (n + v), dK, nr, m->T, n);
+    copy_cols(dKp, H * r, dK + n, nr, m->T, r);
 }
 
 dsmoe_status dsmoe__mla_train_backward(const dsmoe_model_config *c, const dsmoe__mla_weights *w,
