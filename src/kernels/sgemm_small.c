@@ -140,6 +140,52 @@ SG_INLINE SG_AVX512 void sg512_tile_full(const int pfa, const float *A, size_t a
     }
 }
 
+/* The 8 × 48 tile (three vectors of columns, every one present): a product 48 columns
+ * wide (the attention's n + r) in one panel, where a 32-column panel and a 16-column one
+ * ran the second at half the rate. The same fma chains as sg512_tile. */
+#define SG512_ROW3(r, row)                                                                      \
+    do {                                                                                        \
+        const __m512 x = _mm512_set1_ps(row);                                                   \
+        c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);                                                  \
+        c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);                                                  \
+        c2[r] = _mm512_fmadd_ps(x, b2, c2[r]);                                                  \
+    } while (0)
+
+SG_INLINE SG_AVX512 void sg512_tile_full48(const int pfa, const float *A, size_t ai, size_t ak,
+                                           const float *Bp, size_t ldbp, int K, float *C, int ldc,
+                                           int add, const float *An) {
+    __m512 c0[8], c1[8], c2[8];
+    for (int r = 0; r < 8; r++) c0[r] = c1[r] = c2[r] = _mm512_setzero_ps();
+    const size_t a2 = 2 * ai, a3 = 3 * ai;
+    const float *p = A, *q = A + 4 * ai, *b = Bp;
+    for (int k = 0; k < K; k++) {
+        if (pfa && (k & 15) == 0)
+            for (int r = 0; r < 8; r++)
+                _mm_prefetch((const char *)(An + (size_t)r * ai + k), _MM_HINT_T0);
+        const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32);
+        SG512_ROW3(0, p[0]);
+        SG512_ROW3(1, p[ai]);
+        SG512_ROW3(2, p[a2]);
+        SG512_ROW3(3, p[a3]);
+        SG512_ROW3(4, q[0]);
+        SG512_ROW3(5, q[ai]);
+        SG512_ROW3(6, q[a2]);
+        SG512_ROW3(7, q[a3]);
+        p += ak, q += ak, b += ldbp;
+    }
+    for (int r = 0; r < 8; r++) {
+        float *c = C + (size_t)r * (size_t)ldc;
+        if (add) {
+            c0[r] = _mm512_add_ps(_mm512_loadu_ps(c), c0[r]);
+            c1[r] = _mm512_add_ps(_mm512_loadu_ps(c + 16), c1[r]);
+            c2[r] = _mm512_add_ps(_mm512_loadu_ps(c + 32), c2[r]);
+        }
+        _mm512_storeu_ps(c, c0[r]);
+        _mm512_storeu_ps(c + 16, c1[r]);
+        _mm512_storeu_ps(c + 32, c2[r]);
+    }
+}
+
 /* Rows r[0..16) transposed in registers: afterwards r[c] holds column c. */
 SG_INLINE SG_AVX512 void sg512_transpose16(__m512 r[16]) {
     __m512 t[16];
@@ -221,6 +267,52 @@ SG_AVX512 void dsmoe__sgemm_small_avx512(int ta, int tb, int M, int N, int K, co
                                          int ldc) {
     float P[DSMOE__SGEMM_SMALL_KMAX * 32] __attribute__((aligned(64)));
     const size_t ai = ta ? 1 : (size_t)lda, ak = ta ? (size_t)lda : 1;
+    if (!tb && N == 48 && M >= 8 && (!(ta && M > 64) || K * 48 <= DSMOE__SGEMM_SMALL_KMAX * 32)) {
+        /* one panel of 48 columns: 8-row tiles of three vectors, the rows past the
+         * last full tile as a 32-column and a 16-column tile; with op(A) = A^T, B to a
+         * contiguous copy as below */
+        const float *Bq = B;
+        size_t ldq = (size_t)ldb;
+        if (ta && M > 64) {
+            for (int k = 0; k < K; k++)
+                for (int v = 0; v < 3; v++)
+                    _mm512_store_ps(P + (size_t)k * 48 + 16 * v,
+                                    _mm512_loadu_ps(B + (size_t)k * (size_t)ldb + 16 * v));
+            Bq = P, ldq = 48;
+        }
+        const int M8 = M & ~7;
+        for (int i0 = 0; i0 < M8; i0 += 8) {
+            float *c = C + (size_t)i0 * (size_t)ldc;
+            if (i0 + 8 < M)
+                for (int r = 0; r < 8 && i0 + 8 + r < M; r++) {
+                    const float *cr = c + (size_t)(8 + r) * (size_t)ldc;
+                    _mm_prefetch((const char *)cr, _MM_HINT_ET0);
+                    _mm_prefetch((const char *)(cr + 32), _MM_HINT_ET0);
+                }
+            if (!ta && i0 + 16 <= M)
+                sg512_tile_full48(1, A + (size_t)i0 * ai, ai, ak, Bq, ldq, K, c, ldc, add,
+                                  A + (size_t)(i0 + 8) * ai);
+            else
+                sg512_tile_full48(0, A + (size_t)i0 * ai, ai, ak, Bq, ldq, K, c, ldc, add, A);
+        }
+        if (M8 < M) {
+            const int mr = M - M8;
+            const float *a = A + (size_t)M8 * ai, *an = NULL;
+            const size_t ldbp = ldq;
+            const __mmask16 m0 = 0xFFFFu, m1 = 0xFFFFu;
+            float *c = C + (size_t)M8 * (size_t)ldc;
+            {
+                const float *Bp = Bq;
+                SG512_ROWS(2)
+            }
+            {
+                const float *Bp = Bq + 32;
+                c += 32;
+                SG512_ROWS(1)
+            }
+        }
+        return;
+    }
     for (int j0 = 0; j0 < N; j0 += 32) {
         const int nj = N - j0 < 32 ? N - j0 : 32;
         const int nv = nj > 16 ? 2 : 1;
