@@ -308,9 +308,40 @@ static float FN(k_dot_bf16)(const float *x, const uint16_t *w, int64_t n) {
     return FN(tree16)(p);
 }
 
+/* v_exp_sig of 4 vectors in place, stage by stage (as v_sigmoid4): the same operations per
+ * lane, so the same bits, with the 4 dependency chains overlapping where one chain at a
+ * time filled the scheduler. */
+#define EXP4_STAGE(e) \
+    do {                                                                                  \
+        { enum { j = 0 }; e; } { enum { j = 1 }; e; } { enum { j = 2 }; e; } { enum { j = 3 }; e; } \
+    } while (0)
+static inline void FN(v_exp_sig4)(VF y[4]) {
+    VF n[4], r[4], z[4], p[4];
+    EXP4_STAGE(y[j] = V_MAX(V_MIN(y[j], V_SET1(DSMOE__EXP_HI)), V_SET1(-87.0f)));
+    EXP4_STAGE(n[j] = V_RINT(V_MUL(y[j], V_SET1(DSMOE__LOG2E))));
+    EXP4_STAGE(r[j] = V_FMA(n[j], V_SET1(-DSMOE__LN2_HI), y[j]));
+    EXP4_STAGE(r[j] = V_FMA(n[j], V_SET1(-DSMOE__LN2_LO), r[j]));
+    EXP4_STAGE(z[j] = V_MUL(r[j], r[j]));
+    EXP4_STAGE(p[j] = V_FMA(V_SET1(DSMOE__EXP_C0), r[j], V_SET1(DSMOE__EXP_C1)));
+    EXP4_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C2)));
+    EXP4_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C3)));
+    EXP4_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C4)));
+    EXP4_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C5)));
+    EXP4_STAGE(p[j] = V_ADD(V_FMA(p[j], z[j], r[j]), V_SET1(1.0f)));
+    EXP4_STAGE(y[j] = V_MUL(p[j], V_I_EXP2(V_CVT_I(n[j]))));
+}
+#undef EXP4_STAGE
+
 static void FN(k_swiglu)(float *h, const float *g, const float *u, int64_t n) {
     int64_t i = 0;
     const VF one = V_SET1(1.0f);
+    for (; i + 4 * W <= n; i += 4 * W) {
+        VF gv[4], e[4];
+        for (int q = 0; q < 4; q++) gv[q] = V_LOAD(g + i + q * W), e[q] = V_NEG(gv[q]);
+        FN(v_exp_sig4)(e);
+        for (int q = 0; q < 4; q++)
+            V_STORE(h + i + q * W, V_MUL(V_DIV(gv[q], V_ADD(one, e[q])), V_LOAD(u + i + q * W)));
+    }
     for (; i + W <= n; i += W) {
         VF gv = V_LOAD(g + i);
         VF silu = V_DIV(gv, V_ADD(one, FN(v_exp_sig)(V_NEG(gv))));
@@ -327,6 +358,21 @@ static void FN(k_swiglu_backward)(float *dg, float *du, const float *dh, const f
                                   const float *u, int64_t n) {
     int64_t i = 0;
     const VF one = V_SET1(1.0f);
+    for (; i + 4 * W <= n; i += 4 * W) {
+        VF e[4];
+        for (int q = 0; q < 4; q++) e[q] = V_NEG(V_LOAD(g + i + q * W));
+        FN(v_exp_sig4)(e);
+        for (int q = 0; q < 4; q++) {
+            const int64_t o = i + q * W;
+            VF gv = V_LOAD(g + o), uv = V_LOAD(u + o), dhv = V_LOAD(dh + o);
+            VF sg = V_DIV(one, V_ADD(one, e[q]));
+            VF silu = V_MUL(gv, sg);
+            VF dsilu = V_MUL(sg, V_ADD(one, V_MUL(gv, V_SUB(one, sg))));
+            VF t = V_MUL(dhv, uv);
+            V_STORE(dg + o, V_ADD(V_LOAD(dg + o), V_MUL(t, dsilu)));
+            V_STORE(du + o, V_ADD(V_LOAD(du + o), V_MUL(dhv, silu)));
+        }
+    }
     for (; i + W <= n; i += W) {
         VF gv = V_LOAD(g + i), uv = V_LOAD(u + i), dhv = V_LOAD(dh + i);
         VF sg = V_DIV(one, V_ADD(one, FN(v_exp_sig)(V_NEG(gv))));

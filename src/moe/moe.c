@@ -1082,12 +1082,32 @@ static void moe_forward_decode(dsmoe_moe *m, const float *x, int64_t T, int nt) 
 }
 
 /* y_t = Σ_k w_tk · Ye[slot(t,k)] (k ascending) + Ys_t, over independent tokens. */
+/* Routed rows are gathered by token: each token's K rows lie anywhere in the
+ * expert-sorted buffers, so every row began with a memory latency that no hardware
+ * prefetcher foresees. The passes fetch the rows of the token MOE_PF_AHEAD ahead. */
+#define MOE_PF_AHEAD 2
+static inline void moe_prefetch_rows(const dsmoe_moe *m, const float *base, int64_t t,
+                                     int write) {
+    const size_t D = (size_t)m->D;
+    for (int32_t k = 0; k < m->K; k++) {
+        const int32_t r = m->ws.slot[t * m->K + k];
+        if (r < 0) continue;
+        const char *row = (const char *)(base + (size_t)r * D);
+        for (size_t b = 0; b < D * sizeof(float); b += 64) {
+            if (write) __builtin_prefetch(row + b, 1, 3);
+            else __builtin_prefetch(row + b, 0, 3);
+        }
+    }
+}
+
 /* Output rows [t0, t1): y_t = Σ_k w_tk · Ye[slot(t, k)] (in k order, from +0) + Ys_t. */
-DSMOE__CLONES static void moe_combine_rows(const dsmoe_moe *m, float *y, int64_t t0, int64_t t1) {
+DSMOE__CLONES static void moe_combine_rows(const dsmoe_moe *m, float *y, int64_t t0, int64_t t1,
+                                           int64_t T) {
     const moe_ws *w = &m->ws;
     const size_t D = (size_t)m->D;
     const int32_t K = m->K;
     for (int64_t t = t0; t < t1; t++) {
+        if (t + MOE_PF_AHEAD < T) moe_prefetch_rows(m, w->Ye, t + MOE_PF_AHEAD, 0);
         float *yt = y + (size_t)t * D;
         for (size_t d = 0; d < D; d++) yt[d] = 0.0f;
         for (int32_t k = 0; k < K; k++) {
@@ -1107,7 +1127,7 @@ DSMOE__CLONES static void moe_combine_rows(const dsmoe_moe *m, float *y, int64_t
 static void moe_combine(dsmoe_moe *m, float *y, int64_t T, int nt) {
     (void)nt;
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t t = 0; t < T; t++) moe_combine_rows(m, y, t, t + 1);
+    for (int64_t t = 0; t < T; t++) moe_combine_rows(m, y, t, t + 1, T);
 }
 
 dsmoe_status dsmoe_moe_forward(dsmoe_moe *m, float *y, const float *x, int64_t T,
@@ -1183,11 +1203,13 @@ static void moe_expert_backward_rows(const dsmoe_moe *m, int32_t e, int n, const
 
 /* Rows [t0, t1) of dx += dxtmp + Σ_k dXg[slot(t, k)] (in k order) + dXs, the sum
  * gathered in dxtmp (which holds du·Wg). */
-DSMOE__CLONES static void moe_dx_rows(const dsmoe_moe *m, float *dx, int64_t t0, int64_t t1) {
+DSMOE__CLONES static void moe_dx_rows(const dsmoe_moe *m, float *dx, int64_t t0, int64_t t1,
+                                      int64_t T) {
     const moe_ws *w = &m->ws;
     const size_t Dz = (size_t)m->D;
     const int32_t K = m->K;
     for (int64_t t = t0; t < t1; t++) {
+        if (t + MOE_PF_AHEAD < T) moe_prefetch_rows(m, w->dXg, t + MOE_PF_AHEAD, 0);
         float *acc = w->dxtmp + (size_t)t * Dz;
         for (int32_t k = 0; k < K; k++) {
             int32_t r = w->slot[t * K + k];
@@ -1233,6 +1255,10 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
      * output gradients of the routed rows. */
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t t = 0; t < T; t++) {
+        if (t + MOE_PF_AHEAD < T) {
+            moe_prefetch_rows(m, w->Ye, t + MOE_PF_AHEAD, 0);
+            moe_prefetch_rows(m, w->dYe, t + MOE_PF_AHEAD, 1);
+        }
         const float *dyt = dy + (size_t)t * Dz;
         for (int32_t k = 0; k < K; k++) {
             const int32_t r = w->slot[t * K + k];
@@ -1367,7 +1393,7 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
             float *tmp = w->dxtmp + (size_t)t0 * Dz;
             dsmoe__sgemm(DSMOE__NOTRANS, DSMOE__NOTRANS, n, D, E, 1.0f,
                         w->dlogits + (size_t)t0 * E, E, Wg, D, 0.0f, tmp, D);
-            moe_dx_rows(m, dx, t0, t0 + n);
+            moe_dx_rows(m, dx, t0, t0 + n, T);
         }
     }
     return DSMOE_OK;
