@@ -817,6 +817,34 @@ static void head_run(double *loss, int64_t *cnt, float *dx, float *dW, float wei
     tl_guarded_free(w);
 }
 
+/* dsmoe__head_loss_save then dsmoe__head_loss_grad (the training step's split): the loss
+ * and the bits of dsmoe__head_loss's dx (= or +=) and dW on nt threads. */
+static void split_check(const char *what, double want_loss, const float *want_dx, const float *want_dW,
+                        float weight, int nt) {
+    size_t ws = dsmoe__head_loss_workspace_size(Lc.V, Lc.N);
+    void *w = wsalloc(ws);
+    float *G = (float *)tl_guarded_alloc((size_t)Lc.N * (size_t)Lc.V * sizeof(float));
+    float *dx = zerov(Lc.x.n), *dW = zerov(Lc.W.n);
+    double loss = -1;
+    ASSERT_OK(dsmoe__head_loss_save(&loss, G, Lc.x.v, Lc.W.v, Lc.tg, Lc.ignore, weight, Lc.N, Lc.D,
+                                    Lc.V, w, ws, nt));
+    ASSERT_TRUE(loss == want_loss);
+    for (int64_t i = 0; i < Lc.x.n; i++) dx[i] = 0.5f * want_dx[i]; /* overwritten */
+    ASSERT_OK(dsmoe__head_loss_grad(dx, dW, G, Lc.x.v, Lc.W.v, Lc.N, Lc.D, Lc.V, 0, nt));
+    tl_same_bits(what, dx, want_dx, Lc.x.n);
+    tl_same_bits(what, dW, want_dW, Lc.W.n);
+    ASSERT_TRUE(tl_guard_ok(w) && tl_guard_ok(G));
+    ASSERT_STATUS(dsmoe__head_loss_save(&loss, NULL, Lc.x.v, Lc.W.v, Lc.tg, Lc.ignore, weight,
+                                        Lc.N, Lc.D, Lc.V, w, ws, nt),
+                  DSMOE_STATUS_INVALID_ARGUMENT);
+    ASSERT_STATUS(dsmoe__head_loss_grad(dx, dW, NULL, Lc.x.v, Lc.W.v, Lc.N, Lc.D, Lc.V, 0, nt),
+                  DSMOE_STATUS_INVALID_ARGUMENT);
+    tl_guarded_free(G);
+    tl_guarded_free(w);
+    free(dx);
+    free(dW);
+}
+
 static void test_head_loss(void) {
     tl_seed(32);
     /* Two blocks of rows (64 + 6), five of dW's rows (one chunk of logits at this V). */
@@ -859,6 +887,15 @@ static void test_head_loss(void) {
     ASSERT_TRUE(loss2 == loss);
     tl_same_bits("head dx, 2 threads", dx, Lc.x.g, nx);
     tl_same_bits("head dW, 2 threads", dW, Lc.W.g, nw);
+    split_check("head loss split at the logits", loss, Lc.x.g, Lc.W.g, 1.0f, 2);
+    {
+        float *hx = zerov(nx), *hw = zerov(nw);
+        double l5 = 0;
+        head_run(&l5, NULL, hx, hw, 0.5f, 0, 1);
+        split_check("head loss split at the logits, weight 0.5", l5, hx, hw, 0.5f, 1);
+        free(hx);
+        free(hw);
+    }
     memset(dW, 0, (size_t)nw * sizeof(float));
     head_run(NULL, NULL, dx, dW, 0.5f, 1, 2);
     ok = 1;
@@ -933,6 +970,7 @@ static void test_head_loss_chunks(void) {
     ASSERT_TRUE(loss2 == loss);
     tl_same_bits("head dx, 2 chunks, 2 threads", dx, Lc.x.g, Lc.x.n);
     tl_same_bits("head dW, 2 chunks, 2 threads", dW, Lc.W.g, Lc.W.n);
+    split_check("head loss split at the logits, 2 chunks", loss, Lc.x.g, Lc.W.g, 1.0f, 1);
     free(dx);
     free(dW);
     free(Lc.tg);

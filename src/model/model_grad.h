@@ -215,5 +215,18 @@ dsmoe_status dsmoe__head_loss(double *loss, int64_t *n_targets, float *dx, float
                               const float *x, const float *W, const int32_t *targets,
                               int32_t ignore_id, float weight, int64_t N, int32_t D, int32_t V,
                               void *ws, size_t ws_size, int acc_dx, int n_threads);
+/* dsmoe__head_loss split at the logits, for a training step whose backward follows its
+ * forward: _save computes *loss (may be NULL) and G (N, V) = the logits' gradient g above
+ * (weight as there), the forward's half; _grad then makes dx (= or += by acc_dx) = G · W and
+ * dW += Gᵀ · x from it without computing the logits again. Together they give exactly the
+ * bits of dsmoe__head_loss with gradients (the same chunks, blocks and products). The
+ * errors of dsmoe__head_loss. */
+dsmoe_status dsmoe__head_loss_save(double *loss, float *G, const float *x, const float *W,
+                                   const int32_t *targets, int32_t ignore_id, float weight,
+                                   int64_t N, int32_t D, int32_t V, void *ws, size_t ws_size,
+                                   int n_threads);
+dsmoe_status dsmoe__head_loss_grad(float *dx, float *dW, const float *G, const float *x,
+                                   const float *W, int64_t N, int32_t D, int32_t V, int acc_dx,
+                                   int n_threads);
 
 #endif /* DSMOE_MODEL_GRAD_H */

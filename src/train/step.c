@@ -65,6 +65,7 @@ typedef struct tm_depth {
     float *g_enorm, *g_hnorm, *g_eh_proj, *g_sh_norm;
     int32_t *tok, *tgt;         /* (N): token t + k embedded, target t + k + 1 */
     float *e, *cat, *inv_e, *inv_h, *h_out, *x_sh, *inv_sh; /* cat (N, 2D) */
+    float *glog; /* (N, V): the head's logits' gradient, from the forward for the backward */
 } tm_depth;
 
 typedef struct tm_tensor {
@@ -114,6 +115,7 @@ struct dsmoe_train_model {
     /* Activations and scratch. */
     int32_t *inputs, *targets; /* (N) */
     float *h_fin, *x_fin, *inv_fin, *a, *dh, *dx, *dlogits, *dx_fin, *dcat, *de;
+    float *glog; /* (N, V): the head's logits' gradient, from the forward for the backward */
     void *ws, *moe_ws, *bal_ws;
     size_t ws_size, moe_ws_size, bal_ws_size, mla_save_size, ffn_save_size;
     int have_forward;
@@ -139,6 +141,7 @@ void dsmoe_train_model_free(dsmoe_train_model *tm) {
             tm_depth *dp = &tm->depths[d];
             dsmoe_free(dp->tok);
             dsmoe_free(dp->tgt);
+            dsmoe_free(dp->glog);
             dsmoe_free(dp->e);
             dsmoe_free(dp->cat);
             dsmoe_free(dp->inv_e);
@@ -180,6 +183,7 @@ void dsmoe_train_model_free(dsmoe_train_model *tm) {
     dsmoe_free(tm->dx);
     dsmoe_free(tm->dlogits);
     dsmoe_free(tm->dx_fin);
+    dsmoe_free(tm->glog);
     dsmoe_free(tm->dcat);
     dsmoe_free(tm->de);
     dsmoe_free(tm->ws);
@@ -460,6 +464,7 @@ dsmoe_status dsmoe_train_model_create_sharded(const dsmoe_model_config *cfg,
     ALLOC(tm->dh, ND);
     ALLOC(tm->dx, ND);
     ALLOC(tm->dx_fin, ND);
+    ALLOC(tm->glog, (size_t)N * (size_t)tm->V * sizeof(float));
     if (tm->Dm > 0) {
         ALLOC(tm->dcat, 2 * ND);
         ALLOC(tm->de, ND);
@@ -468,6 +473,7 @@ dsmoe_status dsmoe_train_model_create_sharded(const dsmoe_model_config *cfg,
         tm_depth *dp = &tm->depths[d];
         ALLOC(dp->tok, (size_t)N * sizeof(int32_t));
         ALLOC(dp->tgt, (size_t)N * sizeof(int32_t));
+        ALLOC(dp->glog, (size_t)N * (size_t)tm->V * sizeof(float));
         ALLOC(dp->e, ND);
         ALLOC(dp->cat, 2 * ND);
         ALLOC(dp->inv_e, (size_t)N * sizeof(float));
@@ -894,8 +900,10 @@ static dsmoe_status train_loss(dsmoe_train_model *tm, const int32_t *tokens,
     dsmoe__rmsnorm_train_forward(tm->x_fin, tm->inv_fin, tm->h_fin, tm->norm, N, D, D, D, eps, nt);
     PROF_END(PROF_NORM);
     double ce = 0;
-    if ((st = dsmoe__head_loss(&ce, NULL, NULL, NULL, tm->x_fin, tm->head, tm->targets,
-                               tm->ignore_id, 1.0f, N, D, V, tm->ws, tm->ws_size, 0, nt)) != DSMOE_OK)
+    /* The head's losses keep their logits' gradients for the backward (weights as there). */
+    const float wd = tm->Dm > 0 ? tm->opt.mtp_lambda / (float)tm->Dm : 0.0f;
+    if ((st = dsmoe__head_loss_save(&ce, tm->glog, tm->x_fin, tm->head, tm->targets, tm->ignore_id,
+                                    1.0f, N, D, V, tm->ws, tm->ws_size, nt)) != DSMOE_OK)
         return st;
     PROF_END(PROF_HEAD_F);
     /* MTP depth k = d + 1, position i: the embedding of token i + k and the previous
@@ -923,9 +931,8 @@ static dsmoe_status train_loss(dsmoe_train_model *tm, const int32_t *tokens,
         dsmoe__rmsnorm_train_forward(dp->x_sh, dp->inv_sh, dp->h_out, dp->sh_norm, N, D, D, D, eps,
                                      nt);
         double l_d = 0;
-        if ((st = dsmoe__head_loss(&l_d, NULL, NULL, NULL, dp->x_sh, tm->head, dp->tgt,
-                                   tm->ignore_id, 1.0f, N, D, V, tm->ws, tm->ws_size, 0, nt)) !=
-            DSMOE_OK)
+        if ((st = dsmoe__head_loss_save(&l_d, dp->glog, dp->x_sh, tm->head, dp->tgt, tm->ignore_id,
+                                        wd, N, D, V, tm->ws, tm->ws_size, nt)) != DSMOE_OK)
             return st;
         PROF_END(PROF_HEAD_F);
         mtp += l_d;
@@ -994,13 +1001,12 @@ dsmoe_status dsmoe_train_model_backward(dsmoe_train_model *tm) {
     PROF_END(PROF_ZERO);
     float *dh = tm->dh;
     /* MTP depths, last first: dh carries dL/d(depth d's block output), the hnorm
-     * backward hands dL/d(previous state) on (to dx_fin for depth 0). */
-    const float wd = tm->Dm > 0 ? tm->opt.mtp_lambda / (float)tm->Dm : 0.0f;
+     * backward hands dL/d(previous state) on (to dx_fin for depth 0). The heads' logits'
+     * gradients come from the forward (weighted there). */
     for (int32_t d = tm->Dm - 1; d >= 0; d--) {
         tm_depth *dp = &tm->depths[d];
-        if ((st = dsmoe__head_loss(NULL, NULL, tm->dx, tm->g_head, dp->x_sh, tm->head, dp->tgt,
-                                   tm->ignore_id, wd, N, D, V, tm->ws, tm->ws_size, 0, nt)) !=
-            DSMOE_OK)
+        if ((st = dsmoe__head_loss_grad(tm->dx, tm->g_head, dp->glog, dp->x_sh, tm->head, N, D, V, 0,
+                                        nt)) != DSMOE_OK)
             return st;
         PROF_END(PROF_HEAD_B);
         dsmoe__rmsnorm_backward(dh, dp->g_sh_norm, tm->dx, dp->h_out, dp->sh_norm, dp->inv_sh, N, D,
@@ -1017,9 +1023,8 @@ dsmoe_status dsmoe_train_model_backward(dsmoe_train_model *tm) {
                                 dp->hnorm, dp->inv_h, N, D, D, 2 * D, D, 0, nt);
         PROF_END(PROF_MTP_B);
     }
-    if ((st = dsmoe__head_loss(NULL, NULL, tm->dx_fin, tm->g_head, tm->x_fin, tm->head, tm->targets,
-                               tm->ignore_id, 1.0f, N, D, V, tm->ws, tm->ws_size, tm->Dm > 0 ? 1 : 0,
-                               nt)) != DSMOE_OK)
+    if ((st = dsmoe__head_loss_grad(tm->dx_fin, tm->g_head, tm->glog, tm->x_fin, tm->head, N, D, V,
+                                    tm->Dm > 0 ? 1 : 0, nt)) != DSMOE_OK)
         return st;
     PROF_END(PROF_HEAD_B);
     dsmoe__rmsnorm_backward(dh, tm->g_norm, tm->dx_fin, tm->h_fin, tm->norm, tm->inv_fin, N, D, D, D,
