@@ -109,7 +109,8 @@ void dsmoe__add_rmsnorm_train_forward(float *h, float *y, float *inv_rms, const 
 /* Σ g_i·w_i·x_i in 16 running sums (lane i mod 16), then halved pairwise: independent
  * chains the compiler vectorises, where one chain of n dependent adds took a quarter of
  * the norms' backward. */
-static float dot3_lanes(const float *g, const float *w, const float *x, int32_t n) {
+static inline __attribute__((always_inline)) float dot3_lanes(const float *g, const float *w,
+                                                           const float *x, int32_t n) {
     float acc[16] = {0};
     int32_t i = 0;
     for (; i + 16 <= n; i += 16)
