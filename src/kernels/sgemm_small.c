@@ -99,7 +99,10 @@ SG_INLINE SG_AVX512 void sg512_tile(const int mr, const int nv, const int pfa, c
 /* The 8 × 32 tile with every column present: unmasked loads, and op(A)'s 8 rows
  * addressed from two pointers and three strides, so that the loop's addresses stay in
  * registers (sg512_tile's eight row offsets and two masks were reloaded from the stack at
- * every k). The same fma chains as sg512_tile. */
+ * every k). The same fma chains as sg512_tile. pfa 1: the next tile's rows of A (at An)
+ * into the cache as with sg512_tile; pfa 2 (op(A) = A^T, whose k-th row of the tile is 8
+ * floats of a row of A): the next line of each of those rows, which the next tile
+ * starts on. */
 #define SG512_ROW(r, row)                                                                       \
     do {                                                                                        \
         const __m512 x = _mm512_set1_ps(row);                                                   \
@@ -115,9 +118,10 @@ SG_INLINE SG_AVX512 void sg512_tile_full(const int pfa, const float *A, size_t a
     const size_t a2 = 2 * ai, a3 = 3 * ai;
     const float *p = A, *q = A + 4 * ai, *b = Bp;
     for (int k = 0; k < K; k++) {
-        if (pfa && (k & 15) == 0)
+        if (pfa == 1 && (k & 15) == 0)
             for (int r = 0; r < 8; r++)
                 _mm_prefetch((const char *)(An + (size_t)r * ai + k), _MM_HINT_T0);
+        if (pfa == 2) _mm_prefetch((const char *)(p + 16), _MM_HINT_T0);
         const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
         SG512_ROW(0, p[0]);
         SG512_ROW(1, p[ai]);
@@ -365,6 +369,8 @@ SG_AVX512 void dsmoe__sgemm_small_avx512(int ta, int tb, int M, int N, int K, co
             }
             if (mr == 8 && nj == 32) {
                 if (an) sg512_tile_full(1, a, ai, ak, Bp, ldbp, K, c, ldc, add, an);
+                else if (ta && (i0 & 15) == 8 && i0 + 8 < M) /* the next tile: new lines */
+                    sg512_tile_full(2, a, ai, ak, Bp, ldbp, K, c, ldc, add, an);
                 else sg512_tile_full(0, a, ai, ak, Bp, ldbp, K, c, ldc, add, an);
             } else if (nv == 2) {
                 SG512_ROWS(2)
