@@ -146,7 +146,8 @@ SG_INLINE SG_AVX512 void sg512_tile_full(const int pfa, const float *A, size_t a
 
 /* The 8 × 48 tile (three vectors of columns, every one present): a product 48 columns
  * wide (the attention's n + r) in one panel, where a 32-column panel and a 16-column one
- * ran the second at half the rate. The same fma chains as sg512_tile. */
+ * ran the second at half the rate. The same fma chains as sg512_tile; pfa as
+ * sg512_tile_full's. */
 #define SG512_ROW3(r, row)                                                                      \
     do {                                                                                        \
         const __m512 x = _mm512_set1_ps(row);                                                   \
@@ -163,9 +164,10 @@ SG_INLINE SG_AVX512 void sg512_tile_full48(const int pfa, const float *A, size_t
     const size_t a2 = 2 * ai, a3 = 3 * ai;
     const float *p = A, *q = A + 4 * ai, *b = Bp;
     for (int k = 0; k < K; k++) {
-        if (pfa && (k & 15) == 0)
+        if (pfa == 1 && (k & 15) == 0)
             for (int r = 0; r < 8; r++)
                 _mm_prefetch((const char *)(An + (size_t)r * ai + k), _MM_HINT_T0);
+        if (pfa == 2) _mm_prefetch((const char *)(p + 16), _MM_HINT_T0);
         const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32);
         SG512_ROW3(0, p[0]);
         SG512_ROW3(1, p[ai]);
@@ -296,6 +298,8 @@ SG_AVX512 void dsmoe__sgemm_small_avx512(int ta, int tb, int M, int N, int K, co
             if (!ta && i0 + 16 <= M)
                 sg512_tile_full48(1, A + (size_t)i0 * ai, ai, ak, Bq, ldq, K, c, ldc, add,
                                   A + (size_t)(i0 + 8) * ai);
+            else if (ta && (i0 & 15) == 8 && i0 + 8 < M)
+                sg512_tile_full48(2, A + (size_t)i0 * ai, ai, ak, Bq, ldq, K, c, ldc, add, A);
             else
                 sg512_tile_full48(0, A + (size_t)i0 * ai, ai, ak, Bq, ldq, K, c, ldc, add, A);
         }
