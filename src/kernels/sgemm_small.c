@@ -337,6 +337,8 @@ SG_AVX512 void dsmoe__sgemm_small_avx512(int ta, int tb, int M, int N, int K, co
              * apart map to a few sets of the L1 cache) */
             for (int k = 0; k < K; k++) {
                 const float *b = B + (size_t)k * (size_t)ldb + j0;
+                if (j0 == 0) /* the first tile's line of A's row k, which nothing fetched */
+                    _mm_prefetch((const char *)(A + (size_t)k * (size_t)lda), _MM_HINT_T0);
                 _mm512_store_ps(P + (size_t)k * 32, _mm512_maskz_loadu_ps(m0, b));
                 if (nv == 2)
                     _mm512_store_ps(P + (size_t)k * 32 + 16, _mm512_maskz_loadu_ps(m1, b + 16));
