@@ -39,6 +39,8 @@
 /* Weight rows per block in the weight-gradient products and the bf16 conversion,
  * and per chunk of the matrix-vector (decode) path. */
 #define MOE_WROW_BLOCK 256
+/* Rows (or tokens) ahead that the gathers fetch (moe_prefetch_rows). */
+#define MOE_PF_AHEAD 2
 #define MOE_GEMV_CHUNK 512
 _Static_assert(MOE_GEMV_CHUNK % 16 == 0, "decode chunks must start on a panel of the packed layout");
 
@@ -985,9 +987,14 @@ static void moe_forward_batched(dsmoe_moe *m, const float *x, int nt) {
         const float *X;
         if (tk.e < m->E) {
             float *Xg = w->Xg + (size_t)tk.r0 * D;
-            for (int r = 0; r < tk.n; r++)
+            for (int r = 0; r < tk.n; r++) {
+                if (r + MOE_PF_AHEAD < tk.n) { /* the rows are scattered: fetch ahead */
+                    const char *nx = (const char *)(x + (size_t)w->row_tok[tk.r0 + r + MOE_PF_AHEAD] * D);
+                    for (size_t b = 0; b < D * sizeof(float); b += 64) __builtin_prefetch(nx + b, 0, 3);
+                }
                 memcpy(Xg + (size_t)r * D, x + (size_t)w->row_tok[tk.r0 + r] * D,
                        D * sizeof(float));
+            }
             X = Xg;
         } else {
             X = x + (size_t)tk.r0 * D;
@@ -1084,8 +1091,8 @@ static void moe_forward_decode(dsmoe_moe *m, const float *x, int64_t T, int nt) 
 /* y_t = Σ_k w_tk · Ye[slot(t,k)] (k ascending) + Ys_t, over independent tokens. */
 /* Routed rows are gathered by token: each token's K rows lie anywhere in the
  * expert-sorted buffers, so every row began with a memory latency that no hardware
- * prefetcher foresees. The passes fetch the rows of the token MOE_PF_AHEAD ahead. */
-#define MOE_PF_AHEAD 2
+ * prefetcher foresees. The passes fetch the rows of the token MOE_PF_AHEAD ahead (and the
+ * forward's gather, the row MOE_PF_AHEAD ahead). */
 static inline void moe_prefetch_rows(const dsmoe_moe *m, const float *base, int64_t t,
                                      int write) {
     const size_t D = (size_t)m->D;
