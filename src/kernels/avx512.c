@@ -690,35 +690,6 @@ static int any_nonfinite_avx512(const float *x, int64_t n) {
     return _mm512_cmpeq_epi32_mask(m, expo) != 0;
 }
 
-/* v_exp (simd_body.h) of four vectors, stage by stage, so that the four dependency chains
- * overlap (one chain alone filled the scheduler): the same operations per lane, the same
- * bits. */
-#define EXP4(e) \
-    do {                                                                                  \
-        { enum { j = 0 }; e; } { enum { j = 1 }; e; } { enum { j = 2 }; e; } { enum { j = 3 }; e; } \
-    } while (0)
-static inline void v_exp4_avx512(__m512 x[4]) {
-    __m512 xc[4], n[4], r[4], z[4], p[4];
-    __m512i ni[4], n1[4], n2[4];
-    EXP4(xc[j] = _mm512_min_ps(_mm512_max_ps(x[j], _mm512_set1_ps(DSMOE__EXP_LO)), _mm512_set1_ps(DSMOE__EXP_HI)));
-    EXP4(n[j] = V_RINT(_mm512_mul_ps(xc[j], _mm512_set1_ps(DSMOE__LOG2E))));
-    EXP4(r[j] = _mm512_fmadd_ps(n[j], _mm512_set1_ps(-DSMOE__LN2_HI), xc[j]));
-    EXP4(r[j] = _mm512_fmadd_ps(n[j], _mm512_set1_ps(-DSMOE__LN2_LO), r[j]));
-    EXP4(z[j] = _mm512_mul_ps(r[j], r[j]));
-    EXP4(p[j] = _mm512_fmadd_ps(_mm512_set1_ps(DSMOE__EXP_C0), r[j], _mm512_set1_ps(DSMOE__EXP_C1)));
-    EXP4(p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(DSMOE__EXP_C2)));
-    EXP4(p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(DSMOE__EXP_C3)));
-    EXP4(p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(DSMOE__EXP_C4)));
-    EXP4(p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(DSMOE__EXP_C5)));
-    EXP4(p[j] = _mm512_add_ps(_mm512_fmadd_ps(p[j], z[j], r[j]), _mm512_set1_ps(1.0f)));
-    EXP4(ni[j] = _mm512_cvtps_epi32(n[j]));
-    EXP4(n1[j] = _mm512_srai_epi32(ni[j], 1));
-    EXP4(n2[j] = _mm512_sub_epi32(ni[j], n1[j]));
-    EXP4(p[j] = _mm512_mul_ps(_mm512_mul_ps(p[j], V_I_EXP2(n1[j])), V_I_EXP2(n2[j])));
-    EXP4(p[j] = V_SEL_GT(x[j], _mm512_set1_ps(DSMOE__EXP_HI), p[j], _mm512_set1_ps(INFINITY)));
-    EXP4(x[j] = V_SEL_LT(x[j], _mm512_set1_ps(DSMOE__EXP_LO), p[j], _mm512_setzero_ps()));
-}
-#undef EXP4
 
 /* kernels.h's softmax_scaled with a row's tail in masked lanes: the same lane operations
  * as the simd_body.h body (whose tails went through a 16-float copy and scalar loops, a

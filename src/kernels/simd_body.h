@@ -308,18 +308,18 @@ static float FN(k_dot_bf16)(const float *x, const uint16_t *w, int64_t n) {
     return FN(tree16)(p);
 }
 
-/* v_exp_sig of 4 vectors in place, stage by stage (as v_sigmoid4): the same operations per
- * lane, so the same bits, with the 4 dependency chains overlapping where one chain at a
- * time filled the scheduler. */
+/* v_exp_sig (and below v_exp) of 4 vectors in place, stage by stage (as v_sigmoid4): the
+ * same operations per lane, so the same bits, with the 4 dependency chains overlapping
+ * where one chain at a time filled the scheduler. */
 #define EXP4_STAGE(e) \
     do {                                                                                  \
         { enum { j = 0 }; e; } { enum { j = 1 }; e; } { enum { j = 2 }; e; } { enum { j = 3 }; e; } \
     } while (0)
-static inline void FN(v_exp_sig4)(VF y[4]) {
-    VF n[4], r[4], z[4], p[4];
-    EXP4_STAGE(y[j] = V_MAX(V_MIN(y[j], V_SET1(DSMOE__EXP_HI)), V_SET1(-87.0f)));
-    EXP4_STAGE(n[j] = V_RINT(V_MUL(y[j], V_SET1(DSMOE__LOG2E))));
-    EXP4_STAGE(r[j] = V_FMA(n[j], V_SET1(-DSMOE__LN2_HI), y[j]));
+/* v_exp_reduced of 4 clamped arguments xc: the polynomials p and the exponents n. */
+static inline void FN(v_exp_reduced4)(const VF xc[4], VF n[4], VF p[4]) {
+    VF r[4], z[4];
+    EXP4_STAGE(n[j] = V_RINT(V_MUL(xc[j], V_SET1(DSMOE__LOG2E))));
+    EXP4_STAGE(r[j] = V_FMA(n[j], V_SET1(-DSMOE__LN2_HI), xc[j]));
     EXP4_STAGE(r[j] = V_FMA(n[j], V_SET1(-DSMOE__LN2_LO), r[j]));
     EXP4_STAGE(z[j] = V_MUL(r[j], r[j]));
     EXP4_STAGE(p[j] = V_FMA(V_SET1(DSMOE__EXP_C0), r[j], V_SET1(DSMOE__EXP_C1)));
@@ -328,7 +328,24 @@ static inline void FN(v_exp_sig4)(VF y[4]) {
     EXP4_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C4)));
     EXP4_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C5)));
     EXP4_STAGE(p[j] = V_ADD(V_FMA(p[j], z[j], r[j]), V_SET1(1.0f)));
+}
+static inline void FN(v_exp_sig4)(VF y[4]) {
+    VF n[4], p[4];
+    EXP4_STAGE(y[j] = V_MAX(V_MIN(y[j], V_SET1(DSMOE__EXP_HI)), V_SET1(-87.0f)));
+    FN(v_exp_reduced4)(y, n, p);
     EXP4_STAGE(y[j] = V_MUL(p[j], V_I_EXP2(V_CVT_I(n[j]))));
+}
+static inline void FN(v_exp4)(VF x[4]) {
+    VF xc[4], n[4], p[4];
+    VI ni[4], n1[4], n2[4];
+    EXP4_STAGE(xc[j] = V_MIN(V_MAX(x[j], V_SET1(DSMOE__EXP_LO)), V_SET1(DSMOE__EXP_HI)));
+    FN(v_exp_reduced4)(xc, n, p);
+    EXP4_STAGE(ni[j] = V_CVT_I(n[j]));
+    EXP4_STAGE(n1[j] = V_I_SRAI1(ni[j]));
+    EXP4_STAGE(n2[j] = V_I_SUB(ni[j], n1[j]));
+    EXP4_STAGE(p[j] = V_MUL(V_MUL(p[j], V_I_EXP2(n1[j])), V_I_EXP2(n2[j])));
+    EXP4_STAGE(p[j] = V_SEL_GT(x[j], V_SET1(DSMOE__EXP_HI), p[j], V_SET1(INFINITY)));
+    EXP4_STAGE(x[j] = V_SEL_LT(x[j], V_SET1(DSMOE__EXP_LO), p[j], V_SET1(0.0f)));
 }
 #undef EXP4_STAGE
 

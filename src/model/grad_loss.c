@@ -160,10 +160,12 @@ static void head_dw(float *dW, const float *G, const float *xc, int64_t rows, in
     }
 }
 
-dsmoe_status dsmoe__head_loss(double *loss, int64_t *n_targets, float *dx, float *dW,
-                              const float *x, const float *W, const int32_t *targets,
-                              int32_t ignore_id, float weight, int64_t N, int32_t D, int32_t V,
-                              void *ws, size_t ws_size, int acc_dx, int n_threads) {
+/* dsmoe__head_loss, and with G the chunks' logits' gradients kept there (N, V) instead of
+ * in the workspace (dsmoe__head_loss_save). */
+static dsmoe_status head_loss_run(double *loss, int64_t *n_targets, float *dx, float *dW, float *G,
+                                  const float *x, const float *W, const int32_t *targets,
+                                  int32_t ignore_id, float weight, int64_t N, int32_t D, int32_t V,
+                                  void *ws, size_t ws_size, int acc_dx, int n_threads) {
     if (!x || !W || !targets || N < 0 || D < 1 || V < 1)
         return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
                             "head loss: NULL argument or N < 0, D < 1, V < 1");
@@ -176,9 +178,8 @@ dsmoe_status dsmoe__head_loss(double *loss, int64_t *n_targets, float *dx, float
     dsmoe_status st = head_targets(targets, ignore_id, N, V, &n);
     if (st != DSMOE_OK) return st;
     const int nt = dsmoe__threads(n_threads);
-    const int want_grad = dx || dW;
+    const int want_grad = dx || dW || G;
     const int64_t R = chunk_rows(N, V);
-    float *L = (float *)ws;
     double *rl = (double *)(void *)((char *)ws + dsmoe__align64((size_t)R * (size_t)V * sizeof(float)));
     const float g_scale = n > 0 ? (float)((double)weight / (double)n) : 0.0f;
     double total = 0.0;
@@ -186,6 +187,7 @@ dsmoe_status dsmoe__head_loss(double *loss, int64_t *n_targets, float *dx, float
     for (int64_t r0 = 0; r0 < N; r0 += R) {
         const int64_t rows = N - r0 < R ? N - r0 : R;
         const float *xc = x + r0 * D;
+        float *L = G ? G + r0 * V : (float *)ws;
         /* Per block of rows: the logits (one product over all of V), the loss of each row
          * and, in place, the logits' gradient, then that block's dx = g · W. */
         const int64_t nrb = (rows + HEAD_ROW_BLOCK - 1) / HEAD_ROW_BLOCK;
@@ -204,41 +206,22 @@ dsmoe_status dsmoe__head_loss(double *loss, int64_t *n_targets, float *dx, float
     return DSMOE_OK;
 }
 
+dsmoe_status dsmoe__head_loss(double *loss, int64_t *n_targets, float *dx, float *dW,
+                              const float *x, const float *W, const int32_t *targets,
+                              int32_t ignore_id, float weight, int64_t N, int32_t D, int32_t V,
+                              void *ws, size_t ws_size, int acc_dx, int n_threads) {
+    return head_loss_run(loss, n_targets, dx, dW, NULL, x, W, targets, ignore_id, weight, N, D, V,
+                         ws, ws_size, acc_dx, n_threads);
+}
+
 dsmoe_status dsmoe__head_loss_save(double *loss, float *G, const float *x, const float *W,
                                    const int32_t *targets, int32_t ignore_id, float weight,
                                    int64_t N, int32_t D, int32_t V, void *ws, size_t ws_size,
                                    int n_threads) {
-    if (!G || !x || !W || !targets || N < 0 || D < 1 || V < 1)
-        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT,
-                            "head loss: NULL argument or N < 0, D < 1, V < 1");
-    const size_t need = dsmoe__head_loss_workspace_size(V, N);
-    if (!ws || ws_size < need)
-        return dsmoe__error(DSMOE_STATUS_WORKSPACE_TOO_SMALL,
-                            "head loss: workspace of %zu bytes, need %zu for V = %d", ws ? ws_size : 0,
-                            need, (int)V);
-    int64_t n = 0;
-    dsmoe_status st = head_targets(targets, ignore_id, N, V, &n);
-    if (st != DSMOE_OK) return st;
-    const int nt = dsmoe__threads(n_threads);
-    const int64_t R = chunk_rows(N, V);
-    double *rl = (double *)(void *)((char *)ws + dsmoe__align64((size_t)R * (size_t)V * sizeof(float)));
-    const float g_scale = n > 0 ? (float)((double)weight / (double)n) : 0.0f;
-    double total = 0.0;
-    (void)nt;
-    for (int64_t r0 = 0; r0 < N; r0 += R) {
-        const int64_t rows = N - r0 < R ? N - r0 : R;
-        const int64_t nrb = (rows + HEAD_ROW_BLOCK - 1) / HEAD_ROW_BLOCK;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && nrb > 1)
-        for (int64_t b = 0; b < nrb; b++) {
-            const int64_t i0 = b * HEAD_ROW_BLOCK;
-            const int rb = (int)(rows - i0 < HEAD_ROW_BLOCK ? rows - i0 : HEAD_ROW_BLOCK);
-            head_rows(G + r0 * V, rl, x + r0 * D, W, targets + r0, ignore_id, g_scale, 1, i0, rb, D,
-                      V);
-        }
-        for (int64_t i = 0; i < rows; i++) total += rl[i];
-    }
-    if (loss) *loss = n > 0 ? total / (double)n : 0.0;
-    return DSMOE_OK;
+    if (!G)
+        return dsmoe__error(DSMOE_STATUS_INVALID_ARGUMENT, "head loss: NULL gradient buffer");
+    return head_loss_run(loss, NULL, NULL, NULL, G, x, W, targets, ignore_id, weight, N, D, V, ws,
+                         ws_size, 0, n_threads);
 }
 
 dsmoe_status dsmoe__head_loss_grad(float *dx, float *dW, const float *G, const float *x,
