@@ -96,25 +96,27 @@ SG_INLINE SG_AVX512 void sg512_tile(const int mr, const int nv, const int pfa, c
     }
 }
 
-/* The 8 × 32 tile with every column present: unmasked loads, and op(A)'s 8 rows
- * addressed from two pointers and three strides, so that the loop's addresses stay in
- * registers (sg512_tile's eight row offsets and two masks were reloaded from the stack at
- * every k). The same fma chains as sg512_tile. pfa 1: the next tile's rows of A (at An)
- * into the cache as with sg512_tile; pfa 2 (op(A) = A^T, whose k-th row of the tile is 8
- * floats of a row of A): the next line of each of those rows, which the next tile
- * starts on. */
+/* The 8 × 32 (nv 2) or 8 × 48 (nv 3) tile with every column present: unmasked loads, and
+ * op(A)'s 8 rows addressed from two pointers and three strides, so that the loop's
+ * addresses stay in registers (sg512_tile's eight row offsets and two masks were reloaded
+ * from the stack at every k). 48 columns: a product that wide (the attention's n + r) in
+ * one panel, where a 32-column panel and a 16-column one ran the second at half the rate.
+ * The same fma chains as sg512_tile. pfa 1: the next tile's rows of A (at An) into the
+ * cache as with sg512_tile; pfa 2 (op(A) = A^T, whose k-th row of the tile is 8 floats of a
+ * row of A): the next line of each of those rows, which the next tile starts on. */
 #define SG512_ROW(r, row)                                                                       \
     do {                                                                                        \
         const __m512 x = _mm512_set1_ps(row);                                                   \
         c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);                                                  \
         c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);                                                  \
+        if (nv == 3) c2[r] = _mm512_fmadd_ps(x, b2, c2[r]);                                     \
     } while (0)
 
-SG_INLINE SG_AVX512 void sg512_tile_full(const int pfa, const float *A, size_t ai, size_t ak,
-                                         const float *Bp, size_t ldbp, int K, float *C, int ldc,
-                                         int add, const float *An) {
-    __m512 c0[8], c1[8];
-    for (int r = 0; r < 8; r++) c0[r] = c1[r] = _mm512_setzero_ps();
+SG_INLINE SG_AVX512 void sg512_tile_full(const int nv, const int pfa, const float *A, size_t ai,
+                                         size_t ak, const float *Bp, size_t ldbp, int K, float *C,
+                                         int ldc, int add, const float *An) {
+    __m512 c0[8], c1[8], c2[8];
+    for (int r = 0; r < 8; r++) c0[r] = c1[r] = c2[r] = _mm512_setzero_ps();
     const size_t a2 = 2 * ai, a3 = 3 * ai;
     const float *p = A, *q = A + 4 * ai, *b = Bp;
     for (int k = 0; k < K; k++) {
@@ -123,6 +125,7 @@ SG_INLINE SG_AVX512 void sg512_tile_full(const int pfa, const float *A, size_t a
                 _mm_prefetch((const char *)(An + (size_t)r * ai + k), _MM_HINT_T0);
         if (pfa == 2) _mm_prefetch((const char *)(p + 16), _MM_HINT_T0);
         const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+        const __m512 b2 = nv == 3 ? _mm512_loadu_ps(b + 32) : b1;
         SG512_ROW(0, p[0]);
         SG512_ROW(1, p[ai]);
         SG512_ROW(2, p[a2]);
@@ -138,57 +141,11 @@ SG_INLINE SG_AVX512 void sg512_tile_full(const int pfa, const float *A, size_t a
         if (add) {
             c0[r] = _mm512_add_ps(_mm512_loadu_ps(c), c0[r]);
             c1[r] = _mm512_add_ps(_mm512_loadu_ps(c + 16), c1[r]);
+            if (nv == 3) c2[r] = _mm512_add_ps(_mm512_loadu_ps(c + 32), c2[r]);
         }
         _mm512_storeu_ps(c, c0[r]);
         _mm512_storeu_ps(c + 16, c1[r]);
-    }
-}
-
-/* The 8 × 48 tile (three vectors of columns, every one present): a product 48 columns
- * wide (the attention's n + r) in one panel, where a 32-column panel and a 16-column one
- * ran the second at half the rate. The same fma chains as sg512_tile; pfa as
- * sg512_tile_full's. */
-#define SG512_ROW3(r, row)                                                                      \
-    do {                                                                                        \
-        const __m512 x = _mm512_set1_ps(row);                                                   \
-        c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);                                                  \
-        c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);                                                  \
-        c2[r] = _mm512_fmadd_ps(x, b2, c2[r]);                                                  \
-    } while (0)
-
-SG_INLINE SG_AVX512 void sg512_tile_full48(const int pfa, const float *A, size_t ai, size_t ak,
-                                           const float *Bp, size_t ldbp, int K, float *C, int ldc,
-                                           int add, const float *An) {
-    __m512 c0[8], c1[8], c2[8];
-    for (int r = 0; r < 8; r++) c0[r] = c1[r] = c2[r] = _mm512_setzero_ps();
-    const size_t a2 = 2 * ai, a3 = 3 * ai;
-    const float *p = A, *q = A + 4 * ai, *b = Bp;
-    for (int k = 0; k < K; k++) {
-        if (pfa == 1 && (k & 15) == 0)
-            for (int r = 0; r < 8; r++)
-                _mm_prefetch((const char *)(An + (size_t)r * ai + k), _MM_HINT_T0);
-        if (pfa == 2) _mm_prefetch((const char *)(p + 16), _MM_HINT_T0);
-        const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32);
-        SG512_ROW3(0, p[0]);
-        SG512_ROW3(1, p[ai]);
-        SG512_ROW3(2, p[a2]);
-        SG512_ROW3(3, p[a3]);
-        SG512_ROW3(4, q[0]);
-        SG512_ROW3(5, q[ai]);
-        SG512_ROW3(6, q[a2]);
-        SG512_ROW3(7, q[a3]);
-        p += ak, q += ak, b += ldbp;
-    }
-    for (int r = 0; r < 8; r++) {
-        float *c = C + (size_t)r * (size_t)ldc;
-        if (add) {
-            c0[r] = _mm512_add_ps(_mm512_loadu_ps(c), c0[r]);
-            c1[r] = _mm512_add_ps(_mm512_loadu_ps(c + 16), c1[r]);
-            c2[r] = _mm512_add_ps(_mm512_loadu_ps(c + 32), c2[r]);
-        }
-        _mm512_storeu_ps(c, c0[r]);
-        _mm512_storeu_ps(c + 16, c1[r]);
-        _mm512_storeu_ps(c + 32, c2[r]);
+        if (nv == 3) _mm512_storeu_ps(c + 32, c2[r]);
     }
 }
 
@@ -296,12 +253,12 @@ SG_AVX512 void dsmoe__sgemm_small_avx512(int ta, int tb, int M, int N, int K, co
                     _mm_prefetch((const char *)(cr + 32), _MM_HINT_ET0);
                 }
             if (!ta && i0 + 16 <= M)
-                sg512_tile_full48(1, A + (size_t)i0 * ai, ai, ak, Bq, ldq, K, c, ldc, add,
+                sg512_tile_full(3, 1, A + (size_t)i0 * ai, ai, ak, Bq, ldq, K, c, ldc, add,
                                   A + (size_t)(i0 + 8) * ai);
             else if (ta && (i0 & 15) == 8 && i0 + 8 < M)
-                sg512_tile_full48(2, A + (size_t)i0 * ai, ai, ak, Bq, ldq, K, c, ldc, add, A);
+                sg512_tile_full(3, 2, A + (size_t)i0 * ai, ai, ak, Bq, ldq, K, c, ldc, add, A);
             else
-                sg512_tile_full48(0, A + (size_t)i0 * ai, ai, ak, Bq, ldq, K, c, ldc, add, A);
+                sg512_tile_full(3, 0, A + (size_t)i0 * ai, ai, ak, Bq, ldq, K, c, ldc, add, A);
         }
         if (M8 < M) {
             const int mr = M - M8;
@@ -374,10 +331,10 @@ SG_AVX512 void dsmoe__sgemm_small_avx512(int ta, int tb, int M, int N, int K, co
                 if (!ta && j0 == 0 && mn == 8) an = a + (size_t)8 * ai;
             }
             if (mr == 8 && nj == 32) {
-                if (an) sg512_tile_full(1, a, ai, ak, Bp, ldbp, K, c, ldc, add, an);
+                if (an) sg512_tile_full(2, 1, a, ai, ak, Bp, ldbp, K, c, ldc, add, an);
                 else if (ta && (i0 & 15) == 8 && i0 + 8 < M) /* the next tile: new lines */
-                    sg512_tile_full(2, a, ai, ak, Bp, ldbp, K, c, ldc, add, an);
-                else sg512_tile_full(0, a, ai, ak, Bp, ldbp, K, c, ldc, add, an);
+                    sg512_tile_full(2, 2, a, ai, ak, Bp, ldbp, K, c, ldc, add, an);
+                else sg512_tile_full(2, 0, a, ai, ak, Bp, ldbp, K, c, ldc, add, an);
             } else if (nv == 2) {
                 SG512_ROWS(2)
             } else {
