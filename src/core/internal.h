@@ -77,7 +77,10 @@ void dsmoe__pages_release(void *base, size_t off, size_t len);
 void dsmoe__pages_huge(void *p, size_t bytes);
 /* Element loops compiled once per CPU level (GCC's target_clones on x86-64 Linux: AVX-512,
  * AVX2, baseline, chosen at load); the same operations in the same order on each, so the
- * same bits. Empty elsewhere. */
+ * same bits. Empty elsewhere. Check the clones' code for fused multiply-adds: GCC 12 turns
+ * a loop over interleaved pairs that subtracts in one and adds in the other (a rotation's
+ * x0·c − x1·s, x0·s + x1·c) into vfmaddsub even with -ffp-contract=off, which changes bits;
+ * write such loops with intrinsics. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define DSMOE__CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
