@@ -1132,9 +1132,13 @@ DSMOE__CLONES static void moe_combine_rows(const dsmoe_moe *m, float *y, int64_t
 }
 
 static void moe_combine(dsmoe_moe *m, float *y, int64_t T, int nt) {
+    const int64_t nb = (T + DSMOE_MOE_ROW_BLOCK - 1) / DSMOE_MOE_ROW_BLOCK;
     (void)nt;
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t t = 0; t < T; t++) moe_combine_rows(m, y, t, t + 1, T);
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t t0 = b * DSMOE_MOE_ROW_BLOCK;
+        moe_combine_rows(m, y, t0, T - t0 < DSMOE_MOE_ROW_BLOCK ? T : t0 + DSMOE_MOE_ROW_BLOCK, T);
+    }
 }
 
 dsmoe_status dsmoe_moe_forward(dsmoe_moe *m, float *y, const float *x, int64_t T,
