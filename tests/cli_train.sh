@@ -77,6 +77,15 @@ fi
 cmp -s "$TMP/ref1/checkpoint/model.safetensors" "$K/checkpoint/model.safetensors" ||
     fail "kills and resumes end elsewhere than the uninterrupted run"
 ls "$K" | grep -q '\.tmp\.' && fail "temporary folders left behind: $(ls "$K")"
+# A kill between a save's swap and its removal of the old checkpoint leaves that one
+# beside the new; resuming the finished run (which saves nothing) still removes it.
+dead=$(sh -c 'echo $$')
+cp -r "$K/checkpoint" "$K/checkpoint.tmp.$dead.0"
+"$DSMOE" train --resume --out "$K" --threads 1 --quiet --sample-tokens 0 2>"$TMP/err.txt" ||
+    { fail "resume of the finished run"; cat "$TMP/err.txt" >&2; }
+[ -e "$K/checkpoint.tmp.$dead.0" ] && fail "a dead save's folder survives the resume"
+cmp -s "$TMP/ref1/checkpoint/model.safetensors" "$K/checkpoint/model.safetensors" ||
+    fail "resuming the finished run changed its checkpoint"
 
 # eval --text and generate --prompt on the trained checkpoint.
 printf '12+34=46\n(5+6)*7=77\nrev abc|cba\n' >"$TMP/text.txt"

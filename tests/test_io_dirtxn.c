@@ -132,6 +132,20 @@ static void test_stale_and_refusals(void) {
     ASSERT_OK(dsmoe__dir_recover(g_dest));
     ASSERT_EQ_INT(folder_generation(g_dest, 64), 2);
     ASSERT_EQ_INT(leftovers(g_dest), 0);
+    /* tidy: a dead writer's folder left between a commit's exchange and its removal of
+     * the old one (dest whole) goes without a save; recover alone leaves it; a live
+     * process's stays */
+    snprintf(dead, sizeof dead, "%s.tmp.%ld.9", g_dest, (long)child);
+    mkdir(dead, 0700);
+    put_file(dead, "a.bin", 1, 64);
+    mkdir(live, 0700);
+    ASSERT_OK(dsmoe__dir_recover(g_dest));
+    ASSERT_TRUE(stat(dead, &st) == 0);
+    ASSERT_OK(dsmoe__dir_tidy(g_dest));
+    ASSERT_TRUE(stat(dead, &st) != 0 && stat(live, &st) == 0);
+    ASSERT_EQ_INT(folder_generation(g_dest, 64), 2);
+    rmdir(live);
+    ASSERT_EQ_INT(leftovers(g_dest), 0);
 }
 
 /* A child saves generations 1, 2, 3, ... as fast as it can; it is killed at a random

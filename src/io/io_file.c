@@ -759,6 +759,12 @@ dsmoe_status dsmoe__dir_recover(const char *dest) {
     return s;
 }
 
+dsmoe_status dsmoe__dir_tidy(const char *dest) {
+    dsmoe_status s = dsmoe__dir_recover(dest);
+    if (s == DSMOE_OK) dsmoe__remove_stale_dirs(dest, "tmp");
+    return s;
+}
+
 /* ------------------------------------------------------------ UTF-8 -- */
 
 size_t dsmoe__utf8_seq(const unsigned char *s, size_t avail) {

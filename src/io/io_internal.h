@@ -121,6 +121,11 @@ dsmoe_status dsmoe__dir_begin(dsmoe__dir_txn *t, const char *dest);
 dsmoe_status dsmoe__dir_commit(dsmoe__dir_txn *t);
 void dsmoe__dir_abort(dsmoe__dir_txn *t);
 dsmoe_status dsmoe__dir_recover(const char *dest);
+/* dsmoe__dir_recover(), then the temporary folders of dead processes removed as begin()
+ * does: for a writer that may not save again (resuming a finished run), so that a kill
+ * between a commit's exchange and its removal of the old folder leaves nothing behind
+ * for good. Readers call dsmoe__dir_recover() alone. */
+dsmoe_status dsmoe__dir_tidy(const char *dest);
 /* Tests only: nonzero makes commit() take the two-rename path. */
 extern int dsmoe__dir_force_fallback;
 

@@ -1060,7 +1060,7 @@ dsmoe_status dsmoe_run(const dsmoe_run_config *rc_in, const char *out_dir,
     }
     struct stat sb;
     if (resume) {
-        if (lead) dsmoe__dir_recover(ckpt);
+        if (lead) dsmoe__dir_tidy(ckpt);
         if ((st = dsmoe__run_agree(coll, DSMOE_OK)) != DSMOE_OK) goto done;
         if (stat(ckpt, &sb) != 0) {
             st = dsmoe__error(DSMOE_STATUS_IO, "%s: no checkpoint to resume from (%s)", ckpt,
