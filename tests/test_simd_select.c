@@ -102,6 +102,52 @@ static void test_select_matches_reference(void) {
     fprintf(stderr, "  %d fused selections compared\n", tested);
 }
 
+/* Rows of at most 16 experts (the small presets' G·gsize <= 16: 16 experts in 4 groups
+ * of 4, 8 in 2 of 4, ...): every shape (2..8 groups, every group size that fits, m = 1
+ * and 2 up to the group size, every TG and K), each value pattern, several tokens per
+ * call, against the reference token by token. */
+static void test_select_small_rows(void) {
+    const dsmoe__kernel_table *k = dsmoe__kernels_named("avx512");
+    if (!k || !k->select_grouped) return;
+    tl_seed(7100);
+    static float c[8 * 16];
+    int tested = 0, bad = 0;
+    for (int32_t G = 2; G <= 8 && bad < 5; G++)
+        for (int32_t gsize = 1; G * gsize <= 16 && bad < 5; gsize++)
+            for (int32_t m = 1; m <= 2 && m <= gsize; m++)
+                for (int32_t TG = 1; TG <= G; TG++)
+                    for (int32_t K = 1; K <= TG * gsize; K++)
+                        for (int pattern = 0; pattern < 5; pattern++) {
+                            const int32_t E = G * gsize, n = 1 + (int32_t)(tl_next() % 8);
+                            for (int32_t t = 0; t < n; t++) fill(c + (size_t)t * (size_t)E, E, gsize, pattern);
+                            int32_t ids[8 * 16], ids0[16];
+                            float v[8 * 16], v0[16];
+                            tl_checks++;
+                            if (!k->select_grouped(ids, v, c, n, G, gsize, m, TG, K)) {
+                                TL_FAIL("avx512: small shape G %d gsize %d m %d TG %d K %d refused",
+                                        (int)G, (int)gsize, (int)m, (int)TG, (int)K);
+                                bad++;
+                                continue;
+                            }
+                            tested++;
+                            for (int32_t t = 0; t < n; t++) {
+                                reference(ids0, v0, c + (size_t)t * (size_t)E, G, gsize, m, TG, K);
+                                for (int32_t j = 0; j < K; j++)
+                                    if (ids0[j] != ids[t * K + j] || memcmp(&v0[j], &v[t * K + j], 4) != 0) {
+                                        TL_FAIL("avx512: G %d gsize %d m %d TG %d K %d pattern %d "
+                                                "token %d: slot %d is expert %d, reference %d",
+                                                (int)G, (int)gsize, (int)m, (int)TG, (int)K, pattern,
+                                                (int)t, (int)j, (int)ids[t * K + j], (int)ids0[j]);
+                                        bad++;
+                                        t = n;
+                                        break;
+                                    }
+                            }
+                        }
+    ASSERT_TRUE(tested > 1000);
+    fprintf(stderr, "  %d small-row selections compared\n", tested);
+}
+
 /* Many tokens per call: the AVX-512 kernel takes blocks of 16 tokens into lanes for
  * m = 2, K = 2·TG <= 8 (DeepSeek-V3's shape among them), the rest one or two at a time.
  * Token counts around multiples of 16, every token its own value pattern (so that one
@@ -173,6 +219,9 @@ static void test_select_refuses(void) {
         {8, 32, 2, 9, 8},   /* TG > G */
         {8, 32, 2, 0, 8},   /* TG = 0 */
         {2, 16, 2, 1, 17},  /* K over the candidates */
+        {4, 4, 2, 2, 9},    /* K over the candidates of a row of 16 */
+        {4, 1, 2, 2, 2},    /* top-2 group score of groups of one */
+        {4, 4, 2, 0, 2},    /* TG = 0, a row of 16 */
     };
     const char *names[2] = {"avx2", "avx512"};
     for (int ni = 0; ni < 2; ni++) {
@@ -198,6 +247,7 @@ static void test_select_refuses(void) {
 
 int main(void) {
     RUN(test_select_matches_reference);
+    RUN(test_select_small_rows);
     RUN(test_select_many_tokens);
     RUN(test_select_refuses);
     return TEST_SUMMARY();

@@ -627,8 +627,79 @@ static __attribute__((noinline)) void sel_one(const float *ct, const sel_shape *
         sel_rest(ct, sp, vid, nv, theta, 1, it, vt);
 }
 
+/* Rows of at most 16 experts (G·gsize <= 16, as the small presets have), one vector
+ * each: every stage by rank counting as in rank_select16 (the rank of a lane among a
+ * set of lanes is the number of the set's lanes that beat it: larger, or equal with a
+ * lower id). A group's score is its lane of in-group rank 0 (the maximum, the first of
+ * equals, as the reference's strict >) plus, for m = 2, its lane of rank 1 (the top two
+ * added largest first); the kept groups are the TG of lowest rank among the G scores;
+ * the K kept lanes of lowest rank land at their rank. gm[j]: the lanes of j's group;
+ * grp: each lane's group. */
+static void sel_small(const float *ct, int32_t G, int32_t gsize, int32_t m, int32_t TG, int32_t K,
+                      const __mmask16 *gm, __m512i grp, int32_t *it, float *vt) {
+    const int32_t E = G * gsize;
+    const __mmask16 live = (__mmask16)(E >= 16 ? 0xffffu : (1u << E) - 1u);
+    const __mmask16 glive = (__mmask16)((1u << G) - 1u);
+    const __m512 x = _mm512_maskz_loadu_ps(live, ct);
+    const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
+    __m512i rg = zero;
+    for (int32_t j = 0; j < E; j++) {
+        const __m512 b = _mm512_set1_ps(ct[j]);
+        const __mmask16 beat = _mm512_mask_cmp_ps_mask(gm[j], b, x, _CMP_GT_OQ) |
+                               (_mm512_mask_cmp_ps_mask(gm[j], b, x, _CMP_EQ_OQ) &
+                                (__mmask16)(0xfffeu << j));
+        rg = _mm512_mask_add_epi32(rg, beat, rg, one);
+    }
+    __m512 gs = _mm512_maskz_compress_ps(_mm512_mask_cmpeq_epi32_mask(live, rg, zero), x);
+    if (m == 2)
+        gs = _mm512_add_ps(gs, _mm512_maskz_compress_ps(_mm512_mask_cmpeq_epi32_mask(live, rg, one), x));
+    float gv[16];
+    _mm512_storeu_ps(gv, gs);
+    __m512i rk = zero;
+    for (int32_t g = 0; g < G; g++) {
+        const __m512 b = _mm512_set1_ps(gv[g]);
+        const __mmask16 beat = _mm512_mask_cmp_ps_mask(glive, b, gs, _CMP_GT_OQ) |
+                               (_mm512_mask_cmp_ps_mask(glive, b, gs, _CMP_EQ_OQ) &
+                                (__mmask16)(0xfffeu << g));
+        rk = _mm512_mask_add_epi32(rk, beat, rk, one);
+    }
+    const __mmask16 keep = _mm512_mask_cmplt_epi32_mask(glive, rk, _mm512_set1_epi32(TG));
+    const __mmask16 cand = _mm512_mask_cmpeq_epi32_mask(
+        live, _mm512_permutexvar_epi32(grp, _mm512_maskz_mov_epi32(keep, one)), one);
+    __m512i re = zero;
+    for (unsigned cj = cand; cj; cj &= cj - 1) {
+        const int32_t j = __builtin_ctz(cj);
+        const __m512 b = _mm512_set1_ps(ct[j]);
+        const __mmask16 beat = _mm512_mask_cmp_ps_mask(cand, b, x, _CMP_GT_OQ) |
+                               (_mm512_mask_cmp_ps_mask(cand, b, x, _CMP_EQ_OQ) &
+                                (__mmask16)(0xfffeu << j));
+        re = _mm512_mask_add_epi32(re, beat, re, one);
+    }
+    for (int32_t r = 0; r < K; r++) {
+        const unsigned at = _mm512_mask_cmpeq_epi32_mask(cand, re, _mm512_set1_epi32(r));
+        const int32_t e = __builtin_ctz(at | 0x10000u) & 15;
+        it[r] = e;
+        vt[r] = ct[e];
+    }
+}
+
 static int select_grouped_avx512(int32_t *ids, float *val, const float *c, int64_t n, int32_t G,
                                  int32_t gsize, int32_t m, int32_t TG, int32_t K) {
+    if (G >= 2 && gsize >= 1 && G * gsize <= 16 && (m == 1 || m == 2) && m <= gsize &&
+        TG >= 1 && TG <= G && K >= 1 && K <= TG * gsize) {
+        __mmask16 gm[16];
+        int32_t gl[16] = {0};
+        for (int32_t j = 0; j < G * gsize; j++) {
+            gm[j] = (__mmask16)(((1u << gsize) - 1u) << (j / gsize * gsize));
+            gl[j] = j / gsize;
+        }
+        const __m512i grp = _mm512_loadu_si512((const void *)gl);
+        const size_t E = (size_t)G * (size_t)gsize;
+        for (int64_t t = 0; t < n; t++)
+            sel_small(c + (size_t)t * E, G, gsize, m, TG, K, gm, grp, ids + (size_t)t * (size_t)K,
+                      val + (size_t)t * (size_t)K);
+        return 1;
+    }
     if (G < 2 || G > 8 || gsize % 16 != 0 || gsize > 256 || (m != 1 && m != 2) || K > 16 ||
         TG < 1 || TG > G || K < 1 || K > TG * gsize)
         return 0;
