@@ -274,19 +274,55 @@ static void rope_pairs(float *x, const float *cs, int64_t half, int dir) {
     }
 }
 
+/* Longest rope part rotated by rope_vec (longer ones take rope_pairs). */
+#define ROPE_VEC_MAX 128
+
+/* rope_pairs with the pair's angles spread over both lanes of the pair: x' = x·cc + x̃·ss,
+ * x̃ = x with each pair's two values swapped, cc = (c, c), ss = (−s, s): the same products
+ * and one addition each, x0·c + (−(x1·s)) = x0·c − x1·s and x1·c + x0·s = x0·s + x1·c
+ * exactly, so the same bits, in a form the compiler vectorises. */
+static inline void rope_vec(float *x, const float *cc, const float *ss, int64_t half) {
+    float t[ROPE_VEC_MAX];
+    memcpy(t, x, (size_t)(2 * half) * sizeof(float));
+    for (int64_t j = 0; j < half; j++) {
+        const int64_t i = 2 * j;
+        x[i] = t[i] * cc[i] + t[i + 1] * ss[i];
+        x[i + 1] = t[i + 1] * cc[i + 1] + t[i] * ss[i + 1];
+    }
+}
+
+DSMOE__CLONES static void rope_rows_range(const mla_dims *m, float *qf, float *kv, const float *cs,
+                                          int dir, int64_t t0, int64_t t1) {
+    const int64_t r = m->r;
+    float cc[ROPE_VEC_MAX] = {0}, ss[ROPE_VEC_MAX] = {0};
+    for (int64_t t = t0; t < t1; t++) {
+        const float *ct = cs + (t % m->T) * r;
+        if (r > ROPE_VEC_MAX) {
+            for (int64_t h = 0; h < m->H; h++)
+                rope_pairs(qf + (t * m->H + h) * (m->n + r) + m->n, ct, m->half, dir);
+            rope_pairs(kv + t * (m->c + r) + m->c, ct, m->half, dir);
+            continue;
+        }
+        for (int64_t i = 0; i < 2 * m->half; i += 2) {
+            const float c = ct[i], sn = dir > 0 ? ct[i + 1] : -ct[i + 1];
+            cc[i] = c, cc[i + 1] = c;
+            ss[i] = -sn, ss[i + 1] = sn;
+        }
+        for (int64_t h = 0; h < m->H; h++)
+            rope_vec(qf + (t * m->H + h) * (m->n + r) + m->n, cc, ss, m->half);
+        rope_vec(kv + t * (m->c + r) + m->c, cc, ss, m->half);
+    }
+}
+
 /* RoPE (dir 1) or its backward (dir −1) on the q_pe parts of q (N, H, n + r) and the
  * k_pe part of kv (N, c + r); row t is position t % T. */
 static void rope_rows(const mla_dims *m, float *qf, float *kv, const float *cs, int dir, int nt) {
-    const int64_t N = m->N;
+    const int64_t N = m->N, nb = (N + 63) / 64;
     (void)nt;
 #pragma omp parallel for schedule(static) num_threads(nt) \
     if (nt > 1 && N * (m->H + 1) * m->r >= MLA_PAR_MIN)
-    for (int64_t t = 0; t < N; t++) {
-        const float *ct = cs + (t % m->T) * m->r;
-        for (int64_t h = 0; h < m->H; h++)
-            rope_pairs(qf + (t * m->H + h) * (m->n + m->r) + m->n, ct, m->half, dir);
-        rope_pairs(kv + t * (m->c + m->r) + m->c, ct, m->half, dir);
-    }
+    for (int64_t b = 0; b < nb; b++)
+        rope_rows_range(m, qf, kv, cs, dir, b * 64, b * 64 + 64 < N ? b * 64 + 64 : N);
 }
 
 /* y = x · inv · w with a saved inverse rms: the forward's normalised values, bit for bit. */
