@@ -40,6 +40,8 @@
  * and per chunk of the matrix-vector (decode) path. */
 #define MOE_WROW_BLOCK 256
 /* Rows (or tokens) ahead that the gathers fetch (moe_prefetch_rows). */
+/* Rows ahead at which phase 0 of the backward fetches dy's token row. */
+#define MOE_PF_ROWS 8
 #define MOE_PF_AHEAD 2
 #define MOE_GEMV_CHUNK 512
 _Static_assert(MOE_GEMV_CHUNK % 16 == 0, "decode chunks must start on a panel of the packed layout");
@@ -1263,25 +1265,27 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe *m, float *dx, const float *dy, const 
     const size_t Dz = (size_t)D;
 
     /* 0. dweights (dsmoe__dot16: 16 running sums, the EP layer's bits) and the scaled
-     * output gradients of the routed rows. */
+     * output gradients of the routed rows, in the experts' row order: Ye is read and dYe
+     * written in sequence and only dy's token rows are gathered (fetched ahead); in token
+     * order the writes to dYe were the scattered ones. Dropped slots' dweights are 0. */
+    for (int64_t i = 0; i < T * K; i++)
+        if (w->slot[i] < 0) w->dweights[i] = 0.0f;
+    const int64_t R = w->offsets[E];
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t t = 0; t < T; t++) {
-        if (t + MOE_PF_AHEAD < T) {
-            moe_prefetch_rows(m, w->Ye, t + MOE_PF_AHEAD, 0);
-            moe_prefetch_rows(m, w->dYe, t + MOE_PF_AHEAD, 1);
+    for (int64_t r = 0; r < R; r++) {
+        if (r + MOE_PF_ROWS < R) {
+            const char *nx = (const char *)(dy + (size_t)w->row_tok[r + MOE_PF_ROWS] * Dz);
+            for (size_t b = 0; b < Dz * sizeof(float); b += 64) __builtin_prefetch(nx + b, 0, 3);
         }
+        const int64_t t = w->row_tok[r];
+        const int32_t *sl = w->slot + t * K;
+        int32_t k = 0;
+        while (k < K - 1 && sl[k] != (int32_t)r) k++;
+        const float wk = w->weights[t * K + k];
         const float *dyt = dy + (size_t)t * Dz;
-        for (int32_t k = 0; k < K; k++) {
-            const int32_t r = w->slot[t * K + k];
-            if (r < 0) {
-                w->dweights[t * K + k] = 0.0f;
-                continue;
-            }
-            const float wk = w->weights[t * K + k];
-            float *dye = w->dYe + (size_t)r * Dz;
-            w->dweights[t * K + k] = dsmoe__dot16(dyt, w->Ye + (size_t)r * Dz, Dz);
-            for (size_t d = 0; d < Dz; d++) dye[d] = wk * dyt[d];
-        }
+        float *dye = w->dYe + (size_t)r * Dz;
+        w->dweights[t * K + k] = dsmoe__dot16(dyt, w->Ye + (size_t)r * Dz, Dz);
+        for (size_t d = 0; d < Dz; d++) dye[d] = wk * dyt[d];
     }
     /* 1. router: dlogits = router_backward(dweights) + extra */
     memset(w->dlogits, 0, (size_t)T * E * sizeof(float));
