@@ -40,9 +40,9 @@
  * and per chunk of the matrix-vector (decode) path. */
 #define MOE_WROW_BLOCK 256
 /* Rows (or tokens) ahead that the gathers fetch (moe_prefetch_rows). */
+#define MOE_PF_AHEAD 2
 /* Rows ahead at which phase 0 of the backward fetches dy's token row. */
 #define MOE_PF_ROWS 8
-#define MOE_PF_AHEAD 2
 #define MOE_GEMV_CHUNK 512
 _Static_assert(MOE_GEMV_CHUNK % 16 == 0, "decode chunks must start on a panel of the packed layout");
 
@@ -1095,17 +1095,13 @@ static void moe_forward_decode(dsmoe_moe *m, const float *x, int64_t T, int nt) 
  * expert-sorted buffers, so every row began with a memory latency that no hardware
  * prefetcher foresees. The passes fetch the rows of the token MOE_PF_AHEAD ahead (and the
  * forward's gather, the row MOE_PF_AHEAD ahead). */
-static inline void moe_prefetch_rows(const dsmoe_moe *m, const float *base, int64_t t,
-                                     int write) {
+static inline void moe_prefetch_rows(const dsmoe_moe *m, const float *base, int64_t t) {
     const size_t D = (size_t)m->D;
     for (int32_t k = 0; k < m->K; k++) {
         const int32_t r = m->ws.slot[t * m->K + k];
         if (r < 0) continue;
         const char *row = (const char *)(base + (size_t)r * D);
-        for (size_t b = 0; b < D * sizeof(float); b += 64) {
-            if (write) __builtin_prefetch(row + b, 1, 3);
-            else __builtin_prefetch(row + b, 0, 3);
-        }
+        for (size_t b = 0; b < D * sizeof(float); b += 64) __builtin_prefetch(row + b, 0, 3);
     }
 }
 
@@ -1116,7 +1112,7 @@ DSMOE__CLONES static void moe_combine_rows(const dsmoe_moe *m, float *y, int64_t
     const size_t D = (size_t)m->D;
     const int32_t K = m->K;
     for (int64_t t = t0; t < t1; t++) {
-        if (t + MOE_PF_AHEAD < T) moe_prefetch_rows(m, w->Ye, t + MOE_PF_AHEAD, 0);
+        if (t + MOE_PF_AHEAD < T) moe_prefetch_rows(m, w->Ye, t + MOE_PF_AHEAD);
         float *yt = y + (size_t)t * D;
         for (size_t d = 0; d < D; d++) yt[d] = 0.0f;
         for (int32_t k = 0; k < K; k++) {
@@ -1222,7 +1218,7 @@ DSMOE__CLONES static void moe_dx_rows(const dsmoe_moe *m, float *dx, int64_t t0,
     const size_t Dz = (size_t)m->D;
     const int32_t K = m->K;
     for (int64_t t = t0; t < t1; t++) {
-        if (t + MOE_PF_AHEAD < T) moe_prefetch_rows(m, w->dXg, t + MOE_PF_AHEAD, 0);
+        if (t + MOE_PF_AHEAD < T) moe_prefetch_rows(m, w->dXg, t + MOE_PF_AHEAD);
         float *acc = w->dxtmp + (size_t)t * Dz;
         for (int32_t k = 0; k < K; k++) {
             int32_t r = w->slot[t * K + k];
