@@ -459,7 +459,8 @@ static void mla64(void) {
     const int D = c->hidden_size, H = c->num_attention_heads, n = c->qk_nope_head_dim,
               r = c->qk_rope_head_dim, v = c->v_head_dim, kc = c->kv_lora_rank, q = c->q_lora_rank;
     const int64_t T = M.T;
-    double f[64];
+    double f[128]; /* r / 2 frequencies; the cases have r <= 256 */
+    ASSERT_TRUE(r / 2 <= 128);
     dsmoe__rope_inv_freq(f, c);
     const double scale = dsmoe__attn_scale(c);
     double *Q = (double *)malloc((size_t)(T * H * (n + r)) * sizeof(double));
@@ -647,6 +648,9 @@ static void test_mla_grad(void) {
     mla_case("q_lora_rank 7, YaRN, r = 6", &c, 2, 7);
     dsmoe_model_config d = mla_cfg(9, 3, 2, 4, 5, 3, 0, 1);
     mla_case("q_proj, YaRN, r = 4", &d, 1, 6);
+    /* A rope part longer than one pass of the vector rotation (128 values). */
+    dsmoe_model_config w = mla_cfg(5, 1, 2, 132, 3, 3, 0, 0);
+    mla_case("q_proj, r = 132", &w, 1, 3);
     /* Two blocks of queries (64 + 6 rows); every 5th element. */
     dsmoe_model_config e = mla_cfg(9, 2, 3, 4, 5, 4, 5, 1);
     g_stride = 5;

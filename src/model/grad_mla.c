@@ -263,24 +263,15 @@ static dsmoe_status mla_check(const char *what, const dsmoe_model_config *c,
     return DSMOE_OK;
 }
 
-/* Rotates the pairs of x (2·half values) by one position's angles, forward (dir = 1:
- * (x0 c − x1 s, x0 s + x1 c)) or back (dir = −1: the transpose). */
-static void rope_pairs(float *x, const float *cs, int64_t half, int dir) {
-    for (int64_t i = 0; i < half; i++) {
-        float c = cs[2 * i], s = dir > 0 ? cs[2 * i + 1] : -cs[2 * i + 1];
-        float x0 = x[2 * i], x1 = x[2 * i + 1];
-        x[2 * i] = x0 * c - x1 * s;
-        x[2 * i + 1] = x0 * s + x1 * c;
-    }
-}
-
-/* Longest rope part rotated by rope_vec (longer ones take rope_pairs). */
+/* Values rotated per pass of rope_rows_range (longer rope parts take several). */
 #define ROPE_VEC_MAX 128
 
-/* rope_pairs with the pair's angles spread over both lanes of the pair: x' = x·cc + x̃·ss,
- * x̃ = x with each pair's two values swapped, cc = (c, c), ss = (−s, s): the same products
- * and one addition each, x0·c + (−(x1·s)) = x0·c − x1·s and x1·c + x0·s = x0·s + x1·c
- * exactly, so the same bits, in a form the compiler vectorises. */
+/* Rotates the 2·half values of x by one position's angles, pair by pair, forward
+ * ((x0 c − x1 s, x0 s + x1 c)) or back (the transpose: s negated in ss), with the pair's
+ * angles spread over both its lanes: x' = x·cc + x̃·ss, x̃ = x with each pair's two values
+ * swapped, cc = (c, c), ss = (−s, s). The same products and one addition each (x0·c +
+ * (−(x1·s)) = x0·c − x1·s and x1·c + x0·s = x0·s + x1·c exactly) as the pairwise form it
+ * replaced, so the same bits, in a form the compiler vectorises. */
 static inline void rope_vec(float *x, const float *cc, const float *ss, int64_t half) {
     float t[ROPE_VEC_MAX];
     memcpy(t, x, (size_t)(2 * half) * sizeof(float));
@@ -291,27 +282,33 @@ static inline void rope_vec(float *x, const float *cc, const float *ss, int64_t 
     }
 }
 
+/* Values i0 .. i0 + len − 1 of row t's rope parts (every head's q_pe and the k_pe). */
+static inline void rope_row_part(const mla_dims *m, float *qf, float *kv, const float *cs, int dir,
+                                 int64_t t, int64_t i0, int64_t len, float *cc, float *ss) {
+    const int64_t r = m->r;
+    const float *ct = cs + (t % m->T) * r + i0;
+    for (int64_t i = 0; i < len; i += 2) {
+        const float c = ct[i], sn = dir > 0 ? ct[i + 1] : -ct[i + 1];
+        cc[i] = c, cc[i + 1] = c;
+        ss[i] = -sn, ss[i + 1] = sn;
+    }
+    for (int64_t h = 0; h < m->H; h++)
+        rope_vec(qf + (t * m->H + h) * (m->n + r) + m->n + i0, cc, ss, len / 2);
+    rope_vec(kv + t * (m->c + r) + m->c + i0, cc, ss, len / 2);
+}
+
 DSMOE__CLONES static void rope_rows_range(const mla_dims *m, float *qf, float *kv, const float *cs,
                                           int dir, int64_t t0, int64_t t1) {
     const int64_t r = m->r;
     float cc[ROPE_VEC_MAX] = {0}, ss[ROPE_VEC_MAX] = {0};
-    for (int64_t t = t0; t < t1; t++) {
-        const float *ct = cs + (t % m->T) * r;
-        if (r > ROPE_VEC_MAX) {
-            for (int64_t h = 0; h < m->H; h++)
-                rope_pairs(qf + (t * m->H + h) * (m->n + r) + m->n, ct, m->half, dir);
-            rope_pairs(kv + t * (m->c + r) + m->c, ct, m->half, dir);
-            continue;
-        }
-        for (int64_t i = 0; i < 2 * m->half; i += 2) {
-            const float c = ct[i], sn = dir > 0 ? ct[i + 1] : -ct[i + 1];
-            cc[i] = c, cc[i + 1] = c;
-            ss[i] = -sn, ss[i + 1] = sn;
-        }
-        for (int64_t h = 0; h < m->H; h++)
-            rope_vec(qf + (t * m->H + h) * (m->n + r) + m->n, cc, ss, m->half);
-        rope_vec(kv + t * (m->c + r) + m->c, cc, ss, m->half);
+    if (r <= ROPE_VEC_MAX) { /* one pass a row (the length known outside the row loop) */
+        for (int64_t t = t0; t < t1; t++) rope_row_part(m, qf, kv, cs, dir, t, 0, r, cc, ss);
+        return;
     }
+    for (int64_t t = t0; t < t1; t++)
+        for (int64_t i0 = 0; i0 < r; i0 += ROPE_VEC_MAX)
+            rope_row_part(m, qf, kv, cs, dir, t, i0, r - i0 < ROPE_VEC_MAX ? r - i0 : ROPE_VEC_MAX,
+                          cc, ss);
 }
 
 /* RoPE (dir 1) or its backward (dir −1) on the q_pe parts of q (N, H, n + r) and the
