@@ -102,35 +102,46 @@ static void FN(k_sigmoid)(float *out, const float *in, int64_t n) {
     for (; i < n; i++) out[i] = dsmoe__sigmoidf(in[i]);
 }
 
-/* 1 / (1 + exp_sig(-x)) for 4 vectors, stage by stage, so that the 4 dependency chains
- * (each about 80 cycles long) overlap inside the out-of-order window: the same
- * operations per lane as v_exp_sig, so the same bits. Stage by stage with constant
- * indices (SIG_STAGE) rather than loops over arrays, which GCC at -O2 keeps in memory. */
-#define SIG_STAGE(e) \
+/* v_exp_sig (and below v_exp) of 4 vectors in place, stage by stage with constant
+ * indices (EXP4_STAGE; loops over arrays GCC at -O2 keeps in memory): the same operations
+ * per lane, so the same bits, with the 4 dependency chains overlapping where one chain at
+ * a time filled the scheduler. */
+#define EXP4_STAGE(e) \
     do {                                                                                  \
         { enum { j = 0 }; e; } { enum { j = 1 }; e; } { enum { j = 2 }; e; } { enum { j = 3 }; e; } \
     } while (0)
+/* v_exp_reduced of 4 clamped arguments xc: the polynomials p and the exponents n. */
+static inline void FN(v_exp_reduced4)(const VF xc[4], VF n[4], VF p[4]) {
+    VF r[4], z[4];
+    EXP4_STAGE(n[j] = V_RINT(V_MUL(xc[j], V_SET1(DSMOE__LOG2E))));
+    EXP4_STAGE(r[j] = V_FMA(n[j], V_SET1(-DSMOE__LN2_HI), xc[j]));
+    EXP4_STAGE(r[j] = V_FMA(n[j], V_SET1(-DSMOE__LN2_LO), r[j]));
+    EXP4_STAGE(z[j] = V_MUL(r[j], r[j]));
+    EXP4_STAGE(p[j] = V_FMA(V_SET1(DSMOE__EXP_C0), r[j], V_SET1(DSMOE__EXP_C1)));
+    EXP4_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C2)));
+    EXP4_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C3)));
+    EXP4_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C4)));
+    EXP4_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C5)));
+    EXP4_STAGE(p[j] = V_ADD(V_FMA(p[j], z[j], r[j]), V_SET1(1.0f)));
+}
+static inline void FN(v_exp_sig4)(VF y[4]) {
+    VF n[4], p[4];
+    EXP4_STAGE(y[j] = V_MAX(V_MIN(y[j], V_SET1(DSMOE__EXP_HI)), V_SET1(-87.0f)));
+    FN(v_exp_reduced4)(y, n, p);
+    EXP4_STAGE(y[j] = V_MUL(p[j], V_I_EXP2(V_CVT_I(n[j]))));
+}
+/* 1 / (1 + exp_sig(-x)) for 4 vectors, the exps stage by stage (v_exp_sig4), so that the
+ * 4 dependency chains (each about 80 cycles long) overlap inside the out-of-order window:
+ * the same operations per lane as v_exp_sig, so the same bits. */
 static inline void FN(v_sigmoid4)(VF *s0, VF *s1, VF *s2, VF *s3, VF x0, VF x1, VF x2, VF x3) {
     const VF one = V_SET1(1.0f);
-    VF x[4] = {x0, x1, x2, x3}, y[4], n[4], r[4], z[4], p[4];
-    SIG_STAGE(y[j] = V_MAX(V_MIN(V_NEG(x[j]), V_SET1(DSMOE__EXP_HI)), V_SET1(-87.0f)));
-    SIG_STAGE(n[j] = V_RINT(V_MUL(y[j], V_SET1(DSMOE__LOG2E))));
-    SIG_STAGE(r[j] = V_FMA(n[j], V_SET1(-DSMOE__LN2_HI), y[j]));
-    SIG_STAGE(r[j] = V_FMA(n[j], V_SET1(-DSMOE__LN2_LO), r[j]));
-    SIG_STAGE(z[j] = V_MUL(r[j], r[j]));
-    SIG_STAGE(p[j] = V_FMA(V_SET1(DSMOE__EXP_C0), r[j], V_SET1(DSMOE__EXP_C1)));
-    SIG_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C2)));
-    SIG_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C3)));
-    SIG_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C4)));
-    SIG_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C5)));
-    SIG_STAGE(p[j] = V_ADD(V_FMA(p[j], z[j], r[j]), one));
-    SIG_STAGE(p[j] = V_MUL(p[j], V_I_EXP2(V_CVT_I(n[j]))));
-    *s0 = V_DIV(one, V_ADD(one, p[0]));
-    *s1 = V_DIV(one, V_ADD(one, p[1]));
-    *s2 = V_DIV(one, V_ADD(one, p[2]));
-    *s3 = V_DIV(one, V_ADD(one, p[3]));
+    VF y[4] = {V_NEG(x0), V_NEG(x1), V_NEG(x2), V_NEG(x3)};
+    FN(v_exp_sig4)(y);
+    *s0 = V_DIV(one, V_ADD(one, y[0]));
+    *s1 = V_DIV(one, V_ADD(one, y[1]));
+    *s2 = V_DIV(one, V_ADD(one, y[2]));
+    *s3 = V_DIV(one, V_ADD(one, y[3]));
 }
-#undef SIG_STAGE
 
 static int FN(k_sigmoid_bias)(float *s, float *c, const float *u, const float *b, int64_t n) {
     int64_t i = 0;
@@ -308,33 +319,6 @@ static float FN(k_dot_bf16)(const float *x, const uint16_t *w, int64_t n) {
     return FN(tree16)(p);
 }
 
-/* v_exp_sig (and below v_exp) of 4 vectors in place, stage by stage (as v_sigmoid4): the
- * same operations per lane, so the same bits, with the 4 dependency chains overlapping
- * where one chain at a time filled the scheduler. */
-#define EXP4_STAGE(e) \
-    do {                                                                                  \
-        { enum { j = 0 }; e; } { enum { j = 1 }; e; } { enum { j = 2 }; e; } { enum { j = 3 }; e; } \
-    } while (0)
-/* v_exp_reduced of 4 clamped arguments xc: the polynomials p and the exponents n. */
-static inline void FN(v_exp_reduced4)(const VF xc[4], VF n[4], VF p[4]) {
-    VF r[4], z[4];
-    EXP4_STAGE(n[j] = V_RINT(V_MUL(xc[j], V_SET1(DSMOE__LOG2E))));
-    EXP4_STAGE(r[j] = V_FMA(n[j], V_SET1(-DSMOE__LN2_HI), xc[j]));
-    EXP4_STAGE(r[j] = V_FMA(n[j], V_SET1(-DSMOE__LN2_LO), r[j]));
-    EXP4_STAGE(z[j] = V_MUL(r[j], r[j]));
-    EXP4_STAGE(p[j] = V_FMA(V_SET1(DSMOE__EXP_C0), r[j], V_SET1(DSMOE__EXP_C1)));
-    EXP4_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C2)));
-    EXP4_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C3)));
-    EXP4_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C4)));
-    EXP4_STAGE(p[j] = V_FMA(p[j], r[j], V_SET1(DSMOE__EXP_C5)));
-    EXP4_STAGE(p[j] = V_ADD(V_FMA(p[j], z[j], r[j]), V_SET1(1.0f)));
-}
-static inline void FN(v_exp_sig4)(VF y[4]) {
-    VF n[4], p[4];
-    EXP4_STAGE(y[j] = V_MAX(V_MIN(y[j], V_SET1(DSMOE__EXP_HI)), V_SET1(-87.0f)));
-    FN(v_exp_reduced4)(y, n, p);
-    EXP4_STAGE(y[j] = V_MUL(p[j], V_I_EXP2(V_CVT_I(n[j]))));
-}
 static inline void FN(v_exp4)(VF x[4]) {
     VF xc[4], n[4], p[4];
     VI ni[4], n1[4], n2[4];
