@@ -3,10 +3,16 @@
  * torch.optim.AdamW and torch.nn.utils.clip_grad_norm_ do (see dsmoe/train.h).
  */
 #include "train/train_internal.h"
+#include "kernels/kernels.h"
 
 #include <math.h>
+#include <string.h>
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#endif
+#if defined(DSMOE_HAVE_AVX512) && defined(__x86_64__)
+#include <immintrin.h>
+#define ADAMW_AVX512 1
 #endif
 
 /* The order of the fp32 operations follows torch.optim.AdamW's single-tensor path
@@ -69,37 +75,85 @@ static double ss_block(const float *g, int64_t n) {
     return s;
 }
 
+#ifdef ADAMW_AVX512
+/* ss_block of 8 whole blocks, a block a float64 lane: 8 values of each block squared,
+ * transposed so that vector c_k holds value k of every block, then added to the sums in
+ * k order. Each block's sum stays one chain in index order (ss_block's bits); the
+ * chains of the 8 blocks move together instead of waiting on the add's latency. */
+__attribute__((target("avx512f"))) static void ss_blocks8(const float *g, double *out) {
+    __m512d acc = _mm512_setzero_pd();
+    for (int64_t i = 0; i < SS_BLOCK; i += 8) {
+        __m512d r[8];
+        for (int j = 0; j < 8; j++) {
+            r[j] = _mm512_cvtps_pd(_mm256_loadu_ps(g + (int64_t)j * SS_BLOCK + i));
+            r[j] = _mm512_mul_pd(r[j], r[j]);
+        }
+        const __m512d t0 = _mm512_unpacklo_pd(r[0], r[1]), t1 = _mm512_unpackhi_pd(r[0], r[1]),
+                      t2 = _mm512_unpacklo_pd(r[2], r[3]), t3 = _mm512_unpackhi_pd(r[2], r[3]),
+                      t4 = _mm512_unpacklo_pd(r[4], r[5]), t5 = _mm512_unpackhi_pd(r[4], r[5]),
+                      t6 = _mm512_unpacklo_pd(r[6], r[7]), t7 = _mm512_unpackhi_pd(r[6], r[7]);
+        const __m512d u0 = _mm512_shuffle_f64x2(t0, t2, 0x88), u1 = _mm512_shuffle_f64x2(t1, t3, 0x88),
+                      u2 = _mm512_shuffle_f64x2(t0, t2, 0xdd), u3 = _mm512_shuffle_f64x2(t1, t3, 0xdd),
+                      u4 = _mm512_shuffle_f64x2(t4, t6, 0x88), u5 = _mm512_shuffle_f64x2(t5, t7, 0x88),
+                      u6 = _mm512_shuffle_f64x2(t4, t6, 0xdd), u7 = _mm512_shuffle_f64x2(t5, t7, 0xdd);
+        acc = _mm512_add_pd(acc, _mm512_shuffle_f64x2(u0, u4, 0x88));
+        acc = _mm512_add_pd(acc, _mm512_shuffle_f64x2(u1, u5, 0x88));
+        acc = _mm512_add_pd(acc, _mm512_shuffle_f64x2(u2, u6, 0x88));
+        acc = _mm512_add_pd(acc, _mm512_shuffle_f64x2(u3, u7, 0x88));
+        acc = _mm512_add_pd(acc, _mm512_shuffle_f64x2(u0, u4, 0xdd));
+        acc = _mm512_add_pd(acc, _mm512_shuffle_f64x2(u1, u5, 0xdd));
+        acc = _mm512_add_pd(acc, _mm512_shuffle_f64x2(u2, u6, 0xdd));
+        acc = _mm512_add_pd(acc, _mm512_shuffle_f64x2(u3, u7, 0xdd));
+    }
+    _mm512_storeu_pd(out, acc);
+}
+#endif
+
+/* Blocks q .. q + 3 (those below nb) of the round at r0: four chains side by side. */
+static void ss_blocks4(const float *g, int64_t n, int64_t r0, int q, int nb, double *sums) {
+    const float *g0 = g + r0 + (int64_t)q * SS_BLOCK;
+    if (q + 4 <= nb && r0 + (int64_t)(q + 4) * SS_BLOCK <= n) {
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+        const float *g1 = g0 + SS_BLOCK, *g2 = g1 + SS_BLOCK, *g3 = g2 + SS_BLOCK;
+        for (int64_t i = 0; i < SS_BLOCK; i++) {
+            s0 += (double)g0[i] * (double)g0[i];
+            s1 += (double)g1[i] * (double)g1[i];
+            s2 += (double)g2[i] * (double)g2[i];
+            s3 += (double)g3[i] * (double)g3[i];
+        }
+        sums[q] = s0, sums[q + 1] = s1, sums[q + 2] = s2, sums[q + 3] = s3;
+        return;
+    }
+    for (int k = q; k < nb && k < q + 4; k++) {
+        const int64_t b = r0 + (int64_t)k * SS_BLOCK;
+        sums[k] = ss_block(g + b, n - b < SS_BLOCK ? n - b : SS_BLOCK);
+    }
+}
+
 double dsmoe_sum_squares(const float *g, int64_t n, int n_threads) {
     /* The blocks' sums added in block order: the same bits for any thread count. Rounds
-     * of up to SS_ROUND blocks share the threads (four blocks a work item, their chains
-     * interleaved: one chain is bound by the add's latency). */
+     * of up to SS_ROUND blocks share the threads (eight blocks a work item, their chains
+     * side by side: one chain is bound by the add's latency). */
     const int nt = n_threads > 1 ? n_threads : 1;
     (void)nt; /* unused without OpenMP */
     double total = 0.0;
+#ifdef ADAMW_AVX512
+    const int wide = strcmp(dsmoe__kernels()->name, "avx512") == 0;
+#endif
     for (int64_t r0 = 0; r0 < n; r0 += (int64_t)SS_ROUND * SS_BLOCK) {
         double sums[SS_ROUND];
         const int64_t rest = n - r0;
         const int nb = (int)(rest >= (int64_t)SS_ROUND * SS_BLOCK ? SS_ROUND
                                                                   : (rest + SS_BLOCK - 1) / SS_BLOCK);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nb >= SS_PAR_MIN)
-        for (int q = 0; q < nb; q += 4) {
-            const float *g0 = g + r0 + (int64_t)q * SS_BLOCK;
-            if (q + 4 <= nb && r0 + (int64_t)(q + 4) * SS_BLOCK <= n) {
-                double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-                const float *g1 = g0 + SS_BLOCK, *g2 = g1 + SS_BLOCK, *g3 = g2 + SS_BLOCK;
-                for (int64_t i = 0; i < SS_BLOCK; i++) {
-                    s0 += (double)g0[i] * (double)g0[i];
-                    s1 += (double)g1[i] * (double)g1[i];
-                    s2 += (double)g2[i] * (double)g2[i];
-                    s3 += (double)g3[i] * (double)g3[i];
-                }
-                sums[q] = s0, sums[q + 1] = s1, sums[q + 2] = s2, sums[q + 3] = s3;
-            } else {
-                for (int k = q; k < nb && k < q + 4; k++) {
-                    const int64_t b = r0 + (int64_t)k * SS_BLOCK;
-                    sums[k] = ss_block(g + b, n - b < SS_BLOCK ? n - b : SS_BLOCK);
-                }
+        for (int q = 0; q < nb; q += 8) {
+#ifdef ADAMW_AVX512
+            if (q + 8 <= nb && r0 + (int64_t)(q + 8) * SS_BLOCK <= n && wide) {
+                ss_blocks8(g + r0 + (int64_t)q * SS_BLOCK, sums + q);
+                continue;
             }
+#endif
+            for (int k = q; k < nb && k < q + 8; k += 4) ss_blocks4(g, n, r0, k, nb, sums);
         }
         for (int k = 0; k < nb; k++) total += sums[k];
     }
@@ -144,12 +198,44 @@ static adamw_step adamw_step_of(const dsmoe_adamw_config *c, int64_t t, double l
     return s;
 }
 
+#ifdef ADAMW_AVX512
+/* adamw_range's operations in 16 lanes (the same bits: each lane is the scalar loop's
+ * IEEE operations in its order; square root and division are correctly rounded). */
+__attribute__((target("avx512f"))) static int64_t adamw_range16(const adamw_step *s, float decay,
+                                                               float *p, float *m, float *v,
+                                                               const float *g, int64_t i0,
+                                                               int64_t i1, float grad_scale) {
+    const __m512 vb1 = _mm512_set1_ps(s->b1), vb2 = _mm512_set1_ps(s->b2),
+                 va1 = _mm512_set1_ps(s->a1), va2 = _mm512_set1_ps(s->a2),
+                 veps = _mm512_set1_ps(s->eps), vnstep = _mm512_set1_ps(-s->step),
+                 vbc2s = _mm512_set1_ps(s->bc2s), vdecay = _mm512_set1_ps(decay),
+                 vgs = _mm512_set1_ps(grad_scale);
+    int64_t i = i0;
+    for (; i + 16 <= i1; i += 16) {
+        __m512 gi = _mm512_mul_ps(_mm512_loadu_ps(g + i), vgs);
+        __m512 pi = _mm512_mul_ps(_mm512_loadu_ps(p + i), vdecay);
+        __m512 mi = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(m + i), vb1), _mm512_mul_ps(va1, gi));
+        __m512 vi = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(v + i), vb2),
+                                  _mm512_mul_ps(_mm512_mul_ps(va2, gi), gi));
+        _mm512_storeu_ps(m + i, mi);
+        _mm512_storeu_ps(v + i, vi);
+        __m512 den = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), vbc2s), veps);
+        _mm512_storeu_ps(p + i, _mm512_add_ps(pi, _mm512_div_ps(_mm512_mul_ps(vnstep, mi), den)));
+    }
+    return i;
+}
+#endif
+
 /* Elements [i0, i1) of one tensor. */
 static void adamw_range(const adamw_step *s, float decay, float *p, float *m, float *v,
                         const float *g, int64_t i0, int64_t i1, float grad_scale) {
     const float b1 = s->b1, b2 = s->b2, a1 = s->a1, a2 = s->a2, eps = s->eps, step = s->step,
                 bc2s = s->bc2s;
     int64_t i = i0;
+#ifdef ADAMW_AVX512
+    if (strcmp(dsmoe__kernels()->name, "avx512") == 0)
+        i = adamw_range16(s, decay, p, m, v, g, i0, i1, grad_scale);
+#endif
 #if defined(__SSE2__)
     /* Four lanes of the same IEEE operations in the same order (square root and division
      * are correctly rounded either way): the bits of the scalar loop below. */
