@@ -257,13 +257,12 @@ static void test_linear(void) {
 }
 
 /* Many rows: the products go to the threads in pieces of falling size (a quarter of the
- * rows twice, an eighth twice, ... down to 64 rows). Every row of y and dx, and dW
- * summed over all of them, against fp64 on 1 and 2 threads: a piece that missed,
- * doubled or shifted rows shows. */
-static void test_linear_pieces(void) {
-    tl_seed(14);
+ * rows twice, an eighth twice, ... down to 64 rows), and dW in pieces of its rows or, when
+ * those would be under 128 rows (256 x 128, MLA's kv_b and o_proj), of its columns. Every
+ * row of y and dx, and dW summed over all of them, against fp64 on 1 and 2 threads: a
+ * piece that missed, doubled or shifted rows or columns shows. */
+static void linear_pieces_case(int in, int out) {
     const int64_t N = 1000; /* N · in · out above the size that runs on the threads */
-    const int in = 64, out = 80;
     float *x = randv(N * in, 1.0), *W = randv((int64_t)out * in, 0.2), *r = randv(N * out, 1.0);
     double *y64 = (double *)calloc((size_t)(N * out), sizeof(double));
     double *dx64 = (double *)calloc((size_t)(N * in), sizeof(double));
@@ -279,12 +278,16 @@ static void test_linear_pieces(void) {
             }
         }
     for (int nt = 1; nt <= 2; nt++) {
+        char what[96];
         float *y = zerov(N * out), *dx = zerov(N * in), *dw = zerov((int64_t)out * in);
         dsmoe__linear_forward(y, out, x, in, W, N, in, out, nt);
         dsmoe__linear_backward(dx, in, dw, r, out, x, in, W, N, in, out, 0, nt);
-        close_scaled(nt == 1 ? "linear y, 1000 rows" : "linear y, 1000 rows, 2 thr", y, y64, N * out, 5e-6);
-        close_scaled(nt == 1 ? "linear dx, 1000 rows" : "linear dx, 1000 rows, 2 thr", dx, dx64, N * in, 5e-6);
-        close_scaled(nt == 1 ? "linear dW, 1000 rows" : "linear dW, 1000 rows, 2 thr", dw, dw64, (int64_t)out * in, 5e-6);
+        snprintf(what, sizeof what, "linear y, 1000 rows, %d x %d, %d thr", out, in, nt);
+        close_scaled(what, y, y64, N * out, 5e-6);
+        snprintf(what, sizeof what, "linear dx, 1000 rows, %d x %d, %d thr", out, in, nt);
+        close_scaled(what, dx, dx64, N * in, 5e-6);
+        snprintf(what, sizeof what, "linear dW, 1000 rows, %d x %d, %d thr", out, in, nt);
+        close_scaled(what, dw, dw64, (int64_t)out * in, 5e-6);
         free(y);
         free(dx);
         free(dw);
@@ -295,6 +298,14 @@ static void test_linear_pieces(void) {
     free(y64);
     free(dx64);
     free(dw64);
+}
+
+static void test_linear_pieces(void) {
+    tl_seed(14);
+    linear_pieces_case(64, 80);   /* dW cut by rows (its columns too few to cut) */
+    linear_pieces_case(128, 256); /* dW cut by columns: 64-row pieces would be too small */
+    linear_pieces_case(256, 96);  /* dW cut by columns: fewer rows than columns */
+    linear_pieces_case(256, 1024); /* dW cut by rows, 256 each */
 }
 
 /* ------------------------------------------------------------------ SwiGLU */
