@@ -512,7 +512,7 @@ static int ep_grow_expert(dsmoe_ep *ep, int64_t n_rows, int64_t A) {
 /* Shared experts on the local tokens, in the intersections with the global blocks. */
 static void ep_shared_forward(dsmoe_ep *ep, const float *x, int nt) {
     if (!ep->Fs || ep->T == 0) return;
-    const int D = ep->D, fs = ep->Fs, sk = dsmoe__moe_skinny_max();
+    const int D = ep->D, fs = ep->Fs, sk = dsmoe__moe_skinny_max(DSMOE_DTYPE_F32);
     const int64_t b0 = ep->g0 / DSMOE_MOE_ROW_BLOCK,
                   b1 = (ep->g0 + ep->T - 1) / DSMOE_MOE_ROW_BLOCK;
     float *GUs = (float *)ep->GUs.p, *Hs = (float *)ep->Hs.p, *Ys = (float *)ep->Ys.p;
@@ -696,7 +696,7 @@ dsmoe_status dsmoe_ep_forward(dsmoe_ep *ep, float *y, const float *x, int64_t T,
         }
     }
     ep_task *tasks = (ep_task *)ep->tasks.p;
-    const int sk = dsmoe__moe_skinny_max();
+    const int sk = dsmoe__moe_skinny_max(DSMOE_DTYPE_F32);
     int64_t ntask = 0;
     for (int32_t i = 0; i < ep->ne; i++)
         for (int64_t r = 0; r < ecnt[i]; r += DSMOE_MOE_ROW_BLOCK) {

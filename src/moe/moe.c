@@ -777,17 +777,20 @@ static void moe_matmul_wt(const dsmoe_moe *m, float *C, int ldc, const float *A,
     }
 }
 
-/* Rows up to which dsmoe__moe_gemm_nt beats SGEMM, by kernel set (moe_internal.h). With
- * AVX-512, one thread, CPU time, BLIS 0.9 SGEMM against the streaming product on W1 and
- * W2 of an expert: at D 256, F 128 SGEMM runs 0.73-0.80x as fast at 64 rows, 0.99-1.02x
- * at 128, 1.15-1.23x at 192-256; at D 2048, F 1408 0.60x at 64, 0.87x at 128, 1.09x at
- * 192, 1.20x at 256 (the streaming product holds 100-120 GFLOP/s from 48 rows on). With
- * AVX2 the streaming product wins up to 16 rows; the scalar code only serves the
- * matrix-vector (decode) path. Never below 16: decode and speculative decoding compare
- * the bits of up to DSMOE_MOE_DECODE_MAX_T tokens. */
-int dsmoe__moe_skinny_max(void) {
+/* Rows up to which dsmoe__moe_gemm_nt beats SGEMM, by kernel set and weight type
+ * (moe_internal.h). With AVX-512, one thread, CPU time, BLIS 0.9 SGEMM against the
+ * streaming product on W1 and W2 of an expert: at D 256, F 128 SGEMM runs 0.73-0.80x as
+ * fast at 64 rows, 0.99-1.02x at 128, 1.15-1.23x at 192-256; at D 2048, F 1408 0.60x at
+ * 64, 0.87x at 128, 1.09x at 192, 1.20x at 256 (the streaming product holds 100-120
+ * GFLOP/s from 48 rows on): 128 for BF16 weights, which SGEMM needs widened first. FP32
+ * weights go to the small-product path (sgemm_small.c, 150-200 GFLOP/s from 16 rows)
+ * from 17 rows: the default preset's MoE forward 27.7 -> 27.1 ms a step (4 of 4
+ * alternating pairs). With AVX2 the streaming product wins up to 16 rows; the scalar
+ * code only serves the matrix-vector (decode) path. Never below 16: decode and
+ * speculative decoding compare the bits of up to DSMOE_MOE_DECODE_MAX_T tokens. */
+int dsmoe__moe_skinny_max(dsmoe_dtype weight_dtype) {
     const char *k = dsmoe__kernels()->name;
-    if (strcmp(k, "avx512") == 0) return 128;
+    if (strcmp(k, "avx512") == 0) return weight_dtype == DSMOE_DTYPE_F32 ? 16 : 128;
     if (strcmp(k, "avx2") == 0) return 16;
     return DSMOE_MOE_DECODE_MAX_T;
 }
@@ -834,7 +837,8 @@ static void moe_w1_pk(const dsmoe_moe *m, int32_t e, float *GU, const float *con
 /* One expert on n rows: GU = X·W1ᵀ, H = swiglu, Y = H·W2ᵀ. */
 static void moe_expert_forward(const dsmoe_moe *m, int32_t e, const float *X, int n, float *GU,
                                float *H, float *Y, float *scratch) {
-    const int D = m->D, f = e < m->E ? m->F : m->Fs, sk = dsmoe__moe_skinny_max();
+    const int D = m->D, f = e < m->E ? m->F : m->Fs;
+    const int sk = dsmoe__moe_skinny_max(m->cfg.weight_dtype);
     const dsmoe__kernel_table *kt = dsmoe__kernels();
     if (m->packed) {
         const float *rows[DSMOE_MOE_ROW_BLOCK];

@@ -31,9 +31,10 @@ int dsmoe__moe_config_key(char *buf, size_t size, const char *prefix);
 
 /* Rows of an expert's row block up to which the layer (and the EP layer, which must
  * give the same bits) uses the weight-streaming product dsmoe__moe_gemm_nt, above which
- * SGEMM, for the kernel set in use: 128 with AVX-512, 16 with AVX2, else
- * DSMOE_MOE_DECODE_MAX_T. Always >= DSMOE_MOE_DECODE_MAX_T. */
-int dsmoe__moe_skinny_max(void);
+ * SGEMM, for the kernel set in use and the weights' type: with AVX-512 16 for FP32 and
+ * 128 for BF16 (widened for SGEMM), 16 with AVX2, else DSMOE_MOE_DECODE_MAX_T. Always
+ * >= DSMOE_MOE_DECODE_MAX_T. */
+int dsmoe__moe_skinny_max(dsmoe_dtype weight_dtype);
 
 /* Test hooks: allocations of layer memory (parameters, gradients, bias, workspace)
  * so far, and the 1-based allocation to fail (0: none). */
