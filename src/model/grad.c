@@ -232,10 +232,13 @@ void dsmoe__linear_backward(float *dx, int64_t lddx, float *dW, const float *dy,
 
 size_t dsmoe__swiglu_save_size(int32_t I, int64_t N) {
     if (I < 0 || N < 0) return 0;
-    return dsmoe__align64((size_t)N * (size_t)I * sizeof(float)) * 2;
+    return dsmoe__align64((size_t)N * (size_t)I * sizeof(float)) * 3;
 }
 
-size_t dsmoe__swiglu_workspace_size(int32_t I, int64_t N) { return dsmoe__swiglu_save_size(I, N); }
+size_t dsmoe__swiglu_workspace_size(int32_t I, int64_t N) {
+    if (I < 0 || N < 0) return 0;
+    return dsmoe__align64((size_t)N * (size_t)I * sizeof(float)) * 2;
+}
 
 static dsmoe_status swiglu_check(const char *what, const void *x, const void *y,
                                  const dsmoe__mlp_params *p, int64_t N, int32_t D, int32_t I,
@@ -264,7 +267,8 @@ dsmoe_status dsmoe__swiglu_train_forward(float *y, const float *x, const dsmoe__
     if (st != DSMOE_OK) return st;
     if (N == 0) return DSMOE_OK;
     const size_t half = dsmoe__align64((size_t)N * (size_t)I * sizeof(float));
-    float *g = (float *)save, *u = (float *)(void *)((char *)save + half), *h = (float *)ws;
+    float *g = (float *)save, *u = (float *)(void *)((char *)save + half),
+          *h = (float *)(void *)((char *)save + 2 * half);
     const int nt = dsmoe__threads(n_threads);
     dsmoe__linear_forward(g, I, x, D, p->gate, N, D, I, nt);
     dsmoe__linear_forward(u, I, x, D, p->up, N, D, I, nt);
@@ -293,22 +297,18 @@ dsmoe_status dsmoe__swiglu_train_backward(float *dx, const dsmoe__mlp_grads *gr,
     const size_t half = dsmoe__align64((size_t)N * (size_t)I * sizeof(float));
     const float *g = (const float *)save;
     const float *u = (const float *)(const void *)((const char *)save + half);
-    float *h = (float *)ws, *dh = (float *)(void *)((char *)ws + half);
+    const float *h = (const float *)(const void *)((const char *)save + 2 * half);
+    float *du = (float *)ws, *dh = (float *)(void *)((char *)ws + half);
     const int nt = dsmoe__threads(n_threads);
     const int64_t n = N * I, nc = nblocks(n, EW_CHUNK);
     const dsmoe__kernel_table *kt = dsmoe__kernels();
     (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nc > 1 && n >= PAR_MIN_ELEMS)
-    for (int64_t c = 0; c < nc; c++) {
-        const int64_t k0 = c * EW_CHUNK, m = n - k0 < EW_CHUNK ? n - k0 : EW_CHUNK;
-        kt->swiglu(h + k0, g + k0, u + k0, m);
-    }
     dsmoe__linear_backward(dh, I, gr->down, dy, D, h, I, p->down, N, I, D, 0, nt);
-    /* h becomes σ(g), then du; dh becomes dg. */
+    /* du takes σ(g) first, then du; dh becomes dg. */
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nc > 1 && n >= PAR_MIN_ELEMS)
     for (int64_t c = 0; c < nc; c++) {
         const int64_t k0 = c * EW_CHUNK, m = n - k0 < EW_CHUNK ? n - k0 : EW_CHUNK;
-        float *hc = h + k0, *dc = dh + k0;
+        float *hc = du + k0, *dc = dh + k0;
         const float *gc = g + k0, *uc = u + k0;
         kt->sigmoid(hc, gc, m);
         for (int64_t k = 0; k < m; k++) {
@@ -318,6 +318,6 @@ dsmoe_status dsmoe__swiglu_train_backward(float *dx, const dsmoe__mlp_grads *gr,
         }
     }
     dsmoe__linear_backward(dx, D, gr->gate, dh, I, x, D, p->gate, N, D, I, acc_dx, nt);
-    dsmoe__linear_backward(dx, D, gr->up, h, I, x, D, p->up, N, D, I, 1, nt);
+    dsmoe__linear_backward(dx, D, gr->up, du, I, x, D, p->up, N, D, I, 1, nt);
     return DSMOE_OK;
 }

@@ -96,9 +96,11 @@ typedef struct dsmoe__mlp_grads {
     float *gate, *up, *down;
 } dsmoe__mlp_grads;
 
-/* Saved bytes: the pre-activations g = gate x and u = up x, 2·I floats per row. */
+/* Saved bytes: the pre-activations g = gate x and u = up x and the product h = silu(g) ⊙ u
+ * (the down projection's input, which the backward would otherwise recompute), 3·I floats
+ * per row. */
 size_t dsmoe__swiglu_save_size(int32_t I, int64_t N);
-/* Workspace bytes of forward and backward: 2·N·I floats. */
+/* Workspace bytes of forward and backward (only the backward uses it): 2·N·I floats. */
 size_t dsmoe__swiglu_workspace_size(int32_t I, int64_t N);
 /* y (N, D) = down(silu(g) ⊙ u), silu(g) = g·σ(g) = g / (1 + e^−g). INVALID_ARGUMENT,
  * WORKSPACE_TOO_SMALL (save or workspace). */
