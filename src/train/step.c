@@ -763,17 +763,29 @@ dsmoe_status dsmoe_train_model_set_bias(dsmoe_train_model *tm, int32_t k, const 
 
 /* Block l (a main layer or an MTP depth's) on the stream h_in = layers[l].h_in: h_out =
  * h_in + MLA(norm(h_in)) + FFN(norm(.)); adds the balance loss of a MoE block to *bal. */
-static dsmoe_status block_forward(dsmoe_train_model *tm, int32_t l, float *h_out, double *bal) {
+/* The norm the stream takes after a block (the next block's input norm, the final norm or an
+ * MTP depth's shared-head norm): block_forward adds its residual and applies it in one pass
+ * (dsmoe__add_rmsnorm_train_forward: the same bits as the add and the norm apart). */
+typedef struct next_norm {
+    const float *w;
+    float *y, *inv;
+} next_norm;
+
+/* Block l: h_out = h_in + attention + FFN (or MoE), and nx->y = nx's norm of h_out.
+ * normed: the block's input norm (x1, inv1) was already applied by the block before. */
+static dsmoe_status block_forward(dsmoe_train_model *tm, int32_t l, float *h_out, double *bal,
+                                  int normed, const next_norm *nx) {
     const int64_t B = tm->B, T = tm->T, N = tm->N;
     const int32_t D = tm->D;
     const int nt = tm->nt;
     const float eps = tm->cfg.rms_norm_eps;
-    const size_t ND = (size_t)(N * D);
     tm_layer *ly = &tm->layers[l];
     dsmoe_status st;
     PROF_BEGIN();
-    dsmoe__rmsnorm_train_forward(ly->x1, ly->inv1, ly->h_in, ly->w_in, N, D, D, D, eps, nt);
-    PROF_END(PROF_NORM);
+    if (!normed) {
+        dsmoe__rmsnorm_train_forward(ly->x1, ly->inv1, ly->h_in, ly->w_in, N, D, D, D, eps, nt);
+        PROF_END(PROF_NORM);
+    }
     if ((st = dsmoe__mla_train_forward(&tm->cfg, &ly->mla, tm->a, ly->x1, B, T, ly->mla_save,
                                        tm->mla_save_size, tm->ws, tm->ws_size, nt)) != DSMOE_OK)
         return st;
@@ -800,9 +812,7 @@ static dsmoe_status block_forward(dsmoe_train_model *tm, int32_t l, float *h_out
         return st;
     }
     PROF_END(PROF_FFN_F);
-    (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && ND > 65536)
-    for (size_t i = 0; i < ND; i++) h_out[i] = ly->h_mid[i] + tm->a[i];
+    dsmoe__add_rmsnorm_train_forward(h_out, nx->y, nx->inv, ly->h_mid, tm->a, nx->w, N, D, eps, nt);
     PROF_END(PROF_RESID);
     return DSMOE_OK;
 }
@@ -892,13 +902,22 @@ static dsmoe_status train_loss(dsmoe_train_model *tm, const int32_t *tokens,
     PROF_BEGIN();
     if ((st = dsmoe__embed_forward(h, tm->embed, tm->inputs, N, D, V, nt)) != DSMOE_OK) return st;
     PROF_END(PROF_EMBED);
+    /* Each block's residual add takes the next norm along: the next block's input norm,
+     * after the last block the final norm. */
     for (int32_t l = 0; l < tm->L; l++) {
-        float *h_next = l + 1 < tm->L ? tm->layers[l + 1].h_in : tm->h_fin;
-        if ((st = block_forward(tm, l, h_next, &bal)) != DSMOE_OK) return st;
+        const int last = l + 1 == tm->L;
+        float *h_next = last ? tm->h_fin : tm->layers[l + 1].h_in;
+        const next_norm nx = last ? (next_norm){tm->norm, tm->x_fin, tm->inv_fin}
+                                  : (next_norm){tm->layers[l + 1].w_in, tm->layers[l + 1].x1,
+                                                tm->layers[l + 1].inv1};
+        if ((st = block_forward(tm, l, h_next, &bal, l > 0, &nx)) != DSMOE_OK) return st;
     }
     PROF_RESTART(); /* the blocks timed themselves */
-    dsmoe__rmsnorm_train_forward(tm->x_fin, tm->inv_fin, tm->h_fin, tm->norm, N, D, D, D, eps, nt);
-    PROF_END(PROF_NORM);
+    if (tm->L == 0) {
+        dsmoe__rmsnorm_train_forward(tm->x_fin, tm->inv_fin, tm->h_fin, tm->norm, N, D, D, D, eps,
+                                     nt);
+        PROF_END(PROF_NORM);
+    }
     double ce = 0;
     /* The head's losses keep their logits' gradients for the backward (weights as there). */
     const float wd = tm->Dm > 0 ? tm->opt.mtp_lambda / (float)tm->Dm : 0.0f;
@@ -926,10 +945,9 @@ static dsmoe_status train_loss(dsmoe_train_model *tm, const int32_t *tokens,
         tm_layer *ly = &tm->layers[tm->L + d];
         dsmoe__linear_forward(ly->h_in, D, dp->cat, 2 * D, dp->eh_proj, N, 2 * D, D, nt);
         PROF_END(PROF_MTP_F);
-        if ((st = block_forward(tm, tm->L + d, dp->h_out, &bal)) != DSMOE_OK) return st;
+        const next_norm nx = {dp->sh_norm, dp->x_sh, dp->inv_sh};
+        if ((st = block_forward(tm, tm->L + d, dp->h_out, &bal, 0, &nx)) != DSMOE_OK) return st;
         PROF_RESTART();
-        dsmoe__rmsnorm_train_forward(dp->x_sh, dp->inv_sh, dp->h_out, dp->sh_norm, N, D, D, D, eps,
-                                     nt);
         double l_d = 0;
         if ((st = dsmoe__head_loss_save(&l_d, dp->glog, dp->x_sh, tm->head, dp->tgt, tm->ignore_id,
                                         wd, N, D, V, tm->ws, tm->ws_size, nt)) != DSMOE_OK)
