@@ -198,30 +198,37 @@ static adamw_step adamw_step_of(const dsmoe_adamw_config *c, int64_t t, double l
     return s;
 }
 
+/* adamw_range's loop over W lanes of vector type VT (the prefix P names the intrinsics:
+ * _mm for SSE, _mm512 for AVX-512): each lane is the scalar loop's IEEE operations in its
+ * order (square root and division are correctly rounded at any width), so every width
+ * gives the scalar loop's bits. Advances i. */
+#define ADAMW_LANES(VT, P, W)                                                                      \
+    do {                                                                                           \
+        const VT vb1 = P##_set1_ps(s->b1), vb2 = P##_set1_ps(s->b2), va1 = P##_set1_ps(s->a1),    \
+                 va2 = P##_set1_ps(s->a2), veps = P##_set1_ps(s->eps),                             \
+                 vnstep = P##_set1_ps(-s->step), vbc2s = P##_set1_ps(s->bc2s),                    \
+                 vdecay = P##_set1_ps(decay), vgs = P##_set1_ps(grad_scale);                      \
+        for (; i + (W) <= i1; i += (W)) {                                                          \
+            VT gi = P##_mul_ps(P##_loadu_ps(g + i), vgs);                                          \
+            VT pi = P##_mul_ps(P##_loadu_ps(p + i), vdecay);                                       \
+            VT mi = P##_add_ps(P##_mul_ps(P##_loadu_ps(m + i), vb1), P##_mul_ps(va1, gi));         \
+            VT vi = P##_add_ps(P##_mul_ps(P##_loadu_ps(v + i), vb2),                               \
+                               P##_mul_ps(P##_mul_ps(va2, gi), gi));                               \
+            P##_storeu_ps(m + i, mi);                                                              \
+            P##_storeu_ps(v + i, vi);                                                              \
+            VT den = P##_add_ps(P##_div_ps(P##_sqrt_ps(vi), vbc2s), veps);                         \
+            P##_storeu_ps(p + i, P##_add_ps(pi, P##_div_ps(P##_mul_ps(vnstep, mi), den)));         \
+        }                                                                                          \
+    } while (0)
+
 #ifdef ADAMW_AVX512
-/* adamw_range's operations in 16 lanes (the same bits: each lane is the scalar loop's
- * IEEE operations in its order; square root and division are correctly rounded). */
+/* adamw_range's lanes 16 at a time (ADAMW_LANES: the same bits). */
 __attribute__((target("avx512f"))) static int64_t adamw_range16(const adamw_step *s, float decay,
                                                                float *p, float *m, float *v,
                                                                const float *g, int64_t i0,
                                                                int64_t i1, float grad_scale) {
-    const __m512 vb1 = _mm512_set1_ps(s->b1), vb2 = _mm512_set1_ps(s->b2),
-                 va1 = _mm512_set1_ps(s->a1), va2 = _mm512_set1_ps(s->a2),
-                 veps = _mm512_set1_ps(s->eps), vnstep = _mm512_set1_ps(-s->step),
-                 vbc2s = _mm512_set1_ps(s->bc2s), vdecay = _mm512_set1_ps(decay),
-                 vgs = _mm512_set1_ps(grad_scale);
     int64_t i = i0;
-    for (; i + 16 <= i1; i += 16) {
-        __m512 gi = _mm512_mul_ps(_mm512_loadu_ps(g + i), vgs);
-        __m512 pi = _mm512_mul_ps(_mm512_loadu_ps(p + i), vdecay);
-        __m512 mi = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(m + i), vb1), _mm512_mul_ps(va1, gi));
-        __m512 vi = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(v + i), vb2),
-                                  _mm512_mul_ps(_mm512_mul_ps(va2, gi), gi));
-        _mm512_storeu_ps(m + i, mi);
-        _mm512_storeu_ps(v + i, vi);
-        __m512 den = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), vbc2s), veps);
-        _mm512_storeu_ps(p + i, _mm512_add_ps(pi, _mm512_div_ps(_mm512_mul_ps(vnstep, mi), den)));
-    }
+    ADAMW_LANES(__m512, _mm512, 16);
     return i;
 }
 #endif
@@ -237,25 +244,7 @@ static void adamw_range(const adamw_step *s, float decay, float *p, float *m, fl
         i = adamw_range16(s, decay, p, m, v, g, i0, i1, grad_scale);
 #endif
 #if defined(__SSE2__)
-    /* Four lanes of the same IEEE operations in the same order (square root and division
-     * are correctly rounded either way): the bits of the scalar loop below. */
-    {
-        const __m128 vb1 = _mm_set1_ps(b1), vb2 = _mm_set1_ps(b2), va1 = _mm_set1_ps(a1),
-                     va2 = _mm_set1_ps(a2), veps = _mm_set1_ps(eps), vnstep = _mm_set1_ps(-step),
-                     vbc2s = _mm_set1_ps(bc2s), vdecay = _mm_set1_ps(decay),
-                     vgs = _mm_set1_ps(grad_scale);
-        for (; i + 4 <= i1; i += 4) {
-            __m128 gi = _mm_mul_ps(_mm_loadu_ps(g + i), vgs);
-            __m128 pi = _mm_mul_ps(_mm_loadu_ps(p + i), vdecay);
-            __m128 mi = _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(m + i), vb1), _mm_mul_ps(va1, gi));
-            __m128 vi = _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(v + i), vb2),
-                                   _mm_mul_ps(_mm_mul_ps(va2, gi), gi));
-            _mm_storeu_ps(m + i, mi);
-            _mm_storeu_ps(v + i, vi);
-            __m128 den = _mm_add_ps(_mm_div_ps(_mm_sqrt_ps(vi), vbc2s), veps);
-            _mm_storeu_ps(p + i, _mm_add_ps(pi, _mm_div_ps(_mm_mul_ps(vnstep, mi), den)));
-        }
-    }
+    ADAMW_LANES(__m128, _mm, 4); /* four lanes: the same bits */
 #endif
     for (; i < i1; i++) {
         float gi = g[i] * grad_scale;
