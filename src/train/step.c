@@ -761,8 +761,6 @@ dsmoe_status dsmoe_train_model_set_bias(dsmoe_train_model *tm, int32_t k, const 
     return dsmoe_moe_set_bias(tm->layers[tm->moe_layer[k]].moe, bias);
 }
 
-/* Block l (a main layer or an MTP depth's) on the stream h_in = layers[l].h_in: h_out =
- * h_in + MLA(norm(h_in)) + FFN(norm(.)); adds the balance loss of a MoE block to *bal. */
 /* The norm the stream takes after a block (the next block's input norm, the final norm or an
  * MTP depth's shared-head norm): block_forward adds its residual and applies it in one pass
  * (dsmoe__add_rmsnorm_train_forward: the same bits as the add and the norm apart). */
@@ -771,8 +769,10 @@ typedef struct next_norm {
     float *y, *inv;
 } next_norm;
 
-/* Block l: h_out = h_in + attention + FFN (or MoE), and nx->y = nx's norm of h_out.
- * normed: the block's input norm (x1, inv1) was already applied by the block before. */
+/* Block l (a main layer or an MTP depth's) on the stream h_in = layers[l].h_in: h_out =
+ * h_in + MLA(norm(h_in)) + FFN(norm(.)), and nx->y = nx's norm of h_out; adds the balance
+ * loss of a MoE block to *bal. normed: the block's input norm (x1, inv1) was already
+ * applied by the block before. */
 static dsmoe_status block_forward(dsmoe_train_model *tm, int32_t l, float *h_out, double *bal,
                                   int normed, const next_norm *nx) {
     const int64_t B = tm->B, T = tm->T, N = tm->N;
